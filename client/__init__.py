@@ -1,0 +1,1 @@
+"""cxr-fl hospital site: Flower ClientApp and the cxr-fl-client CLI."""

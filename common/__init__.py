@@ -1,0 +1,1 @@
+"""cxr-fl: the ML core shared by server, client and simulation. No Flower imports here."""

@@ -1,0 +1,262 @@
+"""Typed, frozen configuration for models, data, training, distillation and privacy.
+
+Each dataclass validates itself on construction and raises :class:`~common.errors.ConfigError`
+naming the field, the bad value and what is allowed. The app layer (server/, client/,
+simulation/) builds these from Flower's run_config / node_config with :func:`from_mapping`,
+which understands the kebab-case keys of ``[tool.flwr.app.config]`` (``local-epochs`` ->
+``local_epochs``), optionally under a prefix (``kd-temperature`` -> ``DistillConfig.temperature``).
+Code below the app layer only ever sees these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from common.errors import ConfigError
+from common.tasks import get_task
+
+Norm = Literal["batch", "group"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Accountant = Literal["rdp", "prv", "gdp"]
+
+NORMS: tuple[str, ...] = get_args(Norm)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+
+
+def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(option, value, "one of " + ", ".join(choices))
+
+
+def _check_positive(option: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(option, value, "a number >= 0" if allow_zero else "a number > 0")
+
+
+def _check_fraction(option: str, value: float, *, open_low: bool = False, open_high: bool = False) -> None:
+    low_ok = value > 0 if open_low else value >= 0
+    high_ok = value < 1 if open_high else value <= 1
+    if not (low_ok and high_ok):
+        lo = "(0" if open_low else "[0"
+        hi = "1)" if open_high else "1]"
+        raise ConfigError(option, value, f"a number in {lo}, {hi}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which task the federation solves; the name must be a registered task."""
+
+    name: str = "normal-pneumonia-covid"
+
+    def __post_init__(self) -> None:
+        get_task(self.name)  # raises UnknownNameError listing the known tasks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A network to build: registered name, normalisation, optional local weights file.
+
+    ``norm`` is fixed up front for the whole federation: ``group`` for runs where any site
+    uses DP-SGD (Opacus cannot compute per-sample gradients through BatchNorm, whose output
+    for one image depends on the rest of the batch), ``batch`` otherwise.
+    """
+
+    name: str = "resnet18"
+    norm: Norm = "batch"
+    weights: Path | None = None
+    in_channels: int = 1
+    width_mult: float = 1.0
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        from common.models import MODELS  # local import: models import this module
+
+        MODELS.get(self.name)
+        _check_choice("norm", self.norm, NORMS)
+        if self.in_channels not in (1, 3):
+            raise ConfigError("in-channels", self.in_channels, "1 (greyscale) or 3 (RGB)")
+        _check_positive("width-mult", self.width_mult)
+        _check_fraction("dropout", self.dropout, open_high=True)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ConfigError("weights", str(self.weights), "a path to an existing weights file")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings for one site (or the pooled baseline)."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: Optimizer = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.0
+    seed: int = 0
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ConfigError("local-epochs", self.local_epochs, "an integer >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch-size", self.batch_size, "an integer >= 1")
+        _check_positive("lr", self.lr)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_fraction("momentum", self.momentum, open_high=True)
+        _check_positive("weight-decay", self.weight_decay, allow_zero=True)
+        _check_positive("proximal-mu", self.proximal_mu, allow_zero=True)
+        if self.num_threads < 1:
+            raise ConfigError("num-threads", self.num_threads, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hinton knowledge distillation of a student from a teacher.
+
+    loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
+    """
+
+    student: str = "mobilenetv2"
+    width_mult: float = 1.0
+    temperature: float = 4.0
+    alpha: float = 0.7
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.01
+    cache_teacher_logits: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from common.models import MODELS
+
+        MODELS.get(self.student)
+        _check_positive("kd-width-mult", self.width_mult)
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError("kd-temperature", self.temperature, "a finite number > 0")
+        _check_fraction("kd-alpha", self.alpha)
+        if self.epochs < 1:
+            raise ConfigError("kd-epochs", self.epochs, "an integer >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("kd-batch-size", self.batch_size, "an integer >= 1")
+        _check_positive("kd-lr", self.lr)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD settings (Opacus). A site may tighten, never loosen, what the server requests."""
+
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Accountant = "rdp"
+
+    def __post_init__(self) -> None:
+        _check_positive("dp-target-epsilon", self.target_epsilon)
+        _check_fraction("dp-target-delta", self.target_delta, open_low=True, open_high=True)
+        _check_positive("dp-max-grad-norm", self.max_grad_norm)
+        _check_choice("dp-accountant", self.accountant, ACCOUNTANTS)
+
+    def tightened_by(self, site: PrivacyConfig | None) -> PrivacyConfig:
+        """The stricter of this (requested) policy and a site's own policy.
+
+        DP is on if either side wants it; epsilon, delta and the clipping norm are each the
+        smaller of the two. The accountant is the site's when it sets one.
+        """
+        if site is None or not site.enabled:
+            return self
+        if not self.enabled:
+            return site
+        return PrivacyConfig(
+            enabled=True,
+            target_epsilon=min(self.target_epsilon, site.target_epsilon),
+            target_delta=min(self.target_delta, site.target_delta),
+            max_grad_norm=min(self.max_grad_norm, site.max_grad_norm),
+            accountant=site.accountant,
+        )
+
+
+C = TypeVar("C")
+
+
+def _coerce(option: str, value: Any, annotation: Any) -> Any:
+    """Convert a run_config scalar (str/int/float/bool) to the field's declared type."""
+    origin = get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(option, value, args[0])
+    if origin is Literal:
+        choices = get_args(annotation)
+        _check_choice(option, value, tuple(str(c) for c in choices))
+        return value
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is Path:
+            return Path(str(value)).expanduser()
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, value, f"a value of type {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def from_mapping(cls: type[C], mapping: Mapping[str, Any], prefix: str = "", *, strict: bool = False) -> C:
+    """Build config dataclass ``cls`` from a kebab-case mapping such as Flower's run_config.
+
+    Keys are matched as ``prefix + field.replace("_", "-")``. Missing keys keep the defaults.
+    With ``strict``, keys carrying the prefix that match no field raise ConfigError, so a typo
+    like ``kd-temprature`` is not silently ignored.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    known: set[str] = set()
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name.replace("_", "-")
+        known.add(key)
+        if key in mapping:
+            kwargs[field.name] = _coerce(key, mapping[key], hints[field.name])
+    if strict:
+        unknown = sorted(k for k in mapping if k.startswith(prefix) and k not in known)
+        if unknown:
+            raise ConfigError(unknown[0], mapping[unknown[0]], "one of " + ", ".join(sorted(known)))
+    return cls(**kwargs)  # type: ignore[call-arg]
+
+
+def to_mapping(config: Any, prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`from_mapping`: kebab-case keys, paths as strings, None as ''."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif value is None:
+            value = ""
+        out[prefix + field.name.replace("_", "-")] = value
+    return out

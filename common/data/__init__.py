@@ -1,0 +1,1 @@
+"""Data sources, image cache, splits and transforms (no Flower imports)."""
