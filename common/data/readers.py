@@ -67,10 +67,6 @@ class FileReader:
     def read(self, record: ImageRecord) -> np.ndarray:
         return decode_image_file(self.path(record))
 
-    def read_for_size(self, record: ImageRecord, size: int) -> np.ndarray:
-        """Like :meth:`read`, but lets JPEG decoding drop resolution the cache does not need."""
-        return decode_image_file(self.path(record), draft_size=size)
-
     def fingerprint(self, record: ImageRecord) -> str:
         path = self.path(record)
         try:
