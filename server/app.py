@@ -1,0 +1,118 @@
+"""The Flower ServerApp: teacher rounds, then the distillation round, then the run summary.
+
+Wiring only: settings come from ``context.run_config`` (typed on the first lines), the round
+loop lives in server/rounds.py, the run folder in server/run_folder.py, the ML in common/.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import from_mapping
+from common.models import build_model
+from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.training import seed_everything
+from server.reporting import write_learning_curves, write_summary
+from server.rounds import TeacherRounds, exchange, outcomes_of
+from server.run_folder import RunFolder, write_json
+from server.strategies import StrategySettings, build_strategy
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+DISTILL_MESSAGE_TYPE = "train.distill"
+
+
+def default_run_dir(context: Context) -> Path:
+    return Path.home() / ".cxr-fl" / "runs" / f"run-{context.run_id}"
+
+
+def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
+    seed_everything(settings.train.seed)
+    model = build_model(settings.teacher, settings.task.num_classes)
+    return ArrayRecord(model.state_dict())
+
+
+def distillation_round(
+    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int
+) -> list[dict[str, object]]:
+    """Send the chosen global teacher to every connected site; collect their metrics."""
+    nodes = sorted(grid.get_node_ids())
+    deadline = time.monotonic() + settings.run.round_timeout
+    while len(nodes) < min_sites and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    messages = [
+        Message(
+            RecordDict({"arrays": teacher, "config": ConfigRecord({"phase": "distill"})}),
+            dst_node_id=node,
+            message_type=DISTILL_MESSAGE_TYPE,
+        )
+        for node in nodes
+    ]
+    replies, timed_out = exchange(grid, messages, settings.run.round_timeout)
+    rows = []
+    for outcome in outcomes_of(replies, timed_out):
+        if outcome.status != "ok":
+            logger.warning("Distillation at site %s %s: %s", outcome.site, outcome.status, outcome.reason)
+        rows.append(outcome.row(settings.run.num_rounds, "distill"))
+    return rows
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = run_settings_from_config(context.run_config)
+    strategy_settings = from_mapping(StrategySettings, context.run_config)
+    run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
+    folder = RunFolder(run_dir)
+    resume = folder.prepare(dict(context.run_config))
+    logger.info("Run folder: %s", run_dir)
+    torch.set_num_threads(settings.train.num_threads)
+
+    strategy = build_strategy(strategy_settings)
+    started = time.monotonic()
+    rounds = TeacherRounds(
+        grid,
+        strategy,
+        folder,
+        num_rounds=settings.run.num_rounds,
+        round_timeout=settings.run.round_timeout,
+        selection_metric=settings.run.selection_metric,
+        seed=settings.train.seed,
+        min_train_sites=strategy_settings.min_train_sites,
+        min_evaluate_sites=strategy_settings.min_evaluate_sites,
+    )
+    if resume is not None and resume.completed_round >= settings.run.num_rounds:
+        logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
+        best_round = resume.best_round
+    else:
+        result = rounds.run(initial_teacher(settings), resume)
+        best_round = result.best_round
+    write_learning_curves(folder, settings.run.selection_metric)
+
+    distill_rows: list[dict[str, object]] = []
+    if settings.kd_enabled:
+        teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
+        logger.info(
+            "Distillation round: sending the %s global teacher to every site", settings.run.distill_teacher
+        )
+        distill_rows = distillation_round(grid, teacher, settings, strategy_settings.min_available_sites)
+        folder.append_metrics(distill_rows)
+        write_json(run_dir / "distillation.json", distill_rows)
+
+    write_summary(
+        folder,
+        settings=settings,
+        strategy=strategy_settings.strategy,
+        best_round=best_round,
+        distill_rows=distill_rows,
+        seconds=time.monotonic() - started,
+    )
+    logger.info("Run finished; summary in %s", run_dir / "summary.json")

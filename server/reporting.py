@@ -1,0 +1,119 @@
+"""Human-facing outputs of a run folder: learning curves (PNG), summary.json and summary.md."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.run_settings import FederatedRunConfig  # noqa: E402
+from server.run_folder import RunFolder, write_json  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DISTILL_COLUMNS = ("accuracy", "balanced_accuracy", "auroc_macro", "f1_macro")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def global_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if r.get("phase") == "aggregate"), key=lambda r: int(r["round"]))
+
+
+def write_learning_curves(folder: RunFolder, selection_metric: str) -> None:
+    """Aggregate train loss and the federated validation metric per round, as a PNG."""
+    rows = global_rows(folder.read_metrics())
+    if not rows:
+        return
+    rounds = [int(r["round"]) for r in rows]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(rounds, [r.get("train_loss") for r in rows], marker="o", label="train loss")
+    if any(_finite(r.get("val_loss")) for r in rows):
+        ax_loss.plot(rounds, [r.get("val_loss") for r in rows], marker="o", label="validation loss")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("loss (weighted mean over sites)")
+    ax_loss.legend()
+    key = f"val_{selection_metric}"
+    ax_metric.plot(rounds, [r.get(key) for r in rows], marker="o", color="tab:green")
+    ax_metric.set_xlabel("round")
+    ax_metric.set_ylabel(f"federated validation {selection_metric}")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(rounds)
+    fig.suptitle("Global teacher learning curves")
+    fig.tight_layout()
+    fig.savefig(folder.root / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if _finite(value) else "-"
+
+
+def write_summary(
+    folder: RunFolder,
+    *,
+    settings: FederatedRunConfig,
+    strategy: str,
+    best_round: int,
+    distill_rows: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    rows = folder.read_metrics()
+    aggregates = global_rows(rows)
+    last = aggregates[-1] if aggregates else {}
+    best = next((r for r in aggregates if int(r["round"]) == best_round), {})
+    epsilon: dict[str, float] = {}
+    for row in rows:
+        if row.get("phase") == "train" and _finite(row.get("dp_epsilon")):
+            epsilon[str(row["site"])] = float(row["dp_epsilon"])
+    summary = {
+        "task": settings.task.name,
+        "teacher": settings.teacher.name,
+        "strategy": strategy,
+        "rounds_completed": int(last.get("round", 0)),
+        "best_round": best_round,
+        "selection_metric": settings.run.selection_metric,
+        "best_validation": {k: v for k, v in best.items() if k.startswith("val_")},
+        "last_validation": {k: v for k, v in last.items() if k.startswith("val_")},
+        "dp_epsilon_spent": epsilon,
+        "distillation": distill_rows,
+        "seconds": seconds,
+    }
+    write_json(folder.root / "summary.json", summary)
+
+    lines = [
+        f"# Run summary: {settings.task.name}, teacher {settings.teacher.name}, {strategy}",
+        "",
+        f"Rounds completed: {summary['rounds_completed']}; best round by federated validation "
+        f"{settings.run.selection_metric}: {best_round}.",
+        "",
+        "| round | sites trained | train loss | val loss | val " + settings.run.selection_metric + " | s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in aggregates:
+        lines.append(
+            f"| {r['round']} | {r.get('sites_trained', '-')}/{r.get('sites_sampled', '-')} | "
+            f"{_fmt(r.get('train_loss'))} | {_fmt(r.get('val_loss'))} | "
+            f"{_fmt(r.get('val_' + settings.run.selection_metric))} | {_fmt(r.get('seconds'))} |"
+        )
+    if epsilon:
+        lines += ["", "| site | DP epsilon spent |", "|---|---:|"]
+        lines += [f"| {site} | {eps:.3f} |" for site, eps in sorted(epsilon.items())]
+    if distill_rows:
+        header = " | ".join(f"teacher {c} | student {c}" for c in DISTILL_COLUMNS)
+        lines += ["", f"| site | status | {header} |", "|---|---|" + "---:|" * (2 * len(DISTILL_COLUMNS))]
+        for row in distill_rows:
+            cells = " | ".join(
+                f"{_fmt(row.get('teacher_' + c))} | {_fmt(row.get('student_' + c))}" for c in DISTILL_COLUMNS
+            )
+            lines.append(f"| {row.get('site')} | {row.get('status')} | {cells} |")
+    (folder.root / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return summary

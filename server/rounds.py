@@ -1,0 +1,305 @@
+"""The coordinator's round loop: federated teacher rounds with checkpoints, resume and drop-out.
+
+Flower's ``Strategy.start`` runs rounds but keeps no checkpoints, cannot resume, and waits for
+replies with a fixed 3 s poll. This loop calls the same strategy methods (``configure_train``,
+``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) itself, so aggregation
+stays Flower's, and adds what a multi-day hospital federation needs:
+
+- replies are polled every 50 ms; a site that fails or does not answer within the round timeout
+  is logged and left out of that round's aggregate, and the round completes when at least the
+  minimum number of sites replied;
+- a site that declines a round (its DP budget is spent) is logged with its reason;
+- after every round the global teacher, the strategy state and the seeds are checkpointed, the
+  best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
+- node sampling is seeded per round, so a resumed run samples what the straight run sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import CxrFlError
+from server.run_folder import ResumeState, RunFolder
+from server.strategies import WEIGHT_KEY, load_strategy_state, strategy_state
+
+logger = logging.getLogger(__name__)
+
+REPLY_POLL_SECONDS = 0.05
+# Error codes a site puts in its error replies (Flower's own codes are below 100).
+SITE_DECLINED = 1001
+SITE_BAD_INPUT = 1002
+SITE_FAILED = 1003
+
+
+class RoundFailedError(CxrFlError):
+    """Fewer sites than the minimum replied in a round."""
+
+
+@dataclass
+class SiteOutcome:
+    """What one site did with one message."""
+
+    node_id: int
+    site: str
+    status: str  # ok | declined | failed | timeout
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def row(self, server_round: int, phase: str) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "round": server_round,
+            "phase": phase,
+            "site": self.site,
+            "node_id": self.node_id,
+            "status": self.status,
+        }
+        if self.reason:
+            row["reason"] = self.reason
+        row.update(self.metrics)
+        return row
+
+
+def site_name(message: Message) -> str:
+    """The site's self-declared name (a ConfigRecord 'site' in its reply), else its node id."""
+    if not message.has_error() and "site" in message.content.config_records:
+        return str(message.content.config_records["site"].get("name", message.metadata.src_node_id))
+    return f"node-{message.metadata.src_node_id}"
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], list[int]]:
+    """Send messages and collect replies until all arrive or ``timeout`` seconds pass.
+
+    Returns the replies and the node ids that did not answer in time.
+    """
+    outgoing = list(messages)
+    destination = {}
+    ids = []
+    for message_id, message in zip(grid.push_messages(outgoing), outgoing, strict=True):
+        if message_id:
+            destination[message_id] = message.metadata.dst_node_id
+            ids.append(message_id)
+    pending = set(ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if pending:
+            time.sleep(REPLY_POLL_SECONDS)
+    return replies, [destination[m] for m in pending]
+
+
+def outcomes_of(replies: list[Message], timed_out: list[int]) -> list[SiteOutcome]:
+    outcomes = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            status = "declined" if reply.error.code == SITE_DECLINED else "failed"
+            outcomes.append(SiteOutcome(node, f"node-{node}", status, reply.error.reason or ""))
+            continue
+        metrics = {}
+        for record in reply.content.metric_records.values():
+            metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
+        outcomes.append(SiteOutcome(node, site_name(reply), "ok", metrics=metrics))
+    outcomes.extend(
+        SiteOutcome(n, f"node-{n}", "timeout", "no reply within the round timeout") for n in timed_out
+    )
+    return sorted(outcomes, key=lambda o: o.site)
+
+
+def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
+    random.seed(f"{seed}:{server_round}:{phase}")
+
+
+@dataclass
+class RoundReport:
+    """What the progress display shows after each round."""
+
+    server_round: int
+    num_rounds: int
+    replied: int
+    sampled: int
+    train_loss: float
+    val_metric: float
+    best_round: int
+    seconds: float
+
+
+@dataclass
+class TeacherResult:
+    arrays: ArrayRecord
+    completed_round: int
+    best_round: int
+    best_metric: float
+    history: list[RoundReport]
+
+
+class TeacherRounds:
+    """Runs the teacher rounds of one run against a Grid."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedAvg,
+        folder: RunFolder,
+        *,
+        num_rounds: int,
+        round_timeout: float,
+        selection_metric: str,
+        seed: int,
+        min_train_sites: int,
+        min_evaluate_sites: int,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.folder = folder
+        self.num_rounds = num_rounds
+        self.round_timeout = round_timeout
+        self.selection_metric = selection_metric
+        self.seed = seed
+        self.min_train_sites = min_train_sites
+        self.min_evaluate_sites = min_evaluate_sites
+        self.on_round = on_round
+
+    def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
+        arrays = initial
+        start_round, best_round, best_metric = 1, 0, float("-inf")
+        if resume is not None:
+            arrays = ArrayRecord(self.folder.load_model("last"))
+            load_strategy_state(self.strategy, self.folder.load_strategy_state())
+            start_round = resume.completed_round + 1
+            best_round, best_metric = resume.best_round, resume.best_metric
+            self.folder.drop_metrics_after(resume.completed_round)
+            logger.info(
+                "Resuming run in %s after round %d of %d (best so far: round %d, %s = %.4f)",
+                self.folder.root,
+                resume.completed_round,
+                self.num_rounds,
+                best_round,
+                self.selection_metric,
+                best_metric,
+            )
+        history: list[RoundReport] = []
+        for server_round in range(start_round, self.num_rounds + 1):
+            started = time.monotonic()
+            arrays, train_metrics, train_outcomes = self._train_round(server_round, arrays)
+            val_metrics, eval_outcomes = self._evaluate_round(server_round, arrays)
+            metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
+            # The first round is the best so far even when its metric is undefined (NaN).
+            is_best = best_round == 0 or (math.isfinite(metric) and metric > best_metric)
+            if is_best:
+                best_round = server_round
+                best_metric = metric if math.isfinite(metric) else best_metric
+            self.folder.save_round(
+                server_round=server_round,
+                state_dict=arrays.to_torch_state_dict(),
+                strategy_state=strategy_state(self.strategy),
+                is_best=is_best,
+                best_round=best_round,
+                best_metric=best_metric,
+                seed=self.seed,
+            )
+            seconds = time.monotonic() - started
+            rows = [o.row(server_round, "train") for o in train_outcomes]
+            rows += [o.row(server_round, "evaluate") for o in eval_outcomes]
+            rows.append(
+                {
+                    "round": server_round,
+                    "phase": "aggregate",
+                    "site": "_global",
+                    "seconds": seconds,
+                    "sites_trained": sum(o.status == "ok" for o in train_outcomes),
+                    "sites_sampled": len(train_outcomes),
+                    "is_best": is_best,
+                    **{f"train_{k}": v for k, v in train_metrics.items()},
+                    **val_metrics,
+                }
+            )
+            self.folder.append_metrics(rows)
+            report = RoundReport(
+                server_round=server_round,
+                num_rounds=self.num_rounds,
+                replied=sum(o.status == "ok" for o in train_outcomes),
+                sampled=len(train_outcomes),
+                train_loss=float(train_metrics.get("loss", float("nan"))),
+                val_metric=metric,
+                best_round=best_round,
+                seconds=seconds,
+            )
+            history.append(report)
+            logger.info(
+                "Round %d/%d: %d/%d sites trained, train loss %.4f, val %s %.4f (best round %d), %.1f s",
+                server_round,
+                self.num_rounds,
+                report.replied,
+                report.sampled,
+                report.train_loss,
+                self.selection_metric,
+                metric,
+                best_round,
+                seconds,
+            )
+            if self.on_round is not None:
+                self.on_round(report)
+        return TeacherResult(arrays, self.num_rounds, best_round, best_metric, history)
+
+    def _train_round(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, dict[str, float], list[SiteOutcome]]:
+        _seed_sampling(self.seed, server_round, "train")
+        config = ConfigRecord({"phase": "teacher", "num-rounds": self.num_rounds})
+        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+        replies, timed_out = exchange(self.grid, messages, self.round_timeout)
+        outcomes = outcomes_of(replies, timed_out)
+        for outcome in outcomes:
+            if outcome.status != "ok":
+                logger.warning(
+                    "Round %d: site %s %s: %s", server_round, outcome.site, outcome.status, outcome.reason
+                )
+        trained = sum(o.status == "ok" for o in outcomes)
+        if trained < self.min_train_sites:
+            reasons = "; ".join(f"{o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
+            raise RoundFailedError(
+                f"round {server_round}: only {trained} site(s) trained, the minimum is "
+                f"{self.min_train_sites}. {reasons or 'No site replied.'} The last completed round "
+                "is checkpointed; start the server again with --resume once sites are back."
+            )
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise RoundFailedError(f"round {server_round}: aggregation produced no model")
+        train_metrics = {
+            k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)
+        }
+        return new_arrays, train_metrics, outcomes
+
+    def _evaluate_round(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[dict[str, float], list[SiteOutcome]]:
+        _seed_sampling(self.seed, server_round, "evaluate")
+        config = ConfigRecord({"phase": "teacher"})
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        replies, timed_out = exchange(self.grid, messages, self.round_timeout)
+        outcomes = outcomes_of(replies, timed_out)
+        evaluated = sum(o.status == "ok" for o in outcomes)
+        if evaluated < self.min_evaluate_sites:
+            logger.warning(
+                "Round %d: only %d site(s) evaluated (minimum %d); validation metrics are partial",
+                server_round,
+                evaluated,
+                self.min_evaluate_sites,
+            )
+        metrics = self.strategy.aggregate_evaluate(server_round, replies) if evaluated else None
+        val = {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)}
+        return val, outcomes

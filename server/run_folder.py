@@ -1,0 +1,197 @@
+"""The run folder: everything a coordinator keeps about one federated run.
+
+Layout::
+
+    RUN_DIR/
+      run_config.json        resolved settings (written at the first start, checked on resume)
+      metrics.jsonl          one line per round, phase and site (+ one aggregate line per phase)
+      checkpoints/
+        last.pt (+ .sha256)  global teacher after the last completed round
+        best.pt (+ .sha256)  global teacher with the best federated-validation metric so far
+        state.json           last completed round, best round/metric, seeds, strategy state file
+        strategy.npz         server-side optimiser state (FedAdam / FedYogi), when any
+      summary.json           written when the run ends
+      learning_curves.png    aggregate loss and validation metric per round
+      distillation.json      per-site teacher vs student metrics (distillation phase)
+
+Every file is written atomically (temporary file, then rename) so that a server killed at any
+moment leaves the previous consistent state behind, which is what resume relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.checkpoint import load_model_state, save_model
+from common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Settings that may differ between the first start and a resume of the same run folder.
+RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout"})
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: Path, payload: Any) -> None:
+    _atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a restarted server needs to continue where it stopped."""
+
+    completed_round: int
+    best_round: int
+    best_metric: float
+    seed: int
+
+
+class RunFolder:
+    """Reads and writes one run folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def prepare(self, run_config: Mapping[str, Any]) -> ResumeState | None:
+        """Create the folder, or check a previous start's settings and return its resume state.
+
+        A folder holding a run with other settings (apart from the number of rounds and the
+        round timeout, which may grow) is refused: results of two different runs must not mix.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        config_path = self.root / "run_config.json"
+        current = {k: _json_safe(v) for k, v in sorted(run_config.items())}
+        if config_path.is_file():
+            previous = json.loads(config_path.read_text(encoding="utf-8"))
+            changed = sorted(
+                k
+                for k in set(previous) | set(current)
+                if k not in RESUMABLE_CHANGES and previous.get(k) != current.get(k)
+            )
+            if changed:
+                key = changed[0]
+                raise ConfigError(
+                    "run-dir",
+                    str(self.root),
+                    f"a fresh folder, or the settings of the run already in it (setting '{key}' "
+                    f"was {previous.get(key)!r}, now {current.get(key)!r})",
+                )
+        write_json(config_path, current)
+        return self.resume_state()
+
+    def resume_state(self) -> ResumeState | None:
+        state_path = self.checkpoints / "state.json"
+        if not state_path.is_file():
+            return None
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        best = state.get("best_metric")
+        return ResumeState(
+            completed_round=int(state["completed_round"]),
+            best_round=int(state["best_round"]),
+            best_metric=float("-inf") if best is None else float(best),
+            seed=int(state["seed"]),
+        )
+
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(_json_safe(row), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
+
+    def drop_metrics_after(self, completed_round: int) -> None:
+        """Forget rows of a round that started but never completed (before a resume)."""
+        rows = [r for r in self.read_metrics() if int(r.get("round", 0)) <= completed_round]
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def save_round(
+        self,
+        *,
+        server_round: int,
+        state_dict: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, np.ndarray],
+        is_best: bool,
+        best_round: int,
+        best_metric: float,
+        seed: int,
+    ) -> None:
+        """Checkpoint a completed round; state.json is written last, so it never points ahead."""
+        metadata = {"round": server_round, "seed": seed}
+        save_model(dict(state_dict), self.checkpoints / "last.pt", metadata=metadata)
+        if is_best:
+            save_model(dict(state_dict), self.checkpoints / "best.pt", metadata=metadata)
+        strategy_file = self.checkpoints / "strategy.npz"
+        if strategy_state:
+            fd, tmp = tempfile.mkstemp(dir=self.checkpoints, suffix=".npz")
+            os.close(fd)
+            np.savez(tmp, **dict(strategy_state))
+            os.replace(tmp, strategy_file)
+        write_json(
+            self.checkpoints / "state.json",
+            {
+                "completed_round": server_round,
+                "best_round": best_round,
+                "best_metric": best_metric if math.isfinite(best_metric) else None,
+                "seed": seed,
+                "strategy_file": strategy_file.name if strategy_state else None,
+            },
+        )
+
+    def load_model(self, which: str = "last") -> dict[str, torch.Tensor]:
+        return load_model_state(self.checkpoints / f"{which}.pt")
+
+    def load_strategy_state(self) -> dict[str, np.ndarray]:
+        path = self.checkpoints / "strategy.npz"
+        if not path.is_file():
+            return {}
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}

@@ -1,0 +1,142 @@
+"""Aggregation strategies by name, all Flower's own implementations, configured from run_config.
+
+``fedavg`` (default), ``fedprox`` (proximal-mu), ``fedadam`` / ``fedyogi`` (server-lr),
+``fedmedian`` and ``krum`` (robust aggregation). The names double as the ``strategy`` run
+setting. Metrics from sites are averaged ignoring non-finite values (a site whose validation
+split lacks a class reports NaN for that class's AUROC; it must not poison the average).
+
+Strategy state that must survive a server restart (FedAdam/FedYogi moments) is exported with
+:func:`strategy_state` and restored with :func:`load_strategy_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedYogi, Krum
+
+from common.errors import ConfigError
+from common.registry import Registry
+
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """What the coordinator chooses about aggregation and site sampling."""
+
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 2
+    min_evaluate_sites: int = 2
+    min_available_sites: int = 2
+    proximal_mu: float = 0.0
+    server_lr: float = 0.1
+    krum_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        STRATEGIES.get(self.strategy)
+        for option, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(option, value, "a number in (0, 1]")
+        for option, count in (
+            ("min-train-sites", self.min_train_sites),
+            ("min-evaluate-sites", self.min_evaluate_sites),
+            ("min-available-sites", self.min_available_sites),
+        ):
+            if count < 1:
+                raise ConfigError(option, count, "an integer >= 1")
+        if self.min_available_sites < max(self.min_train_sites, self.min_evaluate_sites):
+            raise ConfigError(
+                "min-available-sites",
+                self.min_available_sites,
+                f"at least min-train-sites ({self.min_train_sites}) and "
+                f"min-evaluate-sites ({self.min_evaluate_sites})",
+            )
+        if self.proximal_mu < 0:
+            raise ConfigError("proximal-mu", self.proximal_mu, "a number >= 0")
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ConfigError("proximal-mu", self.proximal_mu, "a number > 0 with strategy 'fedprox'")
+        if self.server_lr <= 0:
+            raise ConfigError("server-lr", self.server_lr, "a number > 0")
+        if self.krum_malicious < 0:
+            raise ConfigError("krum-malicious", self.krum_malicious, "an integer >= 0")
+
+
+def finite_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Average every metric over the replies, weighted by examples, skipping NaN/inf values."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        weight = float(metrics[weight_key])  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if key == weight_key or isinstance(value, list):
+                continue
+            value = float(value)
+            if math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + weight * value
+                weights[key] = weights.get(key, 0.0) + weight
+    out = MetricRecord({k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0})
+    out[weight_key] = int(sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records))  # type: ignore[arg-type]
+    return out
+
+
+StrategyBuilder = Callable[[StrategySettings], FedAvg]
+STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
+
+
+def _common(settings: StrategySettings) -> dict[str, object]:
+    return {
+        "fraction_train": settings.fraction_train,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_train_nodes": settings.min_train_sites,
+        "min_evaluate_nodes": settings.min_evaluate_sites,
+        "min_available_nodes": settings.min_available_sites,
+        "weighted_by_key": WEIGHT_KEY,
+        "train_metrics_aggr_fn": finite_weighted_mean,
+        "evaluate_metrics_aggr_fn": finite_weighted_mean,
+    }
+
+
+STRATEGIES.add("fedavg", lambda s: FedAvg(**_common(s)))  # type: ignore[arg-type]
+STRATEGIES.add("fedprox", lambda s: FedProx(**_common(s), proximal_mu=s.proximal_mu))  # type: ignore[arg-type]
+STRATEGIES.add("fedadam", lambda s: FedAdam(**_common(s), eta=s.server_lr))  # type: ignore[arg-type]
+STRATEGIES.add("fedyogi", lambda s: FedYogi(**_common(s), eta=s.server_lr))  # type: ignore[arg-type]
+STRATEGIES.add("fedmedian", lambda s: FedMedian(**_common(s)))  # type: ignore[arg-type]
+STRATEGIES.add("krum", lambda s: Krum(**_common(s), num_malicious_nodes=s.krum_malicious))  # type: ignore[arg-type]
+
+
+def build_strategy(settings: StrategySettings) -> FedAvg:
+    return STRATEGIES.get(settings.strategy)(settings)
+
+
+_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """Flat ``{"m_t/<param>": array, ...}`` of the strategy's server-side optimiser state."""
+    state: dict[str, np.ndarray] = {}
+    for attribute in _STATE_ATTRIBUTES:
+        arrays = getattr(strategy, attribute, None)
+        if arrays:
+            for key, value in arrays.items():
+                state[f"{attribute}/{key}"] = np.asarray(value)
+    return state
+
+
+def load_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+    """Restore what :func:`strategy_state` exported (no-op for stateless strategies)."""
+    for attribute in _STATE_ATTRIBUTES:
+        prefix = f"{attribute}/"
+        arrays = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if arrays and hasattr(strategy, attribute):
+            setattr(strategy, attribute, arrays)
