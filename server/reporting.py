@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from common.run_settings import FederatedRunConfig  # noqa: E402
-from server.run_folder import RunFolder, write_json  # noqa: E402
+from common.run_settings import FederatedRunConfig
+from server.run_folder import RunFolder, write_json
 
 logger = logging.getLogger(__name__)
 
