@@ -558,27 +558,39 @@ def label_skew(partition: Partition, catalog: Catalog) -> float:
     return float(np.mean(0.5 * np.abs(site_dists - global_dist).sum(axis=1)))
 
 
-def label_table_markdown(partition: Partition, catalog: Catalog) -> str:
-    """A markdown table: one row per site, one column per label, plus totals."""
+def label_table_rows(partition: Partition, catalog: Catalog) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the label table: one row per site, a column per label, totals last."""
     counts = label_counts(partition, catalog)
-    names = _label_names(catalog)
-    header = ["site", *names, "total"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for name, row in zip(partition.site_names, counts, strict=True):
-        lines.append("| " + " | ".join([name, *(str(int(v)) for v in row), str(int(row.sum()))]) + " |")
+    header = ["site", *_label_names(catalog), "total"]
+    rows = [
+        [name, *(str(int(v)) for v in row), str(int(row.sum()))]
+        for name, row in zip(partition.site_names, counts, strict=True)
+    ]
     totals = counts.sum(axis=0)
-    cells = ["**all**", *(str(int(v)) for v in totals), str(int(totals.sum()))]
-    lines.append("| " + " | ".join(cells) + " |")
+    rows.append(["all", *(str(int(v)) for v in totals), str(int(totals.sum()))])
+    return header, rows
+
+
+def label_table_markdown(partition: Partition, catalog: Catalog) -> str:
+    """The label table as markdown (the totals row in bold)."""
+    header, rows = label_table_rows(partition, catalog)
+    rows[-1][0] = "**all**"
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def _manifest_label(catalog: Catalog, index: int) -> str:
-    """The task label of one image as the manifest format writes it (class names, '|' joined)."""
+    """The task label of one image as the manifest format reads it.
+
+    Multi-class: the class name. Multi-label: positive findings joined by ``|``, or
+    ``No Finding``; unknown (NaN) findings are written as negative, the manifest has no blank.
+    """
     target = catalog.targets[index]
     if not catalog.task.is_multilabel:
         return catalog.task.classes[int(np.argmax(target))]
     positives = [name for name, v in zip(catalog.task.classes, target, strict=True) if v == 1]
-    return "|".join(positives)
+    return "|".join(positives) or "No Finding"
 
 
 def _record_path(catalog: Catalog, record: ImageRecord) -> Path | None:
@@ -603,13 +615,15 @@ def write_partition(
     partition: Partition,
     *,
     source_paths: Mapping[str, str | None],
+    source_options: Mapping[str, Mapping[str, str]] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a partition's files into ``out_dir`` (all or nothing) and return its absolute path.
 
     Files: ``site_XX.csv`` per site (manifest format ``path,label,site,patient_id,view`` with
     absolute image paths, usable as ``cxr-fl-client --format manifest --data site_XX.csv``),
-    ``partition.json`` (settings with the seed, sources, sizes, per-site label counts, skew),
+    ``partition.json`` (settings with the seed, source paths and options, sizes, per-site label
+    counts, skew),
     ``label_distribution.md`` and ``label_distribution.png``. Images of sources without files
     (``synthetic``) are written as PNG under ``images/``. Everything is written to a temporary
     sibling folder first and moved into place at the end, so a failure leaves nothing behind.
@@ -651,6 +665,7 @@ def write_partition(
             "task": catalog.task.name,
             "labels": list(names),
             "sources": dict(source_paths),
+            "source_options": {k: dict(v) for k, v in (source_options or {}).items()},
             "num_images": len(catalog),
             "sizes": dict(zip(partition.site_names, partition.sizes(), strict=True)),
             "label_counts": {

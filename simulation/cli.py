@@ -1,0 +1,234 @@
+"""The ``python -m simulation`` command line (typer): one app, one subcommand per job.
+
+Subcommands are thin: they check and pair their options, hand off to library code
+(:mod:`common.data.sources` for reading, :mod:`simulation.partition` for splitting and writing)
+and print a short summary with rich. A user error (:class:`~common.errors.CxrFlError`) is printed
+as one line on stderr, without a traceback, and exits with code 2.
+
+Without a subcommand the app calls :data:`default_action`, which prints the help for now; the
+experiment runner replaces it (``simulation.cli.default_action = ...``) to run the default
+synthetic federation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from common.errors import ConfigError, CxrFlError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="simulation",
+    help="Simulated federations of chest X-ray sites: non-IID partitions of public data sets.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+EXIT_USER_ERROR = 2
+
+
+def _print_help(ctx: typer.Context) -> None:
+    typer.echo(ctx.get_help())
+
+
+default_action: Callable[[typer.Context], None] = _print_help
+"""Called by ``python -m simulation`` with no subcommand (replaceable; see the module docstring)."""
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (INFO level).")] = False,
+) -> None:
+    _setup_logging(logging.INFO if verbose else logging.WARNING)
+    if ctx.invoked_subcommand is None:
+        default_action(ctx)
+
+
+def _setup_logging(level: int) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        root.addHandler(RichHandler(console=stderr, show_path=False, show_time=False))
+    root.setLevel(level)
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Print a CxrFlError as one line on stderr and exit 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CxrFlError as exc:
+            stderr.print(f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+def parse_source_options(pairs: list[str], formats: list[str]) -> list[dict[str, str]]:
+    """Per-source option dicts from ``KEY=VALUE`` (every source) or ``FORMAT.KEY=VALUE`` items."""
+    per_source: list[dict[str, str]] = [{} for _ in formats]
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("source-option", item, "KEY=VALUE or FORMAT.KEY=VALUE, e.g. n-images=200")
+        fmt, dot, name = key.strip().rpartition(".")
+        if dot and fmt not in formats:
+            raise ConfigError("source-option", item, "a FORMAT. prefix naming one of " + ", ".join(formats))
+        for i, source_fmt in enumerate(formats):
+            if not dot or source_fmt == fmt:
+                per_source[i][name] = value.strip()
+    return per_source
+
+
+def load_sources(
+    formats: list[str],
+    paths: list[Path],
+    task_name: str,
+    *,
+    option_pairs: list[str] | None = None,
+    strict: bool = False,
+) -> tuple[Any, dict[str, str | None], dict[str, dict[str, str]]]:
+    """Load and join the ``--source``/``--data`` pairs into one catalog.
+
+    Returns the catalog, ``{source id: absolute data path or None}`` and
+    ``{source id: its options}`` for the record.
+    ``paths`` may be empty when every source needs no files (``synthetic``).
+    """
+    from common.data.catalog import Catalog
+    from common.data.sources import load_catalog
+    from common.tasks import get_task
+
+    task = get_task(task_name)
+    if not formats:
+        raise ConfigError("source", "", "at least one --source FORMAT")
+    if paths and len(paths) != len(formats):
+        raise ConfigError(
+            "data",
+            [str(p) for p in paths],
+            f"one --data PATH per --source ({len(formats)} sources, {len(paths)} paths), in the same order",
+        )
+    options = parse_source_options(option_pairs or [], formats)
+    repeated = {f for f in formats if formats.count(f) > 1}
+    seen: dict[str, int] = {}
+    catalogs = []
+    source_paths: dict[str, str | None] = {}
+    source_options: dict[str, dict[str, str]] = {}
+    for i, fmt in enumerate(formats):
+        path = paths[i] if paths else None
+        name = None
+        if fmt in repeated:
+            seen[fmt] = seen.get(fmt, 0) + 1
+            name = str(seen[fmt])
+        catalog = load_catalog(fmt, path, task, name=name, options=options[i], strict=strict)
+        catalogs.append(catalog)
+        source_id = fmt if name is None else f"{fmt}:{name}"
+        source_paths[source_id] = str(Path(path).expanduser().resolve()) if path is not None else None
+        source_options[source_id] = options[i]
+    return Catalog.concat(catalogs), source_paths, source_options
+
+
+@app.command()
+@user_errors
+def partition(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the manifests, table and plot.")],
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Data source format (repeatable; pairs in order with --data).", show_default="synthetic"
+        ),
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="Data folder or file of each --source (omit for synthetic)."),
+    ] = None,
+    task: Annotated[str, typer.Option(help="Task whose classes the labels are mapped onto.")] = (
+        "normal-pneumonia-covid"
+    ),
+    partitioner: Annotated[
+        str,
+        typer.Option(
+            "--partition", help="iid, dirichlet, pathological, quantity-skew or natural (by site/source)."
+        ),
+    ] = "dirichlet",
+    sites: Annotated[
+        int | None,
+        typer.Option(help="Number of sites (default 3; natural: one per site/source value)."),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="Dirichlet alpha for dirichlet (labels) and quantity-skew (sizes); default 0.5."),
+    ] = None,
+    classes_per_site: Annotated[
+        int | None, typer.Option(help="Classes per site for pathological (default 2).")
+    ] = None,
+    min_site_size: Annotated[
+        int, typer.Option(help="Smallest allowed site, in patients (images when ids are unknown).")
+    ] = 10,
+    natural_by: Annotated[str, typer.Option(help="Field of the natural split: site or source.")] = "site",
+    patient_split: Annotated[
+        bool, typer.Option(help="Keep all images of a patient in one site (when patient ids exist).")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice (recorded in partition.json).")] = 0,
+    source_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Source option KEY=VALUE for every source, or FORMAT.KEY=VALUE (repeatable)."),
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="Treat missing listed images as errors.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
+) -> None:
+    """Split data sets into non-IID sites: one manifest CSV per site, partition.json, table and plot."""
+    from simulation.partition import label_skew, label_table_rows, partition_catalog, write_partition
+
+    formats = list(source or ["synthetic"])
+    catalog, source_paths, source_options = load_sources(
+        formats, list(data or []), task, option_pairs=list(source_option or []), strict=strict
+    )
+    if sites is None and partitioner != "natural":
+        sites = 3
+    result = partition_catalog(
+        catalog,
+        partitioner,
+        sites,
+        seed=seed,
+        alpha=alpha,
+        classes_per_site=classes_per_site,
+        min_site_size=min_site_size,
+        by_patient=patient_split,
+        natural_by=natural_by,  # type: ignore[arg-type]  # checked in partition_catalog
+    )
+    written = write_partition(
+        out, catalog, result, source_paths=source_paths, source_options=source_options, overwrite=overwrite
+    )
+
+    header, rows = label_table_rows(result, catalog)
+    table = Table(title=f"{partitioner} partition of {len(catalog)} images, seed {seed}")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+    skew = label_skew(result, catalog)
+    stdout.print(f"label skew (mean total variation from the global mix): {skew:.3f}")
+    stdout.print(f"wrote {result.num_sites} site manifests, partition.json and label_distribution.md/.png")
+    stdout.print(str(written), markup=False, highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Entry point of ``python -m simulation``."""
+    app(prog_name="python -m simulation")
