@@ -1,0 +1,297 @@
+"""Knowledge distillation of a student from a teacher (Hinton et al.), for both task kinds.
+
+Loss (:func:`kd_loss`), with student logits ``s``, teacher logits ``t``, temperature ``T`` and
+weight ``alpha``:
+
+* multi-class: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``,
+  the KL summed over classes and averaged over the batch ("batchmean").
+* multi-label: each finding is a Bernoulli distribution, so the soft term is
+  ``alpha * T^2 * mean_{i,k} KL(Bern(sigmoid(t_ik/T)) || Bern(sigmoid(s_ik/T)))``, averaged over
+  all ``B x C`` entries (teacher soft targets exist for every finding, known label or not).
+  This equals the mean BCE of ``sigmoid(s/T)`` against the soft targets ``sigmoid(t/T)`` minus
+  the (student-independent) entropy of those soft targets: same gradients as that BCE, but zero
+  when student and teacher agree. The hard term is ``(1 - alpha)`` times the BCE averaged over
+  known (non-NaN) labels, as in :func:`common.training.masked_bce_with_logits`.
+
+The teacher never receives gradients: its logits are detached, and a live teacher runs in eval
+mode under ``torch.no_grad``.
+
+Teacher sources for :func:`distill_one_epoch`:
+
+* a live ``nn.Module``: the loader yields ``(images, targets)`` and the teacher sees the same
+  (possibly augmented) images as the student;
+* cached logits (a ``[N_dataset, C]`` tensor from :func:`compute_teacher_logits`): the loader
+  yields ``(images, targets, indices)`` (wrap the dataset in :class:`IndexedDataset`) and the
+  teacher's logits are looked up by dataset index. Compute the cache once, on an un-augmented
+  (evaluation-transform) view of the *same* dataset, also wrapped in :class:`IndexedDataset`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from common.errors import ConfigError, DataError, ModelError
+from common.progress import ProgressArg, reporter_for
+from common.tasks import Task
+from common.training import check_targets, loader_length, masked_bce_with_logits, split_batch
+
+logger = logging.getLogger(__name__)
+
+
+class KDSettings(Protocol):
+    """What distillation reads from its config (``common.config.DistillConfig`` fits)."""
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def alpha(self) -> float: ...
+
+
+def check_kd_settings(temperature: float, alpha: float) -> None:
+    """Raise ConfigError naming ``kd-temperature`` / ``kd-alpha`` when a value is not allowed."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ConfigError("kd-temperature", temperature, "a finite number > 0 (typically 1 to 10)")
+    if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
+        raise ConfigError("kd-alpha", alpha, "a number in [0, 1] (weight of the teacher's soft targets)")
+
+
+def _bernoulli_kl_with_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Element-wise KL(Bern(sigmoid(t)) || Bern(sigmoid(s))), numerically stable via log-sigmoid."""
+    q = torch.sigmoid(teacher_logits)
+    log_q, log_1mq = F.logsigmoid(teacher_logits), F.logsigmoid(-teacher_logits)
+    log_p, log_1mp = F.logsigmoid(student_logits), F.logsigmoid(-student_logits)
+    return q * (log_q - log_p) + (1 - q) * (log_1mq - log_1mp)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    multilabel: bool = False,
+) -> Tensor:
+    """The distillation loss of one batch (see the module docstring for the exact formulas).
+
+    ``targets`` follow the label convention of :mod:`common.tasks`; they may be None only when
+    ``alpha == 1`` (pure distillation, e.g. on unlabelled images).
+    """
+    check_kd_settings(temperature, alpha)
+    if student_logits.shape != teacher_logits.shape:
+        raise ModelError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ in shape; build both models with the same number of outputs."
+        )
+    teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+    batch = student_logits.shape[0]
+    zero = student_logits.sum() * 0.0
+    if batch == 0:
+        return zero
+    t = float(temperature)
+    soft = zero
+    if alpha > 0:
+        if multilabel:
+            soft = _bernoulli_kl_with_logits(student_logits / t, teacher_logits / t).mean()
+        else:
+            soft = F.kl_div(
+                F.log_softmax(student_logits / t, dim=1),
+                F.log_softmax(teacher_logits / t, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+        soft = soft * (t * t)
+    hard = zero
+    if alpha < 1:
+        if targets is None:
+            raise ConfigError("kd-alpha", alpha, "1 when no labels are given (targets=None)")
+        targets = targets.to(student_logits.device, dtype=student_logits.dtype)
+        if targets.shape != student_logits.shape:
+            raise DataError(
+                f"targets of shape {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}."
+            )
+        if multilabel:
+            hard, _ = masked_bce_with_logits(student_logits, targets)
+        else:
+            if torch.isnan(targets).any():
+                raise DataError("multi-class targets contain NaN; every image needs a label.")
+            hard = F.cross_entropy(student_logits, targets.argmax(dim=1))
+    return alpha * soft + (1 - alpha) * hard
+
+
+class IndexedDataset(Dataset[tuple[Any, Any, int]]):
+    """Wrap a dataset of ``(image, target)`` so items become ``(image, target, index)``."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, target = self.dataset[index][:2]
+        return image, target, index
+
+
+def _indices_of(extra: Tensor | None, what: str) -> Tensor:
+    if extra is None:
+        raise DataError(
+            f"{what} needs batches of (images, targets, indices); wrap the dataset in "
+            "common.distillation.IndexedDataset."
+        )
+    indices = torch.as_tensor(extra)
+    if indices.dtype.is_floating_point or indices.ndim != 1:
+        raise DataError(f"{what}: the third batch element must be a 1-D integer tensor of dataset indices.")
+    return indices.long()
+
+
+@torch.no_grad()
+def compute_teacher_logits(
+    teacher: nn.Module,
+    loader: Iterable[Any],
+    num_items: int,
+    *,
+    device: str | torch.device = "cpu",
+    progress: ProgressArg = None,
+) -> Tensor:
+    """Teacher logits ``[num_items, C]`` (float32, CPU), indexed by dataset position.
+
+    ``loader`` yields ``(images, targets, indices)`` over an un-augmented view of the dataset
+    (any order). Every index in ``range(num_items)`` must be seen exactly once.
+    """
+    was_training = teacher.training
+    teacher.eval()
+    reporter = reporter_for(progress, "teacher logits", loader_length(loader, None))
+    cache: Tensor | None = None
+    seen = torch.zeros(num_items, dtype=torch.bool)
+    examples = 0
+    try:
+        for step, batch in enumerate(loader, start=1):
+            images, _, extra = split_batch(batch)
+            indices = _indices_of(extra, "compute_teacher_logits")
+            logits = teacher(images.to(device)).float().cpu()
+            if cache is None:
+                cache = torch.zeros((num_items, logits.shape[1]), dtype=torch.float32)
+            if indices.numel() and (indices.min() < 0 or indices.max() >= num_items):
+                raise DataError(f"dataset index out of range [0, {num_items}) in the teacher-logit loader.")
+            if seen[indices].any():
+                raise DataError(
+                    "the teacher-logit loader yielded an index twice; use no sampler or shuffling."
+                )
+            cache[indices] = logits
+            seen[indices] = True
+            examples += int(images.shape[0])
+            reporter.step(step, examples)
+    finally:
+        reporter.close()
+        teacher.train(was_training)
+    if cache is None or not bool(seen.all()):
+        missing = int((~seen).sum())
+        raise DataError(
+            f"the teacher-logit loader covered {num_items - missing} of {num_items} items; "
+            "iterate the whole dataset once (no drop_last, no sampling)."
+        )
+    return cache
+
+
+def distill_one_epoch(
+    student: nn.Module,
+    teacher_or_logits: nn.Module | Tensor | np.ndarray,
+    loader: Iterable[Any],
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    cfg: KDSettings,
+    *,
+    device: str | torch.device = "cpu",
+    progress: ProgressArg = None,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """One epoch of distillation of ``student`` (updated in place).
+
+    ``teacher_or_logits`` is a live teacher module or a cached logits table (see the module
+    docstring for the loader each needs). Returns ``loss`` (mean KD loss per example),
+    ``num_examples``, ``steps`` and ``images_per_s``.
+    """
+    check_kd_settings(cfg.temperature, cfg.alpha)
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError("max-steps", max_steps, "an integer >= 1, or None for the whole loader")
+    teacher: nn.Module | None = None
+    cache: Tensor | None = None
+    teacher_was_training = False
+    if isinstance(teacher_or_logits, nn.Module):
+        teacher = teacher_or_logits
+        teacher_was_training = teacher.training
+        teacher.eval()
+    else:
+        cache = torch.as_tensor(teacher_or_logits).detach().float().cpu()
+        if cache.ndim != 2 or cache.shape[1] != task.num_classes:
+            raise DataError(
+                f"cached teacher logits have shape {tuple(cache.shape)}; task '{task.name}' needs "
+                f"[num_items, {task.num_classes}]."
+            )
+
+    student.train()
+    reporter = reporter_for(progress, "distill", loader_length(loader, max_steps))
+    loss_sum = 0.0
+    examples = 0
+    steps = 0
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            if max_steps is not None and steps >= max_steps:
+                break
+            images, targets, extra = split_batch(batch)
+            images = images.to(device, non_blocking=True)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+            elif cache is not None:
+                indices = _indices_of(extra, "distillation from cached teacher logits")
+                teacher_logits = cache[indices].to(device)
+            else:  # pragma: no cover - one of teacher / cache is always set above
+                raise ModelError("no teacher and no cached teacher logits")
+            optimizer.zero_grad(set_to_none=True)
+            student_logits = student(images)
+            if targets is not None:
+                targets = targets.to(device, dtype=torch.float32)
+                check_targets(task, student_logits, targets)
+            loss = kd_loss(
+                student_logits,
+                teacher_logits,
+                targets,
+                temperature=cfg.temperature,
+                alpha=cfg.alpha,
+                multilabel=task.is_multilabel,
+            )
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ModelError(f"distillation loss became {value} at step {steps + 1}; lower 'kd-lr'.")
+            n = int(images.shape[0])
+            loss_sum += value * n
+            examples += n
+            steps += 1
+            reporter.step(steps, examples, loss_sum / examples if examples else math.nan)
+    finally:
+        reporter.close()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": loss_sum / examples if examples else math.nan,
+        "num_examples": float(examples),
+        "steps": float(steps),
+        "images_per_s": examples / elapsed if elapsed > 0 else math.nan,
+    }
