@@ -217,16 +217,33 @@ def partition(
     )
 
     header, rows = label_table_rows(result, catalog)
-    table = Table(title=f"{partitioner} partition of {len(catalog)} images, seed {seed}")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    stdout.print(table)
+    _print_table(f"{partitioner} partition of {len(catalog)} images, seed {seed}", header, rows, written)
     skew = label_skew(result, catalog)
     stdout.print(f"label skew (mean total variation from the global mix): {skew:.3f}")
     stdout.print(f"wrote {result.num_sites} site manifests, partition.json and label_distribution.md/.png")
     stdout.print(str(written), markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]], folder: Path) -> None:
+    """Print sites x labels, or labels x sites if that fits the terminal better, or a pointer."""
+
+    def width(table_rows: list[list[str]]) -> int:
+        return sum(max(len(r[c]) for r in table_rows) + 3 for c in range(len(table_rows[0]))) + 1
+
+    cells = [header, *rows]
+    transposed = [list(col) for col in zip(*cells, strict=True)]
+    transposed[0][0] = "label"
+    for candidate in (cells, transposed):
+        if width(candidate) <= stdout.width:
+            table = Table(title=title)
+            for i, name in enumerate(candidate[0]):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for row in candidate[1:]:
+                table.add_row(*row)
+            stdout.print(table)
+            return
+    note = f"{title}: too wide for this terminal, see {folder / 'label_distribution.md'}"
+    stdout.print(note, soft_wrap=True)
 
 
 def main() -> None:

@@ -606,6 +606,10 @@ def _record_path(catalog: Catalog, record: ImageRecord) -> Path | None:
     return None
 
 
+_MULTILABEL_NOTE = (
+    "Multi-label task: each image is counted once, under its first positive finding in task order "
+    f"(or '{NO_FINDING}'); this is the label the partitioner splits by.\n\n"
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -683,7 +687,9 @@ def write_partition(
         (tmp / "partition.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (tmp / "label_distribution.md").write_text(
             f"# Label distribution ({partition.settings.partitioner}, {partition.num_sites} sites, "
-            f"seed {partition.settings.seed})\n\n" + label_table_markdown(partition, catalog),
+            f"seed {partition.settings.seed})\n\n"
+            + (_MULTILABEL_NOTE if catalog.task.is_multilabel else "")
+            + label_table_markdown(partition, catalog),
             encoding="utf-8",
         )
         plot_label_distribution(

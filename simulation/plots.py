@@ -33,7 +33,7 @@ def plot_label_distribution(
     counts = np.asarray(counts)
     if counts.shape != (len(site_names), len(label_names)):
         raise ValueError(f"counts {counts.shape} != {len(site_names)} sites x {len(label_names)} labels")
-    width = min(16.0, 2.5 + 0.45 * len(site_names))
+    width = min(18.0, 4.0 + 0.8 * len(site_names))
     fig = Figure(figsize=(width, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -43,7 +43,7 @@ def plot_label_distribution(
     for j, name in enumerate(label_names):
         ax.bar(x, counts[:, j], bottom=bottom, color=colours[j], label=name, width=0.8)
         bottom += counts[:, j]
-    many = len(site_names) > 8
+    many = len(site_names) > 6
     ax.set_xticks(x, list(site_names), rotation=45 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("images")
     ax.set_xlabel("site")

@@ -390,3 +390,20 @@ def test_write_partition_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     write_partition(tmp_path / "out", catalog, partition, source_paths={"mem": None}, overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "site_01.csv").is_file()
+
+
+@pytest.mark.realdata
+def test_kermany_dirichlet_keeps_patients_together(shared_data: Path) -> None:
+    from common.data.sources import load_catalog
+
+    catalog = load_catalog("image-folder", shared_data / "kermany-pneumonia", get_task("normal-pneumonia"))
+    partition = partition_catalog(catalog, "dirichlet", 5, seed=1, alpha=0.5)
+    assert_exact_cover(partition, len(catalog))
+    site_of = partition.site_of(len(catalog))
+    sites_of_patient: dict[str, set[int]] = {}
+    for record, site in zip(catalog.records, site_of.tolist(), strict=True):
+        assert record.patient_id is not None
+        sites_of_patient.setdefault(record.patient_id, set()).add(site)
+    assert len(sites_of_patient) > 1000  # Kermany has far fewer patients than images
+    assert all(len(s) == 1 for s in sites_of_patient.values())
+    np.testing.assert_array_equal(label_counts(partition, catalog).sum(axis=0), [1341, 3875])
