@@ -628,7 +628,8 @@ def write_partition(
     absolute image paths, usable as ``cxr-fl-client --format manifest --data site_XX.csv``),
     ``partition.json`` (settings with the seed, source paths and options, sizes, per-site label
     counts, skew),
-    ``label_distribution.md`` and ``label_distribution.png``. Images of sources without files
+    ``label_distribution.md`` and ``label_distribution.png``. With ``overwrite``, an earlier
+    partition folder (one holding ``partition.json``) is replaced. Images of sources without files
     (``synthetic``) are written as PNG under ``images/``. Everything is written to a temporary
     sibling folder first and moved into place at the end, so a failure leaves nothing behind.
     """
@@ -639,8 +640,14 @@ def write_partition(
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output path {out_dir} exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"output folder {out_dir} is not empty; choose another --out or pass --overwrite")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError(f"output folder {out_dir} is not empty; choose another --out or pass --overwrite")
+        if not (out_dir / "partition.json").is_file():
+            raise DataError(
+                f"output folder {out_dir} is not empty and holds no partition.json, so it is not an "
+                "earlier partition; --overwrite only replaces those. Choose another --out"
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

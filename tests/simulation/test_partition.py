@@ -387,9 +387,14 @@ def test_write_partition_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--overwrite"):
         write_partition(tmp_path / "out", catalog, partition, source_paths={"mem": None})
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    write_partition(tmp_path / "out", catalog, partition, source_paths={"mem": None}, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "site_01.csv").is_file()
+    with pytest.raises(DataError, match="not an earlier partition"):
+        write_partition(tmp_path / "out", catalog, partition, source_paths={"mem": None}, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    write_partition(tmp_path / "new", catalog, partition, source_paths={"mem": None})
+    (tmp_path / "new" / "stale.csv").write_text("old")
+    write_partition(tmp_path / "new", catalog, partition, source_paths={"mem": None}, overwrite=True)
+    assert not (tmp_path / "new" / "stale.csv").exists()
+    assert (tmp_path / "new" / "site_01.csv").is_file()
 
 
 @pytest.mark.realdata
