@@ -92,14 +92,24 @@ def split_by_patient(
     counts = np.zeros_like(targets)
     assignment = np.empty(n_groups, dtype=np.int64)
     active = fractions > 0
-    for g in order:
+    filled = np.zeros(3, dtype=bool)
+    for position, g in enumerate(order):
         gc = group_counts[g]
+        empty = np.flatnonzero(active & ~filled)
+        if len(empty) and n_groups - position <= len(empty):
+            # Just enough groups left to give every requested part one: do so.
+            best = int(empty[np.argmax(fractions[empty])])
+            assignment[g] = best
+            counts[best] += gc
+            filled[best] = True
+            continue
         room = (targets - counts) / np.maximum(targets, 1e-9)  # relative remaining quota per label
         score = (room * gc[None, :]).sum(axis=1) / gc.sum()
         score = np.where(active, score, -np.inf)
         best = int(np.argmax(score + 1e-9 * fractions))  # ties -> the larger part
         assignment[g] = best
         counts[best] += gc
+        filled[best] = True
     part_of_record = assignment[groups]
     train, val, test = (np.flatnonzero(part_of_record == k) for k in range(3))
     for name, idx, frac in (

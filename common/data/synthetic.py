@@ -81,7 +81,7 @@ def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.
         cx = side * rng.uniform(0.3, 0.5)
         cy = rng.uniform(0.0, 0.3)
         opacity = _blob(xx, yy, cx, cy, rng.uniform(0.16, 0.24), rng.uniform(0.16, 0.26))
-        img += rng.uniform(0.3, 0.42) * opacity * (0.6 + 0.4 * texture) * np.clip(lungs * 1.5, 0, 1)
+        img += rng.uniform(0.45, 0.6) * opacity * (0.6 + 0.4 * texture) * np.clip(lungs * 1.5, 0, 1)
     elif label == "covid-19":
         haze = np.zeros_like(img)
         for side in (-1.0, 1.0):
@@ -91,7 +91,7 @@ def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.
                 haze = np.maximum(
                     haze, _blob(xx, yy, cx, cy, rng.uniform(0.12, 0.2), rng.uniform(0.15, 0.25))
                 )
-        img += rng.uniform(0.2, 0.28) * haze * (0.5 + 0.5 * texture) * np.clip(lungs * 1.5, 0, 1)
+        img += rng.uniform(0.3, 0.4) * haze * (0.5 + 0.5 * texture) * np.clip(lungs * 1.5, 0, 1)
 
     # Site-dependent acquisition: each site's scanner has its own contrast and brightness.
     site_contrast = 1.0 + 0.08 * ((site % 5) - 2)
