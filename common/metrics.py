@@ -134,10 +134,8 @@ def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
     y_true = targets.argmax(axis=1)
     y_pred = scores.argmax(axis=1)
     labels = list(range(c))
-    if y_true.size == 0:  # scikit-learn refuses empty inputs; every metric is undefined
-        cm = np.zeros((c, c), dtype=int)
-    else:
-        cm = confusion_matrix(y_true, y_pred, labels=labels)
+    # scikit-learn refuses empty inputs; with no image every metric is undefined
+    cm = confusion_matrix(y_true, y_pred, labels=labels) if y_true.size else np.zeros((c, c), dtype=int)
     notes: list[str] = []
     auroc, sens, spec = [], [], []
     total = int(cm.sum())

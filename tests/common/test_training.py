@@ -310,3 +310,16 @@ def test_seed_everything_makes_draws_repeatable() -> None:
 
     assert torch.equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_empty_batch_contributes_nothing() -> None:
+    # Opacus' Poisson sampling can yield empty batches; they must not produce a NaN loss.
+    model = SmallCNN(3)
+    images, targets = square_images(8)
+    batches = [(images[:0], targets[:0]), (images, targets)]
+
+    stats = train_one_epoch(model, batches, TASK, make_optimizer(model, TrainConfig()))
+
+    assert stats["steps"] == 2
+    assert stats["num_examples"] == 8
+    assert math.isfinite(stats["loss"])
