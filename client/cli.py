@@ -36,7 +36,7 @@ USER_ERROR_EXIT = 2
 
 def fail(message: str) -> typer.Exit:
     """Print a user error (no traceback) and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(USER_ERROR_EXIT)
 
 
@@ -112,7 +112,11 @@ def check(
 
     usable = cached.catalog
     where = f" at {data}" if data is not None else ""
-    console.print(f"[bold]{fmt}{where}[/]: {len(usable)} readable images, task {task_obj.name}", highlight=False)
+    console.print(
+        f"[bold]{fmt}{where}[/]: {len(usable)} readable images, task {task_obj.name}",
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table()
     table.add_column("finding" if task_obj.is_multilabel else "class")
     table.add_column("images", justify="right")
@@ -140,7 +144,9 @@ def check(
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
     console.print(facts)
     for skipped in cached.skipped[:20]:
-        err_console.print(f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False)
+        err_console.print(
+            f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True
+        )
 
 
 def main() -> None:
