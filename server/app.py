@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import from_mapping
 from common.models import build_model
+from common.protocol import DISTILL_MESSAGE_TYPE
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import seed_everything
 from server.reporting import write_learning_curves, write_summary
@@ -26,8 +27,6 @@ from server.strategies import StrategySettings, build_strategy
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
-
-DISTILL_MESSAGE_TYPE = "train.distill"
 
 
 def default_run_dir(context: Context) -> Path:

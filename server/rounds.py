@@ -29,16 +29,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import CxrFlError
+from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY
 from server.run_folder import ResumeState, RunFolder
-from server.strategies import WEIGHT_KEY, load_strategy_state, strategy_state
+from server.strategies import load_strategy_state, strategy_state
 
 logger = logging.getLogger(__name__)
 
 REPLY_POLL_SECONDS = 0.05
-# Error codes a site puts in its error replies (Flower's own codes are below 100).
-SITE_DECLINED = 1001
-SITE_BAD_INPUT = 1002
-SITE_FAILED = 1003
 
 
 class RoundFailedError(CxrFlError):
@@ -71,8 +68,8 @@ class SiteOutcome:
 
 def site_name(message: Message) -> str:
     """The site's self-declared name (a ConfigRecord 'site' in its reply), else its node id."""
-    if not message.has_error() and "site" in message.content.config_records:
-        return str(message.content.config_records["site"].get("name", message.metadata.src_node_id))
+    if not message.has_error() and SITE_RECORD in message.content.config_records:
+        return str(message.content.config_records[SITE_RECORD].get("name", message.metadata.src_node_id))
     return f"node-{message.metadata.src_node_id}"
 
 

@@ -166,6 +166,7 @@ class RunFolder:
     ) -> None:
         """Checkpoint a completed round; state.json is written last, so it never points ahead."""
         metadata = {"round": server_round, "seed": seed}
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
         save_model(dict(state_dict), self.checkpoints / "last.pt", metadata=metadata)
         if is_best:
             save_model(dict(state_dict), self.checkpoints / "best.pt", metadata=metadata)

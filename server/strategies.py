@@ -20,9 +20,8 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedYogi, Krum
 
 from common.errors import ConfigError
+from common.protocol import WEIGHT_KEY
 from common.registry import Registry
-
-WEIGHT_KEY = "num-examples"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,186 @@
+"""The Flower ClientApp of a hospital site: teacher rounds, federated validation, distillation.
+
+Wiring only: Context -> typed settings on the first lines, then common/local.py does the work.
+Replies carry the model weights (teacher rounds only), the number of examples and scalar
+metrics, plus the site's self-chosen name; never images, labels or per-image outputs.
+
+A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
+be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy_ledger import PrivacyLedger, run_key
+from client.site import SiteConfig, site_from_node_config
+from common.errors import CxrFlError
+from common.local import (
+    DataRequest,
+    SiteData,
+    derive_seed,
+    distill_student,
+    evaluate_state,
+    load_site_data,
+    scalar_metrics,
+    train_round,
+)
+from common.privacy import BudgetExhaustedError
+from common.protocol import SITE_BAD_INPUT, SITE_DECLINED, SITE_FAILED, SITE_RECORD, WEIGHT_KEY
+from common.run_settings import FederatedRunConfig, run_settings_from_config
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context], RecordDict]
+
+
+def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
+    return DataRequest(
+        data_format=site.data_format,
+        data_path=site.data_path,
+        task=settings.task,
+        image_size=settings.run.image_size,
+        cache_dir=site.cache_dir,
+        val_fraction=settings.run.val_fraction,
+        test_fraction=settings.run.test_fraction,
+        split_seed=settings.run.split_seed,
+        strict=site.strict,
+    )
+
+
+def _reply(msg: Message, context: Context, handler: Handler) -> Message:
+    """Run a handler; turn known failures into error replies with a reason."""
+    try:
+        settings = run_settings_from_config(context.run_config)
+        site = site_from_node_config(context.node_config, settings)
+        data = load_site_data(data_request(settings, site))
+        content = handler(msg, settings, site, data, context)
+        content[SITE_RECORD] = ConfigRecord({"name": site.name})
+        return Message(content, reply_to=msg)
+    except BudgetExhaustedError as exc:
+        logger.warning("Declining: %s", exc)
+        return Message(Error(SITE_DECLINED, f"declined: {exc}"), reply_to=msg)
+    except CxrFlError as exc:
+        logger.error("Site cannot take part: %s", exc)
+        return Message(Error(SITE_BAD_INPUT, str(exc)), reply_to=msg)
+    except Exception as exc:  # a bug at one site must not hang the federation
+        logger.exception("Site failed")
+        return Message(Error(SITE_FAILED, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def _train(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    num_rounds = int(config.get("num-rounds", settings.run.num_rounds))
+    train = replace(settings.train, proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)))
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    privacy = site.effective_privacy(settings.privacy)
+    ledger = None
+    if privacy.enabled:
+        key = run_key(settings.run.run_dir, context.run_id, settings.train.seed)
+        ledger = PrivacyLedger.open(site.out_dir, key)
+    outcome = train_round(
+        data,
+        settings.task,
+        settings.teacher,
+        global_state,
+        train,
+        seed=derive_seed(settings.train.seed, server_round, site.name),
+        privacy=privacy,
+        dp_plan=ledger.plan if ledger else None,
+        dp_history=ledger.history if ledger else None,
+        num_rounds=num_rounds,
+    )
+    if ledger is not None:
+        ledger.plan, ledger.history = outcome.plan, outcome.history
+        ledger.epsilon_by_round[server_round] = outcome.metrics["dp_epsilon"]
+        ledger.save()
+    metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
+    return RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+
+
+def _evaluate(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    state = msg.content["arrays"].to_torch_state_dict()
+    result = evaluate_state(data, "val", settings.task, settings.teacher, state)
+    metrics = MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
+    return RecordDict({"metrics": metrics})
+
+
+def _distill(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    teacher_state = msg.content["arrays"].to_torch_state_dict()
+    seed = derive_seed(settings.distill.seed, "distill", site.name)
+    outcome = distill_student(
+        data,
+        settings.task,
+        settings.teacher,
+        teacher_state,
+        settings.distill,
+        norm=settings.teacher.norm,
+        seed=seed,
+        num_threads=site.num_threads,
+    )
+    metrics = dict(outcome.metrics)
+    if settings.kd_no_kd_baseline:
+        baseline = distill_student(
+            data,
+            settings.task,
+            settings.teacher,
+            teacher_state,
+            settings.distill,
+            norm=settings.teacher.norm,
+            seed=seed,
+            num_threads=site.num_threads,
+            use_kd=False,
+        )
+        metrics.update(
+            {
+                k.replace("student_", "nokd_"): v
+                for k, v in baseline.metrics.items()
+                if k.startswith("student_")
+            }
+        )
+    from client.export import export_site_student  # the edge-export stack loads only for this phase
+
+    ledger_eps = _teacher_epsilon(settings, site, context)
+    export_site_student(site, settings, data, outcome, metrics, teacher_epsilon=ledger_eps)
+    if ledger_eps is not None:
+        metrics["dp_epsilon"] = ledger_eps
+    return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:
+    privacy = site.effective_privacy(settings.privacy)
+    if not privacy.enabled:
+        return None
+    ledger = PrivacyLedger.open(
+        site.out_dir, run_key(settings.run.run_dir, context.run_id, settings.train.seed)
+    )
+    return max(ledger.epsilon_by_round.values(), default=0.0)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _evaluate)
+
+
+@app.train("distill")
+def distill(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _distill)

@@ -1,0 +1,300 @@
+"""A site's local work without Flower: its data, one round of teacher training, evaluation,
+and distillation of the student.
+
+The ClientApp (client/app.py) calls these with typed settings; the simulation's baselines
+(pooled teacher, local-only teachers) call the same functions, so federated and centralised
+results come from one code path.
+
+Determinism: every random choice of a round (data order, augmentation, dropout, DP noise) is
+seeded from ``(run seed, round, site name)``, so a resumed run repeats the straight run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.config import DistillConfig, ModelConfig, PrivacyConfig, TrainConfig
+from common.data.cache import CachedImages, build_cache
+from common.data.catalog import Catalog
+from common.data.dataset import CxrDataset
+from common.data.sources import load_catalog
+from common.data.splits import Split, split_by_patient
+from common.distillation import IndexedDataset, compute_teacher_logits, distill_one_epoch
+from common.errors import DataError
+from common.models import build_model
+from common.privacy import (
+    AccountantHistory,
+    DPPlan,
+    check_budget_for_round,
+    make_private,
+    plan_dp,
+    unwrap_model,
+)
+from common.tasks import Task
+from common.training import (
+    EvalResult,
+    evaluate,
+    make_optimizer,
+    seed_everything,
+    snapshot_params,
+    train_one_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 128
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """Where a site's images are and how to prepare them."""
+
+    data_format: str
+    data_path: Path | None
+    task: Task
+    image_size: int
+    cache_dir: Path
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+    strict: bool = False
+    options: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass
+class SiteData:
+    """A site's cached images and its patient-grouped train / validation / test split."""
+
+    cached: CachedImages
+    split: Split
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.cached.catalog
+
+    def dataset(self, part: str, *, augment: bool = False, seed: int = 0) -> CxrDataset:
+        return CxrDataset(self.cached, getattr(self.split, part), augment=augment, seed=seed)
+
+    def counts(self) -> dict[str, int]:
+        return {**self.split.sizes(), "skipped": len(self.cached.skipped)}
+
+
+_SITE_DATA: dict[DataRequest, SiteData] = {}
+
+
+def load_site_data(request: DataRequest) -> SiteData:
+    """Catalog, decode-once cache and split of a site (memoised per process)."""
+    if request in _SITE_DATA:
+        return _SITE_DATA[request]
+    catalog = load_catalog(
+        request.data_format,
+        request.data_path,
+        request.task,
+        options=dict(request.options),
+        strict=request.strict,
+    )
+    cached = build_cache(catalog, request.image_size, request.cache_dir, strict=request.strict)
+    if cached.skipped:
+        logger.warning(
+            "%d unreadable image(s) skipped (first: %s)", len(cached.skipped), cached.skipped[0].key
+        )
+    split = split_by_patient(
+        cached.catalog,
+        val_fraction=request.val_fraction,
+        test_fraction=request.test_fraction,
+        seed=request.split_seed,
+    )
+    data = SiteData(cached, split)
+    _SITE_DATA[request] = data
+    return data
+
+
+def build_loaded_model(
+    config: ModelConfig, task: Task, state: Mapping[str, torch.Tensor] | None
+) -> nn.Module:
+    model = build_model(replace(config, weights=None) if state is not None else config, task.num_classes)
+    if state is not None:
+        model.load_state_dict(dict(state))
+    return model
+
+
+@dataclass
+class RoundOutcome:
+    """What one round of local training produced; only ``metrics`` and the weights leave."""
+
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    history: AccountantHistory
+    plan: DPPlan | None
+
+
+def train_round(
+    data: SiteData,
+    task: Task,
+    model_config: ModelConfig,
+    global_state: Mapping[str, torch.Tensor] | None,
+    train: TrainConfig,
+    *,
+    seed: int,
+    privacy: PrivacyConfig | None = None,
+    dp_plan: DPPlan | None = None,
+    dp_history: AccountantHistory | None = None,
+    num_rounds: int = 1,
+    progress: object = None,
+) -> RoundOutcome:
+    """Train the teacher from ``global_state`` for ``train.local_epochs`` on the site's train split.
+
+    With ``privacy.enabled`` the round uses DP-SGD: the plan (noise multiplier for the whole
+    run of ``num_rounds``) is made on first use, and the round is refused with
+    BudgetExhaustedError if it would take the site past its target epsilon.
+    """
+    seed_everything(seed)
+    torch.set_num_threads(train.num_threads)
+    model = build_loaded_model(model_config, task, global_state)
+    dataset = data.dataset("train", augment=True, seed=seed)
+    if len(dataset) == 0:
+        raise DataError("the site has no training images after the split")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=generator)
+    optimizer = make_optimizer(model, train)
+    history = list(dp_history or [])
+    plan = dp_plan
+    metrics: dict[str, float] = {}
+    trained_model: nn.Module = model
+    private = None
+    if privacy is not None and privacy.enabled:
+        if plan is None:
+            plan = plan_dp(
+                privacy,
+                num_examples=len(dataset),
+                batch_size=train.batch_size,
+                local_epochs=train.local_epochs,
+                num_rounds=num_rounds,
+            )
+        check_budget_for_round(history, plan)
+        private = make_private(model, optimizer, loader, plan, history, seed=seed)
+        trained_model, optimizer, loader = private.model, private.optimizer, private.loader
+    global_params = snapshot_params(model) if train.proximal_mu > 0 else None
+    started = time.perf_counter()
+    stats: dict[str, float] = {}
+    for epoch in range(train.local_epochs):
+        dataset.set_epoch(epoch)
+        stats = train_one_epoch(
+            trained_model,
+            loader,
+            task,
+            optimizer,
+            proximal_mu=train.proximal_mu,
+            global_params=global_params,
+            progress=progress,  # type: ignore[arg-type]
+        )
+    metrics["train_seconds"] = time.perf_counter() - started
+    metrics["loss"] = stats.get("loss", float("nan"))
+    metrics["images_per_s"] = stats.get("images_per_s", float("nan"))
+    if private is not None:
+        history = private.history()
+        metrics["dp_epsilon"] = private.epsilon()
+        metrics["dp_noise_multiplier"] = plan.noise_multiplier
+    state = {k: v.detach().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
+    return RoundOutcome(state, metrics, history, plan)
+
+
+def evaluate_state(
+    data: SiteData, part: str, task: Task, model_config: ModelConfig, state: Mapping[str, torch.Tensor]
+) -> EvalResult:
+    model = build_loaded_model(model_config, task, state)
+    loader = DataLoader(data.dataset(part), batch_size=EVAL_BATCH_SIZE)
+    return evaluate(model, loader, task)
+
+
+def scalar_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
+    """Loss and scalar metrics, prefixed; the per-image scores stay here."""
+    out = {f"{prefix}loss": float(result.loss)}
+    out.update({f"{prefix}{k}": float(v) for k, v in result.metrics.scalars().items()})
+    return out
+
+
+@dataclass
+class DistillOutcome:
+    student: nn.Module
+    teacher: nn.Module
+    metrics: dict[str, float]
+
+
+def distill_student(
+    data: SiteData,
+    task: Task,
+    teacher_config: ModelConfig,
+    teacher_state: Mapping[str, torch.Tensor],
+    distill: DistillConfig,
+    *,
+    norm: str,
+    seed: int,
+    num_threads: int = 2,
+    use_kd: bool = True,
+    progress: object = None,
+) -> DistillOutcome:
+    """Distil a student from the teacher on the train split (or train it without KD).
+
+    Returns both models and the test-split metrics of each (``teacher_*`` / ``student_*``).
+    With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
+    its logits are reused every epoch; otherwise it runs on every (augmented) batch.
+    """
+    seed_everything(seed)
+    torch.set_num_threads(num_threads)
+    teacher = build_loaded_model(teacher_config, task, teacher_state)
+    teacher.eval()
+    student_config = ModelConfig(
+        name=distill.student, norm=norm, in_channels=teacher_config.in_channels, width_mult=distill.width_mult
+    )
+    student = build_model(student_config, task.num_classes)
+    train_set = data.dataset("train", augment=True, seed=seed)
+    optimizer = make_optimizer(student, TrainConfig(lr=distill.lr, optimizer="sgd", num_threads=num_threads))
+    generator = torch.Generator().manual_seed(seed)
+    alpha = distill.alpha if use_kd else 0.0
+    settings = replace(distill, alpha=alpha)
+    teacher_source: nn.Module | torch.Tensor = teacher
+    if use_kd and distill.cache_teacher_logits:
+        plain = IndexedDataset(data.dataset("train"))
+        teacher_source = compute_teacher_logits(
+            teacher,
+            DataLoader(plain, batch_size=EVAL_BATCH_SIZE),
+            len(plain),
+            progress=progress,  # type: ignore[arg-type]
+        )
+        loader: DataLoader = DataLoader(
+            IndexedDataset(train_set), batch_size=distill.batch_size, shuffle=True, generator=generator
+        )
+    else:
+        loader = DataLoader(train_set, batch_size=distill.batch_size, shuffle=True, generator=generator)
+    started = time.perf_counter()
+    for epoch in range(distill.epochs):
+        train_set.set_epoch(epoch)
+        distill_one_epoch(student, teacher_source, loader, task, optimizer, settings, progress=progress)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - started
+    test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE)
+    metrics = {"distill_seconds": seconds}
+    metrics.update(scalar_metrics(evaluate(teacher, test_loader, task), "teacher_"))
+    metrics.update(scalar_metrics(evaluate(student, test_loader, task), "student_"))
+    return DistillOutcome(student, teacher, metrics)
+
+
+def class_balance(data: SiteData) -> np.ndarray:
+    """Positive counts per class in the train split (for logs and checks)."""
+    return np.nansum(data.catalog.targets[data.split.train], axis=0)

@@ -1,0 +1,270 @@
+"""Runs the project's ServerApp and ClientApp in Flower's simulation runtime (Ray backend).
+
+This is the way Flower itself runs simulations (``flwr run APP CONNECTION`` against a SuperLink
+started with ``--simulation``), with three differences that make it safe to drive from code:
+
+- the SuperLink runs on free loopback ports chosen here, not Flower's fixed 39091, with its own
+  FLWR_HOME inside the run folder (the user's ``~/.flwr`` is never touched);
+- it is started in its own process group, and stopped by its PID (SIGTERM to the group, then
+  SIGKILL) on exit, error or Ctrl-C, which also ends the simulation process and its Ray workers;
+- runtime dependency installation, telemetry and update checks are off (this machine is offline).
+
+Per-site resources: every simulated site gets ``cpus_per_site`` CPUs from Ray; with fewer cores
+than sites, Ray runs sites in turn, so memory stays bounded by the number of concurrent sites,
+not the number of sites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from common.errors import CxrFlError
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT = 30.0
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class SimulationError(CxrFlError):
+    """Flower's simulation runtime could not start or the run failed."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (works without activation)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise SimulationError(f"'{name}' not found; install the project (make test / pip install -e .)")
+    return found
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def stop_process_tree(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop ``process`` and every process it started, each by its PID: SIGTERM, then SIGKILL.
+
+    Flower starts its helpers (SuperExec, the simulation process, Ray) in sessions of their
+    own, so signalling the process group is not enough; the tree is read from /proc first.
+    """
+    tree = [process.pid, *descendants(process.pid)]
+    for pid in tree:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()
+        if not any(_alive(pid) for pid in tree):
+            break
+        time.sleep(0.1)
+    for pid in tree:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+
+
+class FlowerSimulation:
+    """A simulation SuperLink for one run folder; use as a context manager."""
+
+    def __init__(self, work_dir: Path, *, app_dir: Path = PROJECT_ROOT) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.app_dir = Path(app_dir).resolve()
+        self.flwr_home = self.work_dir / "flwr-home"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(OFFLINE_ENV)
+        env["FLWR_HOME"] = str(self.flwr_home)
+        # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.work_dir / "superlink.log"
+
+    def __enter__(self) -> FlowerSimulation:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        control_port = free_port()
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "cxr-fl-sim"\n\n'
+            f'[superlink.cxr-fl-sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        command = [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-api-address",
+            f"127.0.0.1:{control_port}",
+        ]
+        with self.superlink_log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SimulationError(
+                    f"Flower SuperLink exited with code {self.process.returncode}; see {self.superlink_log}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                time.sleep(1.0)  # the HTTP app starts right after the socket opens
+                return
+            time.sleep(0.2)
+        raise SimulationError(
+            f"Flower SuperLink did not start within {STARTUP_TIMEOUT:.0f} s; see {self.superlink_log}"
+        )
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_tree(self.process)
+            self.process = None
+
+    def run(
+        self,
+        run_config: Mapping[str, Any],
+        *,
+        num_sites: int,
+        cpus_per_site: int = 1,
+        on_line: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Submit one run and follow its log until it ends."""
+        if self.process is None:
+            raise SimulationError("the simulation SuperLink is not running")
+        overrides = self.work_dir / "run_overrides.toml"
+        overrides.write_text(
+            "".join(f"{key} = {toml_value(value)}\n" for key, value in sorted(run_config.items())),
+            encoding="utf-8",
+        )
+        command = [
+            _bin("flwr"),
+            "run",
+            str(self.app_dir),
+            "cxr-fl-sim",
+            "--run-config",
+            str(overrides),
+            "--federation-config",
+            f"num-supernodes={num_sites} client-resources-num-cpus={toml_value(cpus_per_site)}",
+            "--stream",
+        ]
+        log_path = self.work_dir / "flower.log"
+        with log_path.open("a", encoding="utf-8") as log:
+            process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+                cwd=self.work_dir,
+            )
+            started = time.monotonic()
+            try:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    log.write(line)
+                    log.flush()
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
+                    if timeout is not None and time.monotonic() - started > timeout:
+                        raise SimulationError(
+                            f"the run did not finish within {timeout:.0f} s; see {log_path}"
+                        )
+                process.wait()
+            finally:
+                stop_process_tree(process)
+        if process.returncode != 0:
+            raise SimulationError(f"`flwr run` exited with code {process.returncode}; see {log_path}")
