@@ -149,6 +149,128 @@ def check(
         )
 
 
+@app.command()
+def predict(
+    model: Annotated[
+        Path,
+        typer.Argument(help="Exported ONNX model; its <name>.preprocessing.json must sit beside it."),
+    ],
+    images: Annotated[
+        Path, typer.Argument(help="An image file, or a folder searched recursively for images.")
+    ],
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Write one CSV row per image here instead of printing a table."),
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = 2,
+) -> None:
+    """Class probabilities per image with ONNX Runtime, preprocessed exactly like training."""
+    import csv
+
+    from common.export import OnnxPredictor, list_images
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        predictor = OnnxPredictor(model, num_threads=threads)
+        paths = list_images(images)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    if not paths:
+        raise fail(f"no image files (.png, .jpg, .jpeg, .bmp, .tif, .tiff) found under '{images}'")
+    predictions = predictor.predict_files(paths)
+    classes = predictor.preprocessing.classes
+    for bad in (p for p in predictions if p.error):
+        err_console.print(f"[yellow]warning:[/] skipped {bad.path}: {bad.error}", highlight=False)
+    readable = [p for p in predictions if p.probabilities is not None]
+    if csv_out is not None:
+        with open(csv_out, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "predicted", *classes, "error"])
+            for p in predictions:
+                probs = p.probabilities or {}
+                writer.writerow(
+                    [
+                        str(p.path),
+                        p.top_class or "",
+                        *(f"{probs[c]:.6f}" if probs else "" for c in classes),
+                        p.error or "",
+                    ]
+                )
+        console.print(f"wrote {len(readable)} prediction(s) to {csv_out}", highlight=False)
+    else:
+        activation = predictor.preprocessing.activation
+        table = Table(title=f"{model.name} ({activation} probabilities)", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("predicted")
+        for c in classes:
+            table.add_column(c, justify="right")
+        for p in readable:
+            probs = p.probabilities or {}
+            table.add_row(str(p.path), p.top_class or "", *(f"{probs[c]:.3f}" for c in classes))
+        console.print(table)
+    if not readable:
+        raise fail(f"none of the {len(predictions)} image(s) could be read")
+
+
+@app.command()
+def explain(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="A site student folder (holding student.pt), or a .pt file with its .json beside it.",
+        ),
+    ],
+    image: Annotated[Path, typer.Option("--image", help="An image file, or a folder searched recursively.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the Grad-CAM PNG overlays.")],
+    layer: Annotated[
+        str | None,
+        typer.Option("--layer", help="Dotted module name to explain (default: the model's usual layer)."),
+    ] = None,
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Explain this class instead of the predicted one.")
+    ] = None,
+) -> None:
+    """Grad-CAM heat maps of a student's (or teacher's) decisions, saved as PNG overlays."""
+    from common.export import list_images, load_torch_model
+    from common.gradcam import grad_cam, resolve_layer, save_overlay
+    from common.models import get_spec
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        loaded = load_torch_model(model)
+        layer_name = layer or get_spec(loaded.config.name).gradcam_layer
+        resolve_layer(loaded.model, layer_name)
+        class_index = None if class_name is None else loaded.task.index(class_name)
+        paths = list_images(image)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    if not paths:
+        raise fail(f"no image files (.png, .jpg, .jpeg, .bmp, .tif, .tiff) found under '{image}'")
+    prep = loaded.preprocessing
+    out.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"Grad-CAM of {loaded.config.name} at layer '{layer_name}'", title_justify="left")
+    for column in ("image", "class", "probability", "overlay"):
+        table.add_column(column, overflow="fold")
+    written = 0
+    for path in paths:
+        try:
+            grey = prep.load_grey(path)
+            result = grad_cam(
+                loaded.model, prep.normalise(grey), loaded.task, layer=layer_name, class_index=class_index
+            )
+        except CxrFlError as exc:
+            err_console.print(f"[yellow]warning:[/] skipped {path}: {exc}", highlight=False)
+            continue
+        target = out / f"{path.stem}.gradcam.png"
+        save_overlay(grey, result, target, title=path.name)
+        table.add_row(str(path), result.class_name, f"{result.probability:.3f}", str(target))
+        written += 1
+    console.print(table)
+    if not written:
+        raise fail(f"none of the {len(paths)} image(s) could be read")
+
+
 def main() -> None:
     """Console-script entry point (``cxr-fl-client``)."""
     app()

@@ -1,0 +1,408 @@
+"""Compression comparison for one site: teacher, KD student, int8 students and pruned teachers.
+
+Rows (all run in ONNX Runtime on the CPU with the same threads, batch 1 for latency):
+
+================== ==========================================================================
+``teacher``        the global teacher, ONNX fp32
+``student-kd``     the distilled student, ONNX fp32
+``student-int8-dynamic``  ``onnxruntime.quantization.quantize_dynamic`` (uint8 weights,
+                   activations quantised at run time)
+``student-int8-static``   ``quantize_static`` (QDQ, int8, per-tensor) calibrated with
+                   :class:`ImageCalibrationReader` over a few *training* images
+``teacher-pruned-50`` / ``-80``  ``torch.nn.utils.prune.global_unstructured`` L1 magnitude
+                   pruning of all conv and linear weights at 50% / 80%, then ``prune.remove``
+================== ==========================================================================
+
+How size is counted (``size_mb``, 1 MB = 10^6 bytes): for dense rows the ONNX file on disk; for
+pruned rows **non-zero parameters x 4 bytes** (fp32 values of a sparse store, index overhead not
+counted), because the ONNX file of a pruned model keeps its zeros and is as large as the
+teacher's. ``parameters`` counts non-zero parameter elements for every row (for int8 rows the
+student's parameter count: quantisation shrinks bytes, not parameters). Unstructured sparsity
+does not speed up dense ONNX Runtime kernels, so pruned rows show the teacher's latency; and on
+CPUs without VNNI, static int8 may be slower than fp32. The table reports what was measured.
+
+Accuracy and macro AUROC are computed on the images given (the site's test split) with
+:func:`common.metrics.compute_metrics`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from torch.nn.utils import prune
+
+from common.errors import ModelError
+from common.export import export_onnx, make_session, onnx_latency, run_session
+from common.metrics import compute_metrics
+from common.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+PRUNE_AMOUNTS: tuple[float, ...] = (0.5, 0.8)
+BYTES_PER_PARAMETER = 4
+
+
+@dataclass(frozen=True)
+class CompressionRow:
+    """One model variant: size, parameters, latency and test metrics."""
+
+    name: str
+    description: str
+    size_mb: float
+    size_basis: str
+    parameters: int
+    latency_ms: float
+    accuracy: float
+    auroc_macro: float
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    image_size: int
+    num_threads: int
+    repeats: int
+    warmup: int
+    test_images: int
+    calibration_images: int
+    prune_amounts: tuple[float, ...]
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    """Parameter elements that are not exactly zero."""
+    return int(sum(int((p != 0).sum()) for p in model.parameters()))
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def prune_model(model: nn.Module, amount: float) -> nn.Module:
+    """A copy of ``model`` with the ``amount`` smallest-|w| conv/linear weights (globally) set to 0."""
+    if not 0.0 < amount < 1.0:
+        raise ModelError(f"prune amount must lie in (0, 1), got {amount}")
+    pruned = copy.deepcopy(model).eval()
+    targets = prunable_weights(pruned)
+    if not targets:
+        raise ModelError(f"{type(model).__name__} has no Conv2d or Linear weights to prune")
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    for module, name in targets:
+        prune.remove(module, name)
+    return pruned
+
+
+class ImageCalibrationReader:
+    """ONNX Runtime CalibrationDataReader over preprocessed images, one per batch."""
+
+    def __init__(self, images: np.ndarray, input_name: str) -> None:
+        self._images = np.asarray(images, dtype=np.float32)
+        self._input_name = input_name
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iter is None:
+            self._iter = ({self._input_name: x[None]} for x in self._images)
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = None
+
+
+class _QuietQuantizer(logging.Filter):
+    """Drops ONNX Runtime quantisation chatter (it logs WARNINGs per node on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or "quantization" not in record.pathname
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    root = logging.getLogger()
+    quiet = _QuietQuantizer()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def quantize_dynamic_int8(source: Path, target: Path) -> Path:
+    """Dynamic int8 quantisation (uint8 weights: ORT's CPU ConvInteger has no int8-weight kernel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_quantizer():
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8)
+    return target
+
+
+def quantize_static_int8(source: Path, target: Path, calibration: np.ndarray) -> Path:
+    """Static int8 quantisation (QDQ) calibrated on ``calibration`` images ``[N, C, S, S]``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if len(calibration) == 0:
+        raise ModelError("static quantisation needs at least one calibration image (training split is empty)")
+    name = make_session(source, 1).get_inputs()[0].name
+
+    class _Reader(ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    with _quiet_quantizer():
+        quantize_static(
+            str(source),
+            str(target),
+            _Reader(calibration, name),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return target
+
+
+def _metrics(task: Task, probabilities: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    if len(targets) == 0:
+        return math.nan, math.nan
+    metrics = compute_metrics(task, targets, probabilities)
+    return float(metrics.accuracy), float(metrics.auroc_macro)
+
+
+def _probabilities(task: Task, logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    if task.is_multilabel:
+        return 1.0 / (1.0 + np.exp(-z))
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _onnx_row(
+    name: str,
+    description: str,
+    path: Path,
+    task: Task,
+    images: np.ndarray,
+    targets: np.ndarray,
+    settings: CompressionSettings,
+    *,
+    parameters: int,
+    size_mb: float | None = None,
+    size_basis: str = "ONNX file",
+    in_channels: int = 1,
+) -> CompressionRow:
+    session = make_session(path, settings.num_threads)
+    probabilities = _probabilities(task, run_session(session, images, batch_size=16))
+    accuracy, auroc = _metrics(task, probabilities, targets)
+    latency = onnx_latency(
+        path,
+        settings.image_size,
+        in_channels,
+        num_threads=settings.num_threads,
+        repeats=settings.repeats,
+        warmup=settings.warmup,
+    )
+    size = path.stat().st_size / 1e6 if size_mb is None else size_mb
+    logger.info("%s: %.2f MB, %.2f ms, accuracy %.3f", name, size, latency.median_ms, accuracy)
+    return CompressionRow(name, description, size, size_basis, parameters, latency.median_ms, accuracy, auroc)
+
+
+def compare_compression(
+    teacher: nn.Module,
+    student: nn.Module,
+    task: Task,
+    test_images: np.ndarray,
+    test_targets: np.ndarray,
+    calibration_images: np.ndarray,
+    work_dir: Path,
+    *,
+    image_size: int,
+    in_channels: int = 1,
+    num_threads: int = 2,
+    repeats: int = 30,
+    warmup: int = 3,
+    teacher_repeats: int | None = None,
+    prune_amounts: Sequence[float] = PRUNE_AMOUNTS,
+    student_onnx: Path | None = None,
+    keep_files: bool = False,
+) -> tuple[list[CompressionRow], CompressionSettings]:
+    """Build every variant under ``work_dir``, measure it, and return the rows of the table.
+
+    ``test_images`` ``[N, C, S, S]`` are preprocessed (normalised) images of the site's test
+    split with their ``test_targets`` ``[N, C]``; ``calibration_images`` come from the training
+    split. ``student_onnx`` reuses an already exported student. ``teacher_repeats`` (default
+    ``repeats``) lets slow teachers be timed fewer times. Intermediate teacher ONNX files are
+    deleted unless ``keep_files``.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings = CompressionSettings(
+        image_size,
+        num_threads,
+        repeats,
+        warmup,
+        len(test_images),
+        len(calibration_images),
+        tuple(prune_amounts),
+    )
+    teacher_settings = CompressionSettings(
+        image_size,
+        num_threads,
+        teacher_repeats or repeats,
+        min(warmup, 2),
+        len(test_images),
+        len(calibration_images),
+        tuple(prune_amounts),
+    )
+    common: dict[str, Any] = {
+        "task": task,
+        "images": test_images,
+        "targets": test_targets,
+        "in_channels": in_channels,
+    }
+    rows: list[CompressionRow] = []
+    temporary: list[Path] = []
+
+    teacher_path = export_onnx(teacher, work_dir / "teacher.onnx", image_size, in_channels)
+    temporary.append(teacher_path)
+    rows.append(
+        _onnx_row(
+            "teacher",
+            f"{type(teacher).__name__}, ONNX fp32",
+            teacher_path,
+            settings=teacher_settings,
+            parameters=nonzero_parameters(teacher),
+            **common,
+        )
+    )
+    if student_onnx is None:
+        student_onnx = export_onnx(student, work_dir / "student-fp32.onnx", image_size, in_channels)
+        temporary.append(student_onnx)
+    student_params = nonzero_parameters(student)
+    rows.append(
+        _onnx_row(
+            "student-kd",
+            "KD student, ONNX fp32",
+            student_onnx,
+            settings=settings,
+            parameters=student_params,
+            **common,
+        )
+    )
+    dynamic_path = quantize_dynamic_int8(student_onnx, work_dir / "student-int8-dynamic.onnx")
+    rows.append(
+        _onnx_row(
+            "student-int8-dynamic",
+            "KD student, ORT dynamic int8 (uint8 weights)",
+            dynamic_path,
+            settings=settings,
+            parameters=student_params,
+            **common,
+        )
+    )
+    static_path = quantize_static_int8(
+        student_onnx, work_dir / "student-int8-static.onnx", calibration_images
+    )
+    rows.append(
+        _onnx_row(
+            "student-int8-static",
+            f"KD student, ORT static int8 QDQ ({len(calibration_images)} calibration images)",
+            static_path,
+            settings=settings,
+            parameters=student_params,
+            **common,
+        )
+    )
+    for amount in prune_amounts:
+        pruned = prune_model(teacher, amount)
+        nonzero = nonzero_parameters(pruned)
+        path = export_onnx(
+            pruned, work_dir / f"teacher-pruned-{round(amount * 100)}.onnx", image_size, in_channels
+        )
+        temporary.append(path)
+        rows.append(
+            _onnx_row(
+                f"teacher-pruned-{round(amount * 100)}",
+                f"teacher, global L1 unstructured pruning {amount:.0%} of conv/linear weights, "
+                "ONNX fp32 (dense)",
+                path,
+                settings=teacher_settings,
+                parameters=nonzero,
+                size_mb=nonzero * BYTES_PER_PARAMETER / 1e6,
+                size_basis="non-zero params x 4 B",
+                **common,
+            )
+        )
+        del pruned
+    if not keep_files:
+        for path in temporary:
+            if path.parent == work_dir:
+                path.unlink(missing_ok=True)
+    return rows, settings
+
+
+def rows_to_markdown(
+    rows: Sequence[CompressionRow], settings: CompressionSettings, *, title: str = ""
+) -> str:
+    """The comparison as a markdown table with its settings and notes."""
+    teacher = next((r for r in rows if r.name == "teacher"), None)
+    lines = [f"# {title}" if title else "# Compression comparison", ""]
+    lines.append(
+        f"ONNX Runtime (CPU), {settings.image_size} px, batch 1, {settings.num_threads} threads, median of "
+        f"{settings.repeats} runs after {settings.warmup} warm-up runs; accuracy and macro AUROC on "
+        f"{settings.test_images} test images; static int8 calibrated on "
+        f"{settings.calibration_images} training images."
+    )
+    lines.append("")
+    lines.append(
+        "| model | size MB | size counted as | parameters (non-zero) | latency ms | speed-up vs teacher | "
+        "accuracy | AUROC (macro) |"
+    )
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = teacher.latency_ms / r.latency_ms if teacher and r.latency_ms > 0 else math.nan
+        lines.append(
+            f"| {r.name} | {r.size_mb:.2f} | {r.size_basis} | {r.parameters:,} | {r.latency_ms:.2f} | "
+            f"{speedup:.1f}x | {_fmt(r.accuracy)} | {_fmt(r.auroc_macro)} |"
+        )
+    lines.append("")
+    lines.append(
+        "Pruned rows: size = non-zero parameters x 4 bytes (a sparse fp32 store, index overhead not "
+        "counted); "
+        "their ONNX files are dense, so ONNX Runtime runs them at the teacher's speed. Static int8 may be "
+        "slower than fp32 on CPUs without VNNI; these are the measured numbers."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def write_compression_report(
+    rows: Sequence[CompressionRow], settings: CompressionSettings, out_dir: Path, *, title: str = ""
+) -> tuple[Path, Path]:
+    """``compression.md`` and ``compression.json`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "compression.md"
+    md.write_text(rows_to_markdown(rows, settings, title=title), encoding="utf-8")
+    js = out_dir / "compression.json"
+    payload = {"settings": asdict(settings), "rows": [_json_row(r) for r in rows]}
+    js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return md, js
+
+
+def _json_row(row: CompressionRow) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(row).items()}
