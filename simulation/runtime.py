@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,105 +29,16 @@ from types import TracebackType
 from typing import Any
 
 from common.errors import CxrFlError
+from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
 
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "PYTHONUNBUFFERED": "1",
-}
-
 
 class SimulationError(CxrFlError):
     """Flower's simulation runtime could not start or the run failed."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    """A console script of the running interpreter's environment (works without activation)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise SimulationError(f"'{name}' not found; install the project (make test / pip install -e .)")
-    return found
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc), children before grandchildren."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        for child in children.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def stop_process_tree(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Stop ``process`` and every process it started, each by its PID: SIGTERM, then SIGKILL.
-
-    Flower starts its helpers (SuperExec, the simulation process, Ray) in sessions of their
-    own, so signalling the process group is not enough; the tree is read from /proc first.
-    """
-    tree = [process.pid, *descendants(process.pid)]
-    for pid in tree:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        process.poll()
-        if not any(_alive(pid) for pid in tree):
-            break
-        time.sleep(0.1)
-    for pid in tree:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout)
 
 
 class FlowerSimulation:
@@ -165,7 +74,7 @@ class FlowerSimulation:
             encoding="utf-8",
         )
         command = [
-            _bin("flower-superlink"),
+            console_script("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -230,7 +139,7 @@ class FlowerSimulation:
             encoding="utf-8",
         )
         command = [
-            _bin("flwr"),
+            console_script("flwr"),
             "run",
             str(self.app_dir),
             "cxr-fl-sim",
