@@ -128,31 +128,53 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self._images
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = int(self.indices[item])
-        image = torch.from_numpy(np.array(self.images[row], dtype=np.float32)).div_(255.0)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch at once (DataLoader calls this): one memmap read, one grid_sample."""
+        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        images = torch.from_numpy(np.array(self.images[rows], dtype=np.float32)).div_(255.0)
         if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, row))
-            image = augment_image(image, rng, self.config)
-        image = (image - NORMALISATION["mean"]) / NORMALISATION["std"]
-        return image.unsqueeze(0), self.targets[item]
+            rngs = [np.random.default_rng((self.seed, self.epoch, int(row))) for row in rows]
+            images = augment_batch(images, rngs, self.config)
+        images = (images - NORMALISATION["mean"]) / NORMALISATION["std"]
+        return [(images[k].unsqueeze(0), self.targets[item]) for k, item in enumerate(items)]
+
+
+def augment_batch(
+    images: torch.Tensor, rngs: Sequence[np.random.Generator], config: AugmentConfig
+) -> torch.Tensor:
+    """Augment [B, S, S] float images in [0, 1], sample k drawing its parameters from ``rngs[k]``."""
+    c = config
+    params = np.array(
+        [
+            [
+                math.radians(rng.uniform(-c.max_rotation, c.max_rotation)),
+                1.0 + rng.uniform(-c.max_scale, c.max_scale),
+                rng.uniform(-c.max_shift, c.max_shift) * 2.0,  # grid coordinates span [-1, 1]
+                rng.uniform(-c.max_shift, c.max_shift) * 2.0,
+                -1.0 if rng.random() < c.hflip_probability else 1.0,
+                1.0 + rng.uniform(-c.intensity, c.intensity),  # contrast
+                rng.uniform(-c.intensity, c.intensity) * 0.5,  # brightness
+                1.0 + rng.uniform(-c.intensity, c.intensity),  # gamma
+            ]
+            for rng in rngs
+        ],
+        dtype=np.float64,
+    )
+    p = torch.from_numpy(params).float()
+    angle, scale, tx, ty, flip = p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([flip * cos, -sin, tx], 1), torch.stack([flip * sin, cos, ty], 1)], 1)
+    batch = images.unsqueeze(1)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    contrast, brightness, gamma = (p[:, k].view(-1, 1, 1) for k in (5, 6, 7))
+    mean = out.mean(dim=(1, 2), keepdim=True)
+    out = ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    return out.pow_(gamma)
 
 
 def augment_image(image: torch.Tensor, rng: np.random.Generator, config: AugmentConfig) -> torch.Tensor:
-    """Augment one [S, S] float image in [0, 1]; returns a new [S, S] tensor in [0, 1]."""
-    c = config
-    angle = math.radians(rng.uniform(-c.max_rotation, c.max_rotation))
-    scale = 1.0 + rng.uniform(-c.max_scale, c.max_scale)
-    tx, ty = rng.uniform(-c.max_shift, c.max_shift, size=2) * 2.0  # grid coordinates span [-1, 1]
-    flip = -1.0 if rng.random() < c.hflip_probability else 1.0
-    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-    theta = torch.tensor([[flip * cos, -sin, tx], [flip * sin, cos, ty]], dtype=torch.float32)
-    grid = F.affine_grid(theta.unsqueeze(0), [1, 1, *image.shape], align_corners=False)
-    out = F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
-        0, 0
-    ]
-    contrast = 1.0 + rng.uniform(-c.intensity, c.intensity)
-    brightness = rng.uniform(-c.intensity, c.intensity) * 0.5
-    gamma = 1.0 + rng.uniform(-c.intensity, c.intensity)
-    mean = out.mean()
-    out = ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
-    return out.pow_(gamma)
+    """Augment one [S, S] float image in [0, 1] (the batch path with a batch of one)."""
+    return augment_batch(image.unsqueeze(0), [rng], config)[0]
