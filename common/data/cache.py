@@ -302,7 +302,7 @@ class ImageCache:
             npy_path,
             tuple(skipped),
             kept,
-            tuple(meta["hashes"]),
+            tuple(hashes[i] for i in kept),
             reused=False,
         )
 

@@ -164,6 +164,7 @@ def load_medmnist_catalog(req: SourceRequest) -> Catalog:
         if len(lab) != len(images[split]):
             raise DataError(f"{npz_path}: {split}_images and {split}_labels differ in length")
         for i in range(len(lab)):
+            src: tuple[str, ...]
             if flag == "pneumoniamnist":
                 src = (str(int(lab[i, 0])),)
             else:
