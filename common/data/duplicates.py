@@ -8,8 +8,15 @@ Two levels:
   codec (JPEG at another quality changes pixel values).
 - ``near``: a 64-bit difference hash (dHash) of the cached, resized image: a 9 x 8 thumbnail,
   one bit per horizontal gradient sign. Equal hashes flag re-encoded or resized copies; they
-  may also flag genuinely different but nearly identical images, so review the report before
-  dropping at this level.
+  also flags genuinely different images: on the shared Kermany + COVID-19 Radiography sets
+  (12,063 images at 64 px) it grouped 1,200 images into 647 groups, many of them different
+  patients and classes. Use it for review only, never to drop automatically.
+
+Measured on the shared real data: 52 groups / 68 redundant images are pixel-identical, all
+inside Kermany and all pairs of one patient (e.g. ``person124_virus_246`` = ``..._247``), so the
+patient-grouped split already keeps them on one side; no exact duplicate crosses Kermany and
+the COVID-19 Radiography subset (its normals come from RSNA, and the database's Kermany-derived
+``Viral Pneumonia`` class is not in the subset).
 
 :func:`find_duplicates` groups cache rows with equal hashes; :meth:`DuplicateReport.keep_rows`
 keeps the first row of each group (drop the rest before splitting, so that no test image has
