@@ -25,6 +25,7 @@ import json
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,7 +225,10 @@ def export_torchscript(model: nn.Module, path: Path, image_size: int, in_channel
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.14 marks jit.trace deprecated; TorchScript is still what PyTorch-only edge
+            # runtimes (LibTorch, PyTorch Mobile) load, so keep exporting it while it works.
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(model, (_example_input(image_size, in_channels),), check_trace=False)
         traced.save(str(path))
     finally:

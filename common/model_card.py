@@ -156,10 +156,10 @@ def render_markdown(card: ModelCard) -> str:
     lines += ["", "## Test metrics (site test split)", ""]
     columns = list(card.metrics)
     names = sorted({k for m in card.metrics.values() for k in m if "/" not in k})
-    per_class = sorted({k for m in card.metrics.values() for k in m if "/" in k})
+    per_class_names = sorted({k for m in card.metrics.values() for k in m if "/" in k})
     lines.append("| metric | " + " | ".join(columns) + " |")
     lines.append("|---|" + "---:|" * len(columns))
-    for name in [*names, *per_class]:
+    for name in [*names, *per_class_names]:
         cells = " | ".join(_cell(card.metrics[c].get(name)) for c in columns)
         lines.append(f"| {name} | {cells} |")
     d = card.distillation
