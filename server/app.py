@@ -7,6 +7,7 @@ loop lives in server/rounds.py, the run folder in server/run_folder.py, the ML i
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,27 @@ from server.strategies import StrategySettings, build_strategy
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def attach_run_logging(run_dir: Path) -> None:
+    """Send the project's log lines to RUN_DIR/server.log and to the app's stdout (flwr log)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = str(run_dir / "server.log")
+    for name in ("server", "common"):
+        project_logger = logging.getLogger(name)
+        project_logger.setLevel(logging.INFO)
+        if not any(getattr(h, "baseFilename", None) == log_file for h in project_logger.handlers):
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            project_logger.addHandler(file_handler)
+        if not any(type(h) is logging.StreamHandler for h in project_logger.handlers):
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            project_logger.addHandler(console)
+        project_logger.propagate = False
 
 
 def default_run_dir(context: Context) -> Path:
@@ -71,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy_settings = from_mapping(StrategySettings, context.run_config)
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
     folder = RunFolder(run_dir)
+    attach_run_logging(run_dir)
     resume = folder.prepare(dict(context.run_config))
     logger.info("Run folder: %s", run_dir)
     torch.set_num_threads(settings.train.num_threads)

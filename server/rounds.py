@@ -267,6 +267,7 @@ class TeacherRounds:
                 )
         trained = sum(o.status == "ok" for o in outcomes)
         if trained < self.min_train_sites:
+            self.folder.append_metrics([o.row(server_round, "train") for o in outcomes])
             reasons = "; ".join(f"{o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
             raise RoundFailedError(
                 f"round {server_round}: only {trained} site(s) trained, the minimum is "

@@ -17,8 +17,10 @@ not the number of sites.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 
 class SimulationError(CxrFlError):
@@ -129,8 +132,11 @@ class FlowerSimulation:
         cpus_per_site: int = 1,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
-    ) -> None:
-        """Submit one run and follow its log until it ends."""
+    ) -> dict[str, Any]:
+        """Submit one run, follow its log until it ends, and return Flower's record of it.
+
+        Raises SimulationError when the run did not complete (the ServerApp failed).
+        """
         if self.process is None:
             raise SimulationError("the simulation SuperLink is not running")
         overrides = self.work_dir / "run_overrides.toml"
@@ -161,9 +167,12 @@ class FlowerSimulation:
                 cwd=self.work_dir,
             )
             started = time.monotonic()
+            run_id: int | None = None
             try:
                 assert process.stdout is not None
                 for line in process.stdout:
+                    if run_id is None and (match := RUN_STARTED.search(line)):
+                        run_id = int(match.group(1))
                     log.write(line)
                     log.flush()
                     if on_line is not None:
@@ -175,5 +184,30 @@ class FlowerSimulation:
                 process.wait()
             finally:
                 stop_process_tree(process)
-        if process.returncode != 0:
+        if process.returncode != 0 or run_id is None:
             raise SimulationError(f"`flwr run` exited with code {process.returncode}; see {log_path}")
+        info = self.run_info(run_id)
+        if info.get("status") != "finished:completed":
+            details = info.get("status-details") or "no details"
+            raise SimulationError(
+                f"run {run_id} ended as '{info.get('status')}': {details} (log: {log_path})"
+            )
+        return info
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """Flower's record of a run: status, details, elapsed time, network traffic."""
+        result = subprocess.run(
+            [console_script("flwr"), "ls", "cxr-fl-sim", "--run-id", str(run_id), "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        try:
+            runs = json.loads(result.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError):
+            raise SimulationError(
+                f"cannot read the status of run {run_id}: {result.stdout or result.stderr}"
+            ) from None
+        return dict(runs[0]) if runs else {}

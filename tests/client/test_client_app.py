@@ -1,0 +1,128 @@
+"""The ClientApp's replies: what leaves a site, and how a site's mistakes are reported."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app
+from common.protocol import SITE_BAD_INPUT, SITE_RECORD, WEIGHT_KEY
+from common.run_settings import run_settings_from_config
+from server.app import initial_teacher
+from tests.conftest import flower_run_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    """Messages are created inside a Flower task; outside one, say which task this is."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _context(tmp_path: Path, node_config: dict[str, object]) -> Context:
+    run_config = flower_run_config(
+        teacher_name="tiny-cnn",
+        image_size=32,
+        run_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _synthetic_site(tmp_path: Path) -> dict[str, object]:
+    return {"site-name": "st-test", "data-format": "synthetic", "out-dir": str(tmp_path / "site")}
+
+
+def _message(context: Context, message_type: str, config: dict[str, object]) -> tuple[Message, set[str]]:
+    arrays = initial_teacher(run_settings_from_config(context.run_config))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=1, message_type=message_type), set(arrays.keys())
+
+
+def test_train_reply_holds_only_model_arrays_scalar_metrics_and_the_site_name(tmp_path: Path) -> None:
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    message, model_keys = _message(context, "train", {"server-round": 1, "num-rounds": 1})
+
+    reply = app(message, context)
+
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.array_records) == {"arrays"}
+    assert set(content.metric_records) == {"metrics"}
+    assert set(content.config_records) == {SITE_RECORD}
+    assert dict(content.config_records[SITE_RECORD]) == {"name": "st-test"}
+    arrays = content.array_records["arrays"]
+    assert set(arrays.keys()) == model_keys
+    sent = ArrayRecord(initial_teacher(run_settings_from_config(context.run_config)).to_torch_state_dict())
+    for key in model_keys:  # same shapes as the model: no image or label rides along
+        assert arrays[key].shape == sent[key].shape
+    metrics = content.metric_records["metrics"]
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics[WEIGHT_KEY] > 0
+    assert np.isfinite(metrics["loss"])
+
+
+def test_evaluate_reply_holds_no_arrays(tmp_path: Path) -> None:
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    message, _ = _message(context, "evaluate", {"server-round": 1})
+
+    reply = app(message, context)
+
+    assert not reply.has_error()
+    assert not reply.content.array_records
+    metrics = reply.content.metric_records["metrics"]
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert {"val_loss", "val_accuracy", "val_auroc_macro"} <= set(metrics.keys())
+
+
+@pytest.mark.parametrize(
+    ("node_config", "expected"),
+    [
+        ({"site-name": "a", "data-format": "image-folder"}, "out-dir"),
+        ({"site-name": "a", "data-format": "image-folder", "out-dir": "/tmp/x"}, "data-path"),
+        (
+            {"site-name": "a", "data-format": "no-such-format", "out-dir": "/tmp/x", "data-path": "/tmp"},
+            "format",
+        ),
+    ],
+)
+def test_a_site_mistake_is_an_error_reply_with_the_reason(
+    tmp_path: Path, node_config: dict[str, object], expected: str
+) -> None:
+    context = _context(tmp_path, node_config)
+    message, _ = _message(context, "train", {"server-round": 1, "num-rounds": 1})
+
+    reply = app(message, context)
+
+    assert reply.has_error()
+    assert reply.error.code == SITE_BAD_INPUT
+    assert expected in reply.error.reason
+
+
+def test_site_whose_classes_differ_from_the_task_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(image)
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("path,label\n" + "".join(f"{image},tuberculosis\n" for _ in range(4)))
+    node_config = {
+        "site-name": "a",
+        "data-format": "manifest",
+        "data-path": str(manifest),
+        "out-dir": str(tmp_path),
+    }
+    context = _context(tmp_path, node_config)
+    message, _ = _message(context, "train", {"server-round": 1, "num-rounds": 1})
+
+    reply = app(message, context)
+
+    assert reply.has_error()
+    assert "tuberculosis" in reply.error.reason

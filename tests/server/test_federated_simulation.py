@@ -1,0 +1,122 @@
+"""The federated teacher end to end in Flower's simulation runtime (Ray): rounds, checkpoints,
+resume, and differential privacy at the sites. Two synthetic sites, tiny CNN at 32 px."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_model_state
+from common.data.sources import load_catalog
+from common.run_settings import run_settings_from_config
+from common.tasks import get_task
+from server.app import initial_teacher
+from simulation.partition import partition_catalog, write_partition
+from simulation.runtime import FlowerSimulation, SimulationError
+from tests.conftest import flower_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("federation")
+
+
+@pytest.fixture(scope="module")
+def manifests(workspace: Path) -> Path:
+    task = get_task("normal-pneumonia-covid")
+    catalog = load_catalog("synthetic", None, task, options={"n_images": 160, "image_size": 32, "seed": 3})
+    partition = partition_catalog(catalog, "iid", 2, seed=1)
+    return write_partition(workspace / "partition", catalog, partition, source_paths={"synthetic": None})
+
+
+@pytest.fixture(scope="module")
+def simulation(workspace: Path) -> Iterator[FlowerSimulation]:
+    with FlowerSimulation(workspace / "flower") as sim:
+        yield sim
+
+
+def _config(run_dir: Path, manifests: Path, **overrides: object) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "run_dir": str(run_dir),
+        "cache_dir": str(run_dir.parent / "cache"),
+        "simulation_manifest_dir": str(manifests),
+        "teacher_name": "tiny-cnn",
+        "image_size": 32,
+        "batch_size": 16,
+        "lr": 0.05,
+        "kd_enabled": False,
+        "round_timeout": 300.0,
+    }
+    settings.update(overrides)
+    return flower_run_config(**settings)
+
+
+def _rows(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
+    simulation: FlowerSimulation, manifests: Path, workspace: Path
+) -> None:
+    straight, resumed = workspace / "straight", workspace / "resumed"
+
+    simulation.run(_config(straight, manifests, num_rounds=2), num_sites=2)
+    simulation.run(_config(resumed, manifests, num_rounds=1), num_sites=2)
+    simulation.run(_config(resumed, manifests, num_rounds=2), num_sites=2)
+
+    for run_dir in (straight, resumed):
+        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        assert (run_dir / "checkpoints" / "best.pt").is_file()
+        assert (run_dir / "summary.json").is_file()
+        assert (run_dir / "learning_curves.png").stat().st_size > 0
+        state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+        assert state["completed_round"] == 2
+        rows = _rows(run_dir)
+        trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train" and r["status"] == "ok"}
+        assert trained == {(1, "site_00"), (1, "site_01"), (2, "site_00"), (2, "site_01")}
+        assert [r["round"] for r in rows if r["phase"] == "aggregate"] == [1, 2]
+        assert all("val_auroc_macro" in r for r in rows if r["phase"] == "aggregate")
+    assert "Resuming run" in (resumed / "server.log").read_text()
+
+    initial = initial_teacher(run_settings_from_config(_config(straight, manifests))).to_torch_state_dict()
+    final_straight = load_model_state(straight / "checkpoints" / "last.pt")
+    final_resumed = load_model_state(resumed / "checkpoints" / "last.pt")
+    assert any(not torch.equal(initial[k], final_straight[k]) for k in initial)
+    for key, value in final_straight.items():
+        torch.testing.assert_close(final_resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_dp_epsilon_grows_per_round_within_target_and_a_spent_site_declines(
+    simulation: FlowerSimulation, manifests: Path, workspace: Path
+) -> None:
+    run_dir = workspace / "dp"
+    target = 4.0
+    dp = {"dp_enabled": True, "dp_target_epsilon": target, "teacher_norm": "group", "min_train_sites": 2}
+
+    simulation.run(_config(run_dir, manifests, num_rounds=2, **dp), num_sites=2)
+    epsilons: dict[str, list[float]] = {}
+    for row in _rows(run_dir):
+        if row["phase"] == "train":
+            epsilons.setdefault(str(row["site"]), []).append(float(row["dp_epsilon"]))
+    assert set(epsilons) == {"site_00", "site_01"}
+    for spent in epsilons.values():
+        assert len(spent) == 2
+        assert 0 < spent[0] < spent[1] <= target
+
+    # The coordinator extends the run by a round: the sites' budgets were planned for two.
+    with pytest.raises(SimulationError):
+        simulation.run(_config(run_dir, manifests, num_rounds=3, **dp), num_sites=2)
+    third = [r for r in _rows(run_dir) if r["round"] == 3]
+    assert {r["site"] for r in third} == {"site_00", "site_01"}
+    assert all(r["phase"] == "train" and r["status"] == "declined" for r in third)
+    assert all("privacy budget spent" in str(r["reason"]) for r in third)
+    log = (run_dir / "server.log").read_text()
+    assert log.count("declined") >= 2
+    assert "privacy budget spent" in log
+    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["completed_round"] == 2
