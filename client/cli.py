@@ -10,6 +10,7 @@ into a one-line message and exit code 2 (no traceback).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -34,10 +35,10 @@ err_console = Console(stderr=True)
 USER_ERROR_EXIT = 2
 
 
-def fail(message: str) -> typer.Exit:
+def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
     """Print a user error (no traceback) and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(USER_ERROR_EXIT)
+    return typer.Exit(code)
 
 
 @app.callback()
@@ -269,6 +270,93 @@ def explain(
     console.print(table)
     if not written:
         raise fail(f"none of the {len(paths)} image(s) could be read")
+
+
+@app.command()
+def start(
+    server: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
+    site: Annotated[str, typer.Option("--site", help="This site's name (as registered).")],
+    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the student, model card, ledger and logs.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt) for TLS.")
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="This site's private key (SITE.key)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no site authentication (tests on a trusted machine).")
+    ] = False,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="This site's DP budget (may only tighten the server's).")
+    ] = None,
+    delta: Annotated[float | None, typer.Option("--delta", help="This site's DP delta.")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option("--max-grad-norm", help="This site's DP clipping norm.")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
+    task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
+    image_size: Annotated[int, typer.Option("--image-size", help="Image size of the data check.")] = 64,
+    skip_check: Annotated[bool, typer.Option("--skip-check", help="Do not check the data first.")] = False,
+    connect_timeout: Annotated[
+        float,
+        typer.Option("--connect-timeout", help="Give up if unreachable this long (s)."),
+    ] = 120.0,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--reconnect-timeout", help="Once joined, give up after the server is gone this long (s)."
+        ),
+    ] = 600.0,
+) -> None:
+    """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
+    from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = out.resolve()
+    if insecure:
+        err_console.print(
+            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication (tests only)",
+            highlight=False,
+        )
+    try:
+        settings = SiteNodeSettings(
+            server=server,
+            site=site,
+            data_format=fmt,
+            data_path=data,
+            out_dir=out,
+            ca_cert=ca,
+            private_key=key,
+            insecure=insecure,
+            dp_target_epsilon=epsilon,
+            dp_target_delta=delta,
+            dp_max_grad_norm=max_grad_norm,
+            num_threads=threads,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    if not skip_check:
+        check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
+    console.print(f"[bold]{site}[/]: joining {server}; logs in {out / 'supernode.log'}", highlight=False)
+    node = SiteNode(settings)
+    try:
+        outcome = node.run(
+            lambda event: console.print(f"{time.strftime('%H:%M:%S')} {event}", highlight=False)
+        )
+    except SiteRefusedError as exc:
+        raise fail(f"refused: {exc}", 1) from None
+    except KeyboardInterrupt:
+        node.stop()
+        console.print("stopped (Ctrl-C)")
+        raise typer.Exit(130) from None
+    console.print(f"[bold green]{outcome}[/]", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,237 @@
+"""A hospital site's side of a real federation: Flower's SuperNode, watched and explained.
+
+``cxr-fl-client start`` is a thin front end over :class:`SiteNode`. It starts
+``flower-supernode`` with TLS (``--root-certificates``) and site authentication
+(``--auth-supernode-private-key``), passes the site's facts as node_config (see client/site.py),
+writes its output to ``OUT/supernode.log`` and reads it line by line to tell the user, in one
+line, why a site is refused: an unregistered key, a server certificate that cannot be verified
+(no or wrong CA), or nothing listening at the address given (wrong host or port).
+
+The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
+once the distillation reply has been sent (the last message of a run), on Ctrl-C, or when the
+server has been unreachable for ``reconnect_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import ConfigError, CxrFlError
+from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
+
+STUDENT_CARD = Path("student") / "model_card.json"
+# SuperExec (which starts each ClientApp process) polls for work every second by default.
+FAST_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class SiteRefusedError(CxrFlError):
+    """The SuperNode could not join the federation; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class SiteNodeSettings:
+    """How one site joins: where the server is, who the site is, its data and policy."""
+
+    server: str
+    site: str
+    data_format: str
+    data_path: Path | None
+    out_dir: Path
+    ca_cert: Path | None = None
+    private_key: Path | None = None
+    insecure: bool = False
+    dp_target_epsilon: float | None = None
+    dp_target_delta: float | None = None
+    dp_max_grad_norm: float | None = None
+    num_threads: int = 2
+    cache_dir: Path | None = None
+    connect_timeout: float = 120.0
+    reconnect_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.server.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError("--server", self.server, "HOST:PORT, e.g. coordinator.example.org:9092")
+        for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
+            if path is not None and not path.is_file():
+                raise ConfigError(option, str(path), "an existing file")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.server.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def node_config(self) -> str:
+        """The SuperNode ``--node-config`` string (absolute paths; see client/site.py)."""
+        values: dict[str, object] = {
+            "site-name": self.site,
+            "data-format": self.data_format,
+            "out-dir": str(self.out_dir.resolve()),
+            "num-threads": self.num_threads,
+        }
+        if self.data_path is not None:
+            values["data-path"] = str(self.data_path.resolve())
+        if self.cache_dir is not None:
+            values["cache-dir"] = str(self.cache_dir.resolve())
+        for key, value in (
+            ("dp-target-epsilon", self.dp_target_epsilon),
+            ("dp-target-delta", self.dp_target_delta),
+            ("dp-max-grad-norm", self.dp_max_grad_norm),
+        ):
+            if value is not None:
+                values[key] = float(value)
+        return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+    def command(self, runtime_port: int) -> list[str]:
+        command = [console_script("flower-supernode"), "--superlink", self.server]
+        if self.insecure:
+            command.append("--insecure")
+        elif self.ca_cert is not None:  # without it: the system's CAs (a publicly signed server)
+            command += ["--root-certificates", str(self.ca_cert.resolve())]
+        if self.private_key is not None:
+            command += ["--auth-supernode-private-key", str(self.private_key.resolve())]
+        command += [
+            "--node-config",
+            self.node_config(),
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(runtime_port),
+        ]
+        return command
+
+
+def refusal_reason(line: str, settings: SiteNodeSettings) -> str | None:
+    """A one-line reason if this SuperNode output line says the site was refused."""
+    if "CERTIFICATE_VERIFY_FAILED" in line or "SSL/TLS handshake error" in line:
+        return (
+            f"TLS failure: the server certificate of {settings.server} could not be verified; pass the "
+            "coordinator's CA certificate with --ca ca.crt (the one made by `cxr-fl-server certs`)"
+        )
+    if "Failed to activate SuperNode" in line:
+        return (
+            f"the server at {settings.server} refused this site's key: it is not registered. Send "
+            f"{settings.site}.pub to the coordinator (`cxr-fl-server register-site {settings.site}.pub "
+            f"--name {settings.site}`), or check --key"
+        )
+    if "Unable to parse the private key" in line:
+        return (
+            f"--key {settings.private_key}: not an OpenSSH EC private key "
+            "(make one with cxr-fl-server site-key)"
+        )
+    if "started without TLS but node auth" in line.lower() or "Exit Code: 303" in line:
+        return "site authentication (--key) needs TLS: drop --insecure and pass --ca"
+    return None
+
+
+def unreachable_reason(settings: SiteNodeSettings) -> str:
+    host, port = settings.host_port
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            pass
+    except ConnectionRefusedError:
+        return (
+            f"connection refused at {settings.server}: nothing listens on port {port} of {host} "
+            "(wrong port, or the server is not started)"
+        )
+    except OSError as exc:
+        return f"cannot reach {settings.server}: {exc.strerror or exc} (check the host name and the network)"
+    return f"{settings.server} accepts connections but the SuperNode could not join; see its log"
+
+
+class SiteNode:
+    """One site's flower-supernode, started, followed and stopped by its PID tree."""
+
+    def __init__(self, settings: SiteNodeSettings) -> None:
+        self.settings = settings
+        self.out_dir = settings.out_dir.resolve()
+        self.log_path = self.out_dir / "supernode.log"
+        self.flwr_home = self.out_dir / "flwr-home"
+        self.process: subprocess.Popen[str] | None = None
+        self.node_id: int | None = None
+
+    def run(self, on_event: Callable[[str], None] | None = None) -> str:
+        """Run until the run ends; returns why it stopped. Raises SiteRefusedError when refused."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        command = self.settings.command(free_port())
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+            self.process = subprocess.Popen(
+                command,
+                env=flower_env(self.flwr_home, FAST_POLL_ENV),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+                cwd=self.out_dir,
+            )
+            try:
+                return self._follow(log, started, on_event or (lambda _e: None))
+            finally:
+                self.stop()
+
+    def _follow(self, log: object, started: float, on_event: Callable[[str], None]) -> str:
+        import selectors
+
+        if self.process is None or self.process.stdout is None:
+            raise SiteRefusedError("the SuperNode is not running")
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        failing_since: float | None = None
+        card = self.out_dir / STUDENT_CARD
+        sent_after_card = 0.0
+        while True:
+            line = None
+            if selector.select(timeout=0.5):
+                line = self.process.stdout.readline()
+                if line == "":  # the SuperNode exited
+                    self.process.wait()
+                    raise SiteRefusedError(
+                        f"the SuperNode exited with code {self.process.returncode}; see {self.log_path}"
+                    )
+            now = time.time()
+            if line:
+                text = ANSI.sub("", line.rstrip("\n"))
+                log.write(text + "\n")  # type: ignore[attr-defined]
+                log.flush()  # type: ignore[attr-defined]
+                if reason := refusal_reason(text, self.settings):
+                    raise SiteRefusedError(reason)
+                if match := re.search(r"SuperNode ID: (\d+)", text):
+                    self.node_id = int(match[1])
+                    on_event(f"joined the federation as node {self.node_id}")
+                if "Connection attempt failed" in text:
+                    failing_since = failing_since or now
+                elif "successfully" in text or "SuperNode ID" in text:
+                    failing_since = None
+                if "Receiving:" in text:
+                    on_event("received a " + text.split("Receiving:", 1)[1].strip().split(" (")[0])
+                if "Sent successfully" in text and card.is_file() and card.stat().st_mtime >= started:
+                    sent_after_card = now
+            if failing_since is not None:
+                limit = (
+                    self.settings.connect_timeout if self.node_id is None else self.settings.reconnect_timeout
+                )
+                if now - failing_since > limit:
+                    raise SiteRefusedError(unreachable_reason(self.settings))
+            # The distillation reply is the last message of a run.
+            if sent_after_card and now - sent_after_card > 1.0:
+                return f"run finished; student and model card in {card.parent}"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(OSError):
+                stop_process_tree(self.process)
+            self.process = None

@@ -1,0 +1,340 @@
+"""``cxr-fl-server``: what a coordinating institution runs.
+
+Commands: ``certs`` (CA + server certificate), ``site-key`` (a site's key pair), ``register-site``,
+``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status`` and
+``stop``. Commands stay thin: they check options and hand off to server/security.py and
+server/deploy.py; a :class:`~common.errors.CxrFlError` becomes a one-line message and exit
+code 2, a failed run exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.errors import CxrFlError
+
+app = typer.Typer(
+    name="cxr-fl-server",
+    help="Coordinate a federated chest X-ray run: certificates, site keys, SuperLink, progress.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERROR_EXIT = 2
+RUN_FAILED_EXIT = 1
+
+
+def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def _root() -> None:
+    """Coordinate a federated chest X-ray run: certificates, site keys, SuperLink, progress."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, server.crt, server.key.")],
+    host: Annotated[
+        list[str],
+        typer.Option("--host", help="Host name or IP the sites use to reach the server (repeatable)."),
+    ],
+) -> None:
+    """Make a CA and a server certificate for the SuperLink (sites get ca.crt only)."""
+    from server.security import make_certificates
+
+    try:
+        files = make_certificates(out, host)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"CA certificate:     {files.ca_cert}  (give this file to every site)", highlight=False)
+    console.print(f"server certificate: {files.server_cert}  (for {', '.join(host)})", highlight=False)
+    console.print(
+        f"private keys:       {files.ca_key}, {files.server_key}  (keep them here)",
+        highlight=False,
+    )
+
+
+@app.command("site-key")
+def site_key(
+    out: Annotated[Path, typer.Option("--out", help="Folder for SITE.key and SITE.pub.")],
+    site: Annotated[str, typer.Option("--site", help="The site's name, e.g. st-marys.")],
+) -> None:
+    """Make a site's authentication key pair (ECDSA P-384, OpenSSH format, as Flower reads it)."""
+    from server.security import make_site_key
+
+    try:
+        files = make_site_key(out, site)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"private key: {files.private_key}  (stays at the site: --key)", highlight=False)
+    console.print(
+        f"public key:  {files.public_key}  (coordinator: cxr-fl-server register-site / start --site-key)",
+        highlight=False,
+    )
+
+
+RunDirOption = Annotated[Path, typer.Option("--run-dir", help="The run folder.")]
+
+
+@app.command("register-site")
+def register_site(
+    public_key: Annotated[Path, typer.Argument(help="The site's public key (SITE.pub).")],
+    name: Annotated[str, typer.Option("--name", help="The site's name.")],
+    run_dir: RunDirOption = Path("runs/federation"),
+) -> None:
+    """Register a site's public key with the running SuperLink (sites must be registered to join)."""
+    from server.deploy import Coordinator
+
+    try:
+        node_id = Coordinator(run_dir).register_site(public_key, name)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"registered site {name} (Flower node {node_id})", highlight=False)
+
+
+def _previous_overrides(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run_overrides.toml"
+    if not path.is_file():
+        raise fail(
+            f"--resume: {run_dir} holds no earlier run (no run_overrides.toml); start it without --resume"
+        )
+    with path.open("rb") as handle:
+        return dict(tomllib.load(handle))
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def start(
+    run_dir: RunDirOption = Path("runs/federation"),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file of run settings (keys of pyproject's schema).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Run setting KEY=VALUE (repeatable)."),
+    ] = None,
+    certs_dir: Annotated[
+        Path | None, typer.Option("--certs", help="Folder made by `cxr-fl-server certs` (TLS).")
+    ] = None,
+    site_key_files: Annotated[
+        list[Path] | None,
+        typer.Option("--site-key", help="Register this site public key (NAME.pub) on start (repeatable)."),
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="SuperLink port (default 9092).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS and no site authentication (testing only).")
+    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir.")] = False,
+    in_memory: Annotated[
+        bool,
+        typer.Option("--in-memory", help="Keep SuperLink state in memory, not in RUN_DIR/superlink.db."),
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Give up after this many seconds (default: never).")
+    ] = None,
+) -> None:
+    """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
+    from server.deploy import DEFAULT_PORT, Coordinator, TlsFiles, load_schema, resolve_run_config
+
+    run_dir = run_dir.resolve()
+    coordinator = Coordinator(run_dir)
+    try:
+        schema = load_schema()
+        overrides: dict[str, Any] = {}
+        if resume:
+            overrides = _previous_overrides(run_dir)
+            if port is None:
+                port = coordinator.read_state().get("port")
+        elif (run_dir / "checkpoints" / "state.json").is_file() or (run_dir / "summary.json").is_file():
+            raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
+        overrides.update(resolve_run_config(schema, config, set_))
+        overrides["run-dir"] = str(run_dir)
+        tls = None
+        if insecure:
+            err_console.print(
+                "[bold yellow]warning:[/] --insecure: no TLS and no site authentication; anyone who can "
+                "reach the port can join. Use only for tests on a trusted machine.",
+                highlight=False,
+            )
+        elif certs_dir is None:
+            raise fail(
+                "--certs DIR is required for TLS (make it with `cxr-fl-server certs --out DIR --host HOST`), "
+                "or pass --insecure for a test on a trusted machine"
+            )
+        else:
+            tls = TlsFiles.from_dir(certs_dir)
+        if site_key_files and tls is None:
+            raise fail("--site-key needs TLS: site authentication is off with --insecure")
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+
+    settings = {**schema, **overrides}
+    num_rounds = int(settings["num-rounds"])
+    started = time.time()
+    _terminate_on_sigterm()
+    try:
+        coordinator.start_superlink(port=port or DEFAULT_PORT, host=host, tls=tls, database=not in_memory)
+        if resume and in_memory and tls is not None:
+            coordinator.reregister_sites()
+        for key_file in site_key_files or []:
+            coordinator.register_site(key_file, key_file.stem)
+        state = coordinator.read_state()
+        console.print(
+            f"SuperLink listening on {host}:{state['port']} "
+            f"({'TLS + site authentication' if tls else 'INSECURE'}); run folder {run_dir}",
+            highlight=False,
+        )
+        if tls is not None:
+            console.print(
+                f"sites join with: cxr-fl-client start --server HOST:{state['port']} --ca ca.crt "
+                "--key SITE.key "
+                "--site NAME --data PATH --format FORMAT --out DIR",
+                highlight=False,
+            )
+        code = _follow(coordinator, overrides, num_rounds, started, timeout)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        coordinator.stop()
+    summary = run_dir / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        markdown = run_dir / "summary.md"
+        if markdown.is_file():
+            console.print(Markdown(markdown.read_text(encoding="utf-8")))
+        console.print(f"[bold green]run finished[/]: {run_dir}", highlight=False)
+        return
+    reason = "timed out" if code == -1 else coordinator.failure_reason()
+    raise fail(
+        f"the run ended without a summary ({reason}); logs: {coordinator.flower_log}. "
+        f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
+        RUN_FAILED_EXIT,
+    )
+
+
+def _follow(
+    coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
+) -> int:
+    from server.deploy import parse_progress
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        job = bar.add_task("teacher rounds", total=num_rounds, detail="waiting for sites")
+
+        def on_line(line: str) -> None:
+            if timeout is not None and time.time() - started > timeout:
+                raise TimeoutError
+            progress = parse_progress(line)
+            if progress is not None:
+                if progress.phase == "distill":
+                    bar.update(job, description="distillation", detail="students training at the sites")
+                else:
+                    detail = ""
+                    if progress.replied is not None:
+                        detail = f"{progress.replied}/{progress.sampled} sites replied"
+                    if progress.metric is not None:
+                        detail += f", val {progress.metric_name} {progress.metric:.4f}"
+                    bar.update(
+                        job,
+                        completed=progress.completed_round,
+                        total=progress.num_rounds,
+                        description=f"round {progress.completed_round}/{progress.num_rounds}",
+                        detail=detail,
+                    )
+            if " WARNING " in f" {line} " or "ERROR" in line:
+                bar.console.print(line, highlight=False, markup=False)
+
+        try:
+            return coordinator.submit(overrides, on_line=on_line)
+        except TimeoutError:
+            return -1
+
+
+@app.command()
+def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
+    """Is the SuperLink of a run folder up, which Flower run, the last completed round."""
+    from server.deploy import Coordinator
+
+    coordinator = Coordinator(run_dir)
+    state = coordinator.read_state()
+    if not state:
+        raise fail(f"{run_dir} holds no deployment (no deploy.json); start one with `cxr-fl-server start`")
+    up = coordinator.superlink_running()
+    console.print(
+        f"SuperLink {state['host']}:{state['port']}: "
+        + (f"[green]up[/] (PID {state['superlink_pid']})" if up else "[red]down[/]"),
+        highlight=False,
+    )
+    console.print(f"Flower run: {state.get('flower_run_id') or '-'}", highlight=False)
+    checkpoint = run_dir / "checkpoints" / "state.json"
+    if checkpoint.is_file():
+        saved = json.loads(checkpoint.read_text(encoding="utf-8"))
+        console.print(
+            f"last completed round: {saved['completed_round']} (best round {saved['best_round']})",
+            highlight=False,
+        )
+    else:
+        console.print("last completed round: none yet", highlight=False)
+    console.print(f"sites registered: {', '.join(s['name'] for s in coordinator.read_sites()) or '-'}")
+    if (run_dir / "summary.json").is_file():
+        console.print(f"finished: summary in {run_dir / 'summary.json'}", highlight=False)
+
+
+@app.command()
+def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
+    """Stop the coordinator and SuperLink of a run folder (by the PIDs recorded in it)."""
+    from common.processes import pid_alive, stop_pid_tree
+    from server.deploy import Coordinator
+
+    coordinator = Coordinator(run_dir)
+    state = coordinator.read_state()
+    stopped = False
+    for key in ("coordinator_pid", "superlink_pid"):
+        pid = state.get(key)
+        if pid and int(pid) != os.getpid() and pid_alive(int(pid)):
+            stop_pid_tree(int(pid))
+            stopped = True
+    console.print("stopped" if stopped else "nothing was running", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point (``cxr-fl-server``)."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The coordinator's side of a real federation: Flower's SuperLink, run submission, progress.
+
+``cxr-fl-server start`` is a thin front end over this module. What it keeps in the run folder
+(beside what server/run_folder.py keeps)::
+
+    RUN_DIR/
+      deploy.json          SuperLink address, PIDs, TLS files, Flower run id (status/stop read it)
+      sites.json           registered sites: name, public key, Flower node id
+      superlink.db         SuperLink state (registered sites, runs) unless --in-memory
+      superlink.log        SuperLink output
+      flower.log           the run's log as streamed by `flwr run --stream`
+      run_overrides.toml   the run settings submitted (checked against pyproject's schema)
+      flwr-home/           FLWR_HOME of the flwr CLI for this run (connection in config.toml)
+
+Transport, TLS and site authentication are Flower's own (``flower-superlink`` with
+``--ssl-*`` and ``--enable-supernode-auth``; ``flwr supernode register``); nothing here
+reimplements them. Every process started here is stopped by its PID tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, CxrFlError
+from common.processes import (
+    console_script,
+    flower_env,
+    pid_alive,
+    stop_pid_tree,
+    stop_process_tree,
+    toml_value,
+)
+from server.run_folder import write_json
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PORT = 9092
+STARTUP_TIMEOUT = 60.0
+CONNECTION = "cxr-fl"
+# SuperExec (which starts the ServerApp process) polls for work every second by default.
+FAST_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+
+class DeployError(CxrFlError):
+    """The SuperLink could not start, a site could not be registered, or the run failed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# run settings: pyproject's [tool.flwr.app.config] is the schema
+
+
+def load_schema(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The run-settings schema (key -> default) from the app's pyproject.toml."""
+    path = project_root / "pyproject.toml"
+    try:
+        with path.open("rb") as handle:
+            return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise DeployError(f"cannot read [tool.flwr.app.config] from {path}: {exc}") from None
+
+
+def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        return value if isinstance(value, str) else str(value)
+    kind = type(default).__name__
+    raise ConfigError(f"{origin} '{key}'", value, f"a value of type {kind} (default {default!r})")
+
+
+def _unknown(key: str, schema: Mapping[str, Any], origin: str) -> ConfigError:
+    return ConfigError(
+        origin, key, "a run setting of pyproject's [tool.flwr.app.config]: " + ", ".join(sorted(schema))
+    )
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (``num-rounds=5``, ``strategy=fedprox``) -> (key, value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", item, "KEY=VALUE, e.g. --set num-rounds=5")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_run_config(
+    schema: Mapping[str, Any],
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+) -> dict[str, Any]:
+    """Overrides from a TOML file and ``--set`` pairs, checked against the schema (file first)."""
+    overrides: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("--config", str(config_file), f"a TOML file ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", str(config_file), f"valid TOML ({exc})") from None
+        for key, value in data.items():
+            if key not in schema:
+                raise _unknown(key, schema, f"key in {config_file}")
+            overrides[key] = _coerce(key, value, schema[key], str(config_file))
+    for item in sets or []:
+        key, value = parse_set_option(item)
+        if key not in schema:
+            raise _unknown(key, schema, "--set")
+        overrides[key] = _coerce(key, value, schema[key], "--set")
+    return overrides
+
+
+def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
+    path.write_text(
+        "".join(f"{key} = {toml_value(value)}\n" for key, value in sorted(overrides.items())),
+        encoding="utf-8",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# progress from the run's log lines
+
+ROUND_LINE = re.compile(
+    r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
+    r"train loss (?P<loss>\S+), val (?P<metric_name>\S+) (?P<metric>\S+)"
+)
+RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one log line says about the run's progress (None fields: not in this line)."""
+
+    completed_round: int
+    num_rounds: int
+    replied: int | None = None
+    sampled: int | None = None
+    metric_name: str = ""
+    metric: float | None = None
+    phase: str = "teacher"
+
+
+def parse_progress(line: str) -> Progress | None:
+    """Progress from one line of the ServerApp's log (server/rounds.py, server/app.py)."""
+    if match := ROUND_LINE.search(line):
+        return Progress(
+            completed_round=int(match["round"]),
+            num_rounds=int(match["rounds"]),
+            replied=int(match["replied"]),
+            sampled=int(match["sampled"]),
+            metric_name=match["metric_name"],
+            metric=float(match["metric"]),
+        )
+    if match := RESUME_LINE.search(line):
+        return Progress(int(match["round"]), int(match["rounds"]))
+    if "Distillation round:" in line:
+        return Progress(-1, -1, phase="distill")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the SuperLink of one run folder
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, certs: Path) -> TlsFiles:
+        files = cls(certs / "ca.crt", certs / "server.crt", certs / "server.key")
+        missing = [str(p) for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
+        if missing:
+            raise ConfigError(
+                "--certs",
+                str(certs),
+                f"a folder with ca.crt, server.crt and server.key (missing {missing[0]}); "
+                "make them with `cxr-fl-server certs --out DIR --host HOST`",
+            )
+        return files
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+class Coordinator:
+    """Starts, drives and stops the SuperLink of one run folder."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.flwr_home = self.run_dir / "flwr-home"
+        self.state_path = self.run_dir / "deploy.json"
+        self.sites_path = self.run_dir / "sites.json"
+        self.superlink_log = self.run_dir / "superlink.log"
+        self.flower_log = self.run_dir / "flower.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # -- state files ---------------------------------------------------------------------------
+    def read_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {}
+        return dict(json.loads(self.state_path.read_text(encoding="utf-8")))
+
+    def _update_state(self, **values: Any) -> None:
+        state = self.read_state()
+        state.update(values)
+        write_json(self.state_path, state)
+
+    def read_sites(self) -> list[dict[str, Any]]:
+        if not self.sites_path.is_file():
+            return []
+        return list(json.loads(self.sites_path.read_text(encoding="utf-8")))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home, FAST_POLL_ENV)
+
+    def superlink_running(self) -> bool:
+        state = self.read_state()
+        pid = state.get("superlink_pid")
+        return bool(pid) and pid_alive(int(pid)) and port_open(state["host"], int(state["port"]))
+
+    # -- SuperLink -----------------------------------------------------------------------------
+    def start_superlink(
+        self,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        tls: TlsFiles | None,
+        database: bool = True,
+        isolation: str = "subprocess",
+    ) -> None:
+        """Start flower-superlink (TLS and site authentication unless ``tls`` is None)."""
+        if self.superlink_running():
+            raise DeployError(
+                f"a SuperLink of {self.run_dir} is already running (PID "
+                f"{self.read_state()['superlink_pid']}); stop it with `cxr-fl-server stop --run-dir "
+                f"{self.run_dir}`"
+            )
+        if port_open("127.0.0.1" if host in ("0.0.0.0", "::") else host, port):
+            raise DeployError(f"port {port} on {host} is already in use; choose another with --port")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        connection += f'address = "{connect_host}:{port}"\n'
+        command = [console_script("flower-superlink")]
+        if tls is None:
+            connection += "insecure = true\n"
+            command.append("--insecure")
+        else:
+            connection += f"root-certificates = {toml_value(str(tls.ca_cert.resolve()))}\n"
+            command += [
+                "--ssl-ca-certfile",
+                str(tls.ca_cert.resolve()),
+                "--ssl-certfile",
+                str(tls.server_cert.resolve()),
+                "--ssl-keyfile",
+                str(tls.server_key.resolve()),
+                "--enable-supernode-auth",
+            ]
+        (self.flwr_home / "config.toml").write_text(connection, encoding="utf-8")
+        command += [
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--isolation",
+            isolation,
+            "--disable-runtime-dependency-installation",
+        ]
+        if database:
+            command += ["--database", str(self.run_dir / "superlink.db")]
+        with self.superlink_log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._update_state(
+            host=connect_host,
+            port=port,
+            superlink_pid=self.process.pid,
+            coordinator_pid=os.getpid(),
+            tls=tls is not None,
+            ca_cert=str(tls.ca_cert.resolve()) if tls else None,
+            database=database,
+            started=time.time(),
+            flower_run_id=None,
+        )
+        self._wait_ready(connect_host, port)
+        logger.info("SuperLink up on %s:%d (PID %d)", host, port, self.process.pid)
+
+    def _wait_ready(self, host: str, port: int) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                tail = self.superlink_log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise DeployError(
+                    f"flower-superlink exited with code {self.process.returncode}: "
+                    f"{' | '.join(tail)} (full log: {self.superlink_log})"
+                )
+            if port_open(host, port):
+                # The HTTP app serves requests shortly after the socket opens.
+                for _ in range(50):
+                    if "Application startup complete" in self.superlink_log.read_text(errors="replace"):
+                        return
+                    time.sleep(0.1)
+                return
+            time.sleep(0.2)
+        raise DeployError(
+            f"flower-superlink did not listen on {host}:{port} within {STARTUP_TIMEOUT:.0f} s; "
+            f"see {self.superlink_log}"
+        )
+
+    def stop(self) -> None:
+        """Stop the SuperLink (and everything it started) of this process, or recorded by PID."""
+        if self.process is not None:
+            stop_process_tree(self.process)
+            self.process = None
+            return
+        pid = self.read_state().get("superlink_pid")
+        if pid and pid_alive(int(pid)):
+            stop_pid_tree(int(pid))
+
+    # -- sites ---------------------------------------------------------------------------------
+    def register_site(self, public_key: Path, name: str) -> int:
+        """Register a site's public key with the running SuperLink; returns its Flower node id."""
+        from server.security import check_site_name
+
+        check_site_name(name)
+        if not public_key.is_file():
+            raise ConfigError("KEY.pub", str(public_key), "a public key file (cxr-fl-server site-key)")
+        key_text = public_key.read_text(encoding="utf-8").split()
+        key_body = " ".join(key_text[:2])
+        sites = self.read_sites()
+        for site in sites:
+            if site["public_key"] == key_body and self.read_state().get("database"):
+                logger.info("Site %s is already registered (node %s)", site["name"], site["node_id"])
+                return int(site["node_id"])
+        if not self.superlink_running():
+            raise DeployError(
+                f"no SuperLink of {self.run_dir} is running: start it first "
+                f"(`cxr-fl-server start --run-dir {self.run_dir}`), or pass --site-key to start"
+            )
+        result = subprocess.run(
+            [
+                console_script("flwr"),
+                "supernode",
+                "register",
+                str(public_key.resolve()),
+                CONNECTION,
+                "--name",
+                name,
+                "--format",
+                "json",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        try:
+            reply = json.loads(result.stdout[result.stdout.index("{") :])
+        except ValueError:
+            reply = {}
+        if result.returncode != 0 or not reply.get("success"):
+            detail = reply.get("error-message") or (result.stdout + result.stderr).strip().splitlines()[-1:]
+            raise DeployError(f"`flwr supernode register` refused {public_key} for site '{name}': {detail}")
+        node_id = int(reply["node-id"])
+        sites = [s for s in sites if s["name"] != name]
+        sites.append({"name": name, "public_key": key_body, "node_id": node_id, "key_file": str(public_key)})
+        write_json(self.sites_path, sites)
+        logger.info("Registered site %s (node %d)", name, node_id)
+        return node_id
+
+    def reregister_sites(self) -> None:
+        """After a restart without a persistent database, register the known sites again."""
+        for site in self.read_sites():
+            key_file = Path(site["key_file"])
+            if key_file.is_file():
+                self.register_site(key_file, site["name"])
+
+    # -- the run -------------------------------------------------------------------------------
+    def submit(
+        self,
+        overrides: Mapping[str, Any],
+        *,
+        app_dir: Path = PROJECT_ROOT,
+        on_line: Callable[[str], None] | None = None,
+    ) -> int:
+        """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code."""
+        config_path = self.run_dir / "run_overrides.toml"
+        write_run_config(config_path, overrides)
+        command = [
+            console_script("flwr"),
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            str(config_path),
+            "--stream",
+        ]
+        with self.flower_log.open("a", encoding="utf-8") as log:
+            process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+                cwd=self.run_dir,
+            )
+            try:
+                for line in _lines(process):
+                    log.write(line + "\n")
+                    log.flush()
+                    if match := re.search(r"Successfully started run (\d+)", line):
+                        self._update_state(flower_run_id=int(match[1]))
+                    if on_line is not None:
+                        on_line(line)
+                process.wait()
+            finally:
+                stop_process_tree(process)
+        return int(process.returncode or 0)
+
+    def failure_reason(self) -> str:
+        """The most telling lines of a run that ended without a summary."""
+        lines = self.flower_log.read_text(errors="replace").splitlines() if self.flower_log.is_file() else []
+        telling = [
+            ln.strip()
+            for ln in lines
+            if "RoundFailedError" in ln or "Error" in ln or "ERROR" in ln or "Exit Code" in ln
+        ]
+        return telling[-1] if telling else (lines[-1].strip() if lines else "no log")
+
+
+def _lines(process: subprocess.Popen[str]) -> Iterator[str]:
+    if process.stdout is None:
+        return
+    for line in process.stdout:
+        yield _strip_ansi(line.rstrip("\n"))
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)

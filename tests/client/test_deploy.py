@@ -1,0 +1,77 @@
+"""How a site starts its SuperNode and explains why it was refused."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from client.deploy import SiteNodeSettings, refusal_reason, unreachable_reason
+from client.site import site_from_node_config
+from common.errors import ConfigError
+from common.run_settings import run_settings_from_config
+
+
+def _settings(tmp_path: Path, **changes: object) -> SiteNodeSettings:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    values: dict[str, object] = {
+        "server": "127.0.0.1:9092",
+        "site": "site-a",
+        "data_format": "image-folder",
+        "data_path": tmp_path / "data",
+        "out_dir": tmp_path / "out",
+        "ca_cert": ca,
+        "dp_target_epsilon": 3.0,
+    }
+    values.update(changes)
+    return SiteNodeSettings(**values)  # type: ignore[arg-type]
+
+
+def test_node_config_is_what_the_client_app_reads(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    node_config = parse_config_args([settings.node_config()])  # as flower-supernode parses it
+
+    site = site_from_node_config(node_config, run_settings_from_config({}))
+
+    assert site.name == "site-a"
+    assert site.data_path == (tmp_path / "data").resolve()
+    assert site.out_dir == (tmp_path / "out").resolve()
+    assert site.privacy is not None
+    assert site.privacy.target_epsilon == 3.0
+
+
+def test_command_has_tls_and_authentication(tmp_path: Path) -> None:
+    key = tmp_path / "site-a.key"
+    key.write_text("k")
+    command = _settings(tmp_path, private_key=key).command(1234)
+    assert command[command.index("--root-certificates") + 1] == str((tmp_path / "ca.crt").resolve())
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    assert "--insecure" not in command
+    assert command[command.index("--port") + 1] == "1234"
+
+
+def test_bad_server_address(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        _settings(tmp_path, server="localhost")
+
+
+def test_refusal_reasons_say_which(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    tls = refusal_reason("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed", settings)
+    assert tls is not None
+    assert tls.startswith("TLS failure")
+    key = refusal_reason("[code: 2004] Failed to activate SuperNode.", settings)
+    assert key is not None
+    assert "not registered" in key
+    assert refusal_reason("INFO :      SuperNode ID: 42", settings) is None
+
+
+def test_unreachable_reason_names_a_refused_port(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    reason = unreachable_reason(_settings(tmp_path, server=f"127.0.0.1:{port}"))
+    assert reason.startswith(f"connection refused at 127.0.0.1:{port}")
