@@ -1,0 +1,284 @@
+"""A real federation on loopback: `cxr-fl-server` and two `cxr-fl-client` processes.
+
+Every test runs the installed commands as a coordinator and hospitals would (TLS and site
+authentication on, fresh certificates and keys made by the commands), on the `synthetic`
+source (no files), with a tiny teacher at 32 px. Every process started here is stopped by its
+PID tree in the fixture's teardown, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.processes import OFFLINE_ENV, free_port, stop_process_tree
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SERVER = str(BIN / "cxr-fl-server")
+CLIENT = str(BIN / "cxr-fl-client")
+TINY_RUN = """\
+image-size = 32
+teacher-name = "tiny-cnn"
+teacher-norm = "group"
+batch-size = 16
+kd-batch-size = 16
+kd-epochs = 1
+kd-width-mult = 0.35
+num-threads = 1
+"""
+
+
+class Federation:
+    """Certificates, keys and the processes of one test federation."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.run_dir = root / "run"
+        self.certs = root / "certs"
+        self.keys = root / "keys"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.env = {**os.environ, **OFFLINE_ENV}
+
+    def command(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args), capture_output=True, text=True, timeout=timeout, env=self.env, check=False
+        )
+
+    def prepare(self, *sites: str) -> None:
+        made = self.command(
+            SERVER, "certs", "--out", str(self.certs), "--host", "127.0.0.1", "--host", "localhost"
+        )
+        assert made.returncode == 0, made.stderr
+        for site in sites:
+            made = self.command(SERVER, "site-key", "--out", str(self.keys), "--site", site)
+            assert made.returncode == 0, made.stderr
+
+    def write_config(self, extra: str = "") -> Path:
+        path = self.root / "fed.toml"
+        path.write_text(TINY_RUN + extra, encoding="utf-8")
+        return path
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.out").open("ab")
+        process = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start_server(
+        self, *extra: str, sites: tuple[str, ...] = ("site-a", "site-b")
+    ) -> subprocess.Popen[bytes]:
+        args = [SERVER, "start", "--run-dir", str(self.run_dir), "--certs", str(self.certs)]
+        args += ["--port", str(self.port), *extra]
+        for site in sites:
+            args += ["--site-key", str(self.keys / f"{site}.pub")]
+        return self.spawn("server", *args)
+
+    def start_client(self, site: str, *extra: str, key: str | None = None) -> subprocess.Popen[bytes]:
+        return self.spawn(
+            site,
+            CLIENT,
+            "start",
+            "--server",
+            f"127.0.0.1:{self.port}",
+            "--site",
+            site,
+            "--format",
+            "synthetic",
+            "--out",
+            str(self.root / site),
+            "--ca",
+            str(self.certs / "ca.crt"),
+            "--key",
+            str(self.keys / f"{key or site}.key"),
+            "--threads",
+            "1",
+            "--image-size",
+            "32",
+            *extra,
+        )
+
+    def output(self, name: str) -> str:
+        path = self.root / f"{name}.out"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def wait(self, process: subprocess.Popen[bytes], name: str, timeout: float) -> int:
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish within {timeout:.0f} s:\n{self.output(name)[-3000:]}")
+
+    def metrics(self) -> list[dict[str, object]]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            stop_process_tree(process)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _completed_round(run_dir: Path) -> int:
+    state = run_dir / "checkpoints" / "state.json"
+    if not state.is_file():
+        return 0
+    return int(json.loads(state.read_text())["completed_round"])
+
+
+def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
+    federation.prepare("site-a", "site-b")
+    server = federation.start_server("--config", str(federation.write_config("num-rounds = 2\n")))
+    clients = [federation.start_client(site) for site in ("site-a", "site-b")]
+
+    assert federation.wait(server, "server", 420) == 0, federation.output("server")
+    for site, client in zip(("site-a", "site-b"), clients, strict=True):
+        assert federation.wait(client, site, 60) == 0, federation.output(site)
+        student = federation.root / site / "student"
+        assert (student / "student.onnx").is_file()
+        card = json.loads((student / "model_card.json").read_text())
+        assert card  # the model card was written and parses
+        assert "readable images" in federation.output(site)  # the data check ran first
+    rows = federation.metrics()
+    aggregates = [r for r in rows if r["phase"] == "aggregate"]
+    assert [r["round"] for r in aggregates] == [1, 2]
+    assert all(r["sites_trained"] == 2 for r in aggregates)
+    distilled = sorted(r["site"] for r in rows if r["phase"] == "distill" and r["status"] == "ok")
+    assert distilled == ["site-a", "site-b"]
+    summary = json.loads((federation.run_dir / "summary.json").read_text())
+    assert summary
+    assert "run finished" in federation.output("server")
+
+
+def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
+    federation.prepare("site-a", "site-b")
+    config = federation.write_config(
+        "num-rounds = 2\nkd-enabled = false\nround-timeout = 25.0\n"
+        "min-train-sites = 1\nmin-evaluate-sites = 1\nmin-available-sites = 2\n"
+    )
+    server = federation.start_server("--config", str(config))
+    federation.start_client("site-a")
+    victim = federation.start_client("site-b")
+    log_b = federation.root / "site-b" / "supernode.log"
+    _wait_for(
+        lambda: log_b.is_file() and "Receiving: train message" in log_b.read_text(errors="replace"),
+        240,
+        "site-b to receive its round-1 train message",
+    )
+    stop_process_tree(victim)  # killed mid-round, with its ClientApp
+    federation.start_client("site-b", "--skip-check")
+
+    assert federation.wait(server, "server", 360) == 0, federation.output("server")
+    rows = federation.metrics()
+    round1 = {r["site"]: r["status"] for r in rows if r["round"] == 1 and r["phase"] == "train"}
+    assert sorted(round1.values()) == ["ok", "timeout"]
+    aggregates = [r for r in rows if r["phase"] == "aggregate"]
+    assert [r["round"] for r in aggregates] == [1, 2]
+    assert aggregates[0]["sites_trained"] == 1
+    trained_round2 = sorted(
+        r["site"] for r in rows if r["round"] == 2 and r["phase"] == "train" and r["status"] == "ok"
+    )
+    assert trained_round2 == ["site-a", "site-b"]  # the restarted site rejoined
+
+
+def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
+    federation.prepare("site-a", "site-b")
+    config = federation.write_config("num-rounds = 2\nkd-enabled = false\n")
+    server = federation.start_server("--config", str(config))
+    for site in ("site-a", "site-b"):
+        federation.start_client(site)
+    _wait_for(lambda: _completed_round(federation.run_dir) >= 1, 300, "round 1 to be checkpointed")
+    stop_process_tree(server)  # the coordinator, its SuperLink and its ServerApp
+    assert _completed_round(federation.run_dir) == 1
+
+    resumed = federation.start_server("--resume", sites=())
+    assert federation.wait(resumed, "server", 300) == 0, federation.output("server")
+    aggregates = [r["round"] for r in federation.metrics() if r["phase"] == "aggregate"]
+    assert aggregates == [1, 2]  # no completed round lost or repeated
+    assert "after round 1 of 2" in (federation.run_dir / "server.log").read_text()
+
+
+def test_refused_sites_are_told_why(federation: Federation) -> None:
+    federation.prepare("site-a", "rogue")
+    server = federation.start_server("--config", str(federation.write_config()), sites=("site-a",))
+    _wait_for(lambda: "SuperLink listening" in federation.output("server"), 60, "the SuperLink")
+    assert server.poll() is None
+
+    unregistered = federation.start_client("rogue", "--skip-check")
+    assert federation.wait(unregistered, "rogue", 90) == 1
+    assert "not registered" in federation.output("rogue")
+
+    no_ca = federation.spawn(
+        "no-ca",
+        CLIENT,
+        "start",
+        "--server",
+        f"127.0.0.1:{federation.port}",
+        "--site",
+        "site-a",
+        "--format",
+        "synthetic",
+        "--out",
+        str(federation.root / "no-ca"),
+        "--key",
+        str(federation.keys / "site-a.key"),
+        "--skip-check",
+    )
+    assert federation.wait(no_ca, "no-ca", 90) == 1
+    assert "TLS failure" in federation.output("no-ca")
+
+    wrong_port = federation.spawn(
+        "wrong-port",
+        CLIENT,
+        "start",
+        "--server",
+        f"127.0.0.1:{free_port()}",
+        "--site",
+        "site-a",
+        "--format",
+        "synthetic",
+        "--out",
+        str(federation.root / "wrong-port"),
+        "--ca",
+        str(federation.certs / "ca.crt"),
+        "--key",
+        str(federation.keys / "site-a.key"),
+        "--skip-check",
+        "--connect-timeout",
+        "3",
+    )
+    assert federation.wait(wrong_port, "wrong-port", 90) == 1
+    assert "connection refused" in federation.output("wrong-port")
+
+    status = federation.command(SERVER, "status", "--run-dir", str(federation.run_dir))
+    assert "up" in status.stdout
+    assert "site-a" in status.stdout
+    stopped = federation.command(SERVER, "stop", "--run-dir", str(federation.run_dir))
+    assert stopped.returncode == 0
+    assert federation.wait(server, "server", 30) != 0
