@@ -31,9 +31,11 @@ import copy
 import json
 import logging
 import math
+import statistics
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from common.errors import ModelError
-from common.export import export_onnx, make_session, onnx_latency, run_session
+from common.export import export_onnx, make_session, run_session
 from common.metrics import compute_metrics
 from common.tasks import Task
 
@@ -75,6 +77,7 @@ class CompressionSettings:
     test_images: int
     calibration_images: int
     prune_amounts: tuple[float, ...]
+    teacher_repeats: int
 
 
 def nonzero_parameters(model: nn.Module) -> int:
@@ -188,34 +191,49 @@ def _probabilities(task: Task, logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _onnx_row(
-    name: str,
-    description: str,
-    path: Path,
-    task: Task,
-    images: np.ndarray,
-    targets: np.ndarray,
-    settings: CompressionSettings,
+@dataclass
+class _Variant:
+    name: str
+    description: str
+    path: Path
+    parameters: int
+    size_mb: float
+    size_basis: str
+    slow: bool
+    runs_ms: list[float] = field(default_factory=list)
+
+
+def _time_round_robin(
+    variants: Sequence[_Variant],
+    image_size: int,
+    in_channels: int,
     *,
-    parameters: int,
-    size_mb: float | None = None,
-    size_basis: str = "ONNX file",
-    in_channels: int = 1,
-) -> CompressionRow:
-    session = make_session(path, settings.num_threads)
-    probabilities = _probabilities(task, run_session(session, images, batch_size=16))
-    accuracy, auroc = _metrics(task, probabilities, targets)
-    latency = onnx_latency(
-        path,
-        settings.image_size,
-        in_channels,
-        num_threads=settings.num_threads,
-        repeats=settings.repeats,
-        warmup=settings.warmup,
-    )
-    size = path.stat().st_size / 1e6 if size_mb is None else size_mb
-    logger.info("%s: %.2f MB, %.2f ms, accuracy %.3f", name, size, latency.median_ms, accuracy)
-    return CompressionRow(name, description, size, size_basis, parameters, latency.median_ms, accuracy, auroc)
+    num_threads: int,
+    repeats: int,
+    slow_repeats: int,
+    warmup: int,
+    rounds: int = 5,
+) -> None:
+    """Batch-1 ONNX Runtime latency of every variant, timed in interleaved rounds.
+
+    Each round times every variant a few times in turn, so a change of machine load during the
+    run (other processes on a shared machine) affects all variants alike instead of whichever
+    happened to be measured at that moment.
+    """
+    x = np.random.default_rng(0).standard_normal((1, in_channels, image_size, image_size)).astype(np.float32)
+    sessions = [make_session(v.path, num_threads) for v in variants]
+    names = [s.get_inputs()[0].name for s in sessions]
+    for v, session, name in zip(variants, sessions, names, strict=True):
+        for _ in range(min(warmup, 2) if v.slow else warmup):
+            session.run(None, {name: x})
+    for round_index in range(rounds):
+        for v, session, name in zip(variants, sessions, names, strict=True):
+            total = slow_repeats if v.slow else repeats
+            share = total // rounds + (1 if round_index < total % rounds else 0)
+            for _ in range(share):
+                start = time.perf_counter()
+                session.run(None, {name: x})
+                v.runs_ms.append((time.perf_counter() - start) * 1000.0)
 
 
 def compare_compression(
@@ -242,11 +260,15 @@ def compare_compression(
     ``test_images`` ``[N, C, S, S]`` are preprocessed (normalised) images of the site's test
     split with their ``test_targets`` ``[N, C]``; ``calibration_images`` come from the training
     split. ``student_onnx`` reuses an already exported student. ``teacher_repeats`` (default
-    ``repeats``) lets slow teachers be timed fewer times. Intermediate teacher ONNX files are
-    deleted unless ``keep_files``.
+    ``repeats``) lets slow teachers be timed fewer times (and warmed up at most twice).
+    Latencies are timed round-robin over all variants (see :func:`_time_round_robin`).
+    Intermediate teacher ONNX files are deleted unless ``keep_files``; the int8 students stay.
     """
+    if repeats < 1 or (teacher_repeats is not None and teacher_repeats < 1):
+        raise ModelError(f"latency repeats must be >= 1, got {repeats} / {teacher_repeats}")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    slow_repeats = teacher_repeats or repeats
     settings = CompressionSettings(
         image_size,
         num_threads,
@@ -255,96 +277,84 @@ def compare_compression(
         len(test_images),
         len(calibration_images),
         tuple(prune_amounts),
+        slow_repeats,
     )
-    teacher_settings = CompressionSettings(
-        image_size,
-        num_threads,
-        teacher_repeats or repeats,
-        min(warmup, 2),
-        len(test_images),
-        len(calibration_images),
-        tuple(prune_amounts),
-    )
-    common: dict[str, Any] = {
-        "task": task,
-        "images": test_images,
-        "targets": test_targets,
-        "in_channels": in_channels,
-    }
-    rows: list[CompressionRow] = []
     temporary: list[Path] = []
-
     teacher_path = export_onnx(teacher, work_dir / "teacher.onnx", image_size, in_channels)
     temporary.append(teacher_path)
-    rows.append(
-        _onnx_row(
+    variants = [
+        _Variant(
             "teacher",
             f"{type(teacher).__name__}, ONNX fp32",
             teacher_path,
-            settings=teacher_settings,
-            parameters=nonzero_parameters(teacher),
-            **common,
+            nonzero_parameters(teacher),
+            teacher_path.stat().st_size / 1e6,
+            "ONNX file",
+            True,
         )
-    )
+    ]
     if student_onnx is None:
         student_onnx = export_onnx(student, work_dir / "student-fp32.onnx", image_size, in_channels)
         temporary.append(student_onnx)
     student_params = nonzero_parameters(student)
-    rows.append(
-        _onnx_row(
-            "student-kd",
-            "KD student, ONNX fp32",
-            student_onnx,
-            settings=settings,
-            parameters=student_params,
-            **common,
-        )
-    )
     dynamic_path = quantize_dynamic_int8(student_onnx, work_dir / "student-int8-dynamic.onnx")
-    rows.append(
-        _onnx_row(
-            "student-int8-dynamic",
-            "KD student, ORT dynamic int8 (uint8 weights)",
-            dynamic_path,
-            settings=settings,
-            parameters=student_params,
-            **common,
-        )
-    )
     static_path = quantize_static_int8(
         student_onnx, work_dir / "student-int8-static.onnx", calibration_images
     )
-    rows.append(
-        _onnx_row(
+    for name, description, path in (
+        ("student-kd", "KD student, ONNX fp32", student_onnx),
+        ("student-int8-dynamic", "KD student, ORT dynamic int8 (uint8 weights)", dynamic_path),
+        (
             "student-int8-static",
             f"KD student, ORT static int8 QDQ ({len(calibration_images)} calibration images)",
             static_path,
-            settings=settings,
-            parameters=student_params,
-            **common,
+        ),
+    ):
+        variants.append(
+            _Variant(name, description, path, student_params, path.stat().st_size / 1e6, "ONNX file", False)
         )
-    )
     for amount in prune_amounts:
         pruned = prune_model(teacher, amount)
         nonzero = nonzero_parameters(pruned)
-        path = export_onnx(
-            pruned, work_dir / f"teacher-pruned-{round(amount * 100)}.onnx", image_size, in_channels
-        )
+        label = f"teacher-pruned-{round(amount * 100)}"
+        path = export_onnx(pruned, work_dir / f"{label}.onnx", image_size, in_channels)
+        del pruned
         temporary.append(path)
-        rows.append(
-            _onnx_row(
-                f"teacher-pruned-{round(amount * 100)}",
+        variants.append(
+            _Variant(
+                label,
                 f"teacher, global L1 unstructured pruning {amount:.0%} of conv/linear weights, "
                 "ONNX fp32 (dense)",
                 path,
-                settings=teacher_settings,
-                parameters=nonzero,
-                size_mb=nonzero * BYTES_PER_PARAMETER / 1e6,
-                size_basis="non-zero params x 4 B",
-                **common,
+                nonzero,
+                nonzero * BYTES_PER_PARAMETER / 1e6,
+                "non-zero params x 4 B",
+                True,
             )
         )
-        del pruned
+    scores: dict[str, tuple[float, float]] = {}
+    for v in variants:
+        logits = run_session(make_session(v.path, num_threads), test_images, batch_size=16)
+        scores[v.name] = _metrics(task, _probabilities(task, logits), test_targets)
+    _time_round_robin(
+        variants,
+        image_size,
+        in_channels,
+        num_threads=num_threads,
+        repeats=repeats,
+        slow_repeats=slow_repeats,
+        warmup=warmup,
+    )
+    rows = []
+    for v in variants:
+        accuracy, auroc = scores[v.name]
+        latency = statistics.median(v.runs_ms)
+        logger.info("%s: %.2f MB, %.2f ms, accuracy %.3f", v.name, v.size_mb, latency, accuracy)
+        rows.append(
+            CompressionRow(
+                v.name, v.description, v.size_mb, v.size_basis, v.parameters, latency, accuracy, auroc
+            )
+        )
     if not keep_files:
         for path in temporary:
             if path.parent == work_dir:
@@ -360,7 +370,8 @@ def rows_to_markdown(
     lines = [f"# {title}" if title else "# Compression comparison", ""]
     lines.append(
         f"ONNX Runtime (CPU), {settings.image_size} px, batch 1, {settings.num_threads} threads, median of "
-        f"{settings.repeats} runs after {settings.warmup} warm-up runs; accuracy and macro AUROC on "
+        f"{settings.repeats} runs per student and {settings.teacher_repeats} per teacher variant (timed "
+        f"round-robin, after {settings.warmup} warm-up runs); accuracy and macro AUROC on "
         f"{settings.test_images} test images; static int8 calibrated on "
         f"{settings.calibration_images} training images."
     )
