@@ -152,10 +152,15 @@ def _distill(
                 if k.startswith("student_")
             }
         )
-    from client.export import export_site_student  # the edge-export stack loads only for this phase
+    from client.export import EdgeExportOptions, export_site_student  # loaded only for this phase
 
     ledger_eps = _teacher_epsilon(settings, site, context)
-    export_site_student(site, settings, data, outcome, metrics, teacher_epsilon=ledger_eps)
+    options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
+    metrics.update(
+        export_site_student(
+            site, settings, data, outcome, metrics, teacher_epsilon=ledger_eps, options=options
+        )
+    )
     if ledger_eps is not None:
         metrics["dp_epsilon"] = ledger_eps
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})

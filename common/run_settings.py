@@ -90,6 +90,7 @@ class FederatedRunConfig:
     distill: DistillConfig
     kd_enabled: bool
     kd_no_kd_baseline: bool
+    edge_compression: bool
 
     @property
     def uses_dp(self) -> bool:
@@ -108,6 +109,7 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
         distill=from_mapping(DistillConfig, config, "kd-"),
         kd_enabled=_flag(config, "kd-enabled", True),
         kd_no_kd_baseline=_flag(config, "kd-no-kd-baseline", False),
+        edge_compression=_flag(config, "edge-compression", False),
     )
 
 

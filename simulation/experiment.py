@@ -1,0 +1,307 @@
+"""One simulated federation, start to finish: partition, federated run, baselines, report.
+
+The experiment folder::
+
+    OUT/
+      experiment.json     the full resolved settings (sources, partition, run config, seeds)
+      partition/          per-site manifests, partition.json, label distribution (table + PNG)
+      run/                the coordinator's run folder (metrics.jsonl, checkpoints, summary,
+                          sites/site_XX/ with each site's student, model card, compression table)
+      baselines.json      pooled and local-only teachers (when --baselines)
+      report/             report.md, results.json and the plots
+      flower/             Flower's logs and its private FLWR_HOME
+
+Every setting is checked before anything is trained (unknown run setting, source or
+partitioner, impossible partitions, bad DP settings), and the Flower/Ray processes started for
+the run are stopped by PID on exit, error or Ctrl-C (see simulation/runtime.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import from_mapping
+from common.errors import ConfigError
+from common.run_settings import FederatedRunConfig, run_settings_from_config
+from server.strategies import StrategySettings
+from simulation.runtime import PROJECT_ROOT, FlowerSimulation
+
+logger = logging.getLogger(__name__)
+
+ROUND_LINE = re.compile(
+    r"Round (\d+)/(\d+): (\d+)/(\d+) sites trained.*?val (\S+) (\S+) \(best round (\d+)\)"
+)
+
+
+def run_config_schema() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of pyproject.toml: every run setting and its default."""
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Schema defaults with ``overrides``; unknown keys and bad values fail here, before any work."""
+    schema = run_config_schema()
+    for key, value in overrides.items():
+        if key not in schema:
+            raise ConfigError(f"run setting '{key}'", value, "one of " + ", ".join(sorted(schema)))
+        expected = type(schema[key])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"run setting '{key}'", value, f"a {expected.__name__} like {schema[key]!r}")
+    merged = {**schema, **overrides}
+    run_settings_from_config(merged)
+    from_mapping(StrategySettings, merged)
+    return merged
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs with TOML values (``num-rounds=5``, ``strategy="fedprox"`` or fedprox)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("set", item, "KEY=VALUE, e.g. --set num-rounds=5")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data source of the experiment: format, path (None for synthetic), options."""
+
+    fmt: str
+    path: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    name: str = "dirichlet"
+    sites: int | None = 3
+    alpha: float | None = None
+    classes_per_site: int | None = None
+    natural_by: str = "site"
+    min_site_size: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything ``python -m simulation run`` resolves before it starts."""
+
+    out: Path
+    sources: tuple[SourceSpec, ...] = (
+        SourceSpec("synthetic", None, {"n-images": "360", "image-size": "64"}),
+    )
+    task: str = "normal-pneumonia-covid"
+    partition: PartitionSpec = PartitionSpec()
+    run_config: dict[str, Any] = field(default_factory=dict)
+    baselines: bool = False
+    cpus_per_site: int = 1
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+
+@dataclass
+class ExperimentResult:
+    out: Path
+    report: Path
+    settings: FederatedRunConfig
+
+
+RoundCallback = Callable[[int, int, int, int, float], None]
+
+
+class Experiment:
+    """Runs one experiment folder; see the module docstring for its layout."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.out = Path(config.out).expanduser().resolve()
+        self.run_dir = self.out / "run"
+        self.partition_dir = self.out / "partition"
+
+    def resolve_run_config(self) -> dict[str, Any]:
+        overrides = dict(self.config.run_config)
+        overrides["task"] = self.config.task
+        overrides["run-dir"] = str(self.run_dir)
+        overrides["simulation-manifest-dir"] = str(self.partition_dir)
+        overrides.setdefault("cache-dir", str(self.out / "cache"))
+        if self.config.baselines:
+            overrides["kd-no-kd-baseline"] = True
+        return check_run_config(overrides)
+
+    def prepare(self) -> tuple[dict[str, Any], int]:
+        """Check settings, write the partition; returns the run config and the number of sites."""
+        from simulation.cli import load_sources
+        from simulation.partition import partition_catalog, write_partition
+
+        run_config = self.resolve_run_config()
+        spec = self.config.partition
+        catalog, source_paths, source_options = load_sources(
+            [s.fmt for s in self.config.sources],
+            [Path(s.path) for s in self.config.sources] if all(s.path for s in self.config.sources) else [],
+            self.config.task,
+            option_pairs=[f"{s.fmt}.{k}={v}" for s in self.config.sources for k, v in s.options.items()],
+            strict=self.config.strict,
+        )
+        partition = partition_catalog(
+            catalog,
+            spec.name,
+            spec.sites,
+            seed=spec.seed,
+            alpha=spec.alpha,
+            classes_per_site=spec.classes_per_site,
+            min_site_size=spec.min_site_size,
+            natural_by=spec.natural_by,  # type: ignore[arg-type]
+            require_all_classes=True,
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_partition(
+            self.partition_dir,
+            catalog,
+            partition,
+            source_paths=source_paths,
+            source_options=source_options,
+            overwrite=True,
+        )
+        (self.out / "experiment.json").write_text(
+            json.dumps({**self.config.to_dict(), "resolved_run_config": run_config}, indent=2, default=str)
+            + "\n",
+            encoding="utf-8",
+        )
+        return run_config, partition.num_sites
+
+    def run(
+        self, on_round: RoundCallback | None = None, on_stage: Callable[[str], None] | None = None
+    ) -> ExperimentResult:
+        from simulation.baselines import run_baselines
+        from simulation.report import build_report
+
+        stage = on_stage or (lambda _text: None)
+        stage("checking settings and partitioning the data")
+        run_config, num_sites = self.prepare()
+        settings = run_settings_from_config(run_config)
+
+        def follow(line: str) -> None:
+            match = ROUND_LINE.search(line)
+            if match and on_round is not None:
+                value = float(match.group(6)) if match.group(6) != "nan" else float("nan")
+                on_round(
+                    int(match.group(1)), int(match.group(2)), int(match.group(3)), int(match.group(4)), value
+                )
+            elif "Distillation round" in line:
+                stage("distilling students at the sites")
+
+        stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
+        with FlowerSimulation(self.out / "flower") as simulation:
+            simulation.run(
+                run_config, num_sites=num_sites, cpus_per_site=self.config.cpus_per_site, on_line=follow
+            )
+        if self.config.baselines:
+            stage("baselines: pooled and local-only teachers")
+            run_baselines(self.out, settings, num_sites)
+        stage("writing the report")
+        report = build_report(self.out)
+        return ExperimentResult(self.out, report, settings)
+
+
+EXPERIMENT_KEYS = ("out", "task", "baselines", "cpus-per-site", "strict", "sources", "partition", "run")
+PARTITION_KEYS = ("name", "sites", "alpha", "classes-per-site", "natural-by", "min-site-size", "seed")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("config", str(path), "an existing TOML file")
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+    for key in data:
+        if key not in EXPERIMENT_KEYS:
+            raise ConfigError(f"key '{key}' in {path}", data[key], "one of " + ", ".join(EXPERIMENT_KEYS))
+    for key in data.get("partition", {}):
+        if key not in PARTITION_KEYS:
+            raise ConfigError(
+                f"key 'partition.{key}' in {path}", data["partition"][key], ", ".join(PARTITION_KEYS)
+            )
+    return data
+
+
+def experiment_config(
+    *,
+    config_file: Path | None,
+    out: Path | None,
+    sources: list[str],
+    data: list[Path],
+    source_options: list[str],
+    task: str | None,
+    partition: dict[str, Any],
+    run_settings: dict[str, Any],
+    dp_epsilon: float | None,
+    baselines: bool | None,
+    set_items: list[str],
+    default_out: Path,
+) -> ExperimentConfig:
+    """Merge a TOML config file and command-line options (the command line wins)."""
+    from simulation.cli import parse_source_options
+
+    file = _read_config_file(config_file) if config_file is not None else {}
+    if sources:
+        if data and len(data) != len(sources):
+            raise ConfigError("data", [str(d) for d in data], f"one --data per --source ({len(sources)})")
+        options = parse_source_options(source_options, sources)
+        specs = tuple(
+            SourceSpec(fmt, str(Path(data[i]).expanduser().resolve()) if data else None, options[i])
+            for i, fmt in enumerate(sources)
+        )
+    elif "sources" in file:
+        base = config_file.parent if config_file is not None else Path.cwd()
+        specs = tuple(
+            SourceSpec(
+                str(s["format"]),
+                str((base / s["path"]).resolve()) if s.get("path") else None,
+                {str(k): str(v) for k, v in s.get("options", {}).items()},
+            )
+            for s in file["sources"]
+        )
+    else:
+        specs = ExperimentConfig.__dataclass_fields__["sources"].default  # type: ignore[assignment]
+    part = {k.replace("-", "_"): v for k, v in file.get("partition", {}).items()}
+    part.update({k: v for k, v in partition.items() if v is not None})
+    run_config = dict(file.get("run", {}))
+    run_config.update({k: v for k, v in run_settings.items() if v is not None})
+    if dp_epsilon is not None:
+        run_config.update(
+            {"dp-enabled": True, "dp-target-epsilon": float(dp_epsilon), "teacher-norm": "group"}
+        )
+    run_config.update(parse_set(set_items))
+    chosen_out = out or (Path(file["out"]) if "out" in file else default_out)
+    return ExperimentConfig(
+        out=Path(chosen_out).expanduser().resolve(),
+        sources=specs,
+        task=task or str(file.get("task", "normal-pneumonia-covid")),
+        partition=PartitionSpec(**part),
+        run_config=run_config,
+        baselines=bool(baselines if baselines is not None else file.get("baselines", False)),
+        cpus_per_site=int(file.get("cpus-per-site", 1)),
+        strict=bool(file.get("strict", False)),
+    )
