@@ -125,6 +125,19 @@ def load_site_data(request: DataRequest) -> SiteData:
     return data
 
 
+def load_eval_dataset(request: DataRequest) -> CxrDataset:
+    """Every readable image of a data set as one evaluation set (e.g. a server-held test set)."""
+    catalog = load_catalog(
+        request.data_format,
+        request.data_path,
+        request.task,
+        options=dict(request.options),
+        strict=request.strict,
+    )
+    cached = build_cache(catalog, request.image_size, request.cache_dir, strict=request.strict)
+    return CxrDataset(cached, np.arange(len(cached)))
+
+
 def build_loaded_model(
     config: ModelConfig, task: Task, state: Mapping[str, torch.Tensor] | None
 ) -> nn.Module:

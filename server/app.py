@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import DataLoader
 
 from common.config import from_mapping
+from common.local import EVAL_BATCH_SIZE, DataRequest, build_loaded_model, load_eval_dataset, scalar_metrics
 from common.models import build_model
 from common.protocol import DISTILL_MESSAGE_TYPE
 from common.run_settings import FederatedRunConfig, run_settings_from_config
-from common.training import seed_everything
+from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import TeacherRounds, exchange, outcomes_of
 from server.run_folder import RunFolder, write_json
@@ -87,6 +91,32 @@ def distillation_round(
     return rows
 
 
+def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]], dict[str, float]] | None:
+    """Scores of the global teacher on a server-held test set (a manifest CSV), if one is given."""
+    if not settings.run.central_eval_manifest:
+        return None
+    run_dir = Path(settings.run.run_dir) if settings.run.run_dir else Path.cwd()
+    request = DataRequest(
+        data_format="manifest",
+        data_path=Path(settings.run.central_eval_manifest),
+        task=settings.task,
+        image_size=settings.run.image_size,
+        cache_dir=Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
+        val_fraction=0.0,
+        test_fraction=0.0,
+        split_seed=settings.run.split_seed,
+    )
+    dataset = load_eval_dataset(request)
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)
+    logger.info("Central evaluation on %d images of %s", len(dataset), settings.run.central_eval_manifest)
+
+    def evaluate_state(state: dict[str, Any]) -> dict[str, float]:
+        model = build_loaded_model(settings.teacher, settings.task, state)
+        return scalar_metrics(evaluate(model, loader, settings.task), "")
+
+    return evaluate_state
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = run_settings_from_config(context.run_config)
@@ -110,6 +140,7 @@ def main(grid: Grid, context: Context) -> None:
         seed=settings.train.seed,
         min_train_sites=strategy_settings.min_train_sites,
         min_evaluate_sites=strategy_settings.min_evaluate_sites,
+        central_evaluate=central_evaluator(settings),
     )
     if resume is not None and resume.completed_round >= settings.run.num_rounds:
         logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)

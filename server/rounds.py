@@ -158,6 +158,7 @@ class TeacherRounds:
         min_train_sites: int,
         min_evaluate_sites: int,
         on_round: Callable[[RoundReport], None] | None = None,
+        central_evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None,
     ) -> None:
         self.grid = grid
         self.strategy = strategy
@@ -169,6 +170,7 @@ class TeacherRounds:
         self.min_train_sites = min_train_sites
         self.min_evaluate_sites = min_evaluate_sites
         self.on_round = on_round
+        self.central_evaluate = central_evaluate
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         arrays = initial
@@ -193,6 +195,9 @@ class TeacherRounds:
             started = time.monotonic()
             arrays, train_metrics, train_outcomes = self._train_round(server_round, arrays)
             val_metrics, eval_outcomes = self._evaluate_round(server_round, arrays)
+            if self.central_evaluate is not None:
+                central = self.central_evaluate(arrays.to_torch_state_dict())
+                val_metrics.update({f"central_{k}": v for k, v in central.items()})
             metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
             # The first round is the best so far even when its metric is undefined (NaN).
             is_best = best_round == 0 or (math.isfinite(metric) and metric > best_metric)

@@ -261,6 +261,10 @@ DEMO_RUN_CONFIG: dict[str, object] = {
 }
 
 
+DEMO_SOURCES: tuple[Any, ...] | None = None
+"""Sources of the default run (None: the built-in synthetic set at its default size)."""
+
+
 def _default_out() -> Path:
     import time
 
@@ -388,8 +392,10 @@ def _demo(ctx: typer.Context) -> None:
         "Running the default simulated federation on built-in synthetic chest X-ray-like images "
         "(a smoke-test data set, not medical data). `python -m simulation --help` lists the commands."
     )
+    sources = {"sources": DEMO_SOURCES} if DEMO_SOURCES is not None else {}
     config = ExperimentConfig(
         out=_default_out(),
+        **sources,
         partition=PartitionSpec(name="dirichlet", sites=3, alpha=1.0, seed=0),
         run_config=dict(DEMO_RUN_CONFIG),
         baselines=True,

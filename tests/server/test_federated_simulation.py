@@ -7,11 +7,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from common.checkpoint import load_model_state
 from common.data.sources import load_catalog
+from common.export import load_torch_model
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
 from server.app import initial_teacher
@@ -52,6 +55,7 @@ def _config(run_dir: Path, manifests: Path, **overrides: object) -> dict[str, ob
         "lr": 0.05,
         "kd_enabled": False,
         "round_timeout": 300.0,
+        "central_eval_manifest": str(manifests / "site_01.csv"),
     }
     settings.update(overrides)
     return flower_run_config(**settings)
@@ -66,9 +70,10 @@ def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
 ) -> None:
     straight, resumed = workspace / "straight", workspace / "resumed"
 
-    simulation.run(_config(straight, manifests, num_rounds=2), num_sites=2)
-    simulation.run(_config(resumed, manifests, num_rounds=1), num_sites=2)
-    simulation.run(_config(resumed, manifests, num_rounds=2), num_sites=2)
+    kd = {"kd_enabled": True, "kd_epochs": 1, "kd_width_mult": 0.35, "kd_no_kd_baseline": True}
+    simulation.run(_config(straight, manifests, num_rounds=2, **kd), num_sites=2)
+    simulation.run(_config(resumed, manifests, num_rounds=1, **kd), num_sites=2)
+    simulation.run(_config(resumed, manifests, num_rounds=2, **kd), num_sites=2)
 
     for run_dir in (straight, resumed):
         assert (run_dir / "checkpoints" / "last.pt").is_file()
@@ -82,6 +87,7 @@ def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
         assert trained == {(1, "site_00"), (1, "site_01"), (2, "site_00"), (2, "site_01")}
         assert [r["round"] for r in rows if r["phase"] == "aggregate"] == [1, 2]
         assert all("val_auroc_macro" in r for r in rows if r["phase"] == "aggregate")
+        assert all("central_auroc_macro" in r for r in rows if r["phase"] == "aggregate")
     assert "Resuming run" in (resumed / "server.log").read_text()
 
     initial = initial_teacher(run_settings_from_config(_config(straight, manifests))).to_torch_state_dict()
@@ -90,6 +96,44 @@ def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
     assert any(not torch.equal(initial[k], final_straight[k]) for k in initial)
     for key, value in final_straight.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_distillation_round_leaves_a_checked_student_and_model_card_at_each_site(
+    simulation: FlowerSimulation, manifests: Path, workspace: Path
+) -> None:
+    run_dir = workspace / "straight"  # written by the test above (same module, same order)
+    if not (run_dir / "summary.json").is_file():
+        pytest.skip("needs the two-round run of the previous test")
+    distill = [r for r in _rows(run_dir) if r["phase"] == "distill"]
+    assert {r["site"] for r in distill} == {"site_00", "site_01"}
+    for row in distill:
+        assert row["status"] == "ok"
+        for key in ("teacher_auroc_macro", "student_auroc_macro", "nokd_auroc_macro", "student_onnx_ms"):
+            assert key in row
+        assert row["onnx_max_abs_diff"] <= 1e-4
+        student = run_dir / "sites" / str(row["site"]) / "student"
+        session = ort.InferenceSession(str(student / "student.onnx"), providers=["CPUExecutionProvider"])
+        loaded = load_torch_model(student)
+        images = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+        with torch.no_grad():
+            expected = loaded.model.eval()(torch.from_numpy(images)).numpy()
+        assert np.abs(session.run(None, {"image": images})[0] - expected).max() <= 1e-4
+        card = json.loads((student / "model_card.json").read_text())
+        for field in (
+            "data_counts",
+            "classes",
+            "metrics",
+            "teacher_dp_epsilon",
+            "size_mb",
+            "parameters",
+            "flops",
+            "latency",
+            "files",
+        ):
+            assert field in card, field
+        assert card["metrics"], "teacher vs student metrics"
+        assert all(len(digest) == 64 for digest in card["files"].values())
+        assert (student / "model_card.md").is_file()
 
 
 def test_dp_epsilon_grows_per_round_within_target_and_a_spent_site_declines(

@@ -1,0 +1,185 @@
+"""python -m simulation run / report and the default command: settings, bad input, whole runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import simulation.cli as cli
+from common.errors import ConfigError, CxrFlError, UnknownNameError
+from simulation.experiment import (
+    Experiment,
+    ExperimentConfig,
+    PartitionSpec,
+    SourceSpec,
+    check_run_config,
+    experiment_config,
+    parse_set,
+)
+
+TINY_RUN = {
+    "teacher-name": "tiny-cnn",
+    "image-size": 32,
+    "num-rounds": 2,
+    "batch-size": 16,
+    "lr": 0.05,
+    "kd-epochs": 1,
+    "kd-width-mult": 0.35,
+    "min-train-sites": 2,
+    "min-evaluate-sites": 2,
+    "min-available-sites": 2,
+}
+TINY_SOURCE = (SourceSpec("synthetic", None, {"n-images": "120", "image-size": "32"}),)
+
+
+def _alive_with_env(marker: str) -> list[int]:
+    """PIDs of live (non-zombie) processes whose environment mentions ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_run_settings_are_checked_against_the_schema() -> None:
+    with pytest.raises(ConfigError, match="num-rounds"):
+        check_run_config({"num-rounds": "three"})
+    with pytest.raises(ConfigError, match="one of"):
+        check_run_config({"num-round": 3})
+    with pytest.raises(UnknownNameError, match="fedavg"):
+        check_run_config({"strategy": "fedbest"})
+    with pytest.raises(ConfigError, match="kd-temperature"):
+        check_run_config({"kd-temperature": -1.0})
+    assert check_run_config({"num-rounds": 5})["num-rounds"] == 5
+
+
+def test_set_values_are_read_as_toml() -> None:
+    assert parse_set(["num-rounds=5", "strategy=fedprox", 'task="nih14"', "dp-enabled=true"]) == {
+        "num-rounds": 5,
+        "strategy": "fedprox",
+        "task": "nih14",
+        "dp-enabled": True,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["num-rounds"])
+
+
+def test_config_file_and_command_line_merge(tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text(
+        'out = "runs/x"\nbaselines = true\n[[sources]]\nformat = "synthetic"\noptions = { n-images = "90" }\n'
+        '[partition]\nname = "iid"\nsites = 4\n[run]\nnum-rounds = 7\nteacher-name = "tiny-cnn"\n'
+    )
+    resolved = experiment_config(
+        config_file=config,
+        out=None,
+        sources=[],
+        data=[],
+        source_options=[],
+        task=None,
+        partition={"sites": 2},
+        run_settings={"num-rounds": 3},
+        dp_epsilon=8.0,
+        baselines=None,
+        set_items=["kd-alpha=0.5"],
+        default_out=tmp_path / "default",
+    )
+    assert resolved.out == (Path("runs/x")).resolve()
+    assert resolved.baselines is True
+    assert resolved.sources == (SourceSpec("synthetic", None, {"n-images": "90"}),)
+    assert resolved.partition == PartitionSpec(name="iid", sites=2)
+    assert resolved.run_config == {
+        "num-rounds": 3,
+        "teacher-name": "tiny-cnn",
+        "dp-enabled": True,
+        "dp-target-epsilon": 8.0,
+        "teacher-norm": "group",
+        "kd-alpha": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"sources": (SourceSpec("dicom-folder", "/tmp"),)}, UnknownNameError, "image-folder"),
+        ({"partition": PartitionSpec(name="by-hospital")}, UnknownNameError, "dirichlet"),
+        ({"partition": PartitionSpec(name="dirichlet", alpha=0.0)}, ConfigError, "alpha"),
+        ({"partition": PartitionSpec(name="iid", sites=500)}, CxrFlError, "sites"),
+        (
+            {"sources": (SourceSpec("synthetic", None, {"class-weights": "1,1,0", "n-images": "60"}),)},
+            CxrFlError,
+            "covid-19",
+        ),
+        ({"run_config": {"teacher-name": "vit-huge"}}, UnknownNameError, "resnet18"),
+    ],
+)
+def test_bad_input_fails_before_any_training(
+    tmp_path: Path, change: dict[str, object], error: type[Exception], match: str
+) -> None:
+    settings: dict[str, object] = {
+        "out": tmp_path / "exp",
+        "sources": TINY_SOURCE,
+        "run_config": dict(TINY_RUN),
+    }
+    settings.update(change)
+    experiment = Experiment(ExperimentConfig(**settings))  # type: ignore[arg-type]
+
+    with pytest.raises(error, match=match):
+        experiment.prepare()
+
+    assert not (tmp_path / "exp" / "run").exists()
+
+
+def test_cli_reports_a_user_error_without_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.app, ["run", "--out", str(tmp_path / "x"), "--partition", "nope"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "dirichlet" in result.output
+
+
+@pytest.mark.slow
+def test_default_command_runs_a_whole_federation_and_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "demo"
+    monkeypatch.setattr(cli, "DEMO_RUN_CONFIG", dict(TINY_RUN))
+    monkeypatch.setattr(cli, "DEMO_SOURCES", TINY_SOURCE)
+    monkeypatch.setattr(cli, "_default_out", lambda: out)
+
+    result = CliRunner().invoke(cli.app, [])
+
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output
+    report = out / "report"
+    text = (report / "report.md").read_text()
+    for heading in (
+        "Global teacher per round",
+        "Final teacher vs baselines",
+        "Teacher and student at each site",
+        "Deployable students",
+    ):
+        assert heading in text
+    results = json.loads((report / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert 0.0 <= results["baselines"]["pooled"]["pooled_test"]["auroc_macro"] <= 1.0
+    assert len(results["baselines"]["local"]) == 3
+    assert {r["site"] for r in results["distillation"]} == {"site_00", "site_01", "site_02"}
+    for name in ("label_distribution.png", "learning_curves.png", "per_site.png", "student_vs_teacher.png"):
+        assert (report / name).stat().st_size > 1000, name
+    assert list((report / "gradcam").glob("*.png"))
+    assert (out / "experiment.json").is_file()
+    assert _alive_with_env(str(out / "flower" / "flwr-home")) == []
+
+    rebuilt = CliRunner().invoke(cli.app, ["report", str(out)])
+    assert rebuilt.exit_code == 0, rebuilt.output
