@@ -221,7 +221,9 @@ def _coerce(option: str, value: Any, annotation: Any) -> Any:
         if annotation is str:
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(option, value, f"a value of type {getattr(annotation, '__name__', annotation)}") from None
+        raise ConfigError(
+            option, value, f"a value of type {getattr(annotation, '__name__', annotation)}"
+        ) from None
     return value
 
 
