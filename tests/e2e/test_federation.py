@@ -84,6 +84,10 @@ class Federation:
             args += ["--site-key", str(self.keys / f"{site}.pub")]
         return self.spawn("server", *args)
 
+    def wait_listening(self) -> None:
+        """Sites join after their keys are registered, i.e. once the coordinator says it listens."""
+        _wait_for(lambda: "SuperLink listening" in self.output("server"), 90, "the SuperLink to listen")
+
     def start_client(self, site: str, *extra: str, key: str | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(
             site,
@@ -155,6 +159,7 @@ def _completed_round(run_dir: Path) -> int:
 def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     server = federation.start_server("--config", str(federation.write_config("num-rounds = 2\n")))
+    federation.wait_listening()
     clients = [federation.start_client(site) for site in ("site-a", "site-b")]
 
     assert federation.wait(server, "server", 420) == 0, federation.output("server")
@@ -183,6 +188,7 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
         "min-train-sites = 1\nmin-evaluate-sites = 1\nmin-available-sites = 2\n"
     )
     server = federation.start_server("--config", str(config))
+    federation.wait_listening()
     federation.start_client("site-a")
     victim = federation.start_client("site-b")
     log_b = federation.root / "site-b" / "supernode.log"
@@ -211,6 +217,7 @@ def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config("num-rounds = 2\nkd-enabled = false\n")
     server = federation.start_server("--config", str(config))
+    federation.wait_listening()
     for site in ("site-a", "site-b"):
         federation.start_client(site)
     _wait_for(lambda: _completed_round(federation.run_dir) >= 1, 300, "round 1 to be checkpointed")
@@ -227,7 +234,7 @@ def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
 def test_refused_sites_are_told_why(federation: Federation) -> None:
     federation.prepare("site-a", "rogue")
     server = federation.start_server("--config", str(federation.write_config()), sites=("site-a",))
-    _wait_for(lambda: "SuperLink listening" in federation.output("server"), 60, "the SuperLink")
+    federation.wait_listening()
     assert server.poll() is None
 
     unregistered = federation.start_client("rogue", "--skip-check")
