@@ -1,0 +1,178 @@
+"""Cost of one federated teacher round on the deployment path: SuperLink + 2 SuperNodes over TLS.
+
+Runs the real commands on loopback (``cxr-fl-server start`` with TLS and site authentication,
+two ``cxr-fl-client start`` on the ``synthetic`` source: 300 images per site) and reads the run
+folder's metrics.jsonl: wall time per round (the aggregate row's ``seconds``: train + validation
++ checkpoint), the local-training part (the slower site's ``train_seconds``; sites train in
+parallel), overhead = wall - training (messaging, a fresh ``flwr-clientapp`` process per message,
+polling, validation, checkpointing), and bytes per site per round (the teacher's float32
+state_dict, each way). Medians over rounds 2..N (round 1 also pays for first imports).
+
+Settings compared (all public Flower settings; no patches):
+- ``flower-defaults``: SuperExec task poll 1 s (Flower's default), SuperLink state on disk;
+- ``fast-poll``: SuperExec task poll 0.2 s (what cxr-fl sets), state on disk (the default of
+  ``cxr-fl-server start``: registered sites survive a restart);
+- ``fast-poll+memory``: as above with ``--in-memory`` SuperLink state.
+
+The app side polls replies every 50 ms in every setting (server/rounds.py).
+
+    .venv/bin/python benchmarks/fl_round_deploy.py [--teachers tiny-cnn resnet18] [--rounds 3]
+        [--settings flower-defaults fast-poll fast-poll+memory] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.config import ModelConfig  # noqa: E402
+from common.models import build_model  # noqa: E402
+from common.processes import OFFLINE_ENV, free_port, stop_process_tree  # noqa: E402
+from common.tasks import get_task  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SETTINGS = {
+    "flower-defaults": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, []),
+    "fast-poll": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, []),
+    "fast-poll+memory": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, ["--in-memory"]),
+}
+SITES = ("site-a", "site-b")
+
+
+def state_bytes(teacher: str) -> int:
+    model = build_model(ModelConfig(name=teacher), get_task("normal-pneumonia-covid").num_classes)
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _run(args: list[str], env: dict[str, str]) -> None:
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
+
+
+def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace) -> dict[str, float | str]:
+    env_extra, server_flags = SETTINGS[setting]
+    env = {**os.environ, **OFFLINE_ENV, **env_extra}
+    _run([str(BIN / "cxr-fl-server"), "certs", "--out", str(work / "certs"), "--host", "127.0.0.1"], env)
+    for site in SITES:
+        _run([str(BIN / "cxr-fl-server"), "site-key", "--out", str(work / "keys"), "--site", site], env)
+    port = free_port()
+    run_dir = work / "run"
+    server_cmd = [
+        str(BIN / "cxr-fl-server"),
+        "start",
+        "--run-dir",
+        str(run_dir),
+        "--certs",
+        str(work / "certs"),
+    ]
+    server_cmd += ["--port", str(port), *server_flags]
+    for key in ("num-rounds", "image-size"):
+        server_cmd += ["--set", f"{key}={getattr(args, key.replace('-', '_'))}"]
+    server_cmd += [
+        "--set",
+        f'teacher-name="{teacher}"',
+        "--set",
+        "kd-enabled=false",
+        "--set",
+        "batch-size=16",
+    ]
+    for site in SITES:
+        server_cmd += ["--site-key", str(work / "keys" / f"{site}.pub")]
+    processes: list[subprocess.Popen[bytes]] = []
+    server_out = work / "server.out"
+    try:
+        with server_out.open("wb") as out:
+            server = subprocess.Popen(server_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        processes.append(server)
+        deadline = time.monotonic() + 120
+        while "SuperLink listening" not in server_out.read_text(errors="replace"):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(server_out.read_text(errors="replace"))
+            time.sleep(0.5)
+        for site in SITES:
+            with (work / f"{site}.out").open("wb") as out:
+                client_cmd = [str(BIN / "cxr-fl-client"), "start", "--server", f"127.0.0.1:{port}"]
+                client_cmd += ["--site", site, "--format", "synthetic", "--out", str(work / site)]
+                client_cmd += [
+                    "--ca",
+                    str(work / "certs" / "ca.crt"),
+                    "--key",
+                    str(work / "keys" / f"{site}.key"),
+                ]
+                client_cmd += ["--threads", "1", "--skip-check"]
+                processes.append(subprocess.Popen(client_cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+        if server.wait(timeout=args.timeout) != 0:
+            raise RuntimeError(server_out.read_text(errors="replace")[-2000:])
+    finally:
+        for process in processes:
+            stop_process_tree(process)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = sorted({int(r["round"]) for r in rows if r["phase"] == "aggregate"})
+    wall = {int(r["round"]): float(r["seconds"]) for r in rows if r["phase"] == "aggregate"}
+    training = {
+        n: max(float(r.get("train_seconds", 0.0)) for r in rows if r["phase"] == "train" and r["round"] == n)
+        for n in rounds
+    }
+    steady = rounds[1:] or rounds
+    wall_median = statistics.median(wall[n] for n in steady)
+    train_median = statistics.median(training[n] for n in steady)
+    return {
+        "teacher": teacher,
+        "setting": setting,
+        "round1_s": wall[rounds[0]],
+        "round_s": wall_median,
+        "training_s": train_median,
+        "overhead_s": wall_median - train_median,
+        "bytes_per_site_each_way": float(state_bytes(teacher)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", nargs="+", default=["tiny-cnn", "resnet18"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--rounds", dest="num_rounds", type=int, default=3)
+    parser.add_argument("--image-size", dest="image_size", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    args = parser.parse_args()
+
+    results = []
+    for teacher in args.teachers:
+        for setting in args.settings:
+            with tempfile.TemporaryDirectory(prefix="cxr-fl-deploy-bench-") as tmp:
+                results.append(federation(Path(tmp), teacher, setting, args))
+            print(f"measured {teacher} / {setting}: {results[-1]['round_s']:.1f} s/round", file=sys.stderr)
+
+    load = os.getloadavg()[0]
+    print(
+        f"\nFederated teacher round on the deployment path: SuperLink + 2 SuperNodes over TLS with site "
+        f"authentication, loopback, {os.cpu_count()} cores (load average {load:.1f} at the end); "
+        f"300 synthetic images per site at {args.image_size} px, batch 16, 1 local epoch; medians over "
+        f"rounds 2..{args.num_rounds}\n"
+    )
+    print(
+        "| teacher | setting | round 1 s | round s | local training s | overhead s "
+        "| bytes/site/round each way |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['teacher']} | {r['setting']} | {r['round1_s']:.1f} | {r['round_s']:.1f} | "
+            f"{r['training_s']:.2f} | {r['overhead_s']:.1f} | {int(r['bytes_per_site_each_way']):,} |"
+        )
+    if args.json:
+        print(json.dumps({"settings": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
