@@ -202,8 +202,10 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
 
     assert federation.wait(server, "server", 360) == 0, federation.output("server")
     rows = federation.metrics()
-    round1 = {r["site"]: r["status"] for r in rows if r["round"] == 1 and r["phase"] == "train"}
-    assert sorted(round1.values()) == ["ok", "timeout"]
+    round1 = sorted(r["status"] for r in rows if r["round"] == 1 and r["phase"] == "train")
+    # Flower reports the killed node as failed (no heartbeat), or it times out: never "ok".
+    assert round1[1:] == ["ok"]
+    assert round1[0] in ("failed", "timeout")
     aggregates = [r for r in rows if r["phase"] == "aggregate"]
     assert [r["round"] for r in aggregates] == [1, 2]
     assert aggregates[0]["sites_trained"] == 1
