@@ -209,7 +209,8 @@ class SiteNode:
             now = time.time()
             if line:
                 text = ANSI.sub("", line.rstrip("\n"))
-                log.write(text + "\n")  # type: ignore[attr-defined]
+                stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+                log.write(f"{stamp} {text}\n")  # type: ignore[attr-defined]
                 log.flush()  # type: ignore[attr-defined]
                 if reason := refusal_reason(text, self.settings):
                     raise SiteRefusedError(reason)
