@@ -222,6 +222,12 @@ def start(
         code = _follow(coordinator, overrides, num_rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail(
+            f"stopped (Ctrl-C); the last completed round is checkpointed: continue with "
+            f"`cxr-fl-server start --run-dir {run_dir} --resume ...`",
+            130,
+        ) from None
     finally:
         coordinator.stop()
     summary = run_dir / "summary.json"
@@ -314,6 +320,14 @@ def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
         console.print(f"finished: summary in {run_dir / 'summary.json'}", highlight=False)
 
 
+def _cmdline(pid: int) -> str:
+    """The command line of a process (to make sure a recorded PID was not reused by another)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @app.command()
 def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     """Stop the coordinator and SuperLink of a run folder (by the PIDs recorded in it)."""
@@ -323,9 +337,9 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     coordinator = Coordinator(run_dir)
     state = coordinator.read_state()
     stopped = False
-    for key in ("coordinator_pid", "superlink_pid"):
+    for key, program in (("coordinator_pid", "cxr-fl-server"), ("superlink_pid", "flower-superlink")):
         pid = state.get(key)
-        if pid and int(pid) != os.getpid() and pid_alive(int(pid)):
+        if pid and int(pid) != os.getpid() and pid_alive(int(pid)) and program in _cmdline(int(pid)):
             stop_pid_tree(int(pid))
             stopped = True
     console.print("stopped" if stopped else "nothing was running", highlight=False)

@@ -286,7 +286,7 @@ def test_refused_sites_are_told_why(federation: Federation) -> None:
     assert "connection refused" in federation.output("wrong-port")
 
     status = federation.command(SERVER, "status", "--run-dir", str(federation.run_dir))
-    assert "up" in status.stdout
+    assert f"127.0.0.1:{federation.port}: up" in status.stdout
     assert "site-a" in status.stdout
     stopped = federation.command(SERVER, "stop", "--run-dir", str(federation.run_dir))
     assert stopped.returncode == 0
