@@ -162,7 +162,14 @@ def start(
     ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
-    from server.deploy import DEFAULT_PORT, Coordinator, TlsFiles, load_schema, resolve_run_config
+    from server.deploy import (
+        DEFAULT_PORT,
+        PROJECT_ROOT,
+        Coordinator,
+        TlsFiles,
+        load_schema,
+        resolve_run_config,
+    )
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
@@ -177,6 +184,13 @@ def start(
             raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
         overrides.update(resolve_run_config(schema, config, set_))
         overrides["run-dir"] = str(run_dir)
+        if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
+            err_console.print(
+                f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
+                "packs its .json/.toml/.md files into the app bundle (10 MB cap). Use runs/... "
+                "(git-ignored) or a folder outside the project.",
+                highlight=False,
+            )
         tls = None
         if insecure:
             err_console.print(
