@@ -14,29 +14,36 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import PrivacyLedger, run_key
-from client.site import SiteConfig, site_from_node_config
-from common.errors import CxrFlError
+from client.site import SiteConfig, site_from_node_config, site_name_for_partition
+from common.checkpoint import load_model_state, save_model
+from common.errors import CxrFlError, DataError
 from common.local import (
     DataRequest,
+    DistillOutcome,
     SiteData,
+    build_loaded_model,
     derive_seed,
     distill_student,
     evaluate_state,
     load_site_data,
     scalar_metrics,
+    student_config,
     train_round,
 )
 from common.privacy import BudgetExhaustedError
-from common.protocol import SITE_BAD_INPUT, SITE_DECLINED, SITE_FAILED, SITE_RECORD, WEIGHT_KEY
+from common.protocol import SITE_BAD_INPUT, SITE_DECLINED, SITE_FAILED, SITE_RECORD, WEIGHT_KEY, error_reason
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
+
+GLOBAL_TEACHER_FILE = "global_teacher.pt"
 
 Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context], RecordDict]
 
@@ -55,24 +62,35 @@ def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
     )
 
 
+def _site_label(context: Context) -> str:
+    """The site's name for error replies, even when its node_config could not be read."""
+    if "site-name" in context.node_config:
+        return str(context.node_config["site-name"])
+    if "partition-id" in context.node_config:
+        return site_name_for_partition(int(context.node_config["partition-id"]))
+    return f"node-{context.node_id}"
+
+
 def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     """Run a handler; turn known failures into error replies with a reason."""
     try:
         settings = run_settings_from_config(context.run_config)
         site = site_from_node_config(context.node_config, settings)
+        site.out_dir.mkdir(parents=True, exist_ok=True)
         data = load_site_data(data_request(settings, site))
         content = handler(msg, settings, site, data, context)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
         return Message(content, reply_to=msg)
     except BudgetExhaustedError as exc:
         logger.warning("Declining: %s", exc)
-        return Message(Error(SITE_DECLINED, f"declined: {exc}"), reply_to=msg)
+        return Message(Error(SITE_DECLINED, error_reason(_site_label(context), str(exc))), reply_to=msg)
     except CxrFlError as exc:
         logger.error("Site cannot take part: %s", exc)
-        return Message(Error(SITE_BAD_INPUT, str(exc)), reply_to=msg)
+        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
     except Exception as exc:  # a bug at one site must not hang the federation
         logger.exception("Site failed")
-        return Message(Error(SITE_FAILED, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        text = f"{type(exc).__name__}: {exc}"
+        return Message(Error(SITE_FAILED, error_reason(_site_label(context), text)), reply_to=msg)
 
 
 def _train(
@@ -154,6 +172,8 @@ def _distill(
         )
     from client.export import EdgeExportOptions, export_site_student  # loaded only for this phase
 
+    if settings.kd_federated_student_rounds > 0:
+        save_model(teacher_state, site.out_dir / GLOBAL_TEACHER_FILE, metadata={"role": "global teacher"})
     ledger_eps = _teacher_epsilon(settings, site, context)
     options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
     metrics.update(
@@ -163,6 +183,77 @@ def _distill(
     )
     if ledger_eps is not None:
         metrics["dp_epsilon"] = ledger_eps
+    return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _global_teacher(site: SiteConfig) -> dict[str, torch.Tensor]:
+    path = site.out_dir / GLOBAL_TEACHER_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: this site did not take part in the distillation round, so it cannot "
+            "train the federated student"
+        )
+    return load_model_state(path)
+
+
+def _student_round(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    """One round of the federated student: distil from the global student's weights, send them back."""
+    server_round = int(msg.content["config"]["server-round"])
+    outcome = distill_student(
+        data,
+        settings.task,
+        settings.teacher,
+        _global_teacher(site),
+        settings.distill,
+        norm=settings.teacher.norm,
+        seed=derive_seed(settings.distill.seed, "federated-student", server_round, site.name),
+        num_threads=site.num_threads,
+        student_state=msg.content["arrays"].to_torch_state_dict(),
+        epochs=settings.train.local_epochs,
+    )
+    metrics = {k: v for k, v in outcome.metrics.items() if k.startswith("student_")}
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(outcome.student.state_dict()),
+            "metrics": MetricRecord({WEIGHT_KEY: len(data.split.train), **metrics}),
+        }
+    )
+
+
+def _student_final(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    """Score the consortium's global student on this site's test split and export it here."""
+    from client.export import EdgeExportOptions, export_site_student
+
+    state = msg.content["arrays"].to_torch_state_dict()
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    teacher_state = _global_teacher(site)
+    metrics = scalar_metrics(evaluate_state(data, "test", settings.task, config, state), "student_")
+    metrics.update(
+        scalar_metrics(
+            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state), "teacher_"
+        )
+    )
+    outcome = DistillOutcome(
+        student=build_loaded_model(config, settings.task, state),
+        teacher=build_loaded_model(settings.teacher, settings.task, teacher_state),
+        metrics=metrics,
+    )
+    options = EdgeExportOptions(num_threads=site.num_threads)
+    exported = export_site_student(
+        site,
+        settings,
+        data,
+        outcome,
+        metrics,
+        teacher_epsilon=_teacher_epsilon(settings, site, context),
+        options=options,
+        subdir="global_student",
+    )
+    metrics.update(exported)
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
 
 
@@ -189,3 +280,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     return _reply(msg, context, _distill)
+
+
+@app.train("student")
+def student_round(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _student_round)
+
+
+@app.evaluate("student")
+def student_final(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _student_final)

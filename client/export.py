@@ -43,6 +43,7 @@ from common.export import (
     write_preprocessing,
 )
 from common.local import DistillOutcome, SiteData
+from common.local import student_config as distilled_student_config
 from common.model_card import ModelCard, split_metrics, write_model_card
 from common.models import count_flops, count_parameters
 from common.run_settings import FederatedRunConfig
@@ -104,8 +105,12 @@ def export_site_student(
     *,
     teacher_epsilon: float | None,
     options: EdgeExportOptions | None = None,
+    subdir: str = STUDENT_DIR,
 ) -> dict[str, float]:
     """Write the student's ONNX, TorchScript, preprocessing, weights and model card; return scalars.
+
+    ``subdir`` is the folder under the site's output (``student``, or ``global_student`` for
+    the consortium's federated student).
 
     Raises ModelError when ONNX Runtime disagrees with PyTorch by more than 1e-4.
     """
@@ -113,16 +118,11 @@ def export_site_student(
     task = settings.task
     image_size = settings.run.image_size
     in_channels = settings.teacher.in_channels
-    out = Path(site.out_dir) / STUDENT_DIR
+    out = Path(site.out_dir) / subdir
     out.mkdir(parents=True, exist_ok=True)
     student = outcome.student.eval()
     teacher = outcome.teacher.eval()
-    student_config = ModelConfig(
-        name=settings.distill.student,
-        norm=settings.teacher.norm,
-        in_channels=in_channels,
-        width_mult=settings.distill.width_mult,
-    )
+    student_config = distilled_student_config(settings.distill, settings.teacher, settings.teacher.norm)
 
     onnx_path = export_onnx(student, out / "student.onnx", image_size, in_channels)
     prep_path = write_preprocessing(Preprocessing.for_task(task, image_size, in_channels), onnx_path)

@@ -243,6 +243,16 @@ def scalar_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
     return out
 
 
+def student_config(distill: DistillConfig, teacher_config: ModelConfig, norm: str) -> ModelConfig:
+    """The student's architecture: same input channels and normalisation as the teacher."""
+    return ModelConfig(
+        name=distill.student,
+        norm=norm,  # type: ignore[arg-type]
+        in_channels=teacher_config.in_channels,
+        width_mult=distill.width_mult,
+    )
+
+
 @dataclass
 class DistillOutcome:
     student: nn.Module
@@ -261,10 +271,14 @@ def distill_student(
     seed: int,
     num_threads: int = 2,
     use_kd: bool = True,
+    student_state: Mapping[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
     progress: object = None,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
 
+    ``student_state`` starts from given student weights (a federated student's global
+    weights) instead of a fresh initialisation; ``epochs`` overrides ``distill.epochs``.
     Returns both models and the test-split metrics of each (``teacher_*`` / ``student_*``).
     With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
     its logits are reused every epoch; otherwise it runs on every (augmented) batch.
@@ -273,10 +287,7 @@ def distill_student(
     torch.set_num_threads(num_threads)
     teacher = build_loaded_model(teacher_config, task, teacher_state)
     teacher.eval()
-    student_config = ModelConfig(
-        name=distill.student, norm=norm, in_channels=teacher_config.in_channels, width_mult=distill.width_mult
-    )
-    student = build_model(student_config, task.num_classes)
+    student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
     train_set = data.dataset("train", augment=True, seed=seed)
     optimizer = make_optimizer(student, TrainConfig(lr=distill.lr, optimizer="sgd", num_threads=num_threads))
     generator = torch.Generator().manual_seed(seed)
@@ -297,7 +308,7 @@ def distill_student(
     else:
         loader = DataLoader(train_set, batch_size=distill.batch_size, shuffle=True, generator=generator)
     started = time.perf_counter()
-    for epoch in range(distill.epochs):
+    for epoch in range(distill.epochs if epochs is None else epochs):
         train_set.set_epoch(epoch)
         distill_one_epoch(student, teacher_source, loader, task, optimizer, settings, progress=progress)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started

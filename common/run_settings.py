@@ -91,6 +91,7 @@ class FederatedRunConfig:
     kd_enabled: bool
     kd_no_kd_baseline: bool
     edge_compression: bool
+    kd_federated_student_rounds: int
 
     @property
     def uses_dp(self) -> bool:
@@ -110,7 +111,15 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
         kd_enabled=_flag(config, "kd-enabled", True),
         kd_no_kd_baseline=_flag(config, "kd-no-kd-baseline", False),
         edge_compression=_flag(config, "edge-compression", False),
+        kd_federated_student_rounds=_count(config, "kd-federated-student-rounds"),
     )
+
+
+def _count(config: Mapping[str, Any], key: str) -> int:
+    value = config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, value, "an integer >= 0")
+    return value
 
 
 def _flag(config: Mapping[str, Any], key: str, default: bool) -> bool:

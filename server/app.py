@@ -16,16 +16,30 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch.utils.data import DataLoader
 
+from common.checkpoint import save_model
 from common.config import from_mapping
-from common.local import EVAL_BATCH_SIZE, DataRequest, build_loaded_model, load_eval_dataset, scalar_metrics
+from common.local import (
+    EVAL_BATCH_SIZE,
+    DataRequest,
+    build_loaded_model,
+    load_eval_dataset,
+    scalar_metrics,
+    student_config,
+)
 from common.models import build_model
-from common.protocol import DISTILL_MESSAGE_TYPE
+from common.protocol import (
+    DISTILL_MESSAGE_TYPE,
+    STUDENT_FINAL_MESSAGE_TYPE,
+    STUDENT_ROUND_MESSAGE_TYPE,
+    WEIGHT_KEY,
+)
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import TeacherRounds, exchange, outcomes_of
+from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, exchange, outcomes_of
 from server.run_folder import RunFolder, write_json
 from server.strategies import StrategySettings, build_strategy
 
@@ -65,29 +79,82 @@ def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
-def distillation_round(
-    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int
-) -> list[dict[str, object]]:
-    """Send the chosen global teacher to every connected site; collect their metrics."""
+def _connected_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
     nodes = sorted(grid.get_node_ids())
-    deadline = time.monotonic() + settings.run.round_timeout
-    while len(nodes) < min_sites and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while len(nodes) < minimum and time.monotonic() < deadline:
         time.sleep(1.0)
         nodes = sorted(grid.get_node_ids())
+    return nodes
+
+
+def broadcast(
+    grid: Grid,
+    arrays: ArrayRecord,
+    message_type: str,
+    config: dict[str, Any],
+    settings: FederatedRunConfig,
+    min_sites: int,
+) -> tuple[list[Message], list[SiteOutcome]]:
+    """Send the same arrays to every connected site; return the replies and each site's outcome."""
+    nodes = _connected_sites(grid, min_sites, settings.run.round_timeout)
     messages = [
         Message(
-            RecordDict({"arrays": teacher, "config": ConfigRecord({"phase": "distill"})}),
+            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
             dst_node_id=node,
-            message_type=DISTILL_MESSAGE_TYPE,
+            message_type=message_type,
         )
         for node in nodes
     ]
     replies, timed_out = exchange(grid, messages, settings.run.round_timeout)
-    rows = []
-    for outcome in outcomes_of(replies, timed_out):
+    outcomes = outcomes_of(replies, timed_out)
+    for outcome in outcomes:
         if outcome.status != "ok":
-            logger.warning("Distillation at site %s %s: %s", outcome.site, outcome.status, outcome.reason)
-        rows.append(outcome.row(settings.run.num_rounds, "distill"))
+            logger.warning("%s at site %s %s: %s", message_type, outcome.site, outcome.status, outcome.reason)
+    return replies, outcomes
+
+
+def distillation_round(
+    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int
+) -> list[dict[str, object]]:
+    """Send the chosen global teacher to every connected site; collect their metrics."""
+    _, outcomes = broadcast(grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites)
+    return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
+
+
+def federated_student(
+    grid: Grid, folder: RunFolder, settings: FederatedRunConfig, min_sites: int
+) -> list[dict[str, object]]:
+    """Average the sites' distilled students into one global student over a few extra rounds."""
+    seed_everything(settings.distill.seed)
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    student = ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
+    rows: list[dict[str, object]] = []
+    for student_round in range(1, settings.kd_federated_student_rounds + 1):
+        replies, outcomes = broadcast(
+            grid, student, STUDENT_ROUND_MESSAGE_TYPE, {"server-round": student_round}, settings, min_sites
+        )
+        rows += [o.row(student_round, "student") for o in outcomes]
+        valid = [r.content for r in replies if not r.has_error()]
+        if len(valid) < min_sites:
+            raise RoundFailedError(
+                f"federated student round {student_round}: {len(valid)} site(s) replied, "
+                f"the minimum is {min_sites}"
+            )
+        student = aggregate_arrayrecords(valid, WEIGHT_KEY)
+        logger.info(
+            "Federated student round %d/%d: %d sites",
+            student_round,
+            settings.kd_federated_student_rounds,
+            len(valid),
+        )
+    save_model(
+        student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
+    )
+    _, outcomes = broadcast(
+        grid, student, STUDENT_FINAL_MESSAGE_TYPE, {"phase": "student"}, settings, min_sites
+    )
+    rows += [o.row(settings.kd_federated_student_rounds, "student-final") for o in outcomes]
     return rows
 
 
@@ -159,6 +226,10 @@ def main(grid: Grid, context: Context) -> None:
         distill_rows = distillation_round(grid, teacher, settings, strategy_settings.min_available_sites)
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
+        if settings.kd_federated_student_rounds > 0:
+            student_rows = federated_student(grid, folder, settings, strategy_settings.min_train_sites)
+            folder.append_metrics(student_rows)
+            write_json(run_dir / "federated_student.json", student_rows)
 
     write_summary(
         folder,

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import CxrFlError
-from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY
+from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY, parse_error_reason
 from server.run_folder import ResumeState, RunFolder
 from server.strategies import load_strategy_state, strategy_state
 
@@ -103,7 +103,8 @@ def outcomes_of(replies: list[Message], timed_out: list[int]) -> list[SiteOutcom
         node = reply.metadata.src_node_id
         if reply.has_error():
             status = "declined" if reply.error.code == SITE_DECLINED else "failed"
-            outcomes.append(SiteOutcome(node, f"node-{node}", status, reply.error.reason or ""))
+            site, reason = parse_error_reason(reply.error.reason or "")
+            outcomes.append(SiteOutcome(node, site or f"node-{node}", status, reason))
             continue
         metrics = {}
         for record in reply.content.metric_records.values():

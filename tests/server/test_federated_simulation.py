@@ -70,7 +70,13 @@ def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
 ) -> None:
     straight, resumed = workspace / "straight", workspace / "resumed"
 
-    kd = {"kd_enabled": True, "kd_epochs": 1, "kd_width_mult": 0.35, "kd_no_kd_baseline": True}
+    kd = {
+        "kd_enabled": True,
+        "kd_epochs": 1,
+        "kd_width_mult": 0.35,
+        "kd_no_kd_baseline": True,
+        "kd_federated_student_rounds": 1,
+    }
     simulation.run(_config(straight, manifests, num_rounds=2, **kd), num_sites=2)
     simulation.run(_config(resumed, manifests, num_rounds=1, **kd), num_sites=2)
     simulation.run(_config(resumed, manifests, num_rounds=2, **kd), num_sites=2)
@@ -134,6 +140,24 @@ def test_distillation_round_leaves_a_checked_student_and_model_card_at_each_site
         assert card["metrics"], "teacher vs student metrics"
         assert all(len(digest) == 64 for digest in card["files"].values())
         assert (student / "model_card.md").is_file()
+
+
+def test_federated_student_is_averaged_saved_and_exported_at_each_site(workspace: Path) -> None:
+    run_dir = workspace / "straight"
+    if not (run_dir / "summary.json").is_file():
+        pytest.skip("needs the two-round run of the first test")
+    rows = _rows(run_dir)
+    assert {(r["phase"], r["site"], r["status"]) for r in rows if r["phase"].startswith("student")} == {
+        ("student", "site_00", "ok"),
+        ("student", "site_01", "ok"),
+        ("student-final", "site_00", "ok"),
+        ("student-final", "site_01", "ok"),
+    }
+    assert (run_dir / "checkpoints" / "student.pt").is_file()
+    for site in ("site_00", "site_01"):
+        exported = run_dir / "sites" / site / "global_student"
+        assert (exported / "student.onnx").is_file()
+        assert (exported / "model_card.json").is_file()
 
 
 def test_dp_epsilon_grows_per_round_within_target_and_a_spent_site_declines(
