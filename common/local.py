@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.config import DistillConfig, ModelConfig, PrivacyConfig, TrainConfig
+from common.config import DistillConfig, ModelConfig, Norm, PrivacyConfig, TrainConfig
 from common.data.cache import CachedImages, build_cache
 from common.data.catalog import Catalog
 from common.data.dataset import CxrDataset
@@ -40,6 +40,7 @@ from common.privacy import (
     plan_dp,
     unwrap_model,
 )
+from common.progress import ProgressArg
 from common.tasks import Task
 from common.training import (
     EvalResult,
@@ -169,7 +170,7 @@ def train_round(
     dp_plan: DPPlan | None = None,
     dp_history: AccountantHistory | None = None,
     num_rounds: int = 1,
-    progress: object = None,
+    progress: ProgressArg = None,
 ) -> RoundOutcome:
     """Train the teacher from ``global_state`` for ``train.local_epochs`` on the site's train split.
 
@@ -215,7 +216,7 @@ def train_round(
             optimizer,
             proximal_mu=train.proximal_mu,
             global_params=global_params,
-            progress=progress,  # type: ignore[arg-type]
+            progress=progress,
         )
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["loss"] = stats.get("loss", float("nan"))
@@ -223,7 +224,7 @@ def train_round(
     if private is not None:
         history = private.history()
         metrics["dp_epsilon"] = private.epsilon()
-        metrics["dp_noise_multiplier"] = plan.noise_multiplier
+        metrics["dp_noise_multiplier"] = private.plan.noise_multiplier
     state = {k: v.detach().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
     return RoundOutcome(state, metrics, history, plan)
 
@@ -243,11 +244,11 @@ def scalar_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
     return out
 
 
-def student_config(distill: DistillConfig, teacher_config: ModelConfig, norm: str) -> ModelConfig:
+def student_config(distill: DistillConfig, teacher_config: ModelConfig, norm: Norm) -> ModelConfig:
     """The student's architecture: same input channels and normalisation as the teacher."""
     return ModelConfig(
         name=distill.student,
-        norm=norm,  # type: ignore[arg-type]
+        norm=norm,
         in_channels=teacher_config.in_channels,
         width_mult=distill.width_mult,
     )
@@ -267,13 +268,13 @@ def distill_student(
     teacher_state: Mapping[str, torch.Tensor],
     distill: DistillConfig,
     *,
-    norm: str,
+    norm: Norm,
     seed: int,
     num_threads: int = 2,
     use_kd: bool = True,
     student_state: Mapping[str, torch.Tensor] | None = None,
     epochs: int | None = None,
-    progress: object = None,
+    progress: ProgressArg = None,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
 
@@ -300,7 +301,7 @@ def distill_student(
             teacher,
             DataLoader(plain, batch_size=EVAL_BATCH_SIZE),
             len(plain),
-            progress=progress,  # type: ignore[arg-type]
+            progress=progress,
         )
         loader: DataLoader = DataLoader(
             IndexedDataset(train_set), batch_size=distill.batch_size, shuffle=True, generator=generator
@@ -310,7 +311,7 @@ def distill_student(
     started = time.perf_counter()
     for epoch in range(distill.epochs if epochs is None else epochs):
         train_set.set_epoch(epoch)
-        distill_one_epoch(student, teacher_source, loader, task, optimizer, settings, progress=progress)  # type: ignore[arg-type]
+        distill_one_epoch(student, teacher_source, loader, task, optimizer, settings, progress=progress)
     seconds = time.perf_counter() - started
     test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE)
     metrics = {"distill_seconds": seconds}
