@@ -236,9 +236,10 @@ def start(
         code = _follow(coordinator, overrides, num_rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"signal, exit code {exc.code}"
         raise fail(
-            f"stopped (Ctrl-C); the last completed round is checkpointed: continue with "
+            f"stopped ({how}); the last completed round is checkpointed: continue with "
             f"`cxr-fl-server start --run-dir {run_dir} --resume ...`",
             130,
         ) from None
