@@ -287,6 +287,8 @@ def experiment_config(
         specs = ExperimentConfig.__dataclass_fields__["sources"].default  # type: ignore[assignment]
     part = {k.replace("-", "_"): v for k, v in file.get("partition", {}).items()}
     part.update({k: v for k, v in partition.items() if v is not None})
+    if part.get("name") == "natural" and "sites" not in part:
+        part["sites"] = None  # one site per natural id
     run_config = dict(file.get("run", {}))
     run_config.update({k: v for k, v in run_settings.items() if v is not None})
     if dp_epsilon is not None:
