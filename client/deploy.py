@@ -40,6 +40,22 @@ class SiteRefusedError(CxrFlError):
     """The SuperNode could not join the federation; the message says why in one line."""
 
 
+class _RestartNodeError(Exception):
+    """Internal: the SuperNode is stuck on a server that listens again; start it afresh."""
+
+
+STUCK_SECONDS = 30.0
+MAX_RESTARTS = 20
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class SiteNodeSettings:
     """How one site joins: where the server is, who the site is, its data and policy."""
@@ -169,7 +185,20 @@ class SiteNode:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         started = time.time()
+        notify = on_event or (lambda _e: None)
+        restarts = 0
+        while True:
+            try:
+                return self._run_once(started, notify)
+            except _RestartNodeError:
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise SiteRefusedError(unreachable_reason(self.settings)) from None
+                notify("the server came back without this site's session; restarting the SuperNode")
+
+    def _run_once(self, started: float, notify: Callable[[str], None]) -> str:
         command = self.settings.command(free_port())
+        self.node_id = None
         with self.log_path.open("a", encoding="utf-8") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             self.process = subprocess.Popen(
@@ -183,7 +212,7 @@ class SiteNode:
                 cwd=self.out_dir,
             )
             try:
-                return self._follow(log, started, on_event or (lambda _e: None))
+                return self._follow(log, started, notify)
             finally:
                 self.stop()
 
@@ -229,6 +258,14 @@ class SiteNode:
                 limit = (
                     self.settings.connect_timeout if self.node_id is None else self.settings.reconnect_timeout
                 )
+                # A SuperLink restarted without its state (--in-memory) listens again but no longer
+                # knows this SuperNode's session, which then fails forever: start it afresh.
+                if (
+                    self.node_id is not None
+                    and now - failing_since > STUCK_SECONDS
+                    and _listening(*self.settings.host_port)
+                ):
+                    raise _RestartNodeError
                 if now - failing_since > limit:
                     raise SiteRefusedError(unreachable_reason(self.settings))
             # The distillation reply is the last message of a run.
