@@ -132,6 +132,7 @@ class DistillConfig:
     epochs: int = 2
     batch_size: int = 32
     lr: float = 0.01
+    optimizer: Optimizer = "sgd"
     cache_teacher_logits: bool = True
     seed: int = 0
 
@@ -148,6 +149,7 @@ class DistillConfig:
         if self.batch_size < 1:
             raise ConfigError("kd-batch-size", self.batch_size, "an integer >= 1")
         _check_positive("kd-lr", self.lr)
+        _check_choice("kd-optimizer", self.optimizer, OPTIMIZERS)
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,9 @@ def distill_student(
     teacher.eval()
     student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
     train_set = data.dataset("train", augment=True, seed=seed)
-    optimizer = make_optimizer(student, TrainConfig(lr=distill.lr, optimizer="sgd", num_threads=num_threads))
+    optimizer = make_optimizer(
+        student, TrainConfig(lr=distill.lr, optimizer=distill.optimizer, num_threads=num_threads)
+    )
     generator = torch.Generator().manual_seed(seed)
     alpha = distill.alpha if use_kd else 0.0
     settings = replace(distill, alpha=alpha)

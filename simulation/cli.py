@@ -250,11 +250,14 @@ DEMO_RUN_CONFIG: dict[str, object] = {
     "teacher-name": "resnet18",
     "image-size": 64,
     "num-rounds": 3,
-    "local-epochs": 1,
+    "local-epochs": 2,
     "batch-size": 32,
-    "lr": 0.05,
-    "kd-epochs": 3,
-    "kd-lr": 0.05,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "kd-epochs": 20,
+    "kd-optimizer": "adam",
+    "kd-lr": 0.002,
+    "kd-alpha": 0.9,
     "min-train-sites": 3,
     "min-evaluate-sites": 3,
     "min-available-sites": 3,
@@ -262,7 +265,7 @@ DEMO_RUN_CONFIG: dict[str, object] = {
 
 
 DEMO_SOURCES: tuple[Any, ...] | None = None
-"""Sources of the default run (None: the built-in synthetic set at its default size)."""
+"""Sources of the default run (None: 900 built-in synthetic images at 64 px)."""
 
 
 def _default_out() -> Path:
@@ -392,10 +395,12 @@ def _demo(ctx: typer.Context) -> None:
         "Running the default simulated federation on built-in synthetic chest X-ray-like images "
         "(a smoke-test data set, not medical data). `python -m simulation --help` lists the commands."
     )
-    sources = {"sources": DEMO_SOURCES} if DEMO_SOURCES is not None else {}
+    from simulation.experiment import SourceSpec
+
+    sources = DEMO_SOURCES or (SourceSpec("synthetic", None, {"n-images": "900", "image-size": "64"}),)
     config = ExperimentConfig(
         out=_default_out(),
-        **sources,
+        sources=sources,
         partition=PartitionSpec(name="dirichlet", sites=3, alpha=1.0, seed=0),
         run_config=dict(DEMO_RUN_CONFIG),
         baselines=True,
