@@ -99,10 +99,8 @@ class SiteData:
 _SITE_DATA: dict[DataRequest, SiteData] = {}
 
 
-def load_site_data(request: DataRequest) -> SiteData:
-    """Catalog, decode-once cache and split of a site (memoised per process)."""
-    if request in _SITE_DATA:
-        return _SITE_DATA[request]
+def cached_images(request: DataRequest) -> CachedImages:
+    """The decode-once cache of a data set (unreadable images skipped with a warning)."""
     catalog = load_catalog(
         request.data_format,
         request.data_path,
@@ -115,6 +113,14 @@ def load_site_data(request: DataRequest) -> SiteData:
         logger.warning(
             "%d unreadable image(s) skipped (first: %s)", len(cached.skipped), cached.skipped[0].key
         )
+    return cached
+
+
+def load_site_data(request: DataRequest) -> SiteData:
+    """Catalog, decode-once cache and split of a site (memoised per process)."""
+    if request in _SITE_DATA:
+        return _SITE_DATA[request]
+    cached = cached_images(request)
     split = split_by_patient(
         cached.catalog,
         val_fraction=request.val_fraction,
@@ -128,14 +134,7 @@ def load_site_data(request: DataRequest) -> SiteData:
 
 def load_eval_dataset(request: DataRequest) -> CxrDataset:
     """Every readable image of a data set as one evaluation set (e.g. a server-held test set)."""
-    catalog = load_catalog(
-        request.data_format,
-        request.data_path,
-        request.task,
-        options=dict(request.options),
-        strict=request.strict,
-    )
-    cached = build_cache(catalog, request.image_size, request.cache_dir, strict=request.strict)
+    cached = cached_images(request)
     return CxrDataset(cached, np.arange(len(cached)))
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
 from common.config import from_mapping
+from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
     DataRequest,
@@ -40,7 +41,7 @@ from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, exchange, outcomes_of
-from server.run_folder import RunFolder, write_json
+from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 
 logger = logging.getLogger(__name__)

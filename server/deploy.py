@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, CxrFlError
+from common.jsonio import write_json
 from common.processes import (
     console_script,
     flower_env,
@@ -42,7 +43,6 @@ from common.processes import (
     stop_process_tree,
     toml_value,
 )
-from server.run_folder import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common.jsonio import write_json
 from common.run_settings import FederatedRunConfig
-from server.run_folder import RunFolder, write_json
+from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 

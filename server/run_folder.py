@@ -35,39 +35,12 @@ import torch
 
 from common.checkpoint import load_model_state, save_model
 from common.errors import ConfigError
+from common.jsonio import json_safe, write_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 # Settings that may differ between the first start and a resume of the same run folder.
 RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout"})
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json(path: Path, payload: Any) -> None:
-    _atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -99,7 +72,7 @@ class RunFolder:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         config_path = self.root / "run_config.json"
-        current = {k: _json_safe(v) for k, v in sorted(run_config.items())}
+        current = {k: json_safe(v) for k, v in sorted(run_config.items())}
         if config_path.is_file():
             previous = json.loads(config_path.read_text(encoding="utf-8"))
             changed = sorted(
@@ -135,7 +108,7 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(_json_safe(row), sort_keys=True) + "\n")
+                handle.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -151,7 +124,7 @@ class RunFolder:
     def drop_metrics_after(self, completed_round: int) -> None:
         """Forget rows of a round that started but never completed (before a resume)."""
         rows = [r for r in self.read_metrics() if int(r.get("round", 0)) <= completed_round]
-        _atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def save_round(
         self,

@@ -15,17 +15,15 @@ without KD is trained at the sites during the distillation round, see ``kd-no-kd
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.checkpoint import load_model_state
+from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
     DataRequest,
@@ -130,18 +128,5 @@ def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> di
             [site.dataset("train", augment=True, seed=local_seed)], settings, seed=local_seed
         )
         results["local"][name] = score_everywhere(state, sites, settings)
-    path = out / "baselines.json"
-    path.write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
+    write_json(out / "baselines.json", results)
     return results
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        return _finite(value.item())
-    return value

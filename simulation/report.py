@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from common.errors import DataError
+from common.jsonio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -346,19 +347,7 @@ def build_report(out: Path) -> Path:
     if _plot_student_vs_teacher(results, report_dir / "student_vs_teacher.png"):
         plots.append("student_vs_teacher.png")
     plots += _gradcam_overlays(out, report_dir)
-    (report_dir / "results.json").write_text(
-        json.dumps(_finite(results), indent=2, default=str) + "\n", encoding="utf-8"
-    )
+    write_json(report_dir / "results.json", results)
     report = report_dir / "report.md"
     report.write_text(render_markdown(results, plots), encoding="utf-8")
     return report
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -59,7 +59,12 @@ def test_kd_student_beats_the_student_trained_on_misleading_site_labels() -> Non
 
     teacher = _model(0)
     teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
-    clean_loader = DataLoader(TensorDataset(clean_images, _one_hot(clean_labels)), batch_size=32, shuffle=True)
+    clean_loader = DataLoader(
+        TensorDataset(clean_images, _one_hot(clean_labels)),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(2),
+    )
     for _ in range(15):
         train_one_epoch(teacher, clean_loader, TASK, teacher_opt)
     teacher_accuracy, _ = _test_scores(teacher, test_images, test_labels)
