@@ -29,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 from common.errors import DataError
 from common.tasks import Task, TaskKind
+
+# scikit-learn is imported where it is used: it takes over a second to import, and a ClientApp
+# process that only trains (a new process per Flower message) never computes metrics.
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ def _nanmean(values: list[float]) -> float:
 def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
     if y.size == 0 or np.all(y == y[0]):
         return math.nan
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s))
 
 
@@ -130,6 +134,8 @@ def _ratio(num: int, den: int) -> float:
 
 
 def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
+    from sklearn.metrics import confusion_matrix, f1_score
+
     c = task.num_classes
     y_true = targets.argmax(axis=1)
     y_pred = scores.argmax(axis=1)
@@ -180,6 +186,7 @@ def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
 
 
 def _multilabel(task: Task, targets: np.ndarray, scores: np.ndarray, threshold: float) -> Metrics:
+
     notes: list[str] = []
     auroc, sens, spec, f1, confusion = [], [], [], [], []
     correct = known_total = 0

@@ -17,12 +17,9 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +27,12 @@ from common.config import PrivacyConfig
 from common.errors import PrivacyError
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+# Opacus is imported inside the functions that use it: it takes seconds to import, and every
+# Flower message starts a fresh ClientApp process, so runs without DP should not pay for it.
 
 AccountantHistory = list[tuple[float, float, int]]
 
@@ -61,6 +64,8 @@ class DPPlan:
 
 def check_model_is_private_compatible(model: nn.Module) -> None:
     """Raise PrivacyError naming the layers Opacus cannot handle (BatchNorm above all)."""
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         details = "; ".join(str(e) for e in errors[:3])
@@ -85,6 +90,8 @@ def plan_dp(
     With Poisson sampling Opacus draws each batch with sampling rate ``1 / batches_per_epoch``
     and takes ``batches_per_epoch`` steps per epoch; the plan uses the same figures.
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     if not policy.enabled:
         raise ValueError("plan_dp called with DP disabled")
     if num_examples < 1:
@@ -124,6 +131,8 @@ def plan_dp(
 
 def epsilon_of(history: AccountantHistory, plan: DPPlan) -> float:
     """Epsilon spent by an accountant ``history`` at the plan's delta (0 for no steps)."""
+    from opacus.accountants import create_accountant
+
     if not history:
         return 0.0
     accountant = create_accountant(plan.accountant)
@@ -178,6 +187,8 @@ def make_private(
     seed: int,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with the plan's noise, continuing the accountant from ``history``."""
+    from opacus import PrivacyEngine
+
     check_model_is_private_compatible(model)
     engine = PrivacyEngine(accountant=plan.accountant)
     generator = torch.Generator().manual_seed(seed)

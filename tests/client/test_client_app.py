@@ -126,3 +126,13 @@ def test_site_whose_classes_differ_from_the_task_is_refused(tmp_path: Path) -> N
 
     assert reply.has_error()
     assert "tuberculosis" in reply.error.reason
+
+
+def test_starting_the_client_app_does_not_import_opacus_or_scikit_learn() -> None:
+    """Flower starts a fresh ClientApp process per message: heavy imports wait until used."""
+    import subprocess
+    import sys
+
+    probe = "import sys, client.app; print(sorted(m for m in ('opacus', 'sklearn') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
