@@ -40,7 +40,7 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, exchange, outcomes_of
+from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 
@@ -96,6 +96,7 @@ def broadcast(
     config: dict[str, Any],
     settings: FederatedRunConfig,
     min_sites: int,
+    names: dict[int, str],
 ) -> tuple[list[Message], list[SiteOutcome]]:
     """Send the same arrays to every connected site; return the replies and each site's outcome."""
     nodes = _connected_sites(grid, min_sites, settings.run.round_timeout)
@@ -107,8 +108,7 @@ def broadcast(
         )
         for node in nodes
     ]
-    replies, timed_out = exchange(grid, messages, settings.run.round_timeout)
-    outcomes = outcomes_of(replies, timed_out)
+    replies, outcomes = collect(grid, messages, settings.run.round_timeout, names)
     for outcome in outcomes:
         if outcome.status != "ok":
             logger.warning("%s at site %s %s: %s", message_type, outcome.site, outcome.status, outcome.reason)
@@ -116,15 +116,17 @@ def broadcast(
 
 
 def distillation_round(
-    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int
+    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int, names: dict[int, str]
 ) -> list[dict[str, object]]:
     """Send the chosen global teacher to every connected site; collect their metrics."""
-    _, outcomes = broadcast(grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites)
+    _, outcomes = broadcast(
+        grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites, names
+    )
     return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
 
 
 def federated_student(
-    grid: Grid, folder: RunFolder, settings: FederatedRunConfig, min_sites: int
+    grid: Grid, folder: RunFolder, settings: FederatedRunConfig, min_sites: int, names: dict[int, str]
 ) -> list[dict[str, object]]:
     """Average the sites' distilled students into one global student over a few extra rounds."""
     seed_everything(settings.distill.seed)
@@ -133,7 +135,13 @@ def federated_student(
     rows: list[dict[str, object]] = []
     for student_round in range(1, settings.kd_federated_student_rounds + 1):
         replies, outcomes = broadcast(
-            grid, student, STUDENT_ROUND_MESSAGE_TYPE, {"server-round": student_round}, settings, min_sites
+            grid,
+            student,
+            STUDENT_ROUND_MESSAGE_TYPE,
+            {"server-round": student_round},
+            settings,
+            min_sites,
+            names,
         )
         rows += [o.row(student_round, "student") for o in outcomes]
         valid = [r.content for r in replies if not r.has_error()]
@@ -153,7 +161,7 @@ def federated_student(
         student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
     )
     _, outcomes = broadcast(
-        grid, student, STUDENT_FINAL_MESSAGE_TYPE, {"phase": "student"}, settings, min_sites
+        grid, student, STUDENT_FINAL_MESSAGE_TYPE, {"phase": "student"}, settings, min_sites, names
     )
     rows += [o.row(settings.kd_federated_student_rounds, "student-final") for o in outcomes]
     return rows
@@ -224,11 +232,15 @@ def main(grid: Grid, context: Context) -> None:
         logger.info(
             "Distillation round: sending the %s global teacher to every site", settings.run.distill_teacher
         )
-        distill_rows = distillation_round(grid, teacher, settings, strategy_settings.min_available_sites)
+        distill_rows = distillation_round(
+            grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names
+        )
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
         if settings.kd_federated_student_rounds > 0:
-            student_rows = federated_student(grid, folder, settings, strategy_settings.min_train_sites)
+            student_rows = federated_student(
+                grid, folder, settings, strategy_settings.min_train_sites, rounds.site_names
+            )
             folder.append_metrics(student_rows)
             write_json(run_dir / "federated_student.json", student_rows)
 

@@ -73,19 +73,18 @@ def site_name(message: Message) -> str:
     return f"node-{message.metadata.src_node_id}"
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], list[int]]:
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
     """Send messages and collect replies until all arrive or ``timeout`` seconds pass.
 
-    Returns the replies and the node ids that did not answer in time.
+    Returns the replies and, for every message sent, its id -> destination node (the ids left
+    without a reply are the sites that timed out).
     """
     outgoing = list(messages)
-    destination = {}
-    ids = []
+    destination: dict[str, int] = {}
     for message_id, message in zip(grid.push_messages(outgoing), outgoing, strict=True):
         if message_id:
             destination[message_id] = message.metadata.dst_node_id
-            ids.append(message_id)
-    pending = set(ids)
+    pending = set(destination)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -94,26 +93,38 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[l
             replies.append(reply)
         if pending:
             time.sleep(REPLY_POLL_SECONDS)
-    return replies, [destination[m] for m in pending]
+    return replies, destination
 
 
-def outcomes_of(replies: list[Message], timed_out: list[int]) -> list[SiteOutcome]:
+def collect(
+    grid: Grid, messages: Iterable[Message], timeout: float, names: dict[int, str]
+) -> tuple[list[Message], list[SiteOutcome]]:
+    """Exchange messages and describe what each site did.
+
+    ``names`` maps node ids to the names sites gave in earlier replies; it is updated here, so
+    that a site which later fails (an error reply made by Flower itself, or no reply at all) is
+    still reported under its name.
+    """
+    replies, destination = exchange(grid, messages, timeout)
+    answered = {reply.metadata.reply_to_message_id for reply in replies}
     outcomes = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             status = "declined" if reply.error.code == SITE_DECLINED else "failed"
             site, reason = parse_error_reason(reply.error.reason or "")
-            outcomes.append(SiteOutcome(node, site or f"node-{node}", status, reason))
+            outcomes.append(SiteOutcome(node, site or names.get(node, f"node-{node}"), status, reason))
             continue
+        names[node] = site_name(reply)
         metrics = {}
         for record in reply.content.metric_records.values():
             metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
-        outcomes.append(SiteOutcome(node, site_name(reply), "ok", metrics=metrics))
-    outcomes.extend(
-        SiteOutcome(n, f"node-{n}", "timeout", "no reply within the round timeout") for n in timed_out
-    )
-    return sorted(outcomes, key=lambda o: o.site)
+        outcomes.append(SiteOutcome(node, names[node], "ok", metrics=metrics))
+    for message_id, node in destination.items():
+        if message_id not in answered:
+            reason = "no reply within the round timeout"
+            outcomes.append(SiteOutcome(node, names.get(node, f"node-{node}"), "timeout", reason))
+    return replies, sorted(outcomes, key=lambda o: o.site)
 
 
 def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
@@ -172,6 +183,7 @@ class TeacherRounds:
         self.min_evaluate_sites = min_evaluate_sites
         self.on_round = on_round
         self.central_evaluate = central_evaluate
+        self.site_names: dict[int, str] = {}
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         arrays = initial
@@ -264,8 +276,7 @@ class TeacherRounds:
         _seed_sampling(self.seed, server_round, "train")
         config = ConfigRecord({"phase": "teacher", "num-rounds": self.num_rounds})
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        replies, timed_out = exchange(self.grid, messages, self.round_timeout)
-        outcomes = outcomes_of(replies, timed_out)
+        replies, outcomes = collect(self.grid, messages, self.round_timeout, self.site_names)
         for outcome in outcomes:
             if outcome.status != "ok":
                 logger.warning(
@@ -294,8 +305,7 @@ class TeacherRounds:
         _seed_sampling(self.seed, server_round, "evaluate")
         config = ConfigRecord({"phase": "teacher"})
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        replies, timed_out = exchange(self.grid, messages, self.round_timeout)
-        outcomes = outcomes_of(replies, timed_out)
+        replies, outcomes = collect(self.grid, messages, self.round_timeout, self.site_names)
         evaluated = sum(o.status == "ok" for o in outcomes)
         if evaluated < self.min_evaluate_sites:
             logger.warning(
