@@ -132,26 +132,11 @@ def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
 
 
 @dataclass
-class RoundReport:
-    """What the progress display shows after each round."""
-
-    server_round: int
-    num_rounds: int
-    replied: int
-    sampled: int
-    train_loss: float
-    val_metric: float
-    best_round: int
-    seconds: float
-
-
-@dataclass
 class TeacherResult:
     arrays: ArrayRecord
     completed_round: int
     best_round: int
     best_metric: float
-    history: list[RoundReport]
 
 
 class TeacherRounds:
@@ -169,7 +154,6 @@ class TeacherRounds:
         seed: int,
         min_train_sites: int,
         min_evaluate_sites: int,
-        on_round: Callable[[RoundReport], None] | None = None,
         central_evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None,
     ) -> None:
         self.grid = grid
@@ -181,7 +165,6 @@ class TeacherRounds:
         self.seed = seed
         self.min_train_sites = min_train_sites
         self.min_evaluate_sites = min_evaluate_sites
-        self.on_round = on_round
         self.central_evaluate = central_evaluate
         self.site_names: dict[int, str] = {}
 
@@ -203,7 +186,6 @@ class TeacherRounds:
                 self.selection_metric,
                 best_metric,
             )
-        history: list[RoundReport] = []
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
             arrays, train_metrics, train_outcomes = self._train_round(server_round, arrays)
@@ -217,6 +199,26 @@ class TeacherRounds:
             if is_best:
                 best_round = server_round
                 best_metric = metric if math.isfinite(metric) else best_metric
+            seconds = time.monotonic() - started
+            trained = sum(o.status == "ok" for o in train_outcomes)
+            rows = [o.row(server_round, "train") for o in train_outcomes]
+            rows += [o.row(server_round, "evaluate") for o in eval_outcomes]
+            rows.append(
+                {
+                    "round": server_round,
+                    "phase": "aggregate",
+                    "site": "_global",
+                    "seconds": seconds,
+                    "sites_trained": trained,
+                    "sites_sampled": len(train_outcomes),
+                    "is_best": is_best,
+                    **{f"train_{k}": v for k, v in train_metrics.items()},
+                    **val_metrics,
+                }
+            )
+            # Metrics first, checkpoint state last: a server killed in between repeats the round
+            # on resume, and the rows of the repeated round are dropped before it runs again.
+            self.folder.append_metrics(rows)
             self.folder.save_round(
                 server_round=server_round,
                 state_dict=arrays.to_torch_state_dict(),
@@ -226,49 +228,19 @@ class TeacherRounds:
                 best_metric=best_metric,
                 seed=self.seed,
             )
-            seconds = time.monotonic() - started
-            rows = [o.row(server_round, "train") for o in train_outcomes]
-            rows += [o.row(server_round, "evaluate") for o in eval_outcomes]
-            rows.append(
-                {
-                    "round": server_round,
-                    "phase": "aggregate",
-                    "site": "_global",
-                    "seconds": seconds,
-                    "sites_trained": sum(o.status == "ok" for o in train_outcomes),
-                    "sites_sampled": len(train_outcomes),
-                    "is_best": is_best,
-                    **{f"train_{k}": v for k, v in train_metrics.items()},
-                    **val_metrics,
-                }
-            )
-            self.folder.append_metrics(rows)
-            report = RoundReport(
-                server_round=server_round,
-                num_rounds=self.num_rounds,
-                replied=sum(o.status == "ok" for o in train_outcomes),
-                sampled=len(train_outcomes),
-                train_loss=float(train_metrics.get("loss", float("nan"))),
-                val_metric=metric,
-                best_round=best_round,
-                seconds=seconds,
-            )
-            history.append(report)
             logger.info(
                 "Round %d/%d: %d/%d sites trained, train loss %.4f, val %s %.4f (best round %d), %.1f s",
                 server_round,
                 self.num_rounds,
-                report.replied,
-                report.sampled,
-                report.train_loss,
+                trained,
+                len(train_outcomes),
+                float(train_metrics.get("loss", float("nan"))),
                 self.selection_metric,
                 metric,
                 best_round,
                 seconds,
             )
-            if self.on_round is not None:
-                self.on_round(report)
-        return TeacherResult(arrays, self.num_rounds, best_round, best_metric, history)
+        return TeacherResult(arrays, self.num_rounds, best_round, best_metric)
 
     def _train_round(
         self, server_round: int, arrays: ArrayRecord
