@@ -139,10 +139,11 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], m
     assert not (tmp_path / "out").exists()
 
 
-def test_no_arguments_prints_help() -> None:
-    result = runner.invoke(app, [])
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "partition" in result.output
+    for command in ("partition", "run", "report"):
+        assert command in result.output
 
 
 def test_module_entry_point_exit_code(tmp_path: Path) -> None:
