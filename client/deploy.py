@@ -169,6 +169,17 @@ def unreachable_reason(settings: SiteNodeSettings) -> str:
     return f"{settings.server} accepts connections but the SuperNode could not join; see its log"
 
 
+def connection_news(line: str) -> bool | None:
+    """What a SuperNode log line says about its link to the SuperLink: False for a failed
+    attempt, True for a (re)established link, None for anything else."""
+    if "Connection attempt failed" in line:
+        return False
+    # "Connection successful after 4.41 seconds and 4 tries.", "Sent successfully", "SuperNode ID: ..."
+    if "Connection successful" in line or "successfully" in line or "SuperNode ID" in line:
+        return True
+    return None
+
+
 class SiteNode:
     """One site's flower-supernode, started, followed and stopped by its PID tree."""
 
@@ -246,9 +257,10 @@ class SiteNode:
                 if match := re.search(r"SuperNode ID: (\d+)", text):
                     self.node_id = int(match[1])
                     on_event(f"joined the federation as node {self.node_id}")
-                if "Connection attempt failed" in text:
+                connected = connection_news(text)
+                if connected is False:
                     failing_since = failing_since or now
-                elif "successfully" in text or "SuperNode ID" in text:
+                elif connected:
                     failing_since = None
                 if "Receiving:" in text:
                     on_event("received a " + text.split("Receiving:", 1)[1].strip().split(" (")[0])

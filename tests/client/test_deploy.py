@@ -75,3 +75,13 @@ def test_unreachable_reason_names_a_refused_port(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     reason = unreachable_reason(_settings(tmp_path, server=f"127.0.0.1:{port}"))
     assert reason.startswith(f"connection refused at 127.0.0.1:{port}")
+
+
+def test_a_reconnected_supernode_is_not_taken_for_a_stuck_one() -> None:
+    from client.deploy import connection_news
+
+    assert connection_news("WARNING :   Connection attempt failed, retrying in 0.80 seconds") is False
+    assert connection_news("INFO :      Connection successful after 4.41 seconds and 4 tries.") is True
+    assert connection_news("INFO :      Sent successfully") is True
+    assert connection_news("INFO :      SuperNode ID: 1739659480893492950") is True
+    assert connection_news("INFO :      Start `flwr-clientapp` process") is None
