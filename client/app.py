@@ -11,6 +11,7 @@ be met) becomes an error reply whose reason the server logs, not a hang or a tra
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from client.privacy_ledger import PrivacyLedger, run_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition
 from common.checkpoint import load_model_state, save_model
 from common.errors import CxrFlError, DataError
+from common.jsonio import write_json
 from common.local import (
     DataRequest,
     DistillOutcome,
@@ -36,7 +38,15 @@ from common.local import (
     train_round,
 )
 from common.privacy import BudgetExhaustedError
-from common.protocol import SITE_BAD_INPUT, SITE_DECLINED, SITE_FAILED, SITE_RECORD, WEIGHT_KEY, error_reason
+from common.protocol import (
+    RUN_FINISHED_MARKER,
+    SITE_BAD_INPUT,
+    SITE_DECLINED,
+    SITE_FAILED,
+    SITE_RECORD,
+    WEIGHT_KEY,
+    error_reason,
+)
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 
 logger = logging.getLogger(__name__)
@@ -99,7 +109,11 @@ def _train(
     config = msg.content["config"]
     server_round = int(config["server-round"])
     num_rounds = int(config.get("num-rounds", settings.run.num_rounds))
-    train = replace(settings.train, proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)))
+    train = replace(
+        settings.train,
+        proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
+        num_threads=site.num_threads,
+    )
     global_state = msg.content["arrays"].to_torch_state_dict()
     privacy = site.effective_privacy(settings.privacy)
     ledger = None
@@ -280,6 +294,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     return _reply(msg, context, _distill)
+
+
+@app.query("finish")
+def finish(msg: Message, context: Context) -> Message:
+    """The run is over: leave a marker in the site's output folder (the site CLI then stops)."""
+    try:
+        settings = run_settings_from_config(context.run_config)
+        site = site_from_node_config(context.node_config, settings)
+        write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
+    except CxrFlError as exc:
+        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})}), reply_to=msg)
 
 
 @app.train("student")

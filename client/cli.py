@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.errors import CxrFlError
+from common.processes import exit_on_sigterm
 
 app = typer.Typer(
     name="cxr-fl-client",
@@ -346,15 +347,19 @@ def start(
         check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
     console.print(f"[bold]{site}[/]: joining {server}; logs in {out / 'supernode.log'}", highlight=False)
     node = SiteNode(settings)
+    exit_on_sigterm()
     try:
         outcome = node.run(
             lambda event: console.print(f"{time.strftime('%H:%M:%S')} {event}", highlight=False)
         )
     except SiteRefusedError as exc:
         raise fail(f"refused: {exc}", 1) from None
-    except KeyboardInterrupt:
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    except (KeyboardInterrupt, SystemExit) as exc:
         node.stop()
-        console.print("stopped (Ctrl-C)")
+        how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        console.print(f"stopped ({how})")
         raise typer.Exit(130) from None
     console.print(f"[bold green]{outcome}[/]", highlight=False)
 

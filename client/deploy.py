@@ -8,8 +8,9 @@ line, why a site is refused: an unregistered key, a server certificate that cann
 (no or wrong CA), or nothing listening at the address given (wrong host or port).
 
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
-once the distillation reply has been sent (the last message of a run), on Ctrl-C, or when the
-server has been unreachable for ``reconnect_timeout`` seconds.
+once it has answered the server's "finish" message (the last message of every run, after the
+distillation and any federated-student rounds), on Ctrl-C, or when the server has been
+unreachable for ``reconnect_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from common.errors import ConfigError, CxrFlError
 from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
+from common.protocol import RUN_FINISHED_MARKER
 
 STUDENT_CARD = Path("student") / "model_card.json"
 # SuperExec (which starts each ClientApp process) polls for work every second by default.
@@ -235,8 +237,8 @@ class SiteNode:
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)
         failing_since: float | None = None
-        card = self.out_dir / STUDENT_CARD
-        sent_after_card = 0.0
+        finished = self.out_dir / RUN_FINISHED_MARKER
+        sent_after_finish = 0.0
         while True:
             line = None
             if selector.select(timeout=0.5):
@@ -264,8 +266,8 @@ class SiteNode:
                     failing_since = None
                 if "Receiving:" in text:
                     on_event("received a " + text.split("Receiving:", 1)[1].strip().split(" (")[0])
-                if "Sent successfully" in text and card.is_file() and card.stat().st_mtime >= started:
-                    sent_after_card = now
+                if "Sent successfully" in text and finished.is_file() and finished.stat().st_mtime >= started:
+                    sent_after_finish = now
             if failing_since is not None:
                 limit = (
                     self.settings.connect_timeout if self.node_id is None else self.settings.reconnect_timeout
@@ -281,8 +283,11 @@ class SiteNode:
                 if now - failing_since > limit:
                     raise SiteRefusedError(unreachable_reason(self.settings))
             # The distillation reply is the last message of a run.
-            if sent_after_card and now - sent_after_card > 1.0:
-                return f"run finished; student and model card in {card.parent}"
+            # The server's "finish" message is the last of a run; its reply has gone.
+            if sent_after_finish and now - sent_after_finish > 1.0:
+                card = self.out_dir / STUDENT_CARD
+                where = f"; student and model card in {card.parent}" if card.is_file() else ""
+                return f"run finished{where}"
 
     def stop(self) -> None:
         if self.process is not None:

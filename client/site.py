@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PrivacyConfig, from_mapping
+from common.config import PrivacyConfig, from_mapping, to_mapping
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig
 
-SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm")
+SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm", "dp-accountant")
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,12 @@ def _required(node_config: Mapping[str, Any], key: str) -> str:
     return str(value)
 
 
-def _site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
+def _site_privacy(node_config: Mapping[str, Any], requested: PrivacyConfig) -> PrivacyConfig | None:
+    """The site's own DP policy; what it leaves unset is the server's request (never looser)."""
     if not any(key in node_config for key in SITE_DP_KEYS):
         return None
-    return from_mapping(PrivacyConfig, {**node_config, "dp-enabled": True}, "dp-")
+    own = {k: v for k, v in node_config.items() if k.startswith("dp-")}
+    return from_mapping(PrivacyConfig, {**to_mapping(requested, "dp-"), **own, "dp-enabled": True}, "dp-")
 
 
 def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRunConfig) -> SiteConfig:
@@ -101,7 +103,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         data_format=data_format,
         out_dir=out_dir,
         cache_dir=Path(cache),
-        privacy=_site_privacy(node_config),
+        privacy=_site_privacy(node_config, settings.privacy),
         num_threads=int(node_config.get("num-threads", 2)),
         strict=str(node_config.get("strict", "false")).lower() == "true",
     )

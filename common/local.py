@@ -36,6 +36,7 @@ from common.privacy import (
     AccountantHistory,
     DPPlan,
     check_budget_for_round,
+    check_plan_matches,
     make_private,
     plan_dp,
     unwrap_model,
@@ -200,6 +201,7 @@ def train_round(
                 local_epochs=train.local_epochs,
                 num_rounds=num_rounds,
             )
+        check_plan_matches(plan, privacy)
         check_budget_for_round(history, plan)
         private = make_private(model, optimizer, loader, plan, history, seed=seed)
         trained_model, optimizer, loader = private.model, private.optimizer, private.loader

@@ -129,6 +129,22 @@ def plan_dp(
     )
 
 
+def check_plan_matches(plan: DPPlan, policy: PrivacyConfig) -> None:
+    """Refuse to go on under a plan made for another policy (e.g. a site that tightened its budget).
+
+    The noise of the rounds already trained was chosen for the plan's target; honouring a new
+    target would need a new run.
+    """
+    planned = (plan.target_epsilon, plan.target_delta, plan.max_grad_norm, plan.accountant)
+    wanted = (policy.target_epsilon, policy.target_delta, policy.max_grad_norm, policy.accountant)
+    if planned != wanted:
+        raise PrivacyError(
+            "the privacy policy changed since this run's DP plan was made: planned epsilon, delta, "
+            f"clipping, accountant = {planned}, now {wanted}. The rounds already trained used noise "
+            "chosen for the old target; start a new run (new run folder) under the new policy"
+        )
+
+
 def epsilon_of(history: AccountantHistory, plan: DPPlan) -> float:
     """Epsilon spent by an accountant ``history`` at the plan's delta (0 for no steps)."""
     from opacus.accountants import create_accountant

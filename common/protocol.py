@@ -18,6 +18,9 @@ SITE_FAILED = 1003
 DISTILL_MESSAGE_TYPE = "train.distill"
 STUDENT_ROUND_MESSAGE_TYPE = "train.student"
 STUDENT_FINAL_MESSAGE_TYPE = "evaluate.student"
+FINISH_MESSAGE_TYPE = "query.finish"
+"""The server's last message of a run: a site writes RUN_FINISHED_MARKER and may stop."""
+RUN_FINISHED_MARKER = "run_finished.json"
 WEIGHT_KEY = "num-examples"
 SITE_RECORD = "site"
 
@@ -25,9 +28,19 @@ SITE_RECORD = "site"
 _REASON = re.compile(r"^site '([^']*)': (.*)$", re.DOTALL)
 
 
+# Absolute paths, and any file name of an image: they may carry patient identifiers.
+_PATHS = re.compile(r"(?<![\w.])/[^\s'\"]+|[^\s'\"/]+\.(?:png|jpe?g|dcm|bmp|tiff?|npz)\b", re.IGNORECASE)
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` without file paths or image names (the site's own log keeps the full text)."""
+    return _PATHS.sub("<path at the site>", text)
+
+
 def error_reason(site: str, text: str) -> str:
-    """The reason of a site's error reply; it names the site (error replies carry no records)."""
-    return f"site '{site}': {text}"
+    """The reason of a site's error reply: names the site (error replies carry no records) and
+    leaves out paths and image names, which stay in the site's own log."""
+    return f"site '{site}': {scrub_paths(text)}"
 
 
 def parse_error_reason(reason: str) -> tuple[str | None, str]:

@@ -27,6 +27,8 @@ from common.errors import ConfigError
 from common.tasks import Task, get_task
 
 TeacherChoice = Literal["best", "last"]
+SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "loss")
+"""Federated-validation metrics that can pick the best global teacher (lower is better for loss)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class RunSettings:
             )
         if self.round_timeout <= 0:
             raise ConfigError("round-timeout", self.round_timeout, "a number of seconds > 0")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigError(
+                "selection-metric", self.selection_metric, "one of " + ", ".join(SELECTION_METRICS)
+            )
         if self.distill_teacher not in ("best", "last"):
             raise ConfigError("distill-teacher", self.distill_teacher, "'best' or 'last'")
         for option, path in (

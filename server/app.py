@@ -33,6 +33,7 @@ from common.local import (
 from common.models import build_model
 from common.protocol import (
     DISTILL_MESSAGE_TYPE,
+    FINISH_MESSAGE_TYPE,
     STUDENT_FINAL_MESSAGE_TYPE,
     STUDENT_ROUND_MESSAGE_TYPE,
     WEIGHT_KEY,
@@ -40,7 +41,7 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect
+from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 app = ServerApp()
 
 
+FINISH_TIMEOUT = 60.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -80,15 +82,6 @@ def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
-def _connected_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    nodes = sorted(grid.get_node_ids())
-    deadline = time.monotonic() + timeout
-    while len(nodes) < minimum and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = sorted(grid.get_node_ids())
-    return nodes
-
-
 def broadcast(
     grid: Grid,
     arrays: ArrayRecord,
@@ -99,7 +92,7 @@ def broadcast(
     names: dict[int, str],
 ) -> tuple[list[Message], list[SiteOutcome]]:
     """Send the same arrays to every connected site; return the replies and each site's outcome."""
-    nodes = _connected_sites(grid, min_sites, settings.run.round_timeout)
+    nodes = wait_for_sites(grid, min_sites, settings.run.round_timeout)
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
@@ -167,6 +160,22 @@ def federated_student(
     return rows
 
 
+def announce_finish(grid: Grid, settings: FederatedRunConfig, names: dict[int, str]) -> None:
+    """Tell every connected site that the run is over (sites' CLIs stop on it)."""
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"phase": "finish"})}),
+            dst_node_id=node,
+            message_type=FINISH_MESSAGE_TYPE,
+        )
+        for node in sorted(grid.get_node_ids())
+    ]
+    _, outcomes = collect(grid, messages, min(settings.run.round_timeout, FINISH_TIMEOUT), names)
+    for outcome in outcomes:
+        if outcome.status != "ok":
+            logger.warning("Site %s did not acknowledge the end of the run: %s", outcome.site, outcome.reason)
+
+
 def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]], dict[str, float]] | None:
     """Scores of the global teacher on a server-held test set (a manifest CSV), if one is given."""
     if not settings.run.central_eval_manifest:
@@ -201,6 +210,8 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(run_dir)
     attach_run_logging(run_dir)
     resume = folder.prepare(dict(context.run_config))
+    if resume is not None:
+        folder.drop_metrics_after(resume.completed_round)
     logger.info("Run folder: %s", run_dir)
     torch.set_num_threads(settings.train.num_threads)
 
@@ -244,6 +255,7 @@ def main(grid: Grid, context: Context) -> None:
             folder.append_metrics(student_rows)
             write_json(run_dir / "federated_student.json", student_rows)
 
+    announce_finish(grid, settings, rounds.site_names)
     write_summary(
         folder,
         settings=settings,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import tomllib
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -26,6 +24,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.errors import CxrFlError
+from common.processes import exit_on_sigterm
 
 app = typer.Typer(
     name="cxr-fl-server",
@@ -123,13 +122,6 @@ def _previous_overrides(run_dir: Path) -> dict[str, Any]:
         return dict(tomllib.load(handle))
 
 
-def _terminate_on_sigterm() -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 @app.command()
 def start(
     run_dir: RunDirOption = Path("runs/federation"),
@@ -213,9 +205,14 @@ def start(
     settings = {**schema, **overrides}
     num_rounds = int(settings["num-rounds"])
     started = time.time()
-    _terminate_on_sigterm()
+    exit_on_sigterm()
     try:
         coordinator.start_superlink(port=port or DEFAULT_PORT, host=host, tls=tls, database=not in_memory)
+    except CxrFlError as exc:
+        # Only what this process started: another coordinator's SuperLink must survive.
+        coordinator.stop(recorded=False)
+        raise fail(str(exc)) from None
+    try:
         if resume and in_memory and tls is not None:
             coordinator.reregister_sites()
         for key_file in site_key_files or []:
@@ -244,7 +241,7 @@ def start(
             130,
         ) from None
     finally:
-        coordinator.stop()
+        coordinator.stop(recorded=False)
     summary = run_dir / "summary.json"
     if summary.is_file() and summary.stat().st_mtime >= started:
         markdown = run_dir / "summary.md"

@@ -342,11 +342,14 @@ class Coordinator:
             f"see {self.superlink_log}"
         )
 
-    def stop(self) -> None:
-        """Stop the SuperLink (and everything it started) of this process, or recorded by PID."""
+    def stop(self, *, recorded: bool = True) -> None:
+        """Stop the SuperLink (and everything it started) of this process, or, with ``recorded``,
+        the one whose PID the run folder records (``cxr-fl-server stop``)."""
         if self.process is not None:
             stop_process_tree(self.process)
             self.process = None
+            return
+        if not recorded:
             return
         pid = self.read_state().get("superlink_pid")
         if pid and pid_alive(int(pid)):

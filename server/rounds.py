@@ -127,6 +127,16 @@ def collect(
     return replies, sorted(outcomes, key=lambda o: o.site)
 
 
+def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Connected node ids once at least ``minimum`` are connected, or whatever is there at ``timeout``."""
+    nodes = sorted(grid.get_node_ids())
+    deadline = time.monotonic() + timeout
+    while len(nodes) < minimum and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    return nodes
+
+
 def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
     random.seed(f"{seed}:{server_round}:{phase}")
 
@@ -170,13 +180,12 @@ class TeacherRounds:
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         arrays = initial
-        start_round, best_round, best_metric = 1, 0, float("-inf")
+        start_round, best_round, best_metric = 1, 0, float("nan")
         if resume is not None:
             arrays = ArrayRecord(self.folder.load_model("last"))
             load_strategy_state(self.strategy, self.folder.load_strategy_state())
             start_round = resume.completed_round + 1
             best_round, best_metric = resume.best_round, resume.best_metric
-            self.folder.drop_metrics_after(resume.completed_round)
             logger.info(
                 "Resuming run in %s after round %d of %d (best so far: round %d, %s = %.4f)",
                 self.folder.root,
@@ -195,7 +204,7 @@ class TeacherRounds:
                 val_metrics.update({f"central_{k}": v for k, v in central.items()})
             metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
             # The first round is the best so far even when its metric is undefined (NaN).
-            is_best = best_round == 0 or (math.isfinite(metric) and metric > best_metric)
+            is_best = best_round == 0 or self._better(metric, best_metric)
             if is_best:
                 best_round = server_round
                 best_metric = metric if math.isfinite(metric) else best_metric
@@ -242,9 +251,25 @@ class TeacherRounds:
             )
         return TeacherResult(arrays, self.num_rounds, best_round, best_metric)
 
+    def _better(self, metric: float, best: float) -> bool:
+        """Is ``metric`` better than ``best``? Lower is better for ``loss``, higher otherwise."""
+        if not math.isfinite(metric):
+            return False
+        if not math.isfinite(best):
+            return True
+        return metric < best if self.selection_metric == "loss" else metric > best
+
     def _train_round(
         self, server_round: int, arrays: ArrayRecord
     ) -> tuple[ArrayRecord, dict[str, float], list[SiteOutcome]]:
+        # Flower's node sampling waits for min-available-sites without a time limit.
+        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.round_timeout))
+        if available < self.strategy.min_available_nodes:
+            raise RoundFailedError(
+                f"round {server_round}: {available} site(s) connected after {self.round_timeout:.0f} s, "
+                f"the minimum is {self.strategy.min_available_nodes}. The last completed round is "
+                "checkpointed; start the server again with --resume once sites are back."
+            )
         _seed_sampling(self.seed, server_round, "train")
         config = ConfigRecord({"phase": "teacher", "num-rounds": self.num_rounds})
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
@@ -274,6 +299,14 @@ class TeacherRounds:
     def _evaluate_round(
         self, server_round: int, arrays: ArrayRecord
     ) -> tuple[dict[str, float], list[SiteOutcome]]:
+        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.round_timeout))
+        if available < self.strategy.min_available_nodes:
+            logger.warning(
+                "Round %d: %d site(s) connected, fewer than min-available-sites; no federated validation",
+                server_round,
+                available,
+            )
+            return {}, []
         _seed_sampling(self.seed, server_round, "evaluate")
         config = ConfigRecord({"phase": "teacher"})
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)

@@ -39,6 +39,8 @@ from common.jsonio import json_safe, write_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
+TEACHER_PHASES = frozenset({"train", "evaluate", "aggregate"})
+
 # Settings that may differ between the first start and a resume of the same run folder.
 RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout"})
 
@@ -100,7 +102,7 @@ class RunFolder:
         return ResumeState(
             completed_round=int(state["completed_round"]),
             best_round=int(state["best_round"]),
-            best_metric=float("-inf") if best is None else float(best),
+            best_metric=float("nan") if best is None else float(best),
             seed=int(state["seed"]),
         )
 
@@ -122,8 +124,13 @@ class RunFolder:
         return rows
 
     def drop_metrics_after(self, completed_round: int) -> None:
-        """Forget rows of a round that started but never completed (before a resume)."""
-        rows = [r for r in self.read_metrics() if int(r.get("round", 0)) <= completed_round]
+        """Before a resume: forget rows of a teacher round that never completed, and of every
+        later phase (distillation, federated student), which the resumed run does again."""
+        rows = [
+            r
+            for r in self.read_metrics()
+            if r.get("phase") in TEACHER_PHASES and int(r.get("round", 0)) <= completed_round
+        ]
         write_text_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def save_round(

@@ -98,7 +98,7 @@ def parse_source_options(pairs: list[str], formats: list[str]) -> list[dict[str,
 
 def load_sources(
     formats: list[str],
-    paths: list[Path],
+    paths: list[Path | None],
     task_name: str,
     *,
     option_pairs: list[str] | None = None,

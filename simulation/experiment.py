@@ -154,10 +154,17 @@ class Experiment:
         from simulation.partition import partition_catalog, write_partition
 
         run_config = self.resolve_run_config()
+        if (self.run_dir / "run_config.json").exists():
+            raise ConfigError(
+                "out",
+                str(self.out),
+                "a new folder: this one already holds an experiment (`python -m simulation report "
+                "OUT` rebuilds its report)",
+            )
         spec = self.config.partition
         catalog, source_paths, source_options = load_sources(
             [s.fmt for s in self.config.sources],
-            [Path(s.path) for s in self.config.sources] if all(s.path for s in self.config.sources) else [],
+            [Path(s.path) if s.path else None for s in self.config.sources],
             self.config.task,
             option_pairs=[f"{s.fmt}.{k}={v}" for s in self.config.sources for k, v in s.options.items()],
             strict=self.config.strict,

@@ -136,3 +136,23 @@ def test_starting_the_client_app_does_not_import_opacus_or_scikit_learn() -> Non
     probe = "import sys, client.app; print(sorted(m for m in ('opacus', 'sklearn') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_error_replies_leave_image_paths_at_the_site(tmp_path: Path) -> None:
+    missing = tmp_path / "patient4242" / "study1.png"
+    manifest = tmp_path / "site.csv"
+    manifest.write_text(f"path,label\n{missing},normal\n{missing},pneumonia\n")
+    node_config = {
+        "site-name": "a",
+        "data-format": "manifest",
+        "data-path": str(manifest),
+        "out-dir": str(tmp_path),
+    }
+    context = _context(tmp_path, node_config)
+    message, _ = _message(context, "train", {"server-round": 1, "num-rounds": 1})
+
+    reply = app(message, context)
+
+    assert reply.has_error()
+    assert "patient4242" not in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason

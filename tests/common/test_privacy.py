@@ -95,3 +95,13 @@ def test_private_training_continues_the_accountant_and_unwraps() -> None:
     assert set(state) == set(before)
     assert not any(k.startswith("_module.") for k in state)
     assert any(not torch.equal(state[k], before[k]) for k in before)
+
+
+def test_a_plan_made_for_another_policy_is_refused() -> None:
+    from common.privacy import check_plan_matches
+
+    plan = plan_dp(POLICY, num_examples=100, batch_size=25, local_epochs=1, num_rounds=3)
+    check_plan_matches(plan, POLICY)
+    tighter = PrivacyConfig(enabled=True, target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0)
+    with pytest.raises(PrivacyError, match="policy changed"):
+        check_plan_matches(plan, tighter)
