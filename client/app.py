@@ -176,6 +176,7 @@ def _distill(
             seed=seed,
             num_threads=site.num_threads,
             use_kd=False,
+            evaluate_teacher=False,
         )
         metrics.update(
             {
@@ -226,6 +227,7 @@ def _student_round(
         num_threads=site.num_threads,
         student_state=msg.content["arrays"].to_torch_state_dict(),
         epochs=settings.train.local_epochs,
+        evaluate_teacher=False,
     )
     metrics = {k: v for k, v in outcome.metrics.items() if k.startswith("student_")}
     return RecordDict(

@@ -275,13 +275,16 @@ def distill_student(
     use_kd: bool = True,
     student_state: Mapping[str, torch.Tensor] | None = None,
     epochs: int | None = None,
+    evaluate_teacher: bool = True,
     progress: ProgressArg = None,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
 
-    ``student_state`` starts from given student weights (a federated student's global
-    weights) instead of a fresh initialisation; ``epochs`` overrides ``distill.epochs``.
-    Returns both models and the test-split metrics of each (``teacher_*`` / ``student_*``).
+    ``use_kd=False`` trains the same student with the same budget on the labels alone (plain
+    cross-entropy; the teacher does no work). ``student_state`` starts from given student
+    weights (a federated student's global weights) instead of a fresh initialisation;
+    ``epochs`` overrides ``distill.epochs``; ``evaluate_teacher=False`` skips scoring the
+    teacher. Returns both models and the test-split metrics (``teacher_*`` / ``student_*``).
     With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
     its logits are reused every epoch; otherwise it runs on every (augmented) batch.
     """
@@ -295,8 +298,6 @@ def distill_student(
         student, TrainConfig(lr=distill.lr, optimizer=distill.optimizer, num_threads=num_threads)
     )
     generator = torch.Generator().manual_seed(seed)
-    alpha = distill.alpha if use_kd else 0.0
-    settings = replace(distill, alpha=alpha)
     teacher_source: nn.Module | torch.Tensor = teacher
     if use_kd and distill.cache_teacher_logits:
         plain = IndexedDataset(data.dataset("train"))
@@ -314,11 +315,15 @@ def distill_student(
     started = time.perf_counter()
     for epoch in range(distill.epochs if epochs is None else epochs):
         train_set.set_epoch(epoch)
-        distill_one_epoch(student, teacher_source, loader, task, optimizer, settings, progress=progress)
+        if use_kd:
+            distill_one_epoch(student, teacher_source, loader, task, optimizer, distill, progress=progress)
+        else:
+            train_one_epoch(student, loader, task, optimizer, progress=progress)
     seconds = time.perf_counter() - started
     test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE)
     metrics = {"distill_seconds": seconds}
-    metrics.update(scalar_metrics(evaluate(teacher, test_loader, task), "teacher_"))
+    if evaluate_teacher:
+        metrics.update(scalar_metrics(evaluate(teacher, test_loader, task), "teacher_"))
     metrics.update(scalar_metrics(evaluate(student, test_loader, task), "student_"))
     return DistillOutcome(student, teacher, metrics)
 

@@ -4,18 +4,23 @@ Layout::
 
     RUN_DIR/
       run_config.json        resolved settings (written at the first start, checked on resume)
-      metrics.jsonl          one line per round, phase and site (+ one aggregate line per phase)
+      metrics.jsonl          one line per round, phase and site (+ one aggregate line per round)
+      server.log             the ServerApp's log
       checkpoints/
         last.pt (+ .sha256)  global teacher after the last completed round
         best.pt (+ .sha256)  global teacher with the best federated-validation metric so far
-        state.json           last completed round, best round/metric, seeds, strategy state file
+        state.json           last completed round, best round/metric, seeds
         strategy.npz         server-side optimiser state (FedAdam / FedYogi), when any
-      summary.json           written when the run ends
+        student.pt           the federated student (kd-federated-student-rounds > 0)
+      summary.json / .md     written when the run ends
       learning_curves.png    aggregate loss and validation metric per round
       distillation.json      per-site teacher vs student metrics (distillation phase)
+      federated_student.json per-site metrics of the federated student, when any
+      sites/<site>/          in simulations: each site's output folder
 
-Every file is written atomically (temporary file, then rename) so that a server killed at any
-moment leaves the previous consistent state behind, which is what resume relies on.
+Checkpoints, state.json and the JSON files are written atomically (temporary file, then rename),
+and state.json last, so a server killed at any moment leaves the previous consistent state
+behind, which is what resume relies on; metrics.jsonl is appended and trimmed on resume.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ started with ``--simulation``), with three differences that make it safe to driv
 
 - the SuperLink runs on free loopback ports chosen here, not Flower's fixed 39091, with its own
   FLWR_HOME inside the run folder (the user's ``~/.flwr`` is never touched);
-- it is started in its own process group, and stopped by its PID (SIGTERM to the group, then
-  SIGKILL) on exit, error or Ctrl-C, which also ends the simulation process and its Ray workers;
+- it is started in a session of its own and stopped on exit, error or Ctrl-C together with every
+  process it started (SuperExec, the simulation process, Ray and its workers), each by its PID
+  as read from /proc: SIGTERM, then SIGKILL;
 - runtime dependency installation, telemetry and update checks are off (this machine is offline).
 
 Per-site resources: every simulated site gets ``cpus_per_site`` CPUs from Ray; with fewer cores
