@@ -4,8 +4,8 @@ For each teacher: wall time per round (median over the rounds after the first, w
 for starting Ray and importing torch in the site actors), the part of it spent in local training
 (the slower site's ``train_seconds``, since sites train in parallel), the rest (overhead:
 messaging, aggregation, validation, checkpointing), and the bytes a site receives and sends per
-round (the teacher's float32 state_dict each way; Flower's own traffic counter of the run is
-shown beside it). The deployment path (SuperLink + SuperNodes over TLS) is measured by
+round (the teacher's state_dict, float32, each way; Flower's simulation runtime keeps no
+traffic counter). The deployment path (SuperLink + SuperNodes over TLS) is measured by
 benchmarks/fl_round_deploy.py.
 
     .venv/bin/python benchmarks/fl_round.py [--teachers tiny-cnn resnet18 ...] [--rounds 4] [--json]
@@ -58,7 +58,7 @@ def measure(teacher: str, args: argparse.Namespace, work: Path, manifests: Path)
     )
     started = time.monotonic()
     with FlowerSimulation(work / f"flower-{teacher}") as simulation:
-        info = simulation.run(config, num_sites=2)
+        simulation.run(config, num_sites=2)
     total = time.monotonic() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = sorted({int(r["round"]) for r in rows if r["phase"] == "aggregate"})
@@ -71,7 +71,6 @@ def measure(teacher: str, args: argparse.Namespace, work: Path, manifests: Path)
     wall_median = statistics.median(wall[n] for n in steady)
     train_median = statistics.median(training[n] for n in steady)
     model_bytes = state_bytes(teacher, get_task("normal-pneumonia-covid").num_classes)
-    traffic = info.get("network-traffic", {}) or {}
     return {
         "teacher": teacher,
         "parameters_mb": model_bytes / 1e6,
@@ -81,7 +80,6 @@ def measure(teacher: str, args: argparse.Namespace, work: Path, manifests: Path)
         "overhead_s": wall_median - train_median,
         "bytes_down_per_site": model_bytes,
         "bytes_up_per_site": model_bytes,
-        "flower_total_bytes": float(traffic.get("total-bytes", 0)),
         "run_total_s": total,
     }
 
@@ -118,14 +116,14 @@ def main() -> None:
     )
     print(
         "| teacher | state MB | round 1 s | round s | local training s | overhead s "
-        "| bytes down/site/round | bytes up/site/round | Flower traffic, whole run |"
+        "| bytes down/site/round | bytes up/site/round |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['teacher']} | {r['parameters_mb']:.1f} | {r['round1_s']:.1f} | {r['round_s']:.2f} | "
             f"{r['training_s']:.2f} | {r['overhead_s']:.2f} | {int(r['bytes_down_per_site']):,} | "
-            f"{int(r['bytes_up_per_site']):,} | {int(r['flower_total_bytes']):,} |"
+            f"{int(r['bytes_up_per_site']):,} |"
         )
     if args.json:
         print(json.dumps({"settings": vars(args), "results": results}))
