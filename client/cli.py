@@ -16,30 +16,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
 
-app = typer.Typer(
-    name="cxr-fl-client",
-    help="Federated chest X-ray client: check a site's data, join a federation, predict, explain.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = typer_app(
+    "cxr-fl-client",
+    "Federated chest X-ray client: check a site's data, join a federation, predict, explain.",
 )
-console = Console()
-err_console = Console(stderr=True)
-
-USER_ERROR_EXIT = 2
-
-
-def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
-    """Print a user error (no traceback) and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+console = stdout
+err_console = stderr
 
 
 @app.callback()

@@ -19,30 +19,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
 
-app = typer.Typer(
-    name="cxr-fl-server",
-    help="Coordinate a federated chest X-ray run: certificates, site keys, SuperLink, progress.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = typer_app(
+    "cxr-fl-server",
+    "Coordinate a federated chest X-ray run: certificates, site keys, SuperLink, progress.",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = stdout
+err_console = stderr
 
-USER_ERROR_EXIT = 2
 RUN_FAILED_EXIT = 1
-
-
-def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.callback()

@@ -11,33 +11,26 @@ Without a subcommand the app calls :data:`default_action`: the default synthetic
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from common.errors import ConfigError, CxrFlError
+from common.cli_support import stderr, stdout, typer_app, user_errors
+from common.errors import ConfigError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-app = typer.Typer(
-    name="simulation",
-    help="Simulated federations of chest X-ray sites: non-IID partitions of public data sets.",
+app = typer_app(
+    "simulation",
+    "Simulated federations of chest X-ray sites: non-IID partitions of public data sets.",
     no_args_is_help=False,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
 )
-
-stdout = Console()
-stderr = Console(stderr=True)
-EXIT_USER_ERROR = 2
 
 
 def _print_help(ctx: typer.Context) -> None:
@@ -63,20 +56,6 @@ def _setup_logging(level: int) -> None:
     if not any(isinstance(h, RichHandler) for h in root.handlers):
         root.addHandler(RichHandler(console=stderr, show_path=False, show_time=False))
     root.setLevel(level)
-
-
-def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Print a CxrFlError as one line on stderr and exit 2, instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except CxrFlError as exc:
-            stderr.print(f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
 
 
 def parse_source_options(pairs: list[str], formats: list[str]) -> list[dict[str, str]]:
