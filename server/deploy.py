@@ -75,7 +75,8 @@ def load_schema(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
         raise DeployError(f"cannot read [tool.flwr.app.config] from {path}: {exc}") from None
 
 
-def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
+def coerce_setting(key: str, value: Any, default: Any, origin: str) -> Any:
+    """``value`` as the type of the setting's default; ConfigError naming ``origin`` otherwise."""
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -91,7 +92,7 @@ def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
     raise ConfigError(f"{origin} '{key}'", value, f"a value of type {kind} (default {default!r})")
 
 
-def _unknown(key: str, schema: Mapping[str, Any], origin: str) -> ConfigError:
+def unknown_setting(key: str, schema: Mapping[str, Any], origin: str) -> ConfigError:
     return ConfigError(
         origin, key, "a run setting of pyproject's [tool.flwr.app.config]: " + ", ".join(sorted(schema))
     )
@@ -126,13 +127,13 @@ def resolve_run_config(
             raise ConfigError("--config", str(config_file), f"valid TOML ({exc})") from None
         for key, value in data.items():
             if key not in schema:
-                raise _unknown(key, schema, f"key in {config_file}")
-            overrides[key] = _coerce(key, value, schema[key], str(config_file))
+                raise unknown_setting(key, schema, f"key in {config_file}")
+            overrides[key] = coerce_setting(key, value, schema[key], str(config_file))
     for item in sets or []:
         key, value = parse_set_option(item)
         if key not in schema:
-            raise _unknown(key, schema, "--set")
-        overrides[key] = _coerce(key, value, schema[key], "--set")
+            raise unknown_setting(key, schema, "--set")
+        overrides[key] = coerce_setting(key, value, schema[key], "--set")
     return overrides
 
 

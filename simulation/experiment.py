@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,34 +29,22 @@ from typing import Any
 from common.config import from_mapping
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, run_settings_from_config
+from server.deploy import coerce_setting, load_schema, parse_progress, parse_set_option, unknown_setting
 from server.strategies import StrategySettings
-from simulation.runtime import PROJECT_ROOT, FlowerSimulation
+from simulation.runtime import FlowerSimulation
 
 logger = logging.getLogger(__name__)
-
-ROUND_LINE = re.compile(
-    r"Round (\d+)/(\d+): (\d+)/(\d+) sites trained.*?val (\S+) (\S+) \(best round (\d+)\)"
-)
-
-
-def run_config_schema() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of pyproject.toml: every run setting and its default."""
-    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
 def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Schema defaults with ``overrides``; unknown keys and bad values fail here, before any work."""
-    schema = run_config_schema()
+    schema = load_schema()
+    checked = {}
     for key, value in overrides.items():
         if key not in schema:
-            raise ConfigError(f"run setting '{key}'", value, "one of " + ", ".join(sorted(schema)))
-        expected = type(schema[key])
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"run setting '{key}'", value, f"a {expected.__name__} like {schema[key]!r}")
-    merged = {**schema, **overrides}
+            raise unknown_setting(key, schema, "run setting")
+        checked[key] = coerce_setting(key, value, schema[key], "run setting")
+    merged = {**schema, **checked}
     run_settings_from_config(merged)
     from_mapping(StrategySettings, merged)
     return merged
@@ -65,17 +52,7 @@ def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``key=value`` pairs with TOML values (``num-rounds=5``, ``strategy="fedprox"`` or fedprox)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("set", item, "KEY=VALUE, e.g. --set num-rounds=5")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
+    return dict(parse_set_option(item) for item in items)
 
 
 @dataclass(frozen=True)
@@ -208,14 +185,19 @@ class Experiment:
         settings = run_settings_from_config(run_config)
 
         def follow(line: str) -> None:
-            match = ROUND_LINE.search(line)
-            if match and on_round is not None:
-                value = float(match.group(6)) if match.group(6) != "nan" else float("nan")
-                on_round(
-                    int(match.group(1)), int(match.group(2)), int(match.group(3)), int(match.group(4)), value
-                )
-            elif "Distillation round" in line:
+            progress = parse_progress(line)
+            if progress is None:
+                return
+            if progress.phase == "distill":
                 stage("distilling students at the sites")
+            elif on_round is not None and progress.replied is not None and progress.sampled is not None:
+                on_round(
+                    progress.completed_round,
+                    progress.num_rounds,
+                    progress.replied,
+                    progress.sampled,
+                    progress.metric if progress.metric is not None else float("nan"),
+                )
 
         stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
         with FlowerSimulation(self.out / "flower") as simulation:

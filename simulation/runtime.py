@@ -33,6 +33,7 @@ from typing import Any
 
 from common.errors import CxrFlError
 from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
+from server.deploy import write_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +146,7 @@ class FlowerSimulation:
         if self.process is None:
             raise SimulationError("the simulation SuperLink is not running")
         overrides = self.work_dir / "run_overrides.toml"
-        overrides.write_text(
-            "".join(f"{key} = {toml_value(value)}\n" for key, value in sorted(run_config.items())),
-            encoding="utf-8",
-        )
+        write_run_config(overrides, run_config)
         command = [
             console_script("flwr"),
             "run",

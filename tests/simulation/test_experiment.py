@@ -55,7 +55,7 @@ def _alive_with_env(marker: str) -> list[int]:
 def test_run_settings_are_checked_against_the_schema() -> None:
     with pytest.raises(ConfigError, match="num-rounds"):
         check_run_config({"num-rounds": "three"})
-    with pytest.raises(ConfigError, match="one of"):
+    with pytest.raises(ConfigError, match="num-rounds"):
         check_run_config({"num-round": 3})
     with pytest.raises(UnknownNameError, match="fedavg"):
         check_run_config({"strategy": "fedbest"})
