@@ -29,6 +29,8 @@ import numpy as np
 
 from common.errors import DataError
 from common.jsonio import write_json
+from server.reporting import global_rows
+from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,6 @@ GRADCAM_IMAGES = 4
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _num(value: Any) -> float:
@@ -67,7 +63,7 @@ def collect_results(out: Path) -> dict[str, Any]:
     run = out / "run"
     if not (run / "metrics.jsonl").is_file():
         raise DataError(f"{out} is not an experiment folder: {run / 'metrics.jsonl'} is missing")
-    rows = _rows(run / "metrics.jsonl")
+    rows = RunFolder(run).read_metrics()
     summary = _read_json(run / "summary.json") or {}
     experiment = _read_json(out / "experiment.json") or {}
     rounds = [
@@ -77,13 +73,9 @@ def collect_results(out: Path) -> dict[str, Any]:
             if k in ("round", "seconds", "sites_trained", "sites_sampled", "train_loss")
             or k.startswith("val_")
         }
-        for r in rows
-        if r.get("phase") == "aggregate"
+        for r in global_rows(rows)
     ]
-    epsilon: dict[str, float] = {}
-    for r in rows:
-        if r.get("phase") == "train" and r.get("dp_epsilon") is not None:
-            epsilon[str(r["site"])] = float(r["dp_epsilon"])
+    epsilon = dict(summary.get("dp_epsilon_spent") or {})
     distill = [r for r in rows if r.get("phase") == "distill"]
     compression = {}
     cards = {}
