@@ -66,9 +66,7 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
 
 def _score(model: torch.nn.Module, dataset: Dataset[Any], settings: FederatedRunConfig) -> dict[str, float]:
     result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), settings.task)
-    scores = {"loss": float(result.loss), "n": float(result.n)}
-    scores.update({k: float(v) for k, v in result.metrics.scalars().items()})
-    return scores
+    return {"n": float(result.n), **scalar_metrics(result, "")}
 
 
 def score_everywhere(
@@ -90,7 +88,6 @@ def train_centrally(
     epochs = settings.run.num_rounds * settings.train.local_epochs
     state = initial_teacher(settings).to_torch_state_dict()
     seed_everything(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_loaded_model(settings.teacher, settings.task, state)
     train_set = ConcatDataset(datasets)
     generator = torch.Generator().manual_seed(seed)
