@@ -31,6 +31,7 @@ from common.local import (
     build_loaded_model,
     derive_seed,
     load_site_data,
+    scalar_metrics,
 )
 from common.run_settings import FederatedRunConfig
 from common.training import evaluate, make_optimizer, seed_everything, train_one_epoch
