@@ -74,10 +74,12 @@ class EdgeExportOptions:
     save_teacher: bool = False
 
 
-def _images(data: SiteData, part: str, limit: int) -> np.ndarray:
-    """Normalised float32 ``[n, 1, S, S]`` of the first ``limit`` images of a split."""
+def _images(data: SiteData, part: str, limit: int, in_channels: int = 1) -> np.ndarray:
+    """Normalised float32 ``[n, C, S, S]`` of the first ``limit`` images of a split (grey
+    images repeated over the model's ``in_channels``)."""
     rows = np.asarray(getattr(data.split, part))[:limit]
-    return normalise(np.asarray(data.cached.images[rows])).unsqueeze(1).numpy()
+    images = normalise(np.asarray(data.cached.images[rows])).unsqueeze(1).numpy()
+    return np.repeat(images, in_channels, axis=1) if in_channels != 1 else images
 
 
 def _class_counts(data: SiteData, task: Task) -> dict[str, dict[str, int]]:
@@ -137,9 +139,7 @@ def export_site_student(
         files.append(teacher_path)
 
     part = "test" if len(data.split.test) else "train"
-    parity_images = _images(data, part, opts.parity_images)
-    if in_channels != 1:
-        parity_images = np.repeat(parity_images, in_channels, axis=1)
+    parity_images = _images(data, part, opts.parity_images, in_channels)
     max_diff = check_onnx_parity(student, onnx_path, parity_images, num_threads=opts.num_threads)
     latency = onnx_latency(
         onnx_path, image_size, in_channels, num_threads=opts.num_threads, repeats=opts.latency_repeats
@@ -158,9 +158,9 @@ def export_site_student(
     )
 
     if opts.compression:
-        test_images = _images(data, "test", opts.compression_test_images)
+        test_images = _images(data, "test", opts.compression_test_images, in_channels)
         test_targets = data.catalog.targets[np.asarray(data.split.test)[: opts.compression_test_images]]
-        calibration = _images(data, "train", opts.calibration_images)
+        calibration = _images(data, "train", opts.calibration_images, in_channels)
         rows, compression_settings = compare_compression(
             teacher,
             student,
