@@ -121,6 +121,23 @@ def load_sources(
     return Catalog.concat(catalogs), source_paths, source_options
 
 
+def drop_duplicate_images(catalog: Any, cache_dir: Path | None) -> Any:
+    """The catalog without exact duplicates (same decoded pixels; the first copy is kept).
+
+    Public CXR sets re-publish each other's images; a copy on both sides of a split would leak
+    test images into training. Decoding happens once into the image cache (at 32 px; the pixel
+    hashes are of the full-resolution images), and unreadable images are left out as well.
+    """
+    from common.data.cache import build_cache
+    from common.data.duplicates import find_duplicates
+
+    cached = build_cache(catalog, 32, cache_dir)
+    report = find_duplicates(cached, level="exact")
+    if report.n_duplicates:
+        stdout.print(f"dropping duplicates: {report.summary(cached, limit=3)}", markup=False, highlight=False)
+    return cached.catalog.subset(report.keep_rows())
+
+
 @app.command()
 @user_errors
 def partition(
@@ -169,6 +186,9 @@ def partition(
     ] = None,
     strict: Annotated[bool, typer.Option(help="Treat missing listed images as errors.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
+    drop_duplicates: Annotated[
+        bool, typer.Option(help="Leave out exact duplicate images (e.g. the same image in two sources).")
+    ] = False,
 ) -> None:
     """Split data sets into non-IID sites: one manifest CSV per site, partition.json, table and plot."""
     from simulation.partition import label_skew, label_table_rows, partition_catalog, write_partition
@@ -177,6 +197,8 @@ def partition(
     catalog, source_paths, source_options = load_sources(
         formats, list(data or []), task, option_pairs=list(source_option or []), strict=strict
     )
+    if drop_duplicates:
+        catalog = drop_duplicate_images(catalog, None)
     if sites is None and partitioner != "natural":
         sites = 3
     result = partition_catalog(
@@ -313,6 +335,9 @@ def run(
     baselines: Annotated[
         bool | None, typer.Option(help="Also train pooled and local-only teachers and a no-KD student.")
     ] = None,
+    drop_duplicates: Annotated[
+        bool | None, typer.Option(help="Leave out exact duplicate images before partitioning.")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any run setting KEY=VALUE (see pyproject.toml).")
     ] = None,
@@ -345,6 +370,7 @@ def run(
         },
         dp_epsilon=dp_epsilon,
         baselines=baselines,
+        drop_duplicates=drop_duplicates,
         set_items=list(set_ or []),
         default_out=_default_out(),
     )

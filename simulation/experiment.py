@@ -89,6 +89,7 @@ class ExperimentConfig:
     baselines: bool = False
     cpus_per_site: int = 1
     strict: bool = False
+    drop_duplicates: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,7 +128,7 @@ class Experiment:
 
     def prepare(self) -> tuple[dict[str, Any], int]:
         """Check settings, write the partition; returns the run config and the number of sites."""
-        from simulation.cli import load_sources
+        from simulation.cli import drop_duplicate_images, load_sources
         from simulation.partition import partition_catalog, write_partition
 
         run_config = self.resolve_run_config()
@@ -146,6 +147,8 @@ class Experiment:
             option_pairs=[f"{s.fmt}.{k}={v}" for s in self.config.sources for k, v in s.options.items()],
             strict=self.config.strict,
         )
+        if self.config.drop_duplicates:
+            catalog = drop_duplicate_images(catalog, self.out / "cache")
         partition = partition_catalog(
             catalog,
             spec.name,
@@ -212,7 +215,17 @@ class Experiment:
         return ExperimentResult(self.out, report, settings)
 
 
-EXPERIMENT_KEYS = ("out", "task", "baselines", "cpus-per-site", "strict", "sources", "partition", "run")
+EXPERIMENT_KEYS = (
+    "out",
+    "task",
+    "baselines",
+    "cpus-per-site",
+    "strict",
+    "drop-duplicates",
+    "sources",
+    "partition",
+    "run",
+)
 PARTITION_KEYS = ("name", "sites", "alpha", "classes-per-site", "natural-by", "min-site-size", "seed")
 
 
@@ -248,6 +261,7 @@ def experiment_config(
     dp_epsilon: float | None,
     baselines: bool | None,
     set_items: list[str],
+    drop_duplicates: bool | None = None,
     default_out: Path,
 ) -> ExperimentConfig:
     """Merge a TOML config file and command-line options (the command line wins)."""
@@ -295,4 +309,7 @@ def experiment_config(
         baselines=bool(baselines if baselines is not None else file.get("baselines", False)),
         cpus_per_site=int(file.get("cpus-per-site", 1)),
         strict=bool(file.get("strict", False)),
+        drop_duplicates=bool(
+            drop_duplicates if drop_duplicates is not None else file.get("drop-duplicates", False)
+        ),
     )

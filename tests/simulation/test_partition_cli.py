@@ -152,3 +152,21 @@ def test_module_entry_point_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "error: invalid value for 'partitioner': 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_drop_duplicates_leaves_one_copy_of_each_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_FL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    # The same synthetic set twice: every image has an exact copy in the other source.
+    args = ["partition", "--out", str(out), "--source", "synthetic", "--source", "synthetic"]
+    args += ["--source-option", "n-images=30", "--source-option", "image-size=32"]
+    args += ["--partition", "iid", "--sites", "2", "--min-site-size", "1", "--no-patient-split"]
+
+    result = runner.invoke(app, [*args, "--drop-duplicates"])
+
+    assert result.exit_code == 0, result.output
+    assert "dropping duplicates" in result.output
+    rows = sum(len((out / f"site_{i:02d}.csv").read_text().splitlines()) - 1 for i in range(2))
+    assert rows == 30
