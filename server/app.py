@@ -92,7 +92,7 @@ def broadcast(
     names: dict[int, str],
 ) -> tuple[list[Message], list[SiteOutcome]]:
     """Send the same arrays to every connected site; return the replies and each site's outcome."""
-    nodes = wait_for_sites(grid, min_sites, settings.run.round_timeout)
+    nodes = wait_for_sites(grid, min_sites, settings.run.site_wait_timeout)
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
@@ -223,6 +223,7 @@ def main(grid: Grid, context: Context) -> None:
         folder,
         num_rounds=settings.run.num_rounds,
         round_timeout=settings.run.round_timeout,
+        site_wait_timeout=settings.run.site_wait_timeout,
         selection_metric=settings.run.selection_metric,
         seed=settings.train.seed,
         min_train_sites=strategy_settings.min_train_sites,

@@ -160,6 +160,7 @@ class TeacherRounds:
         *,
         num_rounds: int,
         round_timeout: float,
+        site_wait_timeout: float,
         selection_metric: str,
         seed: int,
         min_train_sites: int,
@@ -171,6 +172,7 @@ class TeacherRounds:
         self.folder = folder
         self.num_rounds = num_rounds
         self.round_timeout = round_timeout
+        self.site_wait_timeout = site_wait_timeout
         self.selection_metric = selection_metric
         self.seed = seed
         self.min_train_sites = min_train_sites
@@ -263,10 +265,10 @@ class TeacherRounds:
         self, server_round: int, arrays: ArrayRecord
     ) -> tuple[ArrayRecord, dict[str, float], list[SiteOutcome]]:
         # Flower's node sampling waits for min-available-sites without a time limit.
-        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.round_timeout))
+        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.site_wait_timeout))
         if available < self.strategy.min_available_nodes:
             raise RoundFailedError(
-                f"round {server_round}: {available} site(s) connected after {self.round_timeout:.0f} s, "
+                f"round {server_round}: {available} site(s) connected after {self.site_wait_timeout:.0f} s, "
                 f"the minimum is {self.strategy.min_available_nodes}. The last completed round is "
                 "checkpointed; start the server again with --resume once sites are back."
             )
@@ -299,7 +301,7 @@ class TeacherRounds:
     def _evaluate_round(
         self, server_round: int, arrays: ArrayRecord
     ) -> tuple[dict[str, float], list[SiteOutcome]]:
-        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.round_timeout))
+        available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.site_wait_timeout))
         if available < self.strategy.min_available_nodes:
             logger.warning(
                 "Round %d: %d site(s) connected, fewer than min-available-sites; no federated validation",
