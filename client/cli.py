@@ -302,6 +302,14 @@ def start(
             "--reconnect-timeout", help="Once joined, give up after the server is gone this long (s)."
         ),
     ] = 600.0,
+    activate_timeout: Annotated[
+        float,
+        typer.Option(
+            "--activate-timeout",
+            help="Keep asking the server to activate this site this long (s): after a crash, the "
+            "previous session counts as online for up to 60 s.",
+        ),
+    ] = 75.0,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
@@ -329,6 +337,7 @@ def start(
             num_threads=threads,
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
+            activate_timeout=activate_timeout,
         )
     except CxrFlError as exc:
         raise fail(str(exc)) from None

@@ -42,11 +42,20 @@ class SiteRefusedError(CxrFlError):
     """The SuperNode could not join the federation; the message says why in one line."""
 
 
+class _ActivationRefusedError(Exception):
+    """The SuperLink refused to activate this SuperNode (unregistered key, or still online)."""
+
+
 class _RestartNodeError(Exception):
     """Internal: the SuperNode is stuck on a server that listens again; start it afresh."""
 
 
 STUCK_SECONDS = 30.0
+# Flower keeps a SuperNode "online" for 2 heartbeats (2 x 30 s) after its last one; a site
+# restarted after a crash is refused ("Failed to activate SuperNode") until then, exactly as an
+# unregistered key is. So activation is retried this long before the site is called refused.
+ACTIVATE_GRACE_SECONDS = 75.0
+ACTIVATE_RETRY_SECONDS = 5.0
 MAX_RESTARTS = 20
 
 
@@ -77,6 +86,7 @@ class SiteNodeSettings:
     cache_dir: Path | None = None
     connect_timeout: float = 120.0
     reconnect_timeout: float = 600.0
+    activate_timeout: float = ACTIVATE_GRACE_SECONDS
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -203,6 +213,14 @@ class SiteNode:
         while True:
             try:
                 return self._run_once(started, notify)
+            except _ActivationRefusedError as exc:
+                if time.time() - started >= self.settings.activate_timeout:
+                    raise SiteRefusedError(str(exc)) from None
+                notify(
+                    "the server did not activate this site yet (an earlier session may still count as "
+                    f"online); retrying for up to {self.settings.activate_timeout:.0f} s"
+                )
+                time.sleep(ACTIVATE_RETRY_SECONDS)
             except _RestartNodeError:
                 restarts += 1
                 if restarts > MAX_RESTARTS:
@@ -255,6 +273,8 @@ class SiteNode:
                 log.write(f"{stamp} {text}\n")  # type: ignore[attr-defined]
                 log.flush()  # type: ignore[attr-defined]
                 if reason := refusal_reason(text, self.settings):
+                    if "Failed to activate SuperNode" in text:
+                        raise _ActivationRefusedError(reason)
                     raise SiteRefusedError(reason)
                 if match := re.search(r"SuperNode ID: (\d+)", text):
                     self.node_id = int(match[1])

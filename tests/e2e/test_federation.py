@@ -184,7 +184,7 @@ def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
 def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config(
-        "num-rounds = 2\nkd-enabled = false\nround-timeout = 25.0\n"
+        "num-rounds = 3\nkd-enabled = false\nround-timeout = 25.0\n"
         "min-train-sites = 1\nmin-evaluate-sites = 1\nmin-available-sites = 2\n"
     )
     server = federation.start_server("--config", str(config))
@@ -200,19 +200,20 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     stop_process_tree(victim)  # killed mid-round, with its ClientApp
     federation.start_client("site-b", "--skip-check")
 
-    assert federation.wait(server, "server", 360) == 0, federation.output("server")
+    assert federation.wait(server, "server", 420) == 0, federation.output("server")
     rows = federation.metrics()
-    round1 = sorted(r["status"] for r in rows if r["round"] == 1 and r["phase"] == "train")
+    round1 = [r["status"] for r in rows if r["round"] == 1 and r["phase"] == "train"]
     # Flower reports the killed node as failed (no heartbeat), or it times out: never "ok".
-    assert round1[1:] == ["ok"]
-    assert round1[0] in ("failed", "timeout")
+    assert sorted(round1, key=lambda status: status != "ok") in (["ok", "failed"], ["ok", "timeout"])
     aggregates = [r for r in rows if r["phase"] == "aggregate"]
-    assert [r["round"] for r in aggregates] == [1, 2]
+    assert [r["round"] for r in aggregates] == [1, 2, 3]
     assert aggregates[0]["sites_trained"] == 1
-    trained_round2 = sorted(
-        r["site"] for r in rows if r["round"] == 2 and r["phase"] == "train" and r["status"] == "ok"
-    )
-    assert trained_round2 == ["site-a", "site-b"]  # the restarted site rejoined
+    # Flower counts the killed session as online for up to 2 heartbeats (60 s), and the restarted
+    # site (same key, same node) is activated once it has expired: it trains again by round 3.
+    rejoined = {
+        r["round"] for r in rows if r["site"] == "site-b" and r["phase"] == "train" and r["status"] == "ok"
+    }
+    assert rejoined & {2, 3}, rows
 
 
 def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
@@ -239,7 +240,8 @@ def test_refused_sites_are_told_why(federation: Federation) -> None:
     federation.wait_listening()
     assert server.poll() is None
 
-    unregistered = federation.start_client("rogue", "--skip-check")
+    # No activation grace period: an unregistered key is refused at once.
+    unregistered = federation.start_client("rogue", "--skip-check", "--activate-timeout", "0")
     assert federation.wait(unregistered, "rogue", 90) == 1
     assert "not registered" in federation.output("rogue")
 
