@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 GLOBAL_TEACHER_FILE = "global_teacher.pt"
+NO_KD_STUDENT_FILE = "nokd_student.pt"
+"""The student trained without KD (``kd-no-kd-baseline``), kept beside the exported student."""
 
 Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context], RecordDict]
 
@@ -184,6 +186,10 @@ def _distill(
                 for k, v in baseline.metrics.items()
                 if k.startswith("student_")
             }
+        )
+        site.out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(
+            baseline.student, site.out_dir / NO_KD_STUDENT_FILE, metadata={"role": "student without KD"}
         )
     from client.export import EdgeExportOptions, export_site_student  # loaded only for this phase
 

@@ -12,6 +12,7 @@ Without a subcommand the app calls :data:`default_action`: the default synthetic
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -269,8 +270,6 @@ DEMO_SOURCES: tuple[Any, ...] | None = None
 
 
 def _default_out() -> Path:
-    import time
-
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
 
@@ -388,6 +387,75 @@ def report(
 
     path = build_report(experiment_dir)
     stdout.print(f"report: {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+STUDY_CONFIG = Path("benchmarks/study.toml")
+
+
+@app.command()
+@user_errors
+def study(
+    tables: Annotated[
+        list[str],
+        typer.Argument(help="splits, headline, privacy, nih, all, or report (only rebuild the report)."),
+    ],
+    config: Annotated[Path, typer.Option(help="The study's TOML file.")] = STUDY_CONFIG,
+    out: Annotated[Path | None, typer.Option(help="Work folder (default: `out` in the config).")] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Where study.md and the plots go (default: `results` in the config).")
+    ] = None,
+) -> None:
+    """The real-data study: run tables of cells (resumable), then write study.md and its plots."""
+    from simulation.study import TABLES, load_settings, table_cells, with_out
+    from simulation.study_report import build_study_report
+
+    allowed = (*TABLES, "all", "report")
+    for table in tables:
+        if table not in allowed:
+            raise ConfigError("table", table, "one of " + ", ".join(allowed))
+    settings = with_out(load_settings(config), out, results)
+    chosen = list(TABLES) if "all" in tables else [t for t in tables if t in TABLES]
+    for table in chosen:
+        table_cells(table, settings)  # every table's cells resolve before any work starts
+    for table in chosen:
+        _run_study_table(table, settings)
+    path = build_study_report(settings)
+    stdout.print(f"report: {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _run_study_table(table: str, settings: Any) -> None:
+    """Run one table of the study with a progress display (cells, stage, teacher rounds)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulation.study import run_table
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stdout) as progress:
+        cells = progress.add_task(f"table {table}", total=None)
+        stage = progress.add_task("", total=None)
+        rounds = progress.add_task("teacher rounds", total=None, visible=False)
+
+        def on_cell(done: int, total: int, cell: Any) -> None:
+            progress.update(cells, total=total, completed=done, description=f"table {table}: {cell.name}")
+            progress.update(rounds, visible=False, completed=0)
+            progress.console.print(
+                f"{time.strftime('%H:%M:%S')} table {table}, cell {done + 1}/{total}: {cell.name}"
+            )
+
+        def on_stage(text: str) -> None:
+            progress.update(stage, description=text)
+
+        def on_round(done: int, total: int, replied: int, sampled: int, metric: float) -> None:
+            progress.update(
+                rounds,
+                total=total,
+                completed=done,
+                visible=True,
+                description=f"teacher rounds ({replied}/{sampled} sites, val AUROC {metric:.3f})",
+            )
+
+        run_table(table, settings, on_cell=on_cell, on_stage=on_stage, on_round=on_round)
+        progress.update(cells, completed=progress.tasks[cells].total, description=f"table {table}: done")
 
 
 @user_errors

@@ -90,6 +90,8 @@ class ExperimentConfig:
     cpus_per_site: int = 1
     strict: bool = False
     drop_duplicates: bool = False
+    require_all_classes: bool = True
+    """Refuse a data set in which a class has no image (off for small multi-label checks)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -158,7 +160,7 @@ class Experiment:
             classes_per_site=spec.classes_per_site,
             min_site_size=spec.min_site_size,
             natural_by=spec.natural_by,  # type: ignore[arg-type]
-            require_all_classes=True,
+            require_all_classes=self.config.require_all_classes,
         )
         self.out.mkdir(parents=True, exist_ok=True)
         write_partition(

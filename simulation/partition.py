@@ -593,6 +593,39 @@ def _manifest_label(catalog: Catalog, index: int) -> str:
     return "|".join(positives) or "No Finding"
 
 
+MANIFEST_HEADER = "path,label,site,patient_id,view"
+
+
+def _manifest_row(catalog: Catalog, index: int, path: Path, site: str) -> str:
+    record = catalog.records[index]
+    label = _manifest_label(catalog, index)
+    return _csv_row([str(path), label, site, record.patient_id or "", record.view or ""])
+
+
+def write_manifest(path: Path, catalog: Catalog, indices: Sequence[int] | np.ndarray) -> Path:
+    """Write the images ``indices`` of a file-based catalog as one manifest CSV (atomically).
+
+    The manifest keeps each image's absolute path, task label, site, patient and view, so
+    ``--source manifest`` reads back the same records (e.g. a held-out test set or a data pool).
+    """
+    rows = [MANIFEST_HEADER]
+    for i in np.asarray(indices, dtype=np.int64).tolist():
+        record = catalog.records[i]
+        image = _record_path(catalog, record)
+        if image is None:
+            raise DataError(
+                f"image {record.key} of source '{record.source}' has no file, so it cannot go into a "
+                "manifest; write a partition instead (it saves such images as PNG)"
+            )
+        rows.append(_manifest_row(catalog, i, image, record.site or ""))
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def _record_path(catalog: Catalog, record: ImageRecord) -> Path | None:
     """The absolute path of a file-based record's image, or None for sources without files."""
     reader = catalog.readers.get(record.source)
@@ -653,7 +686,7 @@ def write_partition(
     try:
         written_images = 0
         for name, indices in zip(partition.site_names, partition.sites, strict=True):
-            rows = ["path,label,site,patient_id,view"]
+            rows = [MANIFEST_HEADER]
             for i in indices.tolist():
                 record = catalog.records[i]
                 path = _record_path(catalog, record)
@@ -666,8 +699,7 @@ def write_partition(
                 site = record.site or ""
                 if partition.settings.partitioner == "natural" and partition.natural_ids is not None:
                     site = _natural_key(record, partition.settings.natural_by or "site") or site
-                label = _manifest_label(catalog, i)
-                rows.append(_csv_row([str(path), label, site, record.patient_id or "", record.view or ""]))
+                rows.append(_manifest_row(catalog, i, path, site))
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
         counts = label_counts(partition, catalog)
         names = _label_names(catalog)

@@ -37,11 +37,11 @@ def plot_label_distribution(
     fig = Figure(figsize=(width, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colours = _colours(len(label_names))
+    palette = colours(len(label_names))
     x = np.arange(len(site_names))
     bottom = np.zeros(len(site_names))
     for j, name in enumerate(label_names):
-        ax.bar(x, counts[:, j], bottom=bottom, color=colours[j], label=name, width=0.8)
+        ax.bar(x, counts[:, j], bottom=bottom, color=palette[j], label=name, width=0.8)
         bottom += counts[:, j]
     many = len(site_names) > 6
     ax.set_xticks(x, list(site_names), rotation=45 if many else 0, ha="right" if many else "center")
@@ -57,7 +57,7 @@ def plot_label_distribution(
     return path
 
 
-def _colours(n: int) -> list[tuple[float, float, float, float]]:
+def colours(n: int) -> list[tuple[float, float, float, float]]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]

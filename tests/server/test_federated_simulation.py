@@ -117,6 +117,7 @@ def test_distillation_round_leaves_a_checked_student_and_model_card_at_each_site
         for key in ("teacher_auroc_macro", "student_auroc_macro", "nokd_auroc_macro", "student_onnx_ms"):
             assert key in row
         assert row["onnx_max_abs_diff"] <= 1e-4
+        assert (run_dir / "sites" / str(row["site"]) / "nokd_student.pt").is_file()
         student = run_dir / "sites" / str(row["site"]) / "student"
         session = ort.InferenceSession(str(student / "student.onnx"), providers=["CPUExecutionProvider"])
         loaded = load_torch_model(student)

@@ -1,0 +1,583 @@
+"""The real-data study: federation vs pooling, the cost of DP, and distilled students, on public CXRs.
+
+``python -m simulation study TABLE --config benchmarks/study.toml`` runs one table of the study;
+``report`` turns the finished cells into ``benchmarks/results/study.md`` and its plots.
+
+How the data are used (settings in the TOML file, recorded with every result):
+
+1. ``prepare`` (run by every table on first use): the sources are read, exact duplicate images
+   dropped, and a patient-grouped, label-stratified **held-out test set** is set aside once
+   (``holdout-seed``). A **pool** of training images is drawn from the rest (also by patient).
+   Both are written as manifests; every teacher and student of the study is scored on the same
+   held-out images, which no site and no baseline ever trains on.
+2. A **cell** is one simulated federation on the pool (``simulation.experiment.Experiment``:
+   partition, Flower simulation runtime, distillation), followed by the baselines the table needs
+   (pooled teacher on the union of the sites' training splits, local-only teachers per site, both
+   with the federated teacher's epoch budget) and the held-out scoring of every model.
+   A finished cell writes ``cells/<name>/result.json``; a table re-run skips finished cells, so an
+   interrupted table resumes where it stopped.
+
+Tables (each its own command): ``splits`` (IID, Dirichlet 0.5 / 0.1, natural split by source;
+pooled, local-only, FedAvg, FedProx), ``headline`` (the rows the targets are judged on, over
+several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at each epsilon vs
+the same GroupNorm teacher without DP) and ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
+multi-label check).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import ConfigError, DataError
+from common.jsonio import write_json
+
+logger = logging.getLogger(__name__)
+
+TABLES = ("splits", "headline", "privacy", "nih")
+SPLITS = ("iid", "dirichlet-0.5", "dirichlet-0.1", "natural")
+DATASETS = ("cxr", "nih")
+
+
+@dataclass(frozen=True)
+class SourceSetting:
+    fmt: str
+    path: Path
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetSetting:
+    """One data set of the study: its sources, task, and how much is held out and pooled."""
+
+    task: str
+    sources: tuple[SourceSetting, ...]
+    test_images: int
+    pool_images: int
+    drop_duplicates: bool = True
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything in the study's TOML file, resolved (paths absolute)."""
+
+    config_file: Path
+    out: Path
+    results: Path
+    datasets: dict[str, DatasetSetting]
+    run: dict[str, Any]
+    sites: int = 5
+    nih_sites: int = 3
+    min_site_size: int = 40
+    holdout_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    proximal_mu: float = 0.01
+    dp_epsilons: tuple[float, ...] = (8.0, 3.0)
+    dp_headline_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    dp_run: dict[str, Any] = field(default_factory=dict)
+
+
+TOP_KEYS = {
+    "out",
+    "results",
+    "sites",
+    "nih-sites",
+    "min-site-size",
+    "holdout-seed",
+    "seeds",
+    "proximal-mu",
+    "run",
+    "privacy",
+    "data",
+}
+PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
+DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"key '{where}{key}' in {path}", table[key], "one of " + ", ".join(sorted(allowed))
+            )
+
+
+def load_settings(config_file: Path) -> StudySettings:
+    """Read and check the study's TOML file (paths are relative to the file's folder)."""
+    from simulation.experiment import check_run_config
+
+    path = Path(config_file).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError("config", str(path), "an existing TOML file (e.g. benchmarks/study.toml)")
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+    _check_keys(raw, TOP_KEYS, "", path)
+    base = path.parent
+    datasets: dict[str, DatasetSetting] = {}
+    for name, table in raw.get("data", {}).items():
+        if name not in DATASETS:
+            raise ConfigError(f"table 'data.{name}' in {path}", name, "one of " + ", ".join(DATASETS))
+        _check_keys(table, DATASET_KEYS, f"data.{name}.", path)
+        sources = tuple(
+            SourceSetting(
+                str(s["format"]),
+                (base / str(s["path"])).resolve(),
+                {k: str(v) for k, v in s.get("options", {}).items()},
+            )
+            for s in table.get("sources", [])
+        )
+        if not sources:
+            raise ConfigError(
+                f"data.{name}.sources in {path}", "[]", "at least one source with format and path"
+            )
+        datasets[name] = DatasetSetting(
+            task=str(table["task"]),
+            sources=sources,
+            test_images=int(table["test-images"]),
+            pool_images=int(table["pool-images"]),
+            drop_duplicates=bool(table.get("drop-duplicates", True)),
+        )
+    for name in DATASETS:
+        if name not in datasets:
+            raise ConfigError(f"table 'data.{name}' in {path}", "missing", "a [data." + name + "] table")
+    privacy = raw.get("privacy", {})
+    _check_keys(privacy, PRIVACY_KEYS, "privacy.", path)
+    run = dict(raw.get("run", {}))
+    check_run_config(run)  # unknown keys and bad values fail here, before any work
+    settings = StudySettings(
+        config_file=path,
+        out=(base / str(raw.get("out", "../runs/study"))).resolve(),
+        results=(base / str(raw.get("results", "results"))).resolve(),
+        datasets=datasets,
+        run=run,
+        sites=int(raw.get("sites", 5)),
+        nih_sites=int(raw.get("nih-sites", 3)),
+        min_site_size=int(raw.get("min-site-size", 40)),
+        holdout_seed=int(raw.get("holdout-seed", 0)),
+        seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
+        proximal_mu=float(raw.get("proximal-mu", 0.01)),
+        dp_epsilons=tuple(float(e) for e in privacy.get("epsilons", (8.0, 3.0))),
+        dp_headline_epsilon=float(privacy.get("headline-epsilon", 8.0)),
+        dp_delta=float(privacy.get("delta", 1e-5)),
+        dp_run=dict(privacy.get("run", {})),
+    )
+    if settings.sites < 2 or settings.nih_sites < 2:
+        raise ConfigError("sites / nih-sites", (settings.sites, settings.nih_sites), "at least 2 sites")
+    if not settings.seeds:
+        raise ConfigError("seeds", "[]", "at least one seed")
+    if settings.dp_headline_epsilon not in settings.dp_epsilons:
+        raise ConfigError("privacy.headline-epsilon", settings.dp_headline_epsilon, "one of privacy.epsilons")
+    check_run_config({**run, **settings.dp_run, "dp-enabled": True, "teacher-norm": "group"})
+    return settings
+
+
+# ----------------------------------------------------------------------------- held-out test + pool
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    pool: Path
+    test: Path
+    info: dict[str, Any]
+
+
+def _check_sources(dataset: DatasetSetting) -> None:
+    for source in dataset.sources:
+        if not source.path.exists():
+            raise DataError(
+                f"data source '{source.fmt}' not found at {source.path}: the study reads the public sets "
+                "in ../shared/data (see its README); fix the path in the study's TOML file"
+            )
+
+
+def prepare(settings: StudySettings, name: str) -> PreparedData:
+    """The held-out test set and the training pool of one data set (written once, then reused)."""
+    from common.data.splits import split_by_patient
+    from simulation.cli import drop_duplicate_images, load_sources
+    from simulation.partition import write_manifest
+
+    folder = settings.out / "data" / name
+    info_path = folder / "holdout.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        return PreparedData(folder / "pool.csv", folder / "test.csv", info)
+    dataset = settings.datasets[name]
+    _check_sources(dataset)
+    catalog, source_paths, _ = load_sources(
+        [s.fmt for s in dataset.sources],
+        [s.path for s in dataset.sources],
+        dataset.task,
+        option_pairs=[f"{s.fmt}.{k}={v}" for s in dataset.sources for k, v in s.options.items()],
+    )
+    read = len(catalog)
+    if dataset.drop_duplicates:
+        catalog = drop_duplicate_images(catalog, settings.out / "cache")
+    n = len(catalog)
+    if dataset.test_images + dataset.pool_images > n:
+        raise ConfigError(
+            f"data.{name}: test-images + pool-images",
+            dataset.test_images + dataset.pool_images,
+            f"at most the {n} distinct readable images",
+        )
+    # Patient-grouped and label-stratified: "val" is the held-out test; the pool is "test" (the
+    # rest unused) or, when test and pool take every image, "train".
+    whole = dataset.test_images + dataset.pool_images == n
+    split = split_by_patient(
+        catalog,
+        val_fraction=dataset.test_images / n,
+        test_fraction=0.0 if whole else dataset.pool_images / n,
+        seed=settings.holdout_seed,
+    )
+    pool = split.train if whole else split.test
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder / "test.csv", catalog, split.val)
+    write_manifest(folder / "pool.csv", catalog, pool)
+    info = {
+        "task": dataset.task,
+        "sources": {k: v for k, v in source_paths.items()},
+        "images_read": read,
+        "images_distinct": n,
+        "duplicates_dropped": read - n,
+        "test": _label_counts(catalog, split.val),
+        "pool": _label_counts(catalog, pool),
+        "unused": 0 if whole else len(split.train),
+        "holdout_seed": settings.holdout_seed,
+        "patient_grouped": True,
+    }
+    write_json(info_path, info)
+    return PreparedData(folder / "pool.csv", folder / "test.csv", info)
+
+
+def _label_counts(catalog: Any, indices: np.ndarray) -> dict[str, int]:
+    targets = np.nan_to_num(catalog.targets[indices], nan=0.0)
+    counts = {c: int(v) for c, v in zip(catalog.task.classes, targets.sum(axis=0), strict=True)}
+    return {"images": len(indices), **counts}
+
+
+def distinct_sites(manifest: Path) -> int:
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return len({row["site"] for row in csv.DictReader(handle)})
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulated federation of the study and the extra models scored with it."""
+
+    table: str
+    dataset: str
+    split: str
+    strategy: str
+    seed: int
+    kd: bool = False
+    pooled: bool = False
+    local: bool = False
+    dp_epsilon: float | None = None
+    norm: str = "batch"
+
+    @property
+    def name(self) -> str:
+        dp = f"-dp{self.dp_epsilon:g}" if self.dp_epsilon is not None else ""
+        norm = "-gn" if self.norm == "group" and self.dp_epsilon is None else ""
+        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}-s{self.seed}"
+
+
+def table_cells(table: str, settings: StudySettings) -> list[Cell]:
+    """The cells of one table (cells shared between tables have the same name and run once)."""
+    first = settings.seeds[0]
+    if table == "splits":
+        cells = []
+        for split in SPLITS:
+            cells.append(
+                Cell(
+                    table,
+                    "cxr",
+                    split,
+                    "fedavg",
+                    first,
+                    kd=split == "dirichlet-0.5",
+                    pooled=split == "dirichlet-0.5",
+                    local=True,
+                )
+            )
+            cells.append(Cell(table, "cxr", split, "fedprox", first))
+        return cells
+    if table == "headline":
+        cells = []
+        for seed in settings.seeds:
+            cells.append(
+                Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, kd=True, pooled=True, local=True)
+            )
+            cells.append(Cell(table, "cxr", "natural", "fedavg", seed, local=True))
+        return cells
+    if table == "privacy":
+        cells = []
+        for seed in settings.seeds:
+            cells.append(Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, norm="group"))
+            for epsilon in settings.dp_epsilons:
+                if epsilon == settings.dp_headline_epsilon or seed == first:
+                    cells.append(
+                        Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=epsilon, norm="group")
+                    )
+        return cells
+    if table == "nih":
+        return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
+    raise ConfigError("table", table, "one of " + ", ".join(TABLES))
+
+
+def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
+    from simulation.experiment import PartitionSpec
+
+    sites = settings.nih_sites if cell.dataset == "nih" else settings.sites
+    common = {"seed": cell.seed, "min_site_size": settings.min_site_size}
+    if cell.split == "iid":
+        return PartitionSpec(name="iid", sites=sites, **common)
+    if cell.split.startswith("dirichlet-"):
+        return PartitionSpec(name="dirichlet", sites=sites, alpha=float(cell.split.split("-")[1]), **common)
+    if cell.split == "natural":
+        return PartitionSpec(name="natural", sites=None, natural_by="site", **common)
+    raise ConfigError("split", cell.split, "one of " + ", ".join(SPLITS))
+
+
+def cell_run_config(
+    cell: Cell, settings: StudySettings, data: PreparedData, num_sites: int
+) -> dict[str, Any]:
+    """The run settings of a cell: the study's [run] table plus what the cell changes."""
+    config: dict[str, Any] = {
+        **settings.run,
+        "seed": cell.seed,
+        "kd-seed": cell.seed,
+        "strategy": cell.strategy,
+        "kd-enabled": cell.kd,
+        "kd-no-kd-baseline": cell.kd,
+        "cache-dir": str(settings.out / "cache"),
+        "min-train-sites": num_sites,
+        "min-evaluate-sites": num_sites,
+        "min-available-sites": num_sites,
+        "teacher-norm": cell.norm,
+    }
+    if cell.strategy == "fedprox":
+        config["proximal-mu"] = settings.proximal_mu
+    if cell.dataset == "nih":
+        config["task"] = settings.datasets["nih"].task
+    if cell.dp_epsilon is not None:
+        config.update(settings.dp_run)
+        config.update(
+            {"dp-enabled": True, "dp-target-epsilon": cell.dp_epsilon, "dp-target-delta": settings.dp_delta}
+        )
+    return config
+
+
+StageCallback = Callable[[str], None]
+
+
+def run_cell(
+    cell: Cell,
+    settings: StudySettings,
+    *,
+    on_stage: StageCallback | None = None,
+    on_round: Callable[[int, int, int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Run one cell (or read its finished result) and return its result record."""
+    from simulation.experiment import Experiment, ExperimentConfig, SourceSpec
+
+    stage = on_stage or (lambda _text: None)
+    folder = settings.out / "cells" / cell.name
+    result_path = folder / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    if folder.exists():  # an interrupted attempt: start the cell again from scratch
+        shutil.rmtree(folder)
+    stage("preparing the held-out test set and the pool")
+    data = prepare(settings, cell.dataset)
+    num_sites = (
+        distinct_sites(data.pool)
+        if cell.split == "natural"
+        else (settings.nih_sites if cell.dataset == "nih" else settings.sites)
+    )
+    config = ExperimentConfig(
+        out=folder / "experiment",
+        sources=(SourceSpec("manifest", str(data.pool)),),
+        task=settings.datasets[cell.dataset].task,
+        partition=_partition_spec(cell, settings),
+        run_config=cell_run_config(cell, settings, data, num_sites),
+        require_all_classes=cell.dataset != "nih",  # 1,000 NIH images: some findings are very rare
+    )
+    started = time.perf_counter()
+    experiment = Experiment(config)
+    experiment.run(on_round=on_round, on_stage=stage)
+    federated_seconds = time.perf_counter() - started
+    stage(
+        "scoring on the held-out test set" + (" and training baselines" if cell.pooled or cell.local else "")
+    )
+    result = score_cell(cell, experiment.out, data)
+    result["seconds"] = {"federated": federated_seconds, "total": time.perf_counter() - started}
+    write_json(result_path, result)
+    return result
+
+
+def _held_out(test_manifest: Path, settings: Any) -> Any:
+    from common.local import DataRequest, load_eval_dataset
+
+    return load_eval_dataset(
+        DataRequest(
+            data_format="manifest",
+            data_path=test_manifest,
+            task=settings.task,
+            image_size=settings.run.image_size,
+            cache_dir=Path(settings.run.cache_dir),
+            val_fraction=0.0,
+            test_fraction=0.0,
+            split_seed=0,
+        )
+    )
+
+
+def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any) -> dict[str, float]:
+    from torch.utils.data import DataLoader
+
+    from common.local import EVAL_BATCH_SIZE, build_loaded_model, scalar_metrics
+    from common.training import evaluate
+
+    model = build_loaded_model(model_config, task, state)
+    result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), task)
+    return {"n": float(result.n), **scalar_metrics(result, "")}
+
+
+def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str, Any]:
+    """Score the cell's teacher (and students, baselines) on the held-out test set."""
+    from common.checkpoint import load_model_state
+    from common.local import derive_seed, student_config
+    from common.run_settings import run_settings_from_config
+    from simulation.baselines import load_sites, train_centrally
+
+    run_dir = experiment_dir / "run"
+    settings = run_settings_from_config(json.loads((run_dir / "run_config.json").read_text(encoding="utf-8")))
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    partition = json.loads((experiment_dir / "partition" / "partition.json").read_text(encoding="utf-8"))
+    test = _held_out(data.test, settings)
+    sites = load_sites(experiment_dir, settings, len(partition["sizes"]))
+    teacher = settings.teacher
+    record: dict[str, Any] = {
+        "cell": {**asdict(cell), "name": cell.name},
+        "partition": {
+            "sizes": partition["sizes"],
+            "label_counts": partition["label_counts"],
+            "label_skew_tv": partition["label_skew_tv"],
+            "natural_ids": partition.get("natural_ids"),
+        },
+        "site_train_images": {name: len(site.split.train) for name, site in sites.items()},
+        "test_images": len(test),
+        "best_round": summary["best_round"],
+        "dp_epsilon_spent": summary.get("dp_epsilon_spent", {}),
+        "teachers": {
+            "federated": _scores(
+                teacher, load_model_state(run_dir / "checkpoints" / "best.pt"), test, settings.task
+            )
+        },
+    }
+    if cell.kd:
+        student = student_config(settings.distill, teacher, teacher.norm)
+        record["students"] = {}
+        for name in sites:
+            folder = run_dir / "sites" / name
+            record["students"][name] = {
+                "kd": _scores(
+                    student, load_model_state(folder / "student" / "student.pt"), test, settings.task
+                ),
+                "no_kd": _scores(student, load_model_state(folder / "nokd_student.pt"), test, settings.task),
+            }
+    seed = settings.train.seed
+    if cell.pooled:
+        started = time.perf_counter()
+        state = train_centrally(
+            [s.dataset("train", augment=True, seed=derive_seed(seed, "pooled")) for s in sites.values()],
+            settings,
+            seed=derive_seed(seed, "pooled"),
+        )
+        record["teachers"]["pooled"] = _scores(teacher, state, test, settings.task)
+        record["pooled_seconds"] = time.perf_counter() - started
+    if cell.local:
+        record["teachers"]["local"] = {}
+        for name, site in sites.items():
+            local_seed = derive_seed(seed, "local", name)
+            state = train_centrally(
+                [site.dataset("train", augment=True, seed=local_seed)], settings, seed=local_seed
+            )
+            record["teachers"]["local"][name] = _scores(teacher, state, test, settings.task)
+    return record
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_table(
+    table: str,
+    settings: StudySettings,
+    *,
+    on_cell: Callable[[int, int, Cell], None] | None = None,
+    on_stage: StageCallback | None = None,
+    on_round: Callable[[int, int, int, int, float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every cell of a table; records the table's wall time and machine."""
+    cells = table_cells(table, settings)
+    started = time.perf_counter()
+    results = []
+    for i, cell in enumerate(cells):
+        if on_cell is not None:
+            on_cell(i, len(cells), cell)
+        results.append(run_cell(cell, settings, on_stage=on_stage, on_round=on_round))
+    timing_path = settings.out / "tables" / f"{table}.json"
+    previous = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
+    seconds = time.perf_counter() - started
+    write_json(
+        timing_path,
+        {
+            "table": table,
+            "cells": [c.name for c in cells],
+            # a resumed table adds the time of this invocation to the earlier ones
+            "seconds": float(previous.get("seconds", 0.0)) + seconds,
+            "machine": machine_info(),
+            "settings_file": str(settings.config_file),
+        },
+    )
+    return results
+
+
+def with_out(settings: StudySettings, out: Path | None, results: Path | None) -> StudySettings:
+    """The settings with --out / --results from the command line, when given."""
+    changes: dict[str, Path] = {}
+    if out is not None:
+        changes["out"] = Path(out).expanduser().resolve()
+    if results is not None:
+        changes["results"] = Path(results).expanduser().resolve()
+    return replace(settings, **changes)

@@ -1,0 +1,520 @@
+"""The study's report: ``study.md`` (tables, mean and spread over seeds, targets) and its plots.
+
+Reads the finished cells (``OUT/cells/*/result.json``), the held-out set descriptions
+(``OUT/data/*/holdout.json``) and the table timings (``OUT/tables/*.json``); writes
+``study.md``, ``study.json`` and ``study_*.png`` into the results folder. Rows whose cells have
+not run yet are left out and listed as missing, so the report can be built after any table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.jsonio import write_json
+from simulation.study import SPLITS, StudySettings, table_cells
+
+METRIC = "auroc_macro"
+NOTES_FILE = "study_notes.md"
+
+
+@dataclass(frozen=True)
+class Stat:
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    def text(self, digits: int = 3) -> str:
+        if not self.values:
+            return "–"
+        if len(self.values) == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} (n={len(self.values)})"
+
+
+def _stat(values: Iterable[float | None]) -> Stat:
+    return Stat(tuple(v for v in values if v is not None and not math.isnan(v)))
+
+
+def load_cells(out: Path) -> dict[str, dict[str, Any]]:
+    cells = {}
+    for path in sorted((out / "cells").glob("*/result.json")):
+        cells[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
+    return cells
+
+
+def _teacher(result: dict[str, Any] | None, which: str, metric: str = METRIC) -> float | None:
+    if result is None or which not in result["teachers"]:
+        return None
+    return float(result["teachers"][which][metric])
+
+
+def _best_local(result: dict[str, Any] | None, metric: str = METRIC) -> float | None:
+    if result is None or "local" not in result["teachers"]:
+        return None
+    return max(float(m[metric]) for m in result["teachers"]["local"].values())
+
+
+def _mean_local(result: dict[str, Any] | None, metric: str = METRIC) -> float | None:
+    if result is None or "local" not in result["teachers"]:
+        return None
+    return statistics.fmean(float(m[metric]) for m in result["teachers"]["local"].values())
+
+
+def _students(result: dict[str, Any] | None, kind: str, metric: str = METRIC) -> float | None:
+    """The mean over sites of the students' held-out metric (``kind`` is ``kd`` or ``no_kd``)."""
+    if result is None or "students" not in result:
+        return None
+    return statistics.fmean(float(s[kind][metric]) for s in result["students"].values())
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
+    spec = align or "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + spec + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
+
+
+class StudyReport:
+    """Builds the markdown, JSON and plots from the finished cells."""
+
+    def __init__(self, settings: StudySettings) -> None:
+        self.settings = settings
+        self.cells = load_cells(settings.out)
+        self.seeds = settings.seeds
+        self.summary: dict[str, Any] = {"targets": {}, "tables": {}}
+
+    def cell(self, table: str, predicate: Any) -> list[dict[str, Any]]:
+        names = [c.name for c in table_cells(table, self.settings) if predicate(c)]
+        return [self.cells[n] for n in names if n in self.cells]
+
+    def by_name(self, name: str) -> dict[str, Any] | None:
+        return self.cells.get(name)
+
+    def _name(self, dataset: str, split: str, strategy: str, seed: int, suffix: str = "") -> str:
+        return f"{dataset}-{split}-{strategy}{suffix}-s{seed}"
+
+    # ------------------------------------------------------------------ sections
+
+    def setup(self) -> list[str]:
+        s = self.settings
+        lines = ["## Setup", ""]
+        for name in ("cxr", "nih"):
+            path = s.out / "data" / name / "holdout.json"
+            if not path.is_file():
+                continue
+            info = json.loads(path.read_text(encoding="utf-8"))
+            test = ", ".join(f"{k} {v}" for k, v in info["test"].items() if k != "images")
+            pool = ", ".join(f"{k} {v}" for k, v in info["pool"].items() if k != "images")
+            lines += [
+                f"- **{name}** ({info['task']}; "
+                f"{', '.join(Path(p).name for p in info['sources'].values() if p)}): "
+                f"{info['images_read']} images read, {info['duplicates_dropped']} exact duplicates dropped; "
+                f"held-out test set {info['test']['images']} images ({test}); training pool "
+                f"{info['pool']['images']} images ({pool}); {info['unused']} images unused. Both drawn by "
+                f"patient, stratified by label, seed {info['holdout_seed']}.",
+            ]
+        run = s.run
+        lines += [
+            f"- Teacher `{run.get('teacher-name')}` at {run.get('image-size')} px, "
+            f"{run.get('num-rounds')} rounds x {run.get('local-epochs')} local epoch(s), "
+            f"{run.get('optimizer')} lr {run.get('lr')}, batch {run.get('batch-size')}; "
+            f"each site keeps {run.get('val-fraction')} of its images for validation "
+            f"(picks the best round) and {run.get('test-fraction')} as its own test split (not used here).",
+            f"- Pooled and local-only teachers get the same epoch budget "
+            f"({int(run.get('num-rounds', 1)) * int(run.get('local-epochs', 1))} epochs) "
+            "from the same initial "
+            "weights. FedProx uses proximal-mu "
+            f"{s.proximal_mu}.",
+            f"- Students: `{run.get('kd-student', 'mobilenetv2')}` at every site, "
+            f"{run.get('kd-epochs')} epochs, {run.get('kd-optimizer')} lr {run.get('kd-lr')}, "
+            f"KD temperature {run.get('kd-temperature', 4.0)}, "
+            f"alpha {run.get('kd-alpha')}; the no-KD student has the same network, epochs and optimiser.",
+            f"- DP: Opacus DP-SGD at every site, delta {s.dp_delta}, GroupNorm teacher; "
+            + ", ".join(f"{k} {v}" for k, v in s.dp_run.items())
+            + ". The no-DP reference of the privacy table uses the same GroupNorm teacher.",
+            f"- Sites: {s.sites} (IID, Dirichlet), one per source URL (natural), {s.nih_sites} for NIH; "
+            f"seeds {list(s.seeds)} (partition and training) for the headline rows, "
+            f"seed {s.seeds[0]} elsewhere.",
+            "- Every number is a macro-AUROC on the held-out test set unless named otherwise; "
+            "`a ± b (n=k)` is the mean and standard deviation over k seeds.",
+            "",
+        ]
+        timings = []
+        for path in sorted((s.out / "tables").glob("*.json")):
+            info = json.loads(path.read_text(encoding="utf-8"))
+            timings.append((info["table"], info["seconds"], info["machine"]))
+        if timings:
+            machine = timings[0][2]
+            lines += [
+                f"Machine: {machine['platform']}, {machine['cpus']} CPUs ({machine['processor']}), Python "
+                f"{machine['python']}, torch {machine['torch']}, no GPU; run on {machine['date']}.",
+                "",
+            ]
+            lines += _table(
+                ["table", "command", "wall time"],
+                [
+                    [
+                        t,
+                        f"`python -m simulation study {t} --config benchmarks/study.toml`",
+                        f"{sec / 60:.1f} min",
+                    ]
+                    for t, sec, _ in timings
+                ],
+            )
+        return lines
+
+    def headline(self) -> list[str]:
+        s = self.settings
+        eps = s.dp_headline_epsilon
+        rows = []
+
+        def add(
+            key: str, what: str, measured: Stat, reference: Stat, derived: Stat, target: str, ok: bool | None
+        ) -> None:
+            verdict = "–" if ok is None else ("met" if ok else "**missed**")
+            rows.append([what, measured.text(), reference.text(), derived.text(), target, verdict])
+            self.summary["targets"][key] = {
+                "measured": measured.values,
+                "reference": reference.values,
+                "derived": derived.values,
+                "derived_mean": derived.mean,
+                "target": target,
+                "met": ok,
+            }
+
+        d05 = [self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed)) for seed in s.seeds]
+        d05 = [r for r in d05 if r is not None]
+        fed = _stat(_teacher(r, "federated") for r in d05)
+        pooled = _stat(_teacher(r, "pooled") for r in d05)
+        ratio = _stat(_teacher(r, "federated") / p for r in d05 if (p := _teacher(r, "pooled")) is not None)
+        add(
+            "fedavg_vs_pooled",
+            "FedAvg teacher vs pooled, Dirichlet 0.5 (ratio)",
+            fed,
+            pooled,
+            ratio,
+            ">= 0.98",
+            None if not ratio.values else ratio.mean >= 0.98,
+        )
+        nat = [self.by_name(self._name("cxr", "natural", "fedavg", seed)) for seed in s.seeds]
+        nat = [r for r in nat if r is not None]
+        nat_fed = _stat(_teacher(r, "federated") for r in nat)
+        nat_local = _stat(_best_local(r) for r in nat)
+        nat_gap = _stat(_teacher(r, "federated") - b for r in nat if (b := _best_local(r)) is not None)
+        add(
+            "natural_vs_best_local",
+            "FedAvg teacher vs best local-only, natural split (difference)",
+            nat_fed,
+            nat_local,
+            nat_gap,
+            "> 0",
+            None if not nat_gap.values else nat_gap.mean > 0,
+        )
+        kd = _stat(_students(r, "kd") for r in d05)
+        kd_gap = _stat(k - _teacher(r, "federated") for r in d05 if (k := _students(r, "kd")) is not None)
+        add(
+            "kd_student_vs_teacher",
+            "KD student (mean of sites) vs its FedAvg teacher, Dirichlet 0.5 (difference)",
+            kd,
+            fed,
+            kd_gap,
+            ">= -0.01",
+            None if not kd_gap.values else kd_gap.mean >= -0.01,
+        )
+        nokd = _stat(_students(r, "no_kd") for r in d05)
+        kd_nokd = _stat(
+            k - n
+            for r in d05
+            if (k := _students(r, "kd")) is not None and (n := _students(r, "no_kd")) is not None
+        )
+        add(
+            "kd_vs_no_kd",
+            "KD student vs no-KD student (mean of sites, difference)",
+            kd,
+            nokd,
+            kd_nokd,
+            "> 0",
+            None if not kd_nokd.values else kd_nokd.mean > 0,
+        )
+        gn = {
+            seed: self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-gn")) for seed in s.seeds
+        }
+        dp = {
+            seed: self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, f"-dp{eps:g}"))
+            for seed in s.seeds
+        }
+        no_dp = _stat(_teacher(gn[seed], "federated") for seed in s.seeds)
+        with_dp = _stat(_teacher(dp[seed], "federated") for seed in s.seeds)
+        cost = _stat(
+            a - b
+            for seed in s.seeds
+            if (a := _teacher(gn[seed], "federated")) is not None
+            and (b := _teacher(dp[seed], "federated")) is not None
+        )
+        add(
+            "dp_cost",
+            f"DP at epsilon {eps:g}: FedAvg teacher vs no DP (cost)",
+            with_dp,
+            no_dp,
+            cost,
+            "<= 0.05",
+            None if not cost.values else cost.mean <= 0.05,
+        )
+        return [
+            "## Headline: the four targets",
+            "",
+            *_table(
+                ["comparison", "measured", "reference", "difference or ratio", "target", "verdict"], rows
+            ),
+        ]
+
+    def splits(self) -> list[str]:
+        s = self.settings
+        seed = s.seeds[0]
+        pooled = _teacher(self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed)), "pooled")
+        rows = []
+        plot_rows = []
+        for split in SPLITS:
+            fedavg = self.by_name(self._name("cxr", split, "fedavg", seed))
+            fedprox = self.by_name(self._name("cxr", split, "fedprox", seed))
+            if fedavg is None and fedprox is None:
+                continue
+            ref = fedavg or fedprox
+            assert ref is not None
+            sizes = "/".join(str(v) for v in ref["site_train_images"].values())
+            fa, fp = _teacher(fedavg, "federated"), _teacher(fedprox, "federated")
+            rows.append(
+                [
+                    split,
+                    sizes,
+                    _fmt(ref["partition"]["label_skew_tv"], 2),
+                    _fmt(pooled),
+                    f"{_fmt(_best_local(fedavg))} / {_fmt(_mean_local(fedavg))}",
+                    _fmt(fa),
+                    _fmt(fp),
+                    _fmt(fa / pooled if fa is not None and pooled else None),
+                ]
+            )
+            plot_rows.append((split, pooled, _best_local(fedavg), fa, fp))
+        self.summary["tables"]["splits"] = plot_rows
+        if plot_rows:
+            from simulation.study_plots import plot_splits
+
+            plot_splits(plot_rows, self.settings.results / "study_splits.png")
+        return [
+            f"## Teachers by split (seed {seed})",
+            "",
+            "Train images per site, the partition's label skew (total variation from the pooled label mix, "
+            "0 = IID), and held-out macro-AUROC. The pooled teacher is trained once on the union of the "
+            "Dirichlet 0.5 sites' training splits.",
+            "",
+            *_table(
+                [
+                    "split",
+                    "train images per site",
+                    "label skew",
+                    "pooled",
+                    "local-only best / mean",
+                    "FedAvg",
+                    "FedProx",
+                    "FedAvg / pooled",
+                ],
+                rows,
+            ),
+            "![teachers by split](study_splits.png)",
+            "",
+        ]
+
+    def students(self) -> list[str]:
+        s = self.settings
+        d05 = [
+            r for seed in s.seeds if (r := self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed)))
+        ]
+        d05 = [r for r in d05 if "students" in r]
+        if not d05:
+            return []
+        sites = list(d05[0]["students"])
+        rows = []
+        plot = []
+        for site in sites:
+            kd = _stat(r["students"][site]["kd"][METRIC] for r in d05 if site in r["students"])
+            nokd = _stat(r["students"][site]["no_kd"][METRIC] for r in d05 if site in r["students"])
+            size = _stat(float(r["site_train_images"][site]) for r in d05 if site in r["site_train_images"])
+            rows.append([site, f"{size.mean:.0f}", kd.text(), nokd.text(), _fmt(kd.mean - nokd.mean)])
+            plot.append((site, kd.mean, nokd.mean))
+        teacher = _stat(_teacher(r, "federated") for r in d05)
+        from simulation.study_plots import plot_students
+
+        plot_students(plot, teacher.mean, self.settings.results / "study_students.png")
+        return [
+            "## Students at each site (Dirichlet 0.5, FedAvg teacher)",
+            "",
+            f"MobileNetV2 students distilled at each site from the FedAvg teacher (held-out macro-AUROC "
+            f"{teacher.text()}), and the same student trained on the site's labels alone. Site names are "
+            "per seed (the partition changes with the seed); train images are the mean over seeds.",
+            "",
+            *_table(["site", "train images", "KD student", "no-KD student", "KD - no-KD"], rows),
+            "![students](study_students.png)",
+            "",
+        ]
+
+    def privacy(self) -> list[str]:
+        s = self.settings
+        rows = []
+        points = []
+        ref = _stat(
+            _teacher(self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-gn")), "federated")
+            for seed in s.seeds
+        )
+        if ref.values:
+            rows.append(["no DP (GroupNorm)", ref.text(), "–", "–", "–"])
+            points.append((math.inf, ref.mean, ref.sd))
+        for eps in s.dp_epsilons:
+            found = [
+                r
+                for seed in s.seeds
+                if (r := self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, f"-dp{eps:g}")))
+            ]
+            if not found:
+                continue
+            auroc = _stat(_teacher(r, "federated") for r in found)
+            bal = _stat(_teacher(r, "federated", "balanced_accuracy") for r in found)
+            spent = _stat(
+                max(r["dp_epsilon_spent"].values()) if r["dp_epsilon_spent"] else None for r in found
+            )
+            rows.append(
+                [f"epsilon {eps:g}", auroc.text(), bal.text(), spent.text(2), _fmt(ref.mean - auroc.mean)]
+            )
+            points.append((eps, auroc.mean, auroc.sd))
+        if not rows:
+            return []
+        from simulation.study_plots import plot_privacy
+
+        plot_privacy(points, self.settings.results / "study_privacy.png")
+        return [
+            "## Differential privacy (Dirichlet 0.5, FedAvg, DP-SGD at every site)",
+            "",
+            *_table(
+                [
+                    "setting",
+                    "macro-AUROC",
+                    "balanced accuracy",
+                    "epsilon spent (max over sites)",
+                    "cost vs no DP",
+                ],
+                rows,
+            ),
+            "![privacy](study_privacy.png)",
+            "",
+        ]
+
+    def nih(self) -> list[str]:
+        s = self.settings
+        result = self.by_name(self._name("nih", "iid", "fedavg", s.seeds[0]))
+        if result is None:
+            return []
+        info_path = s.out / "data" / "nih" / "holdout.json"
+        test_counts = json.loads(info_path.read_text(encoding="utf-8"))["test"] if info_path.is_file() else {}
+        findings = [k.split("/", 1)[1] for k in result["teachers"]["federated"] if k.startswith("auroc/")]
+        rows = []
+        for finding in findings:
+            key = f"auroc/{finding}"
+            rows.append(
+                [
+                    finding,
+                    str(test_counts.get(finding, "–")),
+                    _fmt(_teacher(result, "pooled", key)),
+                    _fmt(_teacher(result, "federated", key)),
+                    _fmt(_students(result, "kd", key)),
+                    _fmt(_students(result, "no_kd", key)),
+                ]
+            )
+        rows.append(
+            [
+                "**macro**",
+                str(test_counts.get("images", "–")) + " images",
+                _fmt(_teacher(result, "pooled")),
+                _fmt(_teacher(result, "federated")),
+                _fmt(_students(result, "kd")),
+                _fmt(_students(result, "no_kd")),
+            ]
+        )
+        return [
+            f"## Multi-label check: NIH ChestX-ray14 ({s.nih_sites} IID sites, seed {s.seeds[0]}; "
+            "small sample)",
+            "",
+            "Per-finding held-out AUROC. **A small-sample check, not a benchmark:** 1,000 images in all, so "
+            "several findings have only a handful of positives in the test set (second column) and their "
+            "AUROC is noisy or undefined (–).",
+            "",
+            *_table(
+                [
+                    "finding",
+                    "test positives",
+                    "pooled teacher",
+                    "FedAvg teacher",
+                    "KD students (mean)",
+                    "no-KD students (mean)",
+                ],
+                rows,
+            ),
+        ]
+
+    def missing(self) -> list[str]:
+        wanted = {
+            c.name for t in ("splits", "headline", "privacy", "nih") for c in table_cells(t, self.settings)
+        }
+        absent = sorted(wanted - set(self.cells))
+        if not absent:
+            return []
+        return ["## Cells not run yet", "", ", ".join(f"`{n}`" for n in absent), ""]
+
+    def build(self) -> Path:
+        results = self.settings.results
+        results.mkdir(parents=True, exist_ok=True)
+        sections = [self.headline(), self.splits(), self.students(), self.privacy(), self.nih()]
+        notes_path = results / NOTES_FILE
+        notes = (
+            [*notes_path.read_text(encoding="utf-8").strip().splitlines(), ""] if notes_path.is_file() else []
+        )
+        lines = [
+            "# Real-data study: federation, differential privacy and distillation on public chest X-rays",
+            "",
+            "Made by `python -m simulation study all --config benchmarks/study.toml` (each table is also "
+            "its own command, see Setup); settings in `benchmarks/study.toml`. "
+            "Task: normal / pneumonia / COVID-19 on "
+            "Kermany paediatric pneumonia + the COVID-19 Radiography subset in ../shared/data.",
+            "",
+            *sections[0],
+            *notes,
+            *self.setup(),
+            *[line for section in sections[1:] for line in section],
+            *self.missing(),
+        ]
+        path = results / "study.md"
+        path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+        write_json(results / "study.json", {**self.summary, "cells": self.cells})
+        return path
+
+
+def build_study_report(settings: StudySettings) -> Path:
+    return StudyReport(settings).build()

@@ -1,0 +1,279 @@
+"""The real-data study's machinery (simulation/study.py, study_report.py) on tiny synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import simulation.cli as cli
+from common.data.sources import load_catalog
+from common.errors import ConfigError, DataError
+from common.tasks import get_task
+from simulation.study import Cell, load_settings, prepare, run_cell, table_cells
+from simulation.study_report import build_study_report
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ("normal", "pneumonia", "covid-19")
+
+
+def _write_pool(folder: Path, n_patients: int = 60, per_patient: int = 2) -> Path:
+    """A manifest of small images whose brightness follows the label, two images per patient."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for patient in range(n_patients):
+        label = CLASSES[patient % 3]
+        for k in range(per_patient):
+            mean = 60 + 60 * CLASSES.index(label)
+            pixels = np.clip(rng.normal(mean, 25, size=(24, 24)), 0, 255).astype(np.uint8)
+            path = folder / "images" / f"p{patient:03d}_{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").save(path)
+            rows.append([str(path), label, f"hospital-{patient % 2}", f"p{patient:03d}", ""])
+    manifest = folder / "all.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "site", "patient_id", "view"])
+        writer.writerows(rows)
+    return manifest
+
+
+def _write_config(tmp_path: Path, manifest: Path, extra: str = "", run: str = "") -> Path:
+    config = tmp_path / "study.toml"
+    config.write_text(
+        f"""
+out = "out"
+results = "results"
+sites = 2
+nih-sites = 2
+min-site-size = 10
+seeds = [0, 1]
+{extra}
+
+[data.cxr]
+task = "normal-pneumonia-covid"
+test-images = 30
+pool-images = 80
+
+[[data.cxr.sources]]
+format = "manifest"
+path = "{manifest}"
+
+[data.nih]
+task = "nih14"
+test-images = 10
+pool-images = 20
+
+[[data.nih.sources]]
+format = "nih14"
+path = "no-such-folder"
+
+[run]
+teacher-name = "tiny-cnn"
+image-size = 32
+num-rounds = 2
+batch-size = 16
+lr = 0.05
+kd-epochs = 1
+kd-width-mult = 0.35
+{run}
+
+[privacy]
+epsilons = [8.0, 3.0]
+headline-epsilon = 8.0
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_the_checked_in_study_config_loads(shared_data: Path) -> None:
+    settings = load_settings(REPO / "benchmarks" / "study.toml")
+
+    assert settings.seeds == (0, 1, 2)
+    assert settings.run["teacher-name"] == "resnet18"
+    assert settings.datasets["cxr"].sources[0].path == (shared_data / "kermany-pneumonia").resolve()
+    assert settings.results == REPO / "benchmarks" / "results"
+    assert settings.dp_headline_epsilon in settings.dp_epsilons
+
+
+@pytest.mark.parametrize(
+    ("extra", "run", "named"),
+    [
+        ("colour = 1", "", "colour"),
+        ("", "num-round = 3", "num-round"),
+        ("", "kd-alpha = 2.0", "kd-alpha"),
+        ("[privacy.run]\nbatch-size = -1", "", "batch-size"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(tmp_path: Path, extra: str, run: str, named: str) -> None:
+    config = _write_config(tmp_path, tmp_path / "pool.csv", extra=extra, run=run)
+
+    with pytest.raises(ConfigError, match=named):
+        load_settings(config)
+
+
+def test_a_headline_epsilon_outside_the_list_is_refused(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, tmp_path / "pool.csv")
+    config.write_text(config.read_text().replace("headline-epsilon = 8.0", "headline-epsilon = 1.0"))
+
+    with pytest.raises(ConfigError, match="headline-epsilon"):
+        load_settings(config)
+
+
+def test_prepare_holds_out_a_patient_grouped_test_set_once(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data")))
+
+    prepared = prepare(settings, "cxr")
+
+    task = get_task("normal-pneumonia-covid")
+    test = load_catalog("manifest", prepared.test, task)
+    pool = load_catalog("manifest", prepared.pool, task)
+    assert abs(len(test) - 30) <= 2
+    assert abs(len(pool) - 80) <= 2
+    assert not {r.patient_id for r in test.records} & {r.patient_id for r in pool.records}
+    assert not {r.key for r in test.records} & {r.key for r in pool.records}
+    assert set(test.class_counts().values()) != {0}
+    assert {r.site for r in pool.records} == {"hospital-0", "hospital-1"}
+    assert prepared.info["patient_grouped"]
+    assert prepared.info["holdout_seed"] == 0
+    before = prepared.test.stat().st_mtime_ns
+    assert prepare(settings, "cxr").test.stat().st_mtime_ns == before  # written once, then reused
+
+
+def test_prepare_names_a_missing_source_and_an_impossible_size(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data", n_patients=30)))
+
+    with pytest.raises(DataError, match="no-such-folder"):
+        prepare(settings, "nih")
+    with pytest.raises(ConfigError, match="test-images \\+ pool-images"):
+        prepare(settings, "cxr")  # 30 + 80 > 60 images
+    assert not (settings.out / "data" / "cxr").exists()
+
+
+def test_tables_share_cells_and_run_dp_rows_as_configured(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+
+    splits = {c.name for c in table_cells("splits", settings)}
+    headline = [c.name for c in table_cells("headline", settings)]
+    privacy = [c.name for c in table_cells("privacy", settings)]
+
+    assert len(splits) == 8
+    assert len(headline) == 4
+    assert len(set(headline)) == 4
+    assert "cxr-dirichlet-0.5-fedavg-s0" in splits & set(headline)
+    assert "cxr-natural-fedavg-s0" in splits & set(headline)
+    assert sorted(privacy) == sorted(
+        [
+            "cxr-dirichlet-0.5-fedavg-gn-s0",
+            "cxr-dirichlet-0.5-fedavg-dp8-s0",
+            "cxr-dirichlet-0.5-fedavg-dp3-s0",
+            "cxr-dirichlet-0.5-fedavg-gn-s1",
+            "cxr-dirichlet-0.5-fedavg-dp8-s1",
+        ]
+    )
+    with pytest.raises(ConfigError, match="table"):
+        table_cells("everything", settings)
+
+
+def _fake_result(cell: str, federated: float, **extra: object) -> dict[str, object]:
+    teachers: dict[str, object] = {"federated": {"auroc_macro": federated, "balanced_accuracy": 0.5}}
+    record: dict[str, object] = {
+        "cell": {"name": cell},
+        "partition": {"sizes": [10, 10], "label_counts": {}, "label_skew_tv": 0.3, "natural_ids": None},
+        "site_train_images": {"site_00": 8, "site_01": 8},
+        "dp_epsilon_spent": {},
+        "teachers": teachers,
+    }
+    if "pooled" in extra:
+        teachers["pooled"] = {"auroc_macro": extra.pop("pooled")}
+    if "local" in extra:
+        teachers["local"] = {f"site_0{i}": {"auroc_macro": v} for i, v in enumerate(extra.pop("local"))}  # type: ignore[arg-type]
+    if "students" in extra:
+        kd, no_kd = extra.pop("students")  # type: ignore[misc]
+        record["students"] = {
+            site: {"kd": {"auroc_macro": kd}, "no_kd": {"auroc_macro": no_kd}}
+            for site in ("site_00", "site_01")
+        }
+    record.update(extra)
+    return record
+
+
+def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    cells = {
+        "cxr-dirichlet-0.5-fedavg-s0": _fake_result(
+            "a", 0.90, pooled=0.92, local=[0.8, 0.7], students=(0.89, 0.85)
+        ),
+        "cxr-dirichlet-0.5-fedavg-s1": _fake_result(
+            "b", 0.94, pooled=0.94, local=[0.8, 0.7], students=(0.90, 0.91)
+        ),
+        "cxr-natural-fedavg-s0": _fake_result("c", 0.80, local=[0.85, 0.6]),
+        "cxr-dirichlet-0.5-fedavg-gn-s0": _fake_result("d", 0.90),
+        "cxr-dirichlet-0.5-fedavg-dp8-s0": _fake_result("e", 0.87, dp_epsilon_spent={"site_00": 7.9}),
+    }
+    for name, record in cells.items():
+        path = settings.out / "cells" / name / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record))
+
+    report = build_study_report(settings)
+
+    summary = json.loads((settings.results / "study.json").read_text())["targets"]
+    # FedAvg/pooled ratios 0.978 and 1.0: mean 0.989 >= 0.98
+    assert summary["fedavg_vs_pooled"]["derived_mean"] == pytest.approx((0.90 / 0.92 + 1.0) / 2)
+    assert summary["fedavg_vs_pooled"]["met"] is True
+    assert summary["natural_vs_best_local"]["met"] is False  # 0.80 < 0.85
+    assert summary["kd_student_vs_teacher"]["derived_mean"] == pytest.approx(
+        ((0.89 - 0.90) + (0.90 - 0.94)) / 2
+    )
+    assert summary["kd_student_vs_teacher"]["met"] is False
+    assert summary["kd_vs_no_kd"]["met"] is True
+    assert summary["dp_cost"]["derived_mean"] == pytest.approx(0.03)
+    assert summary["dp_cost"]["met"] is True
+    text = report.read_text()
+    assert "**missed**" in text
+    assert "| epsilon 8 | 0.870 |" in text
+    assert "Cells not run yet" in text
+    assert "`cxr-iid-fedavg-s0`" in text
+    for plot in ("study_splits.png", "study_students.png", "study_privacy.png"):
+        assert (settings.results / plot).stat().st_size > 1000
+
+
+def test_study_command_refuses_an_unknown_table(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, tmp_path / "pool.csv")
+
+    result = CliRunner().invoke(cli.app, ["study", "everything", "--config", str(config)])
+
+    assert result.exit_code == 2
+    assert "everything" in result.output
+    assert "headline" in result.output
+
+
+@pytest.mark.slow
+def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data")))
+    cell = Cell("headline", "cxr", "dirichlet-0.5", "fedavg", 0, kd=True, pooled=True, local=True)
+
+    result = run_cell(cell, settings)
+
+    test_size = result["test_images"]
+    assert test_size >= 28
+    assert set(result["teachers"]) == {"federated", "pooled", "local"}
+    assert set(result["teachers"]["local"]) == {"site_00", "site_01"}
+    assert set(result["students"]) == {"site_00", "site_01"}
+    for scores in [
+        result["teachers"]["federated"],
+        result["teachers"]["pooled"],
+        result["students"]["site_00"]["kd"],
+    ]:
+        assert scores["n"] == test_size
+        assert 0.0 <= scores["auroc_macro"] <= 1.0
+    # brightness encodes the label, so the federated teacher learns it
+    assert result["teachers"]["federated"]["auroc_macro"] > 0.8
+    assert run_cell(cell, settings) == result  # a finished cell is read back, not re-run
