@@ -290,7 +290,14 @@ def start(
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
     task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
-    image_size: Annotated[int, typer.Option("--image-size", help="Image size of the data check.")] = 64,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            "--image-size",
+            help="Image size of the data check. Give the run's image-size (the coordinator announces it): "
+            "the images are then decoded once, here, and the run reuses that cache.",
+        ),
+    ] = 64,
     skip_check: Annotated[bool, typer.Option("--skip-check", help="Do not check the data first.")] = False,
     connect_timeout: Annotated[
         float,

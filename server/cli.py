@@ -251,7 +251,7 @@ def start(
 def _follow(
     coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
 ) -> int:
-    from server.deploy import parse_progress
+    from server.deploy import FlwrRunTimeoutError, parse_progress
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -265,8 +265,6 @@ def _follow(
         job = bar.add_task("teacher rounds", total=num_rounds, detail="waiting for sites")
 
         def on_line(line: str) -> None:
-            if timeout is not None and time.time() - started > timeout:
-                raise TimeoutError
             progress = parse_progress(line)
             if progress is not None:
                 if progress.phase == "distill":
@@ -287,9 +285,10 @@ def _follow(
             if " WARNING " in f" {line} " or "ERROR" in line:
                 bar.console.print(line, highlight=False, markup=False)
 
+        remaining = None if timeout is None else max(1.0, timeout - (time.time() - started))
         try:
-            return coordinator.submit(overrides, on_line=on_line)
-        except TimeoutError:
+            return coordinator.submit(overrides, on_line=on_line, timeout=remaining)
+        except FlwrRunTimeoutError:
             return -1
 
 

@@ -23,12 +23,14 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import subprocess
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -422,8 +424,12 @@ class Coordinator:
         *,
         app_dir: Path = PROJECT_ROOT,
         on_line: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code."""
+        """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code.
+
+        Raises FlwrRunTimeoutError when ``timeout`` seconds pass first (``flwr run`` is stopped).
+        """
         config_path = self.run_dir / "run_overrides.toml"
         write_run_config(config_path, overrides)
         command = [
@@ -435,28 +441,16 @@ class Coordinator:
             str(config_path),
             "--stream",
         ]
-        with self.flower_log.open("a", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                command,
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-                cwd=self.run_dir,
-            )
-            try:
-                for line in _lines(process):
-                    log.write(line + "\n")
-                    log.flush()
-                    if match := re.search(r"Successfully started run (\d+)", line):
-                        self._update_state(flower_run_id=int(match[1]))
-                    if on_line is not None:
-                        on_line(line)
-                process.wait()
-            finally:
-                stop_process_tree(process)
-        return int(process.returncode or 0)
+
+        def record(line: str) -> None:
+            if match := RUN_STARTED.search(line):
+                self._update_state(flower_run_id=int(match[1]))
+            if on_line is not None:
+                on_line(line)
+
+        return follow_flwr_run(
+            command, env=self.env, cwd=self.run_dir, log_path=self.flower_log, on_line=record, timeout=timeout
+        ).returncode
 
     def failure_reason(self) -> str:
         """The most telling lines of a run that ended without a summary."""
@@ -469,11 +463,80 @@ class Coordinator:
         return telling[-1] if telling else (lines[-1].strip() if lines else "no log")
 
 
-def _lines(process: subprocess.Popen[str]) -> Iterator[str]:
-    if process.stdout is None:
-        return
-    for line in process.stdout:
-        yield _strip_ansi(line.rstrip("\n"))
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+class FlwrRunTimeoutError(CxrFlError):
+    """``flwr run`` did not end within the time allowed."""
+
+
+@dataclass(frozen=True)
+class FlwrRun:
+    returncode: int
+    run_id: int | None
+
+
+def follow_flwr_run(
+    command: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> FlwrRun:
+    """Start ``flwr run ... --stream``, append its output to ``log_path`` and follow it to the end.
+
+    Each line goes to ``on_line`` without ANSI colours. ``timeout`` is checked every second,
+    also while Flower prints nothing; when it passes, the process tree is stopped and
+    FlwrRunTimeoutError raised. The process is stopped on any exit, Ctrl-C included.
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    run_id: int | None = None
+    with log_path.open("a", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            cwd=cwd,
+        )
+        threading.Thread(target=_pump, args=(process, lines), daemon=True).start()
+        try:
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise FlwrRunTimeoutError(
+                        f"the run did not finish within {timeout:.0f} s (flwr run stopped); see {log_path}"
+                    )
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                log.write(line + "\n")
+                log.flush()
+                if run_id is None and (match := RUN_STARTED.search(line)):
+                    run_id = int(match[1])
+                if on_line is not None:
+                    on_line(line)
+            process.wait()
+        finally:
+            stop_process_tree(process)
+    return FlwrRun(int(process.returncode or 0), run_id)
+
+
+def _pump(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+    """Reader thread: every output line (ANSI stripped) into ``lines``, then None at the end."""
+    try:
+        if process.stdout is not None:
+            for raw in process.stdout:
+                lines.put(_strip_ansi(raw.rstrip("\n")))
+    finally:
+        lines.put(None)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -33,13 +32,12 @@ from typing import Any
 
 from common.errors import CxrFlError
 from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
-from server.deploy import write_run_config
+from server.deploy import FlwrRunTimeoutError, follow_flwr_run, write_run_config
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
-RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 
 class SimulationError(CxrFlError):
@@ -159,36 +157,15 @@ class FlowerSimulation:
             "--stream",
         ]
         log_path = self.work_dir / "flower.log"
-        with log_path.open("a", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                command,
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-                cwd=self.work_dir,
+        try:
+            run = follow_flwr_run(
+                command, env=self.env, cwd=self.work_dir, log_path=log_path, on_line=on_line, timeout=timeout
             )
-            started = time.monotonic()
-            run_id: int | None = None
-            try:
-                assert process.stdout is not None
-                for line in process.stdout:
-                    if run_id is None and (match := RUN_STARTED.search(line)):
-                        run_id = int(match.group(1))
-                    log.write(line)
-                    log.flush()
-                    if on_line is not None:
-                        on_line(line.rstrip("\n"))
-                    if timeout is not None and time.monotonic() - started > timeout:
-                        raise SimulationError(
-                            f"the run did not finish within {timeout:.0f} s; see {log_path}"
-                        )
-                process.wait()
-            finally:
-                stop_process_tree(process)
-        if process.returncode != 0 or run_id is None:
-            raise SimulationError(f"`flwr run` exited with code {process.returncode}; see {log_path}")
+        except FlwrRunTimeoutError as exc:
+            raise SimulationError(str(exc)) from None
+        run_id = run.run_id
+        if run.returncode != 0 or run_id is None:
+            raise SimulationError(f"`flwr run` exited with code {run.returncode}; see {log_path}")
         info = self.run_info(run_id)
         if info.get("status") != "finished:completed":
             details = info.get("status-details") or "no details"

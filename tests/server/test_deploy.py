@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from common.errors import ConfigError
-from server.deploy import load_schema, parse_progress, parse_set_option, resolve_run_config, write_run_config
+from server.deploy import (
+    FlwrRunTimeoutError,
+    follow_flwr_run,
+    load_schema,
+    parse_progress,
+    parse_set_option,
+    resolve_run_config,
+    write_run_config,
+)
 
 
 def test_schema_is_pyprojects_run_config() -> None:
@@ -81,3 +92,41 @@ def test_progress_from_round_lines() -> None:
     assert distill is not None
     assert distill.phase == "distill"
     assert parse_progress("INFO :      configure_train: Sampled 2 nodes (out of 2)") is None
+
+
+def _fake_flwr(script: str) -> list[str]:
+    return [sys.executable, "-c", script]
+
+
+def test_follow_flwr_run_logs_lines_finds_the_run_id_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    seen: list[str] = []
+    script = "print('\\x1b[32mSuccessfully started run 42\\x1b[0m'); print('round 1'); raise SystemExit(3)"
+
+    run = follow_flwr_run(
+        _fake_flwr(script),
+        env=os.environ,
+        cwd=tmp_path,
+        log_path=tmp_path / "flower.log",
+        on_line=seen.append,
+    )
+
+    assert run.returncode == 3
+    assert run.run_id == 42
+    assert seen == ["Successfully started run 42", "round 1"]
+    assert (tmp_path / "flower.log").read_text() == "Successfully started run 42\nround 1\n"
+
+
+def test_follow_flwr_run_times_out_while_flower_prints_nothing(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    started = time.monotonic()
+
+    with pytest.raises(FlwrRunTimeoutError, match="within 2 s"):
+        follow_flwr_run(
+            _fake_flwr(script), env=os.environ, cwd=tmp_path, log_path=tmp_path / "log", timeout=2
+        )
+
+    assert time.monotonic() - started < 30
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the silent process was stopped
