@@ -20,7 +20,8 @@ How the data are used (settings in the TOML file, recorded with every result):
 Tables (each its own command): ``splits`` (IID, Dirichlet 0.5 / 0.1, natural split by source;
 pooled, local-only, FedAvg, FedProx), ``headline`` (the rows the targets are judged on, over
 several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at each epsilon vs
-the same GroupNorm teacher without DP) and ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
+the same GroupNorm teacher without DP), ``students`` (the federated student: the sites' KD
+students averaged over extra rounds) and ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
 multi-label check).
 """
 
@@ -45,7 +46,7 @@ from common.jsonio import write_json
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("splits", "headline", "privacy", "nih")
+TABLES = ("splits", "headline", "privacy", "students", "nih")
 SPLITS = ("iid", "dirichlet-0.5", "dirichlet-0.1", "natural")
 DATASETS = ("cxr", "nih")
 
@@ -87,6 +88,7 @@ class StudySettings:
     dp_headline_epsilon: float = 8.0
     dp_delta: float = 1e-5
     dp_run: dict[str, Any] = field(default_factory=dict)
+    federated_student_rounds: int = 5
 
 
 TOP_KEYS = {
@@ -98,6 +100,7 @@ TOP_KEYS = {
     "holdout-seed",
     "seeds",
     "proximal-mu",
+    "federated-student-rounds",
     "run",
     "privacy",
     "data",
@@ -171,6 +174,7 @@ def load_settings(config_file: Path) -> StudySettings:
         holdout_seed=int(raw.get("holdout-seed", 0)),
         seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
         proximal_mu=float(raw.get("proximal-mu", 0.01)),
+        federated_student_rounds=int(raw.get("federated-student-rounds", 5)),
         dp_epsilons=tuple(float(e) for e in privacy.get("epsilons", (8.0, 3.0))),
         dp_headline_epsilon=float(privacy.get("headline-epsilon", 8.0)),
         dp_delta=float(privacy.get("delta", 1e-5)),
@@ -180,6 +184,8 @@ def load_settings(config_file: Path) -> StudySettings:
         raise ConfigError("sites / nih-sites", (settings.sites, settings.nih_sites), "at least 2 sites")
     if not settings.seeds:
         raise ConfigError("seeds", "[]", "at least one seed")
+    if settings.federated_student_rounds < 1:
+        raise ConfigError("federated-student-rounds", settings.federated_student_rounds, "an integer >= 1")
     if settings.dp_headline_epsilon not in settings.dp_epsilons:
         raise ConfigError("privacy.headline-epsilon", settings.dp_headline_epsilon, "one of privacy.epsilons")
     check_run_config({**run, **settings.dp_run, "dp-enabled": True, "teacher-norm": "group"})
@@ -291,12 +297,14 @@ class Cell:
     local: bool = False
     dp_epsilon: float | None = None
     norm: str = "batch"
+    federated_student: bool = False
 
     @property
     def name(self) -> str:
         dp = f"-dp{self.dp_epsilon:g}" if self.dp_epsilon is not None else ""
         norm = "-gn" if self.norm == "group" and self.dp_epsilon is None else ""
-        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}-s{self.seed}"
+        student = "-fedstudent" if self.federated_student else ""
+        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}{student}-s{self.seed}"
 
 
 def table_cells(table: str, settings: StudySettings) -> list[Cell]:
@@ -337,6 +345,11 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                         Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=epsilon, norm="group")
                     )
         return cells
+    if table == "students":
+        return [
+            Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, kd=True, federated_student=True)
+            for seed in settings.seeds
+        ]
     if table == "nih":
         return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
     raise ConfigError("table", table, "one of " + ", ".join(TABLES))
@@ -375,6 +388,8 @@ def cell_run_config(
     }
     if cell.strategy == "fedprox":
         config["proximal-mu"] = settings.proximal_mu
+    if cell.federated_student:
+        config["kd-federated-student-rounds"] = settings.federated_student_rounds
     if cell.dataset == "nih":
         config["task"] = settings.datasets["nih"].task
     if cell.dp_epsilon is not None:
@@ -504,6 +519,11 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
                 ),
                 "no_kd": _scores(student, load_model_state(folder / "nokd_student.pt"), test, settings.task),
             }
+    if cell.federated_student:
+        # the consortium's global student: the same weights at every site
+        first = run_dir / "sites" / next(iter(sites)) / "global_student" / "student.pt"
+        student = student_config(settings.distill, teacher, teacher.norm)
+        record["federated_student"] = _scores(student, load_model_state(first), test, settings.task)
     seed = settings.train.seed
     if cell.pooled:
         started = time.perf_counter()
@@ -573,11 +593,15 @@ def run_table(
     return results
 
 
-def with_out(settings: StudySettings, out: Path | None, results: Path | None) -> StudySettings:
-    """The settings with --out / --results from the command line, when given."""
-    changes: dict[str, Path] = {}
+def with_overrides(
+    settings: StudySettings, out: Path | None, results: Path | None, seeds: list[int] | None
+) -> StudySettings:
+    """The settings with --out / --results / --seed from the command line, when given."""
+    changes: dict[str, Any] = {}
     if out is not None:
         changes["out"] = Path(out).expanduser().resolve()
     if results is not None:
         changes["results"] = Path(results).expanduser().resolve()
+    if seeds:
+        changes["seeds"] = tuple(seeds)
     return replace(settings, **changes)

@@ -240,6 +240,25 @@ class StudyReport:
             ">= -0.01",
             None if not kd_gap.values else kd_gap.mean >= -0.01,
         )
+        fs = [
+            r
+            for seed in s.seeds
+            if (r := self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-fedstudent")))
+        ]
+        fs_student = _stat(float(r["federated_student"][METRIC]) for r in fs)
+        fs_gap = _stat(
+            float(r["federated_student"][METRIC]) - float(r["teachers"]["federated"][METRIC]) for r in fs
+        )
+        add(
+            "federated_student_vs_teacher",
+            "Federated KD student (sites' students averaged, "
+            f"{s.federated_student_rounds} rounds) vs its FedAvg teacher, Dirichlet 0.5 (difference)",
+            fs_student,
+            _stat(_teacher(r, "federated") for r in fs),
+            fs_gap,
+            ">= -0.01",
+            None if not fs_gap.values else fs_gap.mean >= -0.01,
+        )
         nokd = _stat(_students(r, "no_kd") for r in d05)
         kd_nokd = _stat(
             k - n

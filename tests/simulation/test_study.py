@@ -53,7 +53,7 @@ sites = 2
 nih-sites = 2
 min-site-size = 10
 seeds = [0, 1]
-{extra}
+{extra or "federated-student-rounds = 1"}
 
 [data.cxr]
 task = "normal-pneumonia-covid"
@@ -108,6 +108,7 @@ def test_the_checked_in_study_config_loads(shared_data: Path) -> None:
         ("colour = 1", "", "colour"),
         ("", "num-round = 3", "num-round"),
         ("", "kd-alpha = 2.0", "kd-alpha"),
+        ("federated-student-rounds = 0", "", "federated-student-rounds"),
         ("[privacy.run]\nbatch-size = -1", "", "batch-size"),
     ],
 )
@@ -177,6 +178,10 @@ def test_tables_share_cells_and_run_dp_rows_as_configured(tmp_path: Path) -> Non
             "cxr-dirichlet-0.5-fedavg-dp8-s1",
         ]
     )
+    assert [c.name for c in table_cells("students", settings)] == [
+        "cxr-dirichlet-0.5-fedavg-fedstudent-s0",
+        "cxr-dirichlet-0.5-fedavg-fedstudent-s1",
+    ]
     with pytest.raises(ConfigError, match="table"):
         table_cells("everything", settings)
 
@@ -216,6 +221,9 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
         "cxr-natural-fedavg-s0": _fake_result("c", 0.80, local=[0.85, 0.6]),
         "cxr-dirichlet-0.5-fedavg-gn-s0": _fake_result("d", 0.90),
         "cxr-dirichlet-0.5-fedavg-dp8-s0": _fake_result("e", 0.87, dp_epsilon_spent={"site_00": 7.9}),
+        "cxr-dirichlet-0.5-fedavg-fedstudent-s0": _fake_result(
+            "f", 0.95, federated_student={"auroc_macro": 0.945}
+        ),
     }
     for name, record in cells.items():
         path = settings.out / "cells" / name / "result.json"
@@ -234,6 +242,8 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
     )
     assert summary["kd_student_vs_teacher"]["met"] is False
     assert summary["kd_vs_no_kd"]["met"] is True
+    assert summary["federated_student_vs_teacher"]["derived_mean"] == pytest.approx(-0.005)
+    assert summary["federated_student_vs_teacher"]["met"] is True
     assert summary["dp_cost"]["derived_mean"] == pytest.approx(0.03)
     assert summary["dp_cost"]["met"] is True
     text = report.read_text()
@@ -258,7 +268,17 @@ def test_study_command_refuses_an_unknown_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
     settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data")))
-    cell = Cell("headline", "cxr", "dirichlet-0.5", "fedavg", 0, kd=True, pooled=True, local=True)
+    cell = Cell(
+        "headline",
+        "cxr",
+        "dirichlet-0.5",
+        "fedavg",
+        0,
+        kd=True,
+        pooled=True,
+        local=True,
+        federated_student=True,
+    )
 
     result = run_cell(cell, settings)
 
@@ -271,6 +291,7 @@ def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
         result["teachers"]["federated"],
         result["teachers"]["pooled"],
         result["students"]["site_00"]["kd"],
+        result["federated_student"],
     ]:
         assert scores["n"] == test_size
         assert 0.0 <= scores["auroc_macro"] <= 1.0
