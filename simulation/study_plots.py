@@ -66,7 +66,7 @@ def plot_students(rows: Sequence[tuple[str, float, float]], teacher: float, path
     ax.set_xticks(x, [r[0] for r in rows])
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("held-out macro-AUROC")
-    ax.set_title("MobileNetV2 students per site (mean over seeds)")
+    ax.set_title("MobileNetV2 students per site")
     ax.legend(loc="lower left", fontsize="small")
     return _save(fig, path)
 
