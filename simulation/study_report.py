@@ -541,9 +541,7 @@ class StudyReport:
         ]
 
     def missing(self) -> list[str]:
-        wanted = {
-            c.name for t in ("splits", "headline", "privacy", "nih") for c in table_cells(t, self.settings)
-        }
+        wanted = {c.name for t in TABLES for c in table_cells(t, self.settings)}
         absent = sorted(wanted - set(self.cells))
         if not absent:
             return []
