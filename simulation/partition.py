@@ -402,7 +402,10 @@ def partition_catalog(
     _check_settings(catalog, partitioner, num_sites, alpha, classes_per_site, min_site_size, natural_by)
     label_names = _label_names(catalog)
     record_labels = catalog.primary_labels().astype(np.int64)
-    present_counts = np.bincount(record_labels, minlength=len(label_names))
+    if catalog.task.is_multilabel:  # a finding is present when any image has it, first or not
+        present_counts = np.sum(np.nan_to_num(catalog.targets, nan=0.0) == 1, axis=0)
+    else:
+        present_counts = np.bincount(record_labels, minlength=len(label_names))
     missing = [label_names[c] for c in range(catalog.task.num_classes) if present_counts[c] == 0]
     if missing:
         message = (

@@ -300,6 +300,30 @@ def test_class_missing_from_the_data_warns_or_raises() -> None:
         partition_catalog(catalog, "iid", 2, seed=0, min_site_size=1, require_all_classes=True)
 
 
+def test_a_finding_seen_only_beside_an_earlier_one_counts_as_present() -> None:
+    task = get_task("nih14")
+    targets = np.zeros((20, task.num_classes), dtype=np.float32)
+    targets[np.arange(20), np.arange(20) % task.num_classes] = 1.0
+    edema = task.classes.index("Edema")
+    targets[:, edema] = 0.0
+    targets[0, [0, edema]] = 1.0  # Edema only with the first finding, so never an image's primary label
+    records = [ImageRecord(source="mem", key=str(i), source_labels=("x",)) for i in range(20)]
+    catalog = Catalog(task, records, targets, {"mem": ConstantReader()})
+
+    partition_catalog(catalog, "iid", 2, seed=0, min_site_size=1, require_all_classes=True)
+
+    targets[0, edema] = 0.0
+    with pytest.raises(DataError, match="Edema"):
+        partition_catalog(
+            Catalog(task, records, targets, {"mem": ConstantReader()}),
+            "iid",
+            2,
+            seed=0,
+            min_site_size=1,
+            require_all_classes=True,
+        )
+
+
 def test_write_partition_of_in_memory_source_writes_pngs(tmp_path: Path) -> None:
     catalog = make_catalog(balanced(6, 3), sites=["x"] * 18, patients=[f"p{i}" for i in range(18)])
     partition = partition_catalog(catalog, "iid", 3, seed=4, min_site_size=1)
