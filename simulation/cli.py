@@ -493,4 +493,7 @@ default_action = _demo
 
 def main() -> None:
     """Entry point of ``python -m simulation``."""
+    from common.processes import exit_on_sigterm
+
+    exit_on_sigterm()  # a SIGTERM stops the Flower and Ray processes of the run, as Ctrl-C does
     app(prog_name="python -m simulation")
