@@ -273,6 +273,24 @@ def _default_out() -> Path:
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
 
+def _round_display(
+    progress: Any, metric_label: str
+) -> tuple[Any, Callable[[int, int, int, int, float], None]]:
+    """A hidden "teacher rounds" bar and the callback that shows and advances it."""
+    rounds = progress.add_task("teacher rounds", total=None, visible=False)
+
+    def on_round(done: int, total: int, replied: int, sampled: int, metric: float) -> None:
+        progress.update(
+            rounds,
+            total=total,
+            completed=done,
+            visible=True,
+            description=f"teacher rounds ({replied}/{sampled} sites, {metric_label} {metric:.3f})",
+        )
+
+    return rounds, on_round
+
+
 def run_experiment_with_progress(config: Any) -> Path:
     """Run an experiment with a rich progress display; returns the report path."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -283,19 +301,10 @@ def run_experiment_with_progress(config: Any) -> Path:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stdout) as progress:
         stage = progress.add_task("starting", total=None)
-        rounds = progress.add_task("teacher rounds", total=None, visible=False)
+        _, on_round = _round_display(progress, "val metric")
 
         def on_stage(text: str) -> None:
             progress.update(stage, description=text)
-
-        def on_round(done: int, total: int, replied: int, sampled: int, metric: float) -> None:
-            progress.update(
-                rounds,
-                total=total,
-                completed=done,
-                visible=True,
-                description=f"teacher rounds ({replied}/{sampled} sites, val metric {metric:.3f})",
-            )
 
         result = experiment.run(on_round=on_round, on_stage=on_stage)
         progress.update(stage, description="done", total=1, completed=1)
@@ -440,7 +449,7 @@ def _run_study_table(table: str, settings: Any) -> None:
     with Progress(*columns, console=stdout) as progress:
         cells = progress.add_task(f"table {table}", total=None)
         stage = progress.add_task("", total=None)
-        rounds = progress.add_task("teacher rounds", total=None, visible=False)
+        rounds, on_round = _round_display(progress, "val AUROC")
 
         def on_cell(done: int, total: int, cell: Any) -> None:
             progress.update(cells, total=total, completed=done, description=f"table {table}: {cell.name}")
@@ -451,15 +460,6 @@ def _run_study_table(table: str, settings: Any) -> None:
 
         def on_stage(text: str) -> None:
             progress.update(stage, description=text)
-
-        def on_round(done: int, total: int, replied: int, sampled: int, metric: float) -> None:
-            progress.update(
-                rounds,
-                total=total,
-                completed=done,
-                visible=True,
-                description=f"teacher rounds ({replied}/{sampled} sites, val AUROC {metric:.3f})",
-            )
 
         run_table(table, settings, on_cell=on_cell, on_stage=on_stage, on_round=on_round)
         progress.update(cells, completed=progress.tasks[cells].total, description=f"table {table}: done")

@@ -231,14 +231,19 @@ EXPERIMENT_KEYS = (
 PARTITION_KEYS = ("name", "sites", "alpha", "classes-per-site", "natural-by", "min-site-size", "seed")
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, what: str = "an existing TOML file") -> dict[str, Any]:
+    """A TOML file's tables; a missing file or bad TOML is a ConfigError naming ``config``."""
     if not path.is_file():
-        raise ConfigError("config", str(path), "an existing TOML file")
+        raise ConfigError("config", str(path), what)
     try:
         with path.open("rb") as handle:
-            data = tomllib.load(handle)
+            return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    data = read_toml(path)
     for key in data:
         if key not in EXPERIMENT_KEYS:
             raise ConfigError(f"key '{key}' in {path}", data[key], "one of " + ", ".join(EXPERIMENT_KEYS))

@@ -33,7 +33,6 @@ import logging
 import platform
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,16 +118,10 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: P
 
 def load_settings(config_file: Path) -> StudySettings:
     """Read and check the study's TOML file (paths are relative to the file's folder)."""
-    from simulation.experiment import check_run_config
+    from simulation.experiment import check_run_config, read_toml
 
     path = Path(config_file).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError("config", str(path), "an existing TOML file (e.g. benchmarks/study.toml)")
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+    raw = read_toml(path, "an existing TOML file (e.g. benchmarks/study.toml)")
     _check_keys(raw, TOP_KEYS, "", path)
     base = path.parent
     datasets: dict[str, DatasetSetting] = {}
