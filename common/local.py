@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -203,22 +204,33 @@ def train_round(
             )
         check_plan_matches(plan, privacy)
         check_budget_for_round(history, plan)
-        private = make_private(model, optimizer, loader, plan, history, seed=seed)
-        trained_model, optimizer, loader = private.model, private.optimizer, private.loader
+        private = make_private(
+            model,
+            optimizer,
+            loader,
+            plan,
+            history,
+            seed=seed,
+            max_physical_batch_size=privacy.max_physical_batch_size,
+        )
+        trained_model, optimizer = private.model, private.optimizer
     global_params = snapshot_params(model) if train.proximal_mu > 0 else None
     started = time.perf_counter()
     stats: dict[str, float] = {}
-    for epoch in range(train.local_epochs):
-        dataset.set_epoch(epoch)
-        stats = train_one_epoch(
-            trained_model,
-            loader,
-            task,
-            optimizer,
-            proximal_mu=train.proximal_mu,
-            global_params=global_params,
-            progress=progress,
-        )
+    with ExitStack() as stack:
+        if private is not None:
+            loader = stack.enter_context(private.physical_batches())
+        for epoch in range(train.local_epochs):
+            dataset.set_epoch(epoch)
+            stats = train_one_epoch(
+                trained_model,
+                loader,
+                task,
+                optimizer,
+                proximal_mu=train.proximal_mu,
+                global_params=global_params,
+                progress=progress,
+            )
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["loss"] = stats.get("loss", float("nan"))
     metrics["images_per_s"] = stats.get("images_per_s", float("nan"))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -185,6 +187,24 @@ class PrivateTraining:
     loader: DataLoader
     engine: PrivacyEngine
     plan: DPPlan
+    max_physical_batch_size: int = 16
+
+    @contextmanager
+    def physical_batches(self) -> Iterator[DataLoader]:
+        """The loader in batches of at most ``max_physical_batch_size`` images.
+
+        Opacus' BatchMemoryManager splits each (Poisson-sampled) logical batch; the optimizer
+        clips every image's gradient, sums them and takes one noisy step per logical batch, so
+        the privacy accounting is that of the logical batch.
+        """
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+        with BatchMemoryManager(
+            data_loader=self.loader,
+            max_physical_batch_size=self.max_physical_batch_size,
+            optimizer=self.optimizer,  # type: ignore[arg-type]
+        ) as loader:
+            yield loader
 
     def history(self) -> AccountantHistory:
         return [tuple(h) for h in self.engine.accountant.history]  # type: ignore[misc]
@@ -201,8 +221,12 @@ def make_private(
     history: AccountantHistory,
     *,
     seed: int,
+    max_physical_batch_size: int = 16,
 ) -> PrivateTraining:
-    """Wrap for DP-SGD with the plan's noise, continuing the accountant from ``history``."""
+    """Wrap for DP-SGD with the plan's noise, continuing the accountant from ``history``.
+
+    Train on :meth:`PrivateTraining.physical_batches` to bound memory for large batches.
+    """
     from opacus import PrivacyEngine
 
     check_model_is_private_compatible(model)
@@ -225,7 +249,9 @@ def make_private(
         plan.sample_rate,
         epsilon_of(history, plan),
     )
-    return PrivateTraining(private_model, private_optimizer, private_loader, engine, plan)
+    return PrivateTraining(
+        private_model, private_optimizer, private_loader, engine, plan, max_physical_batch_size
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

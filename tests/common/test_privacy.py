@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import ModelConfig, PrivacyConfig, TrainConfig
-from common.errors import PrivacyError
+from common.errors import ConfigError, PrivacyError
 from common.models import build_model
 from common.privacy import (
     BudgetExhaustedError,
@@ -105,3 +105,51 @@ def test_a_plan_made_for_another_policy_is_refused() -> None:
     tighter = PrivacyConfig(enabled=True, target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0)
     with pytest.raises(PrivacyError, match="policy changed"):
         check_plan_matches(plan, tighter)
+
+
+def test_large_logical_batches_run_in_small_physical_batches_with_one_noisy_step_each() -> None:
+    task = get_task("normal-pneumonia")
+    model = build_model(ModelConfig(name="tiny-cnn", norm="group"), task.num_classes)
+    images = torch.randn(64, 1, 32, 32)
+    labels = torch.nn.functional.one_hot(torch.arange(64) % 2, 2).float()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    plan = plan_dp(POLICY, num_examples=64, batch_size=16, local_epochs=1, num_rounds=1)
+    private = make_private(
+        model,
+        make_optimizer(model, TrainConfig(lr=0.05)),
+        loader,
+        plan,
+        [],
+        seed=3,
+        max_physical_batch_size=4,
+    )
+    forward_sizes: list[int] = []
+    unwrap_model(private.model).register_forward_hook(lambda _m, args, _o: forward_sizes.append(len(args[0])))
+    noisy_steps = 0
+    original_step = private.optimizer.original_optimizer.step  # type: ignore[attr-defined]
+
+    def counting_step(*args: object, **kwargs: object) -> object:
+        nonlocal noisy_steps
+        noisy_steps += 1
+        return original_step(*args, **kwargs)
+
+    private.optimizer.original_optimizer.step = counting_step  # type: ignore[attr-defined]
+
+    with private.physical_batches() as physical:
+        train_one_epoch(private.model, physical, task, private.optimizer)
+
+    assert max(forward_sizes, default=0) <= 4
+    assert sum(forward_sizes) > 16  # more than one logical batch's worth was seen
+    # Poisson sampling gives 4 logical batches per epoch; each becomes one noisy optimizer step
+    # and one accountant entry, however many physical batches it was split into.
+    assert noisy_steps == plan.steps_per_round == 4
+    assert private.history() == [(plan.noise_multiplier, plan.sample_rate, 4)]
+    assert 0 < private.epsilon() <= POLICY.target_epsilon
+
+
+def test_the_physical_batch_cap_is_checked_and_a_site_may_lower_it() -> None:
+    with pytest.raises(ConfigError, match="dp-max-physical-batch-size"):
+        PrivacyConfig(enabled=True, max_physical_batch_size=0)
+    server = PrivacyConfig(enabled=True, max_physical_batch_size=32)
+    site = PrivacyConfig(enabled=True, max_physical_batch_size=8)
+    assert server.tightened_by(site).max_physical_batch_size == 8
