@@ -21,8 +21,9 @@ Tables (each its own command): ``splits`` (IID, Dirichlet 0.5 / 0.1, natural spl
 pooled, local-only, FedAvg, FedProx), ``headline`` (the rows the targets are judged on, over
 several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at each epsilon vs
 the same GroupNorm teacher without DP), ``students`` (the federated student: the sites' KD
-students averaged over extra rounds) and ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
-multi-label check).
+students averaged over extra rounds), ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
+multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: headline cells with some
+run settings changed, tried for the targets the study's settings miss; first seed).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from common.jsonio import write_json
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("splits", "headline", "privacy", "students", "nih")
+TABLES = ("splits", "headline", "privacy", "students", "nih", "attempts")
 SPLITS = ("iid", "dirichlet-0.5", "dirichlet-0.1", "natural")
 DATASETS = ("cxr", "nih")
 
@@ -69,6 +70,19 @@ class DatasetSetting:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """A variant of a headline cell tried for a missed target: the cell with ``run`` changed."""
+
+    name: str
+    about: str
+    split: str = "dirichlet-0.5"
+    kd: bool = False
+    pooled: bool = False
+    federated_student: bool = False
+    run: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class StudySettings:
     """Everything in the study's TOML file, resolved (paths absolute)."""
 
@@ -88,6 +102,7 @@ class StudySettings:
     dp_delta: float = 1e-5
     dp_run: dict[str, Any] = field(default_factory=dict)
     federated_student_rounds: int = 5
+    attempts: tuple[Attempt, ...] = ()
 
 
 TOP_KEYS = {
@@ -103,7 +118,9 @@ TOP_KEYS = {
     "run",
     "privacy",
     "data",
+    "attempts",
 }
+ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run"}
 PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
@@ -172,6 +189,7 @@ def load_settings(config_file: Path) -> StudySettings:
         dp_headline_epsilon=float(privacy.get("headline-epsilon", 8.0)),
         dp_delta=float(privacy.get("delta", 1e-5)),
         dp_run=dict(privacy.get("run", {})),
+        attempts=_attempts(raw.get("attempts", []), run, path),
     )
     if settings.sites < 2 or settings.nih_sites < 2:
         raise ConfigError("sites / nih-sites", (settings.sites, settings.nih_sites), "at least 2 sites")
@@ -183,6 +201,42 @@ def load_settings(config_file: Path) -> StudySettings:
         raise ConfigError("privacy.headline-epsilon", settings.dp_headline_epsilon, "one of privacy.epsilons")
     check_run_config({**run, **settings.dp_run, "dp-enabled": True, "teacher-norm": "group"})
     return settings
+
+
+def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ...]:
+    """The ``[[attempts]]`` tables, checked (names, splits and run settings) before any work."""
+    from simulation.experiment import check_run_config
+
+    if not isinstance(raw, list):
+        raise ConfigError(f"'attempts' in {path}", raw, "[[attempts]] tables")
+    attempts: list[Attempt] = []
+    for i, table in enumerate(raw):
+        where = f"attempts[{i}]."
+        _check_keys(table, ATTEMPT_KEYS, where, path)
+        name = str(table.get("name", ""))
+        if not name or not all(c.isalnum() or c == "-" for c in name) or name != name.lower():
+            raise ConfigError(f"{where}name in {path}", name, "lower-case letters, digits and '-'")
+        if name in {a.name for a in attempts}:
+            raise ConfigError(f"{where}name in {path}", name, "a name no other attempt has")
+        split = str(table.get("split", "dirichlet-0.5"))
+        if split not in SPLITS:
+            raise ConfigError(f"{where}split in {path}", split, "one of " + ", ".join(SPLITS))
+        changed = dict(table.get("run", {}))
+        if not changed:
+            raise ConfigError(f"{where}run in {path}", "{}", "the run settings the attempt changes")
+        check_run_config({**run, **changed})
+        attempts.append(
+            Attempt(
+                name=name,
+                about=str(table.get("about", "")),
+                split=split,
+                kd=bool(table.get("kd", False)),
+                pooled=bool(table.get("pooled", False)),
+                federated_student=bool(table.get("federated-student", False)),
+                run=tuple(sorted(changed.items())),
+            )
+        )
+    return tuple(attempts)
 
 
 # ----------------------------------------------------------------------------- held-out test + pool
@@ -291,13 +345,21 @@ class Cell:
     dp_epsilon: float | None = None
     norm: str = "batch"
     federated_student: bool = False
+    variant: str = ""  # an attempt's name; its run settings changes are ``overrides``
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
         dp = f"-dp{self.dp_epsilon:g}" if self.dp_epsilon is not None else ""
         norm = "-gn" if self.norm == "group" and self.dp_epsilon is None else ""
         student = "-fedstudent" if self.federated_student else ""
-        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}{student}-s{self.seed}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}{student}{variant}-s{self.seed}"
+
+    @property
+    def base(self) -> Cell:
+        """The cell an attempt varies (the cell itself when it is not an attempt)."""
+        return replace(self, variant="", overrides=())
 
 
 def table_cells(table: str, settings: StudySettings) -> list[Cell]:
@@ -345,6 +407,22 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
         ]
     if table == "nih":
         return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
+    if table == "attempts":
+        return [
+            Cell(
+                table,
+                "cxr",
+                a.split,
+                "fedavg",
+                first,
+                kd=a.kd,
+                pooled=a.pooled,
+                federated_student=a.federated_student,
+                variant=a.name,
+                overrides=a.run,
+            )
+            for a in settings.attempts
+        ]
     raise ConfigError("table", table, "one of " + ", ".join(TABLES))
 
 
@@ -390,6 +468,7 @@ def cell_run_config(
         config.update(
             {"dp-enabled": True, "dp-target-epsilon": cell.dp_epsilon, "dp-target-delta": settings.dp_delta}
         )
+    config.update(dict(cell.overrides))
     return config
 
 

@@ -170,17 +170,34 @@ class StudyReport:
                 "",
             ]
             lines += _table(
-                ["table", "command", "wall time"],
+                ["table", "command", "wall time of its commands", "sum of its cells' own times"],
                 [
                     [
                         t,
                         f"`python -m simulation study {t} --config benchmarks/study.toml`",
                         f"{sec / 60:.1f} min",
+                        self.cells_minutes(t),
                     ]
                     for t, sec, _ in timings
                 ],
             )
+            lines += [
+                "The wall time adds up every invocation of a table (resumed runs included; cells "
+                "shared with a table run earlier are skipped). The last column is what the table "
+                "costs from scratch: the sum of the recorded run times of all its cells. Timings of "
+                "cells that ran while other jobs used the same 2 cores are longer than on a quiet "
+                "machine.",
+                "",
+            ]
         return lines
+
+    def cells_minutes(self, table: str) -> str:
+        """The summed run time of a table's cells ("–" while any has not run)."""
+        names = [c.name for c in table_cells(table, self.settings)]
+        if any(n not in self.cells for n in names):
+            return "–"
+        seconds = sum(float(self.cells[n]["seconds"]["total"]) for n in names)
+        return f"{seconds / 60:.1f} min"
 
     def headline(self) -> list[str]:
         s = self.settings
@@ -540,6 +557,74 @@ class StudyReport:
             ),
         ]
 
+    def attempts(self) -> list[str]:
+        """Each attempt beside the cell it varies (same seed, the study's settings)."""
+        rows = []
+        for cell in table_cells("attempts", self.settings):
+            attempt = self.cells.get(cell.name)
+            if attempt is None:
+                continue
+            about = next(a.about for a in self.settings.attempts if a.name == cell.variant)
+            changed = ", ".join(f"{k} = {v}" for k, v in cell.overrides)
+            for label, result in (
+                (f"study settings (`{cell.base.name}`)", self.cells.get(cell.base.name)),
+                (f"**{cell.variant}**: {changed}", attempt),
+            ):
+                rows.append([label, *self._attempt_columns(result)])
+            self.summary["tables"].setdefault("attempts", {})[cell.variant] = {
+                "about": about,
+                "run": dict(cell.overrides),
+                "base": cell.base.name,
+            }
+        if not rows:
+            return []
+        lines = [
+            "## What was tried for the missed targets",
+            "",
+            "Each attempt is a cell of the study run again with some run settings changed (seed "
+            f"{self.settings.seeds[0]}), set beside the cell with the study's settings. The attempts are "
+            "in `[[attempts]]` of `benchmarks/study.toml` (table `attempts`).",
+            "",
+        ]
+        for a in self.settings.attempts:
+            lines.append(f"- **{a.name}**: {a.about}")
+        lines.append("")
+        lines += _table(
+            [
+                "cell",
+                "FedAvg teacher",
+                "pooled teacher",
+                "FedAvg / pooled",
+                "KD site students",
+                "no-KD site students",
+                "federated student",
+                "federated student − teacher",
+            ],
+            rows,
+        )
+        return lines
+
+    @staticmethod
+    def _attempt_columns(result: dict[str, Any] | None) -> list[str]:
+        if result is None:
+            return ["not run"] + ["–"] * 6
+        teacher = _teacher(result, "federated")
+        pooled = _teacher(result, "pooled")
+        federated_student = (
+            float(result["federated_student"][METRIC]) if "federated_student" in result else None
+        )
+        return [
+            _fmt(teacher),
+            _fmt(pooled),
+            _fmt(teacher / pooled) if teacher is not None and pooled else "–",
+            _fmt(_students(result, "kd")),
+            _fmt(_students(result, "no_kd")),
+            _fmt(federated_student),
+            f"{federated_student - teacher:+.3f}"
+            if federated_student is not None and teacher is not None
+            else "–",
+        ]
+
     def missing(self) -> list[str]:
         wanted = {c.name for t in TABLES for c in table_cells(t, self.settings)}
         absent = sorted(wanted - set(self.cells))
@@ -550,7 +635,14 @@ class StudyReport:
     def build(self) -> Path:
         results = self.settings.results
         results.mkdir(parents=True, exist_ok=True)
-        sections = [self.headline(), self.splits(), self.students(), self.privacy(), self.nih()]
+        sections = [
+            self.headline(),
+            self.splits(),
+            self.students(),
+            self.privacy(),
+            self.nih(),
+            self.attempts(),
+        ]
         notes_path = results / NOTES_FILE
         notes = (
             [*notes_path.read_text(encoding="utf-8").strip().splitlines(), ""] if notes_path.is_file() else []

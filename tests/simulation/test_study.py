@@ -119,6 +119,87 @@ def test_bad_settings_are_refused_naming_the_key(tmp_path: Path, extra: str, run
         load_settings(config)
 
 
+ATTEMPTS = """
+[[attempts]]
+name = "rounds4"
+about = "twice the rounds"
+pooled = true
+run = { num-rounds = 4 }
+
+[[attempts]]
+name = "kd3"
+about = "more distillation"
+kd = true
+federated-student = true
+run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
+"""
+
+
+@pytest.mark.parametrize(
+    ("attempt", "named"),
+    [
+        ('name = "x"\nrun = { num-round = 4 }', "num-round"),
+        ('name = "x"\nrun = { num-rounds = 0 }', "num-rounds"),
+        ('name = "x"\nrun = {}', "attempts\\[0\\].run"),
+        ('name = "Not ok"\nrun = { num-rounds = 4 }', "attempts\\[0\\].name"),
+        ('name = "x"\nsplit = "random"\nrun = { num-rounds = 4 }', "attempts\\[0\\].split"),
+        ('name = "x"\nrounds = 4', "attempts\\[0\\].rounds"),
+    ],
+)
+def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
+    config = _write_config(tmp_path, tmp_path / "pool.csv", extra=f"[[attempts]]\n{attempt}\n")
+
+    with pytest.raises(ConfigError, match=named):
+        load_settings(config)
+
+
+def test_two_attempts_with_one_name_are_refused(tmp_path: Path) -> None:
+    twice = ATTEMPTS.replace('name = "kd3"', 'name = "rounds4"')
+    with pytest.raises(ConfigError, match="rounds4"):
+        load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=twice))
+
+
+def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Path) -> None:
+    from simulation.study import PreparedData, cell_run_config
+
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
+    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
+
+    rounds, kd = table_cells("attempts", settings)
+
+    assert rounds.name == "cxr-dirichlet-0.5-fedavg-rounds4-s0"
+    assert rounds.base.name == "cxr-dirichlet-0.5-fedavg-s0"
+    assert kd.name == "cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s0"
+    assert kd.base.name == "cxr-dirichlet-0.5-fedavg-fedstudent-s0"
+    assert rounds.pooled
+    assert kd.federated_student
+    assert cell_run_config(rounds, settings, data, 2)["num-rounds"] == 4
+    assert cell_run_config(rounds.base, settings, data, 2)["num-rounds"] == 2
+    kd_config = cell_run_config(kd, settings, data, 2)
+    assert (kd_config["kd-epochs"], kd_config["kd-federated-student-rounds"]) == (3, 2)
+
+
+def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> None:
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
+    cells = {
+        "cxr-dirichlet-0.5-fedavg-s0": _fake_result("a", 0.90, pooled=0.95),
+        "cxr-dirichlet-0.5-fedavg-rounds4-s0": _fake_result("b", 0.94, pooled=0.95),
+    }
+    for name, record in cells.items():
+        path = settings.out / "cells" / name / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record))
+
+    text = build_study_report(settings).read_text()
+
+    section = text[text.index("## What was tried") : text.index("## Cells not run yet")]
+    assert "- **rounds4**: twice the rounds" in section
+    assert "| study settings (`cxr-dirichlet-0.5-fedavg-s0`) | 0.900 | 0.950 | 0.947 |" in section
+    assert "| **rounds4**: num-rounds = 4 | 0.940 | 0.950 | 0.989 |" in section
+    assert not [row for row in section.splitlines() if row.startswith("|") and "kd3" in row]  # not run yet
+    assert "`cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s0`" in text[text.index("Cells not run yet") :]
+
+
 def test_a_headline_epsilon_outside_the_list_is_refused(tmp_path: Path) -> None:
     config = _write_config(tmp_path, tmp_path / "pool.csv")
     config.write_text(config.read_text().replace("headline-epsilon = 8.0", "headline-epsilon = 1.0"))
