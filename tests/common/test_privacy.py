@@ -18,7 +18,7 @@ from common.privacy import (
     projected_history,
     unwrap_model,
 )
-from common.tasks import get_task
+from common.tasks import Task, get_task
 from common.training import make_optimizer, train_one_epoch
 
 POLICY = PrivacyConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0)
@@ -65,12 +65,17 @@ def test_batchnorm_model_is_refused_with_the_reason() -> None:
         make_private(model, optimizer, loader, plan, [], seed=0)
 
 
-def test_private_training_continues_the_accountant_and_unwraps() -> None:
+def _group_norm_model_and_loader(images: int, batch_size: int) -> tuple[Task, torch.nn.Module, DataLoader]:
+    """A GroupNorm tiny CNN and a loader of random two-class images."""
     task = get_task("normal-pneumonia")
     model = build_model(ModelConfig(name="tiny-cnn", norm="group"), task.num_classes)
-    images = torch.randn(32, 1, 32, 32)
-    labels = torch.nn.functional.one_hot(torch.arange(32) % 2, 2).float()
-    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    labels = torch.nn.functional.one_hot(torch.arange(images) % 2, 2).float()
+    loader = DataLoader(TensorDataset(torch.randn(images, 1, 32, 32), labels), batch_size=batch_size)
+    return task, model, loader
+
+
+def test_private_training_continues_the_accountant_and_unwraps() -> None:
+    task, model, loader = _group_norm_model_and_loader(32, batch_size=8)
     plan = plan_dp(POLICY, num_examples=32, batch_size=8, local_epochs=1, num_rounds=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -108,11 +113,7 @@ def test_a_plan_made_for_another_policy_is_refused() -> None:
 
 
 def test_large_logical_batches_run_in_small_physical_batches_with_one_noisy_step_each() -> None:
-    task = get_task("normal-pneumonia")
-    model = build_model(ModelConfig(name="tiny-cnn", norm="group"), task.num_classes)
-    images = torch.randn(64, 1, 32, 32)
-    labels = torch.nn.functional.one_hot(torch.arange(64) % 2, 2).float()
-    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    task, model, loader = _group_norm_model_and_loader(64, batch_size=16)
     plan = plan_dp(POLICY, num_examples=64, batch_size=16, local_epochs=1, num_rounds=1)
     private = make_private(
         model,
