@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 GLOBAL_TEACHER_FILE = "global_teacher.pt"
+# its logits of this site's un-augmented train split, reused by every federated-student round
+GLOBAL_TEACHER_LOGITS_FILE = "global_teacher_logits.pt"
 NO_KD_STUDENT_FILE = "nokd_student.pt"
 """The student trained without KD (``kd-no-kd-baseline``), kept beside the exported student."""
 
@@ -195,6 +197,7 @@ def _distill(
 
     if settings.kd_federated_student_rounds > 0:
         save_model(teacher_state, site.out_dir / GLOBAL_TEACHER_FILE, metadata={"role": "global teacher"})
+        _save_teacher_logits(site, outcome.teacher_logits)
     ledger_eps = _teacher_epsilon(settings, site, context)
     options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
     metrics.update(
@@ -217,11 +220,35 @@ def _global_teacher(site: SiteConfig) -> dict[str, torch.Tensor]:
     return load_model_state(path)
 
 
+def _save_teacher_logits(site: SiteConfig, logits: torch.Tensor | None) -> None:
+    """Keep the global teacher's logits beside it (or drop stale ones of an earlier teacher)."""
+    path = site.out_dir / GLOBAL_TEACHER_LOGITS_FILE
+    if logits is None:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_name(path.name + ".partial")
+    torch.save(logits, partial)
+    partial.replace(path)
+
+
+def _cached_teacher_logits(site: SiteConfig) -> torch.Tensor | None:
+    path = site.out_dir / GLOBAL_TEACHER_LOGITS_FILE
+    if not path.is_file():
+        return None
+    try:
+        logits = torch.load(path, weights_only=True)
+    except Exception as exc:  # a damaged cache is recomputed, never trusted
+        logger.warning("ignoring %s (%s): the teacher's logits are computed again", path, exc)
+        return None
+    return logits if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
+
+
 def _student_round(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     """One round of the federated student: distil from the global student's weights, send them back."""
     server_round = int(msg.content["config"]["server-round"])
+    cached_logits = _cached_teacher_logits(site)
     outcome = distill_student(
         data,
         settings.task,
@@ -234,7 +261,10 @@ def _student_round(
         student_state=msg.content["arrays"].to_torch_state_dict(),
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
+        teacher_logits=cached_logits,
     )
+    if outcome.teacher_logits is not cached_logits:  # none kept yet, or not for this data
+        _save_teacher_logits(site, outcome.teacher_logits)
     metrics = {k: v for k, v in outcome.metrics.items() if k.startswith("student_")}
     return RecordDict(
         {

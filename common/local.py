@@ -272,6 +272,9 @@ class DistillOutcome:
     student: nn.Module
     teacher: nn.Module
     metrics: dict[str, float]
+    # the teacher's logits of the un-augmented train split (KD with cached logits only): pass
+    # them as ``teacher_logits`` to a later distillation from the same teacher on the same data
+    teacher_logits: torch.Tensor | None = None
 
 
 def distill_student(
@@ -288,6 +291,7 @@ def distill_student(
     student_state: Mapping[str, torch.Tensor] | None = None,
     epochs: int | None = None,
     evaluate_teacher: bool = True,
+    teacher_logits: torch.Tensor | None = None,
     progress: ProgressArg = None,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
@@ -299,6 +303,7 @@ def distill_student(
     teacher. Returns both models and the test-split metrics (``teacher_*`` / ``student_*``).
     With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
     its logits are reused every epoch; otherwise it runs on every (augmented) batch.
+    ``teacher_logits`` (an earlier outcome's, same teacher and data) skips even that pass.
     """
     seed_everything(seed)
     torch.set_num_threads(num_threads)
@@ -312,13 +317,16 @@ def distill_student(
     generator = torch.Generator().manual_seed(seed)
     teacher_source: nn.Module | torch.Tensor = teacher
     if use_kd and distill.cache_teacher_logits:
-        plain = IndexedDataset(data.dataset("train"))
-        teacher_source = compute_teacher_logits(
-            teacher,
-            DataLoader(plain, batch_size=EVAL_BATCH_SIZE),
-            len(plain),
-            progress=progress,
-        )
+        if teacher_logits is not None and teacher_logits.shape[0] == len(train_set):
+            teacher_source = teacher_logits
+        else:
+            plain = IndexedDataset(data.dataset("train"))
+            teacher_source = compute_teacher_logits(
+                teacher,
+                DataLoader(plain, batch_size=EVAL_BATCH_SIZE),
+                len(plain),
+                progress=progress,
+            )
         loader: DataLoader = DataLoader(
             IndexedDataset(train_set), batch_size=distill.batch_size, shuffle=True, generator=generator
         )
@@ -337,7 +345,8 @@ def distill_student(
     if evaluate_teacher:
         metrics.update(scalar_metrics(evaluate(teacher, test_loader, task), "teacher_"))
     metrics.update(scalar_metrics(evaluate(student, test_loader, task), "student_"))
-    return DistillOutcome(student, teacher, metrics)
+    logits = teacher_source if isinstance(teacher_source, torch.Tensor) else None
+    return DistillOutcome(student, teacher, metrics, logits)
 
 
 def class_balance(data: SiteData) -> np.ndarray:

@@ -156,3 +156,44 @@ def test_error_replies_leave_image_paths_at_the_site(tmp_path: Path) -> None:
     assert reply.has_error()
     assert "patient4242" not in reply.error.reason
     assert str(tmp_path) not in reply.error.reason
+
+
+def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import common.local
+    from client.app import GLOBAL_TEACHER_LOGITS_FILE
+    from common.local import student_config
+    from common.models import build_model
+
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    context.run_config.update(
+        {"kd-federated-student-rounds": 1, "kd-epochs": 1, "kd-width-mult": 0.35, "kd-no-kd-baseline": False}
+    )
+    settings = run_settings_from_config(context.run_config)
+    teacher_message, _ = _message(context, "train.distill", {"server-round": 1})
+    assert not (reply := app(teacher_message, context)).has_error(), reply.error.reason
+    logits_path = tmp_path / "site" / GLOBAL_TEACHER_LOGITS_FILE
+    kept = torch.load(logits_path, weights_only=True)
+    assert kept.shape[1] == settings.task.num_classes
+
+    student = build_model(student_config(settings.distill, settings.teacher, settings.teacher.norm), 3)
+
+    def student_round() -> Message:
+        content = RecordDict(
+            {"arrays": ArrayRecord(student.state_dict()), "config": ConfigRecord({"server-round": 1})}
+        )
+        return app(Message(content, dst_node_id=1, message_type="train.student"), context)
+
+    def no_teacher_pass(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the teacher's logits were computed again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(common.local, "compute_teacher_logits", no_teacher_pass)
+        assert not (reply := student_round()).has_error(), reply.error.reason
+
+    logits_path.write_bytes(b"not a tensor")  # a damaged cache is recomputed and replaced
+    assert not (reply := student_round()).has_error(), reply.error.reason
+    assert torch.equal(torch.load(logits_path, weights_only=True), kept)
