@@ -80,6 +80,7 @@ class Attempt:
     pooled: bool = False
     federated_student: bool = False
     run: tuple[tuple[str, Any], ...] = ()
+    seeds: tuple[int, ...] | None = None  # None: the study's first seed
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ TOP_KEYS = {
     "data",
     "attempts",
 }
-ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run"}
+ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run", "seeds"}
 PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
@@ -225,6 +226,11 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
         if not changed:
             raise ConfigError(f"{where}run in {path}", "{}", "the run settings the attempt changes")
         check_run_config({**run, **changed})
+        seeds = table.get("seeds")
+        if seeds is not None and (
+            not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
+        ):
+            raise ConfigError(f"{where}seeds in {path}", seeds, "a list of integer seeds, e.g. [0, 1, 2]")
         attempts.append(
             Attempt(
                 name=name,
@@ -234,6 +240,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 pooled=bool(table.get("pooled", False)),
                 federated_student=bool(table.get("federated-student", False)),
                 run=tuple(sorted(changed.items())),
+                seeds=None if seeds is None else tuple(seeds),
             )
         )
     return tuple(attempts)
@@ -407,14 +414,14 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
         ]
     if table == "nih":
         return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
-    if table == "attempts":
+    if table == "attempts":  # each attempt on its own seeds, else the first (of --seed too)
         return [
             Cell(
                 table,
                 "cxr",
                 a.split,
                 "fedavg",
-                first,
+                seed,
                 kd=a.kd,
                 pooled=a.pooled,
                 federated_student=a.federated_student,
@@ -422,6 +429,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 overrides=a.run,
             )
             for a in settings.attempts
+            for seed in (a.seeds if a.seeds is not None else (first,))
         ]
     raise ConfigError("table", table, "one of " + ", ".join(TABLES))
 

@@ -558,32 +558,35 @@ class StudyReport:
         ]
 
     def attempts(self) -> list[str]:
-        """Each attempt beside the cell it varies (same seed, the study's settings)."""
+        """Each attempt beside the cells it varies (same seeds, the study's settings)."""
         rows = []
-        for cell in table_cells("attempts", self.settings):
-            attempt = self.cells.get(cell.name)
-            if attempt is None:
+        for attempt in self.settings.attempts:
+            cells = [c for c in table_cells("attempts", self.settings) if c.variant == attempt.name]
+            ran = [c for c in cells if c.name in self.cells]
+            if not ran:
                 continue
-            about = next(a.about for a in self.settings.attempts if a.name == cell.variant)
-            changed = ", ".join(f"{k} = {v}" for k, v in cell.overrides)
-            for label, result in (
-                (f"study settings (`{cell.base.name}`)", self.cells.get(cell.base.name)),
-                (f"**{cell.variant}**: {changed}", attempt),
-            ):
-                rows.append([label, *self._attempt_columns(result)])
-            self.summary["tables"].setdefault("attempts", {})[cell.variant] = {
-                "about": about,
-                "run": dict(cell.overrides),
-                "base": cell.base.name,
+            seeds = ", ".join(str(c.seed) for c in ran)
+            changed = ", ".join(f"{k} = {v}" for k, v in attempt.run)
+            base = [self.cells.get(c.base.name) for c in ran]
+            rows.append([f"study settings (seed {seeds})", *self._attempt_columns(base)])
+            rows.append(
+                [f"**{attempt.name}**: {changed}", *self._attempt_columns([self.cells[c.name] for c in ran])]
+            )
+            self.summary["tables"].setdefault("attempts", {})[attempt.name] = {
+                "about": attempt.about,
+                "run": dict(attempt.run),
+                "cells": [c.name for c in ran],
+                "base": [c.base.name for c in ran],
             }
         if not rows:
             return []
         lines = [
             "## What was tried for the missed targets",
             "",
-            "Each attempt is a cell of the study run again with some run settings changed (seed "
-            f"{self.settings.seeds[0]}), set beside the cell with the study's settings. The attempts are "
-            "in `[[attempts]]` of `benchmarks/study.toml` (table `attempts`).",
+            "Each attempt runs cells of the study again with some run settings changed, set beside "
+            "the cells of the same seeds with the study's settings (mean ± standard deviation over "
+            "the seeds named). The attempts are the `[[attempts]]` of `benchmarks/study.toml` "
+            "(table `attempts`).",
             "",
         ]
         for a in self.settings.attempts:
@@ -591,7 +594,7 @@ class StudyReport:
         lines.append("")
         lines += _table(
             [
-                "cell",
+                "cells",
                 "FedAvg teacher",
                 "pooled teacher",
                 "FedAvg / pooled",
@@ -605,24 +608,28 @@ class StudyReport:
         return lines
 
     @staticmethod
-    def _attempt_columns(result: dict[str, Any] | None) -> list[str]:
-        if result is None:
-            return ["not run"] + ["–"] * 6
-        teacher = _teacher(result, "federated")
-        pooled = _teacher(result, "pooled")
-        federated_student = (
-            float(result["federated_student"][METRIC]) if "federated_student" in result else None
-        )
+    def _attempt_columns(results: list[dict[str, Any] | None]) -> list[str]:
+        if any(r is None for r in results):
+            return ["not run", *["–"] * 6]
+        teacher = [_teacher(r, "federated") for r in results]
+        pooled = [_teacher(r, "pooled") for r in results]
+        student = [
+            float(r["federated_student"][METRIC]) if r is not None and "federated_student" in r else None
+            for r in results
+        ]
         return [
-            _fmt(teacher),
-            _fmt(pooled),
-            _fmt(teacher / pooled) if teacher is not None and pooled else "–",
-            _fmt(_students(result, "kd")),
-            _fmt(_students(result, "no_kd")),
-            _fmt(federated_student),
-            f"{federated_student - teacher:+.3f}"
-            if federated_student is not None and teacher is not None
-            else "–",
+            _stat(teacher).text(),
+            _stat(pooled).text(),
+            _stat(
+                t / p if t is not None and p else None for t, p in zip(teacher, pooled, strict=True)
+            ).text(),
+            _stat(_students(r, "kd") for r in results).text(),
+            _stat(_students(r, "no_kd") for r in results).text(),
+            _stat(student).text(),
+            _stat(
+                f - t if f is not None and t is not None else None
+                for f, t in zip(student, teacher, strict=True)
+            ).text(),
         ]
 
     def missing(self) -> list[str]:

@@ -125,6 +125,7 @@ name = "rounds4"
 about = "twice the rounds"
 pooled = true
 run = { num-rounds = 4 }
+seeds = [0, 1]
 
 [[attempts]]
 name = "kd3"
@@ -144,6 +145,8 @@ run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
         ('name = "Not ok"\nrun = { num-rounds = 4 }', "attempts\\[0\\].name"),
         ('name = "x"\nsplit = "random"\nrun = { num-rounds = 4 }', "attempts\\[0\\].split"),
         ('name = "x"\nrounds = 4', "attempts\\[0\\].rounds"),
+        ('name = "x"\nrun = { num-rounds = 4 }\nseeds = []', "attempts\\[0\\].seeds"),
+        ('name = "x"\nrun = { num-rounds = 4 }\nseeds = 2', "attempts\\[0\\].seeds"),
     ],
 )
 def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
@@ -165,8 +168,10 @@ def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Pat
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
     data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
 
-    rounds, kd = table_cells("attempts", settings)
+    rounds, rounds_seed_1, kd = table_cells("attempts", settings)
 
+    assert rounds_seed_1.name == "cxr-dirichlet-0.5-fedavg-rounds4-s1"  # its own seeds
+    assert kd.seed == 0  # the study's first seed
     assert rounds.name == "cxr-dirichlet-0.5-fedavg-rounds4-s0"
     assert rounds.base.name == "cxr-dirichlet-0.5-fedavg-s0"
     assert kd.name == "cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s0"
@@ -184,6 +189,8 @@ def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> No
     cells = {
         "cxr-dirichlet-0.5-fedavg-s0": _fake_result("a", 0.90, pooled=0.95),
         "cxr-dirichlet-0.5-fedavg-rounds4-s0": _fake_result("b", 0.94, pooled=0.95),
+        "cxr-dirichlet-0.5-fedavg-s1": _fake_result("c", 0.80, pooled=1.0),
+        "cxr-dirichlet-0.5-fedavg-rounds4-s1": _fake_result("d", 0.90, pooled=1.0),
     }
     for name, record in cells.items():
         path = settings.out / "cells" / name / "result.json"
@@ -194,8 +201,12 @@ def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> No
 
     section = text[text.index("## What was tried") : text.index("## Cells not run yet")]
     assert "- **rounds4**: twice the rounds" in section
-    assert "| study settings (`cxr-dirichlet-0.5-fedavg-s0`) | 0.900 | 0.950 | 0.947 |" in section
-    assert "| **rounds4**: num-rounds = 4 | 0.940 | 0.950 | 0.989 |" in section
+    # means and standard deviations over the attempt's seeds, for the attempt and its base cells
+    assert "| study settings (seed 0, 1) | 0.850 ± 0.071 (n=2) | 0.975 ± 0.035 (n=2) |" in section
+    assert "| **rounds4**: num-rounds = 4 | 0.920 ± 0.028 (n=2) |" in section
+    ratios = ((0.94 / 0.95 + 0.90) / 2, (0.90 / 0.95 + 0.80) / 2)
+    assert f"| {ratios[0]:.3f} ± " in section
+    assert f"| {ratios[1]:.3f} ± " in section
     assert not [row for row in section.splitlines() if row.startswith("|") and "kd3" in row]  # not run yet
     assert "`cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s0`" in text[text.index("Cells not run yet") :]
 
