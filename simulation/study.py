@@ -22,8 +22,8 @@ pooled, local-only, FedAvg, FedProx), ``headline`` (the rows the targets are jud
 several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at each epsilon vs
 the same GroupNorm teacher without DP), ``students`` (the federated student: the sites' KD
 students averaged over extra rounds), ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
-multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: headline cells with some
-run settings changed, tried for the targets the study's settings miss; first seed).
+multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: cells with some run
+settings changed, tried for the targets the study's settings miss, on their own seeds or the first).
 """
 
 from __future__ import annotations
@@ -192,6 +192,13 @@ def load_settings(config_file: Path) -> StudySettings:
         dp_run=dict(privacy.get("run", {})),
         attempts=_attempts(raw.get("attempts", []), run, path),
     )
+    for attempt in settings.attempts:
+        if attempt.seeds is not None and not set(attempt.seeds) <= set(settings.seeds):
+            raise ConfigError(
+                f"seeds of the attempt '{attempt.name}' in {path}",
+                list(attempt.seeds),
+                "some of the study's seeds",
+            )
     if settings.sites < 2 or settings.nih_sites < 2:
         raise ConfigError("sites / nih-sites", (settings.sites, settings.nih_sites), "at least 2 sites")
     if not settings.seeds:
@@ -414,7 +421,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
         ]
     if table == "nih":
         return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
-    if table == "attempts":  # each attempt on its own seeds, else the first (of --seed too)
+    if table == "attempts":  # each attempt on those of its seeds that run (--seed), else the first
         return [
             Cell(
                 table,
@@ -429,7 +436,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 overrides=a.run,
             )
             for a in settings.attempts
-            for seed in (a.seeds if a.seeds is not None else (first,))
+            for seed in ((first,) if a.seeds is None else [s for s in a.seeds if s in settings.seeds])
         ]
     raise ConfigError("table", table, "one of " + ", ".join(TABLES))
 

@@ -15,7 +15,7 @@ import simulation.cli as cli
 from common.data.sources import load_catalog
 from common.errors import ConfigError, DataError
 from common.tasks import get_task
-from simulation.study import Cell, load_settings, prepare, run_cell, table_cells
+from simulation.study import Cell, load_settings, prepare, run_cell, table_cells, with_overrides
 from simulation.study_report import build_study_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,6 +147,7 @@ run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
         ('name = "x"\nrounds = 4', "attempts\\[0\\].rounds"),
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = []', "attempts\\[0\\].seeds"),
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = 2', "attempts\\[0\\].seeds"),
+        ('name = "x"\nrun = { num-rounds = 4 }\nseeds = [7]', "seeds of the attempt 'x'"),
     ],
 )
 def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
@@ -173,6 +174,11 @@ def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Pat
     assert rounds_seed_1.name == "cxr-dirichlet-0.5-fedavg-rounds4-s1"  # its own seeds
     assert kd.seed == 0  # the study's first seed
     assert rounds.name == "cxr-dirichlet-0.5-fedavg-rounds4-s0"
+    only_seed_1 = with_overrides(settings, None, None, [1])  # --seed 1
+    assert [c.name for c in table_cells("attempts", only_seed_1)] == [
+        "cxr-dirichlet-0.5-fedavg-rounds4-s1",
+        "cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s1",
+    ]
     assert rounds.base.name == "cxr-dirichlet-0.5-fedavg-s0"
     assert kd.name == "cxr-dirichlet-0.5-fedavg-fedstudent-kd3-s0"
     assert kd.base.name == "cxr-dirichlet-0.5-fedavg-fedstudent-s0"
