@@ -445,7 +445,7 @@ def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
     from simulation.experiment import PartitionSpec
 
     sites = settings.nih_sites if cell.dataset == "nih" else settings.sites
-    common = {"seed": cell.seed, "min_site_size": settings.min_site_size}
+    common: dict[str, Any] = {"seed": cell.seed, "min_site_size": settings.min_site_size}
     if cell.split == "iid":
         return PartitionSpec(name="iid", sites=sites, **common)
     if cell.split.startswith("dirichlet-"):

@@ -79,6 +79,14 @@ def _students(result: dict[str, Any] | None, kind: str, metric: str = METRIC) ->
     return statistics.fmean(float(s[kind][metric]) for s in result["students"].values())
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -222,7 +230,7 @@ class StudyReport:
         d05 = [r for r in d05 if r is not None]
         fed = _stat(_teacher(r, "federated") for r in d05)
         pooled = _stat(_teacher(r, "pooled") for r in d05)
-        ratio = _stat(_teacher(r, "federated") / p for r in d05 if (p := _teacher(r, "pooled")) is not None)
+        ratio = _stat(_ratio(_teacher(r, "federated"), _teacher(r, "pooled")) for r in d05)
         add(
             "fedavg_vs_pooled",
             "FedAvg teacher vs pooled, Dirichlet 0.5 (ratio)",
@@ -236,7 +244,7 @@ class StudyReport:
         nat = [r for r in nat if r is not None]
         nat_fed = _stat(_teacher(r, "federated") for r in nat)
         nat_local = _stat(_best_local(r) for r in nat)
-        nat_gap = _stat(_teacher(r, "federated") - b for r in nat if (b := _best_local(r)) is not None)
+        nat_gap = _stat(_minus(_teacher(r, "federated"), _best_local(r)) for r in nat)
         add(
             "natural_vs_best_local",
             "FedAvg teacher vs best local-only, natural split (difference)",
@@ -247,7 +255,7 @@ class StudyReport:
             None if not nat_gap.values else nat_gap.mean > 0,
         )
         kd = _stat(_students(r, "kd") for r in d05)
-        kd_gap = _stat(k - _teacher(r, "federated") for r in d05 if (k := _students(r, "kd")) is not None)
+        kd_gap = _stat(_minus(_students(r, "kd"), _teacher(r, "federated")) for r in d05)
         add(
             "kd_student_vs_teacher",
             "KD student (mean of sites) vs its FedAvg teacher, Dirichlet 0.5 (difference)",
@@ -435,11 +443,18 @@ class StudyReport:
             for site, scores in first["students"].items():
                 counts = first["partition"]["label_counts"].get(site, {})
                 mix = ", ".join(f"{k} {v}" for k, v in counts.items())
-                kd, nokd = float(scores["kd"][METRIC]), float(scores["no_kd"][METRIC])
+                kd_auc, nokd_auc = float(scores["kd"][METRIC]), float(scores["no_kd"][METRIC])
                 rows.append(
-                    [site, str(first["site_train_images"][site]), mix, _fmt(kd), _fmt(nokd), _fmt(kd - nokd)]
+                    [
+                        site,
+                        str(first["site_train_images"][site]),
+                        mix,
+                        _fmt(kd_auc),
+                        _fmt(nokd_auc),
+                        _fmt(kd_auc - nokd_auc),
+                    ]
                 )
-                plot.append((site, kd, nokd))
+                plot.append((site, kd_auc, nokd_auc))
             from simulation.study_plots import plot_students
 
             plot_students(plot, _teacher(first, "federated") or math.nan, s.results / "study_students.png")
@@ -620,16 +635,11 @@ class StudyReport:
         return [
             _stat(teacher).text(),
             _stat(pooled).text(),
-            _stat(
-                t / p if t is not None and p else None for t, p in zip(teacher, pooled, strict=True)
-            ).text(),
+            _stat(_ratio(t, p) for t, p in zip(teacher, pooled, strict=True)).text(),
             _stat(_students(r, "kd") for r in results).text(),
             _stat(_students(r, "no_kd") for r in results).text(),
             _stat(student).text(),
-            _stat(
-                f - t if f is not None and t is not None else None
-                for f, t in zip(student, teacher, strict=True)
-            ).text(),
+            _stat(_minus(f, t) for f, t in zip(student, teacher, strict=True)).text(),
         ]
 
     def missing(self) -> list[str]:
