@@ -104,8 +104,13 @@ def collect(
     ``names`` maps node ids to the names sites gave in earlier replies; it is updated here, so
     that a site which later fails (an error reply made by Flower itself, or no reply at all) is
     still reported under its name.
+
+    The replies come back sorted by site name (then node id), not in order of arrival: the
+    weighted average of the models is a floating-point sum whose order would otherwise change
+    from run to run, and training amplifies that last-bit difference over the rounds.
     """
     replies, destination = exchange(grid, messages, timeout)
+    replies = sorted(replies, key=lambda r: (site_name(r), r.metadata.src_node_id))
     answered = {reply.metadata.reply_to_message_id for reply in replies}
     outcomes = []
     for reply in replies:
