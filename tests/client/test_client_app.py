@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
 from common.protocol import SITE_BAD_INPUT, SITE_RECORD, WEIGHT_KEY
@@ -16,14 +14,7 @@ from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
 from tests.conftest import flower_run_config
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Messages are created inside a Flower task; outside one, say which task this is."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _context(tmp_path: Path, node_config: dict[str, object]) -> Context:
