@@ -578,7 +578,7 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
     sites = load_sites(experiment_dir, settings, len(partition["sizes"]))
     teacher = settings.teacher
     record: dict[str, Any] = {
-        "cell": {**asdict(cell), "name": cell.name},
+        "cell": {**asdict(cell), "overrides": dict(cell.overrides), "name": cell.name},  # JSON-native
         "partition": {
             "sizes": partition["sizes"],
             "label_counts": partition["label_counts"],
