@@ -211,7 +211,8 @@ def start(
         state = coordinator.read_state()
         console.print(
             f"SuperLink listening on {host}:{state['port']} "
-            f"({'TLS + site authentication' if tls else 'INSECURE'}); run folder {run_dir}",
+            f"({'TLS + site authentication' if tls else 'INSECURE'}, Fleet API only; runs and site keys "
+            f"are managed from this machine on 127.0.0.1:{state['superlink_port']}); run folder {run_dir}",
             highlight=False,
         )
         if tls is not None:
@@ -295,18 +296,26 @@ def _follow(
 @app.command()
 def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
     """Is the SuperLink of a run folder up, which Flower run, the last completed round."""
-    from server.deploy import Coordinator
+    from server.deploy import LOOPBACK, Coordinator
 
     coordinator = Coordinator(run_dir)
     state = coordinator.read_state()
     if not state:
         raise fail(f"{run_dir} holds no deployment (no deploy.json); start one with `cxr-fl-server start`")
-    up = coordinator.superlink_running()
+    up = coordinator.superlink_running() and ("superlink_port" not in state or coordinator.gateway_running())
     console.print(
         f"SuperLink {state['host']}:{state['port']}: "
         + (f"[green]up[/] (PID {state['superlink_pid']})" if up else "[red]down[/]"),
         highlight=False,
     )
+    if "superlink_port" in state:
+        gateway_up = coordinator.gateway_running()
+        console.print(
+            f"  sites' address {state['host']}:{state['port']}: Fleet API only "
+            + (f"(gateway PID {state['gateway_pid']})" if gateway_up else "[red](gateway down)[/]")
+            + f"; Control API on {LOOPBACK}:{state['superlink_port']} (this machine only)",
+            highlight=False,
+        )
     console.print(f"Flower run: {state.get('flower_run_id') or '-'}", highlight=False)
     checkpoint = run_dir / "checkpoints" / "state.json"
     if checkpoint.is_file():
@@ -339,7 +348,11 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     coordinator = Coordinator(run_dir)
     state = coordinator.read_state()
     stopped = False
-    for key, program in (("coordinator_pid", "cxr-fl-server"), ("superlink_pid", "flower-superlink")):
+    for key, program in (
+        ("coordinator_pid", "cxr-fl-server"),
+        ("gateway_pid", "server.fleet_gateway"),
+        ("superlink_pid", "flower-superlink"),
+    ):
         pid = state.get(key)
         if pid and int(pid) != os.getpid() and pid_alive(int(pid)) and program in _cmdline(int(pid)):
             stop_pid_tree(int(pid))

@@ -4,17 +4,22 @@
 (beside what server/run_folder.py keeps)::
 
     RUN_DIR/
-      deploy.json          SuperLink address, PIDs, TLS files, Flower run id (status/stop read it)
+      deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
       sites.json           registered sites: name, public key, Flower node id
       superlink.db         SuperLink state (registered sites, runs) unless --in-memory
       superlink.log        SuperLink output
+      gateway.log          the Fleet gateway's output (refused calls are logged here)
+      loopback-tls/        CA and certificate of the loopback SuperLink (no site holds this CA)
       flower.log           the run's log as streamed by `flwr run --stream`
       run_overrides.toml   the run settings submitted (checked against pyproject's schema)
       flwr-home/           FLWR_HOME of the flwr CLI for this run (connection in config.toml)
 
 Transport, TLS and site authentication are Flower's own (``flower-superlink`` with
 ``--ssl-*`` and ``--enable-supernode-auth``; ``flwr supernode register``); nothing here
-reimplements them. Every process started here is stopped by its PID tree.
+reimplements them. The SuperLink listens on 127.0.0.1 only, on a private port: its Control API
+(submit, list, stop runs; register keys) is reachable from the coordinator's machine alone. The
+address sites connect to (``--host/--port``) is served by server/fleet_gateway.py, which forwards
+only the Fleet API. Every process started here is stopped by its PID tree.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import queue
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -40,6 +46,7 @@ from common.jsonio import write_json
 from common.processes import (
     console_script,
     flower_env,
+    free_port,
     pid_alive,
     stop_pid_tree,
     stop_process_tree,
@@ -52,6 +59,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 9092
 STARTUP_TIMEOUT = 60.0
 CONNECTION = "cxr-fl"
+LOOPBACK = "127.0.0.1"
 # SuperExec (which starts the ServerApp process) polls for work every second by default.
 # An interval already set in the environment wins (benchmarks/fl_round_deploy.py measures both).
 FAST_POLL_ENV = {
@@ -227,7 +235,9 @@ class Coordinator:
         self.sites_path = self.run_dir / "sites.json"
         self.superlink_log = self.run_dir / "superlink.log"
         self.flower_log = self.run_dir / "flower.log"
+        self.gateway_log = self.run_dir / "gateway.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
 
     # -- state files ---------------------------------------------------------------------------
     def read_state(self) -> dict[str, Any]:
@@ -250,69 +260,110 @@ class Coordinator:
         return flower_env(self.flwr_home, FAST_POLL_ENV)
 
     def superlink_running(self) -> bool:
+        """Is the loopback SuperLink of this run folder up (what register-site and flwr talk to)?"""
         state = self.read_state()
-        pid = state.get("superlink_pid")
-        return bool(pid) and pid_alive(int(pid)) and port_open(state["host"], int(state["port"]))
+        pid, port = state.get("superlink_pid"), state.get("superlink_port") or state.get("port")
+        if not pid or not port:
+            return False
+        return pid_alive(int(pid)) and port_open(LOOPBACK, int(port))
+
+    def gateway_running(self) -> bool:
+        """Is the sites' address (the Fleet gateway) of this run folder up?"""
+        state = self.read_state()
+        pid, port = state.get("gateway_pid"), state.get("port")
+        if not pid or not port:
+            return False
+        return pid_alive(int(pid)) and port_open(str(state["host"]), int(port))
+
+    def loopback_tls(self) -> TlsFiles:
+        """The loopback SuperLink's CA and certificate (made once per run folder, kept for --resume).
+
+        Not the federation's CA: a site's ``ca.crt`` does not verify the SuperLink itself.
+        """
+        from server.security import make_certificates
+
+        folder = self.run_dir / "loopback-tls"
+        files = TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+        if not all(p.is_file() for p in (files.ca_cert, files.server_cert, files.server_key)):
+            for stale in folder.glob("*") if folder.is_dir() else []:
+                stale.unlink()
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_certificates(folder, [LOOPBACK, "localhost"])
+        return files
 
     # -- SuperLink -----------------------------------------------------------------------------
     def start_superlink(
         self,
         *,
         port: int,
-        host: str = "127.0.0.1",
+        host: str = LOOPBACK,
         tls: TlsFiles | None,
         database: bool = True,
         isolation: str = "subprocess",
     ) -> None:
-        """Start flower-superlink (TLS and site authentication unless ``tls`` is None)."""
-        if self.superlink_running():
+        """Start flower-superlink on loopback and the Fleet gateway on ``host:port``.
+
+        TLS and site authentication are on unless ``tls`` is None (``--insecure``). The SuperLink
+        uses a CA of the run folder's own; the gateway presents ``tls``'s server certificate.
+        """
+        if self.superlink_running() or self.gateway_running():
+            state = self.read_state()
             raise DeployError(
                 f"a SuperLink of {self.run_dir} is already running (PID "
-                f"{self.read_state()['superlink_pid']}); stop it with `cxr-fl-server stop --run-dir "
-                f"{self.run_dir}`"
+                f"{state.get('superlink_pid')}, gateway PID {state.get('gateway_pid')}); stop it with "
+                f"`cxr-fl-server stop --run-dir {self.run_dir}`"
             )
-        if port_open("127.0.0.1" if host in ("0.0.0.0", "::") else host, port):
+        connect_host = LOOPBACK if host in ("0.0.0.0", "::") else host
+        if port_open(connect_host, port):
             raise DeployError(f"port {port} on {host} is already in use; choose another with --port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        private_port = free_port()
+        while private_port == port:
+            private_port = free_port()
+        loopback = self.loopback_tls() if tls is not None else None
         connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        connection += f'address = "{connect_host}:{port}"\n'
+        connection += f'address = "{LOOPBACK}:{private_port}"\n'
         command = [console_script("flower-superlink")]
-        if tls is None:
+        if loopback is None:
             connection += "insecure = true\n"
             command.append("--insecure")
         else:
-            connection += f"root-certificates = {toml_value(str(tls.ca_cert.resolve()))}\n"
+            connection += f"root-certificates = {toml_value(str(loopback.ca_cert))}\n"
             command += [
                 "--ssl-ca-certfile",
-                str(tls.ca_cert.resolve()),
+                str(loopback.ca_cert),
                 "--ssl-certfile",
-                str(tls.server_cert.resolve()),
+                str(loopback.server_cert),
                 "--ssl-keyfile",
-                str(tls.server_key.resolve()),
+                str(loopback.server_key),
                 "--enable-supernode-auth",
             ]
         (self.flwr_home / "config.toml").write_text(connection, encoding="utf-8")
         command += [
             "--host",
-            host,
+            LOOPBACK,
             "--port",
-            str(port),
+            str(private_port),
             "--isolation",
             isolation,
             "--disable-runtime-dependency-installation",
         ]
         if database:
             command += ["--database", str(self.run_dir / "superlink.db")]
+        # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
+        # on addresses of their own, outside the gateway: never inherit them.
+        env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
         with self.superlink_log.open("ab") as log:
             self.process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self._update_state(
             host=connect_host,
             port=port,
+            superlink_port=private_port,
             superlink_pid=self.process.pid,
+            gateway_pid=None,
             coordinator_pid=os.getpid(),
             tls=tls is not None,
             ca_cert=str(tls.ca_cert.resolve()) if tls else None,
@@ -320,43 +371,109 @@ class Coordinator:
             started=time.time(),
             flower_run_id=None,
         )
-        self._wait_ready(connect_host, port)
-        logger.info("SuperLink up on %s:%d (PID %d)", host, port, self.process.pid)
+        self._wait_ready(
+            self.process,
+            self.superlink_log,
+            LOOPBACK,
+            private_port,
+            "flower-superlink",
+            "Application startup complete",
+        )
+        self.gateway = self._start_gateway(host, port, private_port, tls, loopback)
+        self._update_state(gateway_pid=self.gateway.pid)
+        # uvicorn runs the app's startup before it binds: an open port means it serves.
+        self._wait_ready(self.gateway, self.gateway_log, connect_host, port, "the Fleet gateway", None)
+        logger.info(
+            "SuperLink up on %s:%d (PID %d); sites connect to %s:%d (Fleet gateway, PID %d)",
+            LOOPBACK,
+            private_port,
+            self.process.pid,
+            host,
+            port,
+            self.gateway.pid,
+        )
 
-    def _wait_ready(self, host: str, port: int) -> None:
+    def _start_gateway(
+        self, host: str, port: int, private_port: int, tls: TlsFiles | None, loopback: TlsFiles | None
+    ) -> subprocess.Popen[bytes]:
+        scheme = "http" if loopback is None else "https"
+        command = [
+            sys.executable,
+            "-m",
+            "server.fleet_gateway",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--upstream",
+            f"{scheme}://{LOOPBACK}:{private_port}",
+        ]
+        if tls is not None and loopback is not None:
+            command += [
+                "--upstream-ca",
+                str(loopback.ca_cert),
+                "--certfile",
+                str(tls.server_cert.resolve()),
+                "--keyfile",
+                str(tls.server_key.resolve()),
+            ]
+        env = dict(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        with self.gateway_log.open("ab") as log:
+            return subprocess.Popen(
+                command,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.run_dir,
+            )
+
+    def _wait_ready(
+        self,
+        process: subprocess.Popen[bytes],
+        log_path: Path,
+        host: str,
+        port: int,
+        what: str,
+        ready_line: str | None,
+    ) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                tail = self.superlink_log.read_text(errors="replace").strip().splitlines()[-3:]
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
                 raise DeployError(
-                    f"flower-superlink exited with code {self.process.returncode}: "
-                    f"{' | '.join(tail)} (full log: {self.superlink_log})"
+                    f"{what} exited with code {process.returncode}: {' | '.join(tail)} (full log: {log_path})"
                 )
             if port_open(host, port):
                 # The HTTP app serves requests shortly after the socket opens.
-                for _ in range(50):
-                    if "Application startup complete" in self.superlink_log.read_text(errors="replace"):
+                for _ in range(50 if ready_line is not None else 0):
+                    if str(ready_line) in log_path.read_text(errors="replace"):
                         return
                     time.sleep(0.1)
                 return
             time.sleep(0.2)
         raise DeployError(
-            f"flower-superlink did not listen on {host}:{port} within {STARTUP_TIMEOUT:.0f} s; "
-            f"see {self.superlink_log}"
+            f"{what} did not listen on {host}:{port} within {STARTUP_TIMEOUT:.0f} s; see {log_path}"
         )
 
     def stop(self, *, recorded: bool = True) -> None:
-        """Stop the SuperLink (and everything it started) of this process, or, with ``recorded``,
-        the one whose PID the run folder records (``cxr-fl-server stop``)."""
-        if self.process is not None:
-            stop_process_tree(self.process)
-            self.process = None
+        """Stop the gateway and the SuperLink (and everything it started) of this process, or, with
+        ``recorded``, the ones whose PIDs the run folder records (``cxr-fl-server stop``)."""
+        started_here = False
+        for attribute in ("gateway", "process"):
+            process = getattr(self, attribute)
+            if process is not None:
+                stop_process_tree(process)
+                setattr(self, attribute, None)
+                started_here = True
+        if started_here or not recorded:
             return
-        if not recorded:
-            return
-        pid = self.read_state().get("superlink_pid")
-        if pid and pid_alive(int(pid)):
-            stop_pid_tree(int(pid))
+        state = self.read_state()
+        for key in ("gateway_pid", "superlink_pid"):
+            pid = state.get(key)
+            if pid and pid_alive(int(pid)):
+                stop_pid_tree(int(pid))
 
     # -- sites ---------------------------------------------------------------------------------
     def register_site(self, public_key: Path, name: str) -> int:

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.errors import CxrFlError
 from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY, parse_error_reason
 from server.run_folder import ResumeState, RunFolder
+from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ def site_name(message: Message) -> str:
     return f"node-{message.metadata.src_node_id}"
 
 
+def claimed_site(message: Message) -> str | None:
+    """The name a reply claims (its ConfigRecord 'site'), None if it names none."""
+    record = message.content.config_records.get(SITE_RECORD) if not message.has_error() else None
+    return None if record is None or "name" not in record else str(record["name"])
+
+
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
     """Send messages and collect replies until all arrive or ``timeout`` seconds pass.
 
@@ -103,7 +110,9 @@ def collect(
 
     ``names`` maps node ids to the names sites gave in earlier replies; it is updated here, so
     that a site which later fails (an error reply made by Flower itself, or no reply at all) is
-    still reported under its name.
+    still reported under its name. When ``names`` is a :class:`SiteDirectory` (a deployment with
+    registered site keys), a reply from an unregistered node or claiming another site's name is
+    refused: logged, reported as ``refused`` and left out of the replies returned.
 
     The replies come back sorted by site name (then node id), not in order of arrival: the
     weighted average of the models is a floating-point sum whose order would otherwise change
@@ -113,14 +122,26 @@ def collect(
     replies = sorted(replies, key=lambda r: (site_name(r), r.metadata.src_node_id))
     answered = {reply.metadata.reply_to_message_id for reply in replies}
     outcomes = []
+    accepted = []
     for reply in replies:
         node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             status = "declined" if reply.error.code == SITE_DECLINED else "failed"
             site, reason = parse_error_reason(reply.error.reason or "")
-            outcomes.append(SiteOutcome(node, site or names.get(node, f"node-{node}"), status, reason))
+            site = registered_name(names, node) or site or names.get(node, f"node-{node}")
+            outcomes.append(SiteOutcome(node, site, status, reason))
+            accepted.append(reply)
             continue
-        names[node] = site_name(reply)
+        # A site's name is the one registered for its key, whatever its reply says (site_identity).
+        refusal = identity_refusal(names, node, claimed_site(reply))
+        if refusal is None and reply.metadata.src_node_id != node:
+            refusal = f"the reply to a message for node {node} came from node {reply.metadata.src_node_id}"
+        if refusal is not None:
+            logger.error("Refused a reply: %s", refusal)
+            outcomes.append(SiteOutcome(node, names.get(node, f"node-{node}"), "refused", refusal))
+            continue
+        names[node] = registered_name(names, node) or site_name(reply)
+        accepted.append(reply)
         metrics = {}
         for record in reply.content.metric_records.values():
             metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
@@ -129,7 +150,7 @@ def collect(
         if message_id not in answered:
             reason = "no reply within the round timeout"
             outcomes.append(SiteOutcome(node, names.get(node, f"node-{node}"), "timeout", reason))
-    return replies, sorted(outcomes, key=lambda o: o.site)
+    return accepted, sorted(outcomes, key=lambda o: o.site)
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -183,7 +204,8 @@ class TeacherRounds:
         self.min_train_sites = min_train_sites
         self.min_evaluate_sites = min_evaluate_sites
         self.central_evaluate = central_evaluate
-        self.site_names: dict[int, str] = {}
+        # Registered names (RUN_DIR/sites.json) are who a reply is from, not what it claims.
+        self.site_names: dict[int, str] = SiteDirectory(folder.root / "sites.json")
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         arrays = initial
