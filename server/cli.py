@@ -130,8 +130,15 @@ def start(
         list[Path] | None,
         typer.Option("--site-key", help="Register this site public key (NAME.pub) on start (repeatable)."),
     ] = None,
-    port: Annotated[int | None, typer.Option("--port", help="SuperLink port (default 9092).")] = None,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port the sites connect to (default 9092; Fleet API only).")
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Interface the sites connect to (the SuperLink itself listens on 127.0.0.1 only)."
+        ),
+    ] = "127.0.0.1",
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS and no site authentication (testing only).")
     ] = False,
