@@ -63,6 +63,8 @@ class SiteConfig:
     # the site set its own delta (otherwise the site default, capped at 1/N, applies)
     delta_from_site: bool = False
     share_per_class_metrics: bool = False
+    # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
+    simulated: bool = False
 
     @property
     def ledger_path(self) -> Path:
@@ -81,10 +83,9 @@ class SiteConfig:
         if own is None:
             if not requested.enabled:
                 return requested
+            accountant = requested.accountant if self.simulated else PrivacyConfig().accountant
             return replace(
-                requested,
-                target_delta=min(requested.target_delta, default_delta),
-                accountant=PrivacyConfig().accountant,
+                requested, target_delta=min(requested.target_delta, default_delta), accountant=accountant
             )
         if not self.delta_from_site:
             own = replace(own, target_delta=min(own.target_delta, default_delta))
@@ -184,6 +185,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             num_threads=1,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
             share_per_class_metrics=_flag(node_config, "share-per-class-metrics", True),
+            simulated=True,
         )
     out_dir = Path(_required(node_config, "out-dir"))
     data_format = _required(node_config, "data-format")
