@@ -276,7 +276,8 @@ def _student_round(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     """One round of the federated student: distil from the global student's weights, send them back."""
-    if _privacy(settings, site, data).enabled:
+    # (a simulated partition is the coordinator's own data: studies may still combine the two)
+    if not site.simulated and _privacy(settings, site, data).enabled:
         raise BudgetExhaustedError(
             "a federated-student round sends weights trained on this site's images without DP, which "
             "no privacy budget covers: a site under DP declines it (its own student is still exported)"
