@@ -2,7 +2,10 @@
 
 Wiring only: Context -> typed settings on the first lines, then common/local.py does the work.
 Replies carry the model weights (teacher rounds only), the number of examples and scalar
-metrics, plus the site's self-chosen name; never images, labels or per-image outputs.
+metrics, plus the site's self-chosen name; never images, labels or per-image outputs. By
+default a deployed site rounds its counts and keeps class-revealing metrics at home
+(client/disclosure.py). DP rounds are checked against the site's own ledger before they train
+(client/privacy_ledger.py); run settings that name files are ignored at a deployed site.
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -19,9 +22,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy_ledger import PrivacyLedger, run_key
-from client.site import SiteConfig, site_from_node_config, site_name_for_partition
+from client.disclosure import shareable_metrics
+from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
+from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
 from common.checkpoint import load_model_state, save_model
+from common.config import PrivacyConfig
 from common.errors import CxrFlError, DataError
 from common.jsonio import write_json
 from common.local import (
@@ -37,7 +42,7 @@ from common.local import (
     student_config,
     train_round,
 )
-from common.privacy import BudgetExhaustedError
+from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
     RUN_FINISHED_MARKER,
     SITE_BAD_INPUT,
@@ -88,14 +93,19 @@ def _site_label(context: Context) -> str:
 def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     """Run a handler; turn known failures into error replies with a reason."""
     try:
-        settings = run_settings_from_config(context.run_config)
+        settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
         site.out_dir.mkdir(parents=True, exist_ok=True)
         data = load_site_data(data_request(settings, site))
         content = handler(msg, settings, site, data, context)
+        if "metrics" in content.metric_records:
+            shared = shareable_metrics(
+                content.metric_records["metrics"], share_per_class=site.share_per_class_metrics
+            )
+            content["metrics"] = MetricRecord(shared)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
         return Message(content, reply_to=msg)
-    except BudgetExhaustedError as exc:
+    except (BudgetExhaustedError, LedgerIntegrityError) as exc:
         logger.warning("Declining: %s", exc)
         return Message(Error(SITE_DECLINED, error_reason(_site_label(context), str(exc))), reply_to=msg)
     except CxrFlError as exc:
@@ -119,11 +129,11 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
-    privacy = site.effective_privacy(settings.privacy)
-    ledger = None
-    if privacy.enabled:
-        key = run_key(settings.run.run_dir, context.run_id, settings.train.seed)
-        ledger = PrivacyLedger.open(site.out_dir, key)
+    privacy = site.effective_privacy(settings.privacy, len(data.split.train))
+    ledger, entry = None, None
+    if privacy.enabled:  # fail closed: an unverifiable ledger raises before anything trains
+        ledger = PrivacyLedger.open(site.ledger_path)
+        entry = ledger.entry(dataset_key(site.name, site.data_format, site.data_path))
     outcome = train_round(
         data,
         settings.task,
@@ -132,16 +142,35 @@ def _train(
         train,
         seed=derive_seed(settings.train.seed, server_round, site.name),
         privacy=privacy,
-        dp_plan=ledger.plan if ledger else None,
-        dp_history=ledger.history if ledger else None,
+        dp_plan=entry.plan if entry else None,
+        dp_history=entry.history if entry else None,
         num_rounds=num_rounds,
     )
-    if ledger is not None:
-        ledger.plan, ledger.history = outcome.plan, outcome.history
-        ledger.epsilon_by_round[server_round] = outcome.metrics["dp_epsilon"]
-        ledger.save()
+    if ledger is not None and entry is not None:
+        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round)
+        if entry.epsilon > privacy.target_epsilon + 1e-9:  # never send what went over budget
+            raise BudgetExhaustedError(
+                f"this round spent epsilon {entry.epsilon:.3f} > target {privacy.target_epsilon}; "
+                "its weights stay at the site and the site declines further training rounds"
+            )
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
     return RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+
+
+def _record_spent(
+    ledger: PrivacyLedger,
+    entry: LedgerEntry,
+    plan: DPPlan | None,
+    history: AccountantHistory,
+    context: Context,
+    server_round: int,
+) -> None:
+    """Write what the round actually spent (from the accountant's history) to the site's ledger."""
+    entry.plan, entry.history = plan, history
+    entry.spent.append(
+        {"run_id": context.run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
+    )
+    ledger.save()
 
 
 def _evaluate(
@@ -247,6 +276,12 @@ def _student_round(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     """One round of the federated student: distil from the global student's weights, send them back."""
+    # (a simulated partition is the coordinator's own data: studies may still combine the two)
+    if not site.simulated and _privacy(settings, site, data).enabled:
+        raise BudgetExhaustedError(
+            "a federated-student round sends weights trained on this site's images without DP, which "
+            "no privacy budget covers: a site under DP declines it (its own student is still exported)"
+        )
     server_round = int(msg.content["config"]["server-round"])
     cached_logits = _cached_teacher_logits(site)
     outcome = distill_student(
@@ -310,13 +345,23 @@ def _student_final(
 
 
 def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:
-    privacy = site.effective_privacy(settings.privacy)
-    if not privacy.enabled:
+    """The epsilon the site's ledger records for its data (None without DP or when unverifiable)."""
+    if not _privacy(settings, site, _site_data(settings, site)).enabled:
         return None
-    ledger = PrivacyLedger.open(
-        site.out_dir, run_key(settings.run.run_dir, context.run_id, settings.train.seed)
-    )
-    return max(ledger.epsilon_by_round.values(), default=0.0)
+    try:
+        ledger = PrivacyLedger.open(site.ledger_path)
+    except LedgerIntegrityError as exc:  # reporting only: this phase spends no budget
+        logger.warning("teacher epsilon unknown: %s", exc)
+        return None
+    return ledger.entry(dataset_key(site.name, site.data_format, site.data_path)).epsilon
+
+
+def _site_data(settings: FederatedRunConfig, site: SiteConfig) -> SiteData:
+    return load_site_data(data_request(settings, site))
+
+
+def _privacy(settings: FederatedRunConfig, site: SiteConfig, data: SiteData) -> PrivacyConfig:
+    return site.effective_privacy(settings.privacy, len(data.split.train))
 
 
 @app.train()
@@ -338,7 +383,7 @@ def distill(msg: Message, context: Context) -> Message:
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: leave a marker in the site's output folder (the site CLI then stops)."""
     try:
-        settings = run_settings_from_config(context.run_config)
+        settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:

@@ -19,6 +19,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from client.ledger_cli import ledger_app
 from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
@@ -29,6 +30,7 @@ app = typer_app(
 )
 console = stdout
 err_console = stderr
+app.add_typer(ledger_app, name="privacy-ledger")
 
 
 @app.callback()
@@ -284,10 +286,29 @@ def start(
     epsilon: Annotated[
         float | None, typer.Option("--epsilon", help="This site's DP budget (may only tighten the server's).")
     ] = None,
-    delta: Annotated[float | None, typer.Option("--delta", help="This site's DP delta.")] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option("--delta", help="This site's DP delta (default: 1e-5, at most 1/training images)."),
+    ] = None,
     max_grad_norm: Annotated[
         float | None, typer.Option("--max-grad-norm", help="This site's DP clipping norm.")
     ] = None,
+    accountant: Annotated[
+        str | None, typer.Option("--accountant", help="This site's DP accountant: rdp (default), prv, gdp.")
+    ] = None,
+    privacy_ledger: Annotated[
+        Path | None,
+        typer.Option(
+            "--privacy-ledger", help="The site's privacy ledger file (default OUT/privacy/ledger.json)."
+        ),
+    ] = None,
+    share_per_class_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--share-per-class-metrics",
+            help="Also send accuracy, F1 and per-class metrics and exact counts (they reveal class counts).",
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
     task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
     image_size: Annotated[
@@ -341,6 +362,9 @@ def start(
             dp_target_epsilon=epsilon,
             dp_target_delta=delta,
             dp_max_grad_norm=max_grad_norm,
+            dp_accountant=accountant,
+            privacy_ledger=privacy_ledger,
+            share_per_class_metrics=share_per_class_metrics,
             num_threads=threads,
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,

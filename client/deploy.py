@@ -82,6 +82,9 @@ class SiteNodeSettings:
     dp_target_epsilon: float | None = None
     dp_target_delta: float | None = None
     dp_max_grad_norm: float | None = None
+    dp_accountant: str | None = None
+    privacy_ledger: Path | None = None
+    share_per_class_metrics: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
     connect_timeout: float = 120.0
@@ -95,6 +98,27 @@ class SiteNodeSettings:
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
+        self._check_privacy_policy()
+
+    def _check_privacy_policy(self) -> None:
+        """The site's DP options, checked before anything starts (the ClientApp re-checks them)."""
+        import math
+
+        from common.config import ACCOUNTANTS
+
+        eps, delta, clip = self.dp_target_epsilon, self.dp_target_delta, self.dp_max_grad_norm
+        if eps is not None and not (math.isfinite(eps) and eps > 0):
+            raise ConfigError("--epsilon", eps, "a finite number > 0 (this site's privacy budget)")
+        if delta is not None and not 0 < delta < 1:
+            raise ConfigError("--delta", delta, "a number strictly between 0 and 1 (at most 1e-5 is usual)")
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ConfigError("--max-grad-norm", clip, "a finite number > 0")
+        if self.dp_accountant is not None and self.dp_accountant not in ACCOUNTANTS:
+            raise ConfigError("--accountant", self.dp_accountant, "one of " + ", ".join(ACCOUNTANTS))
+        if eps is None and (delta, clip, self.dp_accountant) != (None, None, None):
+            raise ConfigError(
+                "--epsilon", None, "a privacy budget: --delta, --max-grad-norm and --accountant need it"
+            )
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -113,6 +137,9 @@ class SiteNodeSettings:
             values["data-path"] = str(self.data_path.resolve())
         if self.cache_dir is not None:
             values["cache-dir"] = str(self.cache_dir.resolve())
+        if self.privacy_ledger is not None:
+            values["privacy-ledger"] = str(self.privacy_ledger.resolve())
+        values["share-per-class-metrics"] = self.share_per_class_metrics
         for key, value in (
             ("dp-target-epsilon", self.dp_target_epsilon),
             ("dp-target-delta", self.dp_target_delta),
@@ -120,6 +147,8 @@ class SiteNodeSettings:
         ):
             if value is not None:
                 values[key] = float(value)
+        if self.dp_accountant is not None:
+            values["dp-accountant"] = self.dp_accountant
         return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
     def command(self, runtime_port: int) -> list[str]:

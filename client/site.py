@@ -3,27 +3,48 @@
 In a deployment ``cxr-fl-client start`` passes these as SuperNode ``--node-config``::
 
     site-name="st-marys" data-path="/data/cxr" data-format="image-folder" out-dir="/srv/cxr-fl"
-    dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0
+    dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0 dp-accountant="rdp"
+    privacy-ledger="/srv/cxr-fl/privacy/ledger.json" share-per-class-metrics=false
 
 In Flower's simulation runtime node_config only carries ``partition-id`` and
 ``num-partitions``; the site then reads ``site_<id>.csv`` (manifest format) from the run's
 ``simulation-manifest-dir`` and writes under ``<run-dir>/sites/site_<id>``.
 
-A site's DP policy can only tighten what the server requests (see PrivacyConfig.tightened_by).
+A deployed site opens only paths named by its own options: the run settings that name files
+(:data:`SERVER_PATH_SETTINGS`) are the server's and are ignored at a deployed site, whether or
+not such a path exists there (see :func:`site_run_config`).
+
+A site's DP policy owns every privacy parameter: what the site leaves unset takes a safe
+site-side default (delta at most 1e-5 and at most 1/N of its N training images, the ``rdp``
+accountant, clipping 1.0), never the server's value, and a server request can only tighten it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import PrivacyConfig, from_mapping, to_mapping
+from common.config import PrivacyConfig, from_mapping
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig
 
+logger = logging.getLogger(__name__)
+
 SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm", "dp-accountant")
+SITE_MAX_DEFAULT_DELTA = 1e-5
+"""A site's delta when it sets none: never above this, and never above 1/N (N training images)."""
+SERVER_PATH_SETTINGS = (
+    "run-dir",
+    "cache-dir",
+    "simulation-manifest-dir",
+    "central-eval-manifest",
+    "teacher-weights",
+)
+"""Run settings that name files: meaningful at the coordinator, never opened at a deployed site."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +59,37 @@ class SiteConfig:
     privacy: PrivacyConfig | None
     num_threads: int = 2
     strict: bool = False
+    privacy_ledger: Path | None = None
+    # the site set its own delta (otherwise the site default, capped at 1/N, applies)
+    delta_from_site: bool = False
+    share_per_class_metrics: bool = False
+    # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
+    simulated: bool = False
 
-    def effective_privacy(self, requested: PrivacyConfig) -> PrivacyConfig:
-        """The server's request tightened by this site's own policy."""
-        return requested.tightened_by(self.privacy)
+    @property
+    def ledger_path(self) -> Path:
+        from client.privacy_ledger import default_ledger_path
+
+        return self.privacy_ledger or default_ledger_path(self.out_dir)
+
+    def effective_privacy(self, requested: PrivacyConfig, num_train: int) -> PrivacyConfig:
+        """The privacy a round runs under: the site's policy, which a request can only tighten.
+
+        Delta is at most the site's (explicit, or 1e-5 capped at 1/``num_train``); the
+        accountant is always the site's.
+        """
+        default_delta = min(SITE_MAX_DEFAULT_DELTA, 1.0 / max(num_train, 1))
+        own = self.privacy
+        if own is None:
+            if not requested.enabled:
+                return requested
+            accountant = requested.accountant if self.simulated else PrivacyConfig().accountant
+            return replace(
+                requested, target_delta=min(requested.target_delta, default_delta), accountant=accountant
+            )
+        if not self.delta_from_site:
+            own = replace(own, target_delta=min(own.target_delta, default_delta))
+        return requested.tightened_by(own)
 
 
 def site_name_for_partition(partition_id: int) -> str:
@@ -60,17 +108,63 @@ def _required(node_config: Mapping[str, Any], key: str) -> str:
     return str(value)
 
 
-def _site_privacy(node_config: Mapping[str, Any], requested: PrivacyConfig) -> PrivacyConfig | None:
-    """The site's own DP policy; what it leaves unset is the server's request (never looser)."""
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """A site of Flower's simulation runtime (node_config has only partition-id)."""
+    return "partition-id" in node_config and "data-path" not in node_config
+
+
+def site_run_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run settings a site acts on: at a deployed site, none that names a file.
+
+    Server-named paths are dropped with the same behaviour whether or not the path exists at
+    the site, so a server cannot probe the site's disk through them.
+    """
+    config = dict(run_config)
+    if is_simulated(node_config):
+        return config
+    named = [key for key in SERVER_PATH_SETTINGS if config.get(key)]
+    if named:
+        logger.info(
+            "ignoring the server's path setting(s) %s: this site opens only the paths of its own options",
+            ", ".join(named),
+        )
+    for key in SERVER_PATH_SETTINGS:
+        config[key] = ""
+    return config
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"node_config '{key}'", value, "true or false")
+
+
+def _site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
+    """The site's own DP policy; what it leaves unset is a site default, never the server's."""
     if not any(key in node_config for key in SITE_DP_KEYS):
         return None
-    own = {k: v for k, v in node_config.items() if k.startswith("dp-")}
-    return from_mapping(PrivacyConfig, {**to_mapping(requested, "dp-"), **own, "dp-enabled": True}, "dp-")
+    if "dp-target-epsilon" not in node_config:
+        raise ConfigError(
+            "node_config 'dp-target-epsilon'",
+            None,
+            "a privacy budget: a site that sets any DP option must set its epsilon (--epsilon)",
+        )
+    own = {k: v for k, v in node_config.items() if k in SITE_DP_KEYS}
+    policy = from_mapping(PrivacyConfig, {**own, "dp-enabled": True}, "dp-")
+    if not math.isfinite(policy.target_epsilon):
+        raise ConfigError("node_config 'dp-target-epsilon'", policy.target_epsilon, "a finite number > 0")
+    return policy
 
 
 def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRunConfig) -> SiteConfig:
     """Typed site facts from node_config (deployment) or partition-id (simulation)."""
-    if "partition-id" in node_config and "data-path" not in node_config:
+    if is_simulated(node_config):
         manifest_dir = settings.run.simulation_manifest_dir
         if not manifest_dir:
             raise ConfigError(
@@ -89,6 +183,9 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             cache_dir=cache,
             privacy=None,
             num_threads=1,
+            # simulated sites are the coordinator's own partitions: the report uses per-class metrics
+            share_per_class_metrics=_flag(node_config, "share-per-class-metrics", True),
+            simulated=True,
         )
     out_dir = Path(_required(node_config, "out-dir"))
     data_format = _required(node_config, "data-format")
@@ -103,7 +200,20 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         data_format=data_format,
         out_dir=out_dir,
         cache_dir=Path(cache),
-        privacy=_site_privacy(node_config, settings.privacy),
+        privacy=_site_privacy(node_config),
         num_threads=int(node_config.get("num-threads", 2)),
         strict=str(node_config.get("strict", "false")).lower() == "true",
+        privacy_ledger=_ledger_option(node_config),
+        delta_from_site="dp-target-delta" in node_config,
+        share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
     )
+
+
+def _ledger_option(node_config: Mapping[str, Any]) -> Path | None:
+    value = node_config.get("privacy-ledger")
+    if value is None or str(value) == "":
+        return None
+    path = Path(str(value))
+    if not path.is_absolute():
+        raise ConfigError("node_config 'privacy-ledger'", str(path), "an absolute path")
+    return path

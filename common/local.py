@@ -38,6 +38,7 @@ from common.privacy import (
     DPPlan,
     check_budget_for_round,
     check_plan_matches,
+    check_round_matches_plan,
     make_private,
     plan_dp,
     unwrap_model,
@@ -203,6 +204,9 @@ def train_round(
                 num_rounds=num_rounds,
             )
         check_plan_matches(plan, privacy)
+        check_round_matches_plan(
+            plan, num_examples=len(dataset), batch_size=train.batch_size, local_epochs=train.local_epochs
+        )
         check_budget_for_round(history, plan)
         private = make_private(
             model,

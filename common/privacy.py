@@ -43,6 +43,10 @@ class BudgetExhaustedError(PrivacyError):
     """Another round would take the site past its privacy budget."""
 
 
+class PlanMismatchError(BudgetExhaustedError):
+    """The round as requested (steps, sampling rate) is not the one the site's budget planned."""
+
+
 @dataclass(frozen=True)
 class DPPlan:
     """The noise and sampling a site uses for every round of a run."""
@@ -144,6 +148,26 @@ def check_plan_matches(plan: DPPlan, policy: PrivacyConfig) -> None:
             "the privacy policy changed since this run's DP plan was made: planned epsilon, delta, "
             f"clipping, accountant = {planned}, now {wanted}. The rounds already trained used noise "
             "chosen for the old target; start a new run (new run folder) under the new policy"
+        )
+
+
+def check_round_matches_plan(plan: DPPlan, *, num_examples: int, batch_size: int, local_epochs: int) -> None:
+    """Refuse a round whose steps or sampling rate differ from the plan's.
+
+    The noise multiplier was chosen for the plan's steps per round and sampling rate; a server
+    that raises ``local-epochs`` or changes ``batch-size`` (or the split, hence the number of
+    training images) would make the site spend more than it budgeted.
+    """
+    batches_per_epoch = max(1, math.ceil(num_examples / batch_size))
+    steps = local_epochs * batches_per_epoch
+    sample_rate = 1.0 / batches_per_epoch
+    if steps != plan.steps_per_round or not math.isclose(sample_rate, plan.sample_rate, rel_tol=1e-9):
+        raise PlanMismatchError(
+            f"the round as requested ({local_epochs} local epochs, batch {batch_size} on "
+            f"{num_examples} training images: {steps} steps at sampling rate {sample_rate:.4f}) "
+            f"differs from this site's DP plan ({plan.steps_per_round} steps per round at sampling "
+            f"rate {plan.sample_rate:.4f}); its privacy cost was not budgeted, so the site declines "
+            "the round. Run it with the settings the plan was made for."
         )
 
 

@@ -57,7 +57,9 @@ def test_train_reply_holds_only_model_arrays_scalar_metrics_and_the_site_name(tm
     metrics = content.metric_records["metrics"]
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values())
     assert metrics[WEIGHT_KEY] > 0
+    assert metrics[WEIGHT_KEY] % 10 == 0  # bucketed: no exact count leaves a deployed site
     assert np.isfinite(metrics["loss"])
+    assert not [k for k in metrics if "accuracy" in k or "f1" in k or "/" in k]
 
 
 def test_evaluate_reply_holds_no_arrays(tmp_path: Path) -> None:
@@ -70,7 +72,30 @@ def test_evaluate_reply_holds_no_arrays(tmp_path: Path) -> None:
     assert not reply.content.array_records
     metrics = reply.content.metric_records["metrics"]
     assert all(isinstance(v, int | float) for v in metrics.values())
-    assert {"val_loss", "val_accuracy", "val_auroc_macro"} <= set(metrics.keys())
+    # only what the coordinator needs to aggregate and select: nothing that gives class counts
+    assert set(metrics.keys()) == {WEIGHT_KEY, "val_loss", "val_auroc_macro"}
+    assert metrics[WEIGHT_KEY] % 10 == 0
+
+
+def test_per_class_metrics_and_exact_counts_leave_a_site_only_when_it_opts_in(tmp_path: Path) -> None:
+    from client.app import data_request
+    from client.site import site_from_node_config
+    from common.local import load_site_data
+
+    node_config = {**_synthetic_site(tmp_path), "share-per-class-metrics": True}
+    context = _context(tmp_path, node_config)
+    message, _ = _message(context, "evaluate", {"server-round": 1})
+
+    reply = app(message, context)
+
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content.metric_records["metrics"]
+    settings = run_settings_from_config(context.run_config)
+    classes = settings.task.classes
+    assert {"val_accuracy", "val_f1_macro"} <= set(metrics.keys())
+    assert {f"val_sensitivity/{c}" for c in classes} <= set(metrics.keys())
+    site = site_from_node_config(node_config, settings)
+    assert metrics[WEIGHT_KEY] == len(load_site_data(data_request(settings, site)).split.val)
 
 
 @pytest.mark.parametrize(
