@@ -230,6 +230,7 @@ class WarmClientAppRunner:
         import httpx
 
         clients: dict[str, Any] = {}
+        refused_claims = False
         try:
             while not self._stop.is_set():
                 with self._lock:
@@ -241,12 +242,25 @@ class WarmClientAppRunner:
                     clients[target] = self._acquire_client(target)
                 try:
                     acquired = clients[target].AcquireTask(self._acquire_request())
+                except httpx.HTTPStatusError as exc:  # e.g. 401: the SuperNode does not know our secret
+                    if not refused_claims:
+                        self.report(f"the SuperNode refused this site's task claims: {exc}")
+                    refused_claims = True
+                    self._stop.wait(self.poll_seconds * 10)
+                    continue
                 except httpx.HTTPError as exc:  # the SuperNode is starting, restarting or gone
                     logger.debug("AcquireTask at %s: %s", target, exc)
                     self._stop.wait(self.poll_seconds * 5)
                     continue
+                except Exception:  # never let the runner die: the site would hang
+                    logger.exception("could not ask the SuperNode for a task")
+                    self._stop.wait(self.poll_seconds * 10)
+                    continue
                 if acquired.HasField("task") and acquired.token:
-                    self.run_task(target, acquired.token)
+                    try:
+                        self.run_task(target, acquired.token)
+                    except Exception:
+                        logger.exception("the ClientApp task could not be run")
                 else:
                     self._stop.wait(self.poll_seconds)
         finally:
