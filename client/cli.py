@@ -365,6 +365,10 @@ def start(
             runtime=runtime,
             allowed_apps=tuple(allow_app or ()),
         )
+        if runtime == "warm":
+            from client.app_runner import require_supported_flwr
+
+            require_supported_flwr()
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     if runtime == "flower":

@@ -183,3 +183,14 @@ def test_app_hash_command_prints_the_installed_hash(original_hash: str) -> None:
     result = runner.invoke(app, ["app-hash"])
     assert result.exit_code == 0, result.output
     assert original_hash in result.output
+
+
+def test_start_refuses_an_unsupported_flower_before_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic", "--insecure"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--runtime flower" in result.output
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
