@@ -338,6 +338,23 @@ def start(
             "previous session counts as online for up to 60 s.",
         ),
     ] = 75.0,
+    allow_app: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-app",
+            help="Also run this app (its FAB SHA-256, repeatable). By default a site runs only the app "
+            "that its own installed cxr-fl builds (`cxr-fl-client app-hash` prints its hash).",
+        ),
+    ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            "--runtime",
+            help="warm: this process runs the installed ClientApp (fast; app allow-list). flower: "
+            "Flower's own flwr-clientapp per message from the server's app bundle (fallback; no "
+            "allow-list).",
+        ),
+    ] = "warm",
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
@@ -369,9 +386,21 @@ def start(
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             activate_timeout=activate_timeout,
+            runtime=runtime,
+            allowed_apps=tuple(allow_app or ()),
         )
+        if runtime == "warm":
+            from client.app_runner import require_supported_flwr
+
+            require_supported_flwr()
     except CxrFlError as exc:
         raise fail(str(exc)) from None
+    if runtime == "flower":
+        err_console.print(
+            "[bold yellow]warning:[/] --runtime flower: the site runs the server's app bundle as sent "
+            "(no app allow-list)",
+            highlight=False,
+        )
     if not skip_check:
         check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
     console.print(f"[bold]{site}[/]: joining {server}; logs in {out / 'supernode.log'}", highlight=False)
@@ -391,6 +420,19 @@ def start(
         console.print(f"stopped ({how})")
         raise typer.Exit(130) from None
     console.print(f"[bold green]{outcome}[/]", highlight=False)
+
+
+@app.command("app-hash")
+def app_hash() -> None:
+    """Print the app hash (FAB SHA-256) that this site accepts by default: its installed cxr-fl's."""
+    from client.app_runner import PROJECT_ROOT, installed_app_hash
+
+    try:
+        value = installed_app_hash()
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    err_console.print(f"app bundle of the cxr-fl project at {PROJECT_ROOT}:", highlight=False)
+    console.print(value, highlight=False)
 
 
 def main() -> None:

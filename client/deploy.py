@@ -7,6 +7,12 @@ writes its output to ``OUT/supernode.log`` and reads it line by line to tell the
 line, why a site is refused: an unregistered key, a server certificate that cannot be verified
 (no or wrong CA), or nothing listening at the address given (wrong host or port).
 
+The SuperNode runs with ``--isolation process``: this process is its ClientApp runner (see
+client/app_runner.py), so torch, the data cache and the installed handlers stay warm across
+rounds, and a run of any app other than this installation's own (or one listed with
+``--allow-app``) is refused with a one-line reason in ``supernode.log`` and an error reply.
+``--runtime flower`` falls back to Flower's per-message ``flwr-clientapp`` (no allow-list).
+
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
 once it has answered the server's "finish" message (the last message of every run, after the
 distillation and any federated-student rounds), on Ctrl-C, or when the server has been
@@ -16,15 +22,19 @@ unreachable for ``reconnect_timeout`` seconds.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
+from client.app_runner import AppAllowList, WarmClientAppRunner, normalise_app_hash, write_secret_file
 from common.errors import ConfigError, CxrFlError
 from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
 from common.protocol import RUN_FINISHED_MARKER
@@ -36,6 +46,9 @@ FAST_POLL_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RUNTIMES = ("warm", "flower")
+"""``warm``: this process runs the installed ClientApp for its SuperNode (client/app_runner.py);
+``flower``: Flower's own ``flwr-clientapp`` process per message, from the FAB (the fallback)."""
 
 
 class SiteRefusedError(CxrFlError):
@@ -90,11 +103,18 @@ class SiteNodeSettings:
     connect_timeout: float = 120.0
     reconnect_timeout: float = 600.0
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
+    runtime: str = "warm"
+    allowed_apps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("--server", self.server, "HOST:PORT, e.g. coordinator.example.org:9092")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError("--runtime", self.runtime, " or ".join(RUNTIMES))
+        if self.allowed_apps and self.runtime != "warm":
+            raise ConfigError("--allow-app", self.allowed_apps[0], "only with --runtime warm (the default)")
+        object.__setattr__(self, "allowed_apps", tuple(normalise_app_hash(h) for h in self.allowed_apps))
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
@@ -151,7 +171,10 @@ class SiteNodeSettings:
             values["dp-accountant"] = self.dp_accountant
         return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
-    def command(self, runtime_port: int) -> list[str]:
+    def command(self, runtime_port: int, secret_file: Path | None = None) -> list[str]:
+        """The ``flower-supernode`` command. ``secret_file`` (warm runtime; SiteNode always passes
+        one) holds the per-start secret that signs the warm runner's task claims, so that no other
+        local process can claim this site's tasks."""
         command = [console_script("flower-supernode"), "--superlink", self.server]
         if self.insecure:
             command.append("--insecure")
@@ -163,12 +186,14 @@ class SiteNodeSettings:
             "--node-config",
             self.node_config(),
             "--isolation",
-            "subprocess",
+            "process" if self.runtime == "warm" else "subprocess",
             "--host",
             "127.0.0.1",
             "--port",
             str(runtime_port),
         ]
+        if self.runtime == "warm" and secret_file is not None:
+            command += ["--superexec-auth-secret-file", str(secret_file)]
         return command
 
 
@@ -229,15 +254,65 @@ class SiteNode:
         self.out_dir = settings.out_dir.resolve()
         self.log_path = self.out_dir / "supernode.log"
         self.flwr_home = self.out_dir / "flwr-home"
+        self.secret_path = self.flwr_home / "superexec.secret"
         self.process: subprocess.Popen[str] | None = None
         self.node_id: int | None = None
+        self.runner: WarmClientAppRunner | None = None
+        self._log: TextIO | None = None
+        self._log_lock = threading.Lock()
+
+    def write_log(self, text: str) -> None:
+        """One time-stamped line in ``supernode.log`` (the SuperNode's output and the runner's)."""
+        now = time.time()
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        with self._log_lock:
+            if self._log is None:
+                self._log = self.log_path.open("a", encoding="utf-8")
+            self._log.write(f"{stamp} {text}\n")
+            self._log.flush()
 
     def run(self, on_event: Callable[[str], None] | None = None) -> str:
         """Run until the run ends; returns why it stopped. Raises SiteRefusedError when refused."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        started = time.time()
         notify = on_event or (lambda _e: None)
+        log_handler = _LogFileHandler(self)
+        logging.getLogger().addHandler(log_handler)
+        worker: threading.Thread | None = None
+        try:
+            if self.settings.runtime == "warm":
+                worker = self._start_runner(notify)
+            return self._run_until_done(notify)
+        finally:
+            if self.runner is not None:
+                self.runner.stop()
+            if worker is not None:
+                worker.join(timeout=5.0)
+            self.secret_path.unlink(missing_ok=True)
+            logging.getLogger().removeHandler(log_handler)
+            with self._log_lock:
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
+
+    def _start_runner(self, notify: Callable[[str], None]) -> threading.Thread:
+        """The warm ClientApp runner (imports torch and the installed app once), in a thread."""
+        allow = AppAllowList.for_site(self.settings.allowed_apps)
+        secret = write_secret_file(self.secret_path)
+
+        def report(text: str) -> None:
+            self.write_log(text)
+            notify(text)
+
+        self.runner = WarmClientAppRunner(secret, allow, self.settings.site, report)
+        hashes = ", ".join(sorted(allow.hashes))
+        self.write_log(f"# warm ClientApp runner; apps allowed (FAB sha256): {hashes}")
+        worker = threading.Thread(target=self.runner.serve, name="clientapp-runner", daemon=True)
+        worker.start()
+        return worker
+
+    def _run_until_done(self, notify: Callable[[str], None]) -> str:
+        started = time.time()
         restarts = 0
         while True:
             try:
@@ -257,26 +332,31 @@ class SiteNode:
                 notify("the server came back without this site's session; restarting the SuperNode")
 
     def _run_once(self, started: float, notify: Callable[[str], None]) -> str:
-        command = self.settings.command(free_port())
+        port = free_port()
+        warm = self.settings.runtime == "warm"
+        command = self.settings.command(port, self.secret_path if warm else None)
         self.node_id = None
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
-            self.process = subprocess.Popen(
-                command,
-                env=flower_env(self.flwr_home, FAST_POLL_ENV),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                start_new_session=True,
-                cwd=self.out_dir,
-            )
-            try:
-                return self._follow(log, started, notify)
-            finally:
-                self.stop()
+        self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
+        self.process = subprocess.Popen(
+            command,
+            env=flower_env(self.flwr_home, FAST_POLL_ENV),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            cwd=self.out_dir,
+        )
+        if self.runner is not None:
+            self.runner.set_target(f"127.0.0.1:{port}")
+        try:
+            return self._follow(started, notify)
+        finally:
+            if self.runner is not None:
+                self.runner.set_target(None)
+            self.stop()
 
-    def _follow(self, log: object, started: float, on_event: Callable[[str], None]) -> str:
+    def _follow(self, started: float, on_event: Callable[[str], None]) -> str:
         import selectors
 
         if self.process is None or self.process.stdout is None:
@@ -298,9 +378,7 @@ class SiteNode:
             now = time.time()
             if line:
                 text = ANSI.sub("", line.rstrip("\n"))
-                stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-                log.write(f"{stamp} {text}\n")  # type: ignore[attr-defined]
-                log.flush()  # type: ignore[attr-defined]
+                self.write_log(text)
                 if reason := refusal_reason(text, self.settings):
                     if "Failed to activate SuperNode" in text:
                         raise _ActivationRefusedError(reason)
@@ -343,3 +421,19 @@ class SiteNode:
             with contextlib.suppress(OSError):
                 stop_process_tree(self.process)
             self.process = None
+
+
+class _LogFileHandler(logging.Handler):
+    """Warnings and errors of the in-process ClientApp (and of its runner) go to supernode.log."""
+
+    def __init__(self, node: SiteNode) -> None:
+        super().__init__(level=logging.WARNING)
+        self.node = node
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            for line in self.format(record).splitlines():
+                self.node.write_log(line)
+        except Exception:  # logging must never break the site
+            self.handleError(record)

@@ -14,6 +14,8 @@ SITE_BAD_INPUT = 1002
 """The site cannot take part: bad data or settings; the reason says what to fix."""
 SITE_FAILED = 1003
 """An unexpected failure at the site."""
+SITE_APP_REFUSED = 1004
+"""The site refuses the run's app: not its installed cxr-fl app nor one it allows (--allow-app)."""
 
 DISTILL_MESSAGE_TYPE = "train.distill"
 STUDENT_ROUND_MESSAGE_TYPE = "train.student"

@@ -1,0 +1,388 @@
+"""The site's warm ClientApp runner and its app allow-list: the one module on Flower internals.
+
+Why this module exists
+----------------------
+With Flower's default ``--isolation subprocess`` a SuperNode starts a fresh ``flwr-clientapp``
+process for every message: it pulls the app bundle (FAB) that the SuperLink hands it, unpacks
+it, imports its code (flwr, torch, torchvision: 3-4 s) and runs it. So a site runs whatever app
+the coordinator submits, and every message pays for the imports.
+
+``cxr-fl-client start`` instead starts its SuperNode with ``--isolation process`` and acts as the
+ClientApp runner itself, against the SuperNode's Runtime API on loopback (what ``flower-superexec``
+and ``flwr-clientapp`` do, in one warm process that already imported torch and this site's
+*installed* ``client.app``). For each task it:
+
+1. claims the task with ``AcquireTask``, signed with a per-start secret that only this process
+   and its SuperNode know (``--superexec-auth-secret-file``, a 0600 file), so that no other local
+   process can take the site's messages;
+2. pulls the task input (run, FAB, Context, message) and checks the FAB against the site's
+   allow-list (:class:`AppAllowList`); an app that is not allowed gets an error reply with code
+   :data:`~common.protocol.SITE_APP_REFUSED` (the coordinator logs its reason) and a one-line
+   reason in the site's log;
+3. otherwise calls the installed ClientApp in-process and pushes its reply and Context back.
+
+The FAB's code is never unpacked nor imported at the site, allowed or not: the FAB only
+identifies the app (and its ``pyproject.toml`` gives the run settings' defaults, read as TOML by
+the SuperNode). Torch, the site's decoded-image cache (``common.local.load_site_data`` memoises
+it per process) and the first-use costs of torch stay warm across rounds: a message costs a
+local call.
+
+The other design considered, a thin ClientApp forwarding each message to a warm worker over a
+Unix socket, would still run the FAB's code (the thin app) at the site and would need its own
+pre-import check and protocol; this one uses Flower's own task protocol and needs neither.
+
+What "same app" means
+---------------------
+An app is identified by Flower's FAB hash: the SHA-256 of the bundle that ``flwr run`` packs
+(``flwr.cli.build.build_fab_from_disk``: the project's files after ``.gitignore`` and the
+``fab-include``/``fab-exclude`` rules of ``[tool.flwr.app]``, in a zip with fixed dates). By
+default a site accepts exactly the FAB that its own installed cxr-fl project builds, i.e. the same
+files with the same contents packed by the same Flower; ``--allow-app SHA256`` adds others.
+``cxr-fl-client app-hash`` prints the hash a site accepts by default.
+
+Version guard and fallback
+--------------------------
+The Runtime API calls, the FAB builder and the task-input helpers used here are Flower 1.41
+internals: :func:`require_supported_flwr` refuses any other version with a one-line message.
+The documented fallback is ``cxr-fl-client start --runtime flower``: Flower's own per-message
+``flwr-clientapp`` (``--isolation subprocess``), slower, and without the app allow-list (it runs
+the FAB's code), for a Flower version this module does not support yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError, CxrFlError
+from common.protocol import SITE_APP_REFUSED, error_reason
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FLWR_VERSION = "1.41.0"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CLIENTAPP_REF = "client.app:app"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+POLL_SECONDS = 0.1
+"""How often the runner asks its SuperNode for a task (a local HTTP call on loopback)."""
+
+
+class RuntimeUnsupportedError(CxrFlError):
+    """The installed Flower is not the version the warm runner was written against."""
+
+
+def require_supported_flwr() -> None:
+    """Fail with a one-line message unless flwr is the version this module was checked against."""
+    import flwr
+
+    if flwr.__version__ != SUPPORTED_FLWR_VERSION:
+        raise RuntimeUnsupportedError(
+            f"the warm site runtime supports flwr {SUPPORTED_FLWR_VERSION} only, found flwr "
+            f"{flwr.__version__}: install flwr=={SUPPORTED_FLWR_VERSION}, or start the site with "
+            "--runtime flower (Flower's per-message flwr-clientapp: slower, and no app allow-list)"
+        )
+
+
+def normalise_app_hash(value: str, option: str = "--allow-app") -> str:
+    """A FAB hash as 64 lower-case hex digits, or a ConfigError naming the option."""
+    text = value.strip().lower()
+    if not _SHA256.match(text):
+        raise ConfigError(
+            option, value, "a full SHA-256 app hash of 64 hex digits (`cxr-fl-client app-hash` prints one)"
+        )
+    return text
+
+
+def installed_app_hash(project_root: Path = PROJECT_ROOT) -> str:
+    """The FAB hash of the app that this installation's own project files build (as ``flwr run``)."""
+    require_supported_flwr()
+    pyproject = project_root / "pyproject.toml"
+    if not pyproject.is_file():
+        raise CxrFlError(
+            f"cannot compute this installation's app hash: no pyproject.toml in {project_root} (cxr-fl "
+            "is not installed from its project folder); pass the coordinator's app hash with --allow-app"
+        )
+    import tomllib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        with pyproject.open("rb") as handle:
+            components = tomllib.load(handle)["tool"]["flwr"]["app"]["components"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise CxrFlError(f"{pyproject}: no [tool.flwr.app.components] ({exc})") from None
+    if components.get("clientapp") != CLIENTAPP_REF:
+        raise CxrFlError(f"{pyproject} is not cxr-fl's project (its clientapp is not {CLIENTAPP_REF})")
+    try:
+        fab = build_fab_from_disk(project_root)
+    except ValueError as exc:
+        raise CxrFlError(f"cannot build this installation's app bundle from {project_root}: {exc}") from None
+    return hashlib.sha256(fab).hexdigest()
+
+
+@dataclass(frozen=True)
+class AppAllowList:
+    """The FAB hashes a site runs: its installed app's (``installed``) and any it lists."""
+
+    installed: str | None
+    extra: frozenset[str] = frozenset()
+
+    @classmethod
+    def for_site(cls, allow_apps: tuple[str, ...] | list[str] = ()) -> AppAllowList:
+        """The installed app plus ``--allow-app`` hashes; listed hashes alone where the installed
+        app's hash cannot be computed (cxr-fl not installed from its project folder)."""
+        extra = frozenset(normalise_app_hash(value) for value in allow_apps)
+        try:
+            installed: str | None = installed_app_hash()
+        except RuntimeUnsupportedError:
+            raise
+        except CxrFlError:
+            if not extra:
+                raise
+            installed = None
+        return cls(installed, extra)
+
+    @property
+    def hashes(self) -> frozenset[str]:
+        return self.extra | ({self.installed} if self.installed else set())
+
+    def refusal(self, claimed_hash: str, content: bytes) -> str | None:
+        """Why a FAB is refused (one line), or None when this site runs it."""
+        actual = hashlib.sha256(content).hexdigest()
+        if claimed_hash and claimed_hash != actual:
+            return f"refused the app: its bundle (sha256 {actual}) does not match its hash {claimed_hash}"
+        if actual in self.hashes:
+            return None
+        mine = f"its installed cxr-fl app {self.installed}" if self.installed else "no installed app"
+        listed = f" and {len(self.extra)} hash(es) given with --allow-app" if self.extra else ""
+        return (
+            f"refused the app {actual}: this site runs only {mine}{listed} (add it with --allow-app "
+            "after checking it)"
+        )
+
+
+def write_secret_file(path: Path) -> bytes:
+    """A fresh random secret in a file only this user can read (raw bytes, as Flower reads it)."""
+    secret = secrets.token_bytes(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
+class WarmClientAppRunner:
+    """Takes this site's tasks from its SuperNode's Runtime API and runs the installed ClientApp.
+
+    One runner lives as long as ``cxr-fl-client start``; :meth:`set_target` points it at the
+    SuperNode of the moment (a restarted SuperNode listens on a new port). Tasks run one at a
+    time, in the thread that calls :meth:`serve`.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        allow: AppAllowList,
+        site: str,
+        report: Callable[[str], None],
+        client_app: Any = None,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
+        require_supported_flwr()
+        if client_app is None:
+            from client.app import app as client_app  # torch, flwr and the handlers, once
+        self.client_app = client_app
+        self.secret = secret
+        self.allow = allow
+        self.site = site
+        self.report = report
+        self.poll_seconds = poll_seconds
+        self._target: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.tasks_run = 0
+        self.tasks_refused = 0
+
+    def set_target(self, address: str | None) -> None:
+        """Serve the SuperNode whose Runtime API listens at ``address`` (None: pause)."""
+        with self._lock:
+            self._target = address
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Poll for tasks and run them until :meth:`stop`."""
+        import httpx
+
+        clients: dict[str, Any] = {}
+        refused_claims = False
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    target = self._target
+                if target is None:
+                    self._stop.wait(self.poll_seconds)
+                    continue
+                if target not in clients:
+                    clients[target] = self._acquire_client(target)
+                try:
+                    acquired = clients[target].AcquireTask(self._acquire_request())
+                except httpx.HTTPStatusError as exc:  # e.g. 401: the SuperNode does not know our secret
+                    if not refused_claims:
+                        self.report(f"the SuperNode refused this site's task claims: {exc}")
+                    refused_claims = True
+                    self._stop.wait(self.poll_seconds * 10)
+                    continue
+                except httpx.HTTPError as exc:  # the SuperNode is starting, restarting or gone
+                    logger.debug("AcquireTask at %s: %s", target, exc)
+                    self._stop.wait(self.poll_seconds * 5)
+                    continue
+                except Exception:  # never let the runner die: the site would hang
+                    logger.exception("could not ask the SuperNode for a task")
+                    self._stop.wait(self.poll_seconds * 10)
+                    continue
+                if acquired.HasField("task") and acquired.token:
+                    try:
+                        self.run_task(target, acquired.token)
+                    except Exception:
+                        logger.exception("the ClientApp task could not be run")
+                else:
+                    self._stop.wait(self.poll_seconds)
+        finally:
+            for client in clients.values():
+                with contextlib.suppress(Exception):
+                    client.close()
+
+    @staticmethod
+    def _acquire_request() -> Any:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        return AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+
+    def _acquire_client(self, target: str) -> Any:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        return RuntimeHttpClient.from_server_address(
+            server_address=target,
+            insecure=True,  # loopback only: the SuperNode's Runtime API is bound to 127.0.0.1
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=self.secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+                ),
+            ],
+        )
+
+    def run_task(self, target: str, token: str) -> None:
+        """Run one claimed task: pull its input, check the app, call the ClientApp, push the reply."""
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=target,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=_retry_policy(),
+        )
+        heartbeat = HeartbeatSender(_heartbeat_fn(client))
+        heartbeat.start()
+        context: Context | None = None
+        message: Message | None = None
+        reply: Message | None = None
+        sub_status, details = SubStatus.FAILED, "the ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            reason = self.allow.refusal(run.fab_hash, fab.content)
+            if reason is not None:
+                self.tasks_refused += 1
+                self.report(reason)
+                reply = Message(Error(SITE_APP_REFUSED, error_reason(self.site, reason)), reply_to=message)
+                details = reason
+            else:
+                started = time.perf_counter()
+                reply = self.client_app(message=message, context=context)
+                self.tasks_run += 1
+                sub_status, details = SubStatus.COMPLETED, ""
+                logger.info(
+                    "%s message handled in %.2f s",
+                    message.metadata.message_type,
+                    time.perf_counter() - started,
+                )
+        except Exception as exc:  # a failure of one task must not stop the site
+            logger.exception("the ClientApp task failed")
+            details = f"{type(exc).__name__}: {exc}"
+            if message is not None:
+                text = error_reason(self.site, details)
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, text), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception:
+                logger.exception("could not hand the reply to the SuperNode")
+            finally:
+                push_task_output(client, context, sub_status, details)
+                heartbeat.stop()
+                client.close()
+
+
+RETRY_SECONDS = 60.0
+"""How long a task's calls to its SuperNode are retried (transport errors) before the task gives up."""
+
+
+def _retry_policy() -> Any:
+    """Retry transport errors for a while, nothing else. Flower's own policy for ``flwr-clientapp``
+    signals its process (SIGINT) on a 401 and retries forever: fine for a throw-away process,
+    not for the warm site that outlives every task."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    return RetryInvoker(
+        lambda: exponential(base_delay=0.2, max_delay=5),
+        httpx.TransportError,
+        max_tries=None,
+        max_time=RETRY_SECONDS,
+    )
+
+
+def _heartbeat_fn(client: Any) -> Callable[[], bool]:
+    """Flower's task heartbeat, except that a refused heartbeat does not signal this process."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+    def beat() -> bool:
+        try:
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False
+        except Exception as exc:  # the task is over or unknown: nothing left to keep alive
+            logger.debug("task heartbeat: %s", exc)
+        return True
+
+    return beat

@@ -1,0 +1,196 @@
+"""The site's app allow-list and the version guard of its warm ClientApp runner.
+
+The runner itself is exercised against real Flower processes in tests/e2e (a federation, and a
+modified app that a site refuses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import flwr
+import pytest
+from typer.testing import CliRunner
+
+from client.app_runner import (
+    PROJECT_ROOT,
+    SUPPORTED_FLWR_VERSION,
+    AppAllowList,
+    RuntimeUnsupportedError,
+    installed_app_hash,
+    normalise_app_hash,
+    require_supported_flwr,
+    write_secret_file,
+)
+from client.cli import app
+from client.deploy import SiteNodeSettings
+from common.errors import ConfigError, CxrFlError
+from common.processes import OFFLINE_ENV
+
+runner = CliRunner()
+
+
+def copy_project(target: Path) -> Path:
+    """The files of this cxr-fl project that an app bundle can hold (code and pyproject.toml)."""
+    target.mkdir(parents=True)
+    shutil.copy2(PROJECT_ROOT / "pyproject.toml", target / "pyproject.toml")
+    for package in ("common", "server", "client", "simulation"):
+        shutil.copytree(
+            PROJECT_ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    return target
+
+
+@pytest.fixture(scope="module")
+def original_hash() -> str:
+    return installed_app_hash()
+
+
+@pytest.mark.slow
+def test_the_hash_is_the_one_flwr_build_gives(tmp_path: Path, original_hash: str) -> None:
+    project = copy_project(tmp_path / "cxr-fl")
+    built = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "build", "--app", str(project)],
+        cwd=tmp_path,
+        env={**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(tmp_path / "flwr-home")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (fab,) = tmp_path.glob("*.fab")
+
+    assert hashlib.sha256(fab.read_bytes()).hexdigest() == original_hash
+    assert installed_app_hash(project) == original_hash
+
+
+def test_a_modified_app_is_refused_and_can_be_allowed(tmp_path: Path, original_hash: str) -> None:
+    project = copy_project(tmp_path / "cxr-fl")
+    with (project / "client" / "app.py").open("a", encoding="utf-8") as handle:
+        handle.write("\nPath('/tmp/marker').write_text('ran')\n")
+    from flwr.cli.build import build_fab_from_disk
+
+    modified = build_fab_from_disk(project)
+    modified_hash = hashlib.sha256(modified).hexdigest()
+
+    reason = AppAllowList(original_hash).refusal(modified_hash, modified)
+    assert reason is not None
+    assert modified_hash in reason
+    assert original_hash in reason
+    assert "--allow-app" in reason
+    assert "\n" not in reason
+    assert AppAllowList(original_hash, frozenset({modified_hash})).refusal(modified_hash, modified) is None
+
+
+def test_the_installed_app_is_accepted(original_hash: str) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(PROJECT_ROOT)
+    assert AppAllowList(original_hash).refusal(original_hash, fab) is None
+
+
+def test_a_bundle_that_does_not_match_its_hash_is_refused(original_hash: str) -> None:
+    reason = AppAllowList(original_hash).refusal(original_hash, b"something else")
+    assert reason is not None
+    assert "does not match its hash" in reason
+
+
+def test_docs_and_tests_are_not_part_of_the_app(tmp_path: Path, original_hash: str) -> None:
+    project = copy_project(tmp_path / "cxr-fl")
+    (project / "README.md").write_text("# edited\n")
+    (project / "tests").mkdir()
+    (project / "tests" / "conftest.py").write_text("x = 1\n")
+    assert installed_app_hash(project) == original_hash
+
+
+def test_only_listed_hashes_without_a_project_folder(tmp_path: Path) -> None:
+    with pytest.raises(CxrFlError, match="--allow-app"):
+        installed_app_hash(tmp_path)
+
+
+def test_allow_app_hashes_are_checked() -> None:
+    assert normalise_app_hash(" " + "AB" * 32 + " ") == "ab" * 32
+    with pytest.raises(ConfigError, match="--allow-app"):
+        normalise_app_hash("abc123")
+
+
+def test_other_flower_versions_are_refused_with_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_supported_flwr()  # the pinned version passes
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    expected = f"flwr {SUPPORTED_FLWR_VERSION} only.*--runtime flower"
+    with pytest.raises(RuntimeUnsupportedError, match=expected):
+        require_supported_flwr()
+    with pytest.raises(RuntimeUnsupportedError):
+        AppAllowList.for_site(("ab" * 32,))
+
+
+def test_the_secret_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "superexec.secret"
+    secret = write_secret_file(path)
+    assert path.read_bytes() == secret
+    assert len(secret) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert write_secret_file(path) != secret  # a fresh one per start
+
+
+def _settings(tmp_path: Path, **changes: object) -> SiteNodeSettings:
+    values: dict[str, object] = {
+        "server": "127.0.0.1:9092",
+        "site": "site-a",
+        "data_format": "synthetic",
+        "data_path": None,
+        "out_dir": tmp_path / "out",
+        "insecure": True,
+    }
+    values.update(changes)
+    return SiteNodeSettings(**values)  # type: ignore[arg-type]
+
+
+def test_the_warm_runtime_takes_the_supernodes_tasks_itself(tmp_path: Path) -> None:
+    secret = tmp_path / "superexec.secret"
+    command = _settings(tmp_path).command(1234, secret)
+    assert command[command.index("--isolation") + 1] == "process"
+    assert command[command.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+
+    fallback = _settings(tmp_path, runtime="flower").command(1234, secret)
+    assert fallback[fallback.index("--isolation") + 1] == "subprocess"
+    assert "--superexec-auth-secret-file" not in fallback
+
+
+def test_start_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--runtime"):
+        _settings(tmp_path, runtime="fast")
+    with pytest.raises(ConfigError, match="--allow-app"):
+        _settings(tmp_path, runtime="flower", allowed_apps=("ab" * 32,))
+    assert _settings(tmp_path, allowed_apps=("AB" * 32,)).allowed_apps == ("ab" * 32,)
+
+    base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "o"), "--insecure", "--allow-app", "xyz"])
+    assert result.exit_code == 2
+    assert "--allow-app" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_app_hash_command_prints_the_installed_hash(original_hash: str) -> None:
+    result = runner.invoke(app, ["app-hash"])
+    assert result.exit_code == 0, result.output
+    assert original_hash in result.output
+
+
+def test_start_refuses_an_unsupported_flower_before_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic", "--insecure"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--runtime flower" in result.output
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
