@@ -135,6 +135,7 @@ def _train(
         dp_plan=ledger.plan if ledger else None,
         dp_history=ledger.history if ledger else None,
         num_rounds=num_rounds,
+        compute=site.resolve_compute(dp=privacy.enabled),
     )
     if ledger is not None:
         ledger.plan, ledger.history = outcome.plan, outcome.history
@@ -148,7 +149,8 @@ def _evaluate(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     state = msg.content["arrays"].to_torch_state_dict()
-    result = evaluate_state(data, "val", settings.task, settings.teacher, state)
+    compute = site.resolve_compute()
+    result = evaluate_state(data, "val", settings.task, settings.teacher, state, compute=compute)
     metrics = MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
     return RecordDict({"metrics": metrics})
 
@@ -167,6 +169,7 @@ def _distill(
         norm=settings.teacher.norm,
         seed=seed,
         num_threads=site.num_threads,
+        compute=site.resolve_compute(),
     )
     metrics = dict(outcome.metrics)
     if settings.kd_no_kd_baseline:
@@ -179,6 +182,7 @@ def _distill(
             norm=settings.teacher.norm,
             seed=seed,
             num_threads=site.num_threads,
+            compute=site.resolve_compute(),
             use_kd=False,
             evaluate_teacher=False,
         )
@@ -262,6 +266,7 @@ def _student_round(
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
         teacher_logits=cached_logits,
+        compute=site.resolve_compute(),
     )
     if outcome.teacher_logits is not cached_logits:  # none kept yet, or not for this data
         _save_teacher_logits(site, outcome.teacher_logits)
@@ -283,10 +288,14 @@ def _student_final(
     state = msg.content["arrays"].to_torch_state_dict()
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     teacher_state = _global_teacher(site)
-    metrics = scalar_metrics(evaluate_state(data, "test", settings.task, config, state), "student_")
+    compute = site.resolve_compute()
+    metrics = scalar_metrics(
+        evaluate_state(data, "test", settings.task, config, state, compute=compute), "student_"
+    )
     metrics.update(
         scalar_metrics(
-            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state), "teacher_"
+            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state, compute=compute),
+            "teacher_",
         )
     )
     outcome = DistillOutcome(

@@ -289,6 +289,14 @@ def start(
         float | None, typer.Option("--max-grad-norm", help="This site's DP clipping norm.")
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where this site trains: auto (a CUDA GPU when present, else the CPU), cpu, cuda or "
+            "cuda:N. The site decides; the server cannot change it.",
+        ),
+    ] = "auto",
     task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
     image_size: Annotated[
         int,
@@ -320,6 +328,7 @@ def start(
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
+    from common.device import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = out.resolve()
@@ -342,15 +351,20 @@ def start(
             dp_target_delta=delta,
             dp_max_grad_norm=max_grad_norm,
             num_threads=threads,
+            device=device,
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             activate_timeout=activate_timeout,
         )
+        used = resolve_device(settings.device, option="--device")  # no CUDA for `cuda`: stop here
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     if not skip_check:
         check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
-    console.print(f"[bold]{site}[/]: joining {server}; logs in {out / 'supernode.log'}", highlight=False)
+    console.print(
+        f"[bold]{site}[/]: joining {server}, training on {used}; logs in {out / 'supernode.log'}",
+        highlight=False,
+    )
     node = SiteNode(settings)
     exit_on_sigterm()
     try:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
 from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
 from common.protocol import RUN_FINISHED_MARKER
@@ -84,6 +85,7 @@ class SiteNodeSettings:
     dp_max_grad_norm: float | None = None
     num_threads: int = 2
     cache_dir: Path | None = None
+    device: str = "auto"
     connect_timeout: float = 120.0
     reconnect_timeout: float = 600.0
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
@@ -92,6 +94,7 @@ class SiteNodeSettings:
         host, sep, port = self.server.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("--server", self.server, "HOST:PORT, e.g. coordinator.example.org:9092")
+        object.__setattr__(self, "device", check_device_setting(self.device, "--device"))
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
@@ -108,6 +111,7 @@ class SiteNodeSettings:
             "data-format": self.data_format,
             "out-dir": str(self.out_dir.resolve()),
             "num-threads": self.num_threads,
+            "device": self.device,
         }
         if self.data_path is not None:
             values["data-path"] = str(self.data_path.resolve())

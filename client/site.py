@@ -10,18 +10,27 @@ In Flower's simulation runtime node_config only carries ``partition-id`` and
 ``simulation-manifest-dir`` and writes under ``<run-dir>/sites/site_<id>``.
 
 A site's DP policy can only tighten what the server requests (see PrivacyConfig.tightened_by).
+
+The device is the site's own choice: node_config ``device`` (``auto`` when unset, see
+common/device.py) and optionally ``amp``. A ``device`` run setting from the server is ignored
+at a deployed site (a server cannot make a hospital's workstation use, or avoid, its GPU); the
+server's ``amp`` applies unless the site sets its own. Simulated sites use the run settings.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.config import PrivacyConfig, from_mapping, to_mapping
+from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig
+
+logger = logging.getLogger(__name__)
 
 SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm", "dp-accountant")
 
@@ -38,10 +47,15 @@ class SiteConfig:
     privacy: PrivacyConfig | None
     num_threads: int = 2
     strict: bool = False
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def effective_privacy(self, requested: PrivacyConfig) -> PrivacyConfig:
         """The server's request tightened by this site's own policy."""
         return requested.tightened_by(self.privacy)
+
+    def resolve_compute(self, *, dp: bool = False) -> Compute:
+        """This site's device on this machine (DeviceUnavailableError when it lacks it)."""
+        return resolve_compute(self.compute, dp=dp, option=f"site {self.name}: device")
 
 
 def site_name_for_partition(partition_id: int) -> str:
@@ -89,6 +103,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             cache_dir=cache,
             privacy=None,
             num_threads=1,
+            compute=settings.compute,
         )
     out_dir = Path(_required(node_config, "out-dir"))
     data_format = _required(node_config, "data-format")
@@ -106,4 +121,18 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy=_site_privacy(node_config, settings.privacy),
         num_threads=int(node_config.get("num-threads", 2)),
         strict=str(node_config.get("strict", "false")).lower() == "true",
+        compute=_site_compute(node_config, settings),
     )
+
+
+def _site_compute(node_config: Mapping[str, Any], settings: FederatedRunConfig) -> ComputeConfig:
+    """The deployed site's device (its node config, never the server's) and precision."""
+    own = {key: node_config[key] for key in ("device", "amp") if key in node_config}
+    config = from_mapping(ComputeConfig, {"amp": settings.compute.amp, **own})
+    if settings.compute.device != config.device:
+        logger.info(
+            "the server's device setting %r is ignored: this site uses its own, %r",
+            settings.compute.device,
+            config.device,
+        )
+    return config
