@@ -79,7 +79,8 @@ def test_asking_for_cuda_without_it_is_a_clear_error(asked: str) -> None:
         resolve_device(asked, option="--device")
     message = str(caught.value)
     assert f"--device '{asked}' was asked for" in message
-    assert "'auto'" in message and "'cpu'" in message
+    assert "'auto'" in message
+    assert "'cpu'" in message
     assert "\n" not in message
 
 
@@ -100,11 +101,15 @@ def test_with_gpus_auto_picks_cuda_and_an_index_must_exist() -> None:
 @pytest.mark.usefixtures("two_gpus")
 def test_mixed_precision_only_on_cuda_and_never_under_dp() -> None:
     on_gpu = resolve_compute(ComputeConfig("auto", amp=True))
-    assert on_gpu.device.type == "cuda" and on_gpu.amp and on_gpu.pin_memory
+    assert on_gpu.device.type == "cuda"
+    assert on_gpu.amp
+    assert on_gpu.pin_memory
     assert not resolve_compute(ComputeConfig("cuda", amp=True), dp=True).amp
     assert not resolve_compute(ComputeConfig("cuda", amp=False)).amp
     on_cpu = resolve_compute(ComputeConfig("cpu", amp=True))
-    assert not on_cpu.amp and not on_cpu.pin_memory and on_cpu.grad_scaler() is None
+    assert not on_cpu.amp
+    assert not on_cpu.pin_memory
+    assert on_cpu.grad_scaler() is None
 
 
 def test_mixed_precision_on_the_cpu_is_refused() -> None:
@@ -141,7 +146,8 @@ def test_the_gradient_scaler_path_trains() -> None:
 
     stats = train_one_epoch(model, DataLoader(_tiny_batches(), batch_size=4), task, optimizer, scaler=scaler)
 
-    assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert stats["steps"] == 3
+    assert torch.isfinite(torch.tensor(stats["loss"]))
     assert scaler.get_scale() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
