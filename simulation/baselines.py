@@ -80,8 +80,8 @@ def score_everywhere(
     """A teacher's metrics on the pooled test set, the pooled validation set and each site's test split."""
     compute = resolve_compute(settings.compute)
     model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
-    pooled_test = ConcatDataset([s.dataset("test") for s in sites.values()])
-    pooled_val = ConcatDataset([s.dataset("val") for s in sites.values()])
+    pooled_test: Dataset[Any] = ConcatDataset([s.dataset("test") for s in sites.values()])
+    pooled_val: Dataset[Any] = ConcatDataset([s.dataset("val") for s in sites.values()])
     return {
         "pooled_test": _score(model, pooled_test, settings, compute),
         "pooled_val": _score(model, pooled_val, settings, compute),

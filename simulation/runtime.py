@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
+RUN_INFO_TIMEOUT = 300.0
+"""`flwr ls` of a finished run: a few seconds, but over a minute was seen after a 100-site run
+on a 2-core machine shared with other jobs (load average 20-45)."""
 
 
 class SimulationError(CxrFlError):
@@ -231,14 +234,20 @@ class FlowerSimulation:
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         """Flower's record of a run: status, details, elapsed time, network traffic."""
-        result = subprocess.run(
-            [console_script("flwr"), "ls", "cxr-fl-sim", "--run-id", str(run_id), "--format", "json"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        try:
+            result = subprocess.run(
+                [console_script("flwr"), "ls", "cxr-fl-sim", "--run-id", str(run_id), "--format", "json"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=RUN_INFO_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SimulationError(
+                f"`flwr ls` did not report run {run_id} within {RUN_INFO_TIMEOUT:.0f} s (is the machine "
+                f"overloaded?); see {self.superlink_log}"
+            ) from None
         try:
             runs = json.loads(result.stdout)["runs"]
         except (json.JSONDecodeError, KeyError):
