@@ -5,7 +5,10 @@ For 2, 5, 10 and 20 sites (IID split of the same synthetic images): wall time pe
 run's processes together (SuperLink, simulation process, Ray and its site workers: the sum of
 their resident set sizes, sampled every 0.5 s from /proc).
 
-    .venv/bin/python benchmarks/simulation_scale.py [--sites 2 5 10 20] [--images 1200] [--json]
+    .venv/bin/python benchmarks/simulation_scale.py [--sites 2 5 10 20 50 100] [--images 1200] [--json]
+
+Each measured row is printed to stderr as soon as it is done (a long series on a busy machine
+keeps what it measured if a later size fails).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def measure(num_sites: int, args: argparse.Namespace, work: Path) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 5, 10, 20, 50, 100])
     parser.add_argument("--images", type=int, default=1200, help="total images, split over the sites")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--teacher", default="tiny-cnn")
@@ -126,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxr-fl-scale-") as tmp:
         for num_sites in args.sites:
             results.append(measure(num_sites, args, Path(tmp)))
-            print(f"measured {num_sites} sites", file=sys.stderr, flush=True)
+            print(f"measured {num_sites} sites: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     print(
         f"\nSimulated federation, {args.images} synthetic images in all at {args.image_size} px, teacher "
         f"{args.teacher}, {args.rounds} rounds, 1 local epoch, batch 16, 1 CPU per site (Ray), "

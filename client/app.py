@@ -145,6 +145,7 @@ def _train(
         dp_plan=entry.plan if entry else None,
         dp_history=entry.history if entry else None,
         num_rounds=num_rounds,
+        compute=site.resolve_compute(dp=privacy.enabled),
     )
     if ledger is not None and entry is not None:
         _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round)
@@ -177,7 +178,8 @@ def _evaluate(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     state = msg.content["arrays"].to_torch_state_dict()
-    result = evaluate_state(data, "val", settings.task, settings.teacher, state)
+    compute = site.resolve_compute()
+    result = evaluate_state(data, "val", settings.task, settings.teacher, state, compute=compute)
     metrics = MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
     return RecordDict({"metrics": metrics})
 
@@ -196,6 +198,7 @@ def _distill(
         norm=settings.teacher.norm,
         seed=seed,
         num_threads=site.num_threads,
+        compute=site.resolve_compute(),
     )
     metrics = dict(outcome.metrics)
     if settings.kd_no_kd_baseline:
@@ -208,6 +211,7 @@ def _distill(
             norm=settings.teacher.norm,
             seed=seed,
             num_threads=site.num_threads,
+            compute=site.resolve_compute(),
             use_kd=False,
             evaluate_teacher=False,
         )
@@ -297,6 +301,7 @@ def _student_round(
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
         teacher_logits=cached_logits,
+        compute=site.resolve_compute(),
     )
     if outcome.teacher_logits is not cached_logits:  # none kept yet, or not for this data
         _save_teacher_logits(site, outcome.teacher_logits)
@@ -318,10 +323,14 @@ def _student_final(
     state = msg.content["arrays"].to_torch_state_dict()
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     teacher_state = _global_teacher(site)
-    metrics = scalar_metrics(evaluate_state(data, "test", settings.task, config, state), "student_")
+    compute = site.resolve_compute()
+    metrics = scalar_metrics(
+        evaluate_state(data, "test", settings.task, config, state, compute=compute), "student_"
+    )
     metrics.update(
         scalar_metrics(
-            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state), "teacher_"
+            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state, compute=compute),
+            "teacher_",
         )
     )
     outcome = DistillOutcome(

@@ -310,6 +310,14 @@ def start(
         ),
     ] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where this site trains: auto (a CUDA GPU when present, else the CPU), cpu, cuda or "
+            "cuda:N. The site decides; the server cannot change it.",
+        ),
+    ] = "auto",
     task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
     image_size: Annotated[
         int,
@@ -358,6 +366,7 @@ def start(
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
+    from common.device import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = out.resolve()
@@ -383,6 +392,7 @@ def start(
             privacy_ledger=privacy_ledger,
             share_per_class_metrics=share_per_class_metrics,
             num_threads=threads,
+            device=device,
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             activate_timeout=activate_timeout,
@@ -393,6 +403,7 @@ def start(
             from client.app_runner import require_supported_flwr
 
             require_supported_flwr()
+        used = resolve_device(settings.device, option="--device")  # no CUDA for `cuda`: stop here
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     if runtime == "flower":
@@ -403,7 +414,10 @@ def start(
         )
     if not skip_check:
         check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
-    console.print(f"[bold]{site}[/]: joining {server}; logs in {out / 'supernode.log'}", highlight=False)
+    console.print(
+        f"[bold]{site}[/]: joining {server}, training on {used}; logs in {out / 'supernode.log'}",
+        highlight=False,
+    )
     node = SiteNode(settings)
     exit_on_sigterm()
     try:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from client.app_runner import AppAllowList, WarmClientAppRunner, normalise_app_hash, write_secret_file
+from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
 from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
 from common.protocol import RUN_FINISHED_MARKER
@@ -100,6 +101,7 @@ class SiteNodeSettings:
     share_per_class_metrics: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
+    device: str = "auto"
     connect_timeout: float = 120.0
     reconnect_timeout: float = 600.0
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
@@ -115,6 +117,7 @@ class SiteNodeSettings:
         if self.allowed_apps and self.runtime != "warm":
             raise ConfigError("--allow-app", self.allowed_apps[0], "only with --runtime warm (the default)")
         object.__setattr__(self, "allowed_apps", tuple(normalise_app_hash(h) for h in self.allowed_apps))
+        object.__setattr__(self, "device", check_device_setting(self.device, "--device"))
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
@@ -152,6 +155,7 @@ class SiteNodeSettings:
             "data-format": self.data_format,
             "out-dir": str(self.out_dir.resolve()),
             "num-threads": self.num_threads,
+            "device": self.device,
         }
         if self.data_path is not None:
             values["data-path"] = str(self.data_path.resolve())

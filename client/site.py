@@ -17,6 +17,10 @@ not such a path exists there (see :func:`site_run_config`).
 A site's DP policy owns every privacy parameter: what the site leaves unset takes a safe
 site-side default (delta at most 1e-5 and at most 1/N of its N training images, the ``rdp``
 accountant, clipping 1.0), never the server's value, and a server request can only tighten it.
+The device is the site's own choice: node_config ``device`` (``auto`` when unset, see
+common/device.py) and optionally ``amp``. A ``device`` run setting from the server is ignored
+at a deployed site (a server cannot make a hospital's workstation use, or avoid, its GPU); the
+server's ``amp`` applies unless the site sets its own. Simulated sites use the run settings.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from common.config import PrivacyConfig, from_mapping
+from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig
 
@@ -65,6 +70,7 @@ class SiteConfig:
     share_per_class_metrics: bool = False
     # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
     simulated: bool = False
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -90,6 +96,10 @@ class SiteConfig:
         if not self.delta_from_site:
             own = replace(own, target_delta=min(own.target_delta, default_delta))
         return requested.tightened_by(own)
+
+    def resolve_compute(self, *, dp: bool = False) -> Compute:
+        """This site's device on this machine (DeviceUnavailableError when it lacks it)."""
+        return resolve_compute(self.compute, dp=dp, option=f"site {self.name}: device")
 
 
 def site_name_for_partition(partition_id: int) -> str:
@@ -186,6 +196,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
             share_per_class_metrics=_flag(node_config, "share-per-class-metrics", True),
             simulated=True,
+            compute=settings.compute,
         )
     out_dir = Path(_required(node_config, "out-dir"))
     data_format = _required(node_config, "data-format")
@@ -206,6 +217,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy_ledger=_ledger_option(node_config),
         delta_from_site="dp-target-delta" in node_config,
         share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
+        compute=_site_compute(node_config, settings),
     )
 
 
@@ -217,3 +229,16 @@ def _ledger_option(node_config: Mapping[str, Any]) -> Path | None:
     if not path.is_absolute():
         raise ConfigError("node_config 'privacy-ledger'", str(path), "an absolute path")
     return path
+
+
+def _site_compute(node_config: Mapping[str, Any], settings: FederatedRunConfig) -> ComputeConfig:
+    """The deployed site's device (its node config, never the server's) and precision."""
+    own = {key: node_config[key] for key in ("device", "amp") if key in node_config}
+    config = from_mapping(ComputeConfig, {"amp": settings.compute.amp, **own})
+    if settings.compute.device != config.device:
+        logger.info(
+            "the server's device setting %r is ignored: this site uses its own, %r",
+            settings.compute.device,
+            config.device,
+        )
+    return config

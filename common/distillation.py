@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from common.device import autocast
 from common.errors import ConfigError, DataError, ModelError
 from common.progress import ProgressArg, reporter_for
 from common.tasks import Task
@@ -216,8 +217,12 @@ def distill_one_epoch(
     device: str | torch.device = "cpu",
     progress: ProgressArg = None,
     max_steps: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One epoch of distillation of ``student`` (updated in place).
+
+    With a ``scaler`` (CUDA only) both forward passes run under float16 autocast and the loss
+    is scaled before backward (mixed precision); the KD loss itself is computed in float32.
 
     ``teacher_or_logits`` is a live teacher module or a cached logits table (see the module
     docstring for the loader each needs). Returns ``loss`` (mean KD loss per example),
@@ -253,16 +258,19 @@ def distill_one_epoch(
                 break
             images, targets, extra = split_batch(batch)
             images = images.to(device, non_blocking=True)
+            amp = scaler is not None
             if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
+                with torch.no_grad(), autocast(device, amp):
+                    teacher_logits = teacher(images).float()
             elif cache is not None:
                 indices = _indices_of(extra, "distillation from cached teacher logits")
                 teacher_logits = cache[indices].to(device)
             else:  # pragma: no cover - one of teacher / cache is always set above
                 raise ModelError("no teacher and no cached teacher logits")
             optimizer.zero_grad(set_to_none=True)
-            student_logits = student(images)
+            with autocast(device, amp):
+                student_logits = student(images)
+            student_logits = student_logits.float()
             if targets is not None:
                 targets = targets.to(device, dtype=torch.float32)
                 check_targets(task, student_logits, targets)
@@ -274,8 +282,13 @@ def distill_one_epoch(
                 alpha=cfg.alpha,
                 multilabel=task.is_multilabel,
             )
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(f"distillation loss became {value} at step {steps + 1}; lower 'kd-lr'.")

@@ -21,6 +21,7 @@ if it is missing), preprocesses image files exactly like the cache, and runs ONN
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -193,8 +194,20 @@ def _example_input(image_size: int, in_channels: int) -> torch.Tensor:
     return torch.zeros(1, in_channels, image_size, image_size)
 
 
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when it lives on the CPU, else a CPU copy (a model trained on a GPU stays there)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return copy.deepcopy(model).cpu()
+
+
 def export_onnx(model: nn.Module, path: Path, image_size: int, in_channels: int = 1) -> Path:
-    """Export ``model`` (eval mode) to ONNX: input ``image`` [B, C, S, S], output ``logits``."""
+    """Export ``model`` (eval mode) to ONNX: input ``image`` [B, C, S, S], output ``logits``.
+
+    Export always runs on the CPU (on a CPU copy of a model that is on a GPU).
+    """
+    model = on_cpu(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -220,6 +233,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, in_channels: int 
 
 def export_torchscript(model: nn.Module, path: Path, image_size: int, in_channels: int = 1) -> Path:
     """Trace ``model`` (eval mode) and save it as TorchScript."""
+    model = on_cpu(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

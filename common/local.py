@@ -30,6 +30,7 @@ from common.data.catalog import Catalog
 from common.data.dataset import CxrDataset
 from common.data.sources import load_catalog
 from common.data.splits import Split, split_by_patient
+from common.device import CPU, Compute
 from common.distillation import IndexedDataset, compute_teacher_logits, distill_one_epoch
 from common.errors import DataError
 from common.models import build_model
@@ -173,21 +174,29 @@ def train_round(
     dp_history: AccountantHistory | None = None,
     num_rounds: int = 1,
     progress: ProgressArg = None,
+    compute: Compute = CPU,
 ) -> RoundOutcome:
     """Train the teacher from ``global_state`` for ``train.local_epochs`` on the site's train split.
 
     With ``privacy.enabled`` the round uses DP-SGD: the plan (noise multiplier for the whole
     run of ``num_rounds``) is made on first use, and the round is refused with
     BudgetExhaustedError if it would take the site past its target epsilon.
+    ``compute`` is the device (and precision) to train on; the returned weights are on the CPU.
     """
     seed_everything(seed)
     torch.set_num_threads(train.num_threads)
-    model = build_loaded_model(model_config, task, global_state)
+    model = build_loaded_model(model_config, task, global_state).to(compute.device)
     dataset = data.dataset("train", augment=True, seed=seed)
     if len(dataset) == 0:
         raise DataError("the site has no training images after the split")
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=train.batch_size,
+        shuffle=True,
+        generator=generator,
+        pin_memory=compute.pin_memory,
+    )
     optimizer = make_optimizer(model, train)
     history = list(dp_history or [])
     plan = dp_plan
@@ -219,6 +228,7 @@ def train_round(
         )
         trained_model, optimizer = private.model, private.optimizer
     global_params = snapshot_params(model) if train.proximal_mu > 0 else None
+    scaler = compute.grad_scaler() if private is None else None
     started = time.perf_counter()
     stats: dict[str, float] = {}
     with ExitStack() as stack:
@@ -234,6 +244,8 @@ def train_round(
                 proximal_mu=train.proximal_mu,
                 global_params=global_params,
                 progress=progress,
+                device=compute.device,
+                scaler=scaler,
             )
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["loss"] = stats.get("loss", float("nan"))
@@ -242,16 +254,22 @@ def train_round(
         history = private.history()
         metrics["dp_epsilon"] = private.epsilon()
         metrics["dp_noise_multiplier"] = private.plan.noise_multiplier
-    state = {k: v.detach().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
     return RoundOutcome(state, metrics, history, plan)
 
 
 def evaluate_state(
-    data: SiteData, part: str, task: Task, model_config: ModelConfig, state: Mapping[str, torch.Tensor]
+    data: SiteData,
+    part: str,
+    task: Task,
+    model_config: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    compute: Compute = CPU,
 ) -> EvalResult:
-    model = build_loaded_model(model_config, task, state)
-    loader = DataLoader(data.dataset(part), batch_size=EVAL_BATCH_SIZE)
-    return evaluate(model, loader, task)
+    model = build_loaded_model(model_config, task, state).to(compute.device)
+    loader = DataLoader(data.dataset(part), batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
+    return evaluate(model, loader, task, device=compute.device)
 
 
 def scalar_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
@@ -297,6 +315,7 @@ def distill_student(
     evaluate_teacher: bool = True,
     teacher_logits: torch.Tensor | None = None,
     progress: ProgressArg = None,
+    compute: Compute = CPU,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
 
@@ -308,12 +327,15 @@ def distill_student(
     With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
     its logits are reused every epoch; otherwise it runs on every (augmented) batch.
     ``teacher_logits`` (an earlier outcome's, same teacher and data) skips even that pass.
+    Training and scoring run on ``compute``; both returned models are on the CPU (for export).
     """
     seed_everything(seed)
     torch.set_num_threads(num_threads)
-    teacher = build_loaded_model(teacher_config, task, teacher_state)
+    device, pin = compute.device, compute.pin_memory
+    teacher = build_loaded_model(teacher_config, task, teacher_state).to(device)
     teacher.eval()
     student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
+    student = student.to(device)
     train_set = data.dataset("train", augment=True, seed=seed)
     optimizer = make_optimizer(
         student, TrainConfig(lr=distill.lr, optimizer=distill.optimizer, num_threads=num_threads)
@@ -327,30 +349,48 @@ def distill_student(
             plain = IndexedDataset(data.dataset("train"))
             teacher_source = compute_teacher_logits(
                 teacher,
-                DataLoader(plain, batch_size=EVAL_BATCH_SIZE),
+                DataLoader(plain, batch_size=EVAL_BATCH_SIZE, pin_memory=pin),
                 len(plain),
+                device=device,
                 progress=progress,
             )
         loader: DataLoader = DataLoader(
-            IndexedDataset(train_set), batch_size=distill.batch_size, shuffle=True, generator=generator
+            IndexedDataset(train_set),
+            batch_size=distill.batch_size,
+            shuffle=True,
+            generator=generator,
+            pin_memory=pin,
         )
     else:
-        loader = DataLoader(train_set, batch_size=distill.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(
+            train_set, batch_size=distill.batch_size, shuffle=True, generator=generator, pin_memory=pin
+        )
+    scaler = compute.grad_scaler()
     started = time.perf_counter()
     for epoch in range(distill.epochs if epochs is None else epochs):
         train_set.set_epoch(epoch)
         if use_kd:
-            distill_one_epoch(student, teacher_source, loader, task, optimizer, distill, progress=progress)
+            distill_one_epoch(
+                student,
+                teacher_source,
+                loader,
+                task,
+                optimizer,
+                distill,
+                device=device,
+                progress=progress,
+                scaler=scaler,
+            )
         else:
-            train_one_epoch(student, loader, task, optimizer, progress=progress)
+            train_one_epoch(student, loader, task, optimizer, device=device, progress=progress, scaler=scaler)
     seconds = time.perf_counter() - started
-    test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE)
+    test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
     metrics = {"distill_seconds": seconds}
     if evaluate_teacher:
-        metrics.update(scalar_metrics(evaluate(teacher, test_loader, task), "teacher_"))
-    metrics.update(scalar_metrics(evaluate(student, test_loader, task), "student_"))
+        metrics.update(scalar_metrics(evaluate(teacher, test_loader, task, device=device), "teacher_"))
+    metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
     logits = teacher_source if isinstance(teacher_source, torch.Tensor) else None
-    return DistillOutcome(student, teacher, metrics, logits)
+    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits)
 
 
 def class_balance(data: SiteData) -> np.ndarray:

@@ -255,7 +255,9 @@ def make_private(
 
     check_model_is_private_compatible(model)
     engine = PrivacyEngine(accountant=plan.accountant)
-    generator = torch.Generator().manual_seed(seed)
+    # Opacus draws the noise on each parameter's device with this generator: they must match.
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

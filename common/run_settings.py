@@ -11,7 +11,7 @@ they agree on architecture, normalisation, image size and task.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from common.config import (
     TrainConfig,
     from_mapping,
 )
+from common.device import ComputeConfig
 from common.errors import ConfigError
 from common.tasks import Task, get_task
 
@@ -101,6 +102,8 @@ class FederatedRunConfig:
     kd_no_kd_baseline: bool
     edge_compression: bool
     kd_federated_student_rounds: int
+    # device and mixed precision for simulated sites; a deployed site uses its own node config
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     @property
     def uses_dp(self) -> bool:
@@ -121,6 +124,7 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
         kd_no_kd_baseline=_flag(config, "kd-no-kd-baseline", False),
         edge_compression=_flag(config, "edge-compression", False),
         kd_federated_student_rounds=_count(config, "kd-federated-student-rounds"),
+        compute=from_mapping(ComputeConfig, config),
     )
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import TrainConfig
+from common.device import autocast
 from common.errors import ConfigError, DataError, ModelError
 from common.metrics import Metrics, compute_metrics
 from common.progress import ProgressArg, reporter_for
@@ -173,10 +174,13 @@ def train_one_epoch(
     global_params: Sequence[Tensor] | None = None,
     progress: ProgressArg = None,
     max_steps: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (or its first ``max_steps`` batches), updating ``model``.
 
-    The model must already be on ``device``; batches are moved there. Returns
+    The model must already be on ``device``; batches are moved there. With a ``scaler``
+    (CUDA only; see :mod:`common.device`) the forward pass runs under float16 autocast and the
+    loss is scaled before backward (mixed precision); keep one scaler for all epochs. Returns
     ``loss`` (task loss, mean per example or per known label), ``proximal_term`` (mean over
     steps, 0 without FedProx), ``num_examples``, ``steps`` and ``images_per_s`` (wall clock,
     data loading included).
@@ -199,6 +203,8 @@ def train_one_epoch(
             )
     if max_steps is not None and max_steps < 1:
         raise ConfigError("max-steps", max_steps, "an integer >= 1, or None for the whole loader")
+    if scaler is not None and _is_dp_optimizer(optimizer):
+        raise ConfigError("amp", True, "false with DP-SGD (Opacus clips unscaled per-sample gradients)")
 
     model.train()
     reporter = reporter_for(progress, "train", loader_length(loader, max_steps))
@@ -218,15 +224,21 @@ def train_one_epoch(
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, dtype=torch.float32, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(images)
-            loss, weight = task_loss(logits, targets, task)
+            with autocast(device, scaler is not None):
+                logits = model(images)
+                loss, weight = task_loss(logits.float(), targets, task)
             total = loss
             if proximal_mu > 0 and global_params is not None:
                 prox = proximal_term(model, global_params, proximal_mu)
                 total = total + prox
                 prox_sum += float(prox.detach())
-            total.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                total.backward()
+                optimizer.step()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise ModelError(

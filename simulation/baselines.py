@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.checkpoint import load_model_state
+from common.device import CPU, Compute, resolve_compute
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
@@ -65,8 +66,11 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
     return sites
 
 
-def _score(model: torch.nn.Module, dataset: Dataset[Any], settings: FederatedRunConfig) -> dict[str, float]:
-    result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), settings.task)
+def _score(
+    model: torch.nn.Module, dataset: Dataset[Any], settings: FederatedRunConfig, compute: Compute = CPU
+) -> dict[str, float]:
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
+    result = evaluate(model, loader, settings.task, device=compute.device)
     return {"n": float(result.n), **scalar_metrics(result, "")}
 
 
@@ -74,31 +78,46 @@ def score_everywhere(
     state: dict[str, torch.Tensor], sites: dict[str, SiteData], settings: FederatedRunConfig
 ) -> dict[str, Any]:
     """A teacher's metrics on the pooled test set, the pooled validation set and each site's test split."""
-    model = build_loaded_model(settings.teacher, settings.task, state)
+    compute = resolve_compute(settings.compute)
+    model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
+    pooled_test: Dataset[Any] = ConcatDataset([s.dataset("test") for s in sites.values()])
+    pooled_val: Dataset[Any] = ConcatDataset([s.dataset("val") for s in sites.values()])
     return {
-        "pooled_test": _score(model, ConcatDataset([s.dataset("test") for s in sites.values()]), settings),
-        "pooled_val": _score(model, ConcatDataset([s.dataset("val") for s in sites.values()]), settings),
-        "sites": {name: _score(model, s.dataset("test"), settings) for name, s in sites.items()},
+        "pooled_test": _score(model, pooled_test, settings, compute),
+        "pooled_val": _score(model, pooled_val, settings, compute),
+        "sites": {name: _score(model, s.dataset("test"), settings, compute) for name, s in sites.items()},
     }
 
 
 def train_centrally(
     datasets: list[Dataset[Any]], settings: FederatedRunConfig, *, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Train the teacher on ``datasets`` joined, with the budget a site has in the whole run."""
+    """Train the teacher on ``datasets`` joined, with the budget a site has in the whole run.
+
+    It trains on the run's ``device`` setting as resolved on this machine (``auto``: CUDA when
+    present), with mixed precision there when ``amp`` is on; the weights come back on the CPU.
+    """
     epochs = settings.run.num_rounds * settings.train.local_epochs
+    compute = resolve_compute(settings.compute)
     state = initial_teacher(settings).to_torch_state_dict()
     seed_everything(seed)
-    model = build_loaded_model(settings.teacher, settings.task, state)
+    model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
     train_set = ConcatDataset(datasets)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=settings.train.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        train_set,
+        batch_size=settings.train.batch_size,
+        shuffle=True,
+        generator=generator,
+        pin_memory=compute.pin_memory,
+    )
     optimizer = make_optimizer(model, settings.train)
+    scaler = compute.grad_scaler()
     for epoch in range(epochs):
         for dataset in datasets:
             dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-        train_one_epoch(model, loader, settings.task, optimizer)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        train_one_epoch(model, loader, settings.task, optimizer, device=compute.device, scaler=scaler)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[str, Any]:

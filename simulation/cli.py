@@ -311,6 +311,16 @@ def run_experiment_with_progress(config: Any) -> Path:
     return result.report
 
 
+GPUS_PER_SITE_OPTION = typer.Option(
+    help="Ray's GPU share per simulated site (Flower's client-resources-num-gpus), e.g. 0.25 for "
+    "four sites per GPU; 0 (default): Ray does not place sites on GPUs."
+)
+RAY_ADDRESS_OPTION = typer.Option(
+    help="Run the simulated sites on this existing Ray cluster (HOST:PORT of its head, ray://HOST:PORT "
+    "or auto) instead of a local Ray; its nodes need this project and environment at the same paths."
+)
+
+
 @app.command()
 @user_errors
 def run(
@@ -349,6 +359,12 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any run setting KEY=VALUE (see pyproject.toml).")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Device of the simulated sites: auto (default), cpu, cuda or cuda:N."),
+    ] = None,
+    gpus_per_site: Annotated[float | None, GPUS_PER_SITE_OPTION] = None,
+    ray_address: Annotated[str | None, RAY_ADDRESS_OPTION] = None,
 ) -> None:
     """Run a whole simulated federation: partition, teacher rounds, distillation, baselines, report."""
     from simulation.experiment import experiment_config
@@ -375,12 +391,15 @@ def run(
             "local-epochs": local_epochs,
             "strategy": strategy,
             "seed": seed,
+            "device": device,
         },
         dp_epsilon=dp_epsilon,
         baselines=baselines,
         drop_duplicates=drop_duplicates,
         set_items=list(set_ or []),
         default_out=_default_out(),
+        gpus_per_site=gpus_per_site,
+        ray_address=ray_address,
     )
     report = run_experiment_with_progress(resolved)
     stdout.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
@@ -419,9 +438,11 @@ def study(
         list[int] | None,
         typer.Option("--seed", help="Run only these seeds (repeatable; default: `seeds` in the config)."),
     ] = None,
+    gpus_per_site: Annotated[float, GPUS_PER_SITE_OPTION] = 0.0,
+    ray_address: Annotated[str, RAY_ADDRESS_OPTION] = "",
 ) -> None:
     """The real-data study: run tables of cells (resumable), then write study.md and its plots."""
-    from simulation.study import TABLES, load_settings, table_cells, with_overrides
+    from simulation.study import TABLES, load_settings, table_cells, with_overrides, with_resources
     from simulation.study_report import build_study_report
 
     allowed = (*TABLES, "all", "report")
@@ -429,7 +450,7 @@ def study(
         if table not in allowed:
             raise ConfigError("table", table, "one of " + ", ".join(allowed))
     base = with_overrides(load_settings(config), out, results, None)
-    settings = with_overrides(base, None, None, seed)
+    settings = with_resources(with_overrides(base, None, None, seed), gpus_per_site, ray_address)
     chosen = list(TABLES) if "all" in tables else [t for t in tables if t in TABLES]
     for table in chosen:
         table_cells(table, settings)  # every table's cells resolve before any work starts

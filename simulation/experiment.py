@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from common.config import from_mapping
+from common.device import resolve_device
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from server.deploy import coerce_setting, load_schema, parse_progress, parse_set_option, unknown_setting
 from server.strategies import StrategySettings
-from simulation.runtime import FlowerSimulation
+from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,18 @@ class ExperimentConfig:
     run_config: dict[str, Any] = field(default_factory=dict)
     baselines: bool = False
     cpus_per_site: int = 1
+    gpus_per_site: float = 0.0
+    """Ray's GPU share per simulated site (Flower's client-resources-num-gpus)."""
+    ray_address: str = ""
+    """An existing Ray cluster to run the sites on ('' starts a local Ray)."""
     strict: bool = False
     drop_duplicates: bool = False
     require_all_classes: bool = True
     """Refuse a data set in which a class has no image (off for small multi-label checks)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gpus_per_site", check_gpus_per_site(self.gpus_per_site))
+        object.__setattr__(self, "ray_address", check_ray_address(self.ray_address))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,6 +143,7 @@ class Experiment:
         from simulation.partition import partition_catalog, write_partition
 
         run_config = self.resolve_run_config()
+        check_local_device(run_settings_from_config(run_config), self.config)
         if (self.run_dir / "run_config.json").exists():
             raise ConfigError(
                 "out",
@@ -205,9 +215,13 @@ class Experiment:
                 )
 
         stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
-        with FlowerSimulation(self.out / "flower") as simulation:
+        with FlowerSimulation(self.out / "flower", ray_address=self.config.ray_address) as simulation:
             simulation.run(
-                run_config, num_sites=num_sites, cpus_per_site=self.config.cpus_per_site, on_line=follow
+                run_config,
+                num_sites=num_sites,
+                cpus_per_site=self.config.cpus_per_site,
+                gpus_per_site=self.config.gpus_per_site,
+                on_line=follow,
             )
         if self.config.baselines:
             stage("baselines: pooled and local-only teachers")
@@ -217,11 +231,37 @@ class Experiment:
         return ExperimentResult(self.out, report, settings)
 
 
+def check_local_device(settings: FederatedRunConfig, config: ExperimentConfig) -> None:
+    """Refuse, before any work, a ``device`` or GPU share this machine cannot give.
+
+    Simulated sites run here unless ``ray_address`` names another cluster; the baselines always
+    run here. ``auto`` always passes (it falls back to the CPU).
+    """
+    runs_here = not config.ray_address or config.baselines
+    if runs_here:
+        resolve_device(settings.compute.device, option="run setting 'device'")
+    if config.gpus_per_site > 0 and not config.ray_address and not torch_cuda_available():
+        raise ConfigError(
+            "gpus-per-site",
+            config.gpus_per_site,
+            "0 on this machine, which has no CUDA GPU (Ray would wait forever for one), or give "
+            "--ray-address of a cluster with GPUs",
+        )
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 EXPERIMENT_KEYS = (
     "out",
     "task",
     "baselines",
     "cpus-per-site",
+    "gpus-per-site",
+    "ray-address",
     "strict",
     "drop-duplicates",
     "sources",
@@ -270,6 +310,8 @@ def experiment_config(
     set_items: list[str],
     drop_duplicates: bool | None = None,
     default_out: Path,
+    gpus_per_site: float | None = None,
+    ray_address: str | None = None,
 ) -> ExperimentConfig:
     """Merge a TOML config file and command-line options (the command line wins)."""
     from simulation.cli import parse_source_options
@@ -315,6 +357,8 @@ def experiment_config(
         run_config=run_config,
         baselines=bool(baselines if baselines is not None else file.get("baselines", False)),
         cpus_per_site=int(file.get("cpus-per-site", 1)),
+        gpus_per_site=gpus_per_site if gpus_per_site is not None else float(file.get("gpus-per-site", 0.0)),
+        ray_address=ray_address if ray_address is not None else str(file.get("ray-address", "")),
         strict=bool(file.get("strict", False)),
         drop_duplicates=bool(
             drop_duplicates if drop_duplicates is not None else file.get("drop-duplicates", False)

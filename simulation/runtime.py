@@ -12,7 +12,18 @@ started with ``--simulation``), with three differences that make it safe to driv
 
 Per-site resources: every simulated site gets ``cpus_per_site`` CPUs from Ray; with fewer cores
 than sites, Ray runs sites in turn, so memory stays bounded by the number of concurrent sites,
-not the number of sites.
+not the number of sites. ``gpus_per_site`` (a fraction: 0.25 puts four sites on one GPU) is
+Flower's ``client-resources-num-gpus``: Ray then runs at most that many sites per GPU and shows
+each site only its GPU (``CUDA_VISIBLE_DEVICES``). With 0 Ray leaves the GPUs visible to every
+site (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0``) without limiting how many share them.
+
+An existing Ray cluster: ``ray_address`` (``HOST:PORT`` of its head, ``auto`` or
+``ray://HOST:PORT``) reaches Flower's simulation process as ``RAY_ADDRESS``, which ``ray.init()``
+reads when Flower's Ray backend starts (Flower 1.41's federation config has no address field;
+its ``init-args`` only carry CPU/GPU counts and logging, which Ray refuses when connecting to a
+cluster, so none are set). The cluster is not started or stopped here; its workers must see this
+project and its Python environment at the same paths. Without ``ray_address`` any
+``RAY_ADDRESS`` of the caller's environment is removed, so a local Ray is always started.
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from common.errors import CxrFlError
+from common.errors import ConfigError, CxrFlError
 from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
 from server.deploy import FlwrRunTimeoutError, follow_flwr_run, write_run_config
 
@@ -38,18 +51,59 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
+RUN_INFO_TIMEOUT = 300.0
+"""`flwr ls` of a finished run: a few seconds, but over a minute was seen after a 100-site run
+on a 2-core machine shared with other jobs (load average 20-45)."""
 
 
 class SimulationError(CxrFlError):
     """Flower's simulation runtime could not start or the run failed."""
 
 
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}|(ray://)?\[[0-9A-Fa-f:]+\]:\d{1,5}")
+
+
+def check_ray_address(value: str, option: str = "--ray-address") -> str:
+    """A Ray cluster address (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``), or ConfigError; '' is none."""
+    text = value.strip()
+    if text and not _RAY_ADDRESS.fullmatch(text):
+        raise ConfigError(
+            option, value, "the HOST:PORT of a Ray head node (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto"
+        )
+    return text
+
+
+def check_gpus_per_site(value: float, option: str = "--gpus-per-site") -> float:
+    """A GPU share per simulated site: 0, a fraction in (0, 1] or a whole number of GPUs."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number > 1 and not number.is_integer()):
+        raise ConfigError(
+            option, value, "0 (no GPU), a fraction of one GPU in (0, 1], or a whole number of GPUs"
+        )
+    return number
+
+
+def federation_config(num_sites: int, cpus_per_site: int, gpus_per_site: float = 0.0) -> str:
+    """Flower's ``--federation-config`` of a simulation: sites and the Ray resources of each."""
+    if isinstance(cpus_per_site, bool) or int(cpus_per_site) != cpus_per_site or cpus_per_site < 1:
+        raise ConfigError("cpus-per-site", cpus_per_site, "an integer >= 1")
+    items = [
+        f"num-supernodes={int(num_sites)}",
+        f"client-resources-num-cpus={toml_value(int(cpus_per_site))}",
+    ]
+    gpus = check_gpus_per_site(gpus_per_site)
+    if gpus > 0:
+        items.append(f"client-resources-num-gpus={toml_value(gpus)}")
+    return " ".join(items)
+
+
 class FlowerSimulation:
     """A simulation SuperLink for one run folder; use as a context manager."""
 
-    def __init__(self, work_dir: Path, *, app_dir: Path = PROJECT_ROOT) -> None:
+    def __init__(self, work_dir: Path, *, app_dir: Path = PROJECT_ROOT, ray_address: str = "") -> None:
         self.work_dir = Path(work_dir).resolve()
         self.app_dir = Path(app_dir).resolve()
+        self.ray_address = check_ray_address(ray_address)
         self.flwr_home = self.work_dir / "flwr-home"
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -59,6 +113,9 @@ class FlowerSimulation:
         env = dict(os.environ)
         env.update(OFFLINE_ENV)
         env["FLWR_HOME"] = str(self.flwr_home)
+        env.pop("RAY_ADDRESS", None)
+        if self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address  # read by ray.init() in Flower's Ray backend
         # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
@@ -134,6 +191,7 @@ class FlowerSimulation:
         *,
         num_sites: int,
         cpus_per_site: int = 1,
+        gpus_per_site: float = 0.0,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
@@ -153,7 +211,7 @@ class FlowerSimulation:
             "--run-config",
             str(overrides),
             "--federation-config",
-            f"num-supernodes={num_sites} client-resources-num-cpus={toml_value(cpus_per_site)}",
+            federation_config(num_sites, cpus_per_site, gpus_per_site),
             "--stream",
         ]
         log_path = self.work_dir / "flower.log"
@@ -176,14 +234,20 @@ class FlowerSimulation:
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         """Flower's record of a run: status, details, elapsed time, network traffic."""
-        result = subprocess.run(
-            [console_script("flwr"), "ls", "cxr-fl-sim", "--run-id", str(run_id), "--format", "json"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        try:
+            result = subprocess.run(
+                [console_script("flwr"), "ls", "cxr-fl-sim", "--run-id", str(run_id), "--format", "json"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=RUN_INFO_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SimulationError(
+                f"`flwr ls` did not report run {run_id} within {RUN_INFO_TIMEOUT:.0f} s (is the machine "
+                f"overloaded?); see {self.superlink_log}"
+            ) from None
         try:
             runs = json.loads(result.stdout)["runs"]
         except (json.JSONDecodeError, KeyError):

@@ -104,6 +104,9 @@ class StudySettings:
     dp_run: dict[str, Any] = field(default_factory=dict)
     federated_student_rounds: int = 5
     attempts: tuple[Attempt, ...] = ()
+    # where the cells' simulated sites run (command line only; they do not change results)
+    gpus_per_site: float = 0.0
+    ray_address: str = ""
 
 
 TOP_KEYS = {
@@ -521,6 +524,8 @@ def run_cell(
         partition=_partition_spec(cell, settings),
         run_config=cell_run_config(cell, settings, data, num_sites),
         require_all_classes=cell.dataset != "nih",  # 1,000 NIH images: some findings are very rare
+        gpus_per_site=settings.gpus_per_site,
+        ray_address=settings.ray_address,
     )
     started = time.perf_counter()
     experiment = Experiment(config)
@@ -692,3 +697,14 @@ def with_overrides(
     if seeds:
         changes["seeds"] = tuple(seeds)
     return replace(settings, **changes)
+
+
+def with_resources(settings: StudySettings, gpus_per_site: float, ray_address: str) -> StudySettings:
+    """The settings with the cells' Ray resources (``--gpus-per-site``, ``--ray-address``), checked."""
+    from simulation.runtime import check_gpus_per_site, check_ray_address
+
+    return replace(
+        settings,
+        gpus_per_site=check_gpus_per_site(gpus_per_site),
+        ray_address=check_ray_address(ray_address),
+    )
