@@ -331,12 +331,19 @@ def dicom_to_grey(ds: Dataset) -> np.ndarray:
     if out is None:
         out = values.astype(np.float64)
         lo, hi = float(out.min()), float(out.max())
-    scaled = np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
-    if photometric == "MONOCHROME1" or shape == "INVERSE":
-        scaled = 1.0 - scaled
-    return np.ascontiguousarray(np.rint(scaled * 255.0).astype(np.uint8))
+    invert = photometric == "MONOCHROME1" or shape == "INVERSE"
+    if hi <= lo:
+        return np.full(out.shape, 255 if invert else 0, dtype=np.uint8)
+    # In place: [lo, hi] -> [0, 255], inverted when the polarity says so (large images).
+    scaled = np.array(out, dtype=np.float64, copy=True)
+    scaled -= lo
+    scaled *= 255.0 / (hi - lo)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    if invert:
+        np.subtract(255.0, scaled, out=scaled)
+    return np.ascontiguousarray(np.rint(scaled, out=scaled).astype(np.uint8))
 
 
 def decode_dicom_file(path: Path) -> np.ndarray:
