@@ -67,7 +67,7 @@ import numpy as np
 from common.data.catalog import Catalog, ImageRecord
 from common.data.labels import MANIFEST_LABELS, finding_index, multiclass_targets, resolve_finding
 from common.data.readers import FileReader
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -193,15 +193,14 @@ class Selection:
 
     @staticmethod
     def from_request(req: SourceRequest) -> Selection:
-        def terms(name: str, default: tuple[str, ...]) -> frozenset[str]:
-            values = req.opt_list(name, default) or []
-            if not values:
-                raise ConfigError(name.replace("_", "-"), req.opt(name), "comma-separated DICOM terms")
-            return frozenset(v.upper() for v in values)
+        def terms(name: str, default: tuple[str, ...] | None) -> frozenset[str] | None:
+            values = req.opt_list(name, default)
+            return frozenset(v.upper() for v in values) if values else None
 
-        views = terms("views", ("ANY",)) if req.opt("views") not in (None, "") else None
         return Selection(
-            terms("modalities", DEFAULT_MODALITIES), terms("body_parts", DEFAULT_BODY_PARTS), views
+            terms("modalities", DEFAULT_MODALITIES) or frozenset(DEFAULT_MODALITIES),
+            terms("body_parts", DEFAULT_BODY_PARTS) or frozenset(DEFAULT_BODY_PARTS),
+            terms("views", None),
         )
 
 

@@ -248,9 +248,10 @@ def test_bad_layouts_give_clear_errors(site: Path, tmp_path: Path) -> None:
     write_csv(site / "labels.csv", ["path", "label"], [("other/ct.dcm", "NORMAL")])
     with pytest.raises(DataError, match="modality CT not selected: 1"):
         load_catalog("dicom", site, TASK)
-    args = ["check", "--format", "dicom", "--data", str(site), "-o", "views="]
+    args = ["check", "--format", "dicom", "--data", str(site), "-o", "modality=CR"]
     bad = runner.invoke(client_app, [*args, "--cache-dir", str(tmp_path / "c")])
     assert bad.exit_code == 2
+    assert "modalities" in bad.output
     assert "Traceback" not in bad.output
 
 
