@@ -7,8 +7,17 @@ Measures, at 64 and 224 px:
 and, at 64 px, ResNet18 training throughput (forward + backward + SGD step, batch 64) for
 comparison: the loader should deliver at least 5x what the model consumes.
 
+Then the cold decoding rate per *file format* (``--format-images N``, 0 to skip): the first N
+Kermany images are written, under the cache folder, as PNG, JPEG (quality 95) and DICOM (12 bits
+stored, MONOCHROME2, window set: uncompressed, RLE and JPEG 2000 lossless), and each set is
+decoded cold into a 64 px cache through its source (``image-folder`` or ``dicom``). The real CR
+chest image of ``pydicom-data`` (1955 x 1841, 15 bits, MONOCHROME1) is timed too, uncompressed and
+as its JPEG 2000 copies: full-resolution images per second through the DICOM pixel pipeline.
+``--only-formats`` skips the first part.
+
 Usage: ``.venv/bin/python benchmarks/data.py [--data ../shared/data/kermany-pneumonia]
-[--repeats 3] [--workers 2] [--cache-dir /tmp/cxr-fl-bench-cache]``. The cache lives under /tmp
+[--repeats 3] [--workers 2] [--cache-dir /tmp/cxr-fl-bench-cache] [--format-images 200]
+[--only-formats]``. The cache lives under /tmp
 (never inside the repository) and is removed at the end. Prints medians over repeats.
 """
 
@@ -80,6 +89,101 @@ def model_throughput(size: int, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
+def _write_format_sets(catalog, n: int, root: Path) -> dict[str, tuple[str, Path]]:  # type: ignore[no-untyped-def]
+    """The first ``n`` images as PNG, JPEG and DICOM sets: {label: (format, folder)}."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+        generate_uid,
+    )
+
+    sets = {
+        "PNG": ("image-folder", root / "png"),
+        "JPEG q95": ("image-folder", root / "jpeg"),
+        "DICOM uncompressed": ("dicom", root / "dcm"),
+        "DICOM RLE": ("dicom", root / "dcm-rle"),
+        "DICOM JPEG 2000 lossless": ("dicom", root / "dcm-j2k"),
+    }
+    labels = ["path,label"]
+    for i in range(min(n, len(catalog))):
+        grey = catalog.read(i)
+        cls = catalog.task.classes[int(catalog.targets[i].argmax())]
+        (root / "png" / cls).mkdir(parents=True, exist_ok=True)
+        (root / "jpeg" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grey).save(root / "png" / cls / f"{i:05d}.png")
+        Image.fromarray(grey).save(root / "jpeg" / cls / f"{i:05d}.jpeg", quality=95)
+        stored = grey.astype(np.uint16) * 16  # 12 bits stored, as a CR/DX detector writes
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+        ds.Rows, ds.Columns = grey.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.PixelData = stored.tobytes()
+        for folder, syntax in (("dcm", None), ("dcm-rle", RLELossless), ("dcm-j2k", JPEG2000Lossless)):
+            copy = ds.copy()
+            copy.file_meta = ds.file_meta.copy()
+            if syntax is not None:
+                copy.compress(syntax, stored)
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            copy.save_as(root / folder / f"{i:05d}.dcm", enforce_file_format=True)
+        labels.append(f"{i:05d}.dcm,{cls}")
+    for folder in ("dcm", "dcm-rle", "dcm-j2k"):
+        (root / folder / "labels.csv").write_text("\n".join(labels) + "\n")
+    return sets
+
+
+def format_rates(
+    catalog, n: int, cache_root: Path, workers: int, repeats: int
+) -> list[tuple[str, float, int]]:  # type: ignore[no-untyped-def]
+    """Cold decode rate (img/s, 64 px cache) and bytes on disk of each file format's set."""
+    root = cache_root / "formats"
+    sets = _write_format_sets(catalog, n, root)
+    task = get_task("normal-pneumonia")
+    rows = []
+    for label, (fmt, folder) in sets.items():
+        fmt_catalog = load_catalog(fmt, folder, task)
+        rates = [
+            cold_decode(fmt_catalog, 64, cache_root / "formats-cache", workers)[0] for _ in range(repeats)
+        ]
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".png", ".jpeg", ".dcm"))
+        rows.append((label, statistics.median(rates), size))
+    return rows
+
+
+def real_dicom_rates(repeats: int) -> list[tuple[str, float]]:
+    """Full-size decodes per second of pydicom-data's CR chest image and its JPEG 2000 copies."""
+    from pydicom.data import get_testdata_file
+
+    from common.data.dicom import decode_dicom_file
+
+    rows = []
+    import pydicom
+
+    for name in ("RG1_UNCI.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"):
+        path = Path(get_testdata_file(name, download=False))
+        label = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
+        decode_dicom_file(path)  # warm-up (imports, plugin discovery)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode_dicom_file(path)
+            times.append(time.perf_counter() - start)
+        rows.append((f"{name} (CR chest 1955x1841, 15 bit, {label})", 1.0 / statistics.median(times)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -88,6 +192,8 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--epoch-images", type=int, default=5216, help="images per timed cached epoch")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/cxr-fl-bench-cache"))
+    parser.add_argument("--format-images", type=int, default=200, help="images per file-format set")
+    parser.add_argument("--only-formats", action="store_true", help="only the file-format comparison")
     args = parser.parse_args()
     torch.set_num_threads(2)
     catalog = load_catalog("image-folder", args.data, get_task("normal-pneumonia"))
@@ -97,17 +203,36 @@ def main() -> None:
         "augmentation on, torch threads=2"
     )
     rows = []
+    format_rows: list[tuple[str, float, int]] = []
+    real_rows: list[tuple[str, float]] = []
+    model64 = 0.0
     try:
-        for size in (64, 224):
+        if args.format_images > 0:
+            format_rows = format_rates(
+                catalog, args.format_images, args.cache_dir, args.workers, args.repeats
+            )
+            real_rows = real_dicom_rates(args.repeats)
+        for size in () if args.only_formats else (64, 224):
             cold = [cold_decode(catalog, size, args.cache_dir, args.workers) for _ in range(args.repeats)]
             cached = build_cache(catalog, size, args.cache_dir / f"cold-{size}")
             epochs = [
                 cached_epoch(cached, 64, args.loader_workers, args.epoch_images) for _ in range(args.repeats)
             ]
             rows.append((size, statistics.median(c[0] for c in cold), statistics.median(epochs), cold[0][1]))
-        model64 = statistics.median(model_throughput(64, 64, 3) for _ in range(args.repeats))
+        if not args.only_formats:
+            model64 = statistics.median(model_throughput(64, 64, 3) for _ in range(args.repeats))
     finally:
         shutil.rmtree(args.cache_dir, ignore_errors=True)
+    if format_rows:
+        print()
+        print(f"cold decode into a 64 px cache, {args.format_images} Kermany images per format:")
+        print(f"{'format':>26} | {'img/s':>7} | {'files on disk':>13}")
+        for label, rate, nbytes in format_rows:
+            print(f"{label:>26} | {rate:>7.0f} | {nbytes / 1e6:>10.1f} MB")
+        for label, rate in real_rows:
+            print(f"{label}: {rate:.2f} img/s (full-size DICOM pixel pipeline)")
+    if args.only_formats:
+        return
     print()
     print(f"{'size':>5} | {'cold decode img/s':>17} | {'cached epoch img/s':>18} | {'cache on disk':>13}")
     print("-" * 64)

@@ -55,7 +55,7 @@ def check(
         typer.Option(
             "--format",
             help="Source format: image-folder, covid19-radiography, ieee8023, nih14, chexpert, medmnist, "
-            "manifest, synthetic.",
+            "manifest, dicom, synthetic.",
         ),
     ],
     data: Annotated[
@@ -136,6 +136,13 @@ def check(
     facts.add_row("unreadable files", str(len(cached.skipped)))
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
     console.print(facts)
+    if catalog.left_out:
+        left_out = Table(title="left out by the source", title_justify="left")
+        left_out.add_column("reason")
+        left_out.add_column("files", justify="right")
+        for reason, count in sorted(catalog.left_out.items(), key=lambda item: (-item[1], item[0])):
+            left_out.add_row(reason, str(count))
+        console.print(left_out)
     for skipped in cached.skipped[:20]:
         err_console.print(
             f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True

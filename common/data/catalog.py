@@ -58,13 +58,16 @@ class ImageReader(Protocol):
 class Catalog:
     """Records of one or more sources, with the task's label vectors already computed.
 
-    ``targets[i]`` is the float32 label vector of ``records[i]`` for ``task``.
+    ``targets[i]`` is the float32 label vector of ``records[i]`` for ``task``. ``left_out``
+    counts, by reason, the files a source saw but did not take (e.g. a DICOM CT slice); it
+    describes the source, so subsets keep it and joined catalogs add it up.
     """
 
     task: Task
     records: list[ImageRecord]
     targets: np.ndarray
     readers: dict[str, ImageReader]
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.targets.shape != (len(self.records), self.task.num_classes):
@@ -78,7 +81,9 @@ class Catalog:
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Catalog:
         idx = np.asarray(indices, dtype=np.int64)
-        return Catalog(self.task, [self.records[i] for i in idx], self.targets[idx], self.readers)
+        return Catalog(
+            self.task, [self.records[i] for i in idx], self.targets[idx], self.readers, dict(self.left_out)
+        )
 
     def read(self, index: int) -> np.ndarray:
         record = self.records[index]
@@ -117,4 +122,8 @@ class Catalog:
                 readers[name] = reader
         records = [r for cat in catalogs for r in cat.records]
         targets = np.concatenate([cat.targets for cat in catalogs], axis=0)
-        return Catalog(task, records, targets, readers)
+        left_out: dict[str, int] = {}
+        for cat in catalogs:
+            for reason, count in cat.left_out.items():
+                left_out[reason] = left_out.get(reason, 0) + count
+        return Catalog(task, records, targets, readers, left_out)

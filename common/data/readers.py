@@ -31,8 +31,14 @@ def decode_image_file(path: Path, *, draft_size: int | None = None) -> np.ndarra
 
     ``draft_size`` lets the JPEG decoder skip detail it will throw away (DCT scaling), which
     makes decoding large originals several times faster when the cache only wants e.g. 64 px.
-    The draft never goes below ``draft_size`` on the shorter side.
+    The draft never goes below ``draft_size`` on the shorter side. DICOM files (by extension
+    or preamble, e.g. the paths of a manifest written from a ``dicom`` source) are rendered by
+    :func:`common.data.dicom.decode_dicom_file`.
     """
+    from common.data.dicom import decode_dicom_file, is_dicom_file
+
+    if path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom_file(path):
+        return decode_dicom_file(path)
     try:
         with Image.open(path) as img:
             if draft_size is not None and img.format == "JPEG":

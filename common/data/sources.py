@@ -12,6 +12,7 @@ One adapter per format, registered in :data:`SOURCES` under the names that ``cxr
 ``chexpert``             CheXpert-style CSV (``Path`` + findings 1 / 0 / -1 / blank)
 ``medmnist``             ``pneumoniamnist*.npz`` / ``chestmnist*.npz``
 ``manifest``             CSV ``path,label[,site,patient_id,view]`` (a hospital's own export)
+``dicom``                DICOM files at any depth + ``labels.csv`` (:mod:`common.data.dicom`)
 ``synthetic``            procedural CXR-like images, no files (smoke tests; not medical)
 =======================  ==================================================================
 
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from common.data.catalog import Catalog, ImageRecord
+from common.data.dicom import DICOM_DESCRIPTION, DICOM_OPTIONS, load_dicom_catalog
 from common.data.labels import (
     COVID19_RADIOGRAPHY_LABELS,
     IMAGE_FOLDER_LABELS,
@@ -812,6 +814,14 @@ def _load_medmnist(req: SourceRequest) -> Catalog:
     from common.data.medmnist import load_medmnist_catalog
 
     return load_medmnist_catalog(req)
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+@_register("dicom", DICOM_DESCRIPTION, DICOM_OPTIONS)
+def _load_dicom(req: SourceRequest) -> Catalog:
+    return load_dicom_catalog(req)
 
 
 # ----------------------------------------------------------------------------- synthetic

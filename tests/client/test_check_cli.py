@@ -44,7 +44,7 @@ def test_check_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     missing = runner.invoke(app, [*base, "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
     assert "does not exist" in missing.output
-    bad_format = runner.invoke(app, ["check", "--data", str(data), "--format", "dicom"])
+    bad_format = runner.invoke(app, ["check", "--data", str(data), "--format", "nifti"])
     assert bad_format.exit_code == 2
     assert "image-folder" in bad_format.output
 

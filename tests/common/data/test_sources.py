@@ -32,6 +32,7 @@ def test_registry_has_every_format() -> None:
             "nih14",
             "chexpert",
             "medmnist",
+            "dicom",
             "manifest",
             "synthetic",
         ]
