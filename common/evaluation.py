@@ -236,6 +236,9 @@ def load_labelled_images(
             "evaluate it on data labelled for that task)"
         ) from None
     cached = build_cache(catalog, image_size, cache_dir, strict=strict, progress=progress)
+    if strict and cached.skipped:  # a cache built earlier without --strict records its skips
+        bad = cached.skipped[0]
+        raise DataError(f"unreadable image {bad.key}: {bad.reason}")
     if len(cached) == 0:
         first = cached.skipped[0] if cached.skipped else None
         why = f" (first: {first.key}: {first.reason})" if first else ""
