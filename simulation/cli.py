@@ -349,6 +349,10 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any run setting KEY=VALUE (see pyproject.toml).")
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(help="Local experiment tracker: tensorboard (event files in OUT/run/tensorboard)."),
+    ] = None,
 ) -> None:
     """Run a whole simulated federation: partition, teacher rounds, distillation, baselines, report."""
     from simulation.experiment import experiment_config
@@ -375,6 +379,7 @@ def run(
             "local-epochs": local_epochs,
             "strategy": strategy,
             "seed": seed,
+            "track": track,
         },
         dp_epsilon=dp_epsilon,
         baselines=baselines,
