@@ -67,39 +67,42 @@ def stratified_weights(strata: np.ndarray, n_resamples: int, seed: int) -> np.nd
 def weighted_auroc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC of ``scores`` against binary ``labels`` (``[N]``) under each row of ``weights``.
 
-    ``weights`` is ``[B, N]`` (counts of a bootstrap resample, or ones for the plain AUROC);
-    returns ``[B]``, NaN where a row has no positive or no negative weight.
+    ``weights`` is ``[B, N]`` (integer counts of a bootstrap resample, or ones for the plain
+    AUROC); returns ``[B]``, NaN where a row has no positive or no negative weight.
     """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
-    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    weights = np.atleast_2d(weights)
     positive = np.flatnonzero(labels)
     negative = np.flatnonzero(~labels)
     if positive.size == 0 or negative.size == 0:
         return np.full(weights.shape[0], math.nan)
     order = negative[np.argsort(scores[negative], kind="stable")]
     sorted_negative_scores = scores[order]
-    cumulative = np.zeros((weights.shape[0], order.size + 1))
-    np.cumsum(weights[:, order], axis=1, out=cumulative[:, 1:])
+    # integer counts keep the cumulative sums exact and half the memory of float64
+    accumulate = np.int64 if weights.dtype.kind == "i" else np.float64
+    cumulative = np.zeros((weights.shape[0], order.size + 1), dtype=accumulate)
+    np.cumsum(weights[:, order], axis=1, dtype=accumulate, out=cumulative[:, 1:])
     below = np.searchsorted(sorted_negative_scores, scores[positive], side="left")
     up_to = np.searchsorted(sorted_negative_scores, scores[positive], side="right")
     negatives_below = cumulative[:, below]
-    negatives_tied = cumulative[:, up_to] - negatives_below
+    twice_pairs = 2 * negatives_below + (cumulative[:, up_to] - negatives_below)
     w_pos = weights[:, positive]
-    numerator = np.sum(w_pos * (negatives_below + 0.5 * negatives_tied), axis=1)
-    denominator = w_pos.sum(axis=1) * cumulative[:, -1]
+    numerator = 0.5 * np.einsum("bp,bp->b", w_pos, twice_pairs, dtype=np.float64)
+    denominator = w_pos.sum(axis=1, dtype=np.float64) * cumulative[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), math.nan)
 
 
 def weighted_rate(hits: np.ndarray, members: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Per resample, the weighted share of ``members`` that are ``hits`` (``[B]``; NaN if none)."""
-    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    weights = np.atleast_2d(weights)
     members = np.asarray(members, dtype=bool)
-    total = weights[:, members].sum(axis=1)
-    hit = weights[:, members & np.asarray(hits, dtype=bool)].sum(axis=1)
+    hit_members = members & np.asarray(hits, dtype=bool)
+    total = weights @ members.astype(weights.dtype)
+    hit = weights @ hit_members.astype(weights.dtype)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, hit / np.where(total > 0, total, 1.0), math.nan)
+        return np.where(total > 0, hit / np.where(total > 0, total, 1), math.nan)
 
 
 def percentile_interval(value: float, resampled: np.ndarray, level: float = 0.95) -> Interval:

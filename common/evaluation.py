@@ -482,10 +482,9 @@ def evaluate_scores(
         mask = known[:, k]
         y = labels[:, k]
         s = scores[:, k]
-        w = weights * mask  # unknown labels weigh nothing
-        auc_b = weighted_auroc(y[mask], s[mask], weights[:, mask])
-        sens_b = weighted_rate(predicted[:, k], y & mask, w)
-        spec_b = weighted_rate(~predicted[:, k], ~y & mask, w)
+        auc_b = weighted_auroc(y[mask], s[mask], weights if mask.all() else weights[:, mask])
+        sens_b = weighted_rate(predicted[:, k], y & mask, weights)
+        spec_b = weighted_rate(~predicted[:, k], ~y & mask, weights)
         auroc_samples.append(auc_b)
         sens_samples.append(sens_b)
         spec_samples.append(spec_b)
@@ -498,8 +497,8 @@ def evaluate_scores(
         site: dict[str, Any] = {}
         if name in thresholds:
             chosen = s >= thresholds[name]
-            site_sens = weighted_rate(chosen, y & mask, w)
-            site_spec = weighted_rate(~chosen, ~y & mask, w)
+            site_sens = weighted_rate(chosen, y & mask, weights)
+            site_spec = weighted_rate(~chosen, ~y & mask, weights)
             site_sens_samples.append(site_sens)
             site_spec_samples.append(site_spec)
             tp = int(np.sum(chosen & y & mask))
