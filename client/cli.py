@@ -10,6 +10,7 @@ into a one-line message and exit code 2 (no traceback).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -210,6 +211,178 @@ def predict(
         console.print(table)
     if not readable:
         raise fail(f"none of the {len(predictions)} image(s) could be read")
+
+
+def _parse_class_thresholds(values: list[str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in values or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not name.strip() or not 0.0 <= number <= 1.0:
+            raise fail(
+                f"--class-threshold {item!r}: expected CLASS=PROBABILITY between 0 and 1, "
+                "e.g. --class-threshold pneumonia=0.3"
+            )
+        out[name.strip()] = number
+    return out
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Exported student (.onnx with its .preprocessing.json, or .pt with its .json), a site's "
+            "student folder, or a coordinator checkpoint (RUN_DIR/checkpoints/best.pt).",
+        ),
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="The site's labelled data folder or file.")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for evaluation.md/.json and the PNG figures.")
+    ] = Path("evaluation"),
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="Task the data is labelled for (default: the model's; must match it)."),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling.")] = 0,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold", min=0.0, max=1.0, help="Site-chosen probability threshold for every class."
+        ),
+    ] = None,
+    class_threshold: Annotated[
+        list[str] | None,
+        typer.Option("--class-threshold", help="Site-chosen threshold of one class, CLASS=P (repeatable)."),
+    ] = None,
+    bins: Annotated[
+        int, typer.Option("--bins", min=2, help="Calibration bins (ECE, reliability diagram).")
+    ] = 10,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Source option KEY=VALUE (repeatable), e.g. label-map=..."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="Image cache folder (default $CXR_FL_CACHE_DIR or ~/.cache)."),
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Inference threads.")] = 2,
+) -> None:
+    """Validate a model on the site's labelled images: AUROC with 95% CIs, operating points, calibration."""
+    from common.evaluation import (
+        EvaluationSettings,
+        evaluate_scores,
+        format_interval,
+        format_value,
+        load_labelled_images,
+        load_scoring_model,
+        parse_thresholds,
+        score_images,
+        write_report,
+    )
+    from common.tasks import get_task
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    per_class = _parse_class_thresholds(class_threshold)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        scorer = load_scoring_model(model, num_threads=threads)
+        if task is not None and get_task(task).name != scorer.task.name:
+            raise fail(
+                f"model '{model}' was trained for task '{scorer.task.name}' "
+                f"({', '.join(scorer.task.classes)}), not '{task}'; evaluate it on data of its own task"
+            )
+        settings = EvaluationSettings(
+            n_bootstrap=bootstrap,
+            seed=seed,
+            calibration_bins=bins,
+            thresholds=parse_thresholds(scorer.task, threshold, per_class),
+        )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            decode = bar.add_task("decoding images", total=None)
+            cached = load_labelled_images(
+                fmt,
+                data,
+                scorer.task,
+                scorer.image_size,
+                cache_dir=cache_dir,
+                options=_parse_options(option),
+                strict=strict,
+                progress=lambda done, total: bar.update(decode, completed=done, total=total),
+            )
+            score = bar.add_task("scoring", total=len(cached))
+            scores = score_images(
+                scorer, cached.images, progress=lambda done, _t: bar.update(score, completed=done)
+            )
+            bar.add_task(f"bootstrap ({bootstrap} resamples)", total=None)
+            result = evaluate_scores(scorer.task, cached.catalog.targets, scores, settings)
+        write_report(
+            result,
+            out,
+            model=scorer.describe(),
+            data={
+                "format": fmt,
+                "path": str(data) if data is not None else None,
+                "images": len(cached),
+                "unreadable": len(cached.skipped),
+                "class_counts": cached.catalog.class_counts(),
+            },
+        )
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    for skipped in cached.skipped[:20]:
+        err_console.print(
+            f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True
+        )
+    table = Table(
+        title=f"{model.name} on {len(cached)} images "
+        f"({scorer.task.name}; 95% bootstrap CI, {bootstrap} resamples)",
+        title_justify="left",
+    )
+    for column in (
+        "finding" if scorer.task.is_multilabel else "class",
+        "AUROC",
+        "sensitivity",
+        "specificity",
+    ):
+        table.add_column(column)
+    for c in result.classes:
+        table.add_row(
+            c.name, format_interval(c.auroc), format_interval(c.sensitivity), format_interval(c.specificity)
+        )
+    table.add_row("[bold]macro[/]", format_interval(result.auroc_macro), "", "")
+    console.print(table)
+    console.print(
+        f"balanced accuracy {format_interval(result.balanced_accuracy)} at {result.operating_point}; "
+        f"expected calibration error {format_value(result.ece)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.site_balanced_accuracy is not None:
+        console.print(
+            f"balanced accuracy at the site's thresholds {format_interval(result.site_balanced_accuracy)}",
+            highlight=False,
+        )
+    console.print(f"report: {out / 'evaluation.md'} (+ evaluation.json, 3 PNG figures)", highlight=False)
 
 
 @app.command()

@@ -44,6 +44,7 @@ from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
+from server.tracking import finish_tracking, start_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ def main(grid: Grid, context: Context) -> None:
     if resume is not None:
         folder.drop_metrics_after(resume.completed_round)
     logger.info("Run folder: %s", run_dir)
+    tracker = start_tracking(folder, context.run_config)
     torch.set_num_threads(settings.train.num_threads)
 
     strategy = build_strategy(strategy_settings)
@@ -265,4 +267,5 @@ def main(grid: Grid, context: Context) -> None:
         distill_rows=distill_rows,
         seconds=time.monotonic() - started,
     )
+    finish_tracking(tracker, folder)
     logger.info("Run finished; summary in %s", run_dir / "summary.json")

@@ -150,8 +150,17 @@ def start(
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="Give up after this many seconds (default: never).")
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(
+            "--track",
+            help="Log rounds, DP epsilon, distillation and figures to a local tracker: 'tensorboard' "
+            "(event files in RUN_DIR/tensorboard; the run setting 'track').",
+        ),
+    ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
+    from common.tracking import check_tracker
     from server.deploy import (
         DEFAULT_PORT,
         PROJECT_ROOT,
@@ -174,6 +183,9 @@ def start(
             raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
         overrides.update(resolve_run_config(schema, config, set_))
         overrides["run-dir"] = str(run_dir)
+        if track is not None:
+            overrides["track"] = track
+        check_tracker(str(overrides.get("track", schema.get("track", ""))))
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
                 f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 TEACHER_PHASES = frozenset({"train", "evaluate", "aggregate"})
 
 # Settings that may differ between the first start and a resume of the same run folder.
-RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout"})
+RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout", "track"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class RunFolder:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
+        self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+
+    def on_metrics(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call ``listener(rows)`` after each append to metrics.jsonl (an experiment tracker)."""
+        self._listeners.append(listener)
 
     @property
     def metrics_path(self) -> Path:
@@ -118,6 +123,8 @@ class RunFolder:
                 handle.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        for listener in self._listeners:
+            listener(rows)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

@@ -365,6 +365,10 @@ def run(
     ] = None,
     gpus_per_site: Annotated[float | None, GPUS_PER_SITE_OPTION] = None,
     ray_address: Annotated[str | None, RAY_ADDRESS_OPTION] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(help="Local experiment tracker: tensorboard (event files in OUT/run/tensorboard)."),
+    ] = None,
 ) -> None:
     """Run a whole simulated federation: partition, teacher rounds, distillation, baselines, report."""
     from simulation.experiment import experiment_config
@@ -392,6 +396,7 @@ def run(
             "strategy": strategy,
             "seed": seed,
             "device": device,
+            "track": track,
         },
         dp_epsilon=dp_epsilon,
         baselines=baselines,

@@ -30,6 +30,7 @@ from common.config import from_mapping
 from common.device import resolve_device
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.tracking import TrackingSettings
 from server.deploy import coerce_setting, load_schema, parse_progress, parse_set_option, unknown_setting
 from server.strategies import StrategySettings
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
@@ -48,6 +49,7 @@ def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
     merged = {**schema, **checked}
     run_settings_from_config(merged)
     from_mapping(StrategySettings, merged)
+    from_mapping(TrackingSettings, merged)
     return merged
 
 
@@ -228,6 +230,10 @@ class Experiment:
             run_baselines(self.out, settings, num_sites)
         stage("writing the report")
         report = build_report(self.out)
+        if run_config.get("track"):
+            from server.tracking import log_experiment_report
+
+            log_experiment_report(self.run_dir, self.out)
         return ExperimentResult(self.out, report, settings)
 
 
