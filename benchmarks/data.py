@@ -8,8 +8,9 @@ and, at 64 px, ResNet18 training throughput (forward + backward + SGD step, batc
 comparison: the loader should deliver at least 5x what the model consumes.
 
 Then the cold decoding rate per *file format* (``--format-images N``, 0 to skip): the first N
-Kermany images are written, under the cache folder, as PNG, JPEG (quality 95) and DICOM (12 bits
-stored, MONOCHROME2, window set: uncompressed, RLE and JPEG 2000 lossless), and each set is
+Kermany images (224 px copies in ../shared/data) are written, under the cache folder, as PNG,
+JPEG (quality 95) and DICOM (12 bits stored, MONOCHROME2, window set: uncompressed, RLE and
+JPEG 2000 lossless), and each set is
 decoded cold into a 64 px cache through its source (``image-folder`` or ``dicom``). The real CR
 chest image of ``pydicom-data`` (1955 x 1841, 15 bits, MONOCHROME1) is timed too, uncompressed and
 as its JPEG 2000 copies: full-resolution images per second through the DICOM pixel pipeline.

@@ -54,13 +54,14 @@ check's table, and only when they are among the known defined terms.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,15 +173,26 @@ def _pydicom() -> Any:
     return pydicom
 
 
-def _read(path: Path, *, header_only: bool) -> Dataset:
-    """``dcmread`` with pydicom's warnings (which may quote values) kept quiet."""
-    pydicom = _pydicom()
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pydicom warns with the offending value quoted (e.g. an invalid date): keep those quiet.
+
+    Values are converted, and checked, when an element is first accessed, so header access
+    happens inside this context too, not only ``dcmread``.
+    """
+    _pydicom()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if header_only:
-            # Large values (the pixel data) are deferred: present, but not read.
-            return pydicom.dcmread(path, defer_size="4 KB")
-        return pydicom.dcmread(path)
+        yield
+
+
+def _read(path: Path, *, header_only: bool) -> Dataset:
+    """``dcmread`` (call inside :func:`_quiet`)."""
+    pydicom = _pydicom()
+    if header_only:
+        # Large values (the pixel data) are deferred: present, but not read.
+        return pydicom.dcmread(path, defer_size="4 KB")
+    return pydicom.dcmread(path)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -231,11 +243,12 @@ def inspect_dicom(path: Path, selection: Selection) -> tuple[DicomObject | None,
     Reasons name only defined terms (see the module docstring), never a free-text value.
     """
     try:
-        ds = _read(path, header_only=True)
-        meta = getattr(ds, "file_meta", None)
-        transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        header = {tag: ds.get(tag) for tag in _HEADER_TAGS}
-        has_pixels = "PixelData" in ds
+        with _quiet():
+            ds = _read(path, header_only=True)
+            meta = getattr(ds, "file_meta", None)
+            transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+            header = {tag: ds.get(tag) for tag in _HEADER_TAGS}
+            has_pixels = "PixelData" in ds
     except Exception:  # pydicom raises many types (InvalidDicomError, OSError, struct errors ...)
         return None, "unreadable (not DICOM, or damaged)"
     if not has_pixels:
@@ -370,10 +383,8 @@ def decode_dicom_file(path: Path) -> np.ndarray:
     The error says what failed, never a header value.
     """
     try:
-        ds = _read(path, header_only=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return dicom_to_grey(ds)
+        with _quiet():
+            return dicom_to_grey(_read(path, header_only=False))
     except FileNotFoundError:
         raise DataError(f"DICOM file {path} does not exist; check the data folder or the manifest") from None
     except Exception as exc:  # pydicom and its plugins raise many unrelated types

@@ -186,8 +186,15 @@ def test_patients_are_pseudonymised_and_grouped(site: Path) -> None:
 
 @pytest.mark.slow
 def test_no_header_value_reaches_logs_output_or_files(
-    site: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    site: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
 ) -> None:
+    # Invalid values make pydicom warn and log with the value quoted, on first access.
+    odd = pydicom.dcmread(write_dicom(site / "normal" / "odd.dcm", seed=30))
+    odd.PatientBirthDate = "Quokka-Zanzibar"
+    odd.ViewPosition = "Zanzibar-Quokka-Wombat-Longer-Than-16"  # read by the selection
+    odd.save_as(site / "normal" / "odd.dcm")
+    caplog.clear()
+    recwarn.clear()  # what writing the file said is not under test
     for name in ("common", "client", "simulation", "pydicom"):
         caplog.set_level(logging.DEBUG, logger=name)
     cache = tmp_path / "cache"
@@ -203,6 +210,7 @@ def test_no_header_value_reaches_logs_output_or_files(
     parted = runner.invoke(simulation_app, part)
     assert parted.exit_code == 0, parted.output
     texts = [result.output, parted.output, caplog.text, repr([r.args for r in caplog.records])]
+    texts += [str(w.message) for w in recwarn]
     files = [p for folder in (cache, split) for p in folder.rglob("*") if p.is_file()]
     assert len(files) >= 4
     raw_ids = ("ZBR-MRN-48151623", "QKA-MRN-99887766")
@@ -268,3 +276,24 @@ def test_multilabel_finding_columns(site: Path) -> None:
     assert np.isnan(targets["pneumonia/p0.dcm"][col_e])
     assert np.isnan(targets["pneumonia/p1.dcm"][col_p])
     assert np.isnan(targets["normal/n0.dcm"][task.classes.index("Mass")])
+
+
+def test_site_training_data_reads_a_dicom_folder(site: Path, tmp_path: Path) -> None:
+    """What ``cxr-fl-client start --format dicom`` trains on: the same recipe as every format."""
+    from common.local import DataRequest, load_site_data
+
+    request = DataRequest("dicom", site, TASK, 16, tmp_path / "cache", 0.25, 0.25, 0)
+    data = load_site_data(request)
+    assert sum(data.split.sizes().values()) == 8
+    assert data.catalog.left_out == {"modality CT not selected": 1, "multi-frame object": 1}
+    image, _ = data.dataset("train")[0]
+    assert tuple(image.shape[-2:]) == (16, 16)
+
+
+def test_left_out_counts_survive_subsets_and_add_up_when_joined(site: Path) -> None:
+    from common.data.catalog import Catalog
+
+    catalog = load_catalog("dicom", site, TASK)
+    assert catalog.subset([0, 1]).left_out == catalog.left_out
+    joined = Catalog.concat([catalog, load_catalog("dicom", site, TASK, name="b")])
+    assert joined.left_out == {"modality CT not selected": 2, "multi-frame object": 2}
