@@ -248,3 +248,23 @@ def test_unlabelled_rows_and_bad_thresholds_are_refused(site: Path, tmp_path: Pa
     )
     assert unknown.exit_code == 2
     assert "flu" in unknown.output
+
+
+def test_format_is_any_registered_source_and_unknown_ones_are_listed(site: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(site / "student" / "student.onnx"),
+            "--format",
+            "no-such-format",
+            "--data",
+            str(site / "data"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "image-folder" in result.output
+    assert "manifest" in result.output
+    assert not (tmp_path / "r").exists()
