@@ -111,6 +111,7 @@ def json_reply(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return dict(json.loads(text[text.index("{") :]))
 
 
+@pytest.mark.timeout(1800)  # a whole federation with distillation, on a possibly busy machine
 def test_a_ca_holder_cannot_drive_the_federation_but_sites_still_train(federation: Federation) -> None:
     federation.prepare("site-a", "site-b", "intruder")
     config = federation.write_config("num-rounds = 1\n")
