@@ -111,6 +111,7 @@ def json_reply(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return dict(json.loads(text[text.index("{") :]))
 
 
+@pytest.mark.timeout(1800)  # a whole federation with distillation, on a possibly busy machine
 def test_a_ca_holder_cannot_drive_the_federation_but_sites_still_train(federation: Federation) -> None:
     federation.prepare("site-a", "site-b", "intruder")
     config = federation.write_config("num-rounds = 1\n")
@@ -158,9 +159,10 @@ def test_a_ca_holder_cannot_drive_the_federation_but_sites_still_train(federatio
 
     # The federation goes on: both registered sites train and distil their students.
     clients = [federation.start_client(site) for site in ("site-a", "site-b")]
-    assert federation.wait(server, "server", 420) == 0, federation.output("server")
+    # Generous limits: the shared test machine can be many times slower than a quiet one.
+    assert federation.wait(server, "server", 1200) == 0, federation.output("server")
     for site, client in zip(("site-a", "site-b"), clients, strict=True):
-        assert federation.wait(client, site, 60) == 0, federation.output(site)
+        assert federation.wait(client, site, 120) == 0, federation.output(site)
         assert (federation.root / site / "student" / "student.onnx").is_file()
     rows = federation.metrics()
     trained = sorted((r["site"], r["node_id"]) for r in rows if r["phase"] == "train" and r["status"] == "ok")
