@@ -325,6 +325,11 @@ def test_a_ledger_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.json"
     PrivacyLedger(ledger).save()
     assert PrivacyLedger.open(ledger).entries == {}
+    show = ["privacy-ledger", "show", "--ledger", str(ledger)]
+    assert "verified" in CliRunner().invoke(cli_app, show).output
     _key(ledger).chmod(0o644)
     with pytest.raises(LedgerIntegrityError, match="chmod 600"):
         PrivacyLedger.open(ledger)
+    refused = CliRunner().invoke(cli_app, show)
+    assert refused.exit_code == 2
+    assert "chmod 600" in refused.output
