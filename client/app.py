@@ -98,11 +98,10 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         site.out_dir.mkdir(parents=True, exist_ok=True)
         data = load_site_data(data_request(settings, site))
         content = handler(msg, settings, site, data, context)
-        if "metrics" in content.metric_records:
-            shared = shareable_metrics(
-                content.metric_records["metrics"], share_per_class=site.share_per_class_metrics
+        for name, record in list(content.metric_records.items()):  # every metric record leaving
+            content[name] = MetricRecord(
+                shareable_metrics(record, share_per_class=site.share_per_class_metrics)
             )
-            content["metrics"] = MetricRecord(shared)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
         return Message(content, reply_to=msg)
     except (BudgetExhaustedError, LedgerIntegrityError) as exc:

@@ -37,9 +37,12 @@ LedgerOption = Annotated[
 @ledger_app.command()
 def show(out: OutOption = None, ledger: LedgerOption = None) -> None:
     """Verify the ledger and print the epsilon spent on each data set."""
-    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger
+    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger, key_path
 
     path = _ledger(out, ledger)
+    if not path.exists() and not key_path(path).exists():
+        stdout.print(f"no privacy ledger at {path}: no DP round has spent budget with it", highlight=False)
+        return
     try:
         opened = PrivacyLedger.open(path)
     except LedgerIntegrityError as exc:

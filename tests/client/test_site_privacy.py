@@ -61,7 +61,8 @@ def _context(tmp_path: Path, node_config: dict[str, object], *, run_id: int = 7,
 
 
 def _ask(context: Context, message_type: str, **config: object) -> Message:
-    arrays = initial_teacher(run_settings_from_config(context.run_config))
+    server_side = {**context.run_config, "teacher-weights": ""}  # names a file at the site (item 8)
+    arrays = initial_teacher(run_settings_from_config(server_side))
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})
     return app(Message(content, dst_node_id=1, message_type=message_type), context)
 
@@ -316,3 +317,19 @@ def test_counts_are_bucketed_for_fedavg(tmp_path: Path) -> None:
     context = _context(tmp_path, {k: v for k, v in _site(tmp_path).items() if k != "dp-target-epsilon"})
     metrics = _ok(_train(context, 1, 1)).metric_records["metrics"]
     assert metrics[WEIGHT_KEY] % 10 == 0
+
+
+def test_a_ledger_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger
+
+    ledger = tmp_path / "ledger.json"
+    PrivacyLedger(ledger).save()
+    assert PrivacyLedger.open(ledger).entries == {}
+    show = ["privacy-ledger", "show", "--ledger", str(ledger)]
+    assert "verified" in CliRunner().invoke(cli_app, show).output
+    _key(ledger).chmod(0o644)
+    with pytest.raises(LedgerIntegrityError, match="chmod 600"):
+        PrivacyLedger.open(ledger)
+    refused = CliRunner().invoke(cli_app, show)
+    assert refused.exit_code == 2
+    assert "chmod 600" in refused.output

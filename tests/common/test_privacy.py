@@ -154,3 +154,19 @@ def test_the_physical_batch_cap_is_checked_and_a_site_may_lower_it() -> None:
     server = PrivacyConfig(enabled=True, max_physical_batch_size=32)
     site = PrivacyConfig(enabled=True, max_physical_batch_size=8)
     assert server.tightened_by(site).max_physical_batch_size == 8
+
+
+def test_a_round_with_other_steps_or_sampling_than_the_plan_is_declined() -> None:
+    from common.privacy import PlanMismatchError, check_round_matches_plan
+
+    plan = plan_dp(POLICY, num_examples=200, batch_size=20, local_epochs=2, num_rounds=4)
+
+    check_round_matches_plan(plan, num_examples=200, batch_size=20, local_epochs=2)
+    for changed in (
+        {"num_examples": 200, "batch_size": 20, "local_epochs": 10},  # more steps
+        {"num_examples": 200, "batch_size": 40, "local_epochs": 4},  # same images seen, other sampling
+        {"num_examples": 400, "batch_size": 20, "local_epochs": 1},  # same steps, other split
+    ):
+        with pytest.raises(PlanMismatchError, match="differs from this site's DP plan"):
+            check_round_matches_plan(plan, **changed)
+    assert issubclass(PlanMismatchError, BudgetExhaustedError)  # declined, not a site error
