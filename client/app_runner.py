@@ -76,8 +76,9 @@ SUPPORTED_FLWR_VERSION = "1.41.0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLIENTAPP_REF = "client.app:app"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-POLL_SECONDS = 0.1
-"""How often the runner asks its SuperNode for a task (a local HTTP call on loopback)."""
+POLL_SECONDS = 0.2
+"""How often the runner asks its SuperNode for a task: a local HTTP call on loopback, as often as
+the SuperExec that cxr-fl ran before (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2), no more load."""
 
 
 class RuntimeUnsupportedError(CxrFlError):
