@@ -82,6 +82,20 @@ def timed_row(name: str, compute: Compute, work: Callable[[], dict[str, float]])
     return row
 
 
+def warm_up(teacher: ModelConfig, compute: Compute, batch: int, image_size: int) -> None:
+    """One forward/backward pass in float32 and in float16 so CUDA start-up is not in the first row."""
+    from common.device import autocast
+    from common.models import build_model
+
+    model = build_model(teacher, TASK.num_classes).to(compute.device)
+    images = torch.randn(batch, teacher.in_channels, image_size, image_size, device=compute.device)
+    for amp in (False, True):
+        with autocast(compute.device, amp):
+            loss = model(images).float().sum()
+        loss.backward()
+    torch.cuda.synchronize(compute.device)
+
+
 def train_row(
     data: SiteData, teacher: ModelConfig, compute: Compute, batch: int, privacy: PrivacyConfig | None = None
 ) -> dict[str, float]:
@@ -177,6 +191,8 @@ def main() -> int:
         work = Path(tmp)
         data = site_data(args.images, args.image_size, work / "cache")
         cpu_data = site_data(args.cpu_images, args.image_size, work / "cache")
+        if not args.smoke:
+            warm_up(teacher, cuda, batch, args.image_size)
         rows.append(
             timed_row("teacher round, CPU fp32", cpu, lambda: train_row(cpu_data, teacher, cpu, batch))
         )
