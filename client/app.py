@@ -44,6 +44,8 @@ from common.protocol import (
     SITE_DECLINED,
     SITE_FAILED,
     SITE_RECORD,
+    VALIDATE_INCOMING_KEY,
+    VALIDATION_RECORD,
     WEIGHT_KEY,
     error_reason,
 )
@@ -119,6 +121,7 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
+    validation = _validate_incoming(config, settings, data, global_state)
     privacy = site.effective_privacy(settings.privacy)
     ledger = None
     if privacy.enabled:
@@ -141,16 +144,38 @@ def _train(
         ledger.epsilon_by_round[server_round] = outcome.metrics["dp_epsilon"]
         ledger.save()
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
-    return RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    if validation is not None:
+        reply[VALIDATION_RECORD] = validation
+    return reply
+
+
+def _validate_incoming(
+    config: ConfigRecord, settings: FederatedRunConfig, data: SiteData, state: dict[str, torch.Tensor]
+) -> MetricRecord | None:
+    """Scores of the global model a train message brought, when the server asks for them.
+
+    With ``validation-mode = "in-train"`` the server validates the global model of round r-1
+    inside round r's train message (one message per site per round): the site scores the
+    model it received on its validation split before training on it.
+    """
+    if config.get(VALIDATE_INCOMING_KEY) is not True:
+        return None
+    return _validation_scores(settings, data, state)
+
+
+def _validation_scores(
+    settings: FederatedRunConfig, data: SiteData, state: dict[str, torch.Tensor]
+) -> MetricRecord:
+    result = evaluate_state(data, "val", settings.task, settings.teacher, state)
+    return MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
 
 
 def _evaluate(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     state = msg.content["arrays"].to_torch_state_dict()
-    result = evaluate_state(data, "val", settings.task, settings.teacher, state)
-    metrics = MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
-    return RecordDict({"metrics": metrics})
+    return RecordDict({"metrics": _validation_scores(settings, data, state)})
 
 
 def _distill(
