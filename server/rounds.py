@@ -320,13 +320,19 @@ class TeacherRounds:
                 seed=self.seed,
                 pending_row=pending,
             )
+            # server/deploy.py's ROUND_LINE reads this line (the val part only when validated)
+            validated = ""
+            if not self.in_train:
+                metric = float(row.get(f"val_{self.selection_metric}", float("nan")))
+                validated = f", val {self.selection_metric} {metric:.4f} (best round {self.best_round})"
             logger.info(
-                "Round %d/%d: %d/%d sites trained, train loss %.4f, %.1f s",
+                "Round %d/%d: %d/%d sites trained, train loss %.4f%s, %.1f s",
                 server_round,
                 self.num_rounds,
                 row["sites_trained"],
                 row["sites_sampled"],
                 float(train_metrics.get("loss", float("nan"))),
+                validated,
                 row["seconds"],
             )
         if pending is not None:
@@ -368,7 +374,7 @@ class TeacherRounds:
         if is_best:
             self.best_round = server_round
             self.best_metric = metric if math.isfinite(metric) else self.best_metric
-        closed = {**row, "is_best": is_best, **val_metrics}
+        row.update(is_best=is_best, **val_metrics)
         logger.info(
             "Round %d validation: %d site(s), %s %.4f (best round %d)",
             server_round,
@@ -377,7 +383,7 @@ class TeacherRounds:
             metric,
             self.best_round,
         )
-        return [o.row(server_round, "evaluate") for o in eval_outcomes] + [closed], is_best
+        return [o.row(server_round, "evaluate") for o in eval_outcomes] + [row], is_best
 
     def _better(self, metric: float, best: float) -> bool:
         """Is ``metric`` better than ``best``? Lower is better for ``loss``, higher otherwise."""
