@@ -14,6 +14,7 @@ The project's own round loop (server/rounds.py) waits for replies through
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from flwr.serverapp import Grid
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
     from flwr.supercore.run import Run
+
+logger = logging.getLogger(__name__)
+
+PULL_ERRORS_TOLERATED = 5
+"""Failed pulls in a row that are logged and retried (a busy SuperLink answers 500 at times)."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +70,26 @@ def wait_for_replies(
 
     ``timeout=None`` waits for all of them. The grid is pulled at least once, even with a
     timeout of 0, and last at the deadline. The replies come back in order of arrival.
+
+    A pull that fails (a busy SuperLink answered an HTTP error) is retried on the schedule;
+    more than ``PULL_ERRORS_TOLERATED`` failures in a row raise the last one.
     """
     pending = {message_id for message_id in message_ids if message_id}
     replies: list[Message] = []
     deadline = None if timeout is None else clock() + timeout
     intervals = schedule.intervals()
+    errors = 0
     while pending:
-        for reply in grid.pull_messages(sorted(pending)):
+        try:
+            pulled = list(grid.pull_messages(sorted(pending)))
+            errors = 0
+        except Exception as exc:  # the grid's transport: httpx errors in deployment
+            errors += 1
+            if errors > PULL_ERRORS_TOLERATED:
+                raise
+            logger.warning("Pulling replies failed (%s: %s); trying again", type(exc).__name__, exc)
+            pulled = []
+        for reply in pulled:
             if reply.metadata.reply_to_message_id in pending:
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)

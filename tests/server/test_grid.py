@@ -7,7 +7,13 @@ from collections.abc import Iterable
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.grid import PollSchedule, QuickReplyGrid, quick_reply_grid, wait_for_replies
+from server.grid import (
+    PULL_ERRORS_TOLERATED,
+    PollSchedule,
+    QuickReplyGrid,
+    quick_reply_grid,
+    wait_for_replies,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -115,3 +121,37 @@ def test_everything_else_is_the_inner_grids() -> None:
 def test_a_schedule_that_would_spin_or_shrink_is_refused(first: float, growth: float, longest: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         PollSchedule(first=first, growth=growth, longest=longest)
+
+
+class FlakySuperLink(SlowSites):
+    """Pulls fail ``failures`` times in a row (HTTP 500 from a busy SuperLink), then work."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__({1: 1})
+        self.failures = failures
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        if self.failures:
+            self.failures -= 1
+            self.calls.append("pull_messages")
+            raise RuntimeError("500 Internal Server Error")
+        self.pulls = 0
+        return super().pull_messages(message_ids)
+
+
+def test_a_few_failed_pulls_are_retried() -> None:
+    sites, clock = FlakySuperLink(failures=PULL_ERRORS_TOLERATED), FakeClock()
+    grid = QuickReplyGrid(sites, sleep=clock.sleep, clock=clock)  # type: ignore[arg-type]
+
+    replies = list(grid.send_and_receive(_messages([1]), timeout=60.0))
+
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert sites.calls.count("pull_messages") == PULL_ERRORS_TOLERATED + 1
+
+
+def test_a_superlink_that_keeps_failing_is_an_error() -> None:
+    sites, clock = FlakySuperLink(failures=PULL_ERRORS_TOLERATED + 1), FakeClock()
+    grid = QuickReplyGrid(sites, sleep=clock.sleep, clock=clock)  # type: ignore[arg-type]
+
+    with pytest.raises(RuntimeError, match="500"):
+        grid.send_and_receive(_messages([1]), timeout=60.0)
