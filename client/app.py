@@ -49,6 +49,8 @@ from common.protocol import (
     SITE_DECLINED,
     SITE_FAILED,
     SITE_RECORD,
+    VALIDATE_INCOMING_KEY,
+    VALIDATION_RECORD,
     WEIGHT_KEY,
     error_reason,
 )
@@ -128,6 +130,7 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
+    validation = _validate_incoming(config, settings, site, data, global_state)
     privacy = site.effective_privacy(settings.privacy, len(data.split.train))
     ledger, entry = None, None
     if privacy.enabled:  # fail closed: an unverifiable ledger raises before anything trains
@@ -154,7 +157,36 @@ def _train(
                 "its weights stay at the site and the site declines further training rounds"
             )
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
-    return RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    if validation is not None:
+        reply[VALIDATION_RECORD] = validation
+    return reply
+
+
+def _validate_incoming(
+    config: ConfigRecord,
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    state: dict[str, torch.Tensor],
+) -> MetricRecord | None:
+    """Scores of the global model a train message brought, when the server asks for them.
+
+    With ``validation-mode = "in-train"`` the server validates the global model of round r-1
+    inside round r's train message (one message per site per round): the site scores the
+    model it received on its validation split before training on it.
+    """
+    if config.get(VALIDATE_INCOMING_KEY) is not True:
+        return None
+    return _validation_scores(settings, site, data, state)
+
+
+def _validation_scores(
+    settings: FederatedRunConfig, site: SiteConfig, data: SiteData, state: dict[str, torch.Tensor]
+) -> MetricRecord:
+    compute = site.resolve_compute()
+    result = evaluate_state(data, "val", settings.task, settings.teacher, state, compute=compute)
+    return MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
 
 
 def _record_spent(
@@ -177,10 +209,7 @@ def _evaluate(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     state = msg.content["arrays"].to_torch_state_dict()
-    compute = site.resolve_compute()
-    result = evaluate_state(data, "val", settings.task, settings.teacher, state, compute=compute)
-    metrics = MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
-    return RecordDict({"metrics": metrics})
+    return RecordDict({"metrics": _validation_scores(settings, site, data, state)})
 
 
 def _distill(

@@ -25,6 +25,10 @@ FINISH_MESSAGE_TYPE = "query.finish"
 RUN_FINISHED_MARKER = "run_finished.json"
 WEIGHT_KEY = "num-examples"
 SITE_RECORD = "site"
+VALIDATE_INCOMING_KEY = "validate-incoming"
+"""Train-message config flag: score the received global model on the validation split first."""
+VALIDATION_RECORD = "validation"
+"""The MetricRecord of a train reply holding the validation scores of the model the site received."""
 
 
 _REASON = re.compile(r"^site '([^']*)': (.*)$", re.DOTALL)

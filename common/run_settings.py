@@ -30,6 +30,8 @@ from common.tasks import Task, get_task
 TeacherChoice = Literal["best", "last"]
 SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "loss")
 """Federated-validation metrics that can pick the best global teacher (lower is better for loss)."""
+VALIDATION_MODES = ("in-train", "separate")
+"""When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class RunSettings:
     cache_dir: str = ""
     simulation_manifest_dir: str = ""
     central_eval_manifest: str = ""
+    validation_mode: str = "in-train"
+    """``in-train``: one message per site per round (server/rounds.py); ``separate``: two."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -71,6 +75,10 @@ class RunSettings:
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(
                 "selection-metric", self.selection_metric, "one of " + ", ".join(SELECTION_METRICS)
+            )
+        if self.validation_mode not in VALIDATION_MODES:
+            raise ConfigError(
+                "validation-mode", self.validation_mode, "one of " + ", ".join(VALIDATION_MODES)
             )
         if self.distill_teacher not in ("best", "last"):
             raise ConfigError("distill-teacher", self.distill_teacher, "'best' or 'last'")

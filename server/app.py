@@ -40,6 +40,7 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
+from server.grid import quick_reply_grid
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
 from server.run_folder import RunFolder
@@ -205,6 +206,7 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
     settings = run_settings_from_config(context.run_config)
     strategy_settings = from_mapping(StrategySettings, context.run_config)
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
@@ -212,7 +214,7 @@ def main(grid: Grid, context: Context) -> None:
     attach_run_logging(run_dir)
     resume = folder.prepare(dict(context.run_config))
     if resume is not None:
-        folder.drop_metrics_after(resume.completed_round)
+        folder.drop_metrics_after(resume.completed_round, resume.validated_round)
     logger.info("Run folder: %s", run_dir)
     tracker = start_tracking(folder, context.run_config)
     torch.set_num_threads(settings.train.num_threads)
@@ -231,8 +233,9 @@ def main(grid: Grid, context: Context) -> None:
         min_train_sites=strategy_settings.min_train_sites,
         min_evaluate_sites=strategy_settings.min_evaluate_sites,
         central_evaluate=central_evaluator(settings),
+        validation_mode=settings.run.validation_mode,
     )
-    if resume is not None and resume.completed_round >= settings.run.num_rounds:
+    if resume is not None and resume.validated_round >= settings.run.num_rounds:
         logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
         best_round = resume.best_round
     else:

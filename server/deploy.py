@@ -159,7 +159,7 @@ def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
 
 ROUND_LINE = re.compile(
     r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
-    r"train loss (?P<loss>\S+), val (?P<metric_name>\S+) (?P<metric>\S+)"
+    r"train loss (?P<loss>[^,\s]+)(?:, val (?P<metric_name>\S+) (?P<metric>\S+))?"
 )
 RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
 
@@ -185,8 +185,8 @@ def parse_progress(line: str) -> Progress | None:
             num_rounds=int(match["rounds"]),
             replied=int(match["replied"]),
             sampled=int(match["sampled"]),
-            metric_name=match["metric_name"],
-            metric=float(match["metric"]),
+            metric_name=match["metric_name"] or "",
+            metric=float(match["metric"]) if match["metric"] else None,
         )
     if match := RESUME_LINE.search(line):
         return Progress(int(match["round"]), int(match["rounds"]))

@@ -5,13 +5,29 @@ replies with a fixed 3 s poll. This loop calls the same strategy methods (``conf
 ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) itself, so aggregation
 stays Flower's, and adds what a multi-day hospital federation needs:
 
-- replies are polled every 50 ms; a site that fails or does not answer within the round timeout
-  is logged and left out of that round's aggregate, and the round completes when at least the
-  minimum number of sites replied;
+- replies are polled on a short, gently growing interval (server/grid.py); a site that fails or
+  does not answer within the round timeout is logged and left out of that round's aggregate,
+  and the round completes when at least the minimum number of sites replied;
 - a site that declines a round (its DP budget is spent) is logged with its reason;
 - after every round the global teacher, the strategy state and the seeds are checkpointed, the
   best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
 - node sampling is seeded per round, so a resumed run samples what the straight run sampled.
+
+Federated validation (run setting ``validation-mode``):
+
+- ``in-train`` (default): one message per site per round. The train message of round r carries
+  the global model of round r-1; the site first scores it on its validation split, then trains,
+  and replies with its weights and those scores. So round r's replies validate model r-1: the
+  aggregate row of round r-1 (and whether model r-1 is the best so far) is completed during
+  round r, and one evaluate message after the last round validates the last model. Round 1
+  asks for no validation (the initial model is never a candidate). Until its validation
+  arrives, a round's aggregate row waits in state.json (``pending_row``), so a resume completes
+  it exactly as the straight run would. Sites sampled for training are the ones that validate;
+  a site that declines or fails the train message validates nothing that round.
+- ``separate``: Flower's usual two messages per round (train, then evaluate the new model).
+
+Both modes write the same metrics.jsonl rows (round r's aggregate row holds the validation of
+model r) and pick the same best round.
 """
 
 from __future__ import annotations
@@ -24,19 +40,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import CxrFlError
-from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY, parse_error_reason
+from common.protocol import (
+    SITE_DECLINED,
+    SITE_RECORD,
+    VALIDATE_INCOMING_KEY,
+    VALIDATION_RECORD,
+    WEIGHT_KEY,
+    parse_error_reason,
+)
+from common.run_settings import VALIDATION_MODES
+from server.grid import wait_for_replies
 from server.run_folder import ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
 
 logger = logging.getLogger(__name__)
-
-REPLY_POLL_SECONDS = 0.05
 
 
 class RoundFailedError(CxrFlError):
@@ -91,22 +114,21 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[l
     for message_id, message in zip(grid.push_messages(outgoing), outgoing, strict=True):
         if message_id:
             destination[message_id] = message.metadata.dst_node_id
-    pending = set(destination)
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if pending:
-            time.sleep(REPLY_POLL_SECONDS)
-    return replies, destination
+    return wait_for_replies(grid, list(destination), timeout), destination
 
 
 def collect(
     grid: Grid, messages: Iterable[Message], timeout: float, names: dict[int, str]
 ) -> tuple[list[Message], list[SiteOutcome]]:
-    """Exchange messages and describe what each site did.
+    """Exchange messages and describe what each site did (see :func:`describe`)."""
+    replies, destination = exchange(grid, messages, timeout)
+    return describe(replies, destination, names)
+
+
+def describe(
+    replies: list[Message], destination: dict[str, int], names: dict[int, str]
+) -> tuple[list[Message], list[SiteOutcome]]:
+    """The replies in site order and what each site did with its message.
 
     ``names`` maps node ids to the names sites gave in earlier replies; it is updated here, so
     that a site which later fails (an error reply made by Flower itself, or no reply at all) is
@@ -118,7 +140,6 @@ def collect(
     weighted average of the models is a floating-point sum whose order would otherwise change
     from run to run, and training amplifies that last-bit difference over the rounds.
     """
-    replies, destination = exchange(grid, messages, timeout)
     replies = sorted(replies, key=lambda r: (site_name(r), r.metadata.src_node_id))
     answered = {reply.metadata.reply_to_message_id for reply in replies}
     outcomes = []
@@ -142,15 +163,20 @@ def collect(
             continue
         names[node] = registered_name(names, node) or site_name(reply)
         accepted.append(reply)
-        metrics = {}
-        for record in reply.content.metric_records.values():
-            metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
-        outcomes.append(SiteOutcome(node, names[node], "ok", metrics=metrics))
+        outcomes.append(SiteOutcome(node, names[node], "ok", metrics=scalar_values(reply.content)))
     for message_id, node in destination.items():
         if message_id not in answered:
             reason = "no reply within the round timeout"
             outcomes.append(SiteOutcome(node, names.get(node, f"node-{node}"), "timeout", reason))
     return accepted, sorted(outcomes, key=lambda o: o.site)
+
+
+def scalar_values(content: RecordDict) -> dict[str, float]:
+    """Every scalar metric of a reply's MetricRecords, as floats."""
+    metrics: dict[str, float] = {}
+    for record in content.metric_records.values():
+        metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
+    return metrics
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -165,6 +191,45 @@ def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
     random.seed(f"{seed}:{server_round}:{phase}")
+
+
+def _scalars(metrics: MetricRecord | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)}
+
+
+Validation = tuple[list[Message], list[SiteOutcome]]
+"""The sites' scores of a model: evaluate-like messages and one outcome per site."""
+
+
+def pop_validation(replies: list[Message]) -> dict[int, MetricRecord]:
+    """Take the validation record out of each train reply (in place), by node id.
+
+    The train replies are left with exactly the records Flower's aggregation expects.
+    """
+    return {
+        reply.metadata.src_node_id: reply.content.pop(VALIDATION_RECORD)
+        for reply in replies
+        if not reply.has_error() and VALIDATION_RECORD in reply.content.metric_records
+    }
+
+
+def validation_outcomes(records: dict[int, MetricRecord], train: list[SiteOutcome]) -> Validation:
+    """Evaluate-like messages (one MetricRecord each, for ``aggregate_evaluate``) and one
+    evaluate outcome per train outcome: the scores of a site that validated, else why not."""
+    messages: list[Message] = []
+    outcomes: list[SiteOutcome] = []
+    for outcome in train:
+        record = records.get(outcome.node_id)
+        if outcome.status != "ok":
+            outcomes.append(SiteOutcome(outcome.node_id, outcome.site, outcome.status, outcome.reason))
+        elif record is None or WEIGHT_KEY not in record:
+            reason = "its train reply carried no validation of the model it received"
+            outcomes.append(SiteOutcome(outcome.node_id, outcome.site, "failed", reason))
+        else:
+            content = RecordDict({"metrics": record})
+            messages.append(Message(content, dst_node_id=outcome.node_id, message_type="evaluate"))
+            outcomes.append(SiteOutcome(outcome.node_id, outcome.site, "ok", metrics=scalar_values(content)))
+    return messages, outcomes
 
 
 @dataclass
@@ -192,7 +257,10 @@ class TeacherRounds:
         min_train_sites: int,
         min_evaluate_sites: int,
         central_evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None,
+        validation_mode: str = "in-train",
     ) -> None:
+        if validation_mode not in VALIDATION_MODES:
+            raise ValueError(f"validation_mode={validation_mode!r}: expected one of {VALIDATION_MODES}")
         self.grid = grid
         self.strategy = strategy
         self.folder = folder
@@ -206,79 +274,138 @@ class TeacherRounds:
         self.central_evaluate = central_evaluate
         # Registered names (RUN_DIR/sites.json) are who a reply is from, not what it claims.
         self.site_names: dict[int, str] = SiteDirectory(folder.root / "sites.json")
+        self.in_train = validation_mode == "in-train"
+        self.best_round = 0
+        self.best_metric = float("nan")
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         arrays = initial
-        start_round, best_round, best_metric = 1, 0, float("nan")
+        start_round = 1
+        # The aggregate row of the last trained round while its model waits for validation.
+        pending: dict[str, Any] | None = None
         if resume is not None:
             arrays = ArrayRecord(self.folder.load_model("last"))
             load_strategy_state(self.strategy, self.folder.load_strategy_state())
             start_round = resume.completed_round + 1
-            best_round, best_metric = resume.best_round, resume.best_metric
+            self.best_round, self.best_metric = resume.best_round, resume.best_metric
+            pending = resume.pending_row
             logger.info(
                 "Resuming run in %s after round %d of %d (best so far: round %d, %s = %.4f)",
                 self.folder.root,
                 resume.completed_round,
                 self.num_rounds,
-                best_round,
+                self.best_round,
                 self.selection_metric,
-                best_metric,
+                self.best_metric,
             )
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
-            arrays, train_metrics, train_outcomes = self._train_round(server_round, arrays)
-            val_metrics, eval_outcomes = self._evaluate_round(server_round, arrays)
+            received = arrays
+            validate = self.in_train and pending is not None
+            arrays, train_metrics, train_outcomes, validation = self._train_round(
+                server_round, arrays, validate=validate
+            )
+            rows: list[dict[str, Any]] = []
+            best_state = None
+            if pending is not None and validation is not None:
+                val_metrics, eval_outcomes = self._aggregate_validation(int(pending["round"]), *validation)
+                closed, is_best = self._close_round(pending, val_metrics, eval_outcomes)
+                rows += closed
+                best_state = received.to_torch_state_dict() if is_best else None
+            rows += [o.row(server_round, "train") for o in train_outcomes]
+            row = self._aggregate_row(server_round, train_metrics, train_outcomes)
             if self.central_evaluate is not None:
                 central = self.central_evaluate(arrays.to_torch_state_dict())
-                val_metrics.update({f"central_{k}": v for k, v in central.items()})
-            metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
-            # The first round is the best so far even when its metric is undefined (NaN).
-            is_best = best_round == 0 or self._better(metric, best_metric)
-            if is_best:
-                best_round = server_round
-                best_metric = metric if math.isfinite(metric) else best_metric
-            seconds = time.monotonic() - started
-            trained = sum(o.status == "ok" for o in train_outcomes)
-            rows = [o.row(server_round, "train") for o in train_outcomes]
-            rows += [o.row(server_round, "evaluate") for o in eval_outcomes]
-            rows.append(
-                {
-                    "round": server_round,
-                    "phase": "aggregate",
-                    "site": "_global",
-                    "seconds": seconds,
-                    "sites_trained": trained,
-                    "sites_sampled": len(train_outcomes),
-                    "is_best": is_best,
-                    **{f"train_{k}": v for k, v in train_metrics.items()},
-                    **val_metrics,
-                }
-            )
+                row.update({f"central_{k}": v for k, v in central.items()})
+            if self.in_train:
+                row["seconds"] = time.monotonic() - started
+                pending = row
+            else:
+                val_metrics, eval_outcomes = self._evaluate_round(server_round, arrays)
+                row["seconds"] = time.monotonic() - started
+                closed, is_best = self._close_round(row, val_metrics, eval_outcomes)
+                rows += closed
+                best_state = arrays.to_torch_state_dict() if is_best else None
+                pending = None
             # Metrics first, checkpoint state last: a server killed in between repeats the round
             # on resume, and the rows of the repeated round are dropped before it runs again.
             self.folder.append_metrics(rows)
+            if best_state is not None:
+                self.folder.save_best(self.best_round, best_state, seed=self.seed)
             self.folder.save_round(
                 server_round=server_round,
                 state_dict=arrays.to_torch_state_dict(),
                 strategy_state=strategy_state(self.strategy),
-                is_best=is_best,
-                best_round=best_round,
-                best_metric=best_metric,
+                is_best=False,
+                best_round=self.best_round,
+                best_metric=self.best_metric,
                 seed=self.seed,
+                pending_row=pending,
             )
+            # server/deploy.py's ROUND_LINE reads this line (the val part only when validated)
+            validated = ""
+            if not self.in_train:
+                metric = float(row.get(f"val_{self.selection_metric}", float("nan")))
+                validated = f", val {self.selection_metric} {metric:.4f} (best round {self.best_round})"
             logger.info(
-                "Round %d/%d: %d/%d sites trained, train loss %.4f, val %s %.4f (best round %d), %.1f s",
+                "Round %d/%d: %d/%d sites trained, train loss %.4f%s, %.1f s",
                 server_round,
                 self.num_rounds,
-                trained,
-                len(train_outcomes),
+                row["sites_trained"],
+                row["sites_sampled"],
                 float(train_metrics.get("loss", float("nan"))),
-                self.selection_metric,
-                metric,
-                best_round,
-                seconds,
+                validated,
+                row["seconds"],
             )
-        return TeacherResult(arrays, self.num_rounds, best_round, best_metric)
+        if pending is not None:
+            self._final_validation(pending, arrays)
+        return TeacherResult(arrays, self.num_rounds, self.best_round, self.best_metric)
+
+    def _final_validation(self, pending: dict[str, Any], arrays: ArrayRecord) -> None:
+        """Validate the last model with one evaluate message (in-train mode) and close its row."""
+        server_round = int(pending["round"])
+        started = time.monotonic()
+        val_metrics, eval_outcomes = self._evaluate_round(server_round, arrays)
+        rows, is_best = self._close_round(pending, val_metrics, eval_outcomes)
+        rows[-1]["final_validation_seconds"] = time.monotonic() - started
+        self.folder.append_metrics(rows)
+        if is_best:
+            self.folder.save_best(server_round, arrays.to_torch_state_dict(), seed=self.seed)
+        self.folder.record_validation(best_round=self.best_round, best_metric=self.best_metric)
+
+    def _aggregate_row(
+        self, server_round: int, train_metrics: dict[str, float], outcomes: list[SiteOutcome]
+    ) -> dict[str, Any]:
+        return {
+            "round": server_round,
+            "phase": "aggregate",
+            "site": "_global",
+            "sites_trained": sum(o.status == "ok" for o in outcomes),
+            "sites_sampled": len(outcomes),
+            **{f"train_{k}": v for k, v in train_metrics.items()},
+        }
+
+    def _close_round(
+        self, row: dict[str, Any], val_metrics: dict[str, float], eval_outcomes: list[SiteOutcome]
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The evaluate rows and the completed aggregate row of a validated round; is it the best?"""
+        server_round = int(row["round"])
+        metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
+        # The first round is the best so far even when its metric is undefined (NaN).
+        is_best = self.best_round == 0 or self._better(metric, self.best_metric)
+        if is_best:
+            self.best_round = server_round
+            self.best_metric = metric if math.isfinite(metric) else self.best_metric
+        row.update(is_best=is_best, **val_metrics)
+        logger.info(
+            "Round %d validation: %d site(s), %s %.4f (best round %d)",
+            server_round,
+            sum(o.status == "ok" for o in eval_outcomes),
+            self.selection_metric,
+            metric,
+            self.best_round,
+        )
+        return [o.row(server_round, "evaluate") for o in eval_outcomes] + [row], is_best
 
     def _better(self, metric: float, best: float) -> bool:
         """Is ``metric`` better than ``best``? Lower is better for ``loss``, higher otherwise."""
@@ -289,8 +416,10 @@ class TeacherRounds:
         return metric < best if self.selection_metric == "loss" else metric > best
 
     def _train_round(
-        self, server_round: int, arrays: ArrayRecord
-    ) -> tuple[ArrayRecord, dict[str, float], list[SiteOutcome]]:
+        self, server_round: int, arrays: ArrayRecord, *, validate: bool
+    ) -> tuple[ArrayRecord, dict[str, float], list[SiteOutcome], Validation | None]:
+        """Train one round; with ``validate``, the sites also score ``arrays`` (the model they
+        receive) and the last item is their validation (messages and outcomes), else None."""
         # Flower's node sampling waits for min-available-sites without a time limit.
         available = len(wait_for_sites(self.grid, self.strategy.min_available_nodes, self.site_wait_timeout))
         if available < self.strategy.min_available_nodes:
@@ -300,9 +429,14 @@ class TeacherRounds:
                 "checkpointed; start the server again with --resume once sites are back."
             )
         _seed_sampling(self.seed, server_round, "train")
-        config = ConfigRecord({"phase": "teacher", "num-rounds": self.num_rounds})
+        config = ConfigRecord(
+            {"phase": "teacher", "num-rounds": self.num_rounds, VALIDATE_INCOMING_KEY: validate}
+        )
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        replies, outcomes = collect(self.grid, messages, self.round_timeout, self.site_names)
+        replies, destination = exchange(self.grid, messages, self.round_timeout)
+        records = pop_validation(replies)
+        replies, outcomes = describe(replies, destination, self.site_names)
+        validation = validation_outcomes(records, outcomes) if validate else None
         for outcome in outcomes:
             if outcome.status != "ok":
                 logger.warning(
@@ -320,10 +454,22 @@ class TeacherRounds:
         new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise RoundFailedError(f"round {server_round}: aggregation produced no model")
-        train_metrics = {
-            k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)
-        }
-        return new_arrays, train_metrics, outcomes
+        return new_arrays, _scalars(metrics), outcomes, validation
+
+    def _aggregate_validation(
+        self, server_round: int, messages: list[Message], outcomes: list[SiteOutcome]
+    ) -> tuple[dict[str, float], list[SiteOutcome]]:
+        """Average the sites' validation scores of the model of ``server_round``."""
+        evaluated = sum(o.status == "ok" for o in outcomes)
+        if evaluated < self.min_evaluate_sites:
+            logger.warning(
+                "Round %d: only %d site(s) evaluated (minimum %d); validation metrics are partial",
+                server_round,
+                evaluated,
+                self.min_evaluate_sites,
+            )
+        metrics = self.strategy.aggregate_evaluate(server_round, messages) if messages else None
+        return _scalars(metrics), outcomes
 
     def _evaluate_round(
         self, server_round: int, arrays: ArrayRecord
@@ -340,14 +486,5 @@ class TeacherRounds:
         config = ConfigRecord({"phase": "teacher"})
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         replies, outcomes = collect(self.grid, messages, self.round_timeout, self.site_names)
-        evaluated = sum(o.status == "ok" for o in outcomes)
-        if evaluated < self.min_evaluate_sites:
-            logger.warning(
-                "Round %d: only %d site(s) evaluated (minimum %d); validation metrics are partial",
-                server_round,
-                evaluated,
-                self.min_evaluate_sites,
-            )
-        metrics = self.strategy.aggregate_evaluate(server_round, replies) if evaluated else None
-        val = {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)}
-        return val, outcomes
+        valid = [reply for reply in replies if not reply.has_error()]
+        return self._aggregate_validation(server_round, valid, outcomes)

@@ -58,6 +58,13 @@ class ResumeState:
     best_round: int
     best_metric: float
     seed: int
+    pending_row: dict[str, Any] | None = None
+    """The aggregate row of the last completed round while its model awaits validation."""
+
+    @property
+    def validated_round(self) -> int:
+        """The last round whose federated validation is in metrics.jsonl."""
+        return self.completed_round - 1 if self.pending_row is not None else self.completed_round
 
 
 class RunFolder:
@@ -114,6 +121,7 @@ class RunFolder:
             best_round=int(state["best_round"]),
             best_metric=float("nan") if best is None else float(best),
             seed=int(state["seed"]),
+            pending_row=state.get("pending_row"),
         )
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -135,14 +143,21 @@ class RunFolder:
                 rows.append(json.loads(line))
         return rows
 
-    def drop_metrics_after(self, completed_round: int) -> None:
+    def drop_metrics_after(self, completed_round: int, validated_round: int | None = None) -> None:
         """Before a resume: forget rows of a teacher round that never completed, and of every
-        later phase (distillation, federated student), which the resumed run does again."""
-        rows = [
-            r
-            for r in self.read_metrics()
-            if r.get("phase") in TEACHER_PHASES and int(r.get("round", 0)) <= completed_round
-        ]
+        later phase (distillation, federated student), which the resumed run does again.
+
+        Validation rows (evaluate, aggregate) are kept up to ``validated_round`` (default: the
+        completed round): a round validated in the next round's messages is validated again."""
+        validated = completed_round if validated_round is None else validated_round
+
+        def keep(row: dict[str, Any]) -> bool:
+            phase, server_round = row.get("phase"), int(row.get("round", 0))
+            if phase == "train":
+                return server_round <= completed_round
+            return phase in TEACHER_PHASES and server_round <= validated
+
+        rows = [r for r in self.read_metrics() if keep(r)]
         write_text_atomic(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def save_round(
@@ -155,8 +170,12 @@ class RunFolder:
         best_round: int,
         best_metric: float,
         seed: int,
+        pending_row: Mapping[str, Any] | None = None,
     ) -> None:
-        """Checkpoint a completed round; state.json is written last, so it never points ahead."""
+        """Checkpoint a completed round; state.json is written last, so it never points ahead.
+
+        ``pending_row`` is the round's aggregate row when its model is validated later (in the
+        next round's train messages, or the final evaluation): see server/rounds.py."""
         metadata = {"round": server_round, "seed": seed}
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         save_model(dict(state_dict), self.checkpoints / "last.pt", metadata=metadata)
@@ -176,8 +195,27 @@ class RunFolder:
                 "best_metric": best_metric if math.isfinite(best_metric) else None,
                 "seed": seed,
                 "strategy_file": strategy_file.name if strategy_state else None,
+                "pending_row": json_safe(dict(pending_row)) if pending_row is not None else None,
             },
         )
+
+    def save_best(self, server_round: int, state_dict: Mapping[str, torch.Tensor], *, seed: int) -> None:
+        """Keep the global teacher of ``server_round`` as best.pt (before state.json names it)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_model(
+            dict(state_dict), self.checkpoints / "best.pt", metadata={"round": server_round, "seed": seed}
+        )
+
+    def record_validation(self, *, best_round: int, best_metric: float) -> None:
+        """The last completed round is validated now: no pending row, best round/metric updated."""
+        path = self.checkpoints / "state.json"
+        state = json.loads(path.read_text(encoding="utf-8"))
+        state.update(
+            best_round=best_round,
+            best_metric=best_metric if math.isfinite(best_metric) else None,
+            pending_row=None,
+        )
+        write_json(path, state)
 
     def load_model(self, which: str = "last") -> dict[str, torch.Tensor]:
         return load_model_state(self.checkpoints / f"{which}.pt")

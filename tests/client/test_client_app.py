@@ -9,7 +9,13 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
-from common.protocol import SITE_BAD_INPUT, SITE_RECORD, WEIGHT_KEY
+from common.protocol import (
+    SITE_BAD_INPUT,
+    SITE_RECORD,
+    VALIDATE_INCOMING_KEY,
+    VALIDATION_RECORD,
+    WEIGHT_KEY,
+)
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
 from tests.conftest import flower_run_config
@@ -96,6 +102,34 @@ def test_per_class_metrics_and_exact_counts_leave_a_site_only_when_it_opts_in(tm
     assert {f"val_sensitivity/{c}" for c in classes} <= set(metrics.keys())
     site = site_from_node_config(node_config, settings)
     assert metrics[WEIGHT_KEY] == len(load_site_data(data_request(settings, site)).split.val)
+
+
+def test_a_train_message_that_asks_for_validation_scores_the_model_it_brought(tmp_path: Path) -> None:
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    train, _ = _message(context, "train", {"server-round": 2, "num-rounds": 2, VALIDATE_INCOMING_KEY: True})
+    evaluate, _ = _message(context, "evaluate", {"server-round": 1})
+
+    reply = app(train, context)
+    evaluated = app(evaluate, context)
+
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content.array_records) == {"arrays"}
+    assert set(reply.content.metric_records) == {"metrics", VALIDATION_RECORD}
+    validation = dict(reply.content.metric_records[VALIDATION_RECORD])
+    # the same scores as a separate evaluate message of the same (received) model
+    assert validation == dict(evaluated.content.metric_records["metrics"])
+    assert not any(k.startswith("val_") for k in reply.content.metric_records["metrics"])
+
+
+@pytest.mark.parametrize("flag", [False, "true", 1])
+def test_a_train_message_without_a_boolean_true_flag_is_not_validated(tmp_path: Path, flag: object) -> None:
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    message, _ = _message(context, "train", {"server-round": 1, "num-rounds": 1, VALIDATE_INCOMING_KEY: flag})
+
+    reply = app(message, context)
+
+    assert not reply.has_error()
+    assert set(reply.content.metric_records) == {"metrics"}
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,9 @@ def test_progress_from_round_lines() -> None:
     assert (progress.completed_round, progress.num_rounds, progress.replied, progress.sampled) == (2, 5, 1, 2)
     assert progress.metric_name == "auroc_macro"
     assert progress.metric == pytest.approx(0.6164)
+    in_train = parse_progress("INFO server.rounds: Round 3/5: 2/2 sites trained, train loss 0.9, 4.2 s")
+    assert in_train is not None  # validation-mode in-train: this round's model is validated later
+    assert (in_train.completed_round, in_train.replied, in_train.metric) == (3, 2, None)
     resumed = parse_progress("INFO server.rounds: Resuming run in /x after round 1 of 3 (best so far: ...)")
     assert resumed is not None
     assert (resumed.completed_round, resumed.num_rounds) == (1, 3)

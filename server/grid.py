@@ -1,0 +1,168 @@
+"""A Grid that waits for replies in tenths of a second, not in Flower's fixed 3 s steps.
+
+Flower 1.41's deployed grid (``HttpGrid.send_and_receive``) sleeps 3 s between two pulls of
+the replies, so a round whose sites answer in 0.4 s still takes 3 s; the simulation's
+``InMemoryGrid`` pulls every 0.1 s. :class:`QuickReplyGrid` wraps whichever grid Flower hands
+the ServerApp (it subclasses the public ``flwr.serverapp.Grid`` base and delegates everything)
+and pulls replies on a short schedule that backs off gently: 50 ms at first, growing by half
+each time up to 0.5 s, so a site that answers at once is seen within ~50 ms and a site that
+trains for minutes costs the SuperLink two pulls a second, not twenty.
+
+The project's own round loop (server/rounds.py) waits for replies through
+:func:`wait_for_replies` too, so both paths poll the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+if TYPE_CHECKING:
+    from flwr.proto.node_pb2 import NodeInfo
+    from flwr.supercore.run import Run
+
+logger = logging.getLogger(__name__)
+
+PULL_ERRORS_TOLERATED = 5
+"""Failed pulls in a row that are logged and retried (a busy SuperLink answers 500 at times)."""
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """How long to sleep between two pulls: ``first``, then times ``growth``, at most ``longest``."""
+
+    first: float = 0.05
+    growth: float = 1.5
+    longest: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.longest:
+            raise ValueError(f"first={self.first} must be > 0 and <= longest={self.longest}")
+        if self.growth < 1.0:
+            raise ValueError(f"growth={self.growth} must be >= 1")
+
+    def intervals(self) -> Iterator[float]:
+        interval = self.first
+        while True:
+            yield interval
+            interval = min(interval * self.growth, self.longest)
+
+
+DEFAULT_SCHEDULE = PollSchedule()
+
+
+def wait_for_replies(
+    grid: Grid,
+    message_ids: Iterable[str],
+    timeout: float | None,
+    *,
+    schedule: PollSchedule = DEFAULT_SCHEDULE,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Message]:
+    """Pull the replies to ``message_ids`` until all arrived or ``timeout`` seconds passed.
+
+    ``timeout=None`` waits for all of them. The grid is pulled at least once, even with a
+    timeout of 0, and last at the deadline. The replies come back in order of arrival.
+
+    A pull that fails (a busy SuperLink answered an HTTP error) is retried on the schedule;
+    more than ``PULL_ERRORS_TOLERATED`` failures in a row raise the last one.
+    """
+    pending = {message_id for message_id in message_ids if message_id}
+    replies: list[Message] = []
+    deadline = None if timeout is None else clock() + timeout
+    intervals = schedule.intervals()
+    errors = 0
+    while pending:
+        try:
+            pulled = list(grid.pull_messages(sorted(pending)))
+            errors = 0
+        except Exception as exc:  # the grid's transport: httpx errors in deployment
+            errors += 1
+            if errors > PULL_ERRORS_TOLERATED:
+                raise
+            logger.warning("Pulling replies failed (%s: %s); trying again", type(exc).__name__, exc)
+            pulled = []
+        for reply in pulled:
+            if reply.metadata.reply_to_message_id in pending:
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+        if not pending:
+            break
+        pause = next(intervals)
+        if deadline is not None:
+            left = deadline - clock()
+            if left <= 0:
+                break
+            pause = min(pause, left)
+        sleep(pause)
+    return replies
+
+
+class QuickReplyGrid(Grid):
+    """Delegates to Flower's grid; only ``send_and_receive`` polls on :class:`PollSchedule`."""
+
+    def __init__(
+        self,
+        inner: Grid,
+        schedule: PollSchedule = DEFAULT_SCHEDULE,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.schedule = schedule
+        self._sleep = sleep
+        self._clock = clock
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        message_ids = list(self.push_messages(messages))
+        return self.wait(message_ids, timeout)
+
+    def wait(self, message_ids: Iterable[str], timeout: float | None) -> list[Message]:
+        """The replies to ``message_ids`` (see :func:`wait_for_replies`)."""
+        return wait_for_replies(
+            self, message_ids, timeout, schedule=self.schedule, sleep=self._sleep, clock=self._clock
+        )
+
+
+def quick_reply_grid(grid: Grid) -> QuickReplyGrid:
+    """``grid`` wrapped once (a grid that is already a QuickReplyGrid is returned as it is)."""
+    return grid if isinstance(grid, QuickReplyGrid) else QuickReplyGrid(grid)
