@@ -371,6 +371,9 @@ class Coordinator:
             started=time.time(),
             flower_run_id=None,
         )
+        # The gateway needs only the SuperLink's port: both start at once.
+        self.gateway = self._start_gateway(host, port, private_port, tls, loopback)
+        self._update_state(gateway_pid=self.gateway.pid)
         self._wait_ready(
             self.process,
             self.superlink_log,
@@ -379,8 +382,6 @@ class Coordinator:
             "flower-superlink",
             "Application startup complete",
         )
-        self.gateway = self._start_gateway(host, port, private_port, tls, loopback)
-        self._update_state(gateway_pid=self.gateway.pid)
         # uvicorn runs the app's startup before it binds: an open port means it serves.
         self._wait_ready(self.gateway, self.gateway_log, connect_host, port, "the Fleet gateway", None)
         logger.info(

