@@ -204,9 +204,7 @@ class WarmClientAppRunner:
         poll_seconds: float = POLL_SECONDS,
     ) -> None:
         require_supported_flwr()
-        if client_app is None:
-            from client.app import app as client_app  # torch, flwr and the handlers, once
-        self.client_app = client_app
+        self.client_app = client_app  # None: the installed client.app, imported by serve()
         self.secret = secret
         self.allow = allow
         self.site = site
@@ -229,6 +227,11 @@ class WarmClientAppRunner:
     def serve(self) -> None:
         """Poll for tasks and run them until :meth:`stop`."""
         import httpx
+
+        if self.client_app is None:  # torch, flwr and the handlers, once (here: the site joins meanwhile)
+            from client.app import app as installed_app
+
+            self.client_app = installed_app
 
         clients: dict[str, Any] = {}
         refused_claims = False
