@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PrivacyConfig, from_mapping, to_mapping
+from common.config import PrivacyConfig
 from common.errors import ConfigError
-from common.run_settings import FederatedRunConfig
+from common.run_settings import (
+    FederatedRunConfig,
+    check_dp_norm,
+    coerce,
+    from_mapping,
+    parse_bool,
+    to_mapping,
+)
 
 SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm", "dp-accountant")
 
@@ -60,11 +67,14 @@ def _required(node_config: Mapping[str, Any], key: str) -> str:
     return str(value)
 
 
-def _site_privacy(node_config: Mapping[str, Any], requested: PrivacyConfig) -> PrivacyConfig | None:
+def _site_privacy(
+    node_config: Mapping[str, Any], requested: PrivacyConfig, norm: str
+) -> PrivacyConfig | None:
     """The site's own DP policy; what it leaves unset is the server's request (never looser)."""
     if not any(key in node_config for key in SITE_DP_KEYS):
         return None
     own = {k: v for k, v in node_config.items() if k.startswith("dp-")}
+    check_dp_norm(norm, True, "this site's own DP policy, cxr-fl-client start --epsilon")
     return from_mapping(PrivacyConfig, {**to_mapping(requested, "dp-"), **own, "dp-enabled": True}, "dp-")
 
 
@@ -103,7 +113,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         data_format=data_format,
         out_dir=out_dir,
         cache_dir=Path(cache),
-        privacy=_site_privacy(node_config, settings.privacy),
-        num_threads=int(node_config.get("num-threads", 2)),
-        strict=str(node_config.get("strict", "false")).lower() == "true",
+        privacy=_site_privacy(node_config, settings.privacy, settings.teacher.norm),
+        num_threads=coerce("node_config 'num-threads'", node_config.get("num-threads", 2), int),
+        strict=parse_bool("node_config 'strict'", node_config.get("strict", False), text=True),
     )

@@ -149,6 +149,12 @@ def build_loaded_model(
     return model
 
 
+def initial_teacher_state(teacher: ModelConfig, task: Task, seed: int) -> dict[str, torch.Tensor]:
+    """The teacher every party starts from: built with ``seed`` (the run's ``seed`` setting)."""
+    seed_everything(seed)
+    return build_model(teacher, task.num_classes).state_dict()
+
+
 @dataclass
 class RoundOutcome:
     """What one round of local training produced; only ``metrics`` and the weights leave."""

@@ -20,12 +20,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
-from common.config import from_mapping
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
     DataRequest,
     build_loaded_model,
+    initial_teacher_state,
     load_eval_dataset,
     scalar_metrics,
     student_config,
@@ -38,7 +38,7 @@ from common.protocol import (
     STUDENT_ROUND_MESSAGE_TYPE,
     WEIGHT_KEY,
 )
-from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
@@ -77,9 +77,7 @@ def default_run_dir(context: Context) -> Path:
 
 
 def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
-    seed_everything(settings.train.seed)
-    model = build_model(settings.teacher, settings.task.num_classes)
-    return ArrayRecord(model.state_dict())
+    return ArrayRecord(initial_teacher_state(settings.teacher, settings.task, settings.train.seed))
 
 
 def broadcast(

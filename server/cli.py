@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
+from common.run_settings import read_toml
 
 app = typer_app(
     "cxr-fl-server",
@@ -109,8 +109,7 @@ def _previous_overrides(run_dir: Path) -> dict[str, Any]:
         raise fail(
             f"--resume: {run_dir} holds no earlier run (no run_overrides.toml); start it without --resume"
         )
-    with path.open("rb") as handle:
-        return dict(tomllib.load(handle))
+    return read_toml(path, "--resume")
 
 
 @app.command()
@@ -145,14 +144,14 @@ def start(
     ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
+    from common.run_settings import check_run_config, load_schema, resolve_run_config
     from server.deploy import (
         DEFAULT_PORT,
         PROJECT_ROOT,
         Coordinator,
         TlsFiles,
-        load_schema,
-        resolve_run_config,
     )
+    from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
@@ -167,6 +166,7 @@ def start(
             raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
         overrides.update(resolve_run_config(schema, config, set_))
         overrides["run-dir"] = str(run_dir)
+        check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink starts
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
                 f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from client.site import site_name_for_partition
 from common.checkpoint import load_model_state
 from common.jsonio import write_json
 from common.local import (
@@ -30,19 +31,17 @@ from common.local import (
     SiteData,
     build_loaded_model,
     derive_seed,
+    initial_teacher_state,
     load_site_data,
     scalar_metrics,
 )
 from common.run_settings import FederatedRunConfig
 from common.training import evaluate, make_optimizer, seed_everything, train_one_epoch
-from server.app import initial_teacher
 
 logger = logging.getLogger(__name__)
 
 
 def site_names(num_sites: int) -> list[str]:
-    from client.site import site_name_for_partition
-
     return [site_name_for_partition(i) for i in range(num_sites)]
 
 
@@ -87,7 +86,7 @@ def train_centrally(
 ) -> dict[str, torch.Tensor]:
     """Train the teacher on ``datasets`` joined, with the budget a site has in the whole run."""
     epochs = settings.run.num_rounds * settings.train.local_epochs
-    state = initial_teacher(settings).to_torch_state_dict()
+    state = initial_teacher_state(settings.teacher, settings.task, settings.train.seed)
     seed_everything(seed)
     model = build_loaded_model(settings.teacher, settings.task, state)
     train_set = ConcatDataset(datasets)

@@ -40,9 +40,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader
 
+from common.checkpoint import load_model_state
+from common.data.sources.manifest import write_manifest
+from common.data.splits import split_by_patient
 from common.errors import ConfigError, DataError
 from common.jsonio import write_json
+from common.local import (
+    EVAL_BATCH_SIZE,
+    DataRequest,
+    build_loaded_model,
+    derive_seed,
+    load_eval_dataset,
+    scalar_metrics,
+    student_config,
+)
+from common.run_settings import read_toml, run_settings_from_config
+from common.training import evaluate
+from simulation.baselines import load_sites, train_centrally
+from simulation.experiment import (
+    Experiment,
+    ExperimentConfig,
+    PartitionSpec,
+    SourceSpec,
+    check_run_config,
+)
+from simulation.sources import drop_duplicate_images, load_sources
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +160,9 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: P
 
 def load_settings(config_file: Path) -> StudySettings:
     """Read and check the study's TOML file (paths are relative to the file's folder)."""
-    from simulation.experiment import check_run_config, read_toml
 
     path = Path(config_file).expanduser().resolve()
-    raw = read_toml(path, "an existing TOML file (e.g. benchmarks/study.toml)")
+    raw = read_toml(path, what="an existing TOML file (e.g. benchmarks/study.toml)")
     _check_keys(raw, TOP_KEYS, "", path)
     base = path.parent
     datasets: dict[str, DatasetSetting] = {}
@@ -213,7 +236,6 @@ def load_settings(config_file: Path) -> StudySettings:
 
 def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ...]:
     """The ``[[attempts]]`` tables, checked (names, splits and run settings) before any work."""
-    from simulation.experiment import check_run_config
 
     if not isinstance(raw, list):
         raise ConfigError(f"'attempts' in {path}", raw, "[[attempts]] tables")
@@ -274,9 +296,6 @@ def _check_sources(dataset: DatasetSetting) -> None:
 
 def prepare(settings: StudySettings, name: str) -> PreparedData:
     """The held-out test set and the training pool of one data set (written once, then reused)."""
-    from common.data.splits import split_by_patient
-    from simulation.cli import drop_duplicate_images, load_sources
-    from simulation.partition import write_manifest
 
     folder = settings.out / "data" / name
     info_path = folder / "holdout.json"
@@ -442,7 +461,6 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
 
 
 def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
-    from simulation.experiment import PartitionSpec
 
     sites = settings.nih_sites if cell.dataset == "nih" else settings.sites
     common: dict[str, Any] = {"seed": cell.seed, "min_site_size": settings.min_site_size}
@@ -498,7 +516,6 @@ def run_cell(
     on_round: Callable[[int, int, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Run one cell (or read its finished result) and return its result record."""
-    from simulation.experiment import Experiment, ExperimentConfig, SourceSpec
 
     stage = on_stage or (lambda _text: None)
     folder = settings.out / "cells" / cell.name
@@ -536,7 +553,6 @@ def run_cell(
 
 
 def _held_out(test_manifest: Path, settings: Any) -> Any:
-    from common.local import DataRequest, load_eval_dataset
 
     return load_eval_dataset(
         DataRequest(
@@ -553,10 +569,6 @@ def _held_out(test_manifest: Path, settings: Any) -> Any:
 
 
 def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any) -> dict[str, float]:
-    from torch.utils.data import DataLoader
-
-    from common.local import EVAL_BATCH_SIZE, build_loaded_model, scalar_metrics
-    from common.training import evaluate
 
     model = build_loaded_model(model_config, task, state)
     result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), task)
@@ -565,10 +577,6 @@ def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any
 
 def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str, Any]:
     """Score the cell's teacher (and students, baselines) on the held-out test set."""
-    from common.checkpoint import load_model_state
-    from common.local import derive_seed, student_config
-    from common.run_settings import run_settings_from_config
-    from simulation.baselines import load_sites, train_centrally
 
     run_dir = experiment_dir / "run"
     settings = run_settings_from_config(json.loads((run_dir / "run_config.json").read_text(encoding="utf-8")))

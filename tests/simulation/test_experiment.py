@@ -17,7 +17,6 @@ from simulation.experiment import (
     SourceSpec,
     check_run_config,
     experiment_config,
-    parse_set,
 )
 
 TINY_RUN = {
@@ -62,17 +61,6 @@ def test_run_settings_are_checked_against_the_schema() -> None:
     with pytest.raises(ConfigError, match="kd-temperature"):
         check_run_config({"kd-temperature": -1.0})
     assert check_run_config({"num-rounds": 5})["num-rounds"] == 5
-
-
-def test_set_values_are_read_as_toml() -> None:
-    assert parse_set(["num-rounds=5", "strategy=fedprox", 'task="nih14"', "dp-enabled=true"]) == {
-        "num-rounds": 5,
-        "strategy": "fedprox",
-        "task": "nih14",
-        "dp-enabled": True,
-    }
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        parse_set(["num-rounds"])
 
 
 def test_config_file_and_command_line_merge(tmp_path: Path) -> None:
