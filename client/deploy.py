@@ -16,6 +16,7 @@ unreachable for ``reconnect_timeout`` seconds.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import socket
@@ -95,6 +96,15 @@ class SiteNodeSettings:
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
+        # The site's own DP policy and resources: refused here, at start, not inside the ClientApp.
+        if self.dp_target_epsilon is not None and not 0 < self.dp_target_epsilon < math.inf:
+            raise ConfigError("--epsilon", self.dp_target_epsilon, "a finite number > 0")
+        if self.dp_target_delta is not None and not 0 < self.dp_target_delta < 1:
+            raise ConfigError("--delta", self.dp_target_delta, "a number in (0, 1), e.g. 1e-5")
+        if self.dp_max_grad_norm is not None and not 0 < self.dp_max_grad_norm < math.inf:
+            raise ConfigError("--max-grad-norm", self.dp_max_grad_norm, "a finite number > 0")
+        if self.num_threads < 1:
+            raise ConfigError("--threads", self.num_threads, "an integer >= 1")
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -61,8 +61,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ConfigError("num-rounds", self.num_rounds, "an integer >= 1")
-        if not 16 <= self.image_size <= 1024:
-            raise ConfigError("image-size", self.image_size, "an integer between 16 and 1024 pixels")
+        check_image_size("image-size", self.image_size)
         for option, value in (("val-fraction", self.val_fraction), ("test-fraction", self.test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(option, value, "a number in [0, 1)")
@@ -94,6 +93,15 @@ class RunSettings:
                     path,
                     "an absolute path (Flower runs apps from other working directories)",
                 )
+
+
+IMAGE_SIZES = (16, 1024)
+"""Smallest and largest image side, in pixels, of a run (and of ``cxr-fl-client check``)."""
+
+
+def check_image_size(option: str, size: int) -> None:
+    if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
+        raise ConfigError(option, size, f"an integer between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
+from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
 from server.run_folder import RunFolder
@@ -239,9 +240,7 @@ def main(grid: Grid, context: Context) -> None:
     distill_rows: list[dict[str, object]] = []
     if settings.kd_enabled:
         teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
-        logger.info(
-            "Distillation round: sending the %s global teacher to every site", settings.run.distill_teacher
-        )
+        logger.info("%s", distill_line(settings.run.distill_teacher))
         distill_rows = distillation_round(
             grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names
         )

@@ -251,7 +251,8 @@ def start(
 def _follow(
     coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
 ) -> int:
-    from server.deploy import FlwrRunTimeoutError, parse_progress
+    from server.deploy import FlwrRunTimeoutError
+    from server.progress_lines import parse_progress
 
     with Progress(
         TextColumn("[bold]{task.description}"),

@@ -74,47 +74,6 @@ def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# progress from the run's log lines
-
-ROUND_LINE = re.compile(
-    r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
-    r"train loss (?P<loss>\S+), val (?P<metric_name>\S+) (?P<metric>\S+)"
-)
-RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What one log line says about the run's progress (None fields: not in this line)."""
-
-    completed_round: int
-    num_rounds: int
-    replied: int | None = None
-    sampled: int | None = None
-    metric_name: str = ""
-    metric: float | None = None
-    phase: str = "teacher"
-
-
-def parse_progress(line: str) -> Progress | None:
-    """Progress from one line of the ServerApp's log (server/rounds.py, server/app.py)."""
-    if match := ROUND_LINE.search(line):
-        return Progress(
-            completed_round=int(match["round"]),
-            num_rounds=int(match["rounds"]),
-            replied=int(match["replied"]),
-            sampled=int(match["sampled"]),
-            metric_name=match["metric_name"],
-            metric=float(match["metric"]),
-        )
-    if match := RESUME_LINE.search(line):
-        return Progress(int(match["round"]), int(match["rounds"]))
-    if "Distillation round:" in line:
-        return Progress(-1, -1, phase="distill")
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # the SuperLink of one run folder
 
 

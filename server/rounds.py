@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import CxrFlError
 from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY, parse_error_reason
+from server.progress_lines import RESUME_ADVICE, resume_line, round_line
 from server.run_folder import ResumeState, RunFolder
 from server.strategies import load_strategy_state, strategy_state
 
@@ -194,13 +195,15 @@ class TeacherRounds:
             start_round = resume.completed_round + 1
             best_round, best_metric = resume.best_round, resume.best_metric
             logger.info(
-                "Resuming run in %s after round %d of %d (best so far: round %d, %s = %.4f)",
-                self.folder.root,
-                resume.completed_round,
-                self.num_rounds,
-                best_round,
-                self.selection_metric,
-                best_metric,
+                "%s",
+                resume_line(
+                    self.folder.root,
+                    resume.completed_round,
+                    self.num_rounds,
+                    best_round,
+                    self.selection_metric,
+                    best_metric,
+                ),
             )
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
@@ -245,16 +248,18 @@ class TeacherRounds:
                 seed=self.seed,
             )
             logger.info(
-                "Round %d/%d: %d/%d sites trained, train loss %.4f, val %s %.4f (best round %d), %.1f s",
-                server_round,
-                self.num_rounds,
-                trained,
-                len(train_outcomes),
-                float(train_metrics.get("loss", float("nan"))),
-                self.selection_metric,
-                metric,
-                best_round,
-                seconds,
+                "%s",
+                round_line(
+                    server_round,
+                    self.num_rounds,
+                    trained,
+                    len(train_outcomes),
+                    float(train_metrics.get("loss", float("nan"))),
+                    self.selection_metric,
+                    metric,
+                    best_round,
+                    seconds,
+                ),
             )
         return TeacherResult(arrays, self.num_rounds, best_round, best_metric)
 
@@ -274,8 +279,7 @@ class TeacherRounds:
         if available < self.strategy.min_available_nodes:
             raise RoundFailedError(
                 f"round {server_round}: {available} site(s) connected after {self.site_wait_timeout:.0f} s, "
-                f"the minimum is {self.strategy.min_available_nodes}. The last completed round is "
-                "checkpointed; start the server again with --resume once sites are back."
+                f"the minimum is {self.strategy.min_available_nodes}. " + RESUME_ADVICE
             )
         _seed_sampling(self.seed, server_round, "train")
         config = ConfigRecord({"phase": "teacher", "num-rounds": self.num_rounds})
@@ -292,8 +296,7 @@ class TeacherRounds:
             reasons = "; ".join(f"{o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
             raise RoundFailedError(
                 f"round {server_round}: only {trained} site(s) trained, the minimum is "
-                f"{self.min_train_sites}. {reasons or 'No site replied.'} The last completed round "
-                "is checkpointed; start the server again with --resume once sites are back."
+                f"{self.min_train_sites}. {reasons or 'No site replied.'} " + RESUME_ADVICE
             )
         new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:

@@ -28,7 +28,7 @@ from typing import Any
 from common import run_settings as settings_module
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
-from server.deploy import parse_progress
+from server.progress_lines import parse_progress
 from server.strategies import StrategySettings
 from simulation.baselines import run_baselines
 from simulation.partition import partition_catalog, write_partition

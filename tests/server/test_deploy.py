@@ -13,7 +13,6 @@ import pytest
 from server.deploy import (
     FlwrRunTimeoutError,
     follow_flwr_run,
-    parse_progress,
     write_run_config,
 )
 
@@ -23,25 +22,6 @@ def test_written_overrides_read_back_equal(tmp_path: Path) -> None:
     out = tmp_path / "overrides.toml"
     write_run_config(out, resolved)
     assert tomllib.loads(out.read_text()) == resolved
-
-
-def test_progress_from_round_lines() -> None:
-    line = (
-        "INFO server.rounds: Round 2/5: 1/2 sites trained, train loss 1.1007, "
-        "val auroc_macro 0.6164 (best round 2), 60.4 s"
-    )
-    progress = parse_progress(line)
-    assert progress is not None
-    assert (progress.completed_round, progress.num_rounds, progress.replied, progress.sampled) == (2, 5, 1, 2)
-    assert progress.metric_name == "auroc_macro"
-    assert progress.metric == pytest.approx(0.6164)
-    resumed = parse_progress("INFO server.rounds: Resuming run in /x after round 1 of 3 (best so far: ...)")
-    assert resumed is not None
-    assert (resumed.completed_round, resumed.num_rounds) == (1, 3)
-    distill = parse_progress("INFO server.app: Distillation round: sending the best global teacher")
-    assert distill is not None
-    assert distill.phase == "distill"
-    assert parse_progress("INFO :      configure_train: Sampled 2 nodes (out of 2)") is None
 
 
 def _fake_flwr(script: str) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from common.data.catalog import Catalog, ImageRecord
 from common.data.labels import finding_index, multiclass_targets, parse_label_map, resolve_finding
-from common.data.readers import IMAGE_SUFFIXES
+from common.data.readers import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, FileReader
 from common.errors import ConfigError, DataError
 from common.registry import Registry
 from common.run_settings import parse_bool
@@ -34,6 +34,7 @@ COMMON_OPTIONS: dict[str, str] = {
     "drop_unmapped": "leave out images whose label the task does not cover (default: error)",
     "label_map": "extra SOURCE=class pairs, comma-separated",
     "site": "site name for records that carry none",
+    "max_image_pixels": f"cap on the pixels of one decoded image (default {MAX_IMAGE_PIXELS:,})",
 }
 
 
@@ -150,7 +151,13 @@ def load_catalog(
     elif path is not None and str(path) != "":
         resolved = Path(path).expanduser()
     source_id = fmt if name is None else f"{fmt}:{name}"
-    catalog = spec.loader(SourceRequest(fmt, resolved, task, source_id, opts, strict))
+    request = SourceRequest(fmt, resolved, task, source_id, opts, strict)
+    catalog = spec.loader(request)
+    if "max_image_pixels" in opts:
+        cap = request.opt_int("max_image_pixels", MAX_IMAGE_PIXELS, minimum=1)
+        for reader in catalog.readers.values():
+            if isinstance(reader, FileReader):
+                reader.max_pixels = cap
     if len(catalog) == 0:
         raise DataError(
             f"{resolved if resolved is not None else fmt}: no images left for task '{task.name}' "
@@ -184,10 +191,16 @@ def read_csv_rows(path: Path, required: Iterable[str]) -> tuple[list[str], list[
     if path.suffix.lower() == ".xlsx":
         header, rows = _read_xlsx(path)
     else:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                header = [h.strip() for h in (reader.fieldnames or [])]
+                rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path} is not UTF-8 text (byte {exc.start} is not UTF-8); save it as UTF-8 "
+                "(e.g. 'CSV UTF-8' in a spreadsheet program)"
+            ) from None
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from common.data.sources.base import (
 )
 from common.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 MANIFEST_COLUMNS = ("path", "label")
 
 
@@ -47,6 +50,8 @@ def _load_manifest(req: SourceRequest) -> Catalog:
     root = csv_path.parent
     records: list[ImageRecord] = []
     missing: list[str] = []
+    seen: dict[Path, tuple[int, tuple[str, ...]]] = {}
+    repeated: list[int] = []
     for line, row in enumerate(rows, start=2):
         if not row["path"] or (not row["label"] and not req.task.is_multilabel):
             raise DataError(f"{csv_path} line {line}: empty 'path' or 'label'")
@@ -55,12 +60,25 @@ def _load_manifest(req: SourceRequest) -> Catalog:
         if not absolute.is_file():
             missing.append(row["path"])
             continue
+        labels = tuple(lbl.strip() for lbl in row["label"].split("|") if lbl.strip()) or ("No Finding",)
+        identity = absolute.resolve()
+        if identity in seen:
+            first_line, first_labels = seen[identity]
+            if sorted(first_labels) != sorted(labels):
+                raise DataError(
+                    f"{csv_path}: image {row['path']!r} is listed on line {first_line} as "
+                    f"{'|'.join(first_labels)!r} and on line {line} as {'|'.join(labels)!r}; "
+                    "keep one row with the right label"
+                )
+            repeated.append(line)
+            continue
+        seen[identity] = (line, labels)
         key = image.as_posix() if not image.is_absolute() else str(absolute)
         records.append(
             ImageRecord(
                 req.source_id,
                 key,
-                tuple(lbl.strip() for lbl in row["label"].split("|") if lbl.strip()) or ("No Finding",),
+                labels,
                 patient_id=row.get("patient_id") or None,
                 site=row.get("site") or req.opt("site"),
                 view=row.get("view") or None,
@@ -72,6 +90,13 @@ def _load_manifest(req: SourceRequest) -> Catalog:
             )
         )
     _report_missing(req, csv_path, missing)
+    if repeated:
+        logger.warning(
+            "%s: %d row(s) repeat an earlier row's image and label and were left out (lines %s)",
+            csv_path,
+            len(repeated),
+            ", ".join(map(str, repeated[:5])) + (" ..." if len(repeated) > 5 else ""),
+        )
     reader = FileReader(root)
     if req.task.is_multilabel:
         positives = [[] if r.source_labels == ("No Finding",) else list(r.source_labels) for r in records]
