@@ -23,11 +23,11 @@ from common.checkpoint import save_model
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
-    DataRequest,
     build_loaded_model,
     initial_teacher_state,
     load_eval_dataset,
     scalar_metrics,
+    site_data_request,
     student_config,
 )
 from common.models import build_model
@@ -180,15 +180,13 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
     if not settings.run.central_eval_manifest:
         return None
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else Path.cwd()
-    request = DataRequest(
-        data_format="manifest",
-        data_path=Path(settings.run.central_eval_manifest),
-        task=settings.task,
-        image_size=settings.run.image_size,
-        cache_dir=Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
-        val_fraction=0.0,
-        test_fraction=0.0,
-        split_seed=settings.run.split_seed,
+    request = site_data_request(
+        settings.run,
+        settings.task,
+        "manifest",
+        Path(settings.run.central_eval_manifest),
+        Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
+        whole=True,
     )
     dataset = load_eval_dataset(request)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)

@@ -49,16 +49,16 @@ from common.errors import ConfigError, DataError
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
-    DataRequest,
     build_loaded_model,
     derive_seed,
     load_eval_dataset,
     scalar_metrics,
+    site_data_request,
     student_config,
 )
 from common.run_settings import read_toml, run_settings_from_config
 from common.training import evaluate
-from simulation.baselines import load_sites, train_centrally
+from simulation.baselines import PooledData, load_sites, train_baseline
 from simulation.experiment import (
     Experiment,
     ExperimentConfig,
@@ -461,7 +461,6 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
 
 
 def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
-
     sites = settings.nih_sites if cell.dataset == "nih" else settings.sites
     common: dict[str, Any] = {"seed": cell.seed, "min_site_size": settings.min_site_size}
     if cell.split == "iid":
@@ -553,23 +552,14 @@ def run_cell(
 
 
 def _held_out(test_manifest: Path, settings: Any) -> Any:
-
     return load_eval_dataset(
-        DataRequest(
-            data_format="manifest",
-            data_path=test_manifest,
-            task=settings.task,
-            image_size=settings.run.image_size,
-            cache_dir=Path(settings.run.cache_dir),
-            val_fraction=0.0,
-            test_fraction=0.0,
-            split_seed=0,
+        site_data_request(
+            settings.run, settings.task, "manifest", test_manifest, Path(settings.run.cache_dir), whole=True
         )
     )
 
 
 def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any) -> dict[str, float]:
-
     model = build_loaded_model(model_config, task, state)
     result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), task)
     return {"n": float(result.n), **scalar_metrics(result, "")}
@@ -622,20 +612,14 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
     seed = settings.train.seed
     if cell.pooled:
         started = time.perf_counter()
-        state = train_centrally(
-            [s.dataset("train", augment=True, seed=derive_seed(seed, "pooled")) for s in sites.values()],
-            settings,
-            seed=derive_seed(seed, "pooled"),
-        )
+        state = train_baseline(PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled"))
         record["teachers"]["pooled"] = _scores(teacher, state, test, settings.task)
         record["pooled_seconds"] = time.perf_counter() - started
     if cell.local:
         record["teachers"]["local"] = {}
         for name, site in sites.items():
             local_seed = derive_seed(seed, "local", name)
-            state = train_centrally(
-                [site.dataset("train", augment=True, seed=local_seed)], settings, seed=local_seed
-            )
+            state = train_baseline(site, settings, seed=local_seed)
             record["teachers"]["local"][name] = _scores(teacher, state, test, settings.task)
     return record
 
