@@ -56,7 +56,7 @@ from common.local import (
     site_data_request,
     student_config,
 )
-from common.run_settings import read_toml, run_settings_from_config
+from common.run_settings import coerce, parse_bool, read_toml, run_settings_from_config
 from common.training import evaluate
 from simulation.baselines import PooledData, load_sites, train_baseline
 from simulation.experiment import (
@@ -185,9 +185,11 @@ def load_settings(config_file: Path) -> StudySettings:
         datasets[name] = DatasetSetting(
             task=str(table["task"]),
             sources=sources,
-            test_images=int(table["test-images"]),
-            pool_images=int(table["pool-images"]),
-            drop_duplicates=bool(table.get("drop-duplicates", True)),
+            test_images=coerce(f"key 'test-images' in {path}", table["test-images"], int),
+            pool_images=coerce(f"key 'pool-images' in {path}", table["pool-images"], int),
+            drop_duplicates=parse_bool(
+                f"key 'drop-duplicates' in {path}", table.get("drop-duplicates", True)
+            ),
         )
     for name in DATASETS:
         if name not in datasets:
@@ -202,16 +204,20 @@ def load_settings(config_file: Path) -> StudySettings:
         results=(base / str(raw.get("results", "results"))).resolve(),
         datasets=datasets,
         run=run,
-        sites=int(raw.get("sites", 5)),
-        nih_sites=int(raw.get("nih-sites", 3)),
-        min_site_size=int(raw.get("min-site-size", 40)),
-        holdout_seed=int(raw.get("holdout-seed", 0)),
+        sites=coerce(f"key 'sites' in {path}", raw.get("sites", 5), int),
+        nih_sites=coerce(f"key 'nih-sites' in {path}", raw.get("nih-sites", 3), int),
+        min_site_size=coerce(f"key 'min-site-size' in {path}", raw.get("min-site-size", 40), int),
+        holdout_seed=coerce(f"key 'holdout-seed' in {path}", raw.get("holdout-seed", 0), int),
         seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
-        proximal_mu=float(raw.get("proximal-mu", 0.01)),
-        federated_student_rounds=int(raw.get("federated-student-rounds", 5)),
+        proximal_mu=coerce(f"key 'proximal-mu' in {path}", raw.get("proximal-mu", 0.01), float),
+        federated_student_rounds=coerce(
+            f"key 'federated-student-rounds' in {path}", raw.get("federated-student-rounds", 5), int
+        ),
         dp_epsilons=tuple(float(e) for e in privacy.get("epsilons", (8.0, 3.0))),
-        dp_headline_epsilon=float(privacy.get("headline-epsilon", 8.0)),
-        dp_delta=float(privacy.get("delta", 1e-5)),
+        dp_headline_epsilon=coerce(
+            f"key 'headline-epsilon' in {path}", privacy.get("headline-epsilon", 8.0), float
+        ),
+        dp_delta=coerce(f"key 'delta' in {path}", privacy.get("delta", 1e-5), float),
         dp_run=dict(privacy.get("run", {})),
         attempts=_attempts(raw.get("attempts", []), run, path),
     )
@@ -265,9 +271,11 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 name=name,
                 about=str(table.get("about", "")),
                 split=split,
-                kd=bool(table.get("kd", False)),
-                pooled=bool(table.get("pooled", False)),
-                federated_student=bool(table.get("federated-student", False)),
+                kd=parse_bool(f"key 'kd' in {path}", table.get("kd", False)),
+                pooled=parse_bool(f"key 'pooled' in {path}", table.get("pooled", False)),
+                federated_student=parse_bool(
+                    f"key 'federated-student' in {path}", table.get("federated-student", False)
+                ),
                 run=tuple(sorted(changed.items())),
                 seeds=None if seeds is None else tuple(seeds),
             )
