@@ -184,6 +184,16 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
+def _chosen_folders(req: SourceRequest, option: str, folders: list[Path], what: str) -> list[Path]:
+    """The folders an option names (``splits=train``; all when it is unset); unknown names: error."""
+    wanted = req.opt_list(option, None)
+    if wanted is None:
+        return folders
+    if set(wanted) - {d.name for d in folders}:
+        raise ConfigError(option, ",".join(wanted), f"{what}: " + ", ".join(d.name for d in folders))
+    return [d for d in folders if d.name in wanted]
+
+
 def read_csv_rows(path: Path, required: Iterable[str]) -> tuple[list[str], list[dict[str, str]]]:
     """Rows of a CSV (or .xlsx) as dicts; DataError naming the file and any missing columns."""
     if not path.is_file():

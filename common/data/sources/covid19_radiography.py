@@ -8,8 +8,16 @@ from pathlib import Path
 from common.data.catalog import Catalog, ImageRecord
 from common.data.labels import COVID19_RADIOGRAPHY_LABELS
 from common.data.readers import FileReader
-from common.data.sources.base import SourceRequest, _list_images, _multiclass, _path, _register, read_csv_rows
-from common.errors import ConfigError, DataError
+from common.data.sources.base import (
+    SourceRequest,
+    _chosen_folders,
+    _list_images,
+    _multiclass,
+    _path,
+    _register,
+    read_csv_rows,
+)
+from common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +39,7 @@ def _load_covid19_radiography(req: SourceRequest) -> Catalog:
             f"{root} has no <class>/images/ folders "
             f"(expected e.g. {root}/COVID/images and {root}/Normal/images)"
         )
-    wanted = req.opt_list("classes", None)
-    if wanted is not None:
-        unknown = sorted(set(wanted) - {d.name for d in class_dirs})
-        if unknown:
-            raise ConfigError(
-                "classes",
-                ",".join(wanted),
-                "class folders in " + str(root) + ": " + ", ".join(d.name for d in class_dirs),
-            )
-        class_dirs = [d for d in class_dirs if d.name in wanted]
+    class_dirs = _chosen_folders(req, "classes", class_dirs, f"class folders in {root}")
     records: list[ImageRecord] = []
     default_site = req.opt("site")
     for cls_dir in class_dirs:

@@ -7,8 +7,15 @@ import re
 from common.data.catalog import Catalog, ImageRecord
 from common.data.labels import IMAGE_FOLDER_LABELS
 from common.data.readers import IMAGE_SUFFIXES, FileReader
-from common.data.sources.base import SourceRequest, _list_images, _multiclass, _path, _register
-from common.errors import ConfigError, DataError
+from common.data.sources.base import (
+    SourceRequest,
+    _chosen_folders,
+    _list_images,
+    _multiclass,
+    _path,
+    _register,
+)
+from common.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 _KERMANY_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
@@ -44,16 +51,7 @@ def _load_image_folder(req: SourceRequest) -> Catalog:
         raise DataError(f"{root} has no class subfolders (expected e.g. {root}/NORMAL and {root}/PNEUMONIA)")
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
     if split_dirs and len(split_dirs) == len(subdirs):
-        wanted = req.opt_list("splits", None)
-        if wanted is not None:
-            unknown = sorted(set(wanted) - {d.name for d in split_dirs})
-            if unknown:
-                raise ConfigError(
-                    "splits",
-                    ",".join(wanted),
-                    "split folders present in " + str(root) + ": " + ", ".join(d.name for d in split_dirs),
-                )
-            split_dirs = [d for d in split_dirs if d.name in wanted]
+        split_dirs = _chosen_folders(req, "splits", split_dirs, f"split folders present in {root}")
         groups = [(d.name, d) for d in split_dirs]
     else:
         groups = [("", root)]
