@@ -8,6 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
+from client.site import site_from_node_config
+from common.errors import ConfigError
+from common.run_settings import check_run_config, run_settings_from_config
 from tests.common.data.helpers import write_image
 
 runner = CliRunner()
@@ -58,3 +61,28 @@ def test_start_refuses_a_bad_site_policy_at_start(tmp_path: Path, option: str, v
     output = _user_error([*args, "--out", str(tmp_path / "out"), "--skip-check", option, value])
     assert option in output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_site_turning_dp_on_in_a_batchnorm_run_is_told_what_to_change(tmp_path: Path) -> None:
+    settings = run_settings_from_config(check_run_config({}))
+    node_config = {
+        "site-name": "a",
+        "data-format": "synthetic",
+        "out-dir": str(tmp_path / "out"),
+        "dp-target-epsilon": 3.0,
+    }
+    with pytest.raises(ConfigError, match=r"teacher-norm.*group.*this site's own DP policy"):
+        site_from_node_config(node_config, settings)
+    group = run_settings_from_config(check_run_config({"teacher-norm": "group"}))
+    site = site_from_node_config(node_config, group)
+    assert site.privacy is not None
+    assert site.privacy.target_epsilon == 3.0
+
+
+def test_node_config_strict_is_true_or_false(tmp_path: Path) -> None:
+    settings = run_settings_from_config(check_run_config({}))
+    node_config = {"site-name": "a", "data-format": "synthetic", "out-dir": str(tmp_path / "out")}
+    assert site_from_node_config({**node_config, "strict": "true"}, settings).strict is True
+    assert site_from_node_config({**node_config, "strict": False}, settings).strict is False
+    with pytest.raises(ConfigError, match="strict"):
+        site_from_node_config({**node_config, "strict": "yes"}, settings)
