@@ -39,6 +39,7 @@ from common.local import (
     evaluate_state,
     load_site_data,
     scalar_metrics,
+    site_data_request,
     student_config,
     train_round,
 )
@@ -70,16 +71,8 @@ Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context],
 
 
 def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
-    return DataRequest(
-        data_format=site.data_format,
-        data_path=site.data_path,
-        task=settings.task,
-        image_size=settings.run.image_size,
-        cache_dir=site.cache_dir,
-        val_fraction=settings.run.val_fraction,
-        test_fraction=settings.run.test_fraction,
-        split_seed=settings.run.split_seed,
-        strict=site.strict,
+    return site_data_request(
+        settings.run, settings.task, site.data_format, site.data_path, site.cache_dir, strict=site.strict
     )
 
 

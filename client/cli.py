@@ -79,10 +79,12 @@ def check(
     """Read every image of a site's data set and print counts per class, view and patient."""
     from common.data.cache import build_cache
     from common.data.sources import load_catalog
+    from common.run_settings import check_image_size
     from common.tasks import get_task
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_image_size("--image-size", image_size)
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
         with Progress(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -122,11 +123,11 @@ class SiteNodeSettings:
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
         self._check_privacy_policy()
+        if self.num_threads < 1:
+            raise ConfigError("--threads", self.num_threads, "an integer >= 1")
 
     def _check_privacy_policy(self) -> None:
         """The site's DP options, checked before anything starts (the ClientApp re-checks them)."""
-        import math
-
         from common.config import ACCOUNTANTS
 
         eps, delta, clip = self.dp_target_epsilon, self.dp_target_delta, self.dp_max_grad_norm

@@ -32,10 +32,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import PrivacyConfig, from_mapping
+from common.config import PrivacyConfig
 from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
-from common.run_settings import FederatedRunConfig
+from common.run_settings import (
+    FederatedRunConfig,
+    check_dp_norm,
+    coerce,
+    from_mapping,
+    parse_bool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,21 +150,14 @@ def site_run_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any
 
 
 def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = node_config.get(key, default)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"node_config '{key}'", value, "true or false")
+    return parse_bool(f"node_config '{key}'", node_config.get(key, default), text=True)
 
 
-def _site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
+def _site_privacy(node_config: Mapping[str, Any], norm: str) -> PrivacyConfig | None:
     """The site's own DP policy; what it leaves unset is a site default, never the server's."""
     if not any(key in node_config for key in SITE_DP_KEYS):
         return None
+    check_dp_norm(norm, True, "this site's own DP policy, cxr-fl-client start --epsilon")
     if "dp-target-epsilon" not in node_config:
         raise ConfigError(
             "node_config 'dp-target-epsilon'",
@@ -211,9 +210,9 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         data_format=data_format,
         out_dir=out_dir,
         cache_dir=Path(cache),
-        privacy=_site_privacy(node_config),
-        num_threads=int(node_config.get("num-threads", 2)),
-        strict=str(node_config.get("strict", "false")).lower() == "true",
+        privacy=_site_privacy(node_config, settings.teacher.norm),
+        num_threads=coerce("node_config 'num-threads'", node_config.get("num-threads", 2), int),
+        strict=parse_bool("node_config 'strict'", node_config.get("strict", False), text=True),
         privacy_ledger=_ledger_option(node_config),
         delta_from_site="dp-target-delta" in node_config,
         share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),

@@ -2,22 +2,19 @@
 
 Each dataclass validates itself on construction and raises :class:`~common.errors.ConfigError`
 naming the field, the bad value and what is allowed. The app layer (server/, client/,
-simulation/) builds these from Flower's run_config / node_config with :func:`from_mapping`,
-which understands the kebab-case keys of ``[tool.flwr.app.config]`` (``local-epochs`` ->
-``local_epochs``), optionally under a prefix (``kd-temperature`` -> ``DistillConfig.temperature``).
-Code below the app layer only ever sees these dataclasses.
+simulation/) builds these from Flower's run_config / node_config with
+:func:`common.run_settings.from_mapping`, which understands the kebab-case keys of
+``[tool.flwr.app.config]`` (``local-epochs`` -> ``local_epochs``), optionally under a prefix
+(``kd-temperature`` -> ``DistillConfig.temperature``). Code below the app layer only ever sees
+these dataclasses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal, get_args
 
 from common.errors import ConfigError
 from common.tasks import get_task
@@ -26,7 +23,6 @@ Norm = Literal["batch", "group"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Accountant = Literal["rdp", "prv", "gdp"]
 
-NORMS: tuple[str, ...] = get_args(Norm)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
@@ -78,7 +74,9 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        from common.models import MODELS  # local import: models import this module
+        # Imported here, not at the top, only because the models import torch (seconds): the
+        # command lines check settings without it. The models never import this module.
+        from common.models import MODELS, NORMS
 
         MODELS.get(self.name)
         _check_choice("norm", self.norm, NORMS)
@@ -137,7 +135,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from common.models import MODELS
+        from common.models import MODELS  # lazy for the same reason as in ModelConfig
 
         MODELS.get(self.student)
         _check_positive("kd-width-mult", self.width_mult)
@@ -192,82 +190,3 @@ class PrivacyConfig:
             accountant=site.accountant,
             max_physical_batch_size=min(self.max_physical_batch_size, site.max_physical_batch_size),
         )
-
-
-C = TypeVar("C")
-
-
-def _coerce(option: str, value: Any, annotation: Any) -> Any:
-    """Convert a run_config scalar (str/int/float/bool) to the field's declared type."""
-    origin = get_origin(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if value is None or value == "":
-            return None
-        return _coerce(option, value, args[0])
-    if origin is Literal:
-        choices = get_args(annotation)
-        _check_choice(option, value, tuple(str(c) for c in choices))
-        return value
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(text)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is Path:
-            return Path(str(value)).expanduser()
-        if annotation is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            option, value, f"a value of type {getattr(annotation, '__name__', annotation)}"
-        ) from None
-    return value
-
-
-def from_mapping(cls: type[C], mapping: Mapping[str, Any], prefix: str = "", *, strict: bool = False) -> C:
-    """Build config dataclass ``cls`` from a kebab-case mapping such as Flower's run_config.
-
-    Keys are matched as ``prefix + field.replace("_", "-")``. Missing keys keep the defaults.
-    With ``strict``, keys carrying the prefix that match no field raise ConfigError, so a typo
-    like ``kd-temprature`` is not silently ignored.
-    """
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    known: set[str] = set()
-    for field in dataclasses.fields(cls):
-        key = prefix + field.name.replace("_", "-")
-        known.add(key)
-        if key in mapping:
-            kwargs[field.name] = _coerce(key, mapping[key], hints[field.name])
-    if strict:
-        unknown = sorted(k for k in mapping if k.startswith(prefix) and k not in known)
-        if unknown:
-            raise ConfigError(unknown[0], mapping[unknown[0]], "one of " + ", ".join(sorted(known)))
-    return cls(**kwargs)  # type: ignore[call-arg]
-
-
-def to_mapping(config: Any, prefix: str = "") -> dict[str, Any]:
-    """The inverse of :func:`from_mapping`: kebab-case keys, paths as strings, None as ''."""
-    out: dict[str, Any] = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif value is None:
-            value = ""
-        out[prefix + field.name.replace("_", "-")] = value
-    return out

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import ModelConfig, from_mapping, to_mapping
+from common.config import ModelConfig
 from common.data.cache import PREPROCESS_VERSION, resize_square
 from common.data.dataset import NORMALISATION
 from common.data.readers import IMAGE_SUFFIXES, decode_image_file
 from common.errors import DataError, ModelError
+from common.run_settings import from_mapping, to_mapping
 from common.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from common.privacy import (
     unwrap_model,
 )
 from common.progress import ProgressArg
+from common.run_settings import RunSettings
 from common.tasks import Task
 from common.training import (
     EvalResult,
@@ -100,6 +102,39 @@ class SiteData:
         return {**self.split.sizes(), "skipped": len(self.cached.skipped)}
 
 
+class TrainingData(Protocol):
+    """What :func:`train_round` trains on: a site's data, or the union of several (pooled baseline)."""
+
+    def dataset(self, part: str, *, augment: bool = False, seed: int = 0) -> Any: ...
+
+
+def site_data_request(
+    settings: RunSettings,
+    task: Task,
+    data_format: str,
+    data_path: Path | None,
+    cache_dir: Path,
+    *,
+    strict: bool = False,
+    whole: bool = False,
+) -> DataRequest:
+    """The one recipe of a data set's request: a site's (split by the run's fractions and seed),
+    or with ``whole`` every image as one evaluation set (a held-out test set). The ClientApp, the
+    ServerApp's central evaluation, the baselines and the study all build their requests here, so a
+    baseline and a site can never be scored on different splits."""
+    return DataRequest(
+        data_format=data_format,
+        data_path=data_path,
+        task=task,
+        image_size=settings.image_size,
+        cache_dir=cache_dir,
+        val_fraction=0.0 if whole else settings.val_fraction,
+        test_fraction=0.0 if whole else settings.test_fraction,
+        split_seed=settings.split_seed,
+        strict=strict,
+    )
+
+
 _SITE_DATA: dict[DataRequest, SiteData] = {}
 
 
@@ -151,6 +186,12 @@ def build_loaded_model(
     return model
 
 
+def initial_teacher_state(teacher: ModelConfig, task: Task, seed: int) -> dict[str, torch.Tensor]:
+    """The teacher every party starts from: built with ``seed`` (the run's ``seed`` setting)."""
+    seed_everything(seed)
+    return build_model(teacher, task.num_classes).state_dict()
+
+
 @dataclass
 class RoundOutcome:
     """What one round of local training produced; only ``metrics`` and the weights leave."""
@@ -162,7 +203,7 @@ class RoundOutcome:
 
 
 def train_round(
-    data: SiteData,
+    data: TrainingData,
     task: Task,
     model_config: ModelConfig,
     global_state: Mapping[str, torch.Tensor] | None,

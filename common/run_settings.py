@@ -1,28 +1,37 @@
-"""The resolved settings of one federated run, built from Flower's run_config at the app boundary.
+"""Run settings: the one place that owns their schema, reading, coercion and checking.
 
-``[tool.flwr.app.config]`` in pyproject.toml is the one schema of run settings (kebab-case keys);
-:func:`run_settings_from_config` turns such a mapping into typed, validated dataclasses. Keys
-are grouped by prefix: ``teacher-*`` (ModelConfig of the teacher), ``dp-*`` (PrivacyConfig
+``[tool.flwr.app.config]`` in pyproject.toml is the one schema of run settings (kebab-case keys,
+each default's type is the setting's type); :func:`load_schema` reads it, so a key added there
+works everywhere. This module also owns
+
+- reading TOML files (:func:`read_toml`: UTF-8, a clear error naming the file) and ``--set
+  KEY=VALUE`` items (:func:`parse_set_option`);
+- the one coercer (:func:`coerce`) and the one boolean parser (:func:`parse_bool`): a value must
+  already have the setting's type (TOML gives ``2`` and ``true``; ``"2"`` and ``"no"`` are
+  errors, never an int or a boolean);
+- :func:`check_run_config` (schema defaults + overrides, checked before any work starts) and
+  :func:`run_settings_from_config`, which builds the typed, validated dataclasses and enforces the
+  rules between settings (:func:`check_rules`), e.g. DP-SGD needs GroupNorm.
+
+Keys are grouped by prefix: ``teacher-*`` (ModelConfig of the teacher), ``dp-*`` (PrivacyConfig
 requested by the server), ``kd-*`` (DistillConfig), un-prefixed training keys (TrainConfig) and
 the run-level keys of :class:`RunSettings`. The server and every site read the same mapping, so
-they agree on architecture, normalisation, image size and task.
+they agree on architecture, normalisation, image size and task. Every command line, the
+ServerApp, the ClientApp, the simulation and the benchmarks go through this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from common.config import (
-    DistillConfig,
-    ModelConfig,
-    PrivacyConfig,
-    TaskConfig,
-    TrainConfig,
-    from_mapping,
-)
+from common.config import DistillConfig, ModelConfig, PrivacyConfig, TaskConfig, TrainConfig
 from common.device import ComputeConfig
 from common.errors import ConfigError
 from common.tasks import Task, get_task
@@ -57,8 +66,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ConfigError("num-rounds", self.num_rounds, "an integer >= 1")
-        if not 16 <= self.image_size <= 1024:
-            raise ConfigError("image-size", self.image_size, "an integer between 16 and 1024 pixels")
+        check_image_size("image-size", self.image_size)
         for option, value in (("val-fraction", self.val_fraction), ("test-fraction", self.test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(option, value, "a number in [0, 1)")
@@ -96,6 +104,15 @@ class RunSettings:
                 )
 
 
+IMAGE_SIZES = (16, 1024)
+"""Smallest and largest image side, in pixels, of a run (and of ``cxr-fl-client check``)."""
+
+
+def check_image_size(option: str, size: int) -> None:
+    if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
+        raise ConfigError(option, size, f"an integer between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels")
+
+
 @dataclass(frozen=True)
 class FederatedRunConfig:
     """Everything both sides need to know about a run, typed."""
@@ -111,7 +128,7 @@ class FederatedRunConfig:
     edge_compression: bool
     kd_federated_student_rounds: int
     # device and mixed precision for simulated sites; a deployed site uses its own node config
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     @property
     def uses_dp(self) -> bool:
@@ -119,37 +136,244 @@ class FederatedRunConfig:
 
 
 def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
-    """Typed settings from a run_config mapping (missing keys keep their defaults)."""
-    task = get_task(str(config.get("task", TaskConfig().name)))
-    return FederatedRunConfig(
+    """Typed settings from a run_config mapping (missing keys keep their defaults).
+
+    Raises ConfigError naming the setting when a value or a combination of values is not allowed.
+    """
+    task = get_task(coerce("task", config.get("task", TaskConfig().name), str))
+    settings = FederatedRunConfig(
         task=task,
         run=from_mapping(RunSettings, config),
         teacher=from_mapping(ModelConfig, config, "teacher-"),
         train=from_mapping(TrainConfig, config),
         privacy=from_mapping(PrivacyConfig, config, "dp-"),
         distill=from_mapping(DistillConfig, config, "kd-"),
-        kd_enabled=_flag(config, "kd-enabled", True),
-        kd_no_kd_baseline=_flag(config, "kd-no-kd-baseline", False),
-        edge_compression=_flag(config, "edge-compression", False),
+        kd_enabled=parse_bool("kd-enabled", config.get("kd-enabled", True)),
+        kd_no_kd_baseline=parse_bool("kd-no-kd-baseline", config.get("kd-no-kd-baseline", False)),
+        edge_compression=parse_bool("edge-compression", config.get("edge-compression", False)),
         kd_federated_student_rounds=_count(config, "kd-federated-student-rounds"),
         compute=from_mapping(ComputeConfig, config),
     )
+    check_rules(settings)
+    return settings
+
+
+def check_rules(settings: FederatedRunConfig) -> None:
+    """Rules between settings, checked once where the settings are built (before any round)."""
+    check_dp_norm(settings.teacher.norm, settings.privacy.enabled, "dp-enabled = true")
+
+
+def check_dp_norm(norm: str, dp_on: bool, why: str) -> None:
+    """DP-SGD needs a GroupNorm teacher: ConfigError saying what to change otherwise."""
+    if dp_on and norm != "group":
+        raise ConfigError(
+            "teacher-norm",
+            norm,
+            f'"group" when DP-SGD is on ({why}): Opacus computes one gradient per image and '
+            'BatchNorm mixes the images of a batch. Set teacher-norm = "group" for the whole run, '
+            "or turn DP off",
+        )
 
 
 def _count(config: Mapping[str, Any], key: str) -> int:
-    value = config.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    value = coerce(key, config.get(key, 0), int)
+    if value < 0:
         raise ConfigError(key, value, "an integer >= 0")
     return value
 
 
-def _flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key, default)
+# ---------------------------------------------------------------------------------------------
+# values: the one boolean parser and the one coercer
+
+C = TypeVar("C")
+
+
+def parse_bool(option: str, value: object, *, text: bool = False) -> bool:
+    """A boolean setting. A string is never a boolean (``"no"`` is an error, not True).
+
+    ``text``: the value was typed as text where there are no types (a ``FORMAT.KEY=VALUE``
+    command-line item, a SuperNode ``--node-config`` string); then exactly ``true`` or
+    ``false`` (any case) is also accepted.
+    """
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(key, value, "true or false")
+    if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(option, value, "true or false" + ("" if text else " (a TOML boolean, not a string)"))
+
+
+def coerce(option: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the setting's type ``kind``; ConfigError naming ``option``.
+
+    ``kind`` is a type (bool, int, float, str, Path), a ``Literal[...]`` of choices, or
+    ``X | None`` (None or "" give None). Values are not converted between kinds: an int
+    setting takes an int (not ``"2"``, not ``2.5``), a float setting an int or a float, a string
+    setting a string.
+    """
+    origin = get_origin(kind)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None or value == "":
+            return None
+        return coerce(option, value, next(a for a in get_args(kind) if a is not type(None)))
+    if origin is Literal:
+        choices = tuple(str(c) for c in get_args(kind))
+        if value not in choices:
+            raise ConfigError(option, value, "one of " + ", ".join(choices))
+        return value
+    if kind is bool:
+        return parse_bool(option, value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is Path and isinstance(value, str | Path):
+        return Path(value).expanduser()
+    if kind not in (int, float, str, Path):
+        return value
+    names = {int: "an integer", float: "a number", str: "a string", Path: "a path (string)"}
+    raise ConfigError(option, value, names[kind])
+
+
+def from_mapping(cls: type[C], mapping: Mapping[str, Any], prefix: str = "", *, strict: bool = False) -> C:
+    """Build config dataclass ``cls`` from a kebab-case mapping such as Flower's run_config.
+
+    Keys are matched as ``prefix + field.replace("_", "-")``. Missing keys keep the defaults.
+    With ``strict``, keys carrying the prefix that match no field raise ConfigError, so a typo
+    like ``kd-temprature`` is not silently ignored.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    known: set[str] = set()
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name.replace("_", "-")
+        known.add(key)
+        if key in mapping:
+            kwargs[field.name] = coerce(key, mapping[key], hints[field.name])
+    if strict:
+        unknown = sorted(k for k in mapping if k.startswith(prefix) and k not in known)
+        if unknown:
+            raise ConfigError(unknown[0], mapping[unknown[0]], "one of " + ", ".join(sorted(known)))
+    return cls(**kwargs)  # type: ignore[call-arg]
+
+
+def to_mapping(config: Any, prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`from_mapping`: kebab-case keys, paths as strings, None as ''."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif value is None:
+            value = ""
+        out[prefix + field.name.replace("_", "-")] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema, TOML files and overrides
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_toml(path: Path, option: str = "config", what: str = "an existing TOML file") -> dict[str, Any]:
+    """A TOML file's tables; ConfigError naming ``option`` and the file when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(option, str(path), what)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            option, str(path), f"a UTF-8 text file (byte {exc.start} is not UTF-8; save it as UTF-8)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(option, str(path), f"a readable TOML file ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(option, str(path), f"valid TOML ({exc})") from None
+
+
+def load_schema(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The run-settings schema (key -> default) from the app's pyproject.toml."""
+    path = project_root / "pyproject.toml"
+    data = read_toml(path, "pyproject.toml", "the app's pyproject.toml")
+    try:
+        return dict(data["tool"]["flwr"]["app"]["config"])
+    except (KeyError, TypeError):
+        raise ConfigError(
+            "pyproject.toml", str(path), "a file with a [tool.flwr.app.config] table of run settings"
+        ) from None
+
+
+def unknown_setting(key: str, schema: Mapping[str, Any], origin: str) -> ConfigError:
+    return ConfigError(
+        origin, key, "a run setting of pyproject's [tool.flwr.app.config]: " + ", ".join(sorted(schema))
+    )
+
+
+def coerce_setting(key: str, value: Any, schema: Mapping[str, Any], origin: str) -> Any:
+    """``value`` of run setting ``key`` as its schema type; ConfigError naming ``origin`` otherwise."""
+    if key not in schema:
+        raise unknown_setting(key, schema, origin)
+    default = schema[key]
+    try:
+        return coerce(key, value, type(default))
+    except ConfigError as exc:
+        raise ConfigError(f"{origin} '{key}'", value, f"{exc.allowed} (default {default!r})") from None
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (``num-rounds=5``, ``strategy=fedprox``) -> (key, value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", item, "KEY=VALUE, e.g. --set num-rounds=5")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` pairs with TOML values (``num-rounds=5``, ``strategy="fedprox"`` or fedprox)."""
+    return dict(parse_set_option(item) for item in items)
+
+
+def resolve_run_config(
+    schema: Mapping[str, Any],
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+) -> dict[str, Any]:
+    """Overrides from a TOML file and ``--set`` pairs, checked against the schema (file first)."""
+    overrides: dict[str, Any] = {}
+    if config_file is not None:
+        data = read_toml(config_file, "--config", "an existing TOML file of run settings")
+        for key, value in data.items():
+            overrides[key] = coerce_setting(key, value, schema, f"key in {config_file}")
+    for item in sets or []:
+        key, value = parse_set_option(item)
+        overrides[key] = coerce_setting(key, value, schema, "--set")
+    return overrides
+
+
+def check_run_config(
+    overrides: Mapping[str, Any], *, also: Iterable[type] = (), origin: str = "run setting"
+) -> dict[str, Any]:
+    """Schema defaults with ``overrides``, every value and rule checked; the merged run_config.
+
+    ``also``: more settings dataclasses read from the same keys (the server's StrategySettings),
+    built here so that their errors too come before any work.
+    """
+    schema = load_schema()
+    checked = {key: coerce_setting(key, value, schema, origin) for key, value in overrides.items()}
+    merged = {**schema, **checked}
+    run_settings_from_config(merged)
+    for cls in also:
+        from_mapping(cls, merged)
+    return merged

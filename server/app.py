@@ -20,14 +20,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
-from common.config import from_mapping
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
-    DataRequest,
     build_loaded_model,
+    initial_teacher_state,
     load_eval_dataset,
     scalar_metrics,
+    site_data_request,
     student_config,
 )
 from common.models import build_model
@@ -38,9 +38,10 @@ from common.protocol import (
     STUDENT_ROUND_MESSAGE_TYPE,
     WEIGHT_KEY,
 )
-from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.grid import quick_reply_grid
+from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
 from server.run_folder import RunFolder
@@ -79,9 +80,7 @@ def default_run_dir(context: Context) -> Path:
 
 
 def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
-    seed_everything(settings.train.seed)
-    model = build_model(settings.teacher, settings.task.num_classes)
-    return ArrayRecord(model.state_dict())
+    return ArrayRecord(initial_teacher_state(settings.teacher, settings.task, settings.train.seed))
 
 
 def broadcast(
@@ -183,15 +182,13 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
     if not settings.run.central_eval_manifest:
         return None
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else Path.cwd()
-    request = DataRequest(
-        data_format="manifest",
-        data_path=Path(settings.run.central_eval_manifest),
-        task=settings.task,
-        image_size=settings.run.image_size,
-        cache_dir=Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
-        val_fraction=0.0,
-        test_fraction=0.0,
-        split_seed=settings.run.split_seed,
+    request = site_data_request(
+        settings.run,
+        settings.task,
+        "manifest",
+        Path(settings.run.central_eval_manifest),
+        Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
+        whole=True,
     )
     dataset = load_eval_dataset(request)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)
@@ -246,9 +243,7 @@ def main(grid: Grid, context: Context) -> None:
     distill_rows: list[dict[str, object]] = []
     if settings.kd_enabled:
         teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
-        logger.info(
-            "Distillation round: sending the %s global teacher to every site", settings.run.distill_teacher
-        )
+        logger.info("%s", distill_line(settings.run.distill_teacher))
         distill_rows = distillation_round(
             grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names
         )

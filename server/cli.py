@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
+from common.run_settings import read_toml
 
 app = typer_app(
     "cxr-fl-server",
@@ -109,8 +109,7 @@ def _previous_overrides(run_dir: Path) -> dict[str, Any]:
         raise fail(
             f"--resume: {run_dir} holds no earlier run (no run_overrides.toml); start it without --resume"
         )
-    with path.open("rb") as handle:
-        return dict(tomllib.load(handle))
+    return read_toml(path, "--resume")
 
 
 @app.command()
@@ -160,15 +159,15 @@ def start(
     ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
+    from common.run_settings import check_run_config, load_schema, resolve_run_config
     from common.tracking import check_tracker
     from server.deploy import (
         DEFAULT_PORT,
         PROJECT_ROOT,
         Coordinator,
         TlsFiles,
-        load_schema,
-        resolve_run_config,
     )
+    from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
@@ -186,6 +185,7 @@ def start(
         if track is not None:
             overrides["track"] = track
         check_tracker(str(overrides.get("track", schema.get("track", ""))))
+        check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink starts
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
                 f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
@@ -271,7 +271,8 @@ def start(
 def _follow(
     coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
 ) -> int:
-    from server.deploy import FlwrRunTimeoutError, parse_progress
+    from server.deploy import FlwrRunTimeoutError
+    from server.progress_lines import parse_progress
 
     with Progress(
         TextColumn("[bold]{task.description}"),

@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,79 +71,7 @@ class DeployError(CxrFlError):
 
 
 # ---------------------------------------------------------------------------------------------
-# run settings: pyproject's [tool.flwr.app.config] is the schema
-
-
-def load_schema(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """The run-settings schema (key -> default) from the app's pyproject.toml."""
-    path = project_root / "pyproject.toml"
-    try:
-        with path.open("rb") as handle:
-            return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise DeployError(f"cannot read [tool.flwr.app.config] from {path}: {exc}") from None
-
-
-def coerce_setting(key: str, value: Any, default: Any, origin: str) -> Any:
-    """``value`` as the type of the setting's default; ConfigError naming ``origin`` otherwise."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, str):
-        return value if isinstance(value, str) else str(value)
-    kind = type(default).__name__
-    raise ConfigError(f"{origin} '{key}'", value, f"a value of type {kind} (default {default!r})")
-
-
-def unknown_setting(key: str, schema: Mapping[str, Any], origin: str) -> ConfigError:
-    return ConfigError(
-        origin, key, "a run setting of pyproject's [tool.flwr.app.config]: " + ", ".join(sorted(schema))
-    )
-
-
-def parse_set_option(item: str) -> tuple[str, Any]:
-    """``key=value`` with a TOML value (``num-rounds=5``, ``strategy=fedprox``) -> (key, value)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError("--set", item, "KEY=VALUE, e.g. --set num-rounds=5")
-    raw = raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def resolve_run_config(
-    schema: Mapping[str, Any],
-    config_file: Path | None = None,
-    sets: list[str] | None = None,
-) -> dict[str, Any]:
-    """Overrides from a TOML file and ``--set`` pairs, checked against the schema (file first)."""
-    overrides: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError("--config", str(config_file), f"a TOML file ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", str(config_file), f"valid TOML ({exc})") from None
-        for key, value in data.items():
-            if key not in schema:
-                raise unknown_setting(key, schema, f"key in {config_file}")
-            overrides[key] = coerce_setting(key, value, schema[key], str(config_file))
-    for item in sets or []:
-        key, value = parse_set_option(item)
-        if key not in schema:
-            raise unknown_setting(key, schema, "--set")
-        overrides[key] = coerce_setting(key, value, schema[key], "--set")
-    return overrides
+# run settings (schema, reading and checking: common/run_settings.py)
 
 
 def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
@@ -152,47 +79,6 @@ def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
         "".join(f"{key} = {toml_value(value)}\n" for key, value in sorted(overrides.items())),
         encoding="utf-8",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# progress from the run's log lines
-
-ROUND_LINE = re.compile(
-    r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
-    r"train loss (?P<loss>[^,\s]+)(?:, val (?P<metric_name>\S+) (?P<metric>\S+))?"
-)
-RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What one log line says about the run's progress (None fields: not in this line)."""
-
-    completed_round: int
-    num_rounds: int
-    replied: int | None = None
-    sampled: int | None = None
-    metric_name: str = ""
-    metric: float | None = None
-    phase: str = "teacher"
-
-
-def parse_progress(line: str) -> Progress | None:
-    """Progress from one line of the ServerApp's log (server/rounds.py, server/app.py)."""
-    if match := ROUND_LINE.search(line):
-        return Progress(
-            completed_round=int(match["round"]),
-            num_rounds=int(match["rounds"]),
-            replied=int(match["replied"]),
-            sampled=int(match["sampled"]),
-            metric_name=match["metric_name"] or "",
-            metric=float(match["metric"]) if match["metric"] else None,
-        )
-    if match := RESUME_LINE.search(line):
-        return Progress(int(match["round"]), int(match["rounds"]))
-    if "Distillation round:" in line:
-        return Progress(-1, -1, phase="distill")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from common.protocol import (
 )
 from common.run_settings import VALIDATION_MODES
 from server.grid import wait_for_replies
+from server.progress_lines import RESUME_ADVICE, resume_line, round_line
 from server.run_folder import ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
@@ -290,13 +291,15 @@ class TeacherRounds:
             self.best_round, self.best_metric = resume.best_round, resume.best_metric
             pending = resume.pending_row
             logger.info(
-                "Resuming run in %s after round %d of %d (best so far: round %d, %s = %.4f)",
-                self.folder.root,
-                resume.completed_round,
-                self.num_rounds,
-                self.best_round,
-                self.selection_metric,
-                self.best_metric,
+                "%s",
+                resume_line(
+                    self.folder.root,
+                    resume.completed_round,
+                    self.num_rounds,
+                    self.best_round,
+                    self.selection_metric,
+                    self.best_metric,
+                ),
             )
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
@@ -342,20 +345,21 @@ class TeacherRounds:
                 seed=self.seed,
                 pending_row=pending,
             )
-            # server/deploy.py's ROUND_LINE reads this line (the val part only when validated)
-            validated = ""
-            if not self.in_train:
-                metric = float(row.get(f"val_{self.selection_metric}", float("nan")))
-                validated = f", val {self.selection_metric} {metric:.4f} (best round {self.best_round})"
+            # the val part only when this round's model is already validated (separate mode)
+            metric = None if self.in_train else float(row.get(f"val_{self.selection_metric}", float("nan")))
             logger.info(
-                "Round %d/%d: %d/%d sites trained, train loss %.4f%s, %.1f s",
-                server_round,
-                self.num_rounds,
-                row["sites_trained"],
-                row["sites_sampled"],
-                float(train_metrics.get("loss", float("nan"))),
-                validated,
-                row["seconds"],
+                "%s",
+                round_line(
+                    server_round,
+                    self.num_rounds,
+                    row["sites_trained"],
+                    row["sites_sampled"],
+                    float(train_metrics.get("loss", float("nan"))),
+                    self.selection_metric,
+                    metric,
+                    self.best_round,
+                    row["seconds"],
+                ),
             )
         if pending is not None:
             self._final_validation(pending, arrays)
@@ -425,8 +429,7 @@ class TeacherRounds:
         if available < self.strategy.min_available_nodes:
             raise RoundFailedError(
                 f"round {server_round}: {available} site(s) connected after {self.site_wait_timeout:.0f} s, "
-                f"the minimum is {self.strategy.min_available_nodes}. The last completed round is "
-                "checkpointed; start the server again with --resume once sites are back."
+                f"the minimum is {self.strategy.min_available_nodes}. " + RESUME_ADVICE
             )
         _seed_sampling(self.seed, server_round, "train")
         config = ConfigRecord(
@@ -448,8 +451,7 @@ class TeacherRounds:
             reasons = "; ".join(f"{o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
             raise RoundFailedError(
                 f"round {server_round}: only {trained} site(s) trained, the minimum is "
-                f"{self.min_train_sites}. {reasons or 'No site replied.'} The last completed round "
-                "is checkpointed; start the server again with --resume once sites are back."
+                f"{self.min_train_sites}. {reasons or 'No site replied.'} " + RESUME_ADVICE
             )
         new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:

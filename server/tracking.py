@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import from_mapping
+from common.run_settings import from_mapping
 from common.tracking import RunTracker, TrackingSettings, open_tracker, safe_name
 from server.run_folder import RunFolder
 

@@ -16,34 +16,36 @@ without KD is trained at the sites during the distillation round, see ``kd-no-kd
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from client.site import site_name_for_partition
 from common.checkpoint import load_model_state
 from common.device import CPU, Compute, resolve_compute
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
-    DataRequest,
     SiteData,
+    TrainingData,
     build_loaded_model,
     derive_seed,
+    initial_teacher_state,
     load_site_data,
     scalar_metrics,
+    site_data_request,
+    train_round,
 )
 from common.run_settings import FederatedRunConfig
-from common.training import evaluate, make_optimizer, seed_everything, train_one_epoch
-from server.app import initial_teacher
+from common.training import evaluate
 
 logger = logging.getLogger(__name__)
 
 
 def site_names(num_sites: int) -> list[str]:
-    from client.site import site_name_for_partition
-
     return [site_name_for_partition(i) for i in range(num_sites)]
 
 
@@ -52,15 +54,12 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
     run = settings.run
     sites = {}
     for name in site_names(num_sites):
-        request = DataRequest(
-            data_format="manifest",
-            data_path=Path(run.simulation_manifest_dir) / f"{name}.csv",
-            task=settings.task,
-            image_size=run.image_size,
-            cache_dir=Path(run.cache_dir) if run.cache_dir else out / "run" / "cache",
-            val_fraction=run.val_fraction,
-            test_fraction=run.test_fraction,
-            split_seed=run.split_seed,
+        request = site_data_request(
+            run,
+            settings.task,
+            "manifest",
+            Path(run.simulation_manifest_dir) / f"{name}.csv",
+            Path(run.cache_dir) if run.cache_dir else out / "run" / "cache",
         )
         sites[name] = load_site_data(request)
     return sites
@@ -89,35 +88,40 @@ def score_everywhere(
     }
 
 
-def train_centrally(
-    datasets: list[Dataset[Any]], settings: FederatedRunConfig, *, seed: int
-) -> dict[str, torch.Tensor]:
-    """Train the teacher on ``datasets`` joined, with the budget a site has in the whole run.
+class PooledData:
+    """The union of several sites' data, shaped like one site's for :func:`common.local.train_round`."""
 
-    It trains on the run's ``device`` setting as resolved on this machine (``auto``: CUDA when
-    present), with mixed precision there when ``amp`` is on; the weights come back on the CPU.
-    """
-    epochs = settings.run.num_rounds * settings.train.local_epochs
-    compute = resolve_compute(settings.compute)
-    state = initial_teacher(settings).to_torch_state_dict()
-    seed_everything(seed)
-    model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
-    train_set = ConcatDataset(datasets)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=settings.train.batch_size,
-        shuffle=True,
-        generator=generator,
-        pin_memory=compute.pin_memory,
-    )
-    optimizer = make_optimizer(model, settings.train)
-    scaler = compute.grad_scaler()
-    for epoch in range(epochs):
-        for dataset in datasets:
+    def __init__(self, sites: list[SiteData]) -> None:
+        self.sites = sites
+
+    def dataset(self, part: str, *, augment: bool = False, seed: int = 0) -> _Pooled:
+        return _Pooled([s.dataset(part, augment=augment, seed=seed) for s in self.sites])
+
+
+class _Pooled(ConcatDataset[Any]):
+    """A ConcatDataset whose epoch (augmentation draws) follows ``set_epoch`` like a site's."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
             dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-        train_one_epoch(model, loader, settings.task, optimizer, device=compute.device, scaler=scaler)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def train_baseline(data: TrainingData, settings: FederatedRunConfig, *, seed: int) -> dict[str, torch.Tensor]:
+    """A teacher trained on ``data`` with the site's own loop (:func:`common.local.train_round`):
+    from the run's initial weights, for the epochs a site trains in the whole run, without DP,
+    on the run's ``device`` as resolved on this machine (the weights come back on the CPU)."""
+    epochs = settings.run.num_rounds * settings.train.local_epochs
+    initial = initial_teacher_state(settings.teacher, settings.task, settings.train.seed)
+    outcome = train_round(
+        data,
+        settings.task,
+        settings.teacher,
+        initial,
+        replace(settings.train, local_epochs=epochs, proximal_mu=0.0),
+        seed=seed,
+        compute=resolve_compute(settings.compute),
+    )
+    return outcome.state_dict
 
 
 def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[str, Any]:
@@ -131,19 +135,15 @@ def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> di
         ),
     }
     logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
-    pooled_state = train_centrally(
-        [s.dataset("train", augment=True, seed=derive_seed(seed, "pooled")) for s in sites.values()],
-        settings,
-        seed=derive_seed(seed, "pooled"),
+    pooled_state = train_baseline(
+        PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
     )
     results["pooled"] = score_everywhere(pooled_state, sites, settings)
     results["local"] = {}
     for name, site in sites.items():
         logger.info("Baseline: local-only teacher of %s", name)
         local_seed = derive_seed(seed, "local", name)
-        state = train_centrally(
-            [site.dataset("train", augment=True, seed=local_seed)], settings, seed=local_seed
-        )
+        state = train_baseline(site, settings, seed=local_seed)
         results["local"][name] = score_everywhere(state, sites, settings)
     write_json(out / "baselines.json", results)
     return results

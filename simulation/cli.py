@@ -4,6 +4,8 @@ Subcommands are thin: they check and pair their options, hand off to library cod
 (:mod:`common.data.sources` for reading, :mod:`simulation.partition` for splitting and writing)
 and print a short summary with rich. A user error (:class:`~common.errors.CxrFlError`) is printed
 as one line on stderr, without a traceback, and exits with code 2.
+Each command imports the library code it hands off to when it runs (not at the top), so that
+``--help`` and option errors answer at once, without loading numpy, torch or Flower.
 
 Without a subcommand the app calls :data:`default_action`: the default synthetic federation
 (``_demo``: 3 sites, ResNet18 teacher, distillation, baselines, report).
@@ -52,91 +54,15 @@ def _main(
         default_action(ctx)
 
 
+def _print_line(text: str) -> None:
+    stdout.print(text, markup=False, highlight=False)
+
+
 def _setup_logging(level: int) -> None:
     root = logging.getLogger()
     if not any(isinstance(h, RichHandler) for h in root.handlers):
         root.addHandler(RichHandler(console=stderr, show_path=False, show_time=False))
     root.setLevel(level)
-
-
-def parse_source_options(pairs: list[str], formats: list[str]) -> list[dict[str, str]]:
-    """Per-source option dicts from ``KEY=VALUE`` (every source) or ``FORMAT.KEY=VALUE`` items."""
-    per_source: list[dict[str, str]] = [{} for _ in formats]
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("source-option", item, "KEY=VALUE or FORMAT.KEY=VALUE, e.g. n-images=200")
-        fmt, dot, name = key.strip().rpartition(".")
-        if dot and fmt not in formats:
-            raise ConfigError("source-option", item, "a FORMAT. prefix naming one of " + ", ".join(formats))
-        for i, source_fmt in enumerate(formats):
-            if not dot or source_fmt == fmt:
-                per_source[i][name] = value.strip()
-    return per_source
-
-
-def load_sources(
-    formats: list[str],
-    paths: list[Path | None],
-    task_name: str,
-    *,
-    option_pairs: list[str] | None = None,
-    strict: bool = False,
-) -> tuple[Any, dict[str, str | None], dict[str, dict[str, str]]]:
-    """Load and join the ``--source``/``--data`` pairs into one catalog.
-
-    Returns the catalog, ``{source id: absolute data path or None}`` and
-    ``{source id: its options}`` for the record.
-    ``paths`` may be empty when every source needs no files (``synthetic``).
-    """
-    from common.data.catalog import Catalog
-    from common.data.sources import load_catalog
-    from common.tasks import get_task
-
-    task = get_task(task_name)
-    if not formats:
-        raise ConfigError("source", "", "at least one --source FORMAT")
-    if paths and len(paths) != len(formats):
-        raise ConfigError(
-            "data",
-            [str(p) for p in paths],
-            f"one --data PATH per --source ({len(formats)} sources, {len(paths)} paths), in the same order",
-        )
-    options = parse_source_options(option_pairs or [], formats)
-    repeated = {f for f in formats if formats.count(f) > 1}
-    seen: dict[str, int] = {}
-    catalogs = []
-    source_paths: dict[str, str | None] = {}
-    source_options: dict[str, dict[str, str]] = {}
-    for i, fmt in enumerate(formats):
-        path = paths[i] if paths else None
-        name = None
-        if fmt in repeated:
-            seen[fmt] = seen.get(fmt, 0) + 1
-            name = str(seen[fmt])
-        catalog = load_catalog(fmt, path, task, name=name, options=options[i], strict=strict)
-        catalogs.append(catalog)
-        source_id = fmt if name is None else f"{fmt}:{name}"
-        source_paths[source_id] = str(Path(path).expanduser().resolve()) if path is not None else None
-        source_options[source_id] = options[i]
-    return Catalog.concat(catalogs), source_paths, source_options
-
-
-def drop_duplicate_images(catalog: Any, cache_dir: Path | None) -> Any:
-    """The catalog without exact duplicates (same decoded pixels; the first copy is kept).
-
-    Public CXR sets re-publish each other's images; a copy on both sides of a split would leak
-    test images into training. Decoding happens once into the image cache (at 32 px; the pixel
-    hashes are of the full-resolution images), and unreadable images are left out as well.
-    """
-    from common.data.cache import build_cache
-    from common.data.duplicates import find_duplicates
-
-    cached = build_cache(catalog, 32, cache_dir)
-    report = find_duplicates(cached, level="exact")
-    if report.n_duplicates:
-        stdout.print(f"dropping duplicates: {report.summary(cached, limit=3)}", markup=False, highlight=False)
-    return cached.catalog.subset(report.keep_rows())
 
 
 @app.command()
@@ -193,13 +119,14 @@ def partition(
 ) -> None:
     """Split data sets into non-IID sites: one manifest CSV per site, partition.json, table and plot."""
     from simulation.partition import label_skew, label_table_rows, partition_catalog, write_partition
+    from simulation.sources import drop_duplicate_images, load_sources
 
     formats = list(source or ["synthetic"])
     catalog, source_paths, source_options = load_sources(
         formats, list(data or []), task, option_pairs=list(source_option or []), strict=strict
     )
     if drop_duplicates:
-        catalog = drop_duplicate_images(catalog, None)
+        catalog = drop_duplicate_images(catalog, None, _print_line)
     if sites is None and partitioner != "natural":
         sites = 3
     result = partition_catalog(

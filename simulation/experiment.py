@@ -20,42 +20,31 @@ from __future__ import annotations
 
 import json
 import logging
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import from_mapping
+from common import run_settings as settings_module
 from common.device import resolve_device
 from common.errors import ConfigError
-from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
 from common.tracking import TrackingSettings
-from server.deploy import coerce_setting, load_schema, parse_progress, parse_set_option, unknown_setting
+from server.progress_lines import parse_progress
 from server.strategies import StrategySettings
+from simulation.baselines import run_baselines
+from simulation.partition import partition_catalog, write_partition
+from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
+from simulation.sources import drop_duplicate_images, load_sources, parse_source_options
 
 logger = logging.getLogger(__name__)
 
 
 def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Schema defaults with ``overrides``; unknown keys and bad values fail here, before any work."""
-    schema = load_schema()
-    checked = {}
-    for key, value in overrides.items():
-        if key not in schema:
-            raise unknown_setting(key, schema, "run setting")
-        checked[key] = coerce_setting(key, value, schema[key], "run setting")
-    merged = {**schema, **checked}
-    run_settings_from_config(merged)
-    from_mapping(StrategySettings, merged)
-    from_mapping(TrackingSettings, merged)
-    return merged
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs with TOML values (``num-rounds=5``, ``strategy="fedprox"`` or fedprox)."""
-    return dict(parse_set_option(item) for item in items)
+    """Schema defaults with ``overrides``, the coordinator's strategy settings included, checked
+    before any work (see :func:`common.run_settings.check_run_config`)."""
+    return settings_module.check_run_config(overrides, also=(StrategySettings, TrackingSettings))
 
 
 @dataclass(frozen=True)
@@ -141,8 +130,6 @@ class Experiment:
 
     def prepare(self) -> tuple[dict[str, Any], int]:
         """Check settings, write the partition; returns the run config and the number of sites."""
-        from simulation.cli import drop_duplicate_images, load_sources
-        from simulation.partition import partition_catalog, write_partition
 
         run_config = self.resolve_run_config()
         check_local_device(run_settings_from_config(run_config), self.config)
@@ -193,8 +180,6 @@ class Experiment:
     def run(
         self, on_round: RoundCallback | None = None, on_stage: Callable[[str], None] | None = None
     ) -> ExperimentResult:
-        from simulation.baselines import run_baselines
-        from simulation.report import build_report
 
         stage = on_stage or (lambda _text: None)
         stage("checking settings and partitioning the data")
@@ -261,43 +246,61 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-EXPERIMENT_KEYS = (
-    "out",
-    "task",
-    "baselines",
-    "cpus-per-site",
-    "gpus-per-site",
-    "ray-address",
-    "strict",
-    "drop-duplicates",
-    "sources",
-    "partition",
-    "run",
-)
-PARTITION_KEYS = ("name", "sites", "alpha", "classes-per-site", "natural-by", "min-site-size", "seed")
+EXPERIMENT_KEYS: dict[str, Any] = {
+    "out": str,
+    "task": str,
+    "baselines": bool,
+    "cpus-per-site": int,
+    "gpus-per-site": float,
+    "ray-address": str,
+    "strict": bool,
+    "drop-duplicates": bool,
+    "sources": list,
+    "partition": dict,
+    "run": dict,
+}
+PARTITION_KEYS: dict[str, Any] = {
+    "name": str,
+    "sites": int,
+    "alpha": float,
+    "classes-per-site": int,
+    "natural-by": str,
+    "min-site-size": int,
+    "seed": int,
+}
+SOURCE_KEYS: dict[str, Any] = {"format": str, "path": str, "options": dict}
+_KIND_WORDS = {list: "an array of tables, e.g. [[sources]]", dict: "a table, e.g. [partition]"}
 
 
-def read_toml(path: Path, what: str = "an existing TOML file") -> dict[str, Any]:
-    """A TOML file's tables; a missing file or bad TOML is a ConfigError naming ``config``."""
-    if not path.is_file():
-        raise ConfigError("config", str(path), what)
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+def _check_table(table: Mapping[str, Any], kinds: Mapping[str, Any], where: str, path: Path) -> None:
+    """Every key of a config-file table known and of its type; ConfigError naming the key and file."""
+    for key, value in table.items():
+        name = f"key '{where}{key}' in {path}"
+        if key not in kinds:
+            raise ConfigError(name, value, "one of " + ", ".join(kinds))
+        kind = kinds[key]
+        if kind in _KIND_WORDS:
+            if not isinstance(value, kind):
+                raise ConfigError(name, value, _KIND_WORDS[kind])
+        else:
+            settings_module.coerce(name, value, kind)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     data = read_toml(path)
-    for key in data:
-        if key not in EXPERIMENT_KEYS:
-            raise ConfigError(f"key '{key}' in {path}", data[key], "one of " + ", ".join(EXPERIMENT_KEYS))
-    for key in data.get("partition", {}):
-        if key not in PARTITION_KEYS:
+    _check_table(data, EXPERIMENT_KEYS, "", path)
+    _check_table(data.get("partition", {}), PARTITION_KEYS, "partition.", path)
+    for i, source in enumerate(data.get("sources", [])):
+        where = f"sources[{i}]."
+        if not isinstance(source, dict):
+            raise ConfigError(f"key 'sources' in {path}", source, _KIND_WORDS[list])
+        _check_table(source, SOURCE_KEYS, where, path)
+        if "format" not in source:
             raise ConfigError(
-                f"key 'partition.{key}' in {path}", data["partition"][key], ", ".join(PARTITION_KEYS)
+                f"key '{where}format' in {path}", "missing", 'a source format, e.g. format = "manifest"'
             )
+    if data.get("cpus-per-site", 1) < 1:
+        raise ConfigError(f"key 'cpus-per-site' in {path}", data["cpus-per-site"], "an integer >= 1")
     return data
 
 
@@ -320,8 +323,6 @@ def experiment_config(
     ray_address: str | None = None,
 ) -> ExperimentConfig:
     """Merge a TOML config file and command-line options (the command line wins)."""
-    from simulation.cli import parse_source_options
-
     file = _read_config_file(config_file) if config_file is not None else {}
     if sources:
         if data and len(data) != len(sources):
@@ -331,13 +332,17 @@ def experiment_config(
             SourceSpec(fmt, str(Path(data[i]).expanduser().resolve()) if data else None, options[i])
             for i, fmt in enumerate(sources)
         )
+    elif data:
+        raise ConfigError(
+            "data", [str(d) for d in data], "--data with --source FORMAT naming each data set's format"
+        )
     elif "sources" in file:
         base = config_file.parent if config_file is not None else Path.cwd()
         specs = tuple(
             SourceSpec(
                 str(s["format"]),
                 str((base / s["path"]).resolve()) if s.get("path") else None,
-                {str(k): str(v) for k, v in s.get("options", {}).items()},
+                {str(k): _option_text(v) for k, v in s.get("options", {}).items()},
             )
             for s in file["sources"]
         )
@@ -361,12 +366,19 @@ def experiment_config(
         task=task or str(file.get("task", "normal-pneumonia-covid")),
         partition=PartitionSpec(**part),
         run_config=run_config,
-        baselines=bool(baselines if baselines is not None else file.get("baselines", False)),
-        cpus_per_site=int(file.get("cpus-per-site", 1)),
+        baselines=baselines if baselines is not None else file.get("baselines", False),
+        cpus_per_site=file.get("cpus-per-site", 1),
         gpus_per_site=gpus_per_site if gpus_per_site is not None else float(file.get("gpus-per-site", 0.0)),
         ray_address=ray_address if ray_address is not None else str(file.get("ray-address", "")),
-        strict=bool(file.get("strict", False)),
-        drop_duplicates=bool(
-            drop_duplicates if drop_duplicates is not None else file.get("drop-duplicates", False)
-        ),
+        strict=file.get("strict", False),
+        drop_duplicates=drop_duplicates
+        if drop_duplicates is not None
+        else file.get("drop-duplicates", False),
     )
+
+
+def _option_text(value: object) -> str:
+    """A source option from a TOML table as the command line spells it (``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -31,7 +31,6 @@ finding, or "no finding"). :func:`label_skew` measures how non-IID a partition i
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import logging
@@ -49,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from common.data.catalog import Catalog, ImageRecord
+from common.data.sources.manifest import MANIFEST_HEADER, manifest_row, record_path
 from common.errors import ConfigError, DataError
 from common.registry import Registry
 
@@ -583,65 +583,6 @@ def label_table_markdown(partition: Partition, catalog: Catalog) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _manifest_label(catalog: Catalog, index: int) -> str:
-    """The task label of one image as the manifest format reads it.
-
-    Multi-class: the class name. Multi-label: positive findings joined by ``|``, or
-    ``No Finding``; unknown (NaN) findings are written as negative, the manifest has no blank.
-    """
-    target = catalog.targets[index]
-    if not catalog.task.is_multilabel:
-        return catalog.task.classes[int(np.argmax(target))]
-    positives = [name for name, v in zip(catalog.task.classes, target, strict=True) if v == 1]
-    return "|".join(positives) or "No Finding"
-
-
-MANIFEST_HEADER = "path,label,site,patient_id,view"
-
-
-def _manifest_row(catalog: Catalog, index: int, path: Path, site: str) -> str:
-    record = catalog.records[index]
-    label = _manifest_label(catalog, index)
-    return _csv_row([str(path), label, site, record.patient_id or "", record.view or ""])
-
-
-def write_manifest(path: Path, catalog: Catalog, indices: Sequence[int] | np.ndarray) -> Path:
-    """Write the images ``indices`` of a file-based catalog as one manifest CSV (atomically).
-
-    The manifest keeps each image's absolute path, task label, site, patient and view, so
-    ``--source manifest`` reads back the same records (e.g. a held-out test set or a data pool).
-    """
-    rows = [MANIFEST_HEADER]
-    for i in np.asarray(indices, dtype=np.int64).tolist():
-        record = catalog.records[i]
-        image = _record_path(catalog, record)
-        if image is None:
-            raise DataError(
-                f"image {record.key} of source '{record.source}' has no file, so it cannot go into a "
-                "manifest; write a partition instead (it saves such images as PNG)"
-            )
-        rows.append(_manifest_row(catalog, i, image, record.site or ""))
-    path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def _record_path(catalog: Catalog, record: ImageRecord) -> Path | None:
-    """The absolute path of a file-based record's image, or None for sources without files."""
-    reader = catalog.readers.get(record.source)
-    path_of = getattr(reader, "path", None)
-    if callable(path_of):
-        found = path_of(record)
-        if found is not None:
-            return Path(found).resolve()
-    if record.meta.get("path"):
-        return Path(record.meta["path"]).resolve()
-    return None
-
-
 _MULTILABEL_NOTE = (
     "Multi-label task: each image is counted once, under its first positive finding in task order "
     f"(or '{NO_FINDING}'); this is the label the partitioner splits by.\n\n"
@@ -692,7 +633,7 @@ def write_partition(
             rows = [MANIFEST_HEADER]
             for i in indices.tolist():
                 record = catalog.records[i]
-                path = _record_path(catalog, record)
+                path = record_path(catalog, record)
                 if path is None:
                     relative = Path("images") / name / f"{i:06d}_{_UNSAFE.sub('_', record.key)[-80:]}.png"
                     (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -702,7 +643,7 @@ def write_partition(
                 site = record.site or ""
                 if partition.settings.partitioner == "natural" and partition.natural_ids is not None:
                     site = _natural_key(record, partition.settings.natural_by or "site") or site
-                rows.append(_manifest_row(catalog, i, path, site))
+                rows.append(manifest_row(catalog, i, path, site))
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
         counts = label_counts(partition, catalog)
         names = _label_names(catalog)
@@ -758,9 +699,3 @@ def _plot_title(settings: PartitionSettings) -> str:
     elif settings.classes_per_site is not None:
         extra = f", k={settings.classes_per_site}"
     return f"{settings.partitioner}{extra}, seed {settings.seed}"
-
-
-def _csv_row(values: Sequence[str]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow(values)
-    return out.getvalue()

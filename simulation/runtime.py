@@ -46,6 +46,7 @@ from typing import Any
 from common.errors import ConfigError, CxrFlError
 from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
 from server.deploy import FlwrRunTimeoutError, follow_flwr_run, write_run_config
+from server.progress_lines import without_resume_advice
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class FlowerSimulation:
             raise SimulationError(f"`flwr run` exited with code {run.returncode}; see {log_path}")
         info = self.run_info(run_id)
         if info.get("status") != "finished:completed":
-            details = info.get("status-details") or "no details"
+            details = without_resume_advice(str(info.get("status-details") or "no details"))
             raise SimulationError(
                 f"run {run_id} ended as '{info.get('status')}': {details} (log: {log_path})"
             )

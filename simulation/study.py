@@ -40,9 +40,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader
 
+from common.checkpoint import load_model_state
+from common.data.sources.manifest import write_manifest
+from common.data.splits import split_by_patient
 from common.errors import ConfigError, DataError
 from common.jsonio import write_json
+from common.local import (
+    EVAL_BATCH_SIZE,
+    build_loaded_model,
+    derive_seed,
+    load_eval_dataset,
+    scalar_metrics,
+    site_data_request,
+    student_config,
+)
+from common.run_settings import coerce, parse_bool, read_toml, run_settings_from_config
+from common.training import evaluate
+from simulation.baselines import PooledData, load_sites, train_baseline
+from simulation.experiment import (
+    Experiment,
+    ExperimentConfig,
+    PartitionSpec,
+    SourceSpec,
+    check_run_config,
+)
+from simulation.sources import drop_duplicate_images, load_sources
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +163,9 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: P
 
 def load_settings(config_file: Path) -> StudySettings:
     """Read and check the study's TOML file (paths are relative to the file's folder)."""
-    from simulation.experiment import check_run_config, read_toml
 
     path = Path(config_file).expanduser().resolve()
-    raw = read_toml(path, "an existing TOML file (e.g. benchmarks/study.toml)")
+    raw = read_toml(path, what="an existing TOML file (e.g. benchmarks/study.toml)")
     _check_keys(raw, TOP_KEYS, "", path)
     base = path.parent
     datasets: dict[str, DatasetSetting] = {}
@@ -165,9 +188,11 @@ def load_settings(config_file: Path) -> StudySettings:
         datasets[name] = DatasetSetting(
             task=str(table["task"]),
             sources=sources,
-            test_images=int(table["test-images"]),
-            pool_images=int(table["pool-images"]),
-            drop_duplicates=bool(table.get("drop-duplicates", True)),
+            test_images=coerce(f"key 'test-images' in {path}", table["test-images"], int),
+            pool_images=coerce(f"key 'pool-images' in {path}", table["pool-images"], int),
+            drop_duplicates=parse_bool(
+                f"key 'drop-duplicates' in {path}", table.get("drop-duplicates", True)
+            ),
         )
     for name in DATASETS:
         if name not in datasets:
@@ -182,16 +207,20 @@ def load_settings(config_file: Path) -> StudySettings:
         results=(base / str(raw.get("results", "results"))).resolve(),
         datasets=datasets,
         run=run,
-        sites=int(raw.get("sites", 5)),
-        nih_sites=int(raw.get("nih-sites", 3)),
-        min_site_size=int(raw.get("min-site-size", 40)),
-        holdout_seed=int(raw.get("holdout-seed", 0)),
+        sites=coerce(f"key 'sites' in {path}", raw.get("sites", 5), int),
+        nih_sites=coerce(f"key 'nih-sites' in {path}", raw.get("nih-sites", 3), int),
+        min_site_size=coerce(f"key 'min-site-size' in {path}", raw.get("min-site-size", 40), int),
+        holdout_seed=coerce(f"key 'holdout-seed' in {path}", raw.get("holdout-seed", 0), int),
         seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
-        proximal_mu=float(raw.get("proximal-mu", 0.01)),
-        federated_student_rounds=int(raw.get("federated-student-rounds", 5)),
+        proximal_mu=coerce(f"key 'proximal-mu' in {path}", raw.get("proximal-mu", 0.01), float),
+        federated_student_rounds=coerce(
+            f"key 'federated-student-rounds' in {path}", raw.get("federated-student-rounds", 5), int
+        ),
         dp_epsilons=tuple(float(e) for e in privacy.get("epsilons", (8.0, 3.0))),
-        dp_headline_epsilon=float(privacy.get("headline-epsilon", 8.0)),
-        dp_delta=float(privacy.get("delta", 1e-5)),
+        dp_headline_epsilon=coerce(
+            f"key 'headline-epsilon' in {path}", privacy.get("headline-epsilon", 8.0), float
+        ),
+        dp_delta=coerce(f"key 'delta' in {path}", privacy.get("delta", 1e-5), float),
         dp_run=dict(privacy.get("run", {})),
         attempts=_attempts(raw.get("attempts", []), run, path),
     )
@@ -216,7 +245,6 @@ def load_settings(config_file: Path) -> StudySettings:
 
 def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ...]:
     """The ``[[attempts]]`` tables, checked (names, splits and run settings) before any work."""
-    from simulation.experiment import check_run_config
 
     if not isinstance(raw, list):
         raise ConfigError(f"'attempts' in {path}", raw, "[[attempts]] tables")
@@ -246,9 +274,11 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 name=name,
                 about=str(table.get("about", "")),
                 split=split,
-                kd=bool(table.get("kd", False)),
-                pooled=bool(table.get("pooled", False)),
-                federated_student=bool(table.get("federated-student", False)),
+                kd=parse_bool(f"key 'kd' in {path}", table.get("kd", False)),
+                pooled=parse_bool(f"key 'pooled' in {path}", table.get("pooled", False)),
+                federated_student=parse_bool(
+                    f"key 'federated-student' in {path}", table.get("federated-student", False)
+                ),
                 run=tuple(sorted(changed.items())),
                 seeds=None if seeds is None else tuple(seeds),
             )
@@ -277,9 +307,6 @@ def _check_sources(dataset: DatasetSetting) -> None:
 
 def prepare(settings: StudySettings, name: str) -> PreparedData:
     """The held-out test set and the training pool of one data set (written once, then reused)."""
-    from common.data.splits import split_by_patient
-    from simulation.cli import drop_duplicate_images, load_sources
-    from simulation.partition import write_manifest
 
     folder = settings.out / "data" / name
     info_path = folder / "holdout.json"
@@ -445,8 +472,6 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
 
 
 def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
-    from simulation.experiment import PartitionSpec
-
     sites = settings.nih_sites if cell.dataset == "nih" else settings.sites
     common: dict[str, Any] = {"seed": cell.seed, "min_site_size": settings.min_site_size}
     if cell.split == "iid":
@@ -501,7 +526,6 @@ def run_cell(
     on_round: Callable[[int, int, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Run one cell (or read its finished result) and return its result record."""
-    from simulation.experiment import Experiment, ExperimentConfig, SourceSpec
 
     stage = on_stage or (lambda _text: None)
     folder = settings.out / "cells" / cell.name
@@ -541,28 +565,14 @@ def run_cell(
 
 
 def _held_out(test_manifest: Path, settings: Any) -> Any:
-    from common.local import DataRequest, load_eval_dataset
-
     return load_eval_dataset(
-        DataRequest(
-            data_format="manifest",
-            data_path=test_manifest,
-            task=settings.task,
-            image_size=settings.run.image_size,
-            cache_dir=Path(settings.run.cache_dir),
-            val_fraction=0.0,
-            test_fraction=0.0,
-            split_seed=0,
+        site_data_request(
+            settings.run, settings.task, "manifest", test_manifest, Path(settings.run.cache_dir), whole=True
         )
     )
 
 
 def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any) -> dict[str, float]:
-    from torch.utils.data import DataLoader
-
-    from common.local import EVAL_BATCH_SIZE, build_loaded_model, scalar_metrics
-    from common.training import evaluate
-
     model = build_loaded_model(model_config, task, state)
     result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), task)
     return {"n": float(result.n), **scalar_metrics(result, "")}
@@ -570,10 +580,6 @@ def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any
 
 def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str, Any]:
     """Score the cell's teacher (and students, baselines) on the held-out test set."""
-    from common.checkpoint import load_model_state
-    from common.local import derive_seed, student_config
-    from common.run_settings import run_settings_from_config
-    from simulation.baselines import load_sites, train_centrally
 
     run_dir = experiment_dir / "run"
     settings = run_settings_from_config(json.loads((run_dir / "run_config.json").read_text(encoding="utf-8")))
@@ -619,20 +625,14 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
     seed = settings.train.seed
     if cell.pooled:
         started = time.perf_counter()
-        state = train_centrally(
-            [s.dataset("train", augment=True, seed=derive_seed(seed, "pooled")) for s in sites.values()],
-            settings,
-            seed=derive_seed(seed, "pooled"),
-        )
+        state = train_baseline(PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled"))
         record["teachers"]["pooled"] = _scores(teacher, state, test, settings.task)
         record["pooled_seconds"] = time.perf_counter() - started
     if cell.local:
         record["teachers"]["local"] = {}
         for name, site in sites.items():
             local_seed = derive_seed(seed, "local", name)
-            state = train_centrally(
-                [site.dataset("train", augment=True, seed=local_seed)], settings, seed=local_seed
-            )
+            state = train_baseline(site, settings, seed=local_seed)
             record["teachers"]["local"][name] = _scores(teacher, state, test, settings.task)
     return record
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonio import write_json
-from simulation.study import SPLITS, TABLES, StudySettings, table_cells
+from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
@@ -117,8 +117,13 @@ class StudyReport:
     def by_name(self, name: str) -> dict[str, Any] | None:
         return self.cells.get(name)
 
-    def _name(self, dataset: str, split: str, strategy: str, seed: int, suffix: str = "") -> str:
-        return f"{dataset}-{split}-{strategy}{suffix}-s{seed}"
+    def _name(self, dataset: str, split: str, strategy: str, seed: int, **cell: Any) -> str:
+        """The name of the cell with these fields (derived from the cell, never re-spelled)."""
+        return Cell("", dataset, split, strategy, seed, **cell).name
+
+    def _headline(self, seed: int, **cell: Any) -> dict[str, Any] | None:
+        """The finished FedAvg cell on the Dirichlet 0.5 split of the CXR data with these fields."""
+        return self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, **cell))
 
     # ------------------------------------------------------------------ sections
 
@@ -226,7 +231,7 @@ class StudyReport:
                 "met": ok,
             }
 
-        d05 = [self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed)) for seed in s.seeds]
+        d05 = [self._headline(seed) for seed in s.seeds]
         d05 = [r for r in d05 if r is not None]
         fed = _stat(_teacher(r, "federated") for r in d05)
         pooled = _stat(_teacher(r, "pooled") for r in d05)
@@ -265,11 +270,7 @@ class StudyReport:
             ">= -0.01",
             None if not kd_gap.values else kd_gap.mean >= -0.01,
         )
-        fs = [
-            r
-            for seed in s.seeds
-            if (r := self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-fedstudent")))
-        ]
+        fs = [r for seed in s.seeds if (r := self._headline(seed, federated_student=True))]
         fs_student = _stat(float(r["federated_student"][METRIC]) for r in fs)
         fs_gap = _stat(
             float(r["federated_student"][METRIC]) - float(r["teachers"]["federated"][METRIC]) for r in fs
@@ -299,11 +300,11 @@ class StudyReport:
             "> 0",
             None if not kd_nokd.values else kd_nokd.mean > 0,
         )
-        gn = {
-            seed: self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-gn")) for seed in s.seeds
-        }
+        gn = {seed: self._headline(seed, norm="group") for seed in s.seeds}
         dp = {
-            seed: self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, f"-dp{eps:g}"))
+            seed: self.by_name(
+                self._name("cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=eps, norm="group")
+            )
             for seed in s.seeds
         }
         no_dp = _stat(_teacher(gn[seed], "federated") for seed in s.seeds)
@@ -334,7 +335,7 @@ class StudyReport:
     def splits(self) -> list[str]:
         s = self.settings
         seed = s.seeds[0]
-        pooled = _teacher(self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed)), "pooled")
+        pooled = _teacher(self._headline(seed), "pooled")
         rows = []
         plot_rows = []
         for split in SPLITS:
@@ -392,8 +393,10 @@ class StudyReport:
         s = self.settings
         per_seed = []
         for seed in s.seeds:
-            result = self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed))
-            federated = self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-fedstudent"))
+            result = self._headline(seed)
+            federated = self.by_name(
+                self._name("cxr", "dirichlet-0.5", "fedavg", seed, federated_student=True)
+            )
             if (result is None or "students" not in result) and federated is None:
                 continue
             row = [str(seed)]
@@ -437,7 +440,7 @@ class StudyReport:
                 per_seed,
             ),
         ]
-        first = self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", s.seeds[0]))
+        first = self._headline(s.seeds[0])
         if first is not None and "students" in first:
             rows, plot = [], []
             for site, scores in first["students"].items():
@@ -474,10 +477,7 @@ class StudyReport:
         s = self.settings
         rows = []
         points = []
-        ref = _stat(
-            _teacher(self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, "-gn")), "federated")
-            for seed in s.seeds
-        )
+        ref = _stat(_teacher(self._headline(seed, norm="group"), "federated") for seed in s.seeds)
         if ref.values:
             rows.append(["no DP (GroupNorm)", ref.text(), "–", "–", "–"])
             points.append((math.inf, ref.mean, ref.sd))
@@ -485,7 +485,11 @@ class StudyReport:
             found = [
                 r
                 for seed in s.seeds
-                if (r := self.by_name(self._name("cxr", "dirichlet-0.5", "fedavg", seed, f"-dp{eps:g}")))
+                if (
+                    r := self.by_name(
+                        self._name("cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=eps, norm="group")
+                    )
+                )
             ]
             if not found:
                 continue

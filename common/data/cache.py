@@ -165,15 +165,27 @@ class ImageCache:
             raise DataError(f"image size {image_size} is too small; use at least 8 (e.g. 64 or 224)")
         if len(catalog) == 0:
             raise DataError("the catalog has no images to cache")
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise DataError(f"cache folder {self.cache_dir} is a file; choose another --cache-dir")
         key = cache_key(catalog, image_size)
         npy_path, json_path = self.paths(key)
         loaded = self._load(catalog, image_size, npy_path, json_path)
         if loaded is not None:
             logger.info("image cache hit: %s (%d images at %d px)", npy_path, len(loaded), image_size)
+            if strict and loaded.skipped:
+                raise DataError(
+                    f"{loaded.skipped[0].reason} (strict mode: no image may be unreadable; "
+                    f"{len(loaded.skipped)} were skipped when the cache {npy_path.name} was built)"
+                )
             if progress is not None:
                 progress(len(catalog), len(catalog))
             return loaded
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"cannot make the cache folder {self.cache_dir}: {exc.strerror}; choose another --cache-dir"
+            ) from None
         return self._build(catalog, image_size, strict, progress, npy_path, json_path)
 
     def _load(self, catalog: Catalog, size: int, npy_path: Path, json_path: Path) -> CachedImages | None:

@@ -131,7 +131,13 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A whole batch at once (DataLoader calls this): one memmap read, one grid_sample."""
+        """A whole batch at once (DataLoader calls this): one memmap read, one grid_sample.
+
+        DP-SGD's Poisson sampling can draw an empty batch: that is an empty list, which Opacus'
+        collate turns into an empty batch of the right shape, so the noisy step still happens.
+        """
+        if len(items) == 0:
+            return []
         rows = self.indices[np.asarray(items, dtype=np.int64)]
         images = torch.from_numpy(np.array(self.images[rows], dtype=np.float32)).div_(255.0)
         if self.augment:

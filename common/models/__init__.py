@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import ModelError
 from common.models.dual import ResNet50V2Vgg19
+from common.models.norms import NORMS
 from common.models.tiny import TinyCnn
 from common.models.torchvision_models import build_densenet121, build_mobilenetv2, build_resnet18
 from common.models.weights import head_shapes_differ, load_state, load_weights, read_state_dict
@@ -217,6 +218,7 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int = 1) -> int:
 
 __all__ = [
     "MODELS",
+    "NORMS",
     "ROLES",
     "ModelSpec",
     "Role",

@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from common.config import NORMS
 from common.errors import ConfigError
+
+NORMS: tuple[str, ...] = ("batch", "group")
+"""The normalisations a model can be built with (``common.config.Norm`` spells the same names)."""
 
 MAX_GROUPS = 32
 """Upper bound on GroupNorm groups (Wu & He's default); the actual count divides the channels."""

@@ -208,6 +208,7 @@ def test_error_replies_leave_image_paths_at_the_site(tmp_path: Path) -> None:
     assert str(tmp_path) not in reply.error.reason
 
 
+@pytest.mark.slow  # distils and exports a student (ONNX) at the site
 def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,8 @@ def test_node_config_is_what_the_client_app_reads(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     node_config = parse_config_args([settings.node_config()])  # as flower-supernode parses it
 
-    site = site_from_node_config(node_config, run_settings_from_config({}))
+    group_norm_run = run_settings_from_config({"teacher-norm": "group"})  # DP at a site needs GroupNorm
+    site = site_from_node_config(node_config, group_norm_run)
 
     assert site.name == "site-a"
     assert site.data_path == (tmp_path / "data").resolve()

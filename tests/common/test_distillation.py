@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.config import DistillConfig, ModelConfig
 from common.distillation import IndexedDataset, compute_teacher_logits, distill_one_epoch, kd_loss
 from common.errors import ConfigError, DataError
+from common.models import build_model
 from common.tasks import Task
 
 TASK = Task("toy-kd", "multiclass", ("a", "b", "c"))
@@ -250,13 +252,8 @@ def test_multilabel_distillation_with_nan_labels_is_finite() -> None:
 
 
 def test_accepts_a_real_distill_config_and_registry_models() -> None:
-    models = pytest.importorskip("common.models")
-    if "tiny-cnn" not in models.MODELS:
-        pytest.skip("tiny-cnn is not registered yet")
-    from common.config import DistillConfig, ModelConfig
-
     config = ModelConfig(name="tiny-cnn", norm="group")
-    teacher, student = models.build_model(config, 3), models.build_model(config, 3)
+    teacher, student = build_model(config, 3), build_model(config, 3)
     g = torch.Generator().manual_seed(4)
     images = torch.rand((8, 1, 32, 32), generator=g)
     targets = F.one_hot(torch.arange(8) % 3, 3).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -33,6 +34,38 @@ def test_start_refuses_unknown_run_settings(tmp_path: Path) -> None:
     assert "num-round" in result.output
     assert "num-rounds" in result.output  # the valid keys are listed
     assert not (tmp_path / "run" / "deploy.json").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("num-rounds = 0\n", "num-rounds"),
+        ('kd-enabled = "no"\n', "kd-enabled"),
+        ('dp-enabled = true\nteacher-norm = "batch"\n', "teacher-norm"),
+    ],
+)
+def test_start_checks_every_run_setting_before_the_superlink(tmp_path: Path, text: str, message: str) -> None:
+    output = _start_refused(tmp_path, text.encode("utf-8"))
+    assert message in output
+
+
+def test_start_config_that_is_not_utf8(tmp_path: Path) -> None:
+    output = _start_refused(tmp_path, 'task = "normal-pneumonia"  # hôpital\n'.encode("latin-1"))
+    assert "fed.toml" in output
+    assert "UTF-8" in output
+
+
+def _start_refused(tmp_path: Path, config_bytes: bytes) -> str:
+    """``start --config`` with this file: exit 2, one line, and no SuperLink started."""
+    config = tmp_path / "fed.toml"
+    config.write_bytes(config_bytes)
+    result = runner.invoke(
+        app, ["start", "--run-dir", str(tmp_path / "run"), "--insecure", "--config", str(config)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "deploy.json").exists()
+    return result.output
 
 
 def test_start_needs_certs_unless_insecure(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.medmnist import download_medmnist
 from common.data.sources import SOURCES, kermany_patient, load_catalog
+from common.data.sources.medmnist import download_medmnist
 from common.errors import ConfigError, DataError, IntegrityError, UnknownNameError
 from common.tasks import get_task
 from tests.common.data.helpers import write_csv, write_image
@@ -131,7 +131,7 @@ def test_covid19_radiography_csv_without_url_column(tmp_path: Path) -> None:
     root = _covid_db(tmp_path / "db")
     write_csv(root / "Normal.metadata.csv", ("FILE NAME", "FORMAT"), [("Normal-1", "PNG")])
     with pytest.raises(DataError, match=r"Normal.metadata.csv: missing column\(s\) 'URL'"):
-        load_catalog("covid19-radiography", root, NPC, options={"drop-unmapped": "yes"})
+        load_catalog("covid19-radiography", root, NPC, options={"drop-unmapped": "true"})
 
 
 def test_ieee8023(tmp_path: Path) -> None:
@@ -154,10 +154,10 @@ def test_ieee8023(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="Tuberculosis"):
         load_catalog("ieee8023", root, NPC)
-    cat = load_catalog("ieee8023", root, NPC, options={"drop-unmapped": "1"})
+    cat = load_catalog("ieee8023", root, NPC, options={"drop-unmapped": "true"})
     assert cat.class_counts() == {"normal": 1, "pneumonia": 1, "covid-19": 2}
     assert [r.site for r in cat.records][:2] == ["Milan, Italy", "Milan, Italy"]
-    assert len(load_catalog("ieee8023", root, NPC, options={"drop-unmapped": "1", "views": "PA"})) == 2
+    assert len(load_catalog("ieee8023", root, NPC, options={"drop-unmapped": "TRUE", "views": "PA"})) == 2
 
 
 def _nih(root: Path) -> Path:

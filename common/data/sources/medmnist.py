@@ -1,4 +1,4 @@
-"""MedMNIST chest sets (PneumoniaMNIST, ChestMNIST): reading the npz and an optional download.
+"""``medmnist``: MedMNIST chest sets (PneumoniaMNIST, ChestMNIST), the npz and an optional download.
 
 An npz holds ``{train,val,test}_images`` (uint8, N x S x S, S in 28 / 64 / 128 / 224) and
 ``{train,val,test}_labels``. PneumoniaMNIST labels are 0 = normal, 1 = pneumonia (the Kermany
@@ -23,18 +23,15 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.data.catalog import Catalog, ImageRecord
 from common.data.labels import multiclass_targets, require_multilabel
 from common.data.readers import ArrayReader
+from common.data.sources.base import SourceRequest, _register, multilabel_targets
 from common.errors import ConfigError, DataError, IntegrityError
 from common.tasks import NIH14_FINDINGS
-
-if TYPE_CHECKING:
-    from common.data.sources import SourceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +128,11 @@ def _find_npz(path: Path, flag: str | None) -> Path:
     return candidates[0]
 
 
+@_register(
+    "medmnist",
+    "MedMNIST npz (pneumoniamnist / chestmnist, any size): {train,val,test}_{images,labels}",
+    {"flag": "pneumoniamnist or chestmnist (default: from the file name)", "splits": "splits to include"},
+)
 def load_medmnist_catalog(req: SourceRequest) -> Catalog:
     """The ``medmnist`` source: one catalog record per image of the chosen release splits."""
     if req.path is None:
@@ -183,8 +185,6 @@ def load_medmnist_catalog(req: SourceRequest) -> Catalog:
         )
         records = [records[i] for i in keep]
     else:
-        from common.data.sources import multilabel_targets
-
         require_multilabel(req.task, req.fmt, str(npz_path))
         positives = [[] if r.source_labels == ("No Finding",) else list(r.source_labels) for r in records]
         targets = multilabel_targets(
