@@ -211,6 +211,7 @@ class WarmClientAppRunner:
         self.report = report
         self.poll_seconds = poll_seconds
         self._target: str | None = None
+        self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.tasks_run = 0
@@ -233,7 +234,7 @@ class WarmClientAppRunner:
 
             self.client_app = installed_app
 
-        clients: dict[str, Any] = {}
+        clients = self._clients
         refused_claims = False
         try:
             while not self._stop.is_set():
@@ -261,10 +262,13 @@ class WarmClientAppRunner:
                     self._stop.wait(self.poll_seconds * 10)
                     continue
                 if acquired.HasField("task") and acquired.token:
-                    try:
-                        self.run_task(target, acquired.token)
-                    except Exception:
-                        logger.exception("the ClientApp task could not be run")
+                    token: str | None = acquired.token
+                    while token:  # a task whose input never came may be superseded by a newer one
+                        try:
+                            token = self.run_task(target, token)
+                        except Exception:
+                            logger.exception("the ClientApp task could not be run")
+                            token = None
                 else:
                     self._stop.wait(self.poll_seconds)
         finally:
@@ -295,8 +299,12 @@ class WarmClientAppRunner:
             ],
         )
 
-    def run_task(self, target: str, token: str) -> None:
-        """Run one claimed task: pull its input, check the app, call the ClientApp, push the reply."""
+    def run_task(self, target: str, token: str) -> str | None:
+        """Run one claimed task: pull its input, check the app, call the ClientApp, push the reply.
+
+        Returns the token of a newer task that superseded this one while its input was still
+        being pulled (see :meth:`_pull_input`), None otherwise.
+        """
         from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
@@ -320,8 +328,17 @@ class WarmClientAppRunner:
         message: Message | None = None
         reply: Message | None = None
         sub_status, details = SubStatus.FAILED, "the ClientApp task failed"
+        newer: str | None = None
         try:
-            message, context, run, fab = pull_task_input(client)
+            pulled = self._pull_input(client, target, pull_task_input)
+            if isinstance(pulled, str):
+                newer, details = pulled, "superseded by a newer task while its input was being pulled"
+                self.report(
+                    f"a task whose input did not arrive in {PULL_PATIENCE_SECONDS:.0f} s "
+                    "was given up for a newer one"
+                )
+                return newer
+            message, context, run, fab = pulled
             reason = self.allow.refusal(run.fab_hash, fab.content)
             if reason is not None:
                 self.tasks_refused += 1
@@ -351,11 +368,61 @@ class WarmClientAppRunner:
             except Exception:
                 logger.exception("could not hand the reply to the SuperNode")
             finally:
-                push_task_output(client, context, sub_status, details)
+                with contextlib.suppress(Exception):
+                    push_task_output(client, context, sub_status, details)
                 heartbeat.stop()
-                client.close()
+                client.close()  # an abandoned pull (superseded task) fails on the closed client and ends
+        return newer
+
+    def _pull_input(self, client: Any, target: str, pull: Callable[[Any], Any]) -> Any:
+        """The task's input, or the token of a newer task that superseded it.
+
+        Flower pulls a message's objects from the SuperNode with a patience of hours (its
+        ``PULL_MAX_TIME``): a message whose objects never reach the SuperNode (its SuperLink was
+        stopped mid-transfer, e.g. a coordinator killed and resumed) would block this one runner
+        and with it every later message. So the pull runs in its own thread, and once it has
+        waited :data:`PULL_PATIENCE_SECONDS` the runner also asks the SuperNode for a newer task
+        every few seconds: if there is one, this task is given up for it (the server re-sends
+        what it still needs).
+        """
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["input"] = pull(client)
+            except BaseException as exc:  # handed to the caller's thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=work, name="cxr-fl task input", daemon=True)
+        thread.start()
+        waited = 0.0
+        while True:
+            thread.join(SUPERSEDE_CHECK_SECONDS)
+            if not thread.is_alive():
+                break
+            waited += SUPERSEDE_CHECK_SECONDS
+            if waited >= PULL_PATIENCE_SECONDS and (newer := self._claim_newer_task(target)):
+                return newer
+        if "error" in result:
+            raise result["error"]
+        return result["input"]
+
+    def _claim_newer_task(self, target: str) -> str | None:
+        client = self._clients.get(target)
+        if client is None:
+            return None
+        try:
+            acquired = client.AcquireTask(self._acquire_request())
+        except Exception as exc:  # the SuperNode is busy or restarting: keep waiting
+            logger.debug("AcquireTask while a task's input is pulled: %s", exc)
+            return None
+        return str(acquired.token) if acquired.HasField("task") and acquired.token else None
 
 
+PULL_PATIENCE_SECONDS = 30.0
+"""How long a task's input may take to arrive before a newer task may supersede it."""
+SUPERSEDE_CHECK_SECONDS = 5.0
+"""How often, past that patience, the runner asks its SuperNode whether a newer task waits."""
 RETRY_SECONDS = 60.0
 """How long a task's calls to its SuperNode are retried (transport errors) before the task gives up."""
 

@@ -12,6 +12,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import flwr
@@ -23,6 +25,7 @@ from client.app_runner import (
     SUPPORTED_FLWR_VERSION,
     AppAllowList,
     RuntimeUnsupportedError,
+    WarmClientAppRunner,
     installed_app_hash,
     normalise_app_hash,
     require_supported_flwr,
@@ -194,3 +197,62 @@ def test_start_refuses_an_unsupported_flower_before_anything_else(
     assert result.exit_code == 2
     assert "--runtime flower" in result.output
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+class _Acquired:
+    """What AcquireTask answers: a task with ``token``, or none."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def HasField(self, name: str) -> bool:  # noqa: N802  (protobuf's spelling)
+        return name == "task" and bool(self.token)
+
+
+class _SuperNode:
+    """The acquire side of a SuperNode that holds ``waiting`` tasks, handed out in order."""
+
+    def __init__(self, waiting: list[str]) -> None:
+        self.waiting = list(waiting)
+
+    def AcquireTask(self, request: object) -> _Acquired:  # noqa: N802
+        return _Acquired(self.waiting.pop(0) if self.waiting else "")
+
+
+def _runner(monkeypatch: pytest.MonkeyPatch, supernode: _SuperNode) -> WarmClientAppRunner:
+    import client.app_runner as app_runner
+
+    monkeypatch.setattr(app_runner, "PULL_PATIENCE_SECONDS", 0.02)
+    monkeypatch.setattr(app_runner, "SUPERSEDE_CHECK_SECONDS", 0.01)
+    runner = WarmClientAppRunner(b"secret", AppAllowList(None), "site-a", lambda line: None)
+    monkeypatch.setattr(runner, "_acquire_request", lambda: object())
+    runner._clients["127.0.0.1:1"] = supernode
+    return runner
+
+
+def test_a_task_whose_input_never_arrives_is_given_up_for_a_newer_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A coordinator killed mid-transfer leaves a task whose objects never reach the SuperNode;
+    # Flower would pull them for hours. The resumed run's task must still be served.
+    never = threading.Event()
+    runner = _runner(monkeypatch, _SuperNode(["resumed-run-task"]))
+    newer = runner._pull_input(object(), "127.0.0.1:1", lambda client: never.wait(5))
+    never.set()
+    assert newer == "resumed-run-task"
+
+
+def test_a_slow_input_is_kept_while_no_newer_task_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = _runner(monkeypatch, _SuperNode([]))
+    pulled = runner._pull_input(object(), "127.0.0.1:1", lambda client: time.sleep(0.1) or "the input")
+    assert pulled == "the input"
+
+
+def test_a_failed_pull_raises_in_the_runners_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = _runner(monkeypatch, _SuperNode([]))
+
+    def broken(client: object) -> None:
+        raise RuntimeError("No messages received from Runtime API")
+
+    with pytest.raises(RuntimeError, match="No messages"):
+        runner._pull_input(object(), "127.0.0.1:1", broken)
