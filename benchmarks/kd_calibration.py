@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.checkpoint import load_model_state  # noqa: E402
-from common.distillation import recalibrate_batchnorm  # noqa: E402
-from common.local import EVAL_BATCH_SIZE, DataRequest, build_loaded_model, load_site_data  # noqa: E402
-from common.run_settings import run_settings_from_config  # noqa: E402
-from common.training import evaluate  # noqa: E402
+from common.checkpoint import load_model_state
+from common.distillation import recalibrate_batchnorm
+from common.local import EVAL_BATCH_SIZE, DataRequest, build_loaded_model, load_site_data
+from common.run_settings import run_settings_from_config
+from common.training import evaluate
 
 
 def rates(values: np.ndarray, num_classes: int) -> str:
@@ -48,7 +48,9 @@ def main() -> None:
     print(f"teacher {settings.teacher.name} ({settings.teacher.norm} norm), {args.which}.pt, test split")
     print("classes: " + "/".join(task.classes))
     print()
-    print("| site | teacher BN stats | accuracy | balanced acc. | macro-AUROC | predicted rates | true rates |")
+    print(
+        "| site | teacher BN stats | accuracy | balanced acc. | macro-AUROC | predicted rates | true rates |"
+    )
     print("|---|---|---:|---:|---:|---|---|")
     for manifest in sorted((out / "partition").glob("site_*.csv")):
         request = DataRequest(
@@ -73,7 +75,8 @@ def main() -> None:
             true = result.targets.argmax(axis=1)
             print(
                 f"| {manifest.stem} | {label} | {m.accuracy:.3f} | {m.balanced_accuracy:.3f} | "
-                f"{m.auroc_macro:.3f} | {rates(predicted, task.num_classes)} | {rates(true, task.num_classes)} |"
+                f"{m.auroc_macro:.3f} | {rates(predicted, task.num_classes)} | "
+                f"{rates(true, task.num_classes)} |"
             )
 
 

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DistillConfig, ModelConfig, TrainConfig, from_mapping  # noqa: E402
-from common.distillation import recalibrate_batchnorm  # noqa: E402
-from common.local import (  # noqa: E402
+from common.config import DistillConfig, ModelConfig, TrainConfig, from_mapping
+from common.distillation import recalibrate_batchnorm
+from common.local import (
     EVAL_BATCH_SIZE,
     DataRequest,
     build_loaded_model,
@@ -39,8 +39,8 @@ from common.local import (  # noqa: E402
     load_site_data,
     train_round,
 )
-from common.tasks import get_task  # noqa: E402
-from common.training import evaluate  # noqa: E402
+from common.tasks import get_task
+from common.training import evaluate
 
 DEFAULT_VARIANTS = (
     "old:cache_teacher_logits=true,recalibrate_bn=false,schedule=constant,select_best=false",
@@ -85,16 +85,26 @@ def main() -> None:
     task = get_task("normal-pneumonia-covid")
     work = Path(tempfile.mkdtemp(prefix="kd-sites-"))
     subprocess.run(
-        [sys.executable, "-m", "simulation", "partition", "--out", str(work / "partition"),
-         "--alpha", str(args.alpha), "--source-option", f"n-images={args.n_images}",
-         "--source-option", f"image-size={args.image_size}"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "simulation",
+            "partition",
+            "--out",
+            str(work / "partition"),
+            "--alpha",
+            str(args.alpha),
+            "--source-option",
+            f"n-images={args.n_images}",
+            "--source-option",
+            f"image-size={args.image_size}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     sites = []
     for manifest in sorted((work / "partition").glob("site_*.csv")):
-        request = DataRequest(
-            "manifest", manifest, task, args.image_size, work / "cache", 0.15, 0.15, 0
-        )
+        request = DataRequest("manifest", manifest, task, args.image_size, work / "cache", 0.15, 0.15, 0)
         sites.append((manifest.stem, load_site_data(request)))
     teacher_cfg = ModelConfig(name=args.teacher, norm="batch", in_channels=1, dropout=0.2)
     train = TrainConfig(local_epochs=args.local_epochs, optimizer="adam", lr=0.001, num_threads=args.threads)
@@ -107,9 +117,14 @@ def main() -> None:
             for name, data in sites
         ]
         state = fedavg([o.state_dict for o in outs], [len(d.split.train) for _, d in sites])
-    print(f"FedAvg teacher: {args.rounds} rounds x {args.local_epochs} epochs, "
-          f"{time.perf_counter() - started:.0f} s; {args.n_images} images at {args.image_size} px\n")  # fmt: skip
-    print("| site | train n | teacher BN stats | accuracy | balanced acc. | macro-AUROC | predicted rates | true rates |")
+    print(
+        f"FedAvg teacher: {args.rounds} rounds x {args.local_epochs} epochs, "
+        f"{time.perf_counter() - started:.0f} s; {args.n_images} images at {args.image_size} px\n"
+    )
+    print(
+        "| site | train n | teacher BN stats | accuracy | balanced acc. | macro-AUROC "
+        "| predicted rates | true rates |"
+    )
     print("|---|---:|---|---:|---:|---:|---|---|")
     for name, data in sites:
         teacher = build_loaded_model(teacher_cfg, task, state)
@@ -119,28 +134,56 @@ def main() -> None:
                 recalibrate_batchnorm(teacher, DataLoader(data.dataset("train"), batch_size=EVAL_BATCH_SIZE))
             r = evaluate(teacher, test, task)
             m = r.metrics
-            print(f"| {name} | {len(data.split.train)} | {label} | {m.accuracy:.3f} | {m.balanced_accuracy:.3f} | "
-                  f"{m.auroc_macro:.3f} | {rates(r.scores.argmax(1), 3)} | {rates(r.targets.argmax(1), 3)} |")  # fmt: skip
+            print(
+                f"| {name} | {len(data.split.train)} | {label} | {m.accuracy:.3f} | "
+                f"{m.balanced_accuracy:.3f} | "
+                f"{m.auroc_macro:.3f} | {rates(r.scores.argmax(1), 3)} | {rates(r.targets.argmax(1), 3)} |"
+            )
     print()
     base = {"kd-epochs": args.kd_epochs, "kd-optimizer": "adam", "kd-lr": 0.002, "kd-alpha": 0.9}
-    print("| variant | site | student acc. | student bal. acc. | student AUROC | no-KD bal. acc. | no-KD AUROC | best epoch | seconds |")
+    print(
+        "| variant | site | student acc. | student bal. acc. | student AUROC | no-KD bal. acc. "
+        "| no-KD AUROC | best epoch | seconds |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for text in args.variant or DEFAULT_VARIANTS:
         vname, overrides = parse_variant(text)
         distill = from_mapping(DistillConfig, {**base, **{f"kd-{k}": v for k, v in overrides.items()}}, "kd-")
         for name, data in sites:
             seed = derive_seed(0, "distill", name)
-            out = distill_student(data, task, teacher_cfg, state, distill, norm="batch", seed=seed,
-                                  num_threads=args.threads, evaluate_teacher=False)  # fmt: skip
+            out = distill_student(
+                data,
+                task,
+                teacher_cfg,
+                state,
+                distill,
+                norm="batch",
+                seed=seed,
+                num_threads=args.threads,
+                evaluate_teacher=False,
+            )
             m = out.metrics
             nokd = {"student_balanced_accuracy": float("nan"), "student_auroc_macro": float("nan")}
             if args.nokd:
-                nokd = distill_student(data, task, teacher_cfg, state, replace(distill), norm="batch", seed=seed,
-                                       num_threads=args.threads, use_kd=False, evaluate_teacher=False).metrics  # fmt: skip
-            print(f"| {vname} | {name} | {m['student_accuracy']:.3f} | {m['student_balanced_accuracy']:.3f} | "
-                  f"{m['student_auroc_macro']:.3f} | {nokd['student_balanced_accuracy']:.3f} | "
-                  f"{nokd['student_auroc_macro']:.3f} | {m.get('student_best_epoch', float('nan')):.0f} | "
-                  f"{m['distill_seconds']:.0f} |", flush=True)  # fmt: skip
+                nokd = distill_student(
+                    data,
+                    task,
+                    teacher_cfg,
+                    state,
+                    replace(distill),
+                    norm="batch",
+                    seed=seed,
+                    num_threads=args.threads,
+                    use_kd=False,
+                    evaluate_teacher=False,
+                ).metrics
+            print(
+                f"| {vname} | {name} | {m['student_accuracy']:.3f} | {m['student_balanced_accuracy']:.3f} | "
+                f"{m['student_auroc_macro']:.3f} | {nokd['student_balanced_accuracy']:.3f} | "
+                f"{nokd['student_auroc_macro']:.3f} | {m.get('student_best_epoch', float('nan')):.0f} | "
+                f"{m['distill_seconds']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and the site's BatchNorm re-estimation of a federated teacher."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -60,9 +61,16 @@ def test_live_teacher_scores_exactly_the_view_the_student_trains_on(mix: str) ->
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
 
     distill_one_epoch(
-        student, teacher, _loader(), TASK, optimizer, KD(), mix=mix, mix_alpha=1.0,
+        student,
+        teacher,
+        _loader(),
+        TASK,
+        optimizer,
+        KD(),
+        mix=mix,
+        mix_alpha=1.0,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
 
     assert len(teacher.seen) == len(student.seen) == 3
     for seen_by_teacher, seen_by_student in zip(teacher.seen, student.seen, strict=True):
@@ -118,7 +126,7 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
         schedule.step()
 
     assert rates[0] < rates[1] < rates[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[2:], rates[3:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates[2:]))
     assert rates[-1] < 0.05
 
 
@@ -184,5 +192,6 @@ def test_site_distillation_keeps_its_best_validation_student(tmp_path) -> None:
     m = outcome.metrics
     assert 1 <= m["student_best_epoch"] <= 3
     assert m["student_epochs_run"] == 3
-    assert "teacher_site_bn_auroc_macro" in m and "teacher_auroc_macro" in m
+    assert "teacher_site_bn_auroc_macro" in m
+    assert "teacher_auroc_macro" in m
     assert math.isfinite(m["student_auroc_macro"])
