@@ -153,6 +153,9 @@ class DistillConfig:
     # stop after this many epochs without improvement (0: run every epoch)
     select_best: bool = True
     patience: int = 0
+    # after a federated student: fine-tune it locally by KD for this many epochs and deliver the
+    # fine-tuned student only if it beats the global one on the site's validation split (0: never)
+    personalise_epochs: int = 0
 
     def __post_init__(self) -> None:
         from common.models import MODELS
@@ -183,6 +186,8 @@ class DistillConfig:
         _check_choice("kd-schedule", self.schedule, SCHEDULES)
         if self.patience < 0:
             raise ConfigError("kd-patience", self.patience, "an integer >= 0 (0: no early stopping)")
+        if self.personalise_epochs < 0:
+            raise ConfigError("kd-personalise-epochs", self.personalise_epochs, "an integer >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

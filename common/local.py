@@ -431,6 +431,36 @@ def distill_student(
     return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits)
 
 
+@dataclass(frozen=True)
+class DeliveredStudent:
+    """Which student a site deploys, and why (written to the model card)."""
+
+    choice: str  # "global" or "personalised"
+    reason: str
+
+
+def choose_delivered_student(global_val: EvalResult, personalised_val: EvalResult | None) -> DeliveredStudent:
+    """The federated (global) student, unless a local fine-tune scores strictly better on validation.
+
+    Scores as :class:`BestStudent` (macro-AUROC, else minus the loss). A tie keeps the global
+    student: it matches the federation's teacher on every site's data, not only this one's.
+    """
+    g = BestStudent.score(global_val)
+    if personalised_val is None:
+        return DeliveredStudent("global", "the federated student (no local fine-tune was asked for)")
+    p = BestStudent.score(personalised_val)
+    what = "macro-AUROC" if math.isfinite(float(global_val.metrics.auroc_macro)) else "minus loss"
+    if p > g:
+        return DeliveredStudent(
+            "personalised",
+            f"the local fine-tune beat the federated student on validation ({what} {p:.4f} > {g:.4f})",
+        )
+    return DeliveredStudent(
+        "global",
+        f"the local fine-tune did not beat the federated student on validation ({what} {p:.4f} <= {g:.4f})",
+    )
+
+
 class BestStudent:
     """Keeps the student of the best validation epoch; says when ``patience`` epochs brought nothing.
 

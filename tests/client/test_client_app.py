@@ -186,7 +186,13 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
 
     context = _context(tmp_path, _synthetic_site(tmp_path))
     context.run_config.update(
-        {"kd-federated-student-rounds": 1, "kd-epochs": 1, "kd-width-mult": 0.35, "kd-no-kd-baseline": False}
+        {
+            "kd-federated-student-rounds": 1,
+            "kd-epochs": 1,
+            "kd-width-mult": 0.35,
+            "kd-no-kd-baseline": False,
+            "kd-cache-teacher-logits": True,
+        }
     )
     settings = run_settings_from_config(context.run_config)
     teacher_message, _ = _message(context, "train.distill", {"server-round": 1})

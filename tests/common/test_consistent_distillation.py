@@ -195,3 +195,17 @@ def test_site_distillation_keeps_its_best_validation_student(tmp_path) -> None:
     assert "teacher_site_bn_auroc_macro" in m
     assert "teacher_auroc_macro" in m
     assert math.isfinite(m["student_auroc_macro"])
+
+
+def test_the_global_student_is_delivered_unless_the_local_fine_tune_beats_it() -> None:
+    from common.local import choose_delivered_student
+
+    better = choose_delivered_student(_result(0.75), _result(1.0))
+    tie = choose_delivered_student(_result(1.0), _result(1.0))
+    worse = choose_delivered_student(_result(1.0), _result(0.75))
+    none = choose_delivered_student(_result(1.0), None)
+
+    assert better.choice == "personalised"
+    assert "1.0000 > 0.7500" in better.reason
+    assert (tie.choice, worse.choice, none.choice) == ("global", "global", "global")
+    assert "did not beat" in worse.reason
