@@ -31,9 +31,11 @@ from common.errors import CxrFlError, DataError
 from common.jsonio import write_json
 from common.local import (
     DataRequest,
+    DeliveredStudent,
     DistillOutcome,
     SiteData,
     build_loaded_model,
+    choose_delivered_student,
     derive_seed,
     distill_student,
     evaluate_state,
@@ -56,6 +58,7 @@ from common.protocol import (
     error_reason,
 )
 from common.run_settings import FederatedRunConfig, run_settings_from_config
+from common.training import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -345,9 +348,11 @@ def _student_final(
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     teacher_state = _global_teacher(site)
     compute = site.resolve_compute()
+    state, delivered, personal_metrics = _personalise(settings, site, data, state, teacher_state)
     metrics = scalar_metrics(
         evaluate_state(data, "test", settings.task, config, state, compute=compute), "student_"
     )
+    metrics.update(personal_metrics)
     metrics.update(
         scalar_metrics(
             evaluate_state(data, "test", settings.task, settings.teacher, teacher_state, compute=compute),
@@ -369,9 +374,61 @@ def _student_final(
         teacher_epsilon=_teacher_epsilon(settings, site, context),
         options=options,
         subdir="global_student",
+        delivered=delivered,
     )
     metrics.update(exported)
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _personalise(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    global_state: dict[str, torch.Tensor],
+    teacher_state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], DeliveredStudent, dict[str, float]]:
+    """The student this site delivers: the federated one, or its local KD fine-tune if that is better.
+
+    The fine-tune (``kd-personalise-epochs``) starts from the global student and distils from
+    the global teacher on this site's train split; it is kept only if it beats the global
+    student on this site's validation split. Metrics say which one was delivered.
+    """
+    epochs = settings.distill.personalise_epochs
+    if epochs < 1 or len(data.split.val) == 0:
+        choice = choose_delivered_student(_val(settings, data, global_state, site), None)
+        return global_state, choice, {"student_personalised": 0.0}
+    tuned = distill_student(
+        data,
+        settings.task,
+        settings.teacher,
+        teacher_state,
+        settings.distill,
+        norm=settings.teacher.norm,
+        seed=derive_seed(settings.distill.seed, "personalise", site.name),
+        num_threads=site.num_threads,
+        student_state=global_state,
+        epochs=epochs,
+        evaluate_teacher=False,
+        compute=site.resolve_compute(),
+    )
+    tuned_state = {k: v.detach().cpu() for k, v in tuned.student.state_dict().items()}
+    choice = choose_delivered_student(
+        _val(settings, data, global_state, site), _val(settings, data, tuned_state, site)
+    )
+    logger.info("site %s delivers the %s student: %s", site.name, choice.choice, choice.reason)
+    personalised = choice.choice == "personalised"
+    extra = {
+        "student_personalised": float(personalised),
+        "personalised_auroc_macro": tuned.metrics.get("student_auroc_macro", float("nan")),
+    }
+    return (tuned_state if personalised else global_state), choice, extra
+
+
+def _val(
+    settings: FederatedRunConfig, data: SiteData, state: dict[str, torch.Tensor], site: SiteConfig
+) -> EvalResult:
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    return evaluate_state(data, "val", settings.task, config, state, compute=site.resolve_compute())
 
 
 def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:

@@ -42,7 +42,7 @@ from common.export import (
     onnx_latency,
     write_preprocessing,
 )
-from common.local import DistillOutcome, SiteData
+from common.local import DeliveredStudent, DistillOutcome, SiteData
 from common.local import student_config as distilled_student_config
 from common.model_card import ModelCard, split_metrics, write_model_card
 from common.models import count_flops, count_parameters
@@ -108,6 +108,7 @@ def export_site_student(
     teacher_epsilon: float | None,
     options: EdgeExportOptions | None = None,
     subdir: str = STUDENT_DIR,
+    delivered: DeliveredStudent | None = None,
 ) -> dict[str, float]:
     """Write the student's ONNX, TorchScript, preprocessing, weights and model card; return scalars.
 
@@ -209,6 +210,12 @@ def export_site_student(
             "lr": settings.distill.lr,
             "cache_teacher_logits": settings.distill.cache_teacher_logits,
             "seed": settings.distill.seed,
+            "recalibrate_bn": settings.distill.recalibrate_bn,
+            "mix": settings.distill.mix,
+            "schedule": settings.distill.schedule,
+            "select_best": settings.distill.select_best,
+            "delivered": (delivered or _site_only(settings)).choice,
+            "delivered_because": (delivered or _site_only(settings)).reason,
         },
         size_mb=size_mb,
         parameters=parameters,
@@ -235,6 +242,13 @@ def export_site_student(
         "student_parameters": float(parameters),
         "student_mflops": flops / 1e6,
     }
+
+
+def _site_only(settings: FederatedRunConfig) -> DeliveredStudent:
+    note = "distilled at this site only"
+    if settings.kd_federated_student_rounds > 0:
+        note += " (the federated student is exported beside it, in global_student/)"
+    return DeliveredStudent("site", note)
 
 
 def replace_weights(config: ModelConfig) -> ModelConfig:

@@ -22,9 +22,13 @@ from common.tasks import get_task
 Norm = Literal["batch", "group"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Accountant = Literal["rdp", "prv", "gdp"]
+MixMode = Literal["none", "mixup", "cutmix"]
+Schedule = Literal["cosine", "constant"]
 
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+MIX_MODES: tuple[str, ...] = get_args(MixMode)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
@@ -131,8 +135,25 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 0.01
     optimizer: Optimizer = "sgd"
-    cache_teacher_logits: bool = True
+    # False: the teacher runs live on exactly the (augmented, mixed) view the student trains on;
+    # True: faster, its logits of the un-augmented images are computed once and reused
+    cache_teacher_logits: bool = False
     seed: int = 0
+    # re-estimate a BatchNorm teacher's running statistics on the site's train images before KD
+    recalibrate_bn: bool = True
+    # batch mixing before both models see a batch: none | mixup | cutmix (live teacher only)
+    mix: MixMode = "none"
+    mix_alpha: float = 0.2
+    # learning rate: linear warm-up over this many epochs, then cosine decay (or constant)
+    warmup_epochs: int = 1
+    schedule: Schedule = "cosine"
+    # keep the student of the epoch with the best validation score (macro-AUROC, else loss);
+    # stop after this many epochs without improvement (0: run every epoch)
+    select_best: bool = True
+    patience: int = 0
+    # after a federated student: fine-tune it locally by KD for this many epochs and deliver the
+    # fine-tuned student only if it beats the global one on the site's validation split (0: never)
+    personalise_epochs: int = 0
 
     def __post_init__(self) -> None:
         from common.models import MODELS  # lazy for the same reason as in ModelConfig
@@ -148,6 +169,23 @@ class DistillConfig:
             raise ConfigError("kd-batch-size", self.batch_size, "an integer >= 1")
         _check_positive("kd-lr", self.lr)
         _check_choice("kd-optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("kd-mix", self.mix, MIX_MODES)
+        if not (self.mix_alpha > 0 and math.isfinite(self.mix_alpha)):
+            raise ConfigError("kd-mix-alpha", self.mix_alpha, "a finite number > 0 (e.g. 0.2 to 1)")
+        if self.mix != "none" and self.cache_teacher_logits:
+            raise ConfigError(
+                "kd-mix",
+                self.mix,
+                "none when kd-cache-teacher-logits = true (cached logits are of un-mixed images); "
+                "or set kd-cache-teacher-logits = false",
+            )
+        if self.warmup_epochs < 0:
+            raise ConfigError("kd-warmup-epochs", self.warmup_epochs, "an integer >= 0")
+        _check_choice("kd-schedule", self.schedule, SCHEDULES)
+        if self.patience < 0:
+            raise ConfigError("kd-patience", self.patience, "an integer >= 0 (0: no early stopping)")
+        if self.personalise_epochs < 0:
+            raise ConfigError("kd-personalise-epochs", self.personalise_epochs, "an integer >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

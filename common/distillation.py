@@ -38,8 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import Dataset
 
+from common.config import MIX_MODES
 from common.device import autocast
 from common.errors import ConfigError, DataError, ModelError
 from common.progress import ProgressArg, reporter_for
@@ -127,8 +130,91 @@ def kd_loss(
         else:
             if torch.isnan(targets).any():
                 raise DataError("multi-class targets contain NaN; every image needs a label.")
-            hard = F.cross_entropy(student_logits, targets.argmax(dim=1))
+            # cross-entropy against the target distribution: the usual CE for one-hot labels,
+            # and the exact mixup/cutmix loss for mixed labels
+            hard = -(targets * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
     return alpha * soft + (1 - alpha) * hard
+
+
+def mix_batch(
+    images: Tensor, targets: Tensor | None, mode: str, alpha: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor | None]:
+    """Mix a batch with a shuffled copy of itself (mixup or cutmix); targets mix in the same ratio.
+
+    ``lam ~ Beta(alpha, alpha)``. mixup blends whole images, ``lam * x + (1 - lam) * x[perm]``;
+    cutmix pastes a box of ``x[perm]`` covering ``1 - lam`` of the image (``lam`` is then the
+    exact uncovered fraction). Targets become ``lam * y + (1 - lam) * y[perm]``; an unknown
+    multi-label entry (NaN) stays unknown. With a live teacher, the teacher then scores exactly
+    the mixed images the student sees (Beyer et al. 2022, "function matching").
+    """
+    if mode == "none" or images.shape[0] < 2:
+        return images, targets
+    if mode not in MIX_MODES:
+        raise ConfigError("kd-mix", mode, "one of " + ", ".join(MIX_MODES))
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError("kd-mix-alpha", alpha, "a number > 0 (Beta distribution parameter)")
+    lam = _beta(alpha, generator)
+    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    if mode == "mixup":
+        mixed = lam * images + (1 - lam) * images[perm]
+    else:
+        height, width = images.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        box_h, box_w = round(height * cut), round(width * cut)
+        cy = int(torch.randint(height, (1,), generator=generator))
+        cx = int(torch.randint(width, (1,), generator=generator))
+        y0, y1 = max(cy - box_h // 2, 0), min(cy + (box_h + 1) // 2, height)
+        x0, x1 = max(cx - box_w // 2, 0), min(cx + (box_w + 1) // 2, width)
+        mixed = images.clone()
+        mixed[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    if targets is None:
+        return mixed, None
+    return mixed, lam * targets + (1 - lam) * targets[perm]
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """One draw of Beta(alpha, alpha) from ``generator`` (Johnk's method, exact for any alpha).
+
+    torch's Beta distribution takes no generator, and every random choice here must be seeded.
+    """
+    while True:
+        u, v = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        x, y = u ** (1 / alpha), v ** (1 / alpha)
+        if 0 < x + y <= 1:
+            return x / (x + y)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
+    """Per-step learning rate: linear warm-up to the base rate, then cosine decay towards zero."""
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def recalibrate_batchnorm(
+    model: nn.Module, loader: Iterable[Any], *, device: str | torch.device = "cpu"
+) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on ``loader``'s images.
+
+    A FedAvg teacher's running means and variances are averages of the sites' statistics; at a
+    label-skewed site they describe neither the site's images nor any site's, which shifts the
+    teacher's logits there (its ranking survives, its argmax does not). One pass over the
+    site's own (un-augmented) training images, with cumulative averaging, replaces them; the
+    learned weights are untouched. Returns the number of BatchNorm layers (0: nothing to do,
+    e.g. a GroupNorm teacher). The model's train/eval mode is restored.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if layers:
+        update_bn(loader, model, device=torch.device(device))
+    return len(layers)
 
 
 class IndexedDataset(Dataset[tuple[Any, Any, int]]):
@@ -208,7 +294,7 @@ def compute_teacher_logits(
 
 def distill_one_epoch(
     student: nn.Module,
-    teacher_or_logits: nn.Module | Tensor | np.ndarray,
+    teacher_or_logits: nn.Module | Tensor | np.ndarray | None,
     loader: Iterable[Any],
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -218,15 +304,23 @@ def distill_one_epoch(
     progress: ProgressArg = None,
     max_steps: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    mix: str = "none",
+    mix_alpha: float = 0.2,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One epoch of distillation of ``student`` (updated in place).
 
     With a ``scaler`` (CUDA only) both forward passes run under float16 autocast and the loss
     is scaled before backward (mixed precision); the KD loss itself is computed in float32.
 
-    ``teacher_or_logits`` is a live teacher module or a cached logits table (see the module
-    docstring for the loader each needs). Returns ``loss`` (mean KD loss per example),
-    ``num_examples``, ``steps`` and ``images_per_s``.
+    ``teacher_or_logits`` is a live teacher module, a cached logits table (see the module
+    docstring for the loader each needs), or None: the same recipe on the labels alone (the
+    no-KD student). ``mix`` (``mixup`` / ``cutmix``, :func:`mix_batch`) mixes each batch before
+    both models see it, so a live teacher scores exactly the student's view; cached logits
+    belong to un-mixed images and refuse mixing. ``scheduler`` steps after every optimiser
+    step. Returns ``loss`` (mean loss per example), ``num_examples``, ``steps`` and
+    ``images_per_s``.
     """
     check_kd_settings(cfg.temperature, cfg.alpha)
     if max_steps is not None and max_steps < 1:
@@ -234,7 +328,15 @@ def distill_one_epoch(
     teacher: nn.Module | None = None
     cache: Tensor | None = None
     teacher_was_training = False
-    if isinstance(teacher_or_logits, nn.Module):
+    mixing = mix != "none"
+    if mixing and teacher_or_logits is not None and not isinstance(teacher_or_logits, nn.Module):
+        raise ConfigError(
+            "kd-mix", mix, "none with kd-cache-teacher-logits = true (cached logits are of un-mixed images)"
+        )
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if teacher_or_logits is None:
+        pass
+    elif isinstance(teacher_or_logits, nn.Module):
         teacher = teacher_or_logits
         teacher_was_training = teacher.training
         teacher.eval()
@@ -258,28 +360,30 @@ def distill_one_epoch(
                 break
             images, targets, extra = split_batch(batch)
             images = images.to(device, non_blocking=True)
+            if targets is not None:
+                targets = targets.to(device, dtype=torch.float32)
+            if mixing:
+                images, targets = mix_batch(images, targets, mix, mix_alpha, generator)
             amp = scaler is not None
+            teacher_logits: Tensor | None = None
             if teacher is not None:
                 with torch.no_grad(), autocast(device, amp):
                     teacher_logits = teacher(images).float()
             elif cache is not None:
                 indices = _indices_of(extra, "distillation from cached teacher logits")
                 teacher_logits = cache[indices].to(device)
-            else:  # pragma: no cover - one of teacher / cache is always set above
-                raise ModelError("no teacher and no cached teacher logits")
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, amp):
                 student_logits = student(images)
             student_logits = student_logits.float()
             if targets is not None:
-                targets = targets.to(device, dtype=torch.float32)
                 check_targets(task, student_logits, targets)
             loss = kd_loss(
                 student_logits,
-                teacher_logits,
+                student_logits.detach() if teacher_logits is None else teacher_logits,
                 targets,
                 temperature=cfg.temperature,
-                alpha=cfg.alpha,
+                alpha=cfg.alpha if teacher_logits is not None else 0.0,
                 multilabel=task.is_multilabel,
             )
             if scaler is not None:
@@ -289,6 +393,8 @@ def distill_one_epoch(
             else:
                 loss.backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(f"distillation loss became {value} at step {steps + 1}; lower 'kd-lr'.")

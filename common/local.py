@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -32,7 +33,13 @@ from common.data.dataset import CxrDataset
 from common.data.sources import load_catalog
 from common.data.splits import Split, split_by_patient
 from common.device import CPU, Compute
-from common.distillation import IndexedDataset, compute_teacher_logits, distill_one_epoch
+from common.distillation import (
+    IndexedDataset,
+    compute_teacher_logits,
+    distill_one_epoch,
+    recalibrate_batchnorm,
+    warmup_cosine,
+)
 from common.errors import DataError
 from common.models import build_model
 from common.privacy import (
@@ -375,6 +382,17 @@ def distill_student(
     device, pin = compute.device, compute.pin_memory
     teacher = build_loaded_model(teacher_config, task, teacher_state).to(device)
     teacher.eval()
+    test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
+    metrics: dict[str, float] = {}
+    if evaluate_teacher:  # the federation's teacher as received, before any site adaptation
+        metrics.update(scalar_metrics(evaluate(teacher, test_loader, task, device=device), "teacher_"))
+    if use_kd and distill.recalibrate_bn:
+        plain_loader = DataLoader(data.dataset("train"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
+        if recalibrate_batchnorm(teacher, plain_loader, device=device):
+            teacher.eval()
+            if evaluate_teacher:
+                adapted = evaluate(teacher, test_loader, task, device=device)
+                metrics.update(scalar_metrics(adapted, "teacher_site_bn_"))
     student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
     student = student.to(device)
     train_set = data.dataset("train", augment=True, seed=seed)
@@ -382,7 +400,8 @@ def distill_student(
         student, TrainConfig(lr=distill.lr, optimizer=distill.optimizer, num_threads=num_threads)
     )
     generator = torch.Generator().manual_seed(seed)
-    teacher_source: nn.Module | torch.Tensor = teacher
+    mix_generator = torch.Generator().manual_seed(derive_seed(seed, "mix"))
+    teacher_source: nn.Module | torch.Tensor | None = teacher if use_kd else None
     if use_kd and distill.cache_teacher_logits:
         if teacher_logits is not None and teacher_logits.shape[0] == len(train_set):
             teacher_source = teacher_logits
@@ -406,32 +425,112 @@ def distill_student(
         loader = DataLoader(
             train_set, batch_size=distill.batch_size, shuffle=True, generator=generator, pin_memory=pin
         )
+    total_epochs = distill.epochs if epochs is None else epochs
+    steps_per_epoch = len(loader)
+    scheduler = None
+    if distill.schedule == "cosine":
+        scheduler = warmup_cosine(
+            optimizer, total_epochs * steps_per_epoch, distill.warmup_epochs * steps_per_epoch
+        )
+    val_set = data.dataset("val")
+    val_loader = DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=pin) if len(val_set) else None
+    selection = BestStudent(patience=distill.patience) if distill.select_best and val_loader else None
     scaler = compute.grad_scaler()
     started = time.perf_counter()
-    for epoch in range(distill.epochs if epochs is None else epochs):
+    epochs_run = 0
+    for epoch in range(total_epochs):
         train_set.set_epoch(epoch)
-        if use_kd:
-            distill_one_epoch(
-                student,
-                teacher_source,
-                loader,
-                task,
-                optimizer,
-                distill,
-                device=device,
-                progress=progress,
-                scaler=scaler,
-            )
-        else:
-            train_one_epoch(student, loader, task, optimizer, device=device, progress=progress, scaler=scaler)
-    seconds = time.perf_counter() - started
-    test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
-    metrics = {"distill_seconds": seconds}
-    if evaluate_teacher:
-        metrics.update(scalar_metrics(evaluate(teacher, test_loader, task, device=device), "teacher_"))
+        distill_one_epoch(
+            student,
+            teacher_source,
+            loader,
+            task,
+            optimizer,
+            distill,
+            device=device,
+            progress=progress,
+            scaler=scaler,
+            scheduler=scheduler,
+            mix=distill.mix,
+            mix_alpha=distill.mix_alpha,
+            generator=mix_generator,
+        )
+        epochs_run = epoch + 1
+        if (
+            selection is not None
+            and val_loader is not None
+            and selection.update(epoch, student, evaluate(student, val_loader, task, device=device))
+        ):
+            break
+    if selection is not None:
+        selection.restore(student)
+        metrics["student_best_epoch"] = float(selection.best_epoch + 1)
+    metrics["student_epochs_run"] = float(epochs_run)
+    metrics["distill_seconds"] = time.perf_counter() - started
     metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
     logits = teacher_source if isinstance(teacher_source, torch.Tensor) else None
     return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits)
+
+
+@dataclass(frozen=True)
+class DeliveredStudent:
+    """Which student a site deploys, and why (written to the model card)."""
+
+    choice: str  # "global" or "personalised"
+    reason: str
+
+
+def choose_delivered_student(global_val: EvalResult, personalised_val: EvalResult | None) -> DeliveredStudent:
+    """The federated (global) student, unless a local fine-tune scores strictly better on validation.
+
+    Scores as :class:`BestStudent` (macro-AUROC, else minus the loss). A tie keeps the global
+    student: it matches the federation's teacher on every site's data, not only this one's.
+    """
+    g = BestStudent.score(global_val)
+    if personalised_val is None:
+        return DeliveredStudent("global", "the federated student (no local fine-tune was asked for)")
+    p = BestStudent.score(personalised_val)
+    what = "macro-AUROC" if math.isfinite(float(global_val.metrics.auroc_macro)) else "minus loss"
+    if p > g:
+        return DeliveredStudent(
+            "personalised",
+            f"the local fine-tune beat the federated student on validation ({what} {p:.4f} > {g:.4f})",
+        )
+    return DeliveredStudent(
+        "global",
+        f"the local fine-tune did not beat the federated student on validation ({what} {p:.4f} <= {g:.4f})",
+    )
+
+
+class BestStudent:
+    """Keeps the student of the best validation epoch; says when ``patience`` epochs brought nothing.
+
+    The score is the validation macro-AUROC, or minus the validation loss where AUROC is
+    undefined (a class missing from the split); ties keep the earlier epoch.
+    """
+
+    def __init__(self, patience: int = 0) -> None:
+        self.patience = patience
+        self.best_epoch = -1
+        self.best_score = -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def score(result: EvalResult) -> float:
+        auroc = float(result.metrics.auroc_macro)
+        return auroc if math.isfinite(auroc) else -float(result.loss)
+
+    def update(self, epoch: int, student: nn.Module, result: EvalResult) -> bool:
+        """Record one epoch's validation result; True when training should stop."""
+        score = self.score(result)
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+        return self.patience > 0 and epoch - self.best_epoch >= self.patience
+
+    def restore(self, student: nn.Module) -> None:
+        if self.best_state is not None:
+            student.load_state_dict(self.best_state)
 
 
 def class_balance(data: SiteData) -> np.ndarray:

@@ -221,7 +221,13 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
 
     context = _context(tmp_path, _synthetic_site(tmp_path))
     context.run_config.update(
-        {"kd-federated-student-rounds": 1, "kd-epochs": 1, "kd-width-mult": 0.35, "kd-no-kd-baseline": False}
+        {
+            "kd-federated-student-rounds": 1,
+            "kd-epochs": 1,
+            "kd-width-mult": 0.35,
+            "kd-no-kd-baseline": False,
+            "kd-cache-teacher-logits": True,
+        }
     )
     settings = run_settings_from_config(context.run_config)
     teacher_message, _ = _message(context, "train.distill", {"server-round": 1})
@@ -248,3 +254,36 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
     logits_path.write_bytes(b"not a tensor")  # a damaged cache is recomputed and replaced
     assert not (reply := student_round()).has_error(), reply.error.reason
     assert torch.equal(torch.load(logits_path, weights_only=True), kept)
+
+
+def test_the_delivered_student_is_the_global_one_unless_its_fine_tune_wins_on_validation(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from client.app import _personalise, _val, data_request
+    from client.site import site_from_node_config
+    from common.local import BestStudent, build_loaded_model, load_site_data, student_config
+
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    context.run_config.update({"kd-student": "tiny-cnn", "kd-personalise-epochs": 1, "kd-batch-size": 8})
+    settings = run_settings_from_config(context.run_config)
+    site = site_from_node_config(context.node_config, settings)
+    data = load_site_data(data_request(settings, site))
+    torch.manual_seed(0)
+    teacher = build_loaded_model(settings.teacher, settings.task, None).state_dict()
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    global_state = build_loaded_model(config, settings.task, None).state_dict()
+
+    state, delivered, metrics = _personalise(settings, site, data, global_state, teacher)
+
+    global_score = BestStudent.score(_val(settings, data, global_state, site))
+    delivered_score = BestStudent.score(_val(settings, data, state, site))
+    if delivered.choice == "personalised":
+        assert delivered_score > global_score
+        assert metrics["student_personalised"] == 1.0
+    else:
+        assert delivered.choice == "global"
+        assert all(torch.equal(state[k], global_state[k]) for k in global_state)
+        assert metrics["student_personalised"] == 0.0
+    assert "validation" in delivered.reason
