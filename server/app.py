@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
@@ -36,7 +35,6 @@ from common.protocol import (
     FINISH_MESSAGE_TYPE,
     STUDENT_FINAL_MESSAGE_TYPE,
     STUDENT_ROUND_MESSAGE_TYPE,
-    WEIGHT_KEY,
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
@@ -120,9 +118,21 @@ def distillation_round(
 
 
 def federated_student(
-    grid: Grid, folder: RunFolder, settings: FederatedRunConfig, min_sites: int, names: dict[int, str]
+    grid: Grid,
+    folder: RunFolder,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    names: dict[int, str],
 ) -> list[dict[str, object]]:
-    """Average the sites' distilled students into one global student over a few extra rounds."""
+    """Aggregate the sites' distilled students into one global student over a few extra rounds.
+
+    The rounds go through the run's configured strategy, a fresh instance of it (the teacher's
+    server-side optimiser state is not the student's): FedAvg/FedProx average the students,
+    FedMedian and Krum aggregate them robustly, FedAdam/FedYogi take a server optimiser step
+    from the round's global student.
+    """
+    strategy = build_strategy(strategy_settings)
+    min_sites = strategy_settings.min_train_sites
     seed_everything(settings.distill.seed)
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     student = ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
@@ -138,13 +148,18 @@ def federated_student(
             names,
         )
         rows += [o.row(student_round, "student") for o in outcomes]
-        valid = [r.content for r in replies if not r.has_error()]
+        valid = [r for r in replies if not r.has_error()]
         if len(valid) < min_sites:
             raise RoundFailedError(
                 f"federated student round {student_round}: {len(valid)} site(s) replied, "
                 f"the minimum is {min_sites}"
             )
-        student = aggregate_arrayrecords(valid, WEIGHT_KEY)
+        if hasattr(strategy, "current_arrays"):  # FedAdam/FedYogi: the step starts from this round's student
+            strategy.current_arrays = {k: array.numpy() for k, array in student.items()}
+        aggregated, _ = strategy.aggregate_train(student_round, valid)
+        if aggregated is None:
+            raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
+        student = aggregated
         logger.info(
             "Federated student round %d/%d: %d sites",
             student_round,
@@ -250,9 +265,7 @@ def main(grid: Grid, context: Context) -> None:
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
         if settings.kd_federated_student_rounds > 0:
-            student_rows = federated_student(
-                grid, folder, settings, strategy_settings.min_train_sites, rounds.site_names
-            )
+            student_rows = federated_student(grid, folder, settings, strategy_settings, rounds.site_names)
             folder.append_metrics(student_rows)
             write_json(run_dir / "federated_student.json", student_rows)
 

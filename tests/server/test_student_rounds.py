@@ -1,0 +1,83 @@
+"""Federated-student rounds aggregate through the run's configured strategy (issue 14, item 7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+import server.app as server_app
+from common.checkpoint import load_model_state
+from common.protocol import WEIGHT_KEY
+from common.run_settings import from_mapping, load_schema, run_settings_from_config
+from server.rounds import SiteOutcome
+from server.run_folder import RunFolder
+from server.strategies import StrategySettings
+
+SITE_OFFSETS = (0.0, 1.0, 10.0)
+
+
+class _Reply:
+    """A site's reply as the strategy reads it (a real Message needs a running Flower task)."""
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+def _students_of_the_sites(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each site answers with the student it was sent, every float shifted by its offset."""
+
+    def broadcast(grid: Any, arrays: ArrayRecord, message_type: str, *args: Any) -> tuple[list, list]:
+        state = arrays.to_torch_state_dict()
+        replies, outcomes = [], []
+        for node, offset in enumerate(SITE_OFFSETS, start=1):
+            shifted = {k: v + offset if v.is_floating_point() else v for k, v in state.items()}
+            content = RecordDict({"arrays": ArrayRecord(shifted), "metrics": MetricRecord({WEIGHT_KEY: 100})})
+            replies.append(_Reply(content))
+            outcomes.append(SiteOutcome(node, f"site_{node:02d}", "ok"))
+        return replies, outcomes
+
+    monkeypatch.setattr(server_app, "broadcast", broadcast)
+
+
+@pytest.mark.parametrize(("strategy", "shift"), [("fedavg", 11.0 / 3), ("fedmedian", 1.0)])
+def test_student_rounds_aggregate_with_the_runs_strategy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, shift: float
+) -> None:
+    # Prepare
+    config = {
+        **load_schema(),
+        "strategy": strategy,
+        "min-train-sites": 3,
+        "min-available-sites": 3,
+        "min-evaluate-sites": 3,
+        "kd-federated-student-rounds": 1,
+        "kd-width-mult": 0.35,
+    }
+    settings = run_settings_from_config(config)
+    folder = RunFolder(tmp_path)
+    folder.checkpoints.mkdir(parents=True)
+    _students_of_the_sites(monkeypatch)
+    sent: list[dict[str, torch.Tensor]] = []
+    real_broadcast = server_app.broadcast
+
+    def recording(grid: Any, arrays: ArrayRecord, *args: Any) -> tuple[list, list]:
+        sent.append(arrays.to_torch_state_dict())
+        return real_broadcast(grid, arrays, *args)
+
+    monkeypatch.setattr(server_app, "broadcast", recording)
+
+    # Execute
+    server_app.federated_student(None, folder, settings, from_mapping(StrategySettings, config), {})
+
+    # Assert: the global student is the strategy's aggregate (the mean, or the median site)
+    initial, delivered = sent[0], load_model_state(folder.checkpoints / "student.pt")
+    for key, value in initial.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(delivered[key], value + shift, rtol=1e-5, atol=1e-4)
