@@ -218,7 +218,7 @@ def test_a_server_request_only_tightens_the_sites_policy(tmp_path: Path) -> None
     from client.site import site_from_node_config
     from common.config import PrivacyConfig
 
-    settings = run_settings_from_config(flower_run_config())
+    settings = run_settings_from_config(flower_run_config(teacher_norm="group"))  # site DP needs GroupNorm
     site = site_from_node_config(_site(tmp_path, **{"dp-target-delta": 1e-3}), settings)
     looser = PrivacyConfig(enabled=True, target_epsilon=50.0, target_delta=0.5, accountant="gdp")
     tighter = PrivacyConfig(enabled=True, target_epsilon=1.0, target_delta=1e-7)
