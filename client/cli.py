@@ -39,6 +39,18 @@ def _root() -> None:
     """Federated chest X-ray client: check a site's data, join a federation, predict, explain."""
 
 
+def _progress_bar() -> Progress:
+    """The CLI's progress bar for long work (decoding, scoring): on stderr, gone when done."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
 def _parse_options(values: list[str] | None) -> dict[str, str]:
     options: dict[str, str] = {}
     for item in values or []:
@@ -87,15 +99,8 @@ def check(
         check_image_size("--image-size", image_size)
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
-        with Progress(
-            TextColumn("decoding images"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
-        ) as bar:
-            job = bar.add_task("decode", total=len(catalog))
+        with _progress_bar() as bar:
+            job = bar.add_task("decoding images", total=len(catalog))
             cached = build_cache(
                 catalog,
                 image_size,
@@ -312,14 +317,7 @@ def evaluate(
             calibration_bins=bins,
             thresholds=parse_thresholds(scorer.task, threshold, per_class),
         )
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
-        ) as bar:
+        with _progress_bar() as bar:
             decode = bar.add_task("decoding images", total=None)
             cached = load_labelled_images(
                 fmt,
