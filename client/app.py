@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -208,12 +209,18 @@ def _evaluate(
     return RecordDict({"metrics": _validation_scores(settings, site, data, state)})
 
 
-def _distill(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
-) -> RecordDict:
-    teacher_state = msg.content["arrays"].to_torch_state_dict()
-    seed = derive_seed(settings.distill.seed, "distill", site.name)
-    outcome = distill_student(
+def _distill_at_site(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    teacher_state: dict[str, torch.Tensor],
+    *,
+    seed: int,
+    **options: Any,
+) -> DistillOutcome:
+    """:func:`distill_student` with the run's task, teacher and KD settings, on the site's
+    threads and device."""
+    return distill_student(
         data,
         settings.task,
         settings.teacher,
@@ -223,19 +230,24 @@ def _distill(
         seed=seed,
         num_threads=site.num_threads,
         compute=site.resolve_compute(),
+        **options,
     )
+
+
+def _distill(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    teacher_state = msg.content["arrays"].to_torch_state_dict()
+    seed = derive_seed(settings.distill.seed, "distill", site.name)
+    outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed)
     metrics = dict(outcome.metrics)
     if settings.kd_no_kd_baseline:
-        baseline = distill_student(
+        baseline = _distill_at_site(
+            settings,
+            site,
             data,
-            settings.task,
-            settings.teacher,
             teacher_state,
-            settings.distill,
-            norm=settings.teacher.norm,
             seed=seed,
-            num_threads=site.num_threads,
-            compute=site.resolve_compute(),
             use_kd=False,
             evaluate_teacher=False,
         )
@@ -312,20 +324,16 @@ def _student_round(
         )
     server_round = int(msg.content["config"]["server-round"])
     cached_logits = _cached_teacher_logits(site)
-    outcome = distill_student(
+    outcome = _distill_at_site(
+        settings,
+        site,
         data,
-        settings.task,
-        settings.teacher,
         _global_teacher(site),
-        settings.distill,
-        norm=settings.teacher.norm,
         seed=derive_seed(settings.distill.seed, "federated-student", server_round, site.name),
-        num_threads=site.num_threads,
         student_state=msg.content["arrays"].to_torch_state_dict(),
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
         teacher_logits=cached_logits,
-        compute=site.resolve_compute(),
     )
     if outcome.teacher_logits is not cached_logits:  # none kept yet, or not for this data
         _save_teacher_logits(site, outcome.teacher_logits)
@@ -397,19 +405,15 @@ def _personalise(
     if epochs < 1 or len(data.split.val) == 0:
         choice = choose_delivered_student(_val(settings, data, global_state, site), None)
         return global_state, choice, {"student_personalised": 0.0}
-    tuned = distill_student(
+    tuned = _distill_at_site(
+        settings,
+        site,
         data,
-        settings.task,
-        settings.teacher,
         teacher_state,
-        settings.distill,
-        norm=settings.teacher.norm,
         seed=derive_seed(settings.distill.seed, "personalise", site.name),
-        num_threads=site.num_threads,
         student_state=global_state,
         epochs=epochs,
         evaluate_teacher=False,
-        compute=site.resolve_compute(),
     )
     tuned_state = {k: v.detach().cpu() for k, v in tuned.student.state_dict().items()}
     choice = choose_delivered_student(
