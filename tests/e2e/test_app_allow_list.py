@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from common.processes import flower_env, free_port, stop_process_tree
 from common.protocol import SITE_APP_REFUSED
 from tests.client.test_app_runner import copy_project
+from tests.e2e.test_federation import _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +64,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     finally:
         for process in started:
             stop_process_tree(process)
-
-
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _listening(port: int) -> bool:

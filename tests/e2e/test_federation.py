@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,15 +128,6 @@ class Federation:
     def stop_all(self) -> None:
         for process in self.processes:
             stop_process_tree(process)
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.stop_all()
 
 
 def _wait_for(predicate: object, timeout: float, what: str) -> None:

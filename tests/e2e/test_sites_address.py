@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,15 +70,6 @@ def query(msg: Message, context: Context) -> Message:
     (MARKERS / "clientapp-ran").write_text(str(context.node_config))
     return Message(RecordDict(), reply_to=msg)
 """
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.stop_all()
 
 
 def flwr(flwr_home: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
