@@ -699,12 +699,18 @@ def _save_figure(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
-def _plot_roc(result: EvaluationResult, path: Path) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_roc(result: EvaluationResult, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     by_name = {c.name: c for c in result.classes}
     for name, fpr, tpr in result.roc:
@@ -720,11 +726,7 @@ def _plot_roc(result: EvaluationResult, path: Path) -> None:
 
 
 def _plot_reliability(result: EvaluationResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
     for curve in result.calibration:
@@ -745,11 +747,7 @@ def _plot_reliability(result: EvaluationResult, path: Path) -> None:
 
 
 def _plot_confusion(result: EvaluationResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [c.name for c in result.classes]
     if result.task.kind == "multiclass":
         matrix = np.asarray(result.confusion, dtype=int)
