@@ -87,6 +87,18 @@ class Federation:
         """Sites join after their keys are registered, i.e. once the coordinator says it listens."""
         _wait_for(lambda: "SuperLink listening" in self.output("server"), 90, "the SuperLink to listen")
 
+    def wait_run_submitted(self) -> None:
+        """The coordinator's ``flwr run`` has been accepted: deploy.json records Flower's run id."""
+
+        def submitted() -> bool:
+            try:
+                state = json.loads((self.run_dir / "deploy.json").read_text())
+            except (OSError, ValueError):  # not written yet, or caught mid-write
+                return False
+            return state.get("flower_run_id") is not None
+
+        _wait_for(submitted, 120, "the coordinator to submit its run")
+
     def start_client(self, site: str, *extra: str, key: str | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(
             site,

@@ -140,6 +140,9 @@ def test_a_ca_holder_cannot_drive_the_federation_but_sites_still_train(federatio
     assert "Refused POST /v1/control/start-run" in gateway_log
 
     # The coordinator's own connection (loopback) still works, and shows nothing of the intruder.
+    # (The coordinator submits its run just after it starts listening; on a fast machine the
+    # intruder's three commands can all finish before that.)
+    federation.wait_run_submitted()
     coordinator_home = federation.run_dir / "flwr-home"
     runs = json_reply(flwr(coordinator_home, "ls", "--format", "json", env=federation.env))["runs"]
     assert [run["fab-id"] for run in runs] == ["cxr-fl/cxr-fl"], runs  # type: ignore[index]
