@@ -323,6 +323,11 @@ def _student_round(
             "no privacy budget covers: a site under DP declines it (its own student is still exported)"
         )
     server_round = int(msg.content["config"]["server-round"])
+    rounds = settings.kd_federated_student_rounds
+    if not 1 <= server_round <= rounds:  # the round only places the epoch on the schedule, but check it
+        raise DataError(
+            f"federated student round {server_round} asked for, but the run has {rounds} such round(s)"
+        )
     cached_logits = _cached_teacher_logits(site)
     outcome = _distill_at_site(
         settings,
@@ -334,6 +339,7 @@ def _student_round(
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
         teacher_logits=cached_logits,
+        schedule_part=(server_round, rounds),
     )
     if outcome.teacher_logits is not cached_logits:  # none kept yet, or not for this data
         _save_teacher_logits(site, outcome.teacher_logits)

@@ -42,6 +42,7 @@ from common.export import (
     onnx_latency,
     write_preprocessing,
 )
+from common.jsonio import write_json
 from common.local import DeliveredStudent, DistillOutcome, SiteData
 from common.local import student_config as distilled_student_config
 from common.model_card import ModelCard, split_metrics, write_model_card
@@ -235,6 +236,7 @@ def export_site_student(
         files={path.name: sha256_file(path) for path in files},
     )
     write_model_card(card, out)
+    record_delivered(Path(site.out_dir), subdir, delivered or _site_only(settings))
     return {
         "onnx_max_abs_diff": max_diff,
         "student_onnx_ms": latency.median_ms,
@@ -247,8 +249,35 @@ def export_site_student(
 def _site_only(settings: FederatedRunConfig) -> DeliveredStudent:
     note = "distilled at this site only"
     if settings.kd_federated_student_rounds > 0:
-        note += " (the federated student is exported beside it, in global_student/)"
+        note += (
+            " (the run goes on to a federated student, exported in global_student/; when it"
+            f" arrives, {DELIVERED_FILE} names it as the student to deploy)"
+        )
     return DeliveredStudent("site", note)
+
+
+DELIVERED_FILE = "delivered.json"
+"""In a site's output folder: which student folder to deploy, and why (the latest export wins)."""
+
+
+def record_delivered(site_dir: Path, subdir: str, delivered: DeliveredStudent) -> None:
+    """Point ``site_dir/delivered.json`` at the student folder this site deploys.
+
+    The site student is exported first and recorded; a federated student exported after it
+    (``global_student``, possibly personalised) replaces the record. A run whose federated
+    student never arrives leaves the site student recorded, so the file always names a
+    complete export.
+    """
+    write_json(
+        site_dir / DELIVERED_FILE,
+        {
+            "folder": subdir,
+            "onnx": f"{subdir}/student.onnx",
+            "model_card": f"{subdir}/model_card.md",
+            "delivered": delivered.choice,
+            "delivered_because": delivered.reason,
+        },
+    )
 
 
 def replace_weights(config: ModelConfig) -> ModelConfig:

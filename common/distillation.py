@@ -185,12 +185,21 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
             return x / (x + y)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
-    """Per-step learning rate: linear warm-up to the base rate, then cosine decay towards zero."""
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, *, start_step: int = 0
+) -> LambdaLR:
+    """Per-step learning rate: linear warm-up to the base rate, then cosine decay towards zero.
+
+    ``start_step`` resumes the schedule part-way: a federated student's round ``r`` of ``R``
+    trains steps ``[(r - 1) * n, r * n)`` of one schedule of ``R * n`` steps, so the rounds
+    together warm up once and decay once (instead of warming up again in every round).
+    """
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1)
+    start_step = min(max(0, start_step), total_steps - 1)
 
-    def factor(step: int) -> float:
+    def factor(local_step: int) -> float:
+        step = start_step + local_step
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -362,6 +362,7 @@ def distill_student(
     epochs: int | None = None,
     evaluate_teacher: bool = True,
     teacher_logits: torch.Tensor | None = None,
+    schedule_part: tuple[int, int] = (1, 1),
     progress: ProgressArg = None,
     compute: Compute = CPU,
 ) -> DistillOutcome:
@@ -375,6 +376,8 @@ def distill_student(
     With ``cache_teacher_logits`` the teacher sees each un-augmented training image once and
     its logits are reused every epoch; otherwise it runs on every (augmented) batch.
     ``teacher_logits`` (an earlier outcome's, same teacher and data) skips even that pass.
+    ``schedule_part = (r, R)``: these epochs are part ``r`` of ``R`` equal parts of one
+    warm-up + cosine schedule (a federated student's round ``r`` of ``R``).
     Training and scoring run on ``compute``; both returned models are on the CPU (for export).
     """
     seed_everything(seed)
@@ -428,9 +431,16 @@ def distill_student(
     total_epochs = distill.epochs if epochs is None else epochs
     steps_per_epoch = len(loader)
     scheduler = None
+    part, parts = schedule_part
+    if not 1 <= part <= parts:
+        raise ValueError(f"schedule part {part} of {parts}: the part must be between 1 and {parts}")
     if distill.schedule == "cosine":
+        part_steps = total_epochs * steps_per_epoch
         scheduler = warmup_cosine(
-            optimizer, total_epochs * steps_per_epoch, distill.warmup_epochs * steps_per_epoch
+            optimizer,
+            parts * part_steps,
+            distill.warmup_epochs * steps_per_epoch,
+            start_step=(part - 1) * part_steps,
         )
     val_set = data.dataset("val")
     val_loader = DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=pin) if len(val_set) else None

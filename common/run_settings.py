@@ -151,7 +151,9 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
         kd_enabled=parse_bool("kd-enabled", config.get("kd-enabled", True)),
         kd_no_kd_baseline=parse_bool("kd-no-kd-baseline", config.get("kd-no-kd-baseline", False)),
         edge_compression=parse_bool("edge-compression", config.get("edge-compression", False)),
-        kd_federated_student_rounds=_count(config, "kd-federated-student-rounds"),
+        kd_federated_student_rounds=_count(
+            config, "kd-federated-student-rounds", DEFAULT_FEDERATED_STUDENT_ROUNDS
+        ),
         compute=from_mapping(ComputeConfig, config),
     )
     check_rules(settings)
@@ -175,8 +177,13 @@ def check_dp_norm(norm: str, dp_on: bool, why: str) -> None:
         )
 
 
-def _count(config: Mapping[str, Any], key: str) -> int:
-    value = coerce(key, config.get(key, 0), int)
+DEFAULT_FEDERATED_STUDENT_ROUNDS = 5
+"""The student each site deploys is, by default, one federated student trained by KD at every
+site over this many rounds (0: each site deploys the student it distilled alone)."""
+
+
+def _count(config: Mapping[str, Any], key: str, default: int = 0) -> int:
+    value = coerce(key, config.get(key, default), int)
     if value < 0:
         raise ConfigError(key, value, "an integer >= 0")
     return value

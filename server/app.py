@@ -176,6 +176,40 @@ def federated_student(
     return rows
 
 
+def federated_student_phase(
+    grid: Grid,
+    folder: RunFolder,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    names: dict[int, str],
+) -> str:
+    """Run the federated student when the run asks for it; say what became of it (summary.json).
+
+    It is skipped under DP (its rounds send weights trained on the sites' images, which no
+    privacy budget covers), and a federated student that cannot be completed (too few sites
+    replied) ends the phase, not the run: every site keeps its own distilled student, which
+    its ``delivered.json`` already names.
+    """
+    rounds = settings.kd_federated_student_rounds
+    if rounds < 1:
+        return "off (kd-federated-student-rounds = 0): each site delivers its own student"
+    if settings.uses_dp:
+        logger.warning(
+            "Federated student skipped: its rounds would send weights trained on the sites' images "
+            "without DP. Each site delivers the student it distilled locally "
+            "(set kd-federated-student-rounds = 0 to silence this)."
+        )
+        return "skipped under DP: each site delivers its own student"
+    try:
+        student_rows = federated_student(grid, folder, settings, strategy_settings, names)
+    except RoundFailedError as exc:
+        logger.warning("Federated student not completed (%s): each site keeps its own student.", exc)
+        return f"not completed ({exc}): each site delivers its own student"
+    folder.append_metrics(student_rows)
+    write_json(folder.root / "federated_student.json", student_rows)
+    return f"delivered after {rounds} round(s): see each site's delivered.json"
+
+
 def announce_finish(grid: Grid, settings: FederatedRunConfig, names: dict[int, str]) -> None:
     """Tell every connected site that the run is over (sites' CLIs stop on it)."""
     messages = [
@@ -256,6 +290,7 @@ def main(grid: Grid, context: Context) -> None:
     write_learning_curves(folder, settings.run.selection_metric)
 
     distill_rows: list[dict[str, object]] = []
+    student_note = "off (kd-enabled = false)"
     if settings.kd_enabled:
         teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
         logger.info("%s", distill_line(settings.run.distill_teacher))
@@ -264,10 +299,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
-        if settings.kd_federated_student_rounds > 0:
-            student_rows = federated_student(grid, folder, settings, strategy_settings, rounds.site_names)
-            folder.append_metrics(student_rows)
-            write_json(run_dir / "federated_student.json", student_rows)
+        student_note = federated_student_phase(grid, folder, settings, strategy_settings, rounds.site_names)
 
     announce_finish(grid, settings, rounds.site_names)
     write_summary(
@@ -277,6 +309,7 @@ def main(grid: Grid, context: Context) -> None:
         best_round=best_round,
         distill_rows=distill_rows,
         seconds=time.monotonic() - started,
+        federated_student=student_note,
     )
     finish_tracking(tracker, folder)
     logger.info("Run finished; summary in %s", run_dir / "summary.json")

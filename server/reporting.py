@@ -66,6 +66,7 @@ def write_summary(
     best_round: int,
     distill_rows: list[dict[str, Any]],
     seconds: float,
+    federated_student: str = "",
 ) -> dict[str, Any]:
     rows = folder.read_metrics()
     aggregates = global_rows(rows)
@@ -86,6 +87,7 @@ def write_summary(
         "last_validation": {k: v for k, v in last.items() if k.startswith("val_")},
         "dp_epsilon_spent": epsilon,
         "distillation": distill_rows,
+        "federated_student": federated_student,
         "seconds": seconds,
     }
     write_json(folder.root / "summary.json", summary)
@@ -116,5 +118,7 @@ def write_summary(
                 f"{_fmt(row.get('teacher_' + c))} | {_fmt(row.get('student_' + c))}" for c in DISTILL_COLUMNS
             )
             lines.append(f"| {row.get('site')} | {row.get('status')} | {cells} |")
+    if federated_student:
+        lines += ["", f"Federated student: {federated_student}."]
     (folder.root / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary

@@ -502,8 +502,8 @@ def cell_run_config(
     }
     if cell.strategy == "fedprox":
         config["proximal-mu"] = settings.proximal_mu
-    if cell.federated_student:
-        config["kd-federated-student-rounds"] = settings.federated_student_rounds
+    # the product delivers a federated student by default; only the cells that study it pay for it
+    config["kd-federated-student-rounds"] = settings.federated_student_rounds if cell.federated_student else 0
     if cell.dataset == "nih":
         config["task"] = settings.datasets["nih"].task
     if cell.dp_epsilon is not None:
@@ -618,10 +618,22 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
                 "no_kd": _scores(student, load_model_state(folder / "nokd_student.pt"), test, settings.task),
             }
     if cell.federated_student:
-        # the consortium's global student: the same weights at every site
-        first = run_dir / "sites" / next(iter(sites)) / "global_student" / "student.pt"
         student = student_config(settings.distill, teacher, teacher.norm)
-        record["federated_student"] = _scores(student, load_model_state(first), test, settings.task)
+        # the consortium's global student, as the server aggregated it
+        global_student = load_model_state(run_dir / "checkpoints" / "student.pt")
+        record["federated_student"] = _scores(student, global_student, test, settings.task)
+        # what each site deploys by default (its delivered.json): the global student, or its
+        # local fine-tune where that won on the site's validation split
+        record["delivered"] = {}
+        for name in sites:
+            folder = run_dir / "sites" / name
+            delivered = json.loads((folder / "delivered.json").read_text(encoding="utf-8"))
+            state = load_model_state(folder / delivered["folder"] / "student.pt")
+            record["delivered"][name] = {
+                "folder": delivered["folder"],
+                "delivered": delivered["delivered"],
+                **_scores(student, state, test, settings.task),
+            }
     seed = settings.train.seed
     if cell.pooled:
         started = time.perf_counter()

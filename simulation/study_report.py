@@ -79,6 +79,25 @@ def _students(result: dict[str, Any] | None, kind: str, metric: str = METRIC) ->
     return statistics.fmean(float(s[kind][metric]) for s in result["students"].values())
 
 
+def _metric(scores: dict[str, Any] | None, metric: str = METRIC) -> float | None:
+    return None if scores is None else float(scores[metric])
+
+
+def _delivered(result: dict[str, Any] | None, metric: str = METRIC) -> float | None:
+    """The mean over sites of the student each site deploys by default (its delivered.json).
+
+    Records from before per-site delivery (one federated student, the same at every site) give
+    that student's score.
+    """
+    if result is None:
+        return None
+    if "delivered" in result:
+        return statistics.fmean(float(s[metric]) for s in result["delivered"].values())
+    if "federated_student" in result:
+        return float(result["federated_student"][metric])
+    return None
+
+
 def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -259,46 +278,50 @@ class StudyReport:
             "> 0",
             None if not nat_gap.values else nat_gap.mean > 0,
         )
-        kd = _stat(_students(r, "kd") for r in d05)
-        kd_gap = _stat(_minus(_students(r, "kd"), _teacher(r, "federated")) for r in d05)
+        # the students' rows come from the students table: each seed's run with the KD site
+        # students, their no-KD twins and the delivered (federated) student, scored against
+        # that run's own FedAvg teacher
+        st = [r for seed in s.seeds if (r := self._students_cell(seed)) is not None]
+        st_teacher = _stat(_teacher(r, "federated") for r in st)
+        kd = _stat(_students(r, "kd") for r in st)
+        kd_gap = _stat(_minus(_students(r, "kd"), _teacher(r, "federated")) for r in st)
         add(
             "kd_student_vs_teacher",
-            "KD student (mean of sites) vs its FedAvg teacher, Dirichlet 0.5 (difference)",
+            "KD site student (mean of sites, distilled at the site alone) vs its FedAvg teacher, "
+            "Dirichlet 0.5 (difference)",
             kd,
-            fed,
+            st_teacher,
             kd_gap,
             ">= -0.01",
             None if not kd_gap.values else kd_gap.mean >= -0.01,
         )
-        fs = [r for seed in s.seeds if (r := self._headline(seed, federated_student=True))]
-        fs_student = _stat(float(r["federated_student"][METRIC]) for r in fs)
-        fs_gap = _stat(
-            float(r["federated_student"][METRIC]) - float(r["teachers"]["federated"][METRIC]) for r in fs
-        )
+        delivered = _stat(_delivered(r) for r in st)
+        delivered_gap = _stat(_minus(_delivered(r), _teacher(r, "federated")) for r in st)
         add(
-            "federated_student_vs_teacher",
-            "Federated KD student (sites' students averaged, "
-            f"{s.federated_student_rounds} rounds) vs its FedAvg teacher, Dirichlet 0.5 (difference)",
-            fs_student,
-            _stat(_teacher(r, "federated") for r in fs),
-            fs_gap,
+            "delivered_student_vs_teacher",
+            "Delivered student (the default: federated KD student, "
+            f"{s.federated_student_rounds} rounds; mean of sites) vs its FedAvg teacher, "
+            "Dirichlet 0.5 (difference)",
+            delivered,
+            st_teacher,
+            delivered_gap,
             ">= -0.01",
-            None if not fs_gap.values else fs_gap.mean >= -0.01,
+            None if not delivered_gap.values else delivered_gap.mean >= -0.01,
         )
-        nokd = _stat(_students(r, "no_kd") for r in d05)
+        nokd = _stat(_students(r, "no_kd") for r in st)
         kd_nokd = _stat(
             k - n
-            for r in d05
+            for r in st
             if (k := _students(r, "kd")) is not None and (n := _students(r, "no_kd")) is not None
         )
         add(
             "kd_vs_no_kd",
-            "KD student vs no-KD student (mean of sites, difference)",
+            "KD site student vs no-KD site student (mean of sites, difference)",
             kd,
             nokd,
             kd_nokd,
-            "> 0",
-            None if not kd_nokd.values else kd_nokd.mean > 0,
+            "> 0 in every seed",
+            None if not kd_nokd.values else all(v > 0 for v in kd_nokd.values),
         )
         gn = {seed: self._headline(seed, norm="group") for seed in s.seeds}
         dp = {
@@ -389,44 +412,49 @@ class StudyReport:
             "",
         ]
 
+    def _students_cell(self, seed: int) -> dict[str, Any] | None:
+        """The finished students-table cell of a seed (KD, no-KD and delivered students)."""
+        result = self._headline(seed, kd=True, federated_student=True)
+        return result if result is not None and "students" in result else None
+
     def students(self) -> list[str]:
         s = self.settings
         per_seed = []
         for seed in s.seeds:
-            result = self._headline(seed)
-            federated = self.by_name(
-                self._name("cxr", "dirichlet-0.5", "fedavg", seed, federated_student=True)
-            )
-            if (result is None or "students" not in result) and federated is None:
+            result = self._students_cell(seed)
+            if result is None:
                 continue
-            row = [str(seed)]
-            if result is not None and "students" in result:
-                kd = [float(v["kd"][METRIC]) for v in result["students"].values()]
-                nokd = [float(v["no_kd"][METRIC]) for v in result["students"].values()]
-                row += [
-                    _fmt(_teacher(result, "federated")),
+            kd = [float(v["kd"][METRIC]) for v in result["students"].values()]
+            nokd = [float(v["no_kd"][METRIC]) for v in result["students"].values()]
+            delivered = [float(v[METRIC]) for v in result.get("delivered", {}).values()]
+            teacher = _teacher(result, "federated")
+            per_seed.append(
+                [
+                    str(seed),
+                    _fmt(teacher),
                     f"{statistics.fmean(kd):.3f} ({min(kd):.3f}–{max(kd):.3f})",
                     f"{statistics.fmean(nokd):.3f} ({min(nokd):.3f}–{max(nokd):.3f})",
+                    _fmt(_metric(result.get("federated_student"))),
+                    f"{statistics.fmean(delivered):.3f} ({min(delivered):.3f}–{max(delivered):.3f})"
+                    if delivered
+                    else "–",
+                    _fmt(_minus(_delivered(result), teacher)),
                 ]
-            else:
-                row += ["–", "–", "–"]
-            if federated is not None:
-                row += [
-                    _fmt(_teacher(federated, "federated")),
-                    _fmt(float(federated["federated_student"][METRIC])),
-                ]
-            else:
-                row += ["–", "–"]
-            per_seed.append(row)
+            )
         if not per_seed:
             return []
+        r = s.run
         lines = [
             "## Students (Dirichlet 0.5, FedAvg teacher)",
             "",
-            "MobileNetV2 students distilled at each site from the FedAvg teacher, the same student trained "
-            "on the site's labels alone (no KD, same epochs), and the federated student (the sites' KD "
-            f"students averaged by FedAvg over {s.federated_student_rounds} extra rounds; its own run of "
-            "the same seed). Site students: mean over sites (lowest–highest).",
+            "One run per seed: the FedAvg teacher; at each site a MobileNetV2 distilled from it on the "
+            "site's images alone (KD site student) and the same student trained on the site's labels "
+            f"alone (no KD, same recipe); then the federated student ({s.federated_student_rounds} extra "
+            "rounds in which every site distils the round's global student from the teacher for "
+            f"{r.get('local-epochs', 1)} epoch(s) and the server averages them), which is what each site "
+            "delivers by default (its `delivered.json`; a local fine-tune replaces it only where "
+            "`kd-personalise-epochs` > 0 and it wins on the site's validation split). Site students: "
+            "mean over sites (lowest–highest). Held-out macro-AUROC.",
             "",
             *_table(
                 [
@@ -434,19 +462,21 @@ class StudyReport:
                     "FedAvg teacher",
                     "KD site students",
                     "no-KD site students",
-                    "teacher (federated-student run)",
-                    "federated KD student",
+                    "federated student",
+                    "delivered students",
+                    "delivered − teacher",
                 ],
                 per_seed,
             ),
         ]
-        first = self._headline(s.seeds[0])
-        if first is not None and "students" in first:
+        first = self._students_cell(s.seeds[0])
+        if first is not None:
             rows, plot = [], []
             for site, scores in first["students"].items():
                 counts = first["partition"]["label_counts"].get(site, {})
                 mix = ", ".join(f"{k} {v}" for k, v in counts.items())
                 kd_auc, nokd_auc = float(scores["kd"][METRIC]), float(scores["no_kd"][METRIC])
+                chosen = first.get("delivered", {}).get(site)
                 rows.append(
                     [
                         site,
@@ -455,6 +485,7 @@ class StudyReport:
                         _fmt(kd_auc),
                         _fmt(nokd_auc),
                         _fmt(kd_auc - nokd_auc),
+                        "–" if chosen is None else f"{float(chosen[METRIC]):.3f} ({chosen['delivered']})",
                     ]
                 )
                 plot.append((site, kd_auc, nokd_auc))
@@ -465,7 +496,15 @@ class StudyReport:
                 f"Per site, seed {s.seeds[0]}:",
                 "",
                 *_table(
-                    ["site", "train images", "images by label", "KD student", "no-KD student", "KD - no-KD"],
+                    [
+                        "site",
+                        "train images",
+                        "images by label",
+                        "KD site student",
+                        "no-KD student",
+                        "KD - no-KD",
+                        "delivered student",
+                    ],
                     rows,
                 ),
                 "![students](study_students.png)",
@@ -619,8 +658,8 @@ class StudyReport:
                 "FedAvg / pooled",
                 "KD site students",
                 "no-KD site students",
-                "federated student",
-                "federated student − teacher",
+                "delivered students",
+                "delivered − teacher",
             ],
             rows,
         )
@@ -632,10 +671,7 @@ class StudyReport:
             return ["not run", *["–"] * 6]
         teacher = [_teacher(r, "federated") for r in results]
         pooled = [_teacher(r, "pooled") for r in results]
-        student = [
-            float(r["federated_student"][METRIC]) if r is not None and "federated_student" in r else None
-            for r in results
-        ]
+        student = [_delivered(r) for r in results]
         return [
             _stat(teacher).text(),
             _stat(pooled).text(),
