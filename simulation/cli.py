@@ -193,7 +193,11 @@ DEMO_RUN_CONFIG: dict[str, object] = {
 
 
 DEMO_SOURCES: tuple[Any, ...] | None = None
-"""Sources of the default run (None: 900 built-in synthetic images at 64 px)."""
+"""Sources of the default run (None: 900 built-in synthetic images at 64 px, see below)."""
+
+DEMO_SYNTHETIC_OPTIONS: dict[str, str] = {"n-images": "900", "image-size": "64", "difficulty": "0.7"}
+"""The demo's synthetic images: hard enough (faint lesions, look-alike shadows, noise) that the
+teachers and students do not all score 1.000 and the comparisons in the report mean something."""
 
 
 def _default_out() -> Path:
@@ -429,7 +433,7 @@ def _demo(ctx: typer.Context) -> None:
     )
     from simulation.experiment import SourceSpec
 
-    sources = DEMO_SOURCES or (SourceSpec("synthetic", None, {"n-images": "900", "image-size": "64"}),)
+    sources = DEMO_SOURCES or (SourceSpec("synthetic", None, DEMO_SYNTHETIC_OPTIONS),)
     config = ExperimentConfig(
         out=_default_out(),
         sources=sources,

@@ -77,6 +77,8 @@ def collect_results(out: Path) -> dict[str, Any]:
     ]
     epsilon = dict(summary.get("dp_epsilon_spent") or {})
     distill = [r for r in rows if r.get("phase") == "distill"]
+    # the federated student each site deploys by default (scored on the site's test split)
+    delivered = [r for r in rows if r.get("phase") == "student-final"]
     compression = {}
     cards = {}
     for site_dir in sorted((run / "sites").glob("*")):
@@ -94,11 +96,17 @@ def collect_results(out: Path) -> dict[str, Any]:
         "rounds": rounds,
         "baselines": _read_json(out / "baselines.json"),
         "distillation": distill,
+        "delivered": delivered,
         "dp_epsilon": epsilon,
         "compression": compression,
         "students": cards,
         "partition": _read_json(out / "partition" / "partition.json"),
     }
+
+
+def _summary_note(results: dict[str, Any]) -> str:
+    note = str(results["summary"].get("federated_student") or "")
+    return note.split(":")[0] if note else "federated rounds"
 
 
 def _teacher_rows(baselines: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -180,6 +188,38 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 cells += [_fmt(r.get(f"teacher_{m}")), _fmt(r.get(f"student_{m}")), _fmt(r.get(f"nokd_{m}"))]
             rows.append(cells)
         lines += _table(header, rows)
+        delivered = results.get("delivered") or []
+        if delivered:
+            lines += [
+                "",
+                "## Delivered students (site test split)",
+                "",
+                f"What each site deploys by default: the federated KD student ({_summary_note(results)}), "
+                "or its local fine-tune where `kd-personalise-epochs` > 0 and it won on the site's "
+                "validation split; each site's `delivered.json` names the folder.",
+                "",
+            ]
+            by_site = {str(r.get("site")): r for r in results["distillation"]}
+            header = ["site", "status", "delivered"]
+            for m in ("accuracy", "balanced_accuracy", "auroc_macro"):
+                header += [f"teacher {m}", f"delivered {m}", f"KD site student {m}", f"no-KD {m}"]
+            table_rows = []
+            for r in delivered:
+                site = by_site.get(str(r.get("site")), {})
+                cells = [
+                    str(r.get("site")),
+                    str(r.get("status")),
+                    "personalised" if _num(r.get("student_personalised")) == 1.0 else "federated",
+                ]
+                for m in ("accuracy", "balanced_accuracy", "auroc_macro"):
+                    cells += [
+                        _fmt(r.get(f"teacher_{m}")),
+                        _fmt(r.get(f"student_{m}")),
+                        _fmt(site.get(f"student_{m}")),
+                        _fmt(site.get(f"nokd_{m}")),
+                    ]
+                table_rows.append(cells)
+            lines += _table(header, table_rows)
         students = results.get("students") or {}
         if students:
             lines += ["", "Deployable students (ONNX, ONNX Runtime on this machine, batch 1):", ""]
@@ -280,6 +320,15 @@ def _plot_student_vs_teacher(results: dict[str, Any], path: Path) -> bool:
     ax.bar(x, [_num(r.get("student_auroc_macro")) for r in rows], width, label="KD student")
     if any(math.isfinite(_num(r.get("nokd_auroc_macro"))) for r in rows):
         ax.bar(x + width, [_num(r.get("nokd_auroc_macro")) for r in rows], width, label="student without KD")
+    delivered = {str(r.get("site")): r for r in results.get("delivered") or [] if r.get("status") == "ok"}
+    if delivered:
+        ax.plot(
+            x,
+            [_num(delivered.get(site, {}).get("student_auroc_macro")) for site in sites],
+            "k*",
+            markersize=12,
+            label="delivered (federated) student",
+        )
     ax.set_xticks(x, sites)
     ax.set_ylabel("test macro AUROC")
     ax.set_title("Student vs teacher at each site")

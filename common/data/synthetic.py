@@ -50,11 +50,24 @@ def _ellipse(
     return np.clip((1.0 - r) / edge, 0.0, 1.0)
 
 
-def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.ndarray:
-    """Draw one synthetic CXR-like image of class ``label`` as a ``size`` x ``size`` uint8 array."""
+def render_synthetic_cxr(
+    label: str, seed: int, size: int, site: int = 0, difficulty: float = 0.0
+) -> np.ndarray:
+    """Draw one synthetic CXR-like image of class ``label`` as a ``size`` x ``size`` uint8 array.
+
+    ``difficulty`` in [0, 1] makes the classes overlap: opacities get fainter and smaller, the
+    noise stronger, and benign look-alikes (soft-tissue shadows over the lungs, in any class)
+    appear; 0 draws the original, easy images (pixel for pixel).
+    """
     if label not in SYNTHETIC_CLASSES:
         raise ValueError(f"synthetic class must be one of {SYNTHETIC_CLASSES}, got {label!r}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"synthetic difficulty must be between 0 and 1, got {difficulty}")
     rng = np.random.default_rng(seed)
+    # drawn from their own stream so that difficulty 0 leaves the original images untouched
+    hard = np.random.default_rng([seed, 7919])
+    faint = 1.0 - 0.7 * difficulty
+    small = 1.0 - 0.35 * difficulty
     lin = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     yy, xx = np.meshgrid(lin, lin, indexing="ij")
     # Global pose jitter: shift and scale the coordinate frame.
@@ -80,8 +93,9 @@ def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.
         side = rng.choice([-1.0, 1.0])
         cx = side * rng.uniform(0.3, 0.5)
         cy = rng.uniform(0.0, 0.3)
-        opacity = _blob(xx, yy, cx, cy, rng.uniform(0.16, 0.24), rng.uniform(0.16, 0.26))
-        img += rng.uniform(0.45, 0.6) * opacity * (0.6 + 0.4 * texture) * np.clip(lungs * 1.5, 0, 1)
+        opacity = _blob(xx, yy, cx, cy, small * rng.uniform(0.16, 0.24), small * rng.uniform(0.16, 0.26))
+        strength = faint * rng.uniform(0.45, 0.6)
+        img += strength * opacity * (0.6 + 0.4 * texture) * np.clip(lungs * 1.5, 0, 1)
     elif label == "covid-19":
         haze = np.zeros_like(img)
         for side in (-1.0, 1.0):
@@ -89,9 +103,17 @@ def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.
                 cx = side * rng.uniform(0.5, 0.65)
                 cy = rng.uniform(-0.05, 0.4)
                 haze = np.maximum(
-                    haze, _blob(xx, yy, cx, cy, rng.uniform(0.12, 0.2), rng.uniform(0.15, 0.25))
+                    haze,
+                    _blob(xx, yy, cx, cy, small * rng.uniform(0.12, 0.2), small * rng.uniform(0.15, 0.25)),
                 )
-        img += rng.uniform(0.3, 0.4) * haze * (0.5 + 0.5 * texture) * np.clip(lungs * 1.5, 0, 1)
+        strength = faint * rng.uniform(0.3, 0.4)
+        img += strength * haze * (0.5 + 0.5 * texture) * np.clip(lungs * 1.5, 0, 1)
+    if difficulty > 0:
+        # benign look-alikes in every class: soft-tissue shadows over the lower lungs
+        for _ in range(int(hard.integers(0, 3))):
+            cx, cy = hard.uniform(-0.6, 0.6), hard.uniform(0.0, 0.45)
+            shadow = _blob(xx, yy, cx, cy, hard.uniform(0.1, 0.22), hard.uniform(0.1, 0.2))
+            img += difficulty * hard.uniform(0.1, 0.25) * shadow * np.clip(lungs * 1.5, 0, 1)
 
     # Site-dependent acquisition: each site's scanner has its own contrast and brightness.
     site_contrast = 1.0 + 0.08 * ((site % 5) - 2)
@@ -99,14 +121,17 @@ def render_synthetic_cxr(label: str, seed: int, size: int, site: int = 0) -> np.
     brightness = rng.uniform(-0.05, 0.05) + 0.02 * ((site % 3) - 1)
     img = (img - 0.3) * contrast + 0.3 + brightness
     img += rng.normal(0.0, 0.025, size=img.shape).astype(np.float32)
+    if difficulty > 0:
+        img += hard.normal(0.0, 0.05 * difficulty, size=img.shape).astype(np.float32)
     return np.clip(img * 255.0, 0, 255).round().astype(np.uint8)
 
 
 class SyntheticReader:
     """Renders synthetic records on demand; ``meta`` holds ``seed`` and ``site_index``."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, difficulty: float = 0.0) -> None:
         self.image_size = image_size
+        self.difficulty = difficulty
 
     def read(self, record: ImageRecord) -> np.ndarray:
         return render_synthetic_cxr(
@@ -114,10 +139,12 @@ class SyntheticReader:
             int(record.meta["seed"]),
             self.image_size,
             int(record.meta.get("site_index", "0")),
+            self.difficulty,
         )
 
     def fingerprint(self, record: ImageRecord) -> str:
+        hard = f":difficulty-{self.difficulty:g}" if self.difficulty > 0 else ""
         return (
             f"{GENERATOR_VERSION}:{self.image_size}:{record.source_labels[0]}:"
-            f"{record.meta['seed']}:{record.meta.get('site_index', '0')}"
+            f"{record.meta['seed']}:{record.meta.get('site_index', '0')}{hard}"
         )

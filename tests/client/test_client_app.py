@@ -256,6 +256,48 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
     assert torch.equal(torch.load(logits_path, weights_only=True), kept)
 
 
+@pytest.mark.slow  # distils and exports two students (ONNX) at the site
+def test_delivered_json_names_the_site_student_until_the_federated_one_arrives(tmp_path: Path) -> None:
+    import json
+
+    from client.export import DELIVERED_FILE
+    from common.local import student_config
+    from common.models import build_model
+
+    # Prepare: a run with one federated-student round
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    context.run_config.update(
+        {"kd-federated-student-rounds": 1, "kd-epochs": 1, "kd-width-mult": 0.35, "kd-no-kd-baseline": False}
+    )
+    settings = run_settings_from_config(context.run_config)
+    site_dir = tmp_path / "site"
+    student = build_model(student_config(settings.distill, settings.teacher, settings.teacher.norm), 3)
+
+    def student_message(message_type: str, config: dict[str, object]) -> Message:
+        content = RecordDict({"arrays": ArrayRecord(student.state_dict()), "config": ConfigRecord(config)})
+        return Message(content, dst_node_id=1, message_type=message_type)
+
+    # Execute + Assert: after the distillation round the site's own student is the deliverable
+    teacher_message, _ = _message(context, "train.distill", {"server-round": 1})
+    assert not (reply := app(teacher_message, context)).has_error(), reply.error.reason
+    record = json.loads((site_dir / DELIVERED_FILE).read_text())
+    assert (record["folder"], record["delivered"]) == ("student", "site")
+    assert (site_dir / record["onnx"]).is_file()
+
+    # a student round the run does not have is refused (the server only places it on the schedule)
+    refused = app(student_message("train.student", {"server-round": 2}), context)
+    assert refused.has_error()
+    assert "1 such round" in refused.error.reason
+
+    assert not (reply := app(student_message("train.student", {"server-round": 1}), context)).has_error()
+    assert not (reply := app(student_message("evaluate.student", {"phase": "student"}), context)).has_error()
+    record = json.loads((site_dir / DELIVERED_FILE).read_text())
+    assert (record["folder"], record["delivered"]) == ("global_student", "global")
+    assert (site_dir / record["onnx"]).is_file()
+    card = json.loads((site_dir / "global_student" / "model_card.json").read_text())
+    assert card["distillation"]["delivered"] == "global"
+
+
 def test_the_delivered_student_is_the_global_one_unless_its_fine_tune_wins_on_validation(
     tmp_path: Path,
 ) -> None:

@@ -130,6 +130,26 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert rates[-1] < 0.05
 
 
+def test_a_schedule_run_in_parts_is_the_one_schedule() -> None:
+    """A federated student's rounds each train one part: together they warm up once, decay once."""
+
+    def rates(total: int, warmup: int, parts: int) -> list[float]:
+        seen = []
+        for part in range(parts):
+            optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)  # a fresh one per round
+            steps = total // parts
+            schedule = warmup_cosine(optimizer, total, warmup, start_step=part * steps)
+            for _ in range(steps):
+                seen.append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                schedule.step()
+        return seen
+
+    whole = rates(12, 3, 1)
+    assert rates(12, 3, 4) == pytest.approx(whole)
+    assert max(rates(12, 3, 4)[3:]) == pytest.approx(1.0)  # warmed up once: later rounds start high
+
+
 def _result(auroc_scores: float) -> EvalResult:
     """A validation result whose macro-AUROC is ``auroc_scores`` (two classes, four images)."""
     task = Task("toy-bin", "multiclass", ("a", "b"))

@@ -32,6 +32,7 @@ batch-size = 16
 kd-batch-size = 16
 kd-epochs = 1
 kd-width-mult = 0.35
+kd-federated-student-rounds = 1
 num-threads = 1
 """
 
@@ -178,8 +179,13 @@ def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
     assert all(r["sites_trained"] == 2 for r in aggregates)
     distilled = sorted(r["site"] for r in rows if r["phase"] == "distill" and r["status"] == "ok")
     assert distilled == ["site-a", "site-b"]
+    # the default delivered student: the federated one, exported and named at every site
+    for site in ("site-a", "site-b"):
+        delivered = json.loads((federation.root / site / "delivered.json").read_text())
+        assert delivered["folder"] == "global_student"
+        assert (federation.root / site / delivered["onnx"]).is_file()
     summary = json.loads((federation.run_dir / "summary.json").read_text())
-    assert summary
+    assert summary["federated_student"].startswith("delivered after 1 round")
     assert "run finished" in federation.output("server")
 
 

@@ -81,3 +81,35 @@ def test_student_rounds_aggregate_with_the_runs_strategy(
     for key, value in initial.items():
         if value.is_floating_point():
             torch.testing.assert_close(delivered[key], value + shift, rtol=1e-5, atol=1e-4)
+
+
+def test_the_federated_student_is_skipped_under_dp_and_a_failed_one_ends_only_its_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.rounds import RoundFailedError
+
+    # Prepare
+    config = {**load_schema(), "kd-width-mult": 0.35}
+    settings = run_settings_from_config(config)
+    assert settings.kd_federated_student_rounds > 0  # the product default delivers a federated student
+    strategy = from_mapping(StrategySettings, config)
+    folder = RunFolder(tmp_path)
+    folder.checkpoints.mkdir(parents=True)
+    calls: list[int] = []
+
+    def failing(*_args: Any) -> list[dict[str, object]]:
+        calls.append(1)
+        raise RoundFailedError("federated student round 1: 1 site(s) replied, the minimum is 2")
+
+    monkeypatch.setattr(server_app, "federated_student", failing)
+    dp = run_settings_from_config({**config, "dp-enabled": True, "teacher-norm": "group"})
+
+    # Execute
+    under_dp = server_app.federated_student_phase(None, folder, dp, strategy, {})
+    failed = server_app.federated_student_phase(None, folder, settings, strategy, {})
+
+    # Assert: no round under DP; a failed phase is reported, not raised, and writes no student
+    assert "skipped under DP" in under_dp
+    assert calls == [1]
+    assert failed.startswith("not completed (federated student round 1: 1 site(s) replied")
+    assert not (tmp_path / "federated_student.json").exists()

@@ -27,6 +27,7 @@ TINY_RUN = {
     "lr": 0.05,
     "kd-epochs": 1,
     "kd-width-mult": 0.35,
+    "kd-federated-student-rounds": 1,
     "min-train-sites": 2,
     "min-evaluate-sites": 2,
     "min-available-sites": 2,

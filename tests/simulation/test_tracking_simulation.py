@@ -21,6 +21,7 @@ def test_simulation_run_logs_rounds_distillation_and_report_to_tensorboard(tmp_p
         "lr=0.05",
         "kd-epochs=1",
         "kd-width-mult=0.35",
+        "kd-federated-student-rounds=1",
         "min-train-sites=2",
         "min-evaluate-sites=2",
         "min-available-sites=2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,16 @@ class SourceRequest:
             raise ConfigError(_dash(name), value, f"an integer >= {minimum}") from None
         if number < minimum:
             raise ConfigError(_dash(name), value, f"an integer >= {minimum}")
+        return number
+
+    def opt_float(self, name: str, default: float) -> float:
+        value = self.options.get(name, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(_dash(name), value, "a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(_dash(name), value, "a finite number")
         return number
 
     def opt_list(self, name: str, default: Sequence[str] | None) -> list[str] | None:

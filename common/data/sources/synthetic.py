@@ -16,6 +16,7 @@ SYNTHETIC_OPTIONS: dict[str, str] = {
     "class_weights": "relative class frequencies in task order, comma-separated (default equal)",
     "max_images_per_patient": "1..N images per synthetic patient (default 3)",
     "n_sites": "number of synthetic sites with their own contrast (default 1)",
+    "difficulty": "0..1: fainter, smaller lesions, more noise, benign look-alikes (default 0)",
 }
 
 
@@ -42,6 +43,9 @@ def _load_synthetic(req: SourceRequest) -> Catalog:
     size = req.opt_int("image_size", 64, minimum=8)
     max_per_patient = req.opt_int("max_images_per_patient", 3, minimum=1)
     n_sites = req.opt_int("n_sites", 1, minimum=1)
+    difficulty = req.opt_float("difficulty", 0.0)
+    if not 0.0 <= difficulty <= 1.0:
+        raise ConfigError("difficulty", difficulty, "a number between 0 (easy) and 1 (hardest)")
     weights_raw = req.opt_list("class_weights", None)
     if weights_raw is None:
         weights = np.ones(task.num_classes)
@@ -83,4 +87,4 @@ def _load_synthetic(req: SourceRequest) -> Catalog:
         patient += 1
     targets = np.zeros((len(records), task.num_classes), dtype=np.float32)
     targets[np.arange(len(records)), class_idx] = 1.0
-    return _build(req, records, targets, SyntheticReader(size))
+    return _build(req, records, targets, SyntheticReader(size, difficulty))
