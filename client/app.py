@@ -68,6 +68,9 @@ app = ClientApp()
 GLOBAL_TEACHER_FILE = "global_teacher.pt"
 # its logits of this site's un-augmented train split, reused by every federated-student round
 GLOBAL_TEACHER_LOGITS_FILE = "global_teacher_logits.pt"
+# the global teacher with its BatchNorm statistics re-estimated on this site's train split
+# (kd-recalibrate-bn): the federated-student rounds distil from it without re-estimating again
+SITE_BN_TEACHER_FILE = "global_teacher_site_bn.pt"
 NO_KD_STUDENT_FILE = "nokd_student.pt"
 """The student trained without KD (``kd-no-kd-baseline``), kept beside the exported student."""
 
@@ -267,6 +270,13 @@ def _distill(
     if settings.kd_federated_student_rounds > 0:
         save_model(teacher_state, site.out_dir / GLOBAL_TEACHER_FILE, metadata={"role": "global teacher"})
         _save_teacher_logits(site, outcome.teacher_logits)
+        adapted = site.out_dir / SITE_BN_TEACHER_FILE
+        if outcome.teacher_adapted:
+            save_model(
+                outcome.teacher, adapted, metadata={"role": "global teacher, site BatchNorm statistics"}
+            )
+        else:
+            adapted.unlink(missing_ok=True)  # never a stale one of an earlier teacher
     ledger_eps = _teacher_epsilon(settings, site, context)
     options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
     metrics.update(
@@ -287,6 +297,18 @@ def _global_teacher(site: SiteConfig) -> dict[str, torch.Tensor]:
             "train the federated student"
         )
     return load_model_state(path)
+
+
+def _kd_teacher(site: SiteConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The teacher the federated-student phases distil from, and the options that go with it.
+
+    The site-adapted teacher (BatchNorm statistics re-estimated at the distillation round) is
+    used as is; without one, the global teacher (re-estimated again if the run asks for it).
+    """
+    adapted = site.out_dir / SITE_BN_TEACHER_FILE
+    if adapted.is_file():
+        return load_model_state(adapted), {"recalibrate_bn": False}
+    return _global_teacher(site), {}
 
 
 def _save_teacher_logits(site: SiteConfig, logits: torch.Tensor | None) -> None:
@@ -329,11 +351,13 @@ def _student_round(
             f"federated student round {server_round} asked for, but the run has {rounds} such round(s)"
         )
     cached_logits = _cached_teacher_logits(site)
+    teacher_state, teacher_options = _kd_teacher(site)
     outcome = _distill_at_site(
         settings,
         site,
         data,
-        _global_teacher(site),
+        teacher_state,
+        **teacher_options,
         seed=derive_seed(settings.distill.seed, "federated-student", server_round, site.name),
         student_state=msg.content["arrays"].to_torch_state_dict(),
         epochs=settings.train.local_epochs,
@@ -362,7 +386,7 @@ def _student_final(
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     teacher_state = _global_teacher(site)
     compute = site.resolve_compute()
-    state, delivered, personal_metrics = _personalise(settings, site, data, state, teacher_state)
+    state, delivered, personal_metrics = _personalise(settings, site, data, state)
     metrics = scalar_metrics(
         evaluate_state(data, "test", settings.task, config, state, compute=compute), "student_"
     )
@@ -399,7 +423,6 @@ def _personalise(
     site: SiteConfig,
     data: SiteData,
     global_state: dict[str, torch.Tensor],
-    teacher_state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], DeliveredStudent, dict[str, float]]:
     """The student this site delivers: the federated one, or its local KD fine-tune if that is better.
 
@@ -411,11 +434,13 @@ def _personalise(
     if epochs < 1 or len(data.split.val) == 0:
         choice = choose_delivered_student(_val(settings, data, global_state, site), None)
         return global_state, choice, {"student_personalised": 0.0}
+    teacher_state, teacher_options = _kd_teacher(site)
     tuned = _distill_at_site(
         settings,
         site,
         data,
         teacher_state,
+        **teacher_options,
         seed=derive_seed(settings.distill.seed, "personalise", site.name),
         student_state=global_state,
         epochs=epochs,

@@ -345,6 +345,8 @@ class DistillOutcome:
     # the teacher's logits of the un-augmented train split (KD with cached logits only): pass
     # them as ``teacher_logits`` to a later distillation from the same teacher on the same data
     teacher_logits: torch.Tensor | None = None
+    # True when the teacher's BatchNorm statistics were re-estimated on this site's train split
+    teacher_adapted: bool = False
 
 
 def distill_student(
@@ -363,6 +365,7 @@ def distill_student(
     evaluate_teacher: bool = True,
     teacher_logits: torch.Tensor | None = None,
     schedule_part: tuple[int, int] = (1, 1),
+    recalibrate_bn: bool | None = None,
     progress: ProgressArg = None,
     compute: Compute = CPU,
 ) -> DistillOutcome:
@@ -378,6 +381,8 @@ def distill_student(
     ``teacher_logits`` (an earlier outcome's, same teacher and data) skips even that pass.
     ``schedule_part = (r, R)``: these epochs are part ``r`` of ``R`` equal parts of one
     warm-up + cosine schedule (a federated student's round ``r`` of ``R``).
+    ``recalibrate_bn`` overrides ``distill.recalibrate_bn`` (False: a teacher already adapted
+    to this site); the outcome's ``teacher_adapted`` says whether its statistics were re-estimated.
     Training and scoring run on ``compute``; both returned models are on the CPU (for export).
     """
     seed_everything(seed)
@@ -389,9 +394,11 @@ def distill_student(
     metrics: dict[str, float] = {}
     if evaluate_teacher:  # the federation's teacher as received, before any site adaptation
         metrics.update(scalar_metrics(evaluate(teacher, test_loader, task, device=device), "teacher_"))
-    if use_kd and distill.recalibrate_bn:
+    adapted = False
+    if use_kd and (distill.recalibrate_bn if recalibrate_bn is None else recalibrate_bn):
         plain_loader = DataLoader(data.dataset("train"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
         if recalibrate_batchnorm(teacher, plain_loader, device=device):
+            adapted = True
             teacher.eval()
             if evaluate_teacher:
                 adapted = evaluate(teacher, test_loader, task, device=device)
@@ -479,7 +486,7 @@ def distill_student(
     metrics["distill_seconds"] = time.perf_counter() - started
     metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
     logits = teacher_source if isinstance(teacher_source, torch.Tensor) else None
-    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits)
+    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits, teacher_adapted=adapted)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class RunSettings:
     test_fraction: float = 0.15
     split_seed: int = 0
     round_timeout: float = 600.0
+    # the distillation phases (site students, federated-student rounds): many KD epochs per message
+    distill_round_timeout: float = 3600.0
     site_wait_timeout: float = 600.0
     selection_metric: str = "auroc_macro"
     distill_teacher: TeacherChoice = "best"
@@ -78,6 +80,8 @@ class RunSettings:
             )
         if self.round_timeout <= 0:
             raise ConfigError("round-timeout", self.round_timeout, "a number of seconds > 0")
+        if self.distill_round_timeout <= 0:
+            raise ConfigError("distill-round-timeout", self.distill_round_timeout, "a number of seconds > 0")
         if self.site_wait_timeout <= 0:
             raise ConfigError("site-wait-timeout", self.site_wait_timeout, "a number of seconds > 0")
         if self.selection_metric not in SELECTION_METRICS:

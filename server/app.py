@@ -90,7 +90,8 @@ def broadcast(
     min_sites: int,
     names: dict[int, str],
 ) -> tuple[list[Message], list[SiteOutcome]]:
-    """Send the same arrays to every connected site; return the replies and each site's outcome."""
+    """Send the same arrays to every connected site (a distillation phase, waiting up to
+    ``distill-round-timeout``); return the replies and each site's outcome."""
     nodes = wait_for_sites(grid, min_sites, settings.run.site_wait_timeout)
     messages = [
         Message(
@@ -100,7 +101,7 @@ def broadcast(
         )
         for node in nodes
     ]
-    replies, outcomes = collect(grid, messages, settings.run.round_timeout, names)
+    replies, outcomes = collect(grid, messages, settings.run.distill_round_timeout, names)
     for outcome in outcomes:
         if outcome.status != "ok":
             logger.warning("%s at site %s %s: %s", message_type, outcome.site, outcome.status, outcome.reason)

@@ -260,6 +260,7 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
 def test_delivered_json_names_the_site_student_until_the_federated_one_arrives(tmp_path: Path) -> None:
     import json
 
+    from client.app import SITE_BN_TEACHER_FILE
     from client.export import DELIVERED_FILE
     from common.local import student_config
     from common.models import build_model
@@ -283,6 +284,9 @@ def test_delivered_json_names_the_site_student_until_the_federated_one_arrives(t
     record = json.loads((site_dir / DELIVERED_FILE).read_text())
     assert (record["folder"], record["delivered"]) == ("student", "site")
     assert (site_dir / record["onnx"]).is_file()
+    # a BatchNorm teacher: its site-adapted copy serves the student rounds (no re-estimation there)
+    assert settings.teacher.norm == "batch"
+    assert (site_dir / SITE_BN_TEACHER_FILE).is_file()
 
     # a student round the run does not have is refused (the server only places it on the schedule)
     refused = app(student_message("train.student", {"server-round": 2}), context)
@@ -303,8 +307,9 @@ def test_the_delivered_student_is_the_global_one_unless_its_fine_tune_wins_on_va
 ) -> None:
     import torch
 
-    from client.app import _personalise, _val, data_request
+    from client.app import GLOBAL_TEACHER_FILE, _personalise, _val, data_request
     from client.site import site_from_node_config
+    from common.checkpoint import save_model
     from common.local import BestStudent, build_loaded_model, load_site_data, student_config
 
     context = _context(tmp_path, _synthetic_site(tmp_path))
@@ -316,8 +321,10 @@ def test_the_delivered_student_is_the_global_one_unless_its_fine_tune_wins_on_va
     teacher = build_loaded_model(settings.teacher, settings.task, None).state_dict()
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     global_state = build_loaded_model(config, settings.task, None).state_dict()
+    site.out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(teacher, site.out_dir / GLOBAL_TEACHER_FILE)  # what the distillation round keeps
 
-    state, delivered, metrics = _personalise(settings, site, data, global_state, teacher)
+    state, delivered, metrics = _personalise(settings, site, data, global_state)
 
     global_score = BestStudent.score(_val(settings, data, global_state, site))
     delivered_score = BestStudent.score(_val(settings, data, state, site))
