@@ -401,8 +401,8 @@ def distill_student(
             adapted = True
             teacher.eval()
             if evaluate_teacher:
-                adapted = evaluate(teacher, test_loader, task, device=device)
-                metrics.update(scalar_metrics(adapted, "teacher_site_bn_"))
+                at_site = evaluate(teacher, test_loader, task, device=device)
+                metrics.update(scalar_metrics(at_site, "teacher_site_bn_"))
     student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
     student = student.to(device)
     train_set = data.dataset("train", augment=True, seed=seed)
