@@ -23,7 +23,6 @@ from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
     build_loaded_model,
-    initial_teacher_state,
     load_eval_dataset,
     scalar_metrics,
     site_data_request,
@@ -39,6 +38,7 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.grid import quick_reply_grid
+from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
@@ -78,7 +78,8 @@ def default_run_dir(context: Context) -> Path:
 
 
 def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
-    return ArrayRecord(initial_teacher_state(settings.teacher, settings.task, settings.train.seed))
+    """The round-1 global teacher; IntegrityError unless it has the run's initial-teacher-sha256."""
+    return ArrayRecord(initial_global_teacher(settings).state)
 
 
 def broadcast(

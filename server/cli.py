@@ -157,6 +157,14 @@ def start(
             "(event files in RUN_DIR/tensorboard; the run setting 'track').",
         ),
     ] = None,
+    initial_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-teacher",
+            help="Start from this weights file at the coordinator (e.g. from `cxr-fl-server pretrain`); "
+            "the run carries the initial teacher's weights hash and sites can pin it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
@@ -167,6 +175,7 @@ def start(
         Coordinator,
         TlsFiles,
     )
+    from server.initial_teacher import prepare_initial_teacher
     from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
@@ -186,6 +195,7 @@ def start(
             overrides["track"] = track
         check_tracker(str(overrides.get("track", schema.get("track", ""))))
         check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink starts
+        prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
                 f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
@@ -212,6 +222,15 @@ def start(
     except CxrFlError as exc:
         raise fail(str(exc)) from None
 
+    if prepared is not None:
+        teacher, notes = prepared
+        console.print(teacher.describe(), highlight=False)
+        for note in notes:
+            err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+        console.print(
+            f"sites may pin it: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
+            highlight=False,
+        )
     settings = {**schema, **overrides}
     num_rounds = int(settings["num-rounds"])
     started = time.time()
@@ -311,6 +330,181 @@ def _follow(
             return coordinator.submit(overrides, on_line=on_line, timeout=remaining)
         except FlwrRunTimeoutError:
             return -1
+
+
+@app.command()
+def pretrain(
+    out: Annotated[
+        Path, typer.Option("--out", help="Weights file to write (FILE.json and FILE.sha256 beside).")
+    ],
+    source: Annotated[
+        list[str],
+        typer.Option("--source", help="Public data source format (repeatable; pairs in order with --data)."),
+    ],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option("--data", help="Data folder or file of each --source (omit for synthetic)."),
+    ] = None,
+    source_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source-option", "-o", help="Source option KEY=VALUE, or FORMAT.KEY=VALUE (repeatable)."
+        ),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Task to pretrain for (default: the run setting 'task').")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the pretraining images.")] = 5,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML file of run settings (teacher, image size, optimiser...)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Run setting KEY=VALUE (repeatable), e.g. teacher-norm=group."),
+    ] = None,
+    exclude_manifest: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--exclude-manifest",
+            help="Manifest CSV of images that must not be pretrained on (a training pool, a held-out "
+            "test set); exact copies are an error (repeatable).",
+        ),
+    ] = None,
+    drop_overlap: Annotated[
+        bool, typer.Option("--drop-overlap", help="Leave exact copies of --exclude-manifest images out.")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Image cache (default: beside --out, in cache/).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Unreadable or missing images are errors.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Train the initial teacher on public data; start a federation from it with `start --initial-teacher`."""
+    from common.pretrain import check_output
+    from common.run_settings import (
+        check_run_config,
+        load_schema,
+        resolve_run_config,
+        run_settings_from_config,
+    )
+
+    out = out.resolve()
+    try:
+        check_output(out, overwrite)
+        for manifest in exclude_manifest or []:
+            if not manifest.is_file():
+                raise fail(f"--exclude-manifest {manifest}: no such file; pass a manifest CSV (path,label)")
+        overrides = resolve_run_config(load_schema(), config, set_)
+        if task is not None:
+            overrides["task"] = task
+        settings = run_settings_from_config(check_run_config(overrides))
+        if settings.privacy.enabled:
+            raise fail(
+                "dp-enabled = true: pretraining is on public data and runs without DP; drop dp-enabled "
+                "from --config/--set (the federation's sites apply DP to their own data)"
+            )
+        if epochs < 1:
+            raise fail(f"--epochs {epochs}: pass an integer >= 1")
+        from simulation.sources import load_sources
+
+        catalog, paths, options = load_sources(
+            source, list(data or []), settings.task.name, option_pairs=source_option, strict=strict
+        )
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    sources = {
+        sid: {"format": sid.split(":")[0], "path": paths[sid], "options": options[sid]} for sid in paths
+    }
+    _run_pretraining(
+        catalog,
+        sources,
+        settings,
+        out,
+        epochs=epochs,
+        cache_dir=(cache_dir or out.parent / "cache").resolve(),
+        exclude=[m.resolve() for m in exclude_manifest or []],
+        drop_overlap=drop_overlap,
+        strict=strict,
+    )
+
+
+def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: Path, **kwargs: Any) -> None:
+    import math
+
+    from common.pretrain import pretrain_teacher
+    from common.progress import ProgressEvent
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        job = bar.add_task("reading images", total=None, detail=f"{len(catalog)} listed")
+        epochs = kwargs["epochs"]
+
+        def on_cached(n_train: int, n_val: int) -> None:
+            steps = epochs * math.ceil(n_train / settings.train.batch_size)
+            bar.update(
+                job,
+                description="pretraining",
+                total=steps,
+                completed=0,
+                detail=f"{n_train} train, {n_val} val",
+            )
+
+        def on_step(event: ProgressEvent) -> None:
+            if event.phase == "train":
+                detail = "" if math.isnan(event.loss) else f"loss {event.loss:.4f}"
+                bar.update(job, advance=1, detail=detail)
+
+        try:
+            result = pretrain_teacher(
+                catalog, sources, settings, out, progress=on_step, on_cached=on_cached, **kwargs
+            )
+        except CxrFlError as exc:
+            raise fail(str(exc)) from None
+    meta = result.metadata
+    images = meta["images"]
+    console.print(
+        f"pretrained {meta['teacher']['name']} ({meta['teacher']['norm']} norm) for task {meta['task']} "
+        f"on {images['train']} images ({images['val']} held out for validation"
+        + (
+            f", {images['dropped_overlap']} dropped as copies of excluded images"
+            if images["dropped_overlap"]
+            else ""
+        )
+        + ")",
+        highlight=False,
+    )
+    for row in meta["sources"]:
+        console.print(
+            f"  {row['id']}: {row['images']} images from {row['path'] or '(generated)'}", highlight=False
+        )
+    for check in meta["overlap_checks"]:
+        console.print(
+            f"  overlap with {check['manifest']}: {check['overlapping_images']} of its "
+            f"{check['manifest_images']} images",
+            highlight=False,
+        )
+    if meta["val_metrics"]:
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in meta["val_metrics"].items() if k in ("val_loss", "val_auroc_macro")
+        )
+        console.print(f"  validation: {shown}", highlight=False)
+    console.print(f"weights: {result.weights}", highlight=False)
+    console.print(f"sidecar: {result.sidecar}", highlight=False)
+    console.print(f"weights sha256: {result.weights_sha256}", highlight=False)
+    console.print(
+        f"start a federation from it: cxr-fl-server start --initial-teacher {result.weights} ...",
+        highlight=False,
+    )
 
 
 @app.command()
