@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from client.disclosure import shareable_metrics
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.teacher_pin import check_global_teacher
 from common.checkpoint import load_model_state, save_model
 from common.config import PrivacyConfig
 from common.errors import CxrFlError, DataError
@@ -127,6 +128,7 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
+    check_global_teacher(context.node_config, settings, site, server_round, global_state)
     validation = _validate_incoming(config, settings, site, data, global_state)
     privacy = site.effective_privacy(settings.privacy, len(data.split.train))
     ledger, entry = None, None
