@@ -104,9 +104,12 @@ def prepare_initial_teacher(
             architecture, or whose initial teacher does not have the run's hash.
     """
     if initial_teacher is not None:
-        if overrides.get(WEIGHTS_KEY):
+        named = overrides.get(WEIGHTS_KEY)
+        if named and Path(str(named)).expanduser().resolve() != initial_teacher.expanduser().resolve():
             raise ConfigError(
-                "--initial-teacher", str(initial_teacher), "not combined with the run setting teacher-weights"
+                "--initial-teacher",
+                str(initial_teacher),
+                f"the file the run already names (teacher-weights = {named!r}), or no --initial-teacher",
             )
         overrides[WEIGHTS_KEY] = str(initial_teacher)
     if overrides.get(WEIGHTS_KEY):

@@ -152,6 +152,9 @@ def test_start_takes_the_file_and_the_run_carries_its_hash(synthetic_teacher: Pa
     assert overrides["initial-teacher-sha256"] == meta["weights_sha256"] == teacher.sha256
     assert teacher.reset == ()
     assert notes == []
+    resumed = dict(overrides)  # --resume reads these back; naming the same file again is fine
+    assert prepare_initial_teacher(resumed, load_schema(), synthetic_teacher) is not None
+    assert resumed == overrides
     settings = run_settings_from_config(
         flower_run_config(**{k.replace("-", "_"): v for k, v in overrides.items()})
     )
