@@ -431,6 +431,40 @@ def pretrain(
     )
 
 
+@app.command("initial-teacher")
+def initial_teacher_command(
+    weights: Annotated[Path, typer.Argument(help="The weights file the federation will start from.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file of run settings (as given to `start`).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Run setting KEY=VALUE (repeatable), as given to `start`."),
+    ] = None,
+) -> None:
+    """Print the weights hash of the initial teacher a run would start from (for the sites to pin)."""
+    from common.run_settings import check_run_config, load_schema, resolve_run_config
+    from server.initial_teacher import prepare_initial_teacher
+
+    try:
+        schema = load_schema()
+        overrides = resolve_run_config(schema, config, set_)
+        check_run_config(overrides)
+        prepared = prepare_initial_teacher(overrides, schema, weights)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    if prepared is None:  # not reached: a weights file always gives a teacher
+        raise fail(f"{weights}: no initial teacher could be built from it")
+    teacher, notes = prepared
+    console.print(teacher.describe(), highlight=False)
+    for note in notes:
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    console.print(
+        f"sites pin it with: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
+        highlight=False,
+    )
+
+
 def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: Path, **kwargs: Any) -> None:
     import math
 

@@ -267,6 +267,10 @@ def test_a_multilabel_nih_teacher_starts_the_three_class_task_with_a_new_head(tm
         assert torch.equal(teacher.state[key], file_state[key]), key
     assert teacher.state["head.1.weight"].shape[0] == 3
     assert any("task nih14" in note for note in notes)
+    shown = runner.invoke(app, ["initial-teacher", str(out), *TINY])  # what the coordinator tells the sites
+    assert shown.exit_code == 0, shown.output
+    assert f"--initial-teacher-sha256 {teacher.sha256}" in " ".join(shown.output.split())
+    assert "2 re-initialised" in shown.output
     assert "2 re-initialised" in teacher.describe()
     again = build_initial_teacher(
         run_settings_from_config(
