@@ -20,10 +20,13 @@ features.0..2. ``freeze-blocks = N`` freezes the first N; ``-1`` every block (on
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from torch import nn
 
+from common.config import ModelConfig
 from common.errors import ConfigError
+from common.models import build_model
 from common.models.weights import head_name
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
-def freeze_blocks(model: nn.Module, count: int) -> list[str]:
+def freeze_blocks(model: nn.Module, count: int, name: str | None = None) -> list[str]:
     """Freeze the first ``count`` backbone blocks (-1: all of them); return their names.
 
     Raises:
@@ -66,7 +69,7 @@ def freeze_blocks(model: nn.Module, count: int) -> list[str]:
         raise ConfigError(
             "freeze-blocks",
             count,
-            f"an integer from 0 to {len(blocks)} for {type(model).__name__}, whose blocks are "
+            f"an integer from 0 to {len(blocks)} for {name or type(model).__name__}, whose blocks are "
             f"{', '.join(n for n, _ in blocks)} (or -1 to train only the head)",
         )
     frozen = [name for name, _ in blocks[:count]]
@@ -79,3 +82,8 @@ def freeze_blocks(model: nn.Module, count: int) -> list[str]:
         "froze %d block(s) (%s): %d of %d parameters train", count, ", ".join(frozen), trainable, total
     )
     return frozen
+
+
+def check_freeze_blocks(teacher: ModelConfig, num_outputs: int, count: int) -> None:
+    """ConfigError (listing the blocks) when ``teacher`` has fewer than ``count`` blocks to freeze."""
+    freeze_blocks(build_model(replace(teacher, weights=None), num_outputs), count, teacher.name)

@@ -384,7 +384,11 @@ def check_run_config(
     schema = load_schema()
     checked = {key: coerce_setting(key, value, schema, origin) for key, value in overrides.items()}
     merged = {**schema, **checked}
-    run_settings_from_config(merged)
+    settings = run_settings_from_config(merged)
+    if settings.train.freeze_blocks:  # the number of blocks depends on the teacher: build it once here
+        from common.freeze import check_freeze_blocks
+
+        check_freeze_blocks(settings.teacher, settings.task.num_classes, settings.train.freeze_blocks)
     for cls in also:
         from_mapping(cls, merged)
     return merged

@@ -12,7 +12,7 @@ from common.errors import ConfigError
 from common.freeze import backbone_blocks, freeze_blocks
 from common.local import DataRequest, build_loaded_model, load_site_data, train_round
 from common.models import build_model
-from common.run_settings import run_settings_from_config
+from common.run_settings import check_run_config, run_settings_from_config
 from common.tasks import get_task
 
 TASK = get_task("normal-pneumonia-covid")
@@ -30,6 +30,9 @@ def test_freezing_too_many_blocks_names_the_blocks() -> None:
         freeze_blocks(build_model(TINY, 3), 4)
     with pytest.raises(ConfigError, match="freeze-blocks"):
         run_settings_from_config({"freeze-blocks": -2})
+    with pytest.raises(ConfigError, match=r"0 to 6 for resnet18, .*layer4"):  # before any run starts
+        check_run_config({"teacher-name": "resnet18", "freeze-blocks": 7})
+    check_run_config({"teacher-name": "resnet18", "freeze-blocks": 6})
 
 
 def test_head_only_leaves_only_the_classifier_trainable() -> None:
