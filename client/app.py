@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import shareable_metrics
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
@@ -156,7 +157,10 @@ def _train(
                 "its weights stay at the site and the site declines further training rounds"
             )
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
-    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    trained = outcome.state_dict
+    if KEY_CLIPPING_NORM in config:  # central DP (server/central_dp.py): the update leaves clipped
+        trained = clip_update(global_state, trained, config[KEY_CLIPPING_NORM])
+    reply = RecordDict({"arrays": ArrayRecord(trained), "metrics": metrics})
     if validation is not None:
         reply[VALIDATION_RECORD] = validation
     return reply

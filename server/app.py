@@ -37,6 +37,7 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
+from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line
@@ -233,6 +234,11 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(settings.train.num_threads)
 
     strategy = build_strategy(strategy_settings)
+    central = from_mapping(CentralDPSettings, context.run_config, "central-dp-")
+    check_central_dp(central, strategy_settings.strategy, settings.teacher.norm)
+    strategy = with_central_dp(strategy, central, strategy_settings.min_train_sites)
+    if isinstance(strategy, CentralDP) and resume is not None:  # epsilon counts every released round
+        strategy.releases = resume.completed_round
     started = time.monotonic()
     rounds = TeacherRounds(
         grid,

@@ -194,7 +194,8 @@ def start(
         if track is not None:
             overrides["track"] = track
         check_tracker(str(overrides.get("track", schema.get("track", ""))))
-        check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink starts
+        merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
+        _check_central_dp(merged)
         prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
@@ -285,6 +286,14 @@ def start(
         f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
         RUN_FAILED_EXIT,
     )
+
+
+def _check_central_dp(merged: dict[str, Any]) -> None:
+    from common.run_settings import from_mapping
+    from server.central_dp import CentralDPSettings, check_central_dp
+
+    central = from_mapping(CentralDPSettings, merged, "central-dp-")
+    check_central_dp(central, str(merged["strategy"]), str(merged["teacher-norm"]))
 
 
 def _follow(
