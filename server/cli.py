@@ -1,8 +1,10 @@
 """``cxr-fl-server``: what a coordinating institution runs.
 
 Commands: ``certs`` (CA + server certificate), ``site-key`` (a site's key pair), ``register-site``,
-``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status`` and
-``stop``. Commands stay thin: they check options and hand off to server/security.py and
+``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status``,
+``stop``, ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
+``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
+thin: they check options and hand off to server/security.py and
 server/deploy.py; a :class:`~common.errors.CxrFlError` becomes a one-line message and exit
 code 2, a failed run exit code 1.
 """
