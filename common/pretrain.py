@@ -126,6 +126,7 @@ def pretrain_teacher(
     strict: bool = False,
     progress: ProgressArg = None,
     on_cached: Callable[[int, int], None] | None = None,
+    on_decoded: Callable[[int, int], None] | None = None,
 ) -> PretrainResult:
     """Train ``settings.teacher`` on ``catalog`` for ``epochs`` and write the weights and sidecar.
 
@@ -133,7 +134,7 @@ def pretrain_teacher(
     ``val-fraction`` and ``split-seed`` hold out a patient-grouped validation split (scored,
     not trained on); training uses the run's batch size, optimiser, learning rate, seed, device
     and ``freeze-blocks``, without DP. ``on_cached(train_images, val_images)`` is called once the
-    data are ready (before training).
+    data are ready (before training); ``on_decoded(done, total)`` after each decoded image.
 
     Raises:
         ConfigError: bad ``epochs``.
@@ -143,7 +144,7 @@ def pretrain_teacher(
     if epochs < 1:
         raise ConfigError("--epochs", epochs, "an integer >= 1")
     task, run = settings.task, settings.run
-    cached = build_cache(catalog, run.image_size, cache_dir, strict=strict)
+    cached = build_cache(catalog, run.image_size, cache_dir, strict=strict, progress=on_decoded)
     if cached.skipped:
         logger.warning(
             "%d unreadable image(s) skipped (first: %s)", len(cached.skipped), cached.skipped[0].key

@@ -491,7 +491,7 @@ def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: 
         console=console,
         transient=False,
     ) as bar:
-        job = bar.add_task("reading images", total=None, detail=f"{len(catalog)} listed")
+        job = bar.add_task("decoding images", total=len(catalog), detail="(once; cached for later runs)")
         epochs = kwargs["epochs"]
 
         def on_cached(n_train: int, n_val: int) -> None:
@@ -511,7 +511,14 @@ def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: 
 
         try:
             result = pretrain_teacher(
-                catalog, sources, settings, out, progress=on_step, on_cached=on_cached, **kwargs
+                catalog,
+                sources,
+                settings,
+                out,
+                progress=on_step,
+                on_cached=on_cached,
+                on_decoded=lambda done, total: bar.update(job, completed=done, total=total),
+                **kwargs,
             )
         except CxrFlError as exc:
             raise fail(str(exc)) from None
