@@ -23,9 +23,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import shareable_metrics
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.teacher_pin import check_global_teacher
 from common.checkpoint import load_model_state, save_model
 from common.config import PrivacyConfig
 from common.errors import CxrFlError, DataError
@@ -130,6 +132,7 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
+    check_global_teacher(context.node_config, settings, site, server_round, global_state)
     validation = _validate_incoming(config, settings, site, data, global_state)
     privacy = site.effective_privacy(settings.privacy, len(data.split.train))
     ledger, entry = None, None
@@ -157,7 +160,10 @@ def _train(
                 "its weights stay at the site and the site declines further training rounds"
             )
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
-    reply = RecordDict({"arrays": ArrayRecord(outcome.state_dict), "metrics": metrics})
+    trained = outcome.state_dict
+    if KEY_CLIPPING_NORM in config:  # central DP (server/central_dp.py): the update leaves clipped
+        trained = clip_update(global_state, trained, config[KEY_CLIPPING_NORM])
+    reply = RecordDict({"arrays": ArrayRecord(trained), "metrics": metrics})
     if validation is not None:
         reply[VALIDATION_RECORD] = validation
     return reply

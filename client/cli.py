@@ -543,6 +543,22 @@ def start(
             "allow-list).",
         ),
     ] = "warm",
+    initial_teacher_sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--initial-teacher-sha256",
+            help="Train only in a federation that starts from this initial teacher (its weights hash, "
+            "as the coordinator's `start --initial-teacher` prints it): round 1 is refused otherwise.",
+        ),
+    ] = None,
+    initial_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-teacher",
+            help="A weights file this site was given and checked: the federation must start from the "
+            "teacher the run builds from it (round 1 is refused otherwise).",
+        ),
+    ] = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
@@ -578,6 +594,8 @@ def start(
             activate_timeout=activate_timeout,
             runtime=runtime,
             allowed_apps=tuple(allow_app or ()),
+            initial_teacher_sha256=initial_teacher_sha256,
+            initial_teacher=initial_teacher,
         )
         if runtime == "warm":
             from client.app_runner import require_supported_flwr

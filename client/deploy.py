@@ -108,6 +108,9 @@ class SiteNodeSettings:
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
     runtime: str = "warm"
     allowed_apps: tuple[str, ...] = ()
+    # the site's own pin of the initial global teacher (client/teacher_pin.py)
+    initial_teacher_sha256: str | None = None
+    initial_teacher: Path | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -123,6 +126,7 @@ class SiteNodeSettings:
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
         self._check_privacy_policy()
+        self._check_teacher_pin()
         if self.num_threads < 1:
             raise ConfigError("--threads", self.num_threads, "an integer >= 1")
 
@@ -143,6 +147,15 @@ class SiteNodeSettings:
             raise ConfigError(
                 "--epsilon", None, "a privacy budget: --delta, --max-grad-norm and --accountant need it"
             )
+
+    def _check_teacher_pin(self) -> None:
+        from common.initial_teacher import check_sha256_hex
+
+        if self.initial_teacher_sha256 is not None:
+            value = check_sha256_hex("--initial-teacher-sha256", self.initial_teacher_sha256)
+            object.__setattr__(self, "initial_teacher_sha256", value)
+        if self.initial_teacher is not None and not self.initial_teacher.is_file():
+            raise ConfigError("--initial-teacher", str(self.initial_teacher), "an existing weights file")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -174,6 +187,10 @@ class SiteNodeSettings:
                 values[key] = float(value)
         if self.dp_accountant is not None:
             values["dp-accountant"] = self.dp_accountant
+        if self.initial_teacher_sha256 is not None:
+            values["initial-teacher-sha256"] = self.initial_teacher_sha256
+        if self.initial_teacher is not None:
+            values["initial-teacher"] = str(self.initial_teacher.resolve())
         return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
     def command(self, runtime_port: int, secret_file: Path | None = None) -> list[str]:

@@ -105,8 +105,14 @@ class TrainConfig:
     proximal_mu: float = 0.0
     seed: int = 0
     num_threads: int = 2
+    # freeze the first N blocks of the teacher's backbone (common/freeze.py); -1: train the head only
+    freeze_blocks: int = 0
 
     def __post_init__(self) -> None:
+        if self.freeze_blocks < -1:
+            raise ConfigError(
+                "freeze-blocks", self.freeze_blocks, "an integer >= 0, or -1 to train only the head"
+            )
         if self.local_epochs < 1:
             raise ConfigError("local-epochs", self.local_epochs, "an integer >= 1")
         if self.batch_size < 1:

@@ -41,6 +41,7 @@ from common.distillation import (
     warmup_cosine,
 )
 from common.errors import DataError
+from common.freeze import freeze_blocks
 from common.models import build_model
 from common.privacy import (
     AccountantHistory,
@@ -234,6 +235,8 @@ def train_round(
     seed_everything(seed)
     torch.set_num_threads(train.num_threads)
     model = build_loaded_model(model_config, task, global_state).to(compute.device)
+    # before the optimiser and Opacus see the parameters
+    freeze_blocks(model, train.freeze_blocks, model_config.name)
     dataset = data.dataset("train", augment=True, seed=seed)
     if len(dataset) == 0:
         raise DataError("the site has no training images after the split")

@@ -23,6 +23,7 @@ ServerApp, the ClientApp, the simulation and the benchmarks go through this modu
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -39,6 +40,7 @@ from common.tasks import Task, get_task
 TeacherChoice = Literal["best", "last"]
 SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "loss")
 """Federated-validation metrics that can pick the best global teacher (lower is better for loss)."""
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -64,6 +66,8 @@ class RunSettings:
     central_eval_manifest: str = ""
     validation_mode: str = "in-train"
     """``in-train``: one message per site per round (server/rounds.py); ``separate``: two."""
+    initial_teacher_sha256: str = ""
+    """Weights hash of the initial global teacher (common/initial_teacher.py); "" = not checked."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -94,6 +98,13 @@ class RunSettings:
             )
         if self.distill_teacher not in ("best", "last"):
             raise ConfigError("distill-teacher", self.distill_teacher, "'best' or 'last'")
+        if self.initial_teacher_sha256 and not _HEX64.match(self.initial_teacher_sha256):
+            raise ConfigError(
+                "initial-teacher-sha256",
+                self.initial_teacher_sha256,
+                "64 lower-case hexadecimal digits (the weights hash printed by `cxr-fl-server "
+                'pretrain`), or ""',
+            )
         for option, path in (
             ("run-dir", self.run_dir),
             ("cache-dir", self.cache_dir),
@@ -384,7 +395,11 @@ def check_run_config(
     schema = load_schema()
     checked = {key: coerce_setting(key, value, schema, origin) for key, value in overrides.items()}
     merged = {**schema, **checked}
-    run_settings_from_config(merged)
+    settings = run_settings_from_config(merged)
+    if settings.train.freeze_blocks:  # the number of blocks depends on the teacher: build it once here
+        from common.freeze import check_freeze_blocks
+
+        check_freeze_blocks(settings.teacher, settings.task.num_classes, settings.train.freeze_blocks)
     for cls in also:
         from_mapping(cls, merged)
     return merged

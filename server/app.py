@@ -23,7 +23,6 @@ from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
     build_loaded_model,
-    initial_teacher_state,
     load_eval_dataset,
     scalar_metrics,
     site_data_request,
@@ -38,7 +37,9 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
+from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
+from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
@@ -78,7 +79,8 @@ def default_run_dir(context: Context) -> Path:
 
 
 def initial_teacher(settings: FederatedRunConfig) -> ArrayRecord:
-    return ArrayRecord(initial_teacher_state(settings.teacher, settings.task, settings.train.seed))
+    """The round-1 global teacher; IntegrityError unless it has the run's initial-teacher-sha256."""
+    return ArrayRecord(initial_global_teacher(settings).state)
 
 
 def broadcast(
@@ -267,6 +269,11 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(settings.train.num_threads)
 
     strategy = build_strategy(strategy_settings)
+    central = from_mapping(CentralDPSettings, context.run_config, "central-dp-")
+    check_central_dp(central, strategy_settings.strategy, settings.teacher.norm)
+    strategy = with_central_dp(strategy, central, strategy_settings.min_train_sites)
+    if isinstance(strategy, CentralDP) and resume is not None:  # epsilon counts every released round
+        strategy.releases = resume.completed_round
     started = time.monotonic()
     rounds = TeacherRounds(
         grid,

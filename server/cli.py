@@ -1,8 +1,10 @@
 """``cxr-fl-server``: what a coordinating institution runs.
 
 Commands: ``certs`` (CA + server certificate), ``site-key`` (a site's key pair), ``register-site``,
-``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status`` and
-``stop``. Commands stay thin: they check options and hand off to server/security.py and
+``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status``,
+``stop``, ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
+``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
+thin: they check options and hand off to server/security.py and
 server/deploy.py; a :class:`~common.errors.CxrFlError` becomes a one-line message and exit
 code 2, a failed run exit code 1.
 """
@@ -157,6 +159,14 @@ def start(
             "(event files in RUN_DIR/tensorboard; the run setting 'track').",
         ),
     ] = None,
+    initial_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-teacher",
+            help="Start from this weights file at the coordinator (e.g. from `cxr-fl-server pretrain`); "
+            "the run carries the initial teacher's weights hash and sites can pin it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
@@ -167,6 +177,7 @@ def start(
         Coordinator,
         TlsFiles,
     )
+    from server.initial_teacher import prepare_initial_teacher
     from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
@@ -185,7 +196,9 @@ def start(
         if track is not None:
             overrides["track"] = track
         check_tracker(str(overrides.get("track", schema.get("track", ""))))
-        check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink starts
+        merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
+        _check_central_dp(merged)
+        prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
                 f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
@@ -212,6 +225,15 @@ def start(
     except CxrFlError as exc:
         raise fail(str(exc)) from None
 
+    if prepared is not None:
+        teacher, notes = prepared
+        console.print(teacher.describe(), highlight=False)
+        for note in notes:
+            err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+        console.print(
+            f"sites may pin it: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
+            highlight=False,
+        )
     settings = {**schema, **overrides}
     num_rounds = int(settings["num-rounds"])
     started = time.time()
@@ -268,6 +290,14 @@ def start(
     )
 
 
+def _check_central_dp(merged: dict[str, Any]) -> None:
+    from common.run_settings import from_mapping
+    from server.central_dp import CentralDPSettings, check_central_dp
+
+    central = from_mapping(CentralDPSettings, merged, "central-dp-")
+    check_central_dp(central, str(merged["strategy"]), str(merged["teacher-norm"]))
+
+
 def _follow(
     coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
 ) -> int:
@@ -311,6 +341,222 @@ def _follow(
             return coordinator.submit(overrides, on_line=on_line, timeout=remaining)
         except FlwrRunTimeoutError:
             return -1
+
+
+@app.command()
+def pretrain(
+    out: Annotated[
+        Path, typer.Option("--out", help="Weights file to write (FILE.json and FILE.sha256 beside).")
+    ],
+    source: Annotated[
+        list[str],
+        typer.Option("--source", help="Public data source format (repeatable; pairs in order with --data)."),
+    ],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option("--data", help="Data folder or file of each --source (omit for synthetic)."),
+    ] = None,
+    source_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source-option", "-o", help="Source option KEY=VALUE, or FORMAT.KEY=VALUE (repeatable)."
+        ),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Task to pretrain for (default: the run setting 'task').")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the pretraining images.")] = 5,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML file of run settings (teacher, image size, optimiser...)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Run setting KEY=VALUE (repeatable), e.g. teacher-norm=group."),
+    ] = None,
+    exclude_manifest: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--exclude-manifest",
+            help="Manifest CSV of images that must not be pretrained on (a training pool, a held-out "
+            "test set); exact copies are an error (repeatable).",
+        ),
+    ] = None,
+    drop_overlap: Annotated[
+        bool, typer.Option("--drop-overlap", help="Leave exact copies of --exclude-manifest images out.")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Image cache (default: beside --out, in cache/).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Unreadable or missing images are errors.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Train the initial teacher on public data; start a federation from it with `start --initial-teacher`."""
+    from common.pretrain import check_output
+    from common.run_settings import (
+        check_run_config,
+        load_schema,
+        resolve_run_config,
+        run_settings_from_config,
+    )
+
+    out = out.resolve()
+    try:
+        check_output(out, overwrite)
+        for manifest in exclude_manifest or []:
+            if not manifest.is_file():
+                raise fail(f"--exclude-manifest {manifest}: no such file; pass a manifest CSV (path,label)")
+        overrides = resolve_run_config(load_schema(), config, set_)
+        if task is not None:
+            overrides["task"] = task
+        settings = run_settings_from_config(check_run_config(overrides))
+        if settings.privacy.enabled:
+            raise fail(
+                "dp-enabled = true: pretraining is on public data and runs without DP; drop dp-enabled "
+                "from --config/--set (the federation's sites apply DP to their own data)"
+            )
+        if epochs < 1:
+            raise fail(f"--epochs {epochs}: pass an integer >= 1")
+        from simulation.sources import load_sources
+
+        catalog, paths, options = load_sources(
+            source, list(data or []), settings.task.name, option_pairs=source_option, strict=strict
+        )
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    sources = {
+        sid: {"format": sid.split(":")[0], "path": paths[sid], "options": options[sid]} for sid in paths
+    }
+    _run_pretraining(
+        catalog,
+        sources,
+        settings,
+        out,
+        epochs=epochs,
+        cache_dir=(cache_dir or out.parent / "cache").resolve(),
+        exclude=[m.resolve() for m in exclude_manifest or []],
+        drop_overlap=drop_overlap,
+        strict=strict,
+    )
+
+
+@app.command("initial-teacher")
+def initial_teacher_command(
+    weights: Annotated[Path, typer.Argument(help="The weights file the federation will start from.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file of run settings (as given to `start`).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Run setting KEY=VALUE (repeatable), as given to `start`."),
+    ] = None,
+) -> None:
+    """Print the weights hash of the initial teacher a run would start from (for the sites to pin)."""
+    from common.run_settings import check_run_config, load_schema, resolve_run_config
+    from server.initial_teacher import prepare_initial_teacher
+
+    try:
+        schema = load_schema()
+        overrides = resolve_run_config(schema, config, set_)
+        check_run_config(overrides)
+        prepared = prepare_initial_teacher(overrides, schema, weights)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    if prepared is None:  # not reached: a weights file always gives a teacher
+        raise fail(f"{weights}: no initial teacher could be built from it")
+    teacher, notes = prepared
+    console.print(teacher.describe(), highlight=False)
+    for note in notes:
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    console.print(
+        f"sites pin it with: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
+        highlight=False,
+    )
+
+
+def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: Path, **kwargs: Any) -> None:
+    import math
+
+    from common.pretrain import pretrain_teacher
+    from common.progress import ProgressEvent
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        job = bar.add_task("decoding images", total=len(catalog), detail="(once; cached for later runs)")
+        epochs = kwargs["epochs"]
+
+        def on_cached(n_train: int, n_val: int) -> None:
+            steps = epochs * math.ceil(n_train / settings.train.batch_size)
+            bar.update(
+                job,
+                description="pretraining",
+                total=steps,
+                completed=0,
+                detail=f"{n_train} train, {n_val} val",
+            )
+
+        def on_step(event: ProgressEvent) -> None:
+            if event.phase == "train":
+                detail = "" if math.isnan(event.loss) else f"loss {event.loss:.4f}"
+                bar.update(job, advance=1, detail=detail)
+
+        try:
+            result = pretrain_teacher(
+                catalog,
+                sources,
+                settings,
+                out,
+                progress=on_step,
+                on_cached=on_cached,
+                on_decoded=lambda done, total: bar.update(job, completed=done, total=total),
+                **kwargs,
+            )
+        except CxrFlError as exc:
+            raise fail(str(exc)) from None
+    meta = result.metadata
+    images = meta["images"]
+    console.print(
+        f"pretrained {meta['teacher']['name']} ({meta['teacher']['norm']} norm) for task {meta['task']} "
+        f"on {images['train']} images ({images['val']} held out for validation"
+        + (
+            f", {images['dropped_overlap']} dropped as copies of excluded images"
+            if images["dropped_overlap"]
+            else ""
+        )
+        + ")",
+        highlight=False,
+    )
+    for row in meta["sources"]:
+        console.print(
+            f"  {row['id']}: {row['images']} images from {row['path'] or '(generated)'}", highlight=False
+        )
+    for check in meta["overlap_checks"]:
+        console.print(
+            f"  overlap with {check['manifest']}: {check['overlapping_images']} of its "
+            f"{check['manifest_images']} images",
+            highlight=False,
+        )
+    if meta["val_metrics"]:
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in meta["val_metrics"].items() if k in ("val_loss", "val_auroc_macro")
+        )
+        console.print(f"  validation: {shown}", highlight=False)
+    console.print(f"weights: {result.weights}", highlight=False)
+    console.print(f"sidecar: {result.sidecar}", highlight=False)
+    console.print(f"weights sha256: {result.weights_sha256}", highlight=False)
+    console.print(
+        f"start a federation from it: cxr-fl-server start --initial-teacher {result.weights} ...",
+        highlight=False,
+    )
 
 
 @app.command()
