@@ -185,18 +185,20 @@ def federated_student_phase(
     settings: FederatedRunConfig,
     strategy_settings: StrategySettings,
     names: dict[int, str],
+    *,
+    central_dp: bool = False,
 ) -> str:
     """Run the federated student when the run asks for it; say what became of it (summary.json).
 
-    It is skipped under DP (its rounds send weights trained on the sites' images, which no
-    privacy budget covers), and a federated student that cannot be completed (too few sites
-    replied) ends the phase, not the run: every site keeps its own distilled student, which
-    its ``delivered.json`` already names.
+    It is skipped under DP, DP-SGD at the sites or central DP of the teacher's rounds (its
+    rounds send weights trained on the sites' images, which no privacy budget covers), and a
+    federated student that cannot be completed (too few sites replied) ends the phase, not the
+    run: every site keeps its own distilled student, which its ``delivered.json`` already names.
     """
     rounds = settings.kd_federated_student_rounds
     if rounds < 1:
         return "off (kd-federated-student-rounds = 0): each site delivers its own student"
-    if settings.uses_dp:
+    if settings.uses_dp or central_dp:
         logger.warning(
             "Federated student skipped: its rounds would send weights trained on the sites' images "
             "without DP. Each site delivers the student it distilled locally "
@@ -307,7 +309,14 @@ def main(grid: Grid, context: Context) -> None:
         )
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
-        student_note = federated_student_phase(grid, folder, settings, strategy_settings, rounds.site_names)
+        student_note = federated_student_phase(
+            grid,
+            folder,
+            settings,
+            strategy_settings,
+            rounds.site_names,
+            central_dp=isinstance(strategy, CentralDP),
+        )
 
     announce_finish(grid, settings, rounds.site_names)
     write_summary(

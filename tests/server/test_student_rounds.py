@@ -106,10 +106,14 @@ def test_the_federated_student_is_skipped_under_dp_and_a_failed_one_ends_only_it
 
     # Execute
     under_dp = server_app.federated_student_phase(None, folder, dp, strategy, {})
+    under_central_dp = server_app.federated_student_phase(
+        None, folder, settings, strategy, {}, central_dp=True
+    )
     failed = server_app.federated_student_phase(None, folder, settings, strategy, {})
 
     # Assert: no round under DP; a failed phase is reported, not raised, and writes no student
     assert "skipped under DP" in under_dp
+    assert "skipped under DP" in under_central_dp
     assert calls == [1]
     assert failed.startswith("not completed (federated student round 1: 1 site(s) replied")
     assert not (tmp_path / "federated_student.json").exists()
