@@ -374,7 +374,7 @@ def _mix(counts: Mapping[str, Any]) -> str:
     """``site: class n, class n; site: ...`` of a composition's ``by_source``."""
     parts = []
     for site, labels in counts["by_source"].items():
-        short = site.rstrip("/").rsplit("/", 1)[-1] if "/" in site else site
+        short = site.removeprefix("https://").removeprefix("http://").removeprefix("www.").rstrip("/")
         parts.append(f"{short}: " + ", ".join(f"{label} {n}" for label, n in labels.items()))
     return "; ".join(parts) or "–"
 
@@ -418,7 +418,8 @@ def external_section(
         "models whose intervals overlap widely are not shown to differ; it says nothing about "
         "sources not in the test set.",
         "",
-        "Test sets (images per source and class; sources named by the last part of their URL):",
+        "Test sets (images per source and class; a source is its value of the pool's site column, "
+        "a URL without its scheme for the COVID-19 Radiography sources):",
         "",
     ]
     composition_rows = []
@@ -500,6 +501,15 @@ def external_section(
         ],
         rows,
     )
+    lines += [
+        "How to read it: the in-distribution columns are what a held-out test set drawn from the "
+        "training sources reports; the external columns are closer to what a hospital whose images "
+        "come from a source the federation never saw would get. An external slice AUROC far below "
+        "the in-distribution one (or near 0.5) means the model recognised the class by its sources "
+        "rather than by the disease, and its in-distribution figure should not be promised to a new "
+        "hospital.",
+        "",
+    ]
     if external.variants:
         lines += ["Variants (the same cells with these run settings):", ""]
         lines += [

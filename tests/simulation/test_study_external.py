@@ -12,7 +12,15 @@ from PIL import Image
 
 from common.bootstrap import percentile_interval, stratified_weights, weighted_auroc
 from common.errors import ConfigError, DataError
-from simulation.study import Cell, load_settings, prepare, run_cell, table_cells
+from simulation.study import (
+    Cell,
+    PreparedData,
+    cell_run_config,
+    load_settings,
+    prepare,
+    run_cell,
+    table_cells,
+)
 from simulation.study_external import Holdout, interval_scores, read_rows, split_external
 from simulation.study_report import build_study_report
 
@@ -66,7 +74,7 @@ classes = ["normal"]
 [[external.variants]]
 name = "equalized"
 about = "histogram equalisation"
-run = { num-rounds = 1 }
+run = { preprocess-equalize = true }
 """
 
 
@@ -131,7 +139,14 @@ def test_external_cells_are_named_by_the_cell_scheme(tmp_path: Path) -> None:
         "cxr-dirichlet-0.5-fedavg-fedstudent-equalized-without-hospital-normal-s0",
     ]
     assert all(c.kd and c.federated_student and c.holdout for c in cells)
-    assert dict(cells[2].overrides) == {"num-rounds": 1}
+    assert dict(cells[2].overrides) == {"preprocess-equalize": True}
+    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
+    config = cell_run_config(cells[2], settings, data, 2)
+    assert config["preprocess-equalize"] is True
+    assert config["kd-enabled"] is True
+    assert config["kd-no-kd-baseline"] is False  # the external table needs no no-KD twins
+    assert config["kd-federated-student-rounds"] == settings.federated_student_rounds
+    assert "preprocess-equalize" not in cell_run_config(cells[0], settings, data, 2)
     assert cells[2].base.name == cells[0].name  # the variant set beside the study's settings
     # the cell name is derived from the Cell's fields, never re-spelled
     assert Cell("", "cxr", "dirichlet-0.5", "fedavg", 0, federated_student=True, holdout="covid-a").name == (
@@ -336,7 +351,7 @@ def test_the_report_gives_each_external_cell_with_its_intervals(tmp_path: Path) 
     assert first["models"]["delivered student (global; every site)"]["in_distribution"]["auroc_macro"][
         "value"
     ] == pytest.approx(0.9)
-    assert table[1]["run"] == {"num-rounds": 1}
+    assert table[1]["run"] == {"preprocess-equalize": True}
 
 
 @pytest.mark.slow
