@@ -371,3 +371,20 @@ def test_an_external_cell_runs_end_to_end(prepared: tuple) -> None:
         assert teacher[part]["n"] == comp[part]["images"]
     assert set(result["delivered"]) == {"site_00", "site_01"}
     assert run_cell(cell, settings) == result
+
+
+def test_a_variant_with_a_bad_option_value_stops_the_command_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import simulation.cli as cli
+
+    variant = '[[external.variants]]\nname = "v"\nrun = { augment = "wild" }'
+    config = _write_config(tmp_path, tmp_path / "pool.csv", external=variant)
+
+    result = CliRunner().invoke(cli.app, ["study", "external", "--config", str(config)])
+
+    assert result.exit_code == 2
+    assert "augment" in result.output
+    assert "default, strong" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
