@@ -357,7 +357,8 @@ def test_the_report_gives_each_external_cell_with_its_intervals(tmp_path: Path) 
 @pytest.mark.slow
 def test_an_external_cell_runs_end_to_end(prepared: tuple) -> None:
     settings, _ = prepared
-    cell = table_cells("external", settings)[0]
+    cell = table_cells("external", settings)[2]  # without covid-a, with histogram equalisation
+    assert cell.variant == "equalized"
 
     result = run_cell(cell, settings)
 
@@ -370,6 +371,11 @@ def test_an_external_cell_runs_end_to_end(prepared: tuple) -> None:
         assert interval["low"] <= interval["value"] <= interval["high"]
         assert teacher[part]["n"] == comp[part]["images"]
     assert set(result["delivered"]) == {"site_00", "site_01"}
+    # every site trained and exported with equalisation: the delivered model says so
+    run_dir = settings.out / "cells" / cell.name / "experiment" / "run"
+    for site, delivered in result["delivered"].items():
+        prep = run_dir / "sites" / site / delivered["folder"] / "student.preprocessing.json"
+        assert json.loads(prep.read_text())["equalize"] is True
     assert run_cell(cell, settings) == result
 
 
