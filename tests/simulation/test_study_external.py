@@ -394,3 +394,28 @@ def test_a_variant_with_a_bad_option_value_stops_the_command_in_one_line(tmp_pat
     assert "default, strong" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.realdata
+def test_every_checked_in_holdout_splits_the_real_pool(shared_data: Path, tmp_path: Path) -> None:
+    """The holdouts of benchmarks/study.toml name real sources, and each leaves every class to train on."""
+    from dataclasses import replace
+
+    from common.tasks import get_task
+
+    repo = Path(__file__).resolve().parents[2]
+    settings = load_settings(repo / "benchmarks" / "study.toml")
+    small = replace(settings.datasets["cxr"], test_images=400, pool_images=800, drop_duplicates=False)
+    settings = replace(settings, out=tmp_path / "out", datasets={**settings.datasets, "cxr": small})
+    data = prepare(settings, "cxr")
+    classes = get_task(small.task).classes
+
+    for holdout in settings.external.holdouts:
+        split = split_external(holdout, data.pool, data.test, tmp_path / holdout.name, classes)
+
+        comp = split.composition
+        assert set(comp["pool"]["by_class"]) == set(classes), holdout.name
+        assert holdout.site not in comp["pool"]["by_source"] or holdout.classes, holdout.name
+        assert comp["external_slice"]["images"] > 0, holdout.name
+        assert set(comp["external_slice"]["by_source"]) == {holdout.site}, holdout.name
+        assert len(comp["external"]["by_class"]) >= 2, holdout.name
