@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,11 @@ def _name(value: Any, where: str) -> str:
 
 
 def parse_external(
-    raw: Any, task_name: str, run: Mapping[str, Any], path: Path, check_run: Any
+    raw: Any,
+    task_name: str,
+    run: Mapping[str, Any],
+    path: Path,
+    check_run: Callable[[dict[str, Any]], object],
 ) -> ExternalSettings:
     """The ``[external]`` table, checked (names, sites, classes, variants' run settings)."""
     if not raw:
@@ -288,7 +292,7 @@ def score_external_cell(
     import json
     from dataclasses import asdict
 
-    from common.checkpoint import load_model_state
+    from common.checkpoint import load_model_state, sha256_file
     from common.local import build_loaded_model, load_eval_dataset, site_data_request, student_config
     from common.run_settings import run_settings_from_config
 
@@ -339,8 +343,6 @@ def score_external_cell(
         folder = run_dir / "sites" / site
         delivered = json.loads((folder / "delivered.json").read_text(encoding="utf-8"))
         weights = folder / delivered["folder"] / "student.pt"
-        from common.checkpoint import sha256_file
-
         digest = sha256_file(weights)
         if digest not in scored:
             scored[digest] = score(student, load_model_state(weights))
