@@ -33,6 +33,7 @@ from common.checkpoint import save_model, sha256_file
 from common.compression import compare_compression, write_compression_report
 from common.config import ModelConfig
 from common.data.dataset import normalise
+from common.data.preprocess import equalize_images
 from common.export import (
     Preprocessing,
     check_onnx_parity,
@@ -79,7 +80,10 @@ def _images(data: SiteData, part: str, limit: int, in_channels: int = 1) -> np.n
     """Normalised float32 ``[n, C, S, S]`` of the first ``limit`` images of a split (grey
     images repeated over the model's ``in_channels``)."""
     rows = np.asarray(getattr(data.split, part))[:limit]
-    images = normalise(np.asarray(data.cached.images[rows])).unsqueeze(1).numpy()
+    pixels = np.asarray(data.cached.images[rows])
+    if data.equalize:  # as in training (run setting preprocess-equalize)
+        pixels = equalize_images(pixels)
+    images = normalise(pixels).unsqueeze(1).numpy()
     return np.repeat(images, in_channels, axis=1) if in_channels != 1 else images
 
 
@@ -129,14 +133,22 @@ def export_site_student(
     student_config = distilled_student_config(settings.distill, settings.teacher, settings.teacher.norm)
 
     onnx_path = export_onnx(student, out / "student.onnx", image_size, in_channels)
-    prep_path = write_preprocessing(Preprocessing.for_task(task, image_size, in_channels), onnx_path)
+    equalize = settings.run.preprocess_equalize
+    prep = Preprocessing.for_task(task, image_size, in_channels, equalize=equalize)
+    prep_path = write_preprocessing(prep, onnx_path)
     script_path = export_torchscript(student, out / "student.torchscript.pt", image_size, in_channels)
     weights_path = out / "student.pt"
-    save_model(student, weights_path, metadata=model_metadata(student_config, task, image_size, "student"))
+    save_model(
+        student,
+        weights_path,
+        metadata=model_metadata(student_config, task, image_size, "student", equalize=equalize),
+    )
     files = [onnx_path, prep_path, script_path, weights_path]
     if opts.save_teacher:
         teacher_path = out / "teacher.pt"
-        teacher_meta = model_metadata(replace_weights(settings.teacher), task, image_size, "teacher")
+        teacher_meta = model_metadata(
+            replace_weights(settings.teacher), task, image_size, "teacher", equalize=equalize
+        )
         save_model(teacher, teacher_path, metadata=teacher_meta)
         files.append(teacher_path)
 
@@ -181,7 +193,7 @@ def export_site_student(
             rows, compression_settings, out, title=f"Compression comparison: {site.name}"
         )
         for quantised in sorted((out / "compression").glob("*.onnx")):
-            write_preprocessing(Preprocessing.for_task(task, image_size, in_channels), quantised)
+            write_preprocessing(prep, quantised)
 
     card = ModelCard(
         model_name=f"{settings.distill.student} (width {settings.distill.width_mult:g})",

@@ -80,6 +80,8 @@ class ScoringModel:
     image_size: int
     in_channels: int
     predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    equalize: bool = False
+    """Histogram-equalise images before normalising (the model was trained so)."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,6 +94,7 @@ class ScoringModel:
             "classes": list(self.task.classes),
             "image_size": self.image_size,
             "in_channels": self.in_channels,
+            "equalize": self.equalize,
         }
 
 
@@ -148,6 +151,7 @@ def _coordinator_checkpoint(weights: Path, meta: Mapping[str, Any] | None) -> Sc
         size,
         config.in_channels,
         _torch_scorer(model, settings.task, size, config.in_channels),
+        settings.run.preprocess_equalize,
     )
 
 
@@ -176,7 +180,14 @@ def load_scoring_model(path: Path, *, num_threads: int = 2) -> ScoringModel:
                 f"'{task.name}' has {', '.join(task.classes)}; re-export the model"
             )
         return ScoringModel(
-            path, "onnx", "exported model", task, prep.image_size, prep.in_channels, predictor.predict_arrays
+            path,
+            "onnx",
+            "exported model",
+            task,
+            prep.image_size,
+            prep.in_channels,
+            predictor.predict_arrays,
+            prep.equalize,
         )
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
@@ -204,6 +215,7 @@ def load_scoring_model(path: Path, *, num_threads: int = 2) -> ScoringModel:
         loaded.image_size,
         loaded.config.in_channels,
         _torch_scorer(loaded.model, loaded.task, loaded.image_size, loaded.config.in_channels),
+        loaded.equalize,
     )
 
 
@@ -267,6 +279,7 @@ def score_images(
 ) -> np.ndarray:
     """Probabilities ``[N, classes]`` of uint8 ``images`` ``[N, S, S]`` (normalised as in training)."""
     from common.data.dataset import normalise
+    from common.data.preprocess import equalize_images
 
     if images.ndim != 3 or images.shape[1:] != (model.image_size, model.image_size):
         raise DataError(
@@ -275,7 +288,10 @@ def score_images(
     total = len(images)
     outputs = []
     for start in range(0, total, batch_size):
-        batch = normalise(np.array(images[start : start + batch_size])).unsqueeze(1).numpy()
+        pixels = np.array(images[start : start + batch_size])
+        if model.equalize:  # as the model was trained (preprocess-equalize)
+            pixels = equalize_images(pixels)
+        batch = normalise(pixels).unsqueeze(1).numpy()
         if model.in_channels != 1:
             batch = np.repeat(batch, model.in_channels, axis=1)
         outputs.append(np.asarray(model.predict(batch), dtype=np.float64))

@@ -65,7 +65,9 @@ class Preprocessing:
     """How an image file becomes the model input, and how logits become probabilities.
 
     ``input = (pixel / 255 - mean) / std`` on the greyscale image resized as described in
-    ``resize``; ``activation`` is ``softmax`` (multi-class) or ``sigmoid`` (multi-label).
+    ``resize`` (then histogram-equalised when ``equalize`` is true, as the model was trained:
+    run setting ``preprocess-equalize``); ``activation`` is ``softmax`` (multi-class) or
+    ``sigmoid`` (multi-label).
     """
 
     image_size: int
@@ -83,19 +85,27 @@ class Preprocessing:
     output_name: str = OUTPUT_NAME
     input_layout: str = "NCHW float32"
     format: str = PREPROCESSING_FORMAT
+    equalize: bool = False
+    equalize_method: str = ""
 
     @property
     def activation(self) -> str:
         return "sigmoid" if self.task_kind == "multilabel" else "softmax"
 
     @classmethod
-    def for_task(cls, task: Task, image_size: int, in_channels: int = 1) -> Preprocessing:
+    def for_task(
+        cls, task: Task, image_size: int, in_channels: int = 1, *, equalize: bool = False
+    ) -> Preprocessing:
+        from common.data.preprocess import EQUALIZE_METHOD
+
         return cls(
             image_size=image_size,
             classes=tuple(task.classes),
             task=task.name,
             task_kind=task.kind,
             in_channels=in_channels,
+            equalize=equalize,
+            equalize_method=EQUALIZE_METHOD if equalize else "",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +136,8 @@ class Preprocessing:
                 resize_version=str(data.get("resize_version", PREPROCESS_VERSION)),
                 input_name=str(data.get("input_name", INPUT_NAME)),
                 output_name=str(data.get("output_name", OUTPUT_NAME)),
+                equalize=_json_bool(data.get("equalize", False), "equalize"),
+                equalize_method=str(data.get("equalize_method", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source} is missing or has a bad field ({exc}); re-export the model") from None
@@ -146,7 +158,12 @@ class Preprocessing:
                 self.resize_version,
                 PREPROCESS_VERSION,
             )
-        return resize_square(grey, self.image_size)
+        resized = resize_square(grey, self.image_size)
+        if self.equalize:
+            from common.data.preprocess import equalize_images
+
+            resized = equalize_images(resized)
+        return resized
 
     def load_image(self, path: Path) -> np.ndarray:
         """Decode, resize and normalise one image file -> float32 [C, S, S] (DataError if unreadable)."""
@@ -160,6 +177,12 @@ class Preprocessing:
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def _json_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"'{name}' must be true or false, not {value!r}")
+    return value
 
 
 def preprocessing_path(model_path: Path) -> Path:
@@ -432,7 +455,9 @@ class OnnxPredictor:
         return sorted(results, key=lambda r: order.get(r.path, 0))
 
 
-def model_metadata(config: ModelConfig, task: Task, image_size: int, role: str) -> dict[str, Any]:
+def model_metadata(
+    config: ModelConfig, task: Task, image_size: int, role: str, *, equalize: bool = False
+) -> dict[str, Any]:
     """The ``<weights>.json`` beside a state_dict, so it can be rebuilt (see :func:`load_torch_model`)."""
     return {
         "format": MODEL_METADATA_FORMAT,
@@ -441,6 +466,7 @@ def model_metadata(config: ModelConfig, task: Task, image_size: int, role: str) 
         "task": task.name,
         "classes": list(task.classes),
         "image_size": image_size,
+        "equalize": equalize,
     }
 
 
@@ -453,10 +479,13 @@ class LoadedModel:
     task: Task
     image_size: int
     path: Path
+    equalize: bool = False
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.for_task(self.task, self.image_size, self.config.in_channels)
+        return Preprocessing.for_task(
+            self.task, self.image_size, self.config.in_channels, equalize=self.equalize
+        )
 
 
 def load_torch_model(path: Path) -> LoadedModel:
@@ -488,6 +517,7 @@ def load_torch_model(path: Path) -> LoadedModel:
         config = from_mapping(ModelConfig, dict(meta["model"]))
         task = get_task(str(meta["task"]))
         image_size = int(meta["image_size"])
+        equalize = _json_bool(meta.get("equalize", False), "equalize")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(
             f"metadata '{weights.name}.json' is incomplete ({exc}); re-export the model"
@@ -495,4 +525,4 @@ def load_torch_model(path: Path) -> LoadedModel:
     model = build_model(config, task.num_classes)
     model.load_state_dict(load_model_state(weights))
     model.eval()
-    return LoadedModel(model, config, task, image_size, weights)
+    return LoadedModel(model, config, task, image_size, weights, equalize)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from common.config import DistillConfig, ModelConfig, Norm, PrivacyConfig, TrainConfig
 from common.data.cache import CachedImages, build_cache
 from common.data.catalog import Catalog
-from common.data.dataset import CxrDataset
+from common.data.dataset import AUGMENT_PRESETS, CxrDataset
 from common.data.sources import load_catalog
 from common.data.splits import Split, split_by_patient
 from common.device import CPU, Compute
@@ -90,6 +90,10 @@ class DataRequest:
     split_seed: int
     strict: bool = False
     options: tuple[tuple[str, object], ...] = ()
+    equalize: bool = False
+    """Histogram equalisation of every image (run setting ``preprocess-equalize``)."""
+    augment: str = "default"
+    """Training augmentation preset (run setting ``augment``)."""
 
 
 @dataclass
@@ -98,13 +102,22 @@ class SiteData:
 
     cached: CachedImages
     split: Split
+    equalize: bool = False
+    augment: str = "default"
 
     @property
     def catalog(self) -> Catalog:
         return self.cached.catalog
 
     def dataset(self, part: str, *, augment: bool = False, seed: int = 0) -> CxrDataset:
-        return CxrDataset(self.cached, getattr(self.split, part), augment=augment, seed=seed)
+        return CxrDataset(
+            self.cached,
+            getattr(self.split, part),
+            augment=augment,
+            seed=seed,
+            config=AUGMENT_PRESETS[self.augment],
+            equalize=self.equalize,
+        )
 
     def counts(self) -> dict[str, int]:
         return {**self.split.sizes(), "skipped": len(self.cached.skipped)}
@@ -140,6 +153,8 @@ def site_data_request(
         test_fraction=0.0 if whole else settings.test_fraction,
         split_seed=settings.split_seed,
         strict=strict,
+        equalize=settings.preprocess_equalize,
+        augment=settings.augment,
     )
 
 
@@ -174,7 +189,7 @@ def load_site_data(request: DataRequest) -> SiteData:
         test_fraction=request.test_fraction,
         seed=request.split_seed,
     )
-    data = SiteData(cached, split)
+    data = SiteData(cached, split, request.equalize, request.augment)
     _SITE_DATA[request] = data
     return data
 
@@ -182,7 +197,7 @@ def load_site_data(request: DataRequest) -> SiteData:
 def load_eval_dataset(request: DataRequest) -> CxrDataset:
     """Every readable image of a data set as one evaluation set (e.g. a server-held test set)."""
     cached = cached_images(request)
-    return CxrDataset(cached, np.arange(len(cached)))
+    return CxrDataset(cached, np.arange(len(cached)), equalize=request.equalize)
 
 
 def build_loaded_model(

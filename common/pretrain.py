@@ -171,7 +171,7 @@ def pretrain_teacher(
         raise DataError("no pretraining images are left to train on; add images or lower val-fraction")
     if on_cached is not None:
         on_cached(len(split.train), len(split.val))
-    data = SiteData(cached, split)
+    data = SiteData(cached, split, settings.run.preprocess_equalize, settings.run.augment)
     compute = resolve_compute(settings.compute)
     seed = derive_seed(settings.train.seed, "pretrain")
     started = time.perf_counter()

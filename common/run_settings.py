@@ -41,6 +41,8 @@ TeacherChoice = Literal["best", "last"]
 SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "loss")
 """Federated-validation metrics that can pick the best global teacher (lower is better for loss)."""
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+AUGMENT_CHOICES = ("default", "strong")
+"""The ``augment`` presets (common.data.dataset.AUGMENT_PRESETS)."""
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -68,6 +70,10 @@ class RunSettings:
     """``in-train``: one message per site per round (server/rounds.py); ``separate``: two."""
     initial_teacher_sha256: str = ""
     """Weights hash of the initial global teacher (common/initial_teacher.py); "" = not checked."""
+    preprocess_equalize: bool = False
+    """Histogram equalisation of every image, at training, evaluation and in the export."""
+    augment: str = "default"
+    """Training augmentation preset: ``default`` or ``strong`` (common/data/dataset.py)."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -96,6 +102,8 @@ class RunSettings:
             raise ConfigError(
                 "validation-mode", self.validation_mode, "one of " + ", ".join(VALIDATION_MODES)
             )
+        if self.augment not in AUGMENT_CHOICES:
+            raise ConfigError("augment", self.augment, "one of " + ", ".join(AUGMENT_CHOICES))
         if self.distill_teacher not in ("best", "last"):
             raise ConfigError("distill-teacher", self.distill_teacher, "'best' or 'last'")
         if self.initial_teacher_sha256 and not _HEX64.match(self.initial_teacher_sha256):

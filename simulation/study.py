@@ -23,7 +23,9 @@ several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at
 the same GroupNorm teacher without DP), ``students`` (the federated student: the sites' KD
 students averaged over extra rounds), ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
 multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: cells with some run
-settings changed, tried for the targets the study's settings miss, on their own seeds or the first).
+settings changed, tried for the targets the study's settings miss, on their own seeds or the first)
+and ``external`` (leave one source out: the ``[external]`` holdouts of the TOML file, each cell
+trained without one source and scored on it with bootstrap intervals; simulation/study_external.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from common.local import (
     student_config,
 )
 from common.run_settings import coerce, parse_bool, read_toml, run_settings_from_config
+from common.tasks import get_task
 from common.training import evaluate
 from simulation.baselines import PooledData, load_sites, train_baseline
 from simulation.experiment import (
@@ -67,10 +70,11 @@ from simulation.experiment import (
     check_run_config,
 )
 from simulation.sources import drop_duplicate_images, load_sources
+from simulation.study_external import ExternalSettings, parse_external, score_external_cell, split_external
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("splits", "headline", "privacy", "students", "nih", "attempts")
+TABLES = ("splits", "headline", "privacy", "students", "nih", "attempts", "external")
 SPLITS = ("iid", "dirichlet-0.5", "dirichlet-0.1", "natural")
 DATASETS = ("cxr", "nih")
 
@@ -128,6 +132,7 @@ class StudySettings:
     dp_run: dict[str, Any] = field(default_factory=dict)
     federated_student_rounds: int = 5
     attempts: tuple[Attempt, ...] = ()
+    external: ExternalSettings = field(default_factory=ExternalSettings)
     # where the cells' simulated sites run (command line only; they do not change results)
     gpus_per_site: float = 0.0
     ray_address: str = ""
@@ -147,6 +152,7 @@ TOP_KEYS = {
     "privacy",
     "data",
     "attempts",
+    "external",
 }
 ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run", "seeds"}
 PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
@@ -223,7 +229,11 @@ def load_settings(config_file: Path) -> StudySettings:
         dp_delta=coerce(f"key 'delta' in {path}", privacy.get("delta", 1e-5), float),
         dp_run=dict(privacy.get("run", {})),
         attempts=_attempts(raw.get("attempts", []), run, path),
+        external=parse_external(raw.get("external"), str(datasets["cxr"].task), run, path, check_run_config),
     )
+    external_seeds = settings.external.seeds
+    if external_seeds is not None and not set(external_seeds) <= set(settings.seeds):
+        raise ConfigError(f"external.seeds in {path}", list(external_seeds), "some of the study's seeds")
     for attempt in settings.attempts:
         if attempt.seeds is not None and not set(attempt.seeds) <= set(settings.seeds):
             raise ConfigError(
@@ -391,6 +401,7 @@ class Cell:
     federated_student: bool = False
     variant: str = ""  # an attempt's name; its run settings changes are ``overrides``
     overrides: tuple[tuple[str, Any], ...] = ()
+    holdout: str = ""  # the external table: the slice left out of training (an [[external.holdouts]] name)
 
     @property
     def name(self) -> str:
@@ -398,7 +409,10 @@ class Cell:
         norm = "-gn" if self.norm == "group" and self.dp_epsilon is None else ""
         student = "-fedstudent" if self.federated_student else ""
         variant = f"-{self.variant}" if self.variant else ""
-        return f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}{student}{variant}-s{self.seed}"
+        holdout = f"-without-{self.holdout}" if self.holdout else ""
+        return (
+            f"{self.dataset}-{self.split}-{self.strategy}{dp}{norm}{student}{variant}{holdout}-s{self.seed}"
+        )
 
     @property
     def base(self) -> Cell:
@@ -468,6 +482,27 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
             for a in settings.attempts
             for seed in ((first,) if a.seeds is None else [s for s in a.seeds if s in settings.seeds])
         ]
+    if table == "external":  # each holdout with the study's settings, then with each variant's
+        external = settings.external
+        seeds = (first,) if external.seeds is None else [s for s in external.seeds if s in settings.seeds]
+        variants = [("", ()), *((v.name, v.run) for v in external.variants)]
+        return [
+            Cell(
+                table,
+                "cxr",
+                "dirichlet-0.5",
+                "fedavg",
+                seed,
+                kd=True,
+                federated_student=True,
+                variant=variant,
+                overrides=overrides,
+                holdout=h.name,
+            )
+            for variant, overrides in variants
+            for h in external.holdouts
+            for seed in seeds
+        ]
     raise ConfigError("table", table, "one of " + ", ".join(TABLES))
 
 
@@ -504,6 +539,8 @@ def cell_run_config(
         config["proximal-mu"] = settings.proximal_mu
     # the product delivers a federated student by default; only the cells that study it pay for it
     config["kd-federated-student-rounds"] = settings.federated_student_rounds if cell.federated_student else 0
+    if cell.holdout:  # the external table scores the teacher and the delivered students only
+        config["kd-no-kd-baseline"] = False
     if cell.dataset == "nih":
         config["task"] = settings.datasets["nih"].task
     if cell.dp_epsilon is not None:
@@ -536,6 +573,14 @@ def run_cell(
         shutil.rmtree(folder)
     stage("preparing the held-out test set and the pool")
     data = prepare(settings, cell.dataset)
+    external = None
+    if cell.holdout:
+        holdout = next((h for h in settings.external.holdouts if h.name == cell.holdout), None)
+        if holdout is None:
+            raise ConfigError("holdout of cell " + cell.name, cell.holdout, "a name of [[external.holdouts]]")
+        classes = get_task(settings.datasets[cell.dataset].task).classes
+        external = split_external(holdout, data.pool, data.test, folder / "data", classes)
+        data = replace(data, pool=external.pool)
     num_sites = (
         distinct_sites(data.pool)
         if cell.split == "natural"
@@ -558,7 +603,10 @@ def run_cell(
     stage(
         "scoring on the held-out test set" + (" and training baselines" if cell.pooled or cell.local else "")
     )
-    result = score_cell(cell, experiment.out, data)
+    if external is not None:
+        result = score_external_cell(cell, experiment.out, external, settings.external)
+    else:
+        result = score_cell(cell, experiment.out, data)
     result["seconds"] = {"federated": federated_seconds, "total": time.perf_counter() - started}
     write_json(result_path, result)
     return result

@@ -682,6 +682,12 @@ class StudyReport:
             _stat(_minus(f, t) for f, t in zip(student, teacher, strict=True)).text(),
         ]
 
+    def external(self) -> list[str]:
+        """The leave-one-source-out table (simulation/study_external.py)."""
+        from simulation.study_external import external_section
+
+        return external_section(self.settings, self.cells, table_cells, self.summary)
+
     def missing(self) -> list[str]:
         wanted = {c.name for t in TABLES for c in table_cells(t, self.settings)}
         absent = sorted(wanted - set(self.cells))
@@ -699,6 +705,7 @@ class StudyReport:
             self.privacy(),
             self.nih(),
             self.attempts(),
+            self.external(),
         ]
         notes_path = results / NOTES_FILE
         notes = (

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from common.data.cache import CachedImages
+from common.data.preprocess import equalize_images
 
 NORMALISATION: dict[str, float] = {"mean": 0.5, "std": 0.25}
 """Applied after scaling pixels to [0, 1]; exported in the ONNX preprocessing JSON."""
@@ -69,6 +70,15 @@ class AugmentConfig:
             raise ConfigError("hflip-probability", self.hflip_probability, "a number in [0, 1]")
 
 
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    "default": AugmentConfig(),
+    # stronger geometry and intensity jitter (run setting ``augment = "strong"``), known to make
+    # a CXR classifier lean less on the look of one source
+    "strong": AugmentConfig(max_rotation=15.0, max_scale=0.15, max_shift=0.10, intensity=0.30),
+}
+"""The ``augment`` run setting's choices."""
+
+
 class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Images ``indices`` of a cache with their targets; optional seeded augmentation.
 
@@ -80,6 +90,8 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         augment: apply the augmentations described in the module docstring.
         seed: seeds the augmentation generator (together with epoch and index).
         config: augmentation strengths.
+        equalize: histogram-equalise each image before augmentation
+            (:func:`common.data.preprocess.equalize_images`; the ``preprocess-equalize`` setting).
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         augment: bool = False,
         seed: int = 0,
         config: AugmentConfig | None = None,
+        equalize: bool = False,
     ) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         n = len(cached)
@@ -106,6 +119,7 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.augment = augment
         self.seed = seed
         self.config = config or AugmentConfig()
+        self.equalize = equalize
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -139,7 +153,10 @@ class CxrDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if len(items) == 0:
             return []
         rows = self.indices[np.asarray(items, dtype=np.int64)]
-        images = torch.from_numpy(np.array(self.images[rows], dtype=np.float32)).div_(255.0)
+        pixels = np.array(self.images[rows])
+        if self.equalize:
+            pixels = equalize_images(pixels)
+        images = torch.from_numpy(pixels.astype(np.float32)).div_(255.0)
         if self.augment:
             rngs = [np.random.default_rng((self.seed, self.epoch, int(row))) for row in rows]
             images = augment_batch(images, rngs, self.config)
