@@ -160,13 +160,23 @@ def main() -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep each federation's folder (run folder, logs) under this folder instead of a temporary one",
+    )
     args = parser.parse_args()
 
     results = []
     for teacher in args.teachers:
         for setting in args.settings:
-            with tempfile.TemporaryDirectory(prefix="cxr-fl-deploy-bench-") as tmp:
-                results.append(federation(Path(tmp), teacher, setting, args))
+            if args.keep is not None:
+                work = args.keep / f"{teacher}-{setting}"
+                work.mkdir(parents=True, exist_ok=False)
+                results.append(federation(work, teacher, setting, args))
+            else:
+                with tempfile.TemporaryDirectory(prefix="cxr-fl-deploy-bench-") as tmp:
+                    results.append(federation(Path(tmp), teacher, setting, args))
             print(f"measured {teacher} / {setting}: {results[-1]['round_s']:.1f} s/round", file=sys.stderr)
 
     load = os.getloadavg()[0]
@@ -188,7 +198,7 @@ def main() -> None:
             f"{int(r['bytes_per_site_each_way']):,} |"
         )
     if args.json:
-        print(json.dumps({"settings": vars(args), "results": results}))
+        print(json.dumps({"settings": vars(args), "results": results}, default=str))
 
 
 if __name__ == "__main__":
