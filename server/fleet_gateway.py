@@ -91,6 +91,8 @@ PULL_OBJECT_HOLD_SECONDS = 10.0
 HOLD_SCHEDULE = PollSchedule(first=0.05, growth=1.25, longest=0.5)
 """Pauses between two asks while holding: 50 ms at first (the next round's message usually comes
 within a second of the last reply), then at most two asks a second per waiting site."""
+GRACEFUL_SHUTDOWN_SECONDS = 1
+"""How long a stopping gateway lets open calls finish (held ones are then cut: the site asks again)."""
 HELD_REPLY_LIMIT = 4096
 """A reply larger than this (an object's content) is streamed through, never held or parsed."""
 
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         log_level="info",
         workers=1,
+        # A held pull would otherwise keep a stopping gateway up for its whole hold.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
 
