@@ -61,6 +61,8 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "fast-poll+memory": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, ["--in-memory"]),
 }
 SITES = ("site-a", "site-b")
+STARTUP_SECONDS = 300.0
+"""How long the SuperLink may take to listen (minutes on a machine shared with other jobs)."""
 
 
 def state_bytes(teacher: str) -> int:
@@ -108,7 +110,7 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         with server_out.open("wb") as out:
             server = subprocess.Popen(server_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         processes.append(server)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + STARTUP_SECONDS
         while "SuperLink listening" not in server_out.read_text(errors="replace"):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(server_out.read_text(errors="replace"))
