@@ -2,11 +2,14 @@
 
 Runs the real commands on loopback (``cxr-fl-server start`` with TLS and site authentication,
 two ``cxr-fl-client start`` on the ``synthetic`` source: 300 images per site) and reads the run
-folder's metrics.jsonl: wall time per round (the aggregate row's ``seconds``: train + validation
-+ checkpoint), the local-training part (the slower site's ``train_seconds``; sites train in
+folder's metrics.jsonl: wall time per round (the aggregate row's ``seconds``: from sending the
+round's messages to the aggregated model, validation of the previous model included), the
+local-training part (the slower site's ``train_seconds``; sites train in
 parallel), overhead = wall - training (messaging, a fresh ``flwr-clientapp`` process per message,
 polling, validation, checkpointing), and bytes per site per round (the teacher's float32
 state_dict, each way). Medians over rounds 2..N (round 1 also pays for first imports).
+``cycle_s`` is the full round-to-round time (between two "Round N/M" lines of the server log,
+so checkpoint and metrics writing are in it), ``cycle_overhead_s`` that minus local training.
 
 Settings compared (all public Flower settings; no patches):
 - ``default``: exactly what ``cxr-fl-server start`` / ``cxr-fl-client start`` do when given no
@@ -29,8 +32,10 @@ in-train validation the last model is validated by one evaluate message after th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,8 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "fast-poll+memory": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, ["--in-memory"]),
 }
 SITES = ("site-a", "site-b")
+STARTUP_SECONDS = 300.0
+"""How long the SuperLink may take to listen (minutes on a machine shared with other jobs)."""
 
 
 def state_bytes(teacher: str) -> int:
@@ -103,7 +110,7 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         with server_out.open("wb") as out:
             server = subprocess.Popen(server_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         processes.append(server)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + STARTUP_SECONDS
         while "SuperLink listening" not in server_out.read_text(errors="replace"):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(server_out.read_text(errors="replace"))
@@ -140,6 +147,9 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
     )
     wall_median = statistics.median(wall[n] for n in steady)
     train_median = statistics.median(training[n] for n in steady)
+    ends = round_ends(run_dir / "server.log")
+    cycles = [ends[n] - ends[n - 1] for n in steady if n in ends and n - 1 in ends]
+    cycle = statistics.median(cycles) if cycles else float("nan")
     return {
         "teacher": teacher,
         "setting": setting,
@@ -147,9 +157,24 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         "round_s": wall_median,
         "training_s": train_median,
         "overhead_s": wall_median - train_median,
+        "cycle_s": cycle,
+        "cycle_overhead_s": cycle - train_median,
         "final_validation_s": final,
         "bytes_per_site_each_way": float(state_bytes(teacher)),
     }
+
+
+ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*server\.rounds: Round (\d+)/\d+:")
+
+
+def round_ends(server_log: Path) -> dict[int, float]:
+    """When each teacher round ended (its "Round N/M" line, written after its checkpoint), in seconds."""
+    ends: dict[int, float] = {}
+    for line in server_log.read_text(errors="replace").splitlines():
+        if match := ROUND_LINE.match(line):
+            stamp = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+            ends[int(match[2])] = stamp.timestamp()
+    return ends
 
 
 def main() -> None:
@@ -160,13 +185,23 @@ def main() -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep each federation's folder (run folder, logs) under this folder instead of a temporary one",
+    )
     args = parser.parse_args()
 
     results = []
     for teacher in args.teachers:
         for setting in args.settings:
-            with tempfile.TemporaryDirectory(prefix="cxr-fl-deploy-bench-") as tmp:
-                results.append(federation(Path(tmp), teacher, setting, args))
+            if args.keep is not None:
+                work = args.keep / f"{teacher}-{setting}"
+                work.mkdir(parents=True, exist_ok=False)
+                results.append(federation(work, teacher, setting, args))
+            else:
+                with tempfile.TemporaryDirectory(prefix="cxr-fl-deploy-bench-") as tmp:
+                    results.append(federation(Path(tmp), teacher, setting, args))
             print(f"measured {teacher} / {setting}: {results[-1]['round_s']:.1f} s/round", file=sys.stderr)
 
     load = os.getloadavg()[0]
@@ -177,18 +212,19 @@ def main() -> None:
         f"rounds 2..{args.num_rounds}\n"
     )
     print(
-        "| teacher | setting | round 1 s | round s | local training s | overhead s "
+        "| teacher | setting | round 1 s | round s | local training s | overhead s | round-to-round s "
         "| final validation s (once) | bytes/site/round each way |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['teacher']} | {r['setting']} | {r['round1_s']:.1f} | {r['round_s']:.1f} | "
-            f"{r['training_s']:.2f} | {r['overhead_s']:.1f} | {r['final_validation_s']:.1f} | "
+            f"{r['training_s']:.2f} | {r['overhead_s']:.1f} | {r['cycle_s']:.1f} | "
+            f"{r['final_validation_s']:.1f} | "
             f"{int(r['bytes_per_site_each_way']):,} |"
         )
     if args.json:
-        print(json.dumps({"settings": vars(args), "results": results}))
+        print(json.dumps({"settings": vars(args), "results": results}, default=str))
 
 
 if __name__ == "__main__":

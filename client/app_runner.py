@@ -310,7 +310,7 @@ class WarmClientAppRunner:
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = RuntimeHttpClient.from_server_address(
             server_address=target,
@@ -425,6 +425,54 @@ SUPERSEDE_CHECK_SECONDS = 5.0
 """How often, past that patience, the runner asks its SuperNode whether a newer task waits."""
 RETRY_SECONDS = 60.0
 """How long a task's calls to its SuperNode are retried (transport errors) before the task gives up."""
+
+
+OBJECT_PULL_BACKOFF = (0.05, 0.5)
+"""First and longest pause (s) between two asks for an object the SuperNode is still receiving.
+
+The runner claims a task as soon as the SuperNode has the message's header, usually before
+the SuperNode has the model itself; Flower's own ``flwr-clientapp`` then backs off 1 s, 2 s,
+4 s... (``PULL_INITIAL_BACKOFF``/``PULL_BACKOFF_CAP``), which cost a round 1-3 s. Asking the
+local SuperNode again within half a second costs it next to nothing."""
+
+
+def pull_task_input(client: Any) -> tuple[Message, Context, Any, Any]:
+    """The task's message, Context, run and FAB, as Flower's ``run_clientapp.pull_task_input``
+    but with :data:`OBJECT_PULL_BACKOFF` between asks for objects that are not there yet."""
+    from flwr.app import Message as FlowerMessage
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = task.task_id  # as Flower's: replies made in this process carry them
+    TaskIdentity.run_id = task.run.run_id
+    TaskIdentity.node_id = task.context.node_id
+    context = context_from_proto(task.context)
+    run = run_from_proto(task.run)
+    fab = fab_from_proto(task.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed over a task without its message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    first, longest = OBJECT_PULL_BACKOFF
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=FlowerMessage,
+        initial_backoff=first,
+        backoff_cap=longest,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: not part of the content
+    return message, context, run, fab
 
 
 def _retry_policy() -> Any:

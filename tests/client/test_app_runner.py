@@ -256,3 +256,85 @@ def test_a_failed_pull_raises_in_the_runners_thread(monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(RuntimeError, match="No messages"):
         runner._pull_input(object(), "127.0.0.1:1", broken)
+
+
+class _UploadingSuperNode:
+    """A SuperNode's Runtime API for one task whose message objects are still arriving at first."""
+
+    def __init__(self, message: object, context: object) -> None:
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import context_to_proto, fab_to_proto, message_to_proto, run_to_proto
+        from flwr.proto.runtime_pb2 import PullTaskInputResponse
+        from flwr.supercore.fab import Fab
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+        from flwr.supercore.run import Run
+
+        message.metadata.__dict__["_message_id"] = message.object_id  # type: ignore[attr-defined]
+        self.task = PullTaskInputResponse(
+            task_id=7,
+            context=context_to_proto(context),  # type: ignore[arg-type]
+            run=run_to_proto(Run.create_empty(run_id=3)),
+            fab=fab_to_proto(Fab("ab" * 32, b"bundle", {})),
+        )
+        self.header = message_to_proto(remove_content_from_message(message))  # type: ignore[arg-type]
+        self.tree = get_object_tree(message)  # type: ignore[arg-type]
+        self.contents = {oid: o.deflate() for oid, o in get_all_nested_objects(message).items()}  # type: ignore[arg-type]
+        self.asked: dict[str, int] = {}
+
+    def PullTaskInput(self, request: object) -> object:  # noqa: N802 (Flower's method names)
+        return self.task
+
+    def PullMessages(self, request: object) -> object:  # noqa: N802
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=[self.header], message_object_trees=[self.tree])
+
+    def PullObject(self, request: object) -> object:  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        object_id = request.object_id  # type: ignore[attr-defined]
+        self.asked[object_id] = self.asked.get(object_id, 0) + 1
+        if self.asked[object_id] == 1:
+            return PullObjectResponse(object_found=True, object_available=False)
+        return PullObjectResponse(
+            object_found=True, object_available=True, object_content=self.contents[object_id]
+        )
+
+    def ConfirmMessageReceived(self, request: object) -> object:  # noqa: N802
+        return None
+
+
+def test_the_task_input_is_pulled_on_a_short_backoff(
+    monkeypatch: pytest.MonkeyPatch, flower_task_identity: None
+) -> None:
+    """Flower's flwr-clientapp waits 1 s, 2 s, 4 s... for objects the SuperNode is still receiving."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from client import app_runner
+
+    content = RecordDict(
+        {"arrays": ArrayRecord([np.ones(4, dtype=np.float32)]), "config": ConfigRecord({"r": 2})}
+    )
+    context = Context(run_id=3, node_id=5, node_config={"site-name": "a"}, state=RecordDict(), run_config={})
+    supernode = _UploadingSuperNode(Message(content, dst_node_id=5, message_type="train"), context)
+    backoffs: list[tuple[float, float]] = []
+    flower_pull = inflatable_utils.pull_and_inflate_object_from_tree
+
+    def recording_pull(*args: object, **kwargs: object) -> object:
+        backoffs.append((kwargs["initial_backoff"], kwargs["backoff_cap"]))  # type: ignore[arg-type]
+        return flower_pull(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inflatable_utils, "pull_and_inflate_object_from_tree", recording_pull)
+
+    message, got_context, run, fab = app_runner.pull_task_input(supernode)
+
+    assert backoffs == [app_runner.OBJECT_PULL_BACKOFF]
+    assert max(backoffs[0]) <= 0.5
+    assert message.content["config"]["r"] == 2
+    assert np.array_equal(message.content["arrays"].to_numpy_ndarrays()[0], np.ones(4, dtype=np.float32))
+    assert message.metadata.message_id == supernode.tree.object_id
+    assert got_context.node_config == {"site-name": "a"}
+    assert (run.run_id, fab.content) == (3, b"bundle")
+    assert all(count == 2 for count in supernode.asked.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -155,3 +156,84 @@ def test_a_superlink_that_keeps_failing_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="500"):
         grid.send_and_receive(_messages([1]), timeout=60.0)
+
+
+class UploadingSuperLink:
+    """Flower's Runtime API for one reply whose objects are each "still uploading" at the first ask."""
+
+    def __init__(self, reply: Message) -> None:
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        self.header = message_to_proto(remove_content_from_message(reply))
+        self.tree = get_object_tree(reply)
+        self.contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}
+        self.asked: dict[str, int] = {}
+        self.confirmed: list[str] = []
+
+    def PullMessages(self, request: object) -> object:  # noqa: N802 (Flower's method names)
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=[self.header], message_object_trees=[self.tree])
+
+    def PullObject(self, request: object) -> object:  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        object_id = request.object_id  # type: ignore[attr-defined]
+        self.asked[object_id] = self.asked.get(object_id, 0) + 1
+        if self.asked[object_id] == 1:
+            return PullObjectResponse(object_found=True, object_available=False)
+        return PullObjectResponse(
+            object_found=True, object_available=True, object_content=self.contents[object_id]
+        )
+
+    def ConfirmMessageReceived(self, request: object) -> object:  # noqa: N802
+        self.confirmed.append(request.message_object_id)  # type: ignore[attr-defined]
+        return None
+
+
+def test_replies_still_uploading_are_pulled_on_a_short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's HttpGrid waits 1 s, 2 s, 4 s... for a reply's objects; ours asks again after 50 ms."""
+    import types
+
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from server import grid as grid_module
+
+    content = RecordDict(
+        {"arrays": ArrayRecord([np.arange(6, dtype=np.float32)]), "metrics": MetricRecord({"n": 3})}
+    )
+    superlink = UploadingSuperLink(Message(content, dst_node_id=0, message_type="train"))
+    fake_grid = types.SimpleNamespace(
+        _runtime_client=superlink, node=Node(node_id=0), run=types.SimpleNamespace(run_id=1)
+    )
+    backoffs: list[tuple[float, float]] = []
+    flower_pull = inflatable_utils.pull_objects
+
+    def recording_pull(ids: list[str], fn: object, **kwargs: float) -> dict[str, bytes]:
+        backoffs.append((kwargs["initial_backoff"], kwargs["backoff_cap"]))
+        return flower_pull(ids, fn, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inflatable_utils, "pull_objects", recording_pull)
+
+    (reply,) = grid_module.pull_replies(fake_grid, ["instruction-1"])  # type: ignore[arg-type]
+
+    assert backoffs == [grid_module.REPLY_OBJECT_BACKOFF]
+    assert max(backoffs[0]) <= 0.5
+    assert np.array_equal(reply.content["arrays"].to_numpy_ndarrays()[0], np.arange(6, dtype=np.float32))
+    assert reply.content["metrics"]["n"] == 3
+    assert superlink.confirmed == [superlink.header.metadata.message_id]
+    assert all(count == 2 for count in superlink.asked.values())  # each asked again once it was there
+
+
+def test_only_flowers_own_http_grid_is_pulled_by_hand() -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from server.grid import quick_pull_supported
+
+    assert quick_pull_supported(HttpGrid(token="not used: nothing connects"))
+    assert not quick_pull_supported(SlowSites({}))  # type: ignore[arg-type]
