@@ -186,8 +186,6 @@ DEMO_RUN_CONFIG: dict[str, object] = {
     "kd-optimizer": "adam",
     "kd-lr": 0.002,
     "kd-alpha": 0.9,
-    # the delivered (federated) student gets the site students' budget: 10 rounds x 2 epochs
-    "kd-federated-student-rounds": 10,
     "min-train-sites": 3,
     "min-evaluate-sites": 3,
     "min-available-sites": 3,
