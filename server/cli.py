@@ -298,13 +298,9 @@ def _check_central_dp(merged: dict[str, Any]) -> None:
     check_central_dp(central, str(merged["strategy"]), str(merged["teacher-norm"]))
 
 
-def _follow(
-    coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
-) -> int:
-    from server.deploy import FlwrRunTimeoutError
-    from server.progress_lines import parse_progress
-
-    with Progress(
+def _progress_bar() -> Progress:
+    """The coordinator's progress bar: description, bar, n/total, a detail field, elapsed time."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -312,7 +308,16 @@ def _follow(
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as bar:
+    )
+
+
+def _follow(
+    coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
+) -> int:
+    from server.deploy import FlwrRunTimeoutError
+    from server.progress_lines import parse_progress
+
+    with _progress_bar() as bar:
         job = bar.add_task("teacher rounds", total=num_rounds, detail="waiting for sites")
 
         def on_line(line: str) -> None:
@@ -482,15 +487,7 @@ def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: 
     from common.pretrain import pretrain_teacher
     from common.progress import ProgressEvent
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
+    with _progress_bar() as bar:
         job = bar.add_task("decoding images", total=len(catalog), detail="(once; cached for later runs)")
         epochs = kwargs["epochs"]
 
