@@ -70,7 +70,13 @@ from simulation.experiment import (
     check_run_config,
 )
 from simulation.sources import drop_duplicate_images, load_sources
-from simulation.study_external import ExternalSettings, parse_external, score_external_cell, split_external
+from simulation.study_external import (
+    ExternalSettings,
+    check_keys,
+    parse_external,
+    score_external_cell,
+    split_external,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,26 +165,18 @@ PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
 
-def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(
-                f"key '{where}{key}' in {path}", table[key], "one of " + ", ".join(sorted(allowed))
-            )
-
-
 def load_settings(config_file: Path) -> StudySettings:
     """Read and check the study's TOML file (paths are relative to the file's folder)."""
 
     path = Path(config_file).expanduser().resolve()
     raw = read_toml(path, what="an existing TOML file (e.g. benchmarks/study.toml)")
-    _check_keys(raw, TOP_KEYS, "", path)
+    check_keys(raw, TOP_KEYS, "", path)
     base = path.parent
     datasets: dict[str, DatasetSetting] = {}
     for name, table in raw.get("data", {}).items():
         if name not in DATASETS:
             raise ConfigError(f"table 'data.{name}' in {path}", name, "one of " + ", ".join(DATASETS))
-        _check_keys(table, DATASET_KEYS, f"data.{name}.", path)
+        check_keys(table, DATASET_KEYS, f"data.{name}.", path)
         sources = tuple(
             SourceSetting(
                 str(s["format"]),
@@ -204,7 +202,7 @@ def load_settings(config_file: Path) -> StudySettings:
         if name not in datasets:
             raise ConfigError(f"table 'data.{name}' in {path}", "missing", "a [data." + name + "] table")
     privacy = raw.get("privacy", {})
-    _check_keys(privacy, PRIVACY_KEYS, "privacy.", path)
+    check_keys(privacy, PRIVACY_KEYS, "privacy.", path)
     run = dict(raw.get("run", {}))
     check_run_config(run)  # unknown keys and bad values fail here, before any work
     settings = StudySettings(
@@ -261,7 +259,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
     attempts: list[Attempt] = []
     for i, table in enumerate(raw):
         where = f"attempts[{i}]."
-        _check_keys(table, ATTEMPT_KEYS, where, path)
+        check_keys(table, ATTEMPT_KEYS, where, path)
         name = str(table.get("name", ""))
         if not name or not all(c.isalnum() or c == "-" for c in name) or name != name.lower():
             raise ConfigError(f"{where}name in {path}", name, "lower-case letters, digits and '-'")

@@ -81,6 +81,15 @@ def _name(value: Any, where: str) -> str:
     return name
 
 
+def check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
+    """ConfigError naming the first key of a study TOML table that is not ``allowed``."""
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"key '{where}{key}' in {path}", table[key], "one of " + ", ".join(sorted(allowed))
+            )
+
+
 def parse_external(
     raw: Any,
     task_name: str,
@@ -93,20 +102,12 @@ def parse_external(
         return ExternalSettings()
     if not isinstance(raw, dict):
         raise ConfigError(f"'external' in {path}", raw, "an [external] table")
-    for key in raw:
-        if key not in EXTERNAL_KEYS:
-            raise ConfigError(
-                f"key 'external.{key}' in {path}", raw[key], "one of " + ", ".join(sorted(EXTERNAL_KEYS))
-            )
+    check_keys(raw, EXTERNAL_KEYS, "external.", path)
     classes = get_task(task_name).classes
     holdouts: list[Holdout] = []
     for i, table in enumerate(raw.get("holdouts", [])):
         where = f"external.holdouts[{i}]."
-        for key in table:
-            if key not in HOLDOUT_KEYS:
-                raise ConfigError(
-                    f"key '{where}{key}' in {path}", table[key], "one of " + ", ".join(sorted(HOLDOUT_KEYS))
-                )
+        check_keys(table, HOLDOUT_KEYS, where, path)
         name = _name(table.get("name"), f"{where}name in {path}")
         if name in {h.name for h in holdouts}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other holdout has")
@@ -120,11 +121,7 @@ def parse_external(
     variants: list[ExternalVariant] = []
     for i, table in enumerate(raw.get("variants", [])):
         where = f"external.variants[{i}]."
-        for key in table:
-            if key not in VARIANT_KEYS:
-                raise ConfigError(
-                    f"key '{where}{key}' in {path}", table[key], "one of " + ", ".join(sorted(VARIANT_KEYS))
-                )
+        check_keys(table, VARIANT_KEYS, where, path)
         name = _name(table.get("name"), f"{where}name in {path}")
         if name in {v.name for v in variants}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other variant has")
