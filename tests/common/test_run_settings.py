@@ -192,3 +192,11 @@ def test_set_values_are_read_as_toml() -> None:
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set(["num-rounds"])
+
+
+@pytest.mark.parametrize("key", ["round-timeout", "distill-round-timeout"])
+def test_a_timeout_that_is_not_positive_is_refused_naming_it(key: str) -> None:
+    from common.run_settings import run_settings_from_config
+
+    with pytest.raises(ConfigError, match=key):
+        run_settings_from_config({key: 0})

@@ -379,3 +379,17 @@ def test_medmnist_download_checks_md5(tmp_path: Path, loopback_server: tuple[str
         download_medmnist("pneumoniamnist", 128, dest, base_url=url)
     with pytest.raises(DataError, match="cannot download"):
         download_medmnist("chestmnist", 28, tmp_path / "x", base_url=url)  # 404
+
+
+@pytest.mark.parametrize("difficulty", ["2", "-0.1", "hard", "nan"])
+def test_a_synthetic_difficulty_outside_0_to_1_is_refused_naming_the_option(difficulty: str) -> None:
+    with pytest.raises(ConfigError, match="difficulty"):
+        load_catalog("synthetic", None, NP, options={"n_images": 6, "difficulty": difficulty})
+
+
+def test_synthetic_difficulty_zero_draws_the_original_images() -> None:
+    from common.data.synthetic import render_synthetic_cxr
+
+    easy = render_synthetic_cxr("pneumonia", 11, 32)
+    assert np.array_equal(render_synthetic_cxr("pneumonia", 11, 32, difficulty=0.0), easy)
+    assert not np.array_equal(render_synthetic_cxr("pneumonia", 11, 32, difficulty=0.7), easy)
