@@ -77,6 +77,15 @@ from simulation.study_external import (
     score_external_cell,
     split_external,
 )
+from simulation.study_privacy import (
+    PretrainSettings,
+    PrivacyVariant,
+    ensure_public_teacher,
+    parse_pretrain,
+    parse_variants,
+    public_weights,
+    variant_overrides,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +145,9 @@ class StudySettings:
     dp_headline_epsilon: float = 8.0
     dp_delta: float = 1e-5
     dp_run: dict[str, Any] = field(default_factory=dict)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    privacy_variants: tuple[PrivacyVariant, ...] = ()
+    dp_headline_variant: str = ""  # the [[privacy.variants]] whose DP row targets.dp_cost judges
     federated_student_rounds: int = 5
     attempts: tuple[Attempt, ...] = ()
     external: ExternalSettings = field(default_factory=ExternalSettings)
@@ -161,7 +173,7 @@ TOP_KEYS = {
     "external",
 }
 ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run", "seeds"}
-PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run"}
+PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run", "pretrain", "variants", "headline-variant"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
 
@@ -226,6 +238,9 @@ def load_settings(config_file: Path) -> StudySettings:
         ),
         dp_delta=coerce(f"key 'delta' in {path}", privacy.get("delta", 1e-5), float),
         dp_run=dict(privacy.get("run", {})),
+        pretrain=parse_pretrain(privacy.get("pretrain"), path),
+        privacy_variants=parse_variants(privacy.get("variants"), run, path, check_run_config),
+        dp_headline_variant=str(privacy.get("headline-variant", "")),
         attempts=_attempts(raw.get("attempts", []), run, path),
         external=parse_external(raw.get("external"), str(datasets["cxr"].task), run, path, check_run_config),
     )
@@ -245,6 +260,20 @@ def load_settings(config_file: Path) -> StudySettings:
         raise ConfigError("seeds", "[]", "at least one seed")
     if settings.federated_student_rounds < 1:
         raise ConfigError("federated-student-rounds", settings.federated_student_rounds, "an integer >= 1")
+    variant_names = [v.name for v in settings.privacy_variants]
+    if settings.dp_headline_variant and settings.dp_headline_variant not in variant_names:
+        raise ConfigError(
+            "privacy.headline-variant",
+            settings.dp_headline_variant,
+            "one of the [[privacy.variants]] names (" + ", ".join(variant_names) + ') or ""',
+        )
+    for variant in settings.privacy_variants:
+        if variant.seeds is not None and not set(variant.seeds) <= set(settings.seeds):
+            raise ConfigError(
+                f"seeds of the privacy variant '{variant.name}' in {path}",
+                list(variant.seeds),
+                "some of the study's seeds",
+            )
     if settings.dp_headline_epsilon not in settings.dp_epsilons:
         raise ConfigError("privacy.headline-epsilon", settings.dp_headline_epsilon, "one of privacy.epsilons")
     check_run_config({**run, **settings.dp_run, "dp-enabled": True, "teacher-norm": "group"})
@@ -455,6 +484,27 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                     cells.append(
                         Cell(table, "cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=epsilon, norm="group")
                     )
+        teacher = str(settings.run.get("teacher-name", ""))
+        # each variant: its no-DP reference, then DP at the headline epsilon
+        for variant in settings.privacy_variants:
+            overrides = variant_overrides(variant, settings.out, teacher)
+            for seed in settings.seeds if variant.seeds is None else variant.seeds:
+                if seed not in settings.seeds:
+                    continue
+                for variant_epsilon in (None, settings.dp_headline_epsilon):
+                    cells.append(
+                        Cell(
+                            table,
+                            "cxr",
+                            "dirichlet-0.5",
+                            "fedavg",
+                            seed,
+                            dp_epsilon=variant_epsilon,
+                            norm="group",
+                            variant=variant.name,
+                            overrides=overrides,
+                        )
+                    )
         return cells
     if table == "students":
         return [
@@ -571,6 +621,10 @@ def run_cell(
         shutil.rmtree(folder)
     stage("preparing the held-out test set and the pool")
     data = prepare(settings, cell.dataset)
+    public = public_weights(settings.out, str(settings.run.get("teacher-name", "")))
+    if dict(cell.overrides).get("teacher-weights") == str(public):
+        stage("pretraining the coordinator's teacher on public images (once)")
+        ensure_public_teacher(settings, data.pool, data.test)
     external = None
     if cell.holdout:
         holdout = next((h for h in settings.external.holdouts if h.name == cell.holdout), None)

@@ -323,13 +323,11 @@ class StudyReport:
             "> 0 in every seed",
             None if not kd_nokd.values else all(v > 0 for v in kd_nokd.values),
         )
-        gn = {seed: self._headline(seed, norm="group") for seed in s.seeds}
-        dp = {
-            seed: self.by_name(
-                self._name("cxr", "dirichlet-0.5", "fedavg", seed, dp_epsilon=eps, norm="group")
-            )
-            for seed in s.seeds
-        }
+        # the headline DP row: the best product setting ([[privacy.variants]] headline-variant),
+        # against the same setting without DP
+        variant = s.dp_headline_variant
+        gn = {seed: self._headline(seed, norm="group", variant=variant) for seed in s.seeds}
+        dp = {seed: self._headline(seed, dp_epsilon=eps, norm="group", variant=variant) for seed in s.seeds}
         no_dp = _stat(_teacher(gn[seed], "federated") for seed in s.seeds)
         with_dp = _stat(_teacher(dp[seed], "federated") for seed in s.seeds)
         cost = _stat(
@@ -340,7 +338,9 @@ class StudyReport:
         )
         add(
             "dp_cost",
-            f"DP at epsilon {eps:g}: FedAvg teacher vs no DP (cost)",
+            f"DP at epsilon {eps:g}"
+            + (f" (setting '{variant}')" if variant else "")
+            + ": FedAvg teacher vs the same teacher without DP (cost)",
             with_dp,
             no_dp,
             cost,
@@ -541,6 +541,7 @@ class StudyReport:
                 [f"epsilon {eps:g}", auroc.text(), bal.text(), spent.text(2), _fmt(ref.mean - auroc.mean)]
             )
             points.append((eps, auroc.mean, auroc.sd))
+        rows += self._privacy_variant_rows(ref)
         if not rows:
             return []
         from simulation.study_plots import plot_privacy
@@ -562,6 +563,49 @@ class StudyReport:
             "![privacy](study_privacy.png)",
             "",
         ]
+
+    def _privacy_variant_rows(self, plain_no_dp: Stat) -> list[list[str]]:
+        """Each [[privacy.variants]] setting: its no-DP teacher and its DP teacher at the headline epsilon."""
+        s = self.settings
+        eps = s.dp_headline_epsilon
+        rows = []
+        for variant in s.privacy_variants:
+            seeds = s.seeds if variant.seeds is None else [x for x in variant.seeds if x in s.seeds]
+            pairs = [
+                (
+                    self._headline(seed, norm="group", variant=variant.name),
+                    self._headline(seed, dp_epsilon=eps, norm="group", variant=variant.name),
+                )
+                for seed in seeds
+            ]
+            no_dp = _stat(_teacher(a, "federated") for a, _ in pairs)
+            found = [b for _, b in pairs if b is not None]
+            with_dp = _stat(_teacher(b, "federated") for b in found)
+            if not no_dp.values and not with_dp.values:
+                continue
+            cost = _stat(
+                x - y
+                for a, b in pairs
+                if (x := _teacher(a, "federated")) is not None and (y := _teacher(b, "federated")) is not None
+            )
+            bal = _stat(_teacher(b, "federated", "balanced_accuracy") for b in found)
+            spent = _stat(
+                max(b["dp_epsilon_spent"].values()) if b["dp_epsilon_spent"] else None for b in found
+            )
+            label = f"**{variant.name}** (seeds {', '.join(map(str, seeds))})"
+            rows.append([f"{label}: no DP", no_dp.text(), "–", "–", "–"])
+            rows.append([f"{label}: epsilon {eps:g}", with_dp.text(), bal.text(), spent.text(2), cost.text()])
+            self.summary["tables"].setdefault("privacy_variants", {})[variant.name] = {
+                "about": variant.about,
+                "pretrained": variant.pretrained,
+                "run": dict(variant.run),
+                "seeds": list(seeds),
+                "no_dp": no_dp.values,
+                "dp": with_dp.values,
+                "cost": cost.values,
+                "dp_vs_plain_no_dp": _minus(with_dp.mean, plain_no_dp.mean) if plain_no_dp.values else None,
+            }
+        return rows
 
     def nih(self) -> list[str]:
         s = self.settings
