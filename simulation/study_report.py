@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint import metadata_path
 from common.jsonio import write_json
 from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
+from simulation.study_privacy import public_weights
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
@@ -562,7 +564,48 @@ class StudyReport:
             ),
             "![privacy](study_privacy.png)",
             "",
+            *self._privacy_variant_notes(),
         ]
+
+    def _privacy_variant_notes(self) -> list[str]:
+        """What each variant is, and where the coordinator's public teacher came from (its sidecar)."""
+        s = self.settings
+        if not s.privacy_variants:
+            return []
+        lines = [
+            "Each product setting below the plain rows has its own no-DP teacher (same settings, "
+            "same seeds); its cost is against that teacher.",
+            "",
+        ]
+        lines += [f"- **{v.name}**: {v.about}" for v in s.privacy_variants]
+        sidecar = metadata_path(public_weights(s.out, str(s.run.get("teacher-name", ""))))
+        if sidecar.is_file():
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            images = meta["images"]
+            checks = "; ".join(
+                f"{Path(c['manifest']).name}: {c['overlapping_images']} of its {c['manifest_images']}"
+                for c in meta["overlap_checks"]
+            )
+            val = meta.get("val_metrics", {}).get("val_auroc_macro")
+            lines += [
+                "",
+                f"The public teacher ({meta['teacher']['name']}, {meta['teacher']['norm']} norm, "
+                f"{meta['training']['epochs']} epochs, no DP) trained on {images['train']} images and "
+                f"validated on {images['val']}"
+                + (f" (macro-AUROC {val:.3f})" if val is not None else "")
+                + "; none shares a file or a patient with the pool or the held-out test set, and the "
+                f"exact-duplicate check found copies under other names ({checks}), "
+                f"{images['dropped_overlap']} image(s) dropped. Weights hash "
+                f"`{meta['weights_sha256'][:16]}…`.",
+            ]
+            self.summary["tables"]["public_pretraining"] = {
+                "images": images,
+                "overlap_checks": meta["overlap_checks"],
+                "val_metrics": meta.get("val_metrics", {}),
+                "weights_sha256": meta["weights_sha256"],
+                "training": meta["training"],
+            }
+        return [*lines, ""]
 
     def _privacy_variant_rows(self, plain_no_dp: Stat) -> list[list[str]]:
         """Each [[privacy.variants]] setting: its no-DP teacher and its DP teacher at the headline epsilon."""

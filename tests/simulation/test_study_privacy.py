@@ -136,6 +136,15 @@ def test_the_public_set_catches_an_exact_copy_it_draws(tmp_path: Path) -> None:
     pool_check = next(c for c in sidecar["overlap_checks"] if c["manifest"] == str(data.pool))
     assert pool_check["overlapping_images"] == 1
     assert sidecar["images"]["dropped_overlap"] == 1
+    # the report says where the public teacher came from and what the check dropped
+    cell = settings.out / "cells" / "cxr-dirichlet-0.5-fedavg-gn-s0" / "result.json"
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps(_fake_result("a", 0.86)))
+    report = build_study_report(settings).read_text()
+    assert "pool.csv: 1 of its" in report
+    assert "1 image(s) dropped" in report
+    public = json.loads((settings.results / "study.json").read_text())["tables"]["public_pretraining"]
+    assert public["images"]["dropped_overlap"] == 1
 
 
 def test_the_headline_dp_cost_is_judged_on_the_headline_setting_against_itself_without_dp(
@@ -166,3 +175,4 @@ def test_the_headline_dp_cost_is_judged_on_the_headline_setting_against_itself_w
     assert variant["cost"] == pytest.approx([0.03, 0.04])
     assert variant["dp_vs_plain_no_dp"] == pytest.approx(0.905 - 0.86)
     assert "| **public** (seeds 0, 1): epsilon 8 | 0.905 ± 0.007 (n=2) |" in report
+    assert "- **public-freeze1**: pretrained, first block frozen" in report
