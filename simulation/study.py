@@ -682,8 +682,15 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
     """Score the cell's teacher (and students, baselines) on the held-out test set."""
 
     run_dir = experiment_dir / "run"
-    settings = run_settings_from_config(json.loads((run_dir / "run_config.json").read_text(encoding="utf-8")))
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    outcome = str(summary.get("federated_student", ""))
+    if cell.federated_student and not outcome.startswith("delivered"):
+        # the sites then deliver their own students: not what the cell measures
+        raise DataError(
+            f"cell {cell.name}: the federated student was not delivered ({outcome}); the cell is not "
+            "kept: run the table again to redo it (often a site ran out of memory: run fewer jobs at once)"
+        )
+    settings = run_settings_from_config(json.loads((run_dir / "run_config.json").read_text(encoding="utf-8")))
     partition = json.loads((experiment_dir / "partition" / "partition.json").read_text(encoding="utf-8"))
     test = _held_out(data.test, settings)
     sites = load_sites(experiment_dir, settings, len(partition["sizes"]))

@@ -415,3 +415,18 @@ def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
     # brightness encodes the label, so the federated teacher learns it
     assert result["teachers"]["federated"]["auroc_macro"] > 0.8
     assert run_cell(cell, settings) == result  # a finished cell is read back, not re-run
+
+
+def test_a_cell_whose_federated_student_was_not_delivered_is_not_kept(tmp_path: Path) -> None:
+    from simulation.study import PreparedData, score_cell
+
+    run_dir = tmp_path / "experiment" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(
+        json.dumps({"federated_student": "not completed (federated student round 11: 4 site(s) replied)"})
+    )
+    cell = Cell("students", "cxr", "dirichlet-0.5", "fedavg", 0, kd=True, federated_student=True)
+    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
+
+    with pytest.raises(DataError, match=r"federated student was not delivered.*4 site"):
+        score_cell(cell, tmp_path / "experiment", data)
