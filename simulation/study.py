@@ -153,6 +153,7 @@ class StudySettings:
     external: ExternalSettings = field(default_factory=ExternalSettings)
     # where the cells' simulated sites run (command line only; they do not change results)
     gpus_per_site: float = 0.0
+    cpus_per_site: int = 1
     ray_address: str = ""
 
 
@@ -646,6 +647,7 @@ def run_cell(
         run_config=cell_run_config(cell, settings, data, num_sites),
         require_all_classes=cell.dataset != "nih",  # 1,000 NIH images: some findings are very rare
         gpus_per_site=settings.gpus_per_site,
+        cpus_per_site=settings.cpus_per_site,
         ray_address=settings.ray_address,
     )
     started = time.perf_counter()
@@ -818,12 +820,17 @@ def with_overrides(
     return replace(settings, **changes)
 
 
-def with_resources(settings: StudySettings, gpus_per_site: float, ray_address: str) -> StudySettings:
-    """The settings with the cells' Ray resources (``--gpus-per-site``, ``--ray-address``), checked."""
-    from simulation.runtime import check_gpus_per_site, check_ray_address
+def with_resources(
+    settings: StudySettings, gpus_per_site: float, ray_address: str, cpus_per_site: int = 1
+) -> StudySettings:
+    """The settings with the cells' Ray resources (``--gpus-per-site``, ``--cpus-per-site``,
+    ``--ray-address``), checked."""
+    from simulation.runtime import check_gpus_per_site, check_ray_address, federation_config
 
+    federation_config(1, cpus_per_site)  # ConfigError naming cpus-per-site unless an integer >= 1
     return replace(
         settings,
         gpus_per_site=check_gpus_per_site(gpus_per_site),
+        cpus_per_site=cpus_per_site,
         ray_address=check_ray_address(ray_address),
     )

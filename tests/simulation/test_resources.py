@@ -140,3 +140,12 @@ def test_the_study_resource_options_are_checked(tmp_path: Path) -> None:
     assert (settings.gpus_per_site, settings.ray_address) == (0.25, "127.0.0.1:6379")
     with pytest.raises(ConfigError):
         with_resources(base, -1, "")
+
+
+def test_the_study_cpus_per_site_reach_the_cells_and_are_checked(tmp_path: Path) -> None:
+    base = StudySettings(config_file=tmp_path / "s.toml", out=tmp_path, results=tmp_path, datasets={}, run={})
+
+    assert with_resources(base, 0.0, "", 2).cpus_per_site == 2
+    assert with_resources(base, 0.0, "").cpus_per_site == 1
+    with pytest.raises(ConfigError, match="cpus-per-site"):
+        with_resources(base, 0.0, "", 0)
