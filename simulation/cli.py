@@ -378,8 +378,9 @@ def study(
     cpus_per_site: Annotated[
         int,
         typer.Option(
-            help="Ray's CPUs per simulated site: 2 on a 2-core machine runs one site at a time, which "
-            "halves the memory of DP cells (Opacus' per-sample gradients); results do not change."
+            help="Ray's CPUs per simulated site, and its torch threads: 2 on a 2-core machine runs one "
+            "site at a time with both cores, which halves the memory of DP cells (Opacus' per-sample "
+            "gradients); results change only by floating-point summation order."
         ),
     ] = 1,
     ray_address: Annotated[str, RAY_ADDRESS_OPTION] = "",

@@ -598,6 +598,8 @@ def cell_run_config(
             {"dp-enabled": True, "dp-target-epsilon": cell.dp_epsilon, "dp-target-delta": settings.dp_delta}
         )
     config.update(dict(cell.overrides))
+    if settings.cpus_per_site > 1:  # a site that has the cores to itself trains with all of them
+        config["num-threads"] = settings.cpus_per_site
     return config
 
 
