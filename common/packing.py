@@ -3,9 +3,9 @@
 Why: Flower 1.41 moves a message as a tree of objects, one per ``Array`` of an ``ArrayRecord``
 plus one per 5 MB chunk of it, and every object costs one call per hop (ServerApp -> SuperLink
 -> gateway -> SuperNode -> site runner, and back), one SQLite transaction in the SuperLink's
-store and a SHA-256 on each side. A ResNet18 state_dict is 122 tensors: about 250 objects per
-message. Packed, it is two arrays (all float32 values in one, the int64 BatchNorm counters in
-another) and eleven chunks.
+store (when it keeps its state on disk) and a SHA-256 on each side. A ResNet18 state_dict is
+122 tensors: a message of it is 212 objects. Packed, it is two arrays (all float32 values in
+one, the int64 BatchNorm counters in another) and their chunks: 16 objects.
 
 Packing changes nothing about the values: each tensor is laid out, raveled in C order, in the
 buffer of its own dtype (integers stay integers, float32 stays float32), in the order of the

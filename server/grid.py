@@ -20,7 +20,7 @@ with :data:`REPLY_OBJECT_BACKOFF`); with any other grid or Flower version it cal
 own ``pull_messages``.
 
 :class:`QuickReplyGrid` also packs the model of every message it sends into one array per dtype
-(client/packed_arrays.py: a ResNet18 travels as 13 Flower objects instead of about 250) and
+(client/packed_arrays.py: a ResNet18 message is 16 Flower objects instead of 212) and
 unpacks the replies; a reply whose model does not unpack, or is not the model its message
 carried (names, shapes, dtypes), becomes an error reply saying why, so the round loop logs it and
 leaves that site out like any failed site. Strategies and checkpoints see the usual records.
