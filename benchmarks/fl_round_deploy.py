@@ -13,20 +13,28 @@ so checkpoint and metrics writing are in it), ``cycle_overhead_s`` that minus lo
 
 Settings compared (all public Flower settings; no patches):
 - ``default``: exactly what ``cxr-fl-server start`` / ``cxr-fl-client start`` do when given no
-  option beyond TLS and site keys (no poll interval in the environment, state on disk, the
-  pyproject's run settings: ``validation-mode = "in-train"``, one message per site per round);
+  option beyond TLS and site keys (no poll interval in the environment, SuperLink state in
+  memory, models packed, the pyproject's run settings: ``validation-mode = "in-train"``, one
+  message per site per round);
 - ``two-messages``: the default with ``validation-mode = "separate"`` (train, then evaluate);
-- ``flower-defaults``: SuperExec task poll 1 s (Flower's default), SuperLink state on disk;
-- ``fast-poll``: SuperExec task poll 0.2 s (what cxr-fl sets), state on disk (registered sites
-  survive a restart);
-- ``fast-poll+memory``: as above with ``--in-memory`` SuperLink state.
+- ``flower-defaults``: SuperExec task poll 1 s (Flower's default), SuperLink state on disk
+  (``--database``);
+- ``fast-poll``: SuperExec task poll 0.2 s (what cxr-fl sets), state on disk (``--database``:
+  registered sites survive a restart; the default before the state went to memory);
+- ``fast-poll+memory``: as above with ``--in-memory`` SuperLink state (the default's).
+
+``--cpu`` also samples ``/proc`` every 0.5 s for the CPU time of every process the federation
+started (the SuperLink, the Fleet gateway, the ServerApp, each SuperNode, each site's
+``cxr-fl-client`` with its warm runner, ...) and reports CPU seconds per round per component over
+rounds 2..N (``cpu_per_round_s`` in the JSON): where a round's work goes when the machine is
+CPU-bound.
 
 The app side polls replies on a 50 ms..0.5 s backoff in every setting (server/grid.py). With
 in-train validation the last model is validated by one evaluate message after the last round:
 ``final_validation_s`` in the JSON (paid once per run, not per round).
 
     .venv/bin/python benchmarks/fl_round_deploy.py [--teachers tiny-cnn resnet18] [--rounds 3]
-        [--settings default two-messages flower-defaults fast-poll fast-poll+memory] [--json]
+        [--settings default two-messages flower-defaults fast-poll fast-poll+memory] [--json] [--cpu]
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,8 +66,8 @@ POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
     "two-messages": ({}, ["--set", 'validation-mode="separate"']),
-    "flower-defaults": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, []),
-    "fast-poll": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, []),
+    "flower-defaults": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, ["--database"]),
+    "fast-poll": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, ["--database"]),
     "fast-poll+memory": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}, ["--in-memory"]),
 }
 SITES = ("site-a", "site-b")
@@ -70,11 +80,92 @@ def state_bytes(teacher: str) -> int:
     return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
 
 
+COMPONENTS = (
+    ("flower-superlink", "superlink"),
+    ("fleet_gateway", "gateway"),
+    ("flwr-serverapp", "serverapp"),
+    ("flower-supernode", "supernodes"),
+    ("cxr-fl-client", "site runners (training included)"),
+    ("cxr-fl-server", "cxr-fl-server"),
+)
+
+
+def _component(cmdline: str) -> str:
+    for needle, name in COMPONENTS:
+        if needle in cmdline:
+            return name
+    return "other"
+
+
+class CpuSampler:
+    """CPU seconds (user + system) of every descendant of this process, sampled from /proc.
+
+    A process's time is read while it lives, so a process that ends between two samples loses
+    at most one interval; the federation's processes live for the whole run.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu sampler", daemon=True)
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.time(), self._descendants()))
+
+    def _descendants(self) -> dict[int, tuple[str, float]]:
+        stats: dict[int, tuple[int, float]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._ticks)
+        ours, frontier = set(), [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in ours]
+            ours.update(children)
+            frontier += children
+        found = {}
+        for pid in ours:
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            found[pid] = (_component(cmdline), stats[pid][1])
+        return found
+
+    def per_component(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each component used between the wall-clock times ``start`` and ``end``."""
+
+        def nearest(moment: float) -> dict[int, tuple[str, float]]:
+            return min(self.samples, key=lambda sample: abs(sample[0] - moment))[1]
+
+        before, after = nearest(start), nearest(end)
+        used: dict[str, float] = {}
+        for pid, (name, cpu) in after.items():
+            used[name] = used.get(name, 0.0) + cpu - before.get(pid, (name, 0.0))[1]
+        return dict(sorted(used.items(), key=lambda item: -item[1]))
+
+
 def _run(args: list[str], env: dict[str, str]) -> None:
     subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
 
 
-def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace) -> dict[str, float | str]:
+def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     env_extra, server_flags = SETTINGS[setting]
     env = {k: v for k, v in os.environ.items() if k != POLL_ENV}  # the product sets its own
     env.update({**OFFLINE_ENV, **env_extra})
@@ -106,6 +197,9 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         server_cmd += ["--site-key", str(work / "keys" / f"{site}.pub")]
     processes: list[subprocess.Popen[bytes]] = []
     server_out = work / "server.out"
+    sampler = CpuSampler() if args.cpu else None
+    if sampler is not None:
+        sampler.__enter__()
     try:
         with server_out.open("wb") as out:
             server = subprocess.Popen(server_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -130,6 +224,8 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         if server.wait(timeout=args.timeout) != 0:
             raise RuntimeError(server_out.read_text(errors="replace")[-2000:])
     finally:
+        if sampler is not None:
+            sampler.__exit__()
         for process in processes:
             stop_process_tree(process)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -150,6 +246,11 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
     ends = round_ends(run_dir / "server.log")
     cycles = [ends[n] - ends[n - 1] for n in steady if n in ends and n - 1 in ends]
     cycle = statistics.median(cycles) if cycles else float("nan")
+    cpu: dict[str, float] = {}
+    measured = len(rounds) > 1 and rounds[0] in ends and rounds[-1] in ends
+    if sampler is not None and sampler.samples and measured:
+        used = sampler.per_component(ends[rounds[0]], ends[rounds[-1]])
+        cpu = {name: seconds / (len(rounds) - 1) for name, seconds in used.items()}
     return {
         "teacher": teacher,
         "setting": setting,
@@ -161,6 +262,7 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
         "cycle_overhead_s": cycle - train_median,
         "final_validation_s": final,
         "bytes_per_site_each_way": float(state_bytes(teacher)),
+        **({"cpu_per_round_s": cpu} if cpu else {}),
     }
 
 
@@ -185,6 +287,9 @@ def main() -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    parser.add_argument(
+        "--cpu", action="store_true", help="also report CPU seconds per round of each component (from /proc)"
+    )
     parser.add_argument(
         "--keep",
         type=Path,
@@ -223,6 +328,10 @@ def main() -> None:
             f"{r['final_validation_s']:.1f} | "
             f"{int(r['bytes_per_site_each_way']):,} |"
         )
+    for r in results:
+        if "cpu_per_round_s" in r:
+            parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in r["cpu_per_round_s"].items())
+            print(f"\nCPU s per round, {r['teacher']} / {r['setting']}, rounds 2..{args.num_rounds}: {parts}")
     if args.json:
         print(json.dumps({"settings": vars(args), "results": results}, default=str))
 

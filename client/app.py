@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import shareable_metrics
+from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
 from client.teacher_pin import check_global_teacher
@@ -48,6 +49,7 @@ from common.local import (
     student_config,
     train_round,
 )
+from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
     RUN_FINISHED_MARKER,
@@ -65,7 +67,27 @@ from common.training import EvalResult
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def packed_arrays_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Unpack the model of a packed message (client/packed_arrays.py) for the handlers, and pack
+    the model of their reply the same way. A packed model that does not unpack (its layout and
+    buffers disagree, an unknown dtype...) is refused with an error reply saying why."""
+    if not msg.has_content() or not is_packed(msg.content):
+        return call_next(msg, context)
+    try:
+        msg.content = unpack_content(msg.content)
+    except PackedModelError as exc:
+        logger.error("Refused the server's message: %s", exc)
+        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content, _ = pack_content(reply.content)
+    return reply
+
+
+app = ClientApp(mods=[packed_arrays_mod])
 
 GLOBAL_TEACHER_FILE = "global_teacher.pt"
 # its logits of this site's un-augmented train split, reused by every federated-student round

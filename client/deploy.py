@@ -242,6 +242,16 @@ def refusal_reason(line: str, settings: SiteNodeSettings) -> str | None:
     return None
 
 
+def forgotten_session(line: str) -> bool:
+    """Does this SuperNode log line say the server refused a Fleet call of a joined site (HTTP 401)?
+
+    A coordinator restarted with its SuperLink state in memory (the default) no longer knows the
+    site's session, and until it has registered the sites' keys again it refuses them: Flower's
+    SuperNode then stops itself (exit code 0), and the site starts a new one, which joins again.
+    """
+    return "401 Unauthorized" in line and "/v1/fleet/" in line
+
+
 def unreachable_reason(settings: SiteNodeSettings) -> str:
     host, port = settings.host_port
     try:
@@ -352,6 +362,7 @@ class SiteNode:
                 if restarts > MAX_RESTARTS:
                     raise SiteRefusedError(unreachable_reason(self.settings)) from None
                 notify("the server came back without this site's session; restarting the SuperNode")
+                started = time.time()  # a restarted coordinator registers the sites again: the same grace
 
     def _run_once(self, started: float, notify: Callable[[str], None]) -> str:
         port = free_port()
@@ -386,6 +397,7 @@ class SiteNode:
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)
         failing_since: float | None = None
+        session_lost = False
         finished = self.out_dir / RUN_FINISHED_MARKER
         sent_after_finish = 0.0
         while True:
@@ -394,6 +406,8 @@ class SiteNode:
                 line = self.process.stdout.readline()
                 if line == "":  # the SuperNode exited
                     self.process.wait()
+                    if session_lost:  # Flower stops a SuperNode whose session the server forgot
+                        raise _RestartNodeError
                     raise SiteRefusedError(
                         f"the SuperNode exited with code {self.process.returncode}; see {self.log_path}"
                     )
@@ -405,6 +419,7 @@ class SiteNode:
                     if "Failed to activate SuperNode" in text:
                         raise _ActivationRefusedError(reason)
                     raise SiteRefusedError(reason)
+                session_lost = session_lost or (self.node_id is not None and forgotten_session(text))
                 if match := re.search(r"SuperNode ID: (\d+)", text):
                     self.node_id = int(match[1])
                     on_event(f"joined the federation as node {self.node_id}")

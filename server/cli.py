@@ -146,8 +146,13 @@ def start(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir.")] = False,
     in_memory: Annotated[
         bool,
-        typer.Option("--in-memory", help="Keep SuperLink state in memory, not in RUN_DIR/superlink.db."),
-    ] = False,
+        typer.Option(
+            "--in-memory/--database",
+            help="Keep the SuperLink's state (registered site keys, messages in transit) in memory "
+            "(default: each model travels without a SQLite transaction per object, and --resume "
+            "registers the known sites again), or in RUN_DIR/superlink.db (--database).",
+        ),
+    ] = True,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="Give up after this many seconds (default: never).")
     ] = None,

@@ -6,7 +6,7 @@
     RUN_DIR/
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
       sites.json           registered sites: name, public key, Flower node id
-      superlink.db         SuperLink state (registered sites, runs) unless --in-memory
+      superlink.db         SuperLink state (registered sites, runs) with --database
       superlink.log        SuperLink output
       gateway.log          the Fleet gateway's output (refused calls are logged here)
       loopback-tls/        CA and certificate of the loopback SuperLink (no site holds this CA)
@@ -184,7 +184,7 @@ class Coordinator:
         port: int,
         host: str = LOOPBACK,
         tls: TlsFiles | None,
-        database: bool = True,
+        database: bool = False,
         isolation: str = "subprocess",
     ) -> None:
         """Start flower-superlink on loopback and the Fleet gateway on ``host:port``.
@@ -373,8 +373,12 @@ class Coordinator:
         key_text = public_key.read_text(encoding="utf-8").split()
         key_body = " ".join(key_text[:2])
         sites = self.read_sites()
+        state = self.read_state()
         for site in sites:
-            if site["public_key"] == key_body and self.read_state().get("database"):
+            # known to this SuperLink: kept in its database, or registered since it started
+            if site["public_key"] == key_body and (
+                state.get("database") or site.get("superlink_started") == state.get("started")
+            ):
                 logger.info("Site %s is already registered (node %s)", site["name"], site["node_id"])
                 return int(site["node_id"])
         if not self.superlink_running():
@@ -409,7 +413,15 @@ class Coordinator:
             raise DeployError(f"`flwr supernode register` refused {public_key} for site '{name}': {detail}")
         node_id = int(reply["node-id"])
         sites = [s for s in sites if s["name"] != name]
-        sites.append({"name": name, "public_key": key_body, "node_id": node_id, "key_file": str(public_key)})
+        sites.append(
+            {
+                "name": name,
+                "public_key": key_body,
+                "node_id": node_id,
+                "key_file": str(public_key),
+                "superlink_started": state.get("started"),
+            }
+        )
         write_json(self.sites_path, sites)
         logger.info("Registered site %s (node %d)", name, node_id)
         return node_id

@@ -86,3 +86,14 @@ def test_a_reconnected_supernode_is_not_taken_for_a_stuck_one() -> None:
     assert connection_news("INFO :      Sent successfully") is True
     assert connection_news("INFO :      SuperNode ID: 1739659480893492950") is True
     assert connection_news("INFO :      Start `flwr-clientapp` process") is None
+
+
+def test_a_session_the_restarted_server_forgot_is_told_from_a_refusal() -> None:
+    from client.deploy import forgotten_session
+
+    assert forgotten_session(
+        "httpx.HTTPStatusError: Client error '401 Unauthorized' for url "
+        "'https://127.0.0.1:35471/v1/fleet/send-node-heartbeat'"
+    )
+    assert not forgotten_session("[code: 2004] Failed to activate SuperNode.")
+    assert not forgotten_session("INFO :      SuperNode ID: 42")

@@ -60,3 +60,34 @@ def test_follow_flwr_run_times_out_while_flower_prints_nothing(tmp_path: Path) -
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the silent process was stopped
+
+
+def test_a_site_key_counts_as_registered_only_with_the_superlink_that_knows_it(tmp_path: Path) -> None:
+    """SuperLink state lives in memory by default: a key registered before a restart must be
+    registered again, while one registered since this SuperLink started (``--resume`` registers
+    the known sites, then ``--site-key`` may name them again) must not be sent to Flower twice."""
+    import json
+
+    from server.deploy import Coordinator, DeployError
+
+    coordinator = Coordinator(tmp_path / "run")
+    coordinator.run_dir.mkdir()
+    key = tmp_path / "site-a.pub"
+    key.write_text("ecdsa-sha2-nistp384 AAAAkey site-a\n", encoding="utf-8")
+    site = {
+        "name": "site-a",
+        "public_key": "ecdsa-sha2-nistp384 AAAAkey",
+        "node_id": 42,
+        "key_file": str(key),
+    }
+    coordinator.sites_path.write_text(json.dumps([{**site, "superlink_started": 100.0}]), encoding="utf-8")
+
+    coordinator.state_path.write_text(json.dumps({"database": False, "started": 100.0}), encoding="utf-8")
+    assert coordinator.register_site(key, "site-a") == 42  # this SuperLink knows it: no Flower call
+
+    coordinator.state_path.write_text(json.dumps({"database": False, "started": 200.0}), encoding="utf-8")
+    with pytest.raises(DeployError, match="no SuperLink"):  # a restarted one does not: register again
+        coordinator.register_site(key, "site-a")
+
+    coordinator.state_path.write_text(json.dumps({"database": True, "started": 200.0}), encoding="utf-8")
+    assert coordinator.register_site(key, "site-a") == 42  # kept in its database
