@@ -78,6 +78,7 @@ from simulation.study_external import (
     split_external,
 )
 from simulation.study_privacy import (
+    PUBLIC_SCORES_FILE,
     PretrainSettings,
     PrivacyVariant,
     ensure_public_teacher,
@@ -628,6 +629,7 @@ def run_cell(
     if dict(cell.overrides).get("teacher-weights") == str(public):
         stage("pretraining the coordinator's teacher on public images (once)")
         ensure_public_teacher(settings, data.pool, data.test)
+        score_public_teacher(settings, data)
     external = None
     if cell.holdout:
         holdout = next((h for h in settings.external.holdouts if h.name == cell.holdout), None)
@@ -680,6 +682,27 @@ def _scores(model_config: Any, state: Mapping[str, Any], dataset: Any, task: Any
     model = build_loaded_model(model_config, task, state)
     result = evaluate(model, DataLoader(dataset, batch_size=EVAL_BATCH_SIZE), task)
     return {"n": float(result.n), **scalar_metrics(result, "")}
+
+
+def score_public_teacher(settings: StudySettings, data: PreparedData) -> dict[str, float]:
+    """The coordinator's public teacher alone, before any federated round, on the held-out test set.
+
+    The reference that says what the private rounds add to it (written once beside the weights).
+    """
+    weights = public_weights(settings.out, str(settings.run.get("teacher-name", "")))
+    path = weights.parent / PUBLIC_SCORES_FILE
+    if path.is_file():
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    task = settings.datasets["cxr"].task
+    run_settings = run_settings_from_config(
+        check_run_config(
+            {**settings.run, "task": task, "teacher-norm": "group", "cache-dir": str(settings.out / "cache")}
+        )
+    )
+    test = _held_out(data.test, run_settings)
+    scores = _scores(run_settings.teacher, load_model_state(weights), test, run_settings.task)
+    write_json(path, scores)
+    return scores
 
 
 def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from simulation.study_external import check_keys
 VARIANT_KEYS = {"name", "about", "pretrained", "run", "seeds"}
 PRETRAIN_KEYS = {"images", "epochs"}
 PUBLIC_MANIFEST = "public.csv"
+PUBLIC_SCORES_FILE = "held_out_scores.json"  # the public teacher alone on the held-out test set
 
 
 @dataclass(frozen=True)

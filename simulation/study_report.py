@@ -19,7 +19,7 @@ from typing import Any
 from common.checkpoint import metadata_path
 from common.jsonio import write_json
 from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
-from simulation.study_privacy import public_weights
+from simulation.study_privacy import PUBLIC_SCORES_FILE, public_weights
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
@@ -598,7 +598,18 @@ class StudyReport:
                 f"{images['dropped_overlap']} image(s) dropped. Weights hash "
                 f"`{meta['weights_sha256'][:16]}…`.",
             ]
+            scores_path = sidecar.parent / PUBLIC_SCORES_FILE
+            alone = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
+            if alone:
+                lines += [
+                    "",
+                    "Scored alone on the held-out test set, before any federated round, the public "
+                    f"teacher reaches macro-AUROC {alone['auroc_macro']:.3f} (balanced accuracy "
+                    f"{alone['balanced_accuracy']:.3f}): what the private rounds add is the difference "
+                    "between that and the rows above.",
+                ]
             self.summary["tables"]["public_pretraining"] = {
+                "held_out_scores": alone,
                 "images": images,
                 "overlap_checks": meta["overlap_checks"],
                 "val_metrics": meta.get("val_metrics", {}),

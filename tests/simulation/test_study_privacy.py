@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from simulation.study import load_settings, prepare, table_cells
+from simulation.study import load_settings, prepare, score_public_teacher, table_cells
 from simulation.study_privacy import ensure_public_teacher, public_weights
 from simulation.study_report import build_study_report
 from tests.simulation.test_study import _fake_result, _write_config, _write_pool
@@ -136,13 +136,17 @@ def test_the_public_set_catches_an_exact_copy_it_draws(tmp_path: Path) -> None:
     pool_check = next(c for c in sidecar["overlap_checks"] if c["manifest"] == str(data.pool))
     assert pool_check["overlapping_images"] == 1
     assert sidecar["images"]["dropped_overlap"] == 1
-    # the report says where the public teacher came from and what the check dropped
+    alone = score_public_teacher(settings, data)  # the public teacher before any federated round
+    assert 0.0 <= alone["auroc_macro"] <= 1.0
+    assert alone["n"] == len(_rows(data.test))
+    # the report says where the public teacher came from, what the check dropped, what it scores alone
     cell = settings.out / "cells" / "cxr-dirichlet-0.5-fedavg-gn-s0" / "result.json"
     cell.parent.mkdir(parents=True)
     cell.write_text(json.dumps(_fake_result("a", 0.86)))
     report = build_study_report(settings).read_text()
     assert "pool.csv: 1 of its" in report
     assert "1 image(s) dropped" in report
+    assert f"teacher reaches macro-AUROC {alone['auroc_macro']:.3f}" in report
     public = json.loads((settings.results / "study.json").read_text())["tables"]["public_pretraining"]
     assert public["images"]["dropped_overlap"] == 1
 
