@@ -138,6 +138,42 @@ def stop_process_tree(process: subprocess.Popen[Any], timeout: float = 10.0) -> 
             signal_pid(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)
+    wait_gone(tree, timeout)
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until none of ``pids`` is alive (a killed process takes a
+    moment to go); True when they are all gone."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """PIDs of live processes whose environment has ``name=value`` exactly (this user's only)."""
+    entry_bytes = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not pid_alive(int(entry.name)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry_bytes in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def stop_pids(pids: list[int], timeout: float = 10.0) -> None:
+    """Stop ``pids`` (not our children, e.g. workers a runtime left behind): SIGTERM, then SIGKILL."""
+    for pid in pids:
+        signal_pid(pid, signal.SIGTERM)
+    if not wait_gone(pids, timeout):
+        for pid in pids:
+            if pid_alive(pid):
+                signal_pid(pid, signal.SIGKILL)
+        wait_gone(pids, timeout)
 
 
 def exit_on_sigterm() -> None:

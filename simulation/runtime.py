@@ -44,7 +44,15 @@ from types import TracebackType
 from typing import Any
 
 from common.errors import ConfigError, CxrFlError
-from common.processes import OFFLINE_ENV, console_script, free_port, stop_process_tree, toml_value
+from common.processes import (
+    OFFLINE_ENV,
+    console_script,
+    free_port,
+    pids_with_env,
+    stop_pids,
+    stop_process_tree,
+    toml_value,
+)
 from server.deploy import FlwrRunTimeoutError, follow_flwr_run, write_run_config
 from server.progress_lines import without_resume_advice
 
@@ -185,6 +193,9 @@ class FlowerSimulation:
         if self.process is not None:
             stop_process_tree(self.process)
             self.process = None
+        # Ray's workers outlive the raylet for a moment and are then no one's children: every
+        # process of this simulation carries its FLWR_HOME, so none is left behind
+        stop_pids(pids_with_env("FLWR_HOME", str(self.flwr_home)))
 
     def run(
         self,
