@@ -349,7 +349,8 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
     # FedAvg/pooled ratios 0.978 and 1.0: mean 0.989 >= 0.98
     assert summary["fedavg_vs_pooled"]["derived_mean"] == pytest.approx((0.90 / 0.92 + 1.0) / 2)
     assert summary["fedavg_vs_pooled"]["met"] is True
-    assert summary["natural_vs_best_local"]["met"] is False  # 0.80 < 0.85
+    # 0.80 < 0.85, but only seed 0 ran: a target is judged over every seed of the study
+    assert summary["natural_vs_best_local"]["met"] is None
     assert summary["kd_student_vs_teacher"]["derived_mean"] == pytest.approx(
         ((0.89 - 0.90) + (0.90 - 0.94)) / 2
     )
@@ -362,9 +363,11 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
     assert summary["delivered_student_vs_teacher"]["met"] is True
     assert "federated_student_vs_teacher" not in summary
     assert summary["dp_cost"]["derived_mean"] == pytest.approx(0.03)
-    assert summary["dp_cost"]["met"] is True
+    assert summary["dp_cost"]["met"] is None  # met on seed 0, seed 1 not run
     text = report.read_text()
     assert "**missed**" in text
+    assert "| missed on 1 of 2 seeds |" in text
+    assert "| met on 1 of 2 seeds |" in text
     assert "| epsilon 8 | 0.870 |" in text
     assert "Cells not run yet" in text
     assert "`cxr-iid-fedavg-s0`" in text
