@@ -243,13 +243,16 @@ def refusal_reason(line: str, settings: SiteNodeSettings) -> str | None:
 
 
 def forgotten_session(line: str) -> bool:
-    """Does this SuperNode log line say the server refused a Fleet call of a joined site (HTTP 401)?
+    """Does this line of a joined SuperNode say the server no longer knows its session?
 
     A coordinator restarted with its SuperLink state in memory (the default) no longer knows the
-    site's session, and until it has registered the sites' keys again it refuses them: Flower's
-    SuperNode then stops itself (exit code 0), and the site starts a new one, which joins again.
+    site's session, and until it has registered the sites' keys again it refuses them (HTTP 401):
+    Flower's SuperNode then sends itself SIGINT and stops (exit code 0), and the site starts a new
+    one, which joins again. The 401 traceback is printed by another thread and is often lost as the
+    process exits, so the SuperNode's own "terminated gracefully" counts too: nothing else signals
+    it (it runs in its own session; the site stops it only after it has stopped reading it).
     """
-    return "401 Unauthorized" in line and "/v1/fleet/" in line
+    return ("401 Unauthorized" in line and "/v1/fleet/" in line) or "SuperNode terminated gracefully" in line
 
 
 def unreachable_reason(settings: SiteNodeSettings) -> str:

@@ -97,3 +97,44 @@ def test_a_session_the_restarted_server_forgot_is_told_from_a_refusal() -> None:
     )
     assert not forgotten_session("[code: 2004] Failed to activate SuperNode.")
     assert not forgotten_session("INFO :      SuperNode ID: 42")
+
+
+# A stand-in for flower-supernode: the first start joins, loses its session to a restarted
+# server without the 401 traceback reaching its output (as happens when Flower's other thread
+# is cut off by the exit) and stops itself with code 0; the second start joins and fails.
+FAKE_SUPERNODE = """\
+import sys
+from pathlib import Path
+
+starts = Path(sys.argv[1])
+count = int(starts.read_text()) + 1 if starts.is_file() else 1
+starts.write_text(str(count))
+print(f"INFO :      SuperNode ID: {count}", flush=True)
+if count == 1:
+    print("WARNING :   Connection attempt failed, retrying in 0.34 seconds", flush=True)
+    print("INFO :      SuperNode terminated gracefully.", flush=True)
+    sys.exit(0)
+sys.exit(7)
+"""
+
+
+def test_a_supernode_that_stops_itself_after_joining_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from client.deploy import SiteNode, SiteRefusedError
+
+    script = tmp_path / "fake_supernode.py"
+    script.write_text(FAKE_SUPERNODE)
+    starts = tmp_path / "starts"
+    fake_command = [sys.executable, str(script), str(starts)]
+    monkeypatch.setattr(SiteNodeSettings, "command", lambda _self, _port, _secret=None: fake_command)
+    events: list[str] = []
+    node = SiteNode(_settings(tmp_path, runtime="flower"))
+
+    with pytest.raises(SiteRefusedError, match="exited with code 7"):
+        node.run(events.append)
+
+    assert starts.read_text() == "2"
+    assert any("restarting the SuperNode" in event for event in events)
