@@ -73,7 +73,9 @@ from simulation.sources import drop_duplicate_images, load_sources
 from simulation.study_external import (
     ExternalSettings,
     check_keys,
+    check_name,
     parse_external,
+    parse_seeds,
     score_external_cell,
     split_external,
 )
@@ -246,16 +248,15 @@ def load_settings(config_file: Path) -> StudySettings:
         attempts=_attempts(raw.get("attempts", []), run, path),
         external=parse_external(raw.get("external"), str(datasets["cxr"].task), run, path, check_run_config),
     )
-    external_seeds = settings.external.seeds
-    if external_seeds is not None and not set(external_seeds) <= set(settings.seeds):
-        raise ConfigError(f"external.seeds in {path}", list(external_seeds), "some of the study's seeds")
-    for attempt in settings.attempts:
-        if attempt.seeds is not None and not set(attempt.seeds) <= set(settings.seeds):
-            raise ConfigError(
-                f"seeds of the attempt '{attempt.name}' in {path}",
-                list(attempt.seeds),
-                "some of the study's seeds",
-            )
+    # every table that names its own seeds names some of the study's
+    own_seeds = [
+        (f"external.seeds in {path}", settings.external.seeds),
+        *((f"seeds of the attempt '{a.name}' in {path}", a.seeds) for a in settings.attempts),
+        *((f"seeds of the privacy variant '{v.name}' in {path}", v.seeds) for v in settings.privacy_variants),
+    ]
+    for where, seeds in own_seeds:
+        if seeds is not None and not set(seeds) <= set(settings.seeds):
+            raise ConfigError(where, list(seeds), "some of the study's seeds")
     if settings.sites < 2 or settings.nih_sites < 2:
         raise ConfigError("sites / nih-sites", (settings.sites, settings.nih_sites), "at least 2 sites")
     if not settings.seeds:
@@ -269,13 +270,6 @@ def load_settings(config_file: Path) -> StudySettings:
             settings.dp_headline_variant,
             "one of the [[privacy.variants]] names (" + ", ".join(variant_names) + ') or ""',
         )
-    for variant in settings.privacy_variants:
-        if variant.seeds is not None and not set(variant.seeds) <= set(settings.seeds):
-            raise ConfigError(
-                f"seeds of the privacy variant '{variant.name}' in {path}",
-                list(variant.seeds),
-                "some of the study's seeds",
-            )
     if settings.dp_headline_epsilon not in settings.dp_epsilons:
         raise ConfigError("privacy.headline-epsilon", settings.dp_headline_epsilon, "one of privacy.epsilons")
     check_run_config({**run, **settings.dp_run, "dp-enabled": True, "teacher-norm": "group"})
@@ -291,9 +285,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
     for i, table in enumerate(raw):
         where = f"attempts[{i}]."
         check_keys(table, ATTEMPT_KEYS, where, path)
-        name = str(table.get("name", ""))
-        if not name or not all(c.isalnum() or c == "-" for c in name) or name != name.lower():
-            raise ConfigError(f"{where}name in {path}", name, "lower-case letters, digits and '-'")
+        name = check_name(table.get("name"), f"{where}name in {path}")
         if name in {a.name for a in attempts}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other attempt has")
         split = str(table.get("split", "dirichlet-0.5"))
@@ -303,11 +295,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
         if not changed:
             raise ConfigError(f"{where}run in {path}", "{}", "the run settings the attempt changes")
         check_run_config({**run, **changed})
-        seeds = table.get("seeds")
-        if seeds is not None and (
-            not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
-        ):
-            raise ConfigError(f"{where}seeds in {path}", seeds, "a list of integer seeds, e.g. [0, 1, 2]")
+        seeds = parse_seeds(table.get("seeds"), f"{where}seeds in {path}")
         attempts.append(
             Attempt(
                 name=name,
@@ -319,7 +307,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                     f"key 'federated-student' in {path}", table.get("federated-student", False)
                 ),
                 run=tuple(sorted(changed.items())),
-                seeds=None if seeds is None else tuple(seeds),
+                seeds=seeds,
             )
         )
     return tuple(attempts)

@@ -74,11 +74,21 @@ class ExternalSettings:
     seeds: tuple[int, ...] | None = None  # None: the study's first seed
 
 
-def _name(value: Any, where: str) -> str:
+def check_name(value: Any, where: str) -> str:
+    """A study table's ``name``: lower-case letters, digits and '-' (it becomes part of cell names)."""
     name = str(value or "")
     if not name or not all(c.isalnum() or c == "-" for c in name) or name != name.lower():
         raise ConfigError(where, name, "lower-case letters, digits and '-'")
     return name
+
+
+def parse_seeds(value: Any, where: str, example: str = "[0, 1, 2]") -> tuple[int, ...] | None:
+    """A study table's ``seeds``: None when absent, else a non-empty list of integers."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value):
+        raise ConfigError(where, value, f"a list of integer seeds, e.g. {example}")
+    return tuple(value)
 
 
 def check_keys(table: Mapping[str, Any], allowed: set[str], where: str, path: Path) -> None:
@@ -108,7 +118,7 @@ def parse_external(
     for i, table in enumerate(raw.get("holdouts", [])):
         where = f"external.holdouts[{i}]."
         check_keys(table, HOLDOUT_KEYS, where, path)
-        name = _name(table.get("name"), f"{where}name in {path}")
+        name = check_name(table.get("name"), f"{where}name in {path}")
         if name in {h.name for h in holdouts}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other holdout has")
         site = str(table.get("site", ""))
@@ -122,7 +132,7 @@ def parse_external(
     for i, table in enumerate(raw.get("variants", [])):
         where = f"external.variants[{i}]."
         check_keys(table, VARIANT_KEYS, where, path)
-        name = _name(table.get("name"), f"{where}name in {path}")
+        name = check_name(table.get("name"), f"{where}name in {path}")
         if name in {v.name for v in variants}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other variant has")
         changed = dict(table.get("run", {}))
@@ -130,11 +140,7 @@ def parse_external(
             raise ConfigError(f"{where}run in {path}", "{}", "the run settings the variant changes")
         check_run({**run, **changed})
         variants.append(ExternalVariant(name, str(table.get("about", "")), tuple(sorted(changed.items()))))
-    seeds = raw.get("seeds")
-    if seeds is not None and (
-        not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds)
-    ):
-        raise ConfigError(f"external.seeds in {path}", seeds, "a list of integer seeds, e.g. [0]")
+    seeds = parse_seeds(raw.get("seeds"), f"external.seeds in {path}", "[0]")
     bootstrap = coerce(f"key 'external.bootstrap' in {path}", raw.get("bootstrap", 1000), int)
     if bootstrap < 1:
         raise ConfigError(f"key 'external.bootstrap' in {path}", bootstrap, "an integer >= 1 (resamples)")
@@ -143,7 +149,7 @@ def parse_external(
         variants=tuple(variants),
         bootstrap=bootstrap,
         bootstrap_seed=coerce(f"key 'external.bootstrap-seed' in {path}", raw.get("bootstrap-seed", 0), int),
-        seeds=None if seeds is None else tuple(seeds),
+        seeds=seeds,
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from common.errors import ConfigError, DataError
 from common.run_settings import parse_bool
-from simulation.study_external import check_keys
+from simulation.study_external import check_keys, check_name, parse_seeds
 
 VARIANT_KEYS = {"name", "about", "pretrained", "run", "seeds"}
 PRETRAIN_KEYS = {"images", "epochs"}
@@ -82,9 +82,7 @@ def parse_variants(
         if not isinstance(table, dict):
             raise ConfigError(f"{where} in {path}", table, "a table with name, about, pretrained, run, seeds")
         check_keys(table, VARIANT_KEYS, f"{where}.", path)
-        name = str(table.get("name", ""))
-        if not name or not all(c.isalnum() or c == "-" for c in name) or name != name.lower():
-            raise ConfigError(f"{where}.name in {path}", name, "lower-case letters, digits and '-'")
+        name = check_name(table.get("name"), f"{where}.name in {path}")
         if name in {v.name for v in variants}:
             raise ConfigError(f"{where}.name in {path}", name, "a name no other variant has")
         changed = table.get("run", {})
@@ -101,18 +99,14 @@ def parse_variants(
         pretrained = parse_bool(f"key '{where}.pretrained' in {path}", table.get("pretrained", False))
         if not pretrained and not changed:
             raise ConfigError(f"{where} in {path}", name, "pretrained = true or the run settings it changes")
-        seeds = table.get("seeds")
-        if seeds is not None and (
-            not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
-        ):
-            raise ConfigError(f"{where}.seeds in {path}", seeds, "a list of integer seeds, e.g. [0, 1, 2]")
+        seeds = parse_seeds(table.get("seeds"), f"{where}.seeds in {path}")
         variants.append(
             PrivacyVariant(
                 name=name,
                 about=str(table.get("about", "")),
                 pretrained=pretrained,
                 run=tuple(sorted(changed.items())),
-                seeds=None if seeds is None else tuple(seeds),
+                seeds=seeds,
             )
         )
     return tuple(variants)
