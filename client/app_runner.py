@@ -42,8 +42,9 @@ files with the same contents packed by the same Flower; ``--allow-app SHA256`` a
 
 Version guard and fallback
 --------------------------
-The Runtime API calls, the FAB builder and the task-input helpers used here are Flower 1.41
-internals: :func:`require_supported_flwr` refuses any other version with a one-line message.
+The Runtime API calls, the FAB builder and the task-input helpers used here are Flower 1.42
+internals (unchanged since 1.41): :func:`require_supported_flwr` refuses any other version
+with a one-line message.
 The documented fallback is ``cxr-fl-client start --runtime flower``: Flower's own per-message
 ``flwr-clientapp`` (``--isolation subprocess``), slower, and without the app allow-list (it runs
 the FAB's code), for a Flower version this module does not support yet.
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FLWR_VERSION = "1.41.0"
+SUPPORTED_FLWR_VERSION = "1.42.0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLIENTAPP_REF = "client.app:app"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -1,6 +1,6 @@
 """A model as a few contiguous arrays, one per dtype, plus the layout that puts it back together.
 
-Why: Flower 1.41 moves a message as a tree of objects, one per ``Array`` of an ``ArrayRecord``
+Why: Flower 1.42 moves a message as a tree of objects, one per ``Array`` of an ``ArrayRecord``
 plus one per 5 MB chunk of it, and every object costs one call per hop (ServerApp -> SuperLink
 -> gateway -> SuperNode -> site runner, and back), one SQLite transaction in the SuperLink's
 store (when it keeps its state on disk) and a SHA-256 on each side. A ResNet18 state_dict is

@@ -1,6 +1,6 @@
 """The address sites connect to: a reverse proxy that forwards only Flower's Fleet API.
 
-Flower 1.41's SuperLink serves the Fleet API (``/v1/fleet/...``, what SuperNodes call), the
+Flower 1.42's SuperLink serves the Fleet API (``/v1/fleet/...``, what SuperNodes call), the
 Control API (``/v1/control/...``: submit, list and stop runs, register site keys) and the
 runtime API (``/v1/runtime/...``: what ServerApps call) from one FastAPI app on one
 ``--host/--port``, and the open-source build has no Control API authentication. Whoever reaches

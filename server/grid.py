@@ -1,6 +1,6 @@
 """A Grid that waits for replies in tenths of a second, not in Flower's fixed 3 s steps.
 
-Flower 1.41's deployed grid (``HttpGrid.send_and_receive``) sleeps 3 s between two pulls of
+Flower 1.42's deployed grid (``HttpGrid.send_and_receive``, as in 1.41) sleeps 3 s between two pulls of
 the replies, so a round whose sites answer in 0.4 s still takes 3 s; the simulation's
 ``InMemoryGrid`` pulls every 0.1 s. :class:`QuickReplyGrid` wraps whichever grid Flower hands
 the ServerApp (it subclasses the public ``flwr.serverapp.Grid`` base and delegates everything)
@@ -14,7 +14,7 @@ The project's own round loop (server/rounds.py) waits for replies through
 A reply is listed by the SuperLink as soon as its site starts uploading it, before its arrays
 have arrived; Flower's ``HttpGrid.pull_messages`` then waits for the missing objects with a
 backoff of 1 s, 2 s, 4 s... up to 10 s (its ``pull_objects`` defaults), so a resnet18 reply that
-takes 5 s to upload was taken up to 10 s late. Against Flower 1.41.0's ``HttpGrid``,
+takes 5 s to upload was taken up to 10 s late. Against Flower 1.42.0's ``HttpGrid`` (as 1.41.0's),
 :class:`QuickReplyGrid` pulls replies as that method does (the same Flower functions, called
 with :data:`REPLY_OBJECT_BACKOFF`); with any other grid or Flower version it calls the grid's
 own ``pull_messages``.
@@ -52,7 +52,7 @@ PULL_ERRORS_TOLERATED = 5
 """Failed pulls in a row that are logged and retried (a busy SuperLink answers 500 at times)."""
 REPLY_OBJECT_BACKOFF = (0.05, 0.5)
 """First and longest pause (s) between two asks for a reply's object still being uploaded."""
-QUICK_PULL_FLWR_VERSION = "1.41.0"
+QUICK_PULL_FLWR_VERSION = "1.42.0"
 """The Flower version whose ``HttpGrid.pull_messages`` :func:`pull_replies` follows."""
 
 
@@ -244,7 +244,7 @@ def quick_reply_grid(grid: Grid) -> QuickReplyGrid:
 
 
 def quick_pull_supported(grid: Grid) -> bool:
-    """Is ``grid`` the Flower 1.41.0 ``HttpGrid`` that :func:`pull_replies` was written against?"""
+    """Is ``grid`` the Flower 1.42.0 ``HttpGrid`` that :func:`pull_replies` was written against?"""
     import flwr
     from flwr.superlink.grid.http_grid import HttpGrid
 
@@ -253,7 +253,7 @@ def quick_pull_supported(grid: Grid) -> bool:
 
 def pull_replies(grid: Grid, message_ids: Iterable[str]) -> list[Message]:
     """The replies to ``message_ids`` that the SuperLink lists, as ``HttpGrid.pull_messages`` of
-    Flower 1.41.0 pulls them, except that objects still being uploaded are asked for again after
+    Flower 1.42.0 pulls them, except that objects still being uploaded are asked for again after
     :data:`REPLY_OBJECT_BACKOFF` (50 ms, growing to 0.5 s), not after 1 s growing to 10 s."""
     from typing import cast
 
@@ -273,7 +273,7 @@ def pull_replies(grid: Grid, message_ids: Iterable[str]) -> list[Message]:
         pull_objects,
     )
 
-    client = grid._runtime_client  # type: ignore[attr-defined]  # Flower 1.41.0 only
+    client = grid._runtime_client  # type: ignore[attr-defined]  # Flower 1.42.0 only
     node = grid.node  # type: ignore[attr-defined]
     run_id = grid.run.run_id
     first, longest = REPLY_OBJECT_BACKOFF

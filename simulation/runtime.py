@@ -19,7 +19,7 @@ site (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0``) without limiting how many share 
 
 An existing Ray cluster: ``ray_address`` (``HOST:PORT`` of its head, ``auto`` or
 ``ray://HOST:PORT``) reaches Flower's simulation process as ``RAY_ADDRESS``, which ``ray.init()``
-reads when Flower's Ray backend starts (Flower 1.41's federation config has no address field;
+reads when Flower's Ray backend starts (Flower 1.42's federation config has no address field;
 its ``init-args`` only carry CPU/GPU counts and logging, which Ray refuses when connecting to a
 cluster, so none are set). The cluster is not started or stopped here; its workers must see this
 project and its Python environment at the same paths. Without ``ray_address`` any

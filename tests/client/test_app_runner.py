@@ -126,7 +126,7 @@ def test_allow_app_hashes_are_checked() -> None:
 
 def test_other_flower_versions_are_refused_with_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     require_supported_flwr()  # the pinned version passes
-    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
     expected = f"flwr {SUPPORTED_FLWR_VERSION} only.*--runtime flower"
     with pytest.raises(RuntimeUnsupportedError, match=expected):
         require_supported_flwr()
@@ -191,7 +191,7 @@ def test_app_hash_command_prints_the_installed_hash(original_hash: str) -> None:
 def test_start_refuses_an_unsupported_flower_before_anything_else(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
     base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic", "--insecure"]
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
