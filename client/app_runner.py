@@ -232,8 +232,10 @@ class WarmClientAppRunner:
 
         if self.client_app is None:  # torch, flwr and the handlers, once (here: the site joins meanwhile)
             from client.app import app as installed_app
+            from common.metrics import preload_scorers
 
             self.client_app = installed_app
+            preload_scorers()  # else the first round that validates waits 2-3 s for scikit-learn
 
         clients = self._clients
         refused_claims = False

@@ -116,6 +116,13 @@ def _check_inputs(task: Task, targets: np.ndarray, scores: np.ndarray) -> tuple[
     return targets, scores
 
 
+def preload_scorers() -> None:
+    """Import scikit-learn's metrics now. They are imported on first use so that the CLIs start
+    quickly, but that first use costs 2-3 s on a 2-core machine: a long-lived process that will
+    score (the warm site runner) pays it at start-up instead of inside a federated round."""
+    import sklearn.metrics  # noqa: F401
+
+
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
