@@ -386,7 +386,14 @@ def study(
     ray_address: Annotated[str, RAY_ADDRESS_OPTION] = "",
 ) -> None:
     """The real-data study: run tables of cells (resumable), then write study.md and its plots."""
-    from simulation.study import TABLES, load_settings, table_cells, with_overrides, with_resources
+    from simulation.study import (
+        TABLES,
+        check_finished_cells,
+        load_settings,
+        table_cells,
+        with_overrides,
+        with_resources,
+    )
     from simulation.study_report import build_study_report
 
     allowed = (*TABLES, "all", "report")
@@ -398,8 +405,8 @@ def study(
         with_overrides(base, None, None, seed), gpus_per_site, ray_address, cpus_per_site
     )
     chosen = list(TABLES) if "all" in tables else [t for t in tables if t in TABLES]
-    for table in chosen:
-        table_cells(table, settings)  # every table's cells resolve before any work starts
+    for table in TABLES:  # every table's cells resolve, and none of the finished ones is stale,
+        check_finished_cells(table_cells(table, base), base)  # before any work starts
     for table in chosen:
         _run_study_table(table, settings)
     path = build_study_report(base)  # the report covers every seed of the config

@@ -556,9 +556,7 @@ def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
     raise ConfigError("split", cell.split, "one of " + ", ".join(SPLITS))
 
 
-def cell_run_config(
-    cell: Cell, settings: StudySettings, data: PreparedData, num_sites: int
-) -> dict[str, Any]:
+def cell_run_config(cell: Cell, settings: StudySettings, num_sites: int) -> dict[str, Any]:
     """The run settings of a cell: the study's [run] table plus what the cell changes."""
     config: dict[str, Any] = {
         **settings.run,
@@ -593,6 +591,63 @@ def cell_run_config(
 
 
 StageCallback = Callable[[str], None]
+
+# Run settings that say how a cell ran, not what it computed: a re-run may change them freely.
+OPERATIONAL_KEYS = frozenset(
+    {"num-threads", "cache-dir", "min-train-sites", "min-evaluate-sites", "min-available-sites"}
+)
+
+
+def _operational(key: str) -> bool:
+    # timeouts, and the public teacher's file (its path follows --out; the study writes it once)
+    return key in OPERATIONAL_KEYS or key.endswith("-timeout") or key == "teacher-weights"
+
+
+def _stored_run_config(folder: Path) -> dict[str, Any] | None:
+    result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    if isinstance(result.get("run_config"), dict):
+        return dict(result["run_config"])
+    recorded = folder / "experiment" / "run" / "run_config.json"  # cells finished before 2026-11-30
+    if recorded.is_file():
+        return dict(json.loads(recorded.read_text(encoding="utf-8")))
+    return None
+
+
+def stale_settings(cell: Cell, settings: StudySettings) -> dict[str, tuple[Any, Any]]:
+    """The run settings a finished cell ran with that the study's settings now change:
+    ``{key: (ran with, now)}``; empty when none differ or the cell kept no record of them."""
+    folder = settings.out / "cells" / cell.name
+    stored = _stored_run_config(folder)
+    if stored is None:
+        return {}
+    expected = cell_run_config(cell, settings, int(stored.get("min-train-sites", settings.sites)))
+    missing = "(not set)"
+    return {
+        key: (stored.get(key, missing), value)
+        for key, value in expected.items()
+        if not _operational(key) and stored.get(key, missing) != value
+    }
+
+
+def check_finished_cells(cells: list[Cell], settings: StudySettings) -> None:
+    """Refuse, before any cell runs, to reuse a finished cell whose settings the study now changes
+    (its results would be reported under settings it never ran with)."""
+    problems = []
+    for cell in cells:
+        if not (settings.out / "cells" / cell.name / "result.json").is_file():
+            continue
+        changed = stale_settings(cell, settings)
+        if changed:
+            listed = ", ".join(
+                f"{key} = {was!r} (now {now!r})" for key, (was, now) in sorted(changed.items())
+            )
+            problems.append(f"  {settings.out / 'cells' / cell.name}: ran with {listed}")
+    if problems:
+        raise DataError(
+            f"finished cells of the study in {settings.out} ran with other settings than "
+            f"{settings.config_file} now gives:\n" + "\n".join(problems) + "\nMove or delete those "
+            "folders to run the cells again with the new settings, or restore the old settings."
+        )
 
 
 def run_cell(
@@ -631,12 +686,13 @@ def run_cell(
         if cell.split == "natural"
         else (settings.nih_sites if cell.dataset == "nih" else settings.sites)
     )
+    run_config = cell_run_config(cell, settings, num_sites)
     config = ExperimentConfig(
         out=folder / "experiment",
         sources=(SourceSpec("manifest", str(data.pool)),),
         task=settings.datasets[cell.dataset].task,
         partition=_partition_spec(cell, settings),
-        run_config=cell_run_config(cell, settings, data, num_sites),
+        run_config=run_config,
         require_all_classes=cell.dataset != "nih",  # 1,000 NIH images: some findings are very rare
         gpus_per_site=settings.gpus_per_site,
         cpus_per_site=settings.cpus_per_site,
@@ -654,6 +710,7 @@ def run_cell(
     else:
         result = score_cell(cell, experiment.out, data)
     result["seconds"] = {"federated": federated_seconds, "total": time.perf_counter() - started}
+    result["run_config"] = run_config  # what check_finished_cells compares on a re-run
     write_json(result_path, result)
     return result
 
@@ -796,6 +853,7 @@ def run_table(
 ) -> list[dict[str, Any]]:
     """Run (or resume) every cell of a table; records the table's wall time and machine."""
     cells = table_cells(table, settings)
+    check_finished_cells(cells, settings)
     started = time.perf_counter()
     results = []
     for i, cell in enumerate(cells):

@@ -152,11 +152,10 @@ def test_the_study_cpus_per_site_reach_the_cells_and_are_checked(tmp_path: Path)
 
 
 def test_a_site_with_two_cpus_trains_with_two_threads(tmp_path: Path) -> None:
-    from simulation.study import Cell, PreparedData, cell_run_config
+    from simulation.study import Cell, cell_run_config
 
     base = StudySettings(config_file=tmp_path / "s.toml", out=tmp_path, results=tmp_path, datasets={}, run={})
     cell = Cell("privacy", "cxr", "dirichlet-0.5", "fedavg", 0, dp_epsilon=8.0, norm="group")
-    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
 
-    assert "num-threads" not in cell_run_config(cell, base, data, 5)
-    assert cell_run_config(cell, with_resources(base, 0.0, "", 2), data, 5)["num-threads"] == 2
+    assert "num-threads" not in cell_run_config(cell, base, 5)
+    assert cell_run_config(cell, with_resources(base, 0.0, "", 2), 5)["num-threads"] == 2

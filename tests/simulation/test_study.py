@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,10 +165,9 @@ def test_two_attempts_with_one_name_are_refused(tmp_path: Path) -> None:
 
 
 def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Path) -> None:
-    from simulation.study import PreparedData, cell_run_config
+    from simulation.study import cell_run_config
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
-    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
 
     rounds, rounds_seed_1, kd = table_cells("attempts", settings)
 
@@ -184,9 +184,9 @@ def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Pat
     assert kd.base.name == "cxr-dirichlet-0.5-fedavg-fedstudent-s0"
     assert rounds.pooled
     assert kd.federated_student
-    assert cell_run_config(rounds, settings, data, 2)["num-rounds"] == 4
-    assert cell_run_config(rounds.base, settings, data, 2)["num-rounds"] == 2
-    kd_config = cell_run_config(kd, settings, data, 2)
+    assert cell_run_config(rounds, settings, 2)["num-rounds"] == 4
+    assert cell_run_config(rounds.base, settings, 2)["num-rounds"] == 2
+    kd_config = cell_run_config(kd, settings, 2)
     assert (kd_config["kd-epochs"], kd_config["kd-federated-student-rounds"]) == (3, 2)
 
 
@@ -418,6 +418,7 @@ def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
     # brightness encodes the label, so the federated teacher learns it
     assert result["teachers"]["federated"]["auroc_macro"] > 0.8
     assert run_cell(cell, settings) == result  # a finished cell is read back, not re-run
+    assert result["run_config"]["kd-federated-student-rounds"] == 1  # kept for the staleness check
 
 
 def test_a_cell_whose_federated_student_was_not_delivered_is_not_kept(tmp_path: Path) -> None:
@@ -429,7 +430,80 @@ def test_a_cell_whose_federated_student_was_not_delivered_is_not_kept(tmp_path: 
         json.dumps({"federated_student": "not completed (federated student round 11: 4 site(s) replied)"})
     )
     cell = Cell("students", "cxr", "dirichlet-0.5", "fedavg", 0, kd=True, federated_student=True)
-    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
 
+    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
     with pytest.raises(DataError, match=r"federated student was not delivered.*4 site"):
         score_cell(cell, tmp_path / "experiment", data)
+
+
+def _finish_cell(
+    settings: Any, cell: Cell, run_config: dict[str, Any] | None, *, in_experiment: bool = False
+) -> Path:
+    """A finished cell's folder whose result records ``run_config`` (or, as cells finished before
+    results kept it, only the experiment's ``run/run_config.json``)."""
+    folder = settings.out / "cells" / cell.name
+    folder.mkdir(parents=True)
+    result: dict[str, Any] = {"cell": {"name": cell.name}}
+    if run_config is None:
+        pass
+    elif in_experiment:
+        (folder / "experiment" / "run").mkdir(parents=True)
+        (folder / "experiment" / "run" / "run_config.json").write_text(json.dumps(run_config))
+    else:
+        result["run_config"] = run_config
+    (folder / "result.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.mark.parametrize("in_experiment", [False, True])
+def test_a_finished_cell_run_with_other_settings_is_refused_before_any_work(
+    tmp_path: Path, in_experiment: bool
+) -> None:
+    from simulation.study import cell_run_config, check_finished_cells
+
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    students = table_cells("students", settings)
+    ran_with = {**cell_run_config(students[0], settings, 2), "kd-federated-student-rounds": 10}
+    folder = _finish_cell(settings, students[0], ran_with, in_experiment=in_experiment)
+
+    with pytest.raises(DataError) as refused:
+        check_finished_cells(students, settings)
+
+    message = str(refused.value)
+    assert str(folder) in message
+    assert "kd-federated-student-rounds = 10 (now 1)" in message
+    assert "Move or delete" in message
+
+
+def test_how_a_finished_cell_ran_may_change_without_refusing_it(tmp_path: Path) -> None:
+    from simulation.study import cell_run_config, check_finished_cells
+
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    cells = table_cells("students", settings)
+    ran_with = {
+        **cell_run_config(cells[0], settings, 2),
+        "num-threads": 2,  # --cpus-per-site 2
+        "cache-dir": "/elsewhere/cache",  # another --out
+        "round-timeout": 3600.0,
+        "min-train-sites": 2,
+    }
+    _finish_cell(settings, cells[0], ran_with)
+    _finish_cell(settings, cells[1], None)  # no record of its settings: nothing to compare
+
+    check_finished_cells(cells, settings)  # no error
+
+
+def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Path) -> None:
+    from simulation.study import cell_run_config
+
+    config = _write_config(tmp_path, tmp_path / "pool.csv")
+    settings = load_settings(config)
+    cell = table_cells("headline", settings)[0]
+    _finish_cell(settings, cell, {**cell_run_config(cell, settings, 2), "num-rounds": 7})
+
+    result = CliRunner().invoke(cli.app, ["study", "report", "--config", str(config)])
+
+    assert result.exit_code != 0
+    assert "num-rounds = 7 (now 2)" in result.output
+    assert "Traceback" not in result.output
+    assert not (settings.results / "study.md").exists()  # nothing written from the stale cell

@@ -14,7 +14,6 @@ from common.bootstrap import percentile_interval, stratified_weights, weighted_a
 from common.errors import ConfigError, DataError
 from simulation.study import (
     Cell,
-    PreparedData,
     cell_run_config,
     load_settings,
     prepare,
@@ -140,13 +139,12 @@ def test_external_cells_are_named_by_the_cell_scheme(tmp_path: Path) -> None:
     ]
     assert all(c.kd and c.federated_student and c.holdout for c in cells)
     assert dict(cells[2].overrides) == {"preprocess-equalize": True}
-    data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
-    config = cell_run_config(cells[2], settings, data, 2)
+    config = cell_run_config(cells[2], settings, 2)
     assert config["preprocess-equalize"] is True
     assert config["kd-enabled"] is True
     assert config["kd-no-kd-baseline"] is False  # the external table needs no no-KD twins
     assert config["kd-federated-student-rounds"] == settings.federated_student_rounds
-    assert "preprocess-equalize" not in cell_run_config(cells[0], settings, data, 2)
+    assert "preprocess-equalize" not in cell_run_config(cells[0], settings, 2)
     assert cells[2].base.name == cells[0].name  # the variant set beside the study's settings
     # the cell name is derived from the Cell's fields, never re-spelled
     assert Cell("", "cxr", "dirichlet-0.5", "fedavg", 0, federated_student=True, holdout="covid-a").name == (
