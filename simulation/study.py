@@ -604,7 +604,13 @@ def _operational(key: str) -> bool:
 
 
 def _stored_run_config(folder: Path) -> dict[str, Any] | None:
-    result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    path = folder / "result.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: not a readable result ({exc}); delete the folder to run the cell again"
+        ) from exc
     if isinstance(result.get("run_config"), dict):
         return dict(result["run_config"])
     recorded = folder / "experiment" / "run" / "run_config.json"  # cells finished before 2026-11-30

@@ -507,3 +507,15 @@ def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Pat
     assert "num-rounds = 7 (now 2)" in result.output
     assert "Traceback" not in result.output
     assert not (settings.results / "study.md").exists()  # nothing written from the stale cell
+
+
+def test_a_corrupt_finished_cell_is_named_with_the_fix(tmp_path: Path) -> None:
+    from simulation.study import check_finished_cells
+
+    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    cells = table_cells("students", settings)
+    folder = _finish_cell(settings, cells[0], None)
+    (folder / "result.json").write_text('{"cell": ', encoding="utf-8")  # cut off mid-write
+
+    with pytest.raises(DataError, match=r"result\.json: not a readable result.*delete the folder"):
+        check_finished_cells(cells, settings)
