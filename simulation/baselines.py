@@ -16,6 +16,7 @@ without KD is trained at the sites during the distillation round, see ``kd-no-kd
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -109,19 +110,30 @@ class _Pooled(ConcatDataset[Any]):
 def train_baseline(data: TrainingData, settings: FederatedRunConfig, *, seed: int) -> dict[str, torch.Tensor]:
     """A teacher trained on ``data`` with the site's own loop (:func:`common.local.train_round`):
     from the run's initial weights, for the epochs a site trains in the whole run, without DP,
-    on the run's ``device`` as resolved on this machine (the weights come back on the CPU)."""
+    on the run's ``device`` as resolved on this machine (the weights come back on the CPU).
+
+    It trains alone, after the federation, so it uses every core this process may run on (a
+    site's ``num-threads`` is its share of the machine while all sites train at once)."""
     epochs = settings.run.num_rounds * settings.train.local_epochs
     initial = initial_teacher_state(settings.teacher, settings.task, settings.train.seed)
+    threads = max(settings.train.num_threads, available_cores())
     outcome = train_round(
         data,
         settings.task,
         settings.teacher,
         initial,
-        replace(settings.train, local_epochs=epochs, proximal_mu=0.0),
+        replace(settings.train, local_epochs=epochs, proximal_mu=0.0, num_threads=threads),
         seed=seed,
         compute=resolve_compute(settings.compute),
     )
     return outcome.state_dict
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[str, Any]:

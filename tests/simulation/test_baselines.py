@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from common.local import SiteData, load_site_data, site_data_request
@@ -38,3 +41,32 @@ def test_the_pool_is_the_union_of_the_sites_training_splits(tmp_path: Path) -> N
     assert len(pooled) == sum(len(s.dataset("train")) for s in sites)
     pooled.set_epoch(1)
     assert all(d.epoch == 1 for d in pooled.datasets)  # type: ignore[attr-defined]
+
+
+def test_a_baseline_trains_with_every_core_the_process_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulation.baselines as baselines
+
+    settings = run_settings_from_config(check_run_config({**TINY, "num-threads": 1}))
+    site = _site(tmp_path, settings, seed=1)
+    used: list[int] = []
+    real_train_round = baselines.train_round
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        used.append(args[4].num_threads)  # the TrainConfig
+        return real_train_round(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "train_round", spy)
+    monkeypatch.setattr(baselines, "available_cores", lambda: 3)
+    train_baseline(site, settings, seed=5)
+    many = run_settings_from_config(check_run_config({**TINY, "num-threads": 4}))
+    train_baseline(site, many, seed=5)
+
+    assert used == [3, 4]  # never fewer than the run's own num-threads
+
+
+def test_available_cores_counts_the_cores_this_process_may_run_on() -> None:
+    from simulation.baselines import available_cores
+
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
