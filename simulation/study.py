@@ -603,19 +603,28 @@ def _operational(key: str) -> bool:
     return key in OPERATIONAL_KEYS or key.endswith("-timeout") or key == "teacher-weights"
 
 
-def _stored_run_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / "result.json"
+def _read_cell_record(folder: Path, path: Path) -> dict[str, Any]:
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(
-            f"{path}: not a readable result ({exc}); delete the folder to run the cell again"
+            f"{path}: not a readable result ({exc}); delete the folder {folder} to run the cell again"
         ) from exc
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{path}: not a readable result (not a JSON object); delete the folder {folder} to run "
+            "the cell again"
+        )
+    return record
+
+
+def _stored_run_config(folder: Path) -> dict[str, Any] | None:
+    result = _read_cell_record(folder, folder / "result.json")
     if isinstance(result.get("run_config"), dict):
         return dict(result["run_config"])
     recorded = folder / "experiment" / "run" / "run_config.json"  # cells finished before 2026-11-30
     if recorded.is_file():
-        return dict(json.loads(recorded.read_text(encoding="utf-8")))
+        return _read_cell_record(folder, recorded)
     return None
 
 

@@ -430,8 +430,8 @@ def test_a_cell_whose_federated_student_was_not_delivered_is_not_kept(tmp_path: 
         json.dumps({"federated_student": "not completed (federated student round 11: 4 site(s) replied)"})
     )
     cell = Cell("students", "cxr", "dirichlet-0.5", "fedavg", 0, kd=True, federated_student=True)
-
     data = PreparedData(tmp_path / "pool.csv", tmp_path / "test.csv", {})
+
     with pytest.raises(DataError, match=r"federated student was not delivered.*4 site"):
         score_cell(cell, tmp_path / "experiment", data)
 
@@ -444,12 +444,10 @@ def _finish_cell(
     folder = settings.out / "cells" / cell.name
     folder.mkdir(parents=True)
     result: dict[str, Any] = {"cell": {"name": cell.name}}
-    if run_config is None:
-        pass
-    elif in_experiment:
+    if run_config is not None and in_experiment:
         (folder / "experiment" / "run").mkdir(parents=True)
         (folder / "experiment" / "run" / "run_config.json").write_text(json.dumps(run_config))
-    else:
+    elif run_config is not None:
         result["run_config"] = run_config
     (folder / "result.json").write_text(json.dumps(result))
     return folder
