@@ -501,7 +501,7 @@ def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Pat
 
     result = CliRunner().invoke(cli.app, ["study", "report", "--config", str(config)])
 
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert "num-rounds = 7 (now 2)" in result.output
     assert "Traceback" not in result.output
     assert not (settings.results / "study.md").exists()  # nothing written from the stale cell
