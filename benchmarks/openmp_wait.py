@@ -65,13 +65,16 @@ def run_scenario(policy: str, processes: int, threads: int, busy: int, args: arg
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(POLICIES[policy])
     env["PYTHONPATH"] = str(ROOT)
-    loops = [subprocess.Popen([sys.executable, "-c", BUSY], env=env) for _ in range(busy)]
+    command = [sys.executable, "-c", WORKER, args.teacher, str(args.image_size), str(args.batch_size)]
+    command += [str(args.steps), str(threads)]
+    started: list[subprocess.Popen[str]] = []
     try:
-        command = [sys.executable, "-c", WORKER, args.teacher, str(args.image_size), str(args.batch_size)]
-        command += [str(args.steps), str(threads)]
+        loops = [subprocess.Popen([sys.executable, "-c", BUSY], env=env, text=True) for _ in range(busy)]
+        started += loops
         workers = [
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)
         ]
+        started += workers
         results = []
         for worker in workers:
             out, _ = worker.communicate()
@@ -80,9 +83,10 @@ def run_scenario(policy: str, processes: int, threads: int, busy: int, args: arg
             results.append(float(json.loads(out)))
         return max(results)
     finally:
-        for loop in loops:  # stopped by PID
-            loop.kill()
-            loop.wait()
+        for process in started:  # the busy loops, and any worker left on an error or Ctrl-C: by PID
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ def test_the_entry_points_load_torch_with_the_spinning_limited() -> None:
 
 
 def test_a_wait_policy_already_in_the_environment_is_left_as_it_is() -> None:
-    assert _probe("client.app", OMP_WAIT_POLICY="ACTIVE")["env"] == {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert _probe("client.app", GOMP_SPINCOUNT="0")["env"] == {"GOMP_SPINCOUNT": "0"}
+    assert _probe("client", OMP_WAIT_POLICY="ACTIVE")["env"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert _probe("client", GOMP_SPINCOUNT="0")["env"] == {"GOMP_SPINCOUNT": "0"}
 
 
 def test_the_function_says_whether_it_reaches_this_process() -> None:
