@@ -14,6 +14,7 @@ be met) becomes an error reply whose reason the server logs, not a hang or a tra
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -107,6 +108,20 @@ def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
     )
 
 
+def _site_seed(site: SiteConfig, *parts: object) -> int:
+    """The seed of a random choice at this site (data order, augmentation, dropout, the student's
+    start). A simulated site derives it from ``parts`` (run seed, phase, round, name), so studies
+    repeat; a deployed site draws it from its own entropy: every part is known to the
+    coordinator, and what it shapes leaves the site in the weights."""
+    return derive_seed(*parts) if site.simulated else secrets.randbits(31)
+
+
+def _dp_seed(site: SiteConfig, *parts: object) -> int | None:
+    """The seed of DP-SGD's noise and sampling: only a simulated site (the coordinator's own
+    partition) has one; a deployed site's come from the OS's entropy (common/privacy.py)."""
+    return derive_seed(*parts, "dp") if site.simulated else None
+
+
 def _site_label(context: Context) -> str:
     """The site's name for error replies, even when its node_config could not be read."""
     if "site-name" in context.node_config:
@@ -167,10 +182,11 @@ def _train(
         settings.teacher,
         global_state,
         train,
-        seed=derive_seed(settings.train.seed, server_round, site.name),
+        seed=_site_seed(site, settings.train.seed, server_round, site.name),
         privacy=privacy,
         dp_plan=entry.plan if entry else None,
         dp_history=entry.history if entry else None,
+        dp_seed=_dp_seed(site, settings.train.seed, server_round, site.name),
         num_rounds=num_rounds,
         compute=site.resolve_compute(dp=privacy.enabled),
     )
@@ -269,7 +285,7 @@ def _distill(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
     teacher_state = msg.content["arrays"].to_torch_state_dict()
-    seed = derive_seed(settings.distill.seed, "distill", site.name)
+    seed = _site_seed(site, settings.distill.seed, "distill", site.name)
     outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed)
     metrics = dict(outcome.metrics)
     if settings.kd_no_kd_baseline:
@@ -386,7 +402,7 @@ def _student_round(
         data,
         teacher_state,
         **teacher_options,
-        seed=derive_seed(settings.distill.seed, "federated-student", server_round, site.name),
+        seed=_site_seed(site, settings.distill.seed, "federated-student", server_round, site.name),
         student_state=msg.content["arrays"].to_torch_state_dict(),
         epochs=settings.train.local_epochs,
         evaluate_teacher=False,
@@ -469,7 +485,7 @@ def _personalise(
         data,
         teacher_state,
         **teacher_options,
-        seed=derive_seed(settings.distill.seed, "personalise", site.name),
+        seed=_site_seed(site, settings.distill.seed, "personalise", site.name),
         student_state=global_state,
         epochs=epochs,
         evaluate_teacher=False,

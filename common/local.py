@@ -5,8 +5,11 @@ The ClientApp (client/app.py) calls these with typed settings; the simulation's 
 (pooled teacher, local-only teachers) call the same functions, so federated and centralised
 results come from one code path.
 
-Determinism: every random choice of a round (data order, augmentation, dropout, DP noise) is
-seeded from ``(run seed, round, site name)``, so a resumed run repeats the straight run.
+Randomness: every random choice of a round (data order, augmentation, dropout) draws from the
+``seed`` its caller passes. A simulation derives it from ``(run seed, round, site name)``, so a
+resumed run repeats the straight run; a deployed site draws it from its own entropy
+(client/app.py). DP-SGD's noise and Poisson sampling draw from the OS's entropy unless a
+simulation passes ``dp_seed`` (common/privacy.py :func:`dp_generator`).
 """
 
 from __future__ import annotations
@@ -236,6 +239,7 @@ def train_round(
     privacy: PrivacyConfig | None = None,
     dp_plan: DPPlan | None = None,
     dp_history: AccountantHistory | None = None,
+    dp_seed: int | None = None,
     num_rounds: int = 1,
     progress: ProgressArg = None,
     compute: Compute = CPU,
@@ -244,7 +248,8 @@ def train_round(
 
     With ``privacy.enabled`` the round uses DP-SGD: the plan (noise multiplier for the whole
     run of ``num_rounds``) is made on first use, and the round is refused with
-    BudgetExhaustedError if it would take the site past its target epsilon.
+    BudgetExhaustedError if it would take the site past its target epsilon. Its noise and batch
+    sampling come from the OS's entropy; only simulations pass ``dp_seed`` to repeat them.
     ``compute`` is the device (and precision) to train on; the returned weights are on the CPU.
     """
     seed_everything(seed)
@@ -289,7 +294,7 @@ def train_round(
             loader,
             plan,
             history,
-            seed=seed,
+            dp_seed=dp_seed,
             max_physical_batch_size=privacy.max_physical_batch_size,
         )
         trained_model, optimizer = private.model, private.optimizer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -237,6 +238,18 @@ class PrivateTraining:
         return epsilon_of(self.history(), self.plan)
 
 
+def dp_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator for DP-SGD's noise or Poisson sampling.
+
+    ``seed=None`` (a deployed site) seeds it with 64 bits of the operating system's entropy
+    (:mod:`secrets`), drawn afresh for every round and never stored or sent: the coordinator, which
+    knows every run setting, the round and the site's name, cannot regenerate the noise and
+    subtract it from the weights. Only a simulation passes a seed, to repeat its runs exactly.
+    (Opacus' own ``secure_mode`` needs torchcsprng, which does not support this torch.)
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64) if seed is None else seed)
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -244,12 +257,15 @@ def make_private(
     plan: DPPlan,
     history: AccountantHistory,
     *,
-    seed: int,
+    dp_seed: int | None,
     max_physical_batch_size: int = 16,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with the plan's noise, continuing the accountant from ``history``.
 
-    Train on :meth:`PrivateTraining.physical_batches` to bound memory for large batches.
+    The noise and the Poisson sampling of the batches draw from :func:`dp_generator`:
+    ``dp_seed=None`` takes both from the OS's entropy (every deployed site), a seed makes them
+    repeatable (simulations only). Train on :meth:`PrivateTraining.physical_batches` to bound
+    memory for large batches.
     """
     from opacus import PrivacyEngine
 
@@ -257,7 +273,9 @@ def make_private(
     engine = PrivacyEngine(accountant=plan.accountant)
     # Opacus draws the noise on each parameter's device with this generator: they must match.
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    noise = dp_generator(device, dp_seed)
+    # Opacus' Poisson sampler takes the loader's generator
+    loader.generator = dp_generator("cpu", None if dp_seed is None else dp_seed + 1)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -265,7 +283,7 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
-        noise_generator=generator,
+        noise_generator=noise,
     )
     engine.accountant.history = [tuple(h) for h in history]
     logger.info(

@@ -62,7 +62,7 @@ def test_batchnorm_model_is_refused_with_the_reason() -> None:
     loader = DataLoader(TensorDataset(torch.zeros(16, 1, 32, 32), torch.zeros(16, 2)), batch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(PrivacyError, match="norm='group'"):
-        make_private(model, optimizer, loader, plan, [], seed=0)
+        make_private(model, optimizer, loader, plan, [], dp_seed=0)
 
 
 def _group_norm_model_and_loader(images: int, batch_size: int) -> tuple[Task, torch.nn.Module, DataLoader]:
@@ -79,7 +79,7 @@ def test_private_training_continues_the_accountant_and_unwraps() -> None:
     plan = plan_dp(POLICY, num_examples=32, batch_size=8, local_epochs=1, num_rounds=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    first = make_private(model, make_optimizer(model, TrainConfig(lr=0.05)), loader, plan, [], seed=1)
+    first = make_private(model, make_optimizer(model, TrainConfig(lr=0.05)), loader, plan, [], dp_seed=1)
     train_one_epoch(first.model, first.loader, task, first.optimizer)
     after_one = first.epsilon()
     # Each round starts from a fresh model holding the (unwrapped) weights, as a site does.
@@ -91,7 +91,7 @@ def test_private_training_continues_the_accountant_and_unwraps() -> None:
         loader,
         plan,
         first.history(),
-        seed=2,
+        dp_seed=2,
     )
     train_one_epoch(second.model, second.loader, task, second.optimizer)
 
@@ -121,7 +121,7 @@ def test_large_logical_batches_run_in_small_physical_batches_with_one_noisy_step
         loader,
         plan,
         [],
-        seed=3,
+        dp_seed=3,
         max_physical_batch_size=4,
     )
     forward_sizes: list[int] = []
