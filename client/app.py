@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
-from client.disclosure import shareable_metrics
+from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
@@ -81,7 +81,7 @@ def packed_arrays_mod(
         msg.content = unpack_content(msg.content)
     except PackedModelError as exc:
         logger.error("Refused the server's message: %s", exc)
-        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
+        return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
     reply = call_next(msg, context)
     if reply.has_content():
         reply.content, _ = pack_content(reply.content)
@@ -131,6 +131,20 @@ def _site_label(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
+def _outgoing(msg: Message, context: Context, reply: RecordDict | Error, *, dp: bool = False) -> Message:
+    """The one way out of this ClientApp: every reply and every error text leaves through here,
+    shaped by the site's disclosure (client/disclosure.py: coarse numbers, no class-revealing
+    metrics unless the site opted in, nothing computed on the training split under DP, no
+    paths or counts in error texts). ``dp``: the site trains under DP in this run."""
+    disclosure = site_disclosure(context.node_config)
+    if isinstance(reply, Error):
+        text = disclosure.text(reply.reason or "")
+        return Message(Error(reply.code, error_reason(_site_label(context), text)), reply_to=msg)
+    for name, record in list(reply.metric_records.items()):
+        reply[name] = MetricRecord(disclosure.metrics(record, dp=dp))
+    return Message(reply, reply_to=msg)
+
+
 def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     """Run a handler; turn known failures into error replies with a reason."""
     try:
@@ -139,22 +153,17 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         site.out_dir.mkdir(parents=True, exist_ok=True)
         data = load_site_data(data_request(settings, site))
         content = handler(msg, settings, site, data, context)
-        for name, record in list(content.metric_records.items()):  # every metric record leaving
-            content[name] = MetricRecord(
-                shareable_metrics(record, share_per_class=site.share_per_class_metrics)
-            )
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
-        return Message(content, reply_to=msg)
+        return _outgoing(msg, context, content, dp=_privacy(settings, site, data).enabled)
     except (BudgetExhaustedError, LedgerIntegrityError) as exc:
         logger.warning("Declining: %s", exc)
-        return Message(Error(SITE_DECLINED, error_reason(_site_label(context), str(exc))), reply_to=msg)
+        return _outgoing(msg, context, Error(SITE_DECLINED, str(exc)))
     except CxrFlError as exc:
         logger.error("Site cannot take part: %s", exc)
-        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
+        return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
     except Exception as exc:  # a bug at one site must not hang the federation
         logger.exception("Site failed")
-        text = f"{type(exc).__name__}: {exc}"
-        return Message(Error(SITE_FAILED, error_reason(_site_label(context), text)), reply_to=msg)
+        return _outgoing(msg, context, Error(SITE_FAILED, f"{type(exc).__name__}: {exc}"))
 
 
 def _train(
@@ -553,8 +562,8 @@ def finish(msg: Message, context: Context) -> Message:
         site = site_from_node_config(context.node_config, settings)
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:
-        return Message(Error(SITE_BAD_INPUT, error_reason(_site_label(context), str(exc))), reply_to=msg)
-    return Message(RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})}), reply_to=msg)
+        return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
+    return _outgoing(msg, context, RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})}))
 
 
 @app.train("student")

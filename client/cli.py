@@ -486,7 +486,15 @@ def start(
         bool,
         typer.Option(
             "--share-per-class-metrics",
-            help="Also send accuracy, F1 and per-class metrics and exact counts (they reveal class counts).",
+            help="Also send accuracy, F1 and per-class metrics (rounded; they reveal class shares).",
+        ),
+    ] = False,
+    share_exact_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--share-exact-metrics",
+            help="Send every figure, count and error text at full precision instead of rounded to 2 "
+            "significant digits (research federations; a crafted model can then read class counts).",
         ),
     ] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
@@ -587,6 +595,7 @@ def start(
             dp_accountant=accountant,
             privacy_ledger=privacy_ledger,
             share_per_class_metrics=share_per_class_metrics,
+            share_exact_metrics=share_exact_metrics,
             num_threads=threads,
             device=device,
             connect_timeout=connect_timeout,

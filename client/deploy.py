@@ -100,6 +100,7 @@ class SiteNodeSettings:
     dp_accountant: str | None = None
     privacy_ledger: Path | None = None
     share_per_class_metrics: bool = False
+    share_exact_metrics: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
     device: str = "auto"
@@ -178,6 +179,7 @@ class SiteNodeSettings:
         if self.privacy_ledger is not None:
             values["privacy-ledger"] = str(self.privacy_ledger.resolve())
         values["share-per-class-metrics"] = self.share_per_class_metrics
+        values["share-exact-metrics"] = self.share_exact_metrics
         for key, value in (
             ("dp-target-epsilon", self.dp_target_epsilon),
             ("dp-target-delta", self.dp_target_delta),

@@ -1,24 +1,65 @@
-"""What a site's metric replies may say about its data.
+"""What a site's replies may say about its data: every number coarse, nothing that names a file.
 
 A coordinator needs a loss, the macro AUROC and rough example counts to aggregate (FedAvg weights)
-and to pick a model. Accuracy, balanced accuracy, macro F1 and every per-class figure, together
-with an exact count, let it recover the site's class counts (a model that predicts one class
-makes accuracy the share of that class). By default a deployed site sends none of them and
-rounds its counts (:func:`bucket_count`); ``cxr-fl-client start --share-per-class-metrics``
-(node_config ``share-per-class-metrics=true``) sends everything, exact. Simulated sites share by
-default: they are the coordinator's own partitions and the simulation report uses their figures.
+and to pick a model. But it also chooses the model a site scores: with a crafted model (one that
+predicts a constant, known distribution) a loss at full float precision is a linear function of
+the site's class shares, and accuracy, balanced accuracy, macro F1 and per-class figures give
+them directly. Timings times throughput give the size of the training split. So, by default, a
+deployed site:
+
+- sends no class-revealing metric (all but the macro AUROC and the losses; per-class figures are
+  named ``<metric>/<class>``);
+- rounds every other number to two significant digits (:func:`coarse`): what a coordinator can
+  solve for from a crafted model is then no finer than that rounding; example counts are rounded
+  the same way, in steps of at least 10 (:func:`bucket_count`);
+- under DP, sends nothing computed on the training split besides the noised weights: no
+  training loss, no timings or throughput, no noise multiplier (it follows from the split's
+  size); the epsilon spent, coarse, stays;
+- sends error texts without file or folder names, with every integer replaced by ``#`` and
+  every other number coarse (:func:`public_text`); the site's own log keeps the full text.
+
+Opt-ins, the site's own options (node_config, never a run setting): ``share-per-class-metrics``
+(``cxr-fl-client start --share-per-class-metrics``) adds the class-revealing metrics, still
+coarse; ``share-exact-metrics`` sends every figure and error text at full precision (research
+federations whose sites agree to it). Simulated sites are the coordinator's own partitions and
+share everything, exactly, for the simulation's reports. Paths never leave any site.
+
+:class:`Disclosure` is the one place that shapes what leaves: the ClientApp passes every reply's
+records and every error text through it (client/app.py ``_outgoing``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
+from client.site import is_simulated
+from common.errors import ConfigError
 from common.metrics import PER_CLASS_NAMES, SCALAR_NAMES
-from common.protocol import WEIGHT_KEY
+from common.protocol import WEIGHT_KEY, scrub_paths
+from common.run_settings import parse_bool
 
 CLASS_REVEALING = tuple(name for name in SCALAR_NAMES if name != "auroc_macro")
 """Scalar metrics that, with a crafted model, give class shares (all but the macro AUROC)."""
+
+TRAINING_SPLIT_KEYS = frozenset(
+    {"loss", "train_seconds", "images_per_s", "dp_noise_multiplier", "distill_seconds"}
+)
+"""Figures computed on the training split (besides the weights): never sent by a DP site."""
+
+SIGNIFICANT_DIGITS = 2
+
+_NUMBER = re.compile(r"(?<![\w.-])[-+]?(\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w])")
+
+
+def coarse(value: float) -> float:
+    """``value`` rounded to two significant digits (NaN and infinities as they are)."""
+    if not math.isfinite(value) or value == 0:
+        return float(value)
+    return float(f"{value:.{SIGNIFICANT_DIGITS - 1}e}")
 
 
 def bucket_count(n: int) -> int:
@@ -39,11 +80,62 @@ def _reveals_classes(key: str) -> bool:
     return any(key == name or key.endswith("_" + name) for name in (*CLASS_REVEALING, *PER_CLASS_NAMES))
 
 
-def shareable_metrics(metrics: Mapping[str, float | int], *, share_per_class: bool) -> dict[str, float | int]:
-    """The metrics a site sends: all of them when it opted in, else no class-revealing ones."""
-    if share_per_class:
-        return dict(metrics)
-    out = {k: v for k, v in metrics.items() if not _reveals_classes(k)}
-    if WEIGHT_KEY in out:
-        out[WEIGHT_KEY] = bucket_count(int(out[WEIGHT_KEY]))
-    return out
+def _coarse_number(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if re.fullmatch(r"[-+]?\d+", text):
+        return "#"  # an integer may be a count: none leaves
+    return f"{coarse(float(text)):g}"
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """What one site's replies may carry (see the module docstring)."""
+
+    per_class: bool = False
+    exact: bool = False
+
+    def metrics(self, metrics: Mapping[str, float | int], *, dp: bool = False) -> dict[str, float | int]:
+        """The metrics a reply may carry; ``dp``: the site trains under DP in this run."""
+        out = dict(metrics)
+        if dp and not self.exact:
+            out = {k: v for k, v in out.items() if k not in TRAINING_SPLIT_KEYS}
+        if not self.per_class:
+            out = {k: v for k, v in out.items() if not _reveals_classes(k)}
+        if self.exact:
+            return out
+        return {k: bucket_count(int(v)) if k == WEIGHT_KEY else _coarse_value(v) for k, v in out.items()}
+
+    def text(self, text: str) -> str:
+        """An error text as it may leave: never paths; numbers coarse unless ``exact``."""
+        text = scrub_paths(text)
+        return text if self.exact else _NUMBER.sub(_coarse_number, text)
+
+
+def _coarse_value(value: float | int) -> float | int:
+    if isinstance(value, bool) or (isinstance(value, int) and abs(value) <= 1):
+        return value
+    return coarse(float(value))
+
+
+PER_CLASS_KEY = "share-per-class-metrics"
+EXACT_KEY = "share-exact-metrics"
+
+
+def site_disclosure(node_config: Mapping[str, Any]) -> Disclosure:
+    """The site's disclosure, from its own node_config only (never from the run settings).
+
+    A simulated site shares everything unless its node_config says otherwise; a deployed site
+    shares nothing more than the defaults unless it opted in. An option that cannot be read
+    leaves the strictest disclosure (the reply then says what to fix).
+    """
+    default = is_simulated(node_config)
+    try:
+        return Disclosure(
+            per_class=_flag(node_config, PER_CLASS_KEY, default), exact=_flag(node_config, EXACT_KEY, default)
+        )
+    except ConfigError:
+        return Disclosure()
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    return parse_bool(f"node_config '{key}'", node_config.get(key, default), text=True)

@@ -5,6 +5,7 @@ In a deployment ``cxr-fl-client start`` passes these as SuperNode ``--node-confi
     site-name="st-marys" data-path="/data/cxr" data-format="image-folder" out-dir="/srv/cxr-fl"
     dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0 dp-accountant="rdp"
     privacy-ledger="/srv/cxr-fl/privacy/ledger.json" share-per-class-metrics=false
+    share-exact-metrics=false
 
 In Flower's simulation runtime node_config only carries ``partition-id`` and
 ``num-partitions``; the site then reads ``site_<id>.csv`` (manifest format) from the run's
@@ -74,6 +75,8 @@ class SiteConfig:
     # the site set its own delta (otherwise the site default, capped at 1/N, applies)
     delta_from_site: bool = False
     share_per_class_metrics: bool = False
+    # every figure and error text at full precision (client/disclosure.py)
+    share_exact_metrics: bool = False
     # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
     simulated: bool = False
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -194,6 +197,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             num_threads=1,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
             share_per_class_metrics=_flag(node_config, "share-per-class-metrics", True),
+            share_exact_metrics=_flag(node_config, "share-exact-metrics", True),
             simulated=True,
             compute=settings.compute,
         )
@@ -216,6 +220,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy_ledger=_ledger_option(node_config),
         delta_from_site="dp-target-delta" in node_config,
         share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
+        share_exact_metrics=_flag(node_config, "share-exact-metrics", False),
         compute=_site_compute(node_config, settings),
     )
 

@@ -34,13 +34,20 @@ VALIDATION_RECORD = "validation"
 _REASON = re.compile(r"^site '([^']*)': (.*)$", re.DOTALL)
 
 
-# Absolute paths, and any file name of an image: they may carry patient identifiers.
-_PATHS = re.compile(r"(?<![\w.])/[^\s'\"]+|[^\s'\"/]+\.(?:png|jpe?g|dcm|bmp|tiff?|npz)\b", re.IGNORECASE)
+# Paths (absolute or relative, quoted ones with spaces too) and file names of images and tables:
+# folder and file names may carry patient identifiers.
+_QUOTED_PATHS = re.compile(r"(['\"])[^'\"\n]*[/\\][^'\"\n]*\1")
+_PATHS = re.compile(
+    r"[^\s'\"]*[/\\](?:[^\s'\"]*[^\s'\":;,.)])?|[^\s'\"/\\]+\.(?:png|jpe?g|dcm|bmp|tiff?|npz|csv|xlsx?|json|txt)\b",
+    re.IGNORECASE,
+)
+PATH_PLACEHOLDER = "<path at the site>"
 
 
 def scrub_paths(text: str) -> str:
     """``text`` without file paths or image names (the site's own log keeps the full text)."""
-    return _PATHS.sub("<path at the site>", text)
+    text = _QUOTED_PATHS.sub(lambda m: f"{m.group(1)}{PATH_PLACEHOLDER}{m.group(1)}", text)
+    return _PATHS.sub(PATH_PLACEHOLDER, text)
 
 
 def error_reason(site: str, text: str) -> str:

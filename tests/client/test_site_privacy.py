@@ -113,7 +113,7 @@ def test_server_raising_local_epochs_after_round_one_is_declined_before_training
 
     attack = _context(tmp_path, _site(tmp_path), local_epochs=10)
     reason = _declined(_train(attack, 2, 2), "differs from this site's DP plan")
-    assert "10 local epochs" in reason
+    assert "local epochs" in reason
     bigger_batches = _context(tmp_path, _site(tmp_path), batch_size=64)
     _declined(_train(bigger_batches, 2, 2), "sampling rate")
     assert len(_spent(tmp_path)) == 1  # nothing trained, nothing spent
