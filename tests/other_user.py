@@ -35,6 +35,12 @@ def _other_user() -> pwd.struct_passwd | None:
         return None
 
 
+def other_uid() -> int:
+    user = _other_user()
+    assert user is not None
+    return user.pw_uid
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or _other_user() is None,
     reason=f"acting as another local user ({OTHER_USER}) needs root and that account",
