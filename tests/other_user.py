@@ -95,7 +95,8 @@ def attempt(request: Attempt) -> dict[str, Any]:
 def as_other_user(work: Callable[[], Any]) -> Any:
     """``work()``'s JSON-able result, computed in a forked child running as ``nobody``."""
     user = _other_user()
-    assert user is not None and os.geteuid() == 0, "use @needs_root"
+    assert user is not None, "use @needs_root"
+    assert os.geteuid() == 0, "use @needs_root"
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop privileges, work, report, leave without running any cleanup
@@ -105,7 +106,7 @@ def as_other_user(work: Callable[[], Any]) -> Any:
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
             payload = json.dumps({"result": work(), "uid": os.getuid()})
-        except BaseException:  # noqa: BLE001 - everything goes back to the test
+        except BaseException:
             payload = json.dumps({"crash": traceback.format_exc()})
         with os.fdopen(write_fd, "w") as out:
             out.write(payload)

@@ -72,13 +72,14 @@ def test_the_server_must_be_on_loopback_and_keep_the_owner_only_protocol() -> No
 
     run = owner_only_run(fake_run, owner_uid=1000)
     for host in ("0.0.0.0", "192.0.2.1", "::", "localhost"):
-        with pytest.raises(SuperLinkRefusedError, match="must listen on 127.0.0.1 or ::1"):
+        with pytest.raises(SuperLinkRefusedError, match=r"must listen on 127\.0\.0\.1 or ::1"):
             run(object(), host=host, port=1)
     with pytest.raises(SuperLinkRefusedError, match="HTTP protocol"):
         run(object(), host="127.0.0.1", port=1, http="h11")
     run(object(), host="127.0.0.1", port=1)
     run(object(), host="::1", port=1)
-    assert len(calls) == 2 and all(c["http"].__name__.startswith("OwnerOnly") for c in calls)
+    assert len(calls) == 2
+    assert all(c["http"].__name__.startswith("OwnerOnly") for c in calls)
     assert superlink_owner_only.owner_only_announcement(7) == "SuperLink PID 7 serves only uid"
 
 
@@ -145,5 +146,6 @@ def test_other_users_are_cut_off_from_any_loopback_address_and_the_owner_is_serv
     served = recording_servers["record"].read_text().split()
     assert served == ["/owner", "/owner-ipv6"]  # not one request of the other user reached the app
     log = recording_servers["log"].read_text()
-    assert "Refused a connection from 127.0.0.2:" in log and f"(uid {other_uid()})" in log
+    assert "Refused a connection from 127.0.0.2:" in log
+    assert f"(uid {other_uid()})" in log
     assert "Refused a connection from [::1]:" in log
