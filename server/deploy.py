@@ -7,7 +7,7 @@
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
       sites.json           registered sites: name, public key, Flower node id
       superlink.db         SuperLink state (registered sites, runs) with --database
-      superlink.log        SuperLink output
+      superlink.log        SuperLink output (connections it refused are logged here)
       gateway.log          the Fleet gateway's output (refused calls are logged here)
       loopback-tls/        CA and certificate of the loopback SuperLink (no site holds this CA)
       flower.log           the run's log as streamed by `flwr run --stream`

@@ -31,7 +31,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from server.loopback_peers import PROC_NET, check_peer, describe_endpoint
 
@@ -74,7 +75,7 @@ def require_checked_flwr() -> None:
 
 
 def owner_only_protocol(
-    base: type[asyncio.Protocol], owner_uid: int, proc_net: Any = PROC_NET
+    base: type[asyncio.Protocol], owner_uid: int, proc_net: Path = PROC_NET
 ) -> type[asyncio.Protocol]:
     """A subclass of uvicorn's HTTP protocol ``base`` that closes connections of other users."""
 
@@ -91,7 +92,7 @@ def owner_only_protocol(
                     verdict.reason,
                     owner_uid,
                 )
-                transport.abort()  # no byte of the request is read
+                cast(asyncio.Transport, transport).abort()  # no byte of the request is read
 
     OwnerOnlyHttpProtocol.__name__ = OwnerOnlyHttpProtocol.__qualname__ = f"OwnerOnly{base.__name__}"
     return OwnerOnlyHttpProtocol
