@@ -258,7 +258,8 @@ def start(
         console.print(
             f"SuperLink listening on {host}:{state['port']} "
             f"({'TLS + site authentication' if tls else 'INSECURE'}, Fleet API only; runs and site keys "
-            f"are managed from this machine on 127.0.0.1:{state['superlink_port']}); run folder {run_dir}",
+            f"are managed from this machine, by this user only, on 127.0.0.1:{state['superlink_port']}); "
+            f"run folder {run_dir}",
             highlight=False,
         )
         if tls is not None:

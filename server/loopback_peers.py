@@ -69,6 +69,8 @@ def proc_endpoint(host: str, port: int, byteorder: ByteOrder = sys.byteorder) ->
 def matching_rows(lines: Iterable[str], local: str, remote: str) -> Iterator[SocketRow]:
     """Rows of a ``/proc/net/tcp{,6}`` text whose local and remote ``ADDR:PORT`` are the ones given."""
     for line in lines:
+        if local not in line.upper():  # cheap first look: most rows are other sockets
+            continue
         fields = line.split()
         if len(fields) <= _INODE_COLUMN or fields[1].upper() != local or fields[2].upper() != remote:
             continue
