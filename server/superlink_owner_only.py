@@ -54,6 +54,15 @@ class SuperLinkRefusedError(RuntimeError):
     """This module cannot guarantee the owner-only check: the SuperLink must not start."""
 
 
+def require_proc_net(proc_net: Path = PROC_NET) -> None:
+    """The check reads Linux's socket tables: without them no connection could be admitted."""
+    if not (proc_net / "tcp").is_file():
+        raise SuperLinkRefusedError(
+            f"{proc_net}/tcp is missing: the owner-only SuperLink needs Linux's socket tables to tell "
+            "which user is connecting; run the coordinator on Linux"
+        )
+
+
 def require_checked_flwr() -> None:
     """Refuse any Flower but the pinned one, whose SuperLink start this module was checked against."""
     import flwr
@@ -135,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``flower-superlink ARGS`` with the owner-only check; 2 (and one line) if it cannot be had."""
     configure_logging()
     try:
+        require_proc_net()
         require_checked_flwr()
     except SuperLinkRefusedError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -103,8 +103,10 @@ def test_a_socket_no_process_holds_proves_nothing(proc_net: Path) -> None:
 
 def test_no_row_two_rows_or_a_remote_peer_are_refused(proc_net: Path) -> None:
     assert not check_peer(PEER, SERVER, 0, proc_net).admitted  # no row at all
-    _add(proc_net, "tcp", _row(PEER, SERVER, uid=0, inode=7), _row(PEER, SERVER, uid=0, inode=9))
-    assert not check_peer(PEER, SERVER, 0, proc_net).admitted  # ambiguous
+    _add(proc_net, "tcp", _row(PEER, SERVER, uid=0, inode=7), _row(PEER, SERVER, uid=0, inode=7))
+    assert check_peer(PEER, SERVER, 0, proc_net).admitted  # one socket listed twice
+    _add(proc_net, "tcp", _row(PEER, SERVER, uid=0, inode=9))
+    assert not check_peer(PEER, SERVER, 0, proc_net).admitted  # two sockets: ambiguous
     remote = check_peer(("192.0.2.7", 41000), SERVER, 0, proc_net)
     assert not remote.admitted
     assert "loopback" in remote.reason

@@ -64,6 +64,12 @@ def test_the_pinned_flower_passes_and_another_is_refused_before_anything_starts(
     assert "install flwr==1.42.0" in capsys.readouterr().err
 
 
+def test_without_linux_socket_tables_nothing_starts(tmp_path: Path) -> None:
+    superlink_owner_only.require_proc_net()  # this machine has them
+    with pytest.raises(SuperLinkRefusedError, match="run the coordinator on Linux"):
+        superlink_owner_only.require_proc_net(tmp_path)
+
+
 def test_the_server_must_be_on_loopback_and_keep_the_owner_only_protocol() -> None:
     calls: list[dict[str, Any]] = []
 
