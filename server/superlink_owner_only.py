@@ -13,7 +13,8 @@ point (same arguments) in this process, with one change: uvicorn gets an HTTP pr
 when a connection is made (after the TLS handshake, before any byte of HTTP is read), looks up the
 uid that holds the peer's socket (server/loopback_peers.py) and closes the connection unless it is
 this process's uid, with a log line naming the peer, its uid and the reason. The SuperLink must
-listen on a loopback address (127/8 or ::1); HTTP (``--insecure``) and HTTPS alike.
+listen on a loopback address (127/8 or ::1); HTTP (``--insecure``) and HTTPS alike. Flower's legacy
+gRPC servers, which would listen outside uvicorn, must not be switched on.
 
 Flower internals relied on (1.42.0, the version pyproject pins; any other version is refused with
 a one-line message and exit code 2, so no SuperLink starts without the check): the
@@ -30,7 +31,7 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,6 +47,7 @@ def owner_only_announcement(pid: int) -> str:
 
 
 EXIT_REFUSED = 2
+LEGACY_GRPC_PREFIX = "FLWR_INTERNAL_GRPC_"
 ENTRY_MODULE = "flwr.superlink.cli.flower_superlink"
 """The module of the ``flower-superlink`` console script (its package re-exports the function)."""
 
@@ -60,6 +62,16 @@ def require_proc_net(proc_net: Path = PROC_NET) -> None:
         raise SuperLinkRefusedError(
             f"{proc_net}/tcp is missing: the owner-only SuperLink needs Linux's socket tables to tell "
             "which user is connecting; run the coordinator on Linux"
+        )
+
+
+def require_http_only(environ: Mapping[str, str] = os.environ) -> None:
+    """Flower's legacy gRPC Control and Fleet servers (switched on by these variables) would listen
+    on addresses of their own, outside this check: never start them."""
+    legacy = sorted(k for k, v in environ.items() if k.startswith(LEGACY_GRPC_PREFIX) and v == "1")
+    if legacy:
+        raise SuperLinkRefusedError(
+            f"{', '.join(legacy)}=1 would start Flower's gRPC APIs outside the owner-only check: unset it"
         )
 
 
@@ -145,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         require_proc_net()
+        require_http_only()
         require_checked_flwr()
     except SuperLinkRefusedError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -70,6 +70,12 @@ def test_without_linux_socket_tables_nothing_starts(tmp_path: Path) -> None:
         superlink_owner_only.require_proc_net(tmp_path)
 
 
+def test_flowers_grpc_apis_outside_the_check_are_never_started() -> None:
+    superlink_owner_only.require_http_only({"FLWR_INTERNAL_GRPC_CONTROL_API": "0"})
+    with pytest.raises(SuperLinkRefusedError, match="FLWR_INTERNAL_GRPC_CONTROL_API=1"):
+        superlink_owner_only.require_http_only({"FLWR_INTERNAL_GRPC_CONTROL_API": "1"})
+
+
 def test_the_server_must_be_on_loopback_and_keep_the_owner_only_protocol() -> None:
     calls: list[dict[str, Any]] = []
 
