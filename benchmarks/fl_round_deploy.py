@@ -81,6 +81,7 @@ def state_bytes(teacher: str) -> int:
 
 
 COMPONENTS = (
+    ("server.superlink_owner_only", "superlink"),
     ("flower-superlink", "superlink"),
     ("fleet_gateway", "gateway"),
     ("flwr-serverapp", "serverapp"),

@@ -258,7 +258,8 @@ def start(
         console.print(
             f"SuperLink listening on {host}:{state['port']} "
             f"({'TLS + site authentication' if tls else 'INSECURE'}, Fleet API only; runs and site keys "
-            f"are managed from this machine on 127.0.0.1:{state['superlink_port']}); run folder {run_dir}",
+            f"are managed from this machine, by this user only, on 127.0.0.1:{state['superlink_port']}); "
+            f"run folder {run_dir}",
             highlight=False,
         )
         if tls is not None:
@@ -616,13 +617,19 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     coordinator = Coordinator(run_dir)
     state = coordinator.read_state()
     stopped = False
-    for key, program in (
-        ("coordinator_pid", "cxr-fl-server"),
-        ("gateway_pid", "server.fleet_gateway"),
-        ("superlink_pid", "flower-superlink"),
+    for key, programs in (
+        ("coordinator_pid", ("cxr-fl-server",)),
+        ("gateway_pid", ("server.fleet_gateway",)),
+        # server.superlink_owner_only runs the SuperLink; older run folders recorded flower-superlink
+        ("superlink_pid", ("server.superlink_owner_only", "flower-superlink")),
     ):
         pid = state.get(key)
-        if pid and int(pid) != os.getpid() and pid_alive(int(pid)) and program in _cmdline(int(pid)):
+        if (
+            pid
+            and int(pid) != os.getpid()
+            and pid_alive(int(pid))
+            and any(program in _cmdline(int(pid)) for program in programs)
+        ):
             stop_pid_tree(int(pid))
             stopped = True
     console.print("stopped" if stopped else "nothing was running", highlight=False)

@@ -7,7 +7,7 @@
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
       sites.json           registered sites: name, public key, Flower node id
       superlink.db         SuperLink state (registered sites, runs) with --database
-      superlink.log        SuperLink output
+      superlink.log        SuperLink output (connections it refused are logged here)
       gateway.log          the Fleet gateway's output (refused calls are logged here)
       loopback-tls/        CA and certificate of the loopback SuperLink (no site holds this CA)
       flower.log           the run's log as streamed by `flwr run --stream`
@@ -16,8 +16,9 @@
 
 Transport, TLS and site authentication are Flower's own (``flower-superlink`` with
 ``--ssl-*`` and ``--enable-supernode-auth``; ``flwr supernode register``); nothing here
-reimplements them. The SuperLink listens on 127.0.0.1 only, on a private port: its Control API
-(submit, list, stop runs; register keys) is reachable from the coordinator's machine alone. The
+reimplements them. The SuperLink listens on 127.0.0.1 only, on a private port, and serves only
+connections of the user who runs the coordinator (server/superlink_owner_only.py closes any other
+local user's): its Control API (submit, list, stop runs; register keys) is the coordinator's alone. The
 address sites connect to (``--host/--port``) is served by server/fleet_gateway.py, which forwards
 only the Fleet API. Every process started here is stopped by its PID tree.
 """
@@ -51,6 +52,7 @@ from common.processes import (
     stop_process_tree,
     toml_value,
 )
+from server.superlink_owner_only import owner_only_announcement
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +189,9 @@ class Coordinator:
         database: bool = False,
         isolation: str = "subprocess",
     ) -> None:
-        """Start flower-superlink on loopback and the Fleet gateway on ``host:port``.
+        """Start Flower's SuperLink on loopback and the Fleet gateway on ``host:port``.
 
+        The SuperLink serves only connections of this process's user (server/superlink_owner_only.py).
         TLS and site authentication are on unless ``tls`` is None (``--insecure``). The SuperLink
         uses a CA of the run folder's own; the gateway presents ``tls``'s server certificate.
         """
@@ -210,7 +213,9 @@ class Coordinator:
         loopback = self.loopback_tls() if tls is not None else None
         connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         connection += f'address = "{LOOPBACK}:{private_port}"\n'
-        command = [console_script("flower-superlink")]
+        # Flower's flower-superlink, run by server/superlink_owner_only.py: connections of other
+        # local users are closed (Flower's Control API has no authentication of its own).
+        command = [sys.executable, "-m", "server.superlink_owner_only"]
         if loopback is None:
             connection += "insecure = true\n"
             command.append("--insecure")
@@ -240,6 +245,7 @@ class Coordinator:
         # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
         # on addresses of their own, outside the gateway: never inherit them.
         env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         with self.superlink_log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -265,9 +271,11 @@ class Coordinator:
             self.superlink_log,
             LOOPBACK,
             private_port,
-            "flower-superlink",
+            "the SuperLink",
             "Application startup complete",
         )
+        if owner_only_announcement(self.process.pid) not in self.superlink_log.read_text(errors="replace"):
+            raise DeployError(f"the SuperLink started without its owner-only check; see {self.superlink_log}")
         # uvicorn runs the app's startup before it binds: an open port means it serves.
         self._wait_ready(self.gateway, self.gateway_log, connect_host, port, "the Fleet gateway", None)
         logger.info(
