@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from client.packed_arrays import PackCache, pack_content, unpack_content
 from common.packing import Layout, PackedModelError
-from common.protocol import SITE_BAD_INPUT
+from common.protocol import FLWR_VERSION, SITE_BAD_INPUT
 
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
@@ -52,7 +52,7 @@ PULL_ERRORS_TOLERATED = 5
 """Failed pulls in a row that are logged and retried (a busy SuperLink answers 500 at times)."""
 REPLY_OBJECT_BACKOFF = (0.05, 0.5)
 """First and longest pause (s) between two asks for a reply's object still being uploaded."""
-QUICK_PULL_FLWR_VERSION = "1.42.0"
+QUICK_PULL_FLWR_VERSION = FLWR_VERSION
 """The Flower version whose ``HttpGrid.pull_messages`` :func:`pull_replies` follows."""
 
 

@@ -80,7 +80,7 @@ def require_checked_flwr() -> None:
     import flwr
     import uvicorn
 
-    from client.app_runner import SUPPORTED_FLWR_VERSION
+    from common.protocol import FLWR_VERSION as SUPPORTED_FLWR_VERSION
 
     if flwr.__version__ != SUPPORTED_FLWR_VERSION:
         raise SuperLinkRefusedError(

@@ -142,8 +142,12 @@ class FlowerSimulation:
             f'[superlink.cxr-fl-sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
             encoding="utf-8",
         )
+        # Flower's SuperLink, serving only this user's connections (server/superlink_owner_only.py):
+        # another local account could otherwise submit an app here and run code as the researcher
         command = [
-            console_script("flower-superlink"),
+            sys.executable,
+            "-m",
+            "server.superlink_owner_only",
             "--insecure",
             "--simulation",
             "--isolation",
@@ -155,9 +159,11 @@ class FlowerSimulation:
             "--control-api-address",
             f"127.0.0.1:{control_port}",
         ]
+        env = self.env
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         with self.superlink_log.open("ab") as log:
             self.process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
             self._wait_ready()
