@@ -85,7 +85,10 @@ def _declined(reply: Message, *words: str) -> str:
 
 
 def _ledger(tmp_path: Path) -> Path:
-    return tmp_path / "site" / "privacy" / "ledger.json"
+    """The site-wide ledger (tests/conftest.py points CXR_FL_STATE_DIR at a fresh folder)."""
+    from client.privacy_ledger import default_ledger_path, default_state_dir
+
+    return default_ledger_path(default_state_dir())
 
 
 def _key(ledger: Path) -> Path:
@@ -93,9 +96,9 @@ def _key(ledger: Path) -> Path:
 
 
 def _entry(ledger: Path) -> LedgerEntry:
-    from client.privacy_ledger import PrivacyLedger
+    from client.privacy_ledger import PrivacyLedger, default_state_dir
 
-    (entry,) = PrivacyLedger.open(ledger).entries.values()
+    (entry,) = PrivacyLedger.open(ledger, default_state_dir()).entries.values()
     return entry
 
 
@@ -175,7 +178,7 @@ def test_a_tampered_ledger_stops_dp_rounds_until_the_operator_resets_it(
     _ok(_ask(_context(tmp_path, _site(tmp_path)), "evaluate", **{"server-round": 2}))
 
     runner = CliRunner()
-    reset = ["privacy-ledger", "reset", "--out", str(tmp_path / "site"), "--reason"]
+    reset = ["privacy-ledger", "reset", "--reason"]
     refused = runner.invoke(cli_app, [*reset, "x"])
     assert refused.exit_code == 2
     done = runner.invoke(cli_app, [*reset, "audit 42", "--yes"])
@@ -192,6 +195,7 @@ def test_the_ledger_lives_where_the_site_says(tmp_path: Path) -> None:
     _ok(_train(_context(tmp_path, _site(tmp_path, **{"privacy-ledger": str(own)})), 1, 1))
     assert _entry(own).spent
     assert not _ledger(tmp_path).exists()
+    assert not (tmp_path / "site" / "privacy").exists()
     assert not (tmp_path / "run").exists()
 
 
@@ -320,16 +324,16 @@ def test_counts_are_bucketed_for_fedavg(tmp_path: Path) -> None:
 
 
 def test_a_ledger_key_readable_by_others_is_refused(tmp_path: Path) -> None:
-    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger
+    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger, default_state_dir
 
     ledger = tmp_path / "ledger.json"
-    PrivacyLedger(ledger).save()
-    assert PrivacyLedger.open(ledger).entries == {}
+    PrivacyLedger(ledger, default_state_dir()).save()
+    assert PrivacyLedger.open(ledger, default_state_dir()).entries == {}
     show = ["privacy-ledger", "show", "--ledger", str(ledger)]
     assert "verified" in CliRunner().invoke(cli_app, show).output
     _key(ledger).chmod(0o644)
     with pytest.raises(LedgerIntegrityError, match="chmod 600"):
-        PrivacyLedger.open(ledger)
+        PrivacyLedger.open(ledger, default_state_dir())
     refused = CliRunner().invoke(cli_app, show)
     assert refused.exit_code == 2
     assert "chmod 600" in refused.output
