@@ -4,13 +4,15 @@ A site's DP budget belongs to its *data*, not to a run: every DP round that ever
 data set spends from the same budget, whatever run, run folder, seed or settings the server names.
 
 Identity (:func:`dataset_key`): a SHA-256 over the sorted content hashes of the data set's
-images, the hash of each image's decoded pixels at native resolution that the image cache keeps
-(common/data/cache.py; computed once per file and reused while its path, size and mtime stay the
-same). Nothing else goes in: no run setting (split seed, fractions, image size, task), no output
-folder, no path the data is mounted at, and no site name (a site that renames itself keeps its
-budget). Labels stay out too: the task, a run setting, decides how a source's labels read, and a
-relabelled data set holds the same patients. A deployed site's image set does not depend on the
-task (a source refuses labels that a task does not cover unless the site itself opts in).
+images: the hash of each image's decoded pixels at native resolution, which the image cache
+computes when it decodes a file and keeps with the cache while the file's path, size and mtime
+stay the same (common/data/cache.py), so no round hashes images again. Nothing else goes in:
+no run setting (split seed, fractions, image size, task), no output folder, no path the data is
+mounted at, and no site name (a site that renames itself keeps its budget). Labels stay out
+too: the task, a run setting, decides how a source's labels read, and a relabelled data set
+holds the same patients. A deployed site's image set does not depend on the task either: it
+reads its source without options, so a label the task does not cover is an error, and no task
+selects a subset of its images.
 
 Location: one site-wide ledger per machine account, outside any ``--out`` folder:
 ``$CXR_FL_STATE_DIR/privacy/ledger.json`` (else ``$XDG_STATE_HOME/cxr-fl``, else
@@ -115,10 +117,8 @@ def counter_path(ledger_path: Path, state_dir: Path) -> Path:
 
 def dataset_key(pixel_hashes: Sequence[str]) -> str:
     """The identity of a data set: a SHA-256 over its images' sorted content hashes only."""
-    digest = hashlib.sha256(f"cxr-fl-dataset-v1|{len(pixel_hashes)}\n".encode())
-    for pixel_hash in sorted(pixel_hashes):
-        digest.update(pixel_hash.encode("ascii") + b"\n")
-    return digest.hexdigest()[:32]
+    listing = "".join(f"{pixel_hash}\n" for pixel_hash in sorted(pixel_hashes))
+    return hashlib.sha256(f"cxr-fl-dataset-v1|{len(pixel_hashes)}\n{listing}".encode()).hexdigest()[:32]
 
 
 def legacy_dataset_key(site_name: str, data_format: str, data_path: Path | None) -> str:

@@ -288,6 +288,26 @@ def test_the_sites_options_reach_its_node_config(tmp_path: Path) -> None:
         assert part in node_config
 
 
+def test_the_site_fixes_its_state_dir_when_it_starts(tmp_path: Path) -> None:
+    """The SuperNode's app processes use the ledger of the state dir the site started with."""
+    from client.deploy import SiteNodeSettings
+    from client.privacy_ledger import default_state_dir
+
+    def node_config(**extra: object) -> str:
+        settings = SiteNodeSettings(
+            server="127.0.0.1:9092",
+            site="a",
+            data_format="synthetic",
+            data_path=None,
+            out_dir=tmp_path,
+            **extra,
+        )
+        return settings.node_config()
+
+    assert f'state-dir="{default_state_dir()}"' in node_config()
+    assert f'state-dir="{tmp_path / "state"}"' in node_config(state_dir=tmp_path / "state")
+
+
 # item 8: run settings cannot name site files
 
 
@@ -360,15 +380,20 @@ def test_an_older_copy_of_the_ledger_is_refused_until_the_operator_resets_it(tmp
         file.write_bytes(content)
 
     reason = _declined(_train(context, 3, 3), "older copy", "privacy-ledger reset")
-    assert "restore" not in reason.lower() and "backup" not in reason.lower()
+    assert "restore" not in reason.lower()
+    assert "backup" not in reason.lower()
     shown = CliRunner().invoke(cli_app, ["privacy-ledger", "show"])
-    assert shown.exit_code == 2 and "older copy" in shown.output
+    assert shown.exit_code == 2
+    assert "older copy" in shown.output
     _declined(_train(context, 3, 3), "older copy")  # still refused: only the operator ends it
 
     _reset("restored an old backup by mistake")
     (logged,) = [json.loads(line) for line in (ledger.parent / "ledger-resets.log").read_text().splitlines()]
-    assert logged["reason"] == "restored an old backup by mistake" and logged["user"] and logged["at"]
-    assert all(Path(kept).is_file() for kept in logged["kept"]) and len(logged["kept"]) == 2
+    assert logged["reason"] == "restored an old backup by mistake"
+    assert logged["user"]
+    assert logged["at"]
+    assert all(Path(kept).is_file() for kept in logged["kept"])
+    assert len(logged["kept"]) == 2
     _ok(_train(context, 1, 3))  # a new budget, on purpose and logged
     for file, content in older.items():  # the copy from before the reset stays refused
         file.write_bytes(content)
@@ -481,7 +506,8 @@ def test_a_ledger_of_the_earlier_version_is_migrated_once(tmp_path: Path) -> Non
 
     _ok(_train(_context(tmp_path, _site(tmp_path)), 2, 4))
     assert len(_spent(tmp_path)) == 2  # the earlier round counts
-    assert not old.exists() and list(old.parent.glob("ledger.json.migrated-*"))
+    assert not old.exists()
+    assert list(old.parent.glob("ledger.json.migrated-*"))
     (logged,) = (_ledger(tmp_path).parent / "ledger-migrations.log").read_text().splitlines()
     assert json.loads(logged)["from"] == str(old)
     _ok(_train(_context(tmp_path, _site(tmp_path)), 3, 4))
