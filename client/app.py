@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
-from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, dataset_key
+from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
 from client.teacher_pin import check_global_teacher
 from common.checkpoint import load_model_state, save_model
@@ -183,8 +183,7 @@ def _train(
     privacy = site.effective_privacy(settings.privacy, len(data.split.train))
     ledger, entry = None, None
     if privacy.enabled:  # fail closed: an unverifiable ledger raises before anything trains
-        ledger = PrivacyLedger.open(site.ledger_path)
-        entry = ledger.entry(dataset_key(site.name, site.data_format, site.data_path))
+        ledger, entry = open_site_ledger(site, data)
     outcome = train_round(
         data,
         settings.task,
@@ -521,14 +520,14 @@ def _val(
 
 def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:
     """The epsilon the site's ledger records for its data (None without DP or when unverifiable)."""
-    if not _privacy(settings, site, _site_data(settings, site)).enabled:
+    data = _site_data(settings, site)
+    if not _privacy(settings, site, data).enabled:
         return None
     try:
-        ledger = PrivacyLedger.open(site.ledger_path)
+        return open_site_ledger(site, data)[1].epsilon
     except LedgerIntegrityError as exc:  # reporting only: this phase spends no budget
         logger.warning("teacher epsilon unknown: %s", exc)
         return None
-    return ledger.entry(dataset_key(site.name, site.data_format, site.data_path)).epsilon
 
 
 def _site_data(settings: FederatedRunConfig, site: SiteConfig) -> SiteData:

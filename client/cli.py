@@ -449,7 +449,7 @@ def start(
     server: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
     site: Annotated[str, typer.Option("--site", help="This site's name (as registered).")],
     fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the student, model card, ledger and logs.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the student, model card and logs.")],
     data: Annotated[
         Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
     ] = None,
@@ -479,7 +479,17 @@ def start(
     privacy_ledger: Annotated[
         Path | None,
         typer.Option(
-            "--privacy-ledger", help="The site's privacy ledger file (default OUT/privacy/ledger.json)."
+            "--privacy-ledger",
+            help="The site's privacy ledger file (default: STATE_DIR/privacy/ledger.json, site-wide, "
+            "whatever --out says).",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="The site's state folder: privacy ledger and its counter (default: $CXR_FL_STATE_DIR, "
+            "else $XDG_STATE_HOME/cxr-fl, else ~/.local/state/cxr-fl).",
         ),
     ] = None,
     share_per_class_metrics: Annotated[
@@ -594,6 +604,7 @@ def start(
             dp_max_grad_norm=max_grad_norm,
             dp_accountant=accountant,
             privacy_ledger=privacy_ledger,
+            state_dir=state_dir,
             share_per_class_metrics=share_per_class_metrics,
             share_exact_metrics=share_exact_metrics,
             num_threads=threads,

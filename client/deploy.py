@@ -99,6 +99,8 @@ class SiteNodeSettings:
     dp_max_grad_norm: float | None = None
     dp_accountant: str | None = None
     privacy_ledger: Path | None = None
+    # site-wide state (the privacy ledger); None: $CXR_FL_STATE_DIR or ~/.local/state/cxr-fl, resolved here
+    state_dir: Path | None = None
     share_per_class_metrics: bool = False
     share_exact_metrics: bool = False
     num_threads: int = 2
@@ -159,6 +161,13 @@ class SiteNodeSettings:
             raise ConfigError("--initial-teacher", str(self.initial_teacher), "an existing weights file")
 
     @property
+    def resolved_state_dir(self) -> Path:
+        """Fixed when the site starts, so the SuperNode's app processes use the same ledger."""
+        from client.privacy_ledger import default_state_dir
+
+        return self.state_dir.resolve() if self.state_dir is not None else default_state_dir()
+
+    @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.server.rpartition(":")
         return host.strip("[]"), int(port)
@@ -178,6 +187,7 @@ class SiteNodeSettings:
             values["cache-dir"] = str(self.cache_dir.resolve())
         if self.privacy_ledger is not None:
             values["privacy-ledger"] = str(self.privacy_ledger.resolve())
+        values["state-dir"] = str(self.resolved_state_dir)
         values["share-per-class-metrics"] = self.share_per_class_metrics
         values["share-exact-metrics"] = self.share_exact_metrics
         for key, value in (

@@ -4,8 +4,11 @@ In a deployment ``cxr-fl-client start`` passes these as SuperNode ``--node-confi
 
     site-name="st-marys" data-path="/data/cxr" data-format="image-folder" out-dir="/srv/cxr-fl"
     dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0 dp-accountant="rdp"
-    privacy-ledger="/srv/cxr-fl/privacy/ledger.json" share-per-class-metrics=false
-    share-exact-metrics=false
+    state-dir="/var/lib/cxr-fl/state" share-per-class-metrics=false share-exact-metrics=false
+
+The privacy ledger is site-wide, not per run folder: ``<state-dir>/privacy/ledger.json`` (the
+state dir defaults to ``$CXR_FL_STATE_DIR`` or ``~/.local/state/cxr-fl``) unless
+``privacy-ledger`` names the file (client/privacy_ledger.py).
 
 In Flower's simulation runtime node_config only carries ``partition-id`` and
 ``num-partitions``; the site then reads ``site_<id>.csv`` (manifest format) from the run's
@@ -72,6 +75,8 @@ class SiteConfig:
     num_threads: int = 2
     strict: bool = False
     privacy_ledger: Path | None = None
+    # site-wide state (the privacy ledger and its counter), outside any run's out_dir
+    state_location: Path | None = None
     # the site set its own delta (otherwise the site default, capped at 1/N, applies)
     delta_from_site: bool = False
     share_per_class_metrics: bool = False
@@ -83,9 +88,21 @@ class SiteConfig:
 
     @property
     def ledger_path(self) -> Path:
-        from client.privacy_ledger import default_ledger_path
+        """The site-wide ledger; a simulated site keeps its own in its run folder (no real budget)."""
+        from client.privacy_ledger import default_ledger_path, legacy_ledger_path
 
-        return self.privacy_ledger or default_ledger_path(self.out_dir)
+        if self.privacy_ledger is not None:
+            return self.privacy_ledger
+        return legacy_ledger_path(self.out_dir) if self.simulated else default_ledger_path(self.state_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        """node_config ``state-dir``, else the account's default (a simulated site: its run folder)."""
+        from client.privacy_ledger import default_state_dir
+
+        if self.state_location is not None:
+            return self.state_location
+        return self.out_dir / "state" if self.simulated else default_state_dir()
 
     def effective_privacy(self, requested: PrivacyConfig, num_train: int) -> PrivacyConfig:
         """The privacy a round runs under: the site's policy, which a request can only tighten.
@@ -217,7 +234,8 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy=_site_privacy(node_config, settings.teacher.norm),
         num_threads=coerce("node_config 'num-threads'", node_config.get("num-threads", 2), int),
         strict=parse_bool("node_config 'strict'", node_config.get("strict", False), text=True),
-        privacy_ledger=_ledger_option(node_config),
+        privacy_ledger=_absolute_option(node_config, "privacy-ledger"),
+        state_location=_absolute_option(node_config, "state-dir"),
         delta_from_site="dp-target-delta" in node_config,
         share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
         share_exact_metrics=_flag(node_config, "share-exact-metrics", False),
@@ -225,13 +243,13 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
     )
 
 
-def _ledger_option(node_config: Mapping[str, Any]) -> Path | None:
-    value = node_config.get("privacy-ledger")
+def _absolute_option(node_config: Mapping[str, Any], key: str) -> Path | None:
+    value = node_config.get(key)
     if value is None or str(value) == "":
         return None
     path = Path(str(value))
     if not path.is_absolute():
-        raise ConfigError("node_config 'privacy-ledger'", str(path), "an absolute path")
+        raise ConfigError(f"node_config '{key}'", str(path), "an absolute path")
     return path
 
 

@@ -18,6 +18,16 @@ def _deterministic_torch() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _site_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A site's state (privacy ledger, counters) goes to a fresh folder, never the real home.
+
+    Child processes (e2e sites) inherit it through the environment."""
+    state = tmp_path_factory.mktemp("site-state")
+    monkeypatch.setenv("CXR_FL_STATE_DIR", str(state))
+    return state
+
+
 @pytest.fixture
 def flower_task_identity() -> Iterator[None]:
     """Flower creates messages inside a task; outside one (unit tests), say which task this is."""

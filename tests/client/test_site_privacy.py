@@ -7,10 +7,12 @@ controls the run_config and the message; the site controls only its node_config.
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from typer.testing import CliRunner
@@ -85,7 +87,10 @@ def _declined(reply: Message, *words: str) -> str:
 
 
 def _ledger(tmp_path: Path) -> Path:
-    return tmp_path / "site" / "privacy" / "ledger.json"
+    """The site-wide ledger (tests/conftest.py points CXR_FL_STATE_DIR at a fresh folder)."""
+    from client.privacy_ledger import default_ledger_path, default_state_dir
+
+    return default_ledger_path(default_state_dir())
 
 
 def _key(ledger: Path) -> Path:
@@ -93,9 +98,9 @@ def _key(ledger: Path) -> Path:
 
 
 def _entry(ledger: Path) -> LedgerEntry:
-    from client.privacy_ledger import PrivacyLedger
+    from client.privacy_ledger import PrivacyLedger, default_state_dir
 
-    (entry,) = PrivacyLedger.open(ledger).entries.values()
+    (entry,) = PrivacyLedger.open(ledger, default_state_dir()).entries.values()
     return entry
 
 
@@ -175,7 +180,7 @@ def test_a_tampered_ledger_stops_dp_rounds_until_the_operator_resets_it(
     _ok(_ask(_context(tmp_path, _site(tmp_path)), "evaluate", **{"server-round": 2}))
 
     runner = CliRunner()
-    reset = ["privacy-ledger", "reset", "--out", str(tmp_path / "site"), "--reason"]
+    reset = ["privacy-ledger", "reset", "--reason"]
     refused = runner.invoke(cli_app, [*reset, "x"])
     assert refused.exit_code == 2
     done = runner.invoke(cli_app, [*reset, "audit 42", "--yes"])
@@ -192,6 +197,7 @@ def test_the_ledger_lives_where_the_site_says(tmp_path: Path) -> None:
     _ok(_train(_context(tmp_path, _site(tmp_path, **{"privacy-ledger": str(own)})), 1, 1))
     assert _entry(own).spent
     assert not _ledger(tmp_path).exists()
+    assert not (tmp_path / "site" / "privacy").exists()
     assert not (tmp_path / "run").exists()
 
 
@@ -282,6 +288,26 @@ def test_the_sites_options_reach_its_node_config(tmp_path: Path) -> None:
         assert part in node_config
 
 
+def test_the_site_fixes_its_state_dir_when_it_starts(tmp_path: Path) -> None:
+    """The SuperNode's app processes use the ledger of the state dir the site started with."""
+    from client.deploy import SiteNodeSettings
+    from client.privacy_ledger import default_state_dir
+
+    def node_config(**extra: object) -> str:
+        settings = SiteNodeSettings(
+            server="127.0.0.1:9092",
+            site="a",
+            data_format="synthetic",
+            data_path=None,
+            out_dir=tmp_path,
+            **extra,
+        )
+        return settings.node_config()
+
+    assert f'state-dir="{default_state_dir()}"' in node_config()
+    assert f'state-dir="{tmp_path / "state"}"' in node_config(state_dir=tmp_path / "state")
+
+
 # item 8: run settings cannot name site files
 
 
@@ -320,16 +346,169 @@ def test_counts_are_bucketed_for_fedavg(tmp_path: Path) -> None:
 
 
 def test_a_ledger_key_readable_by_others_is_refused(tmp_path: Path) -> None:
-    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger
+    from client.privacy_ledger import LedgerIntegrityError, PrivacyLedger, default_state_dir
 
     ledger = tmp_path / "ledger.json"
-    PrivacyLedger(ledger).save()
-    assert PrivacyLedger.open(ledger).entries == {}
+    PrivacyLedger(ledger, default_state_dir()).save()
+    assert PrivacyLedger.open(ledger, default_state_dir()).entries == {}
     show = ["privacy-ledger", "show", "--ledger", str(ledger)]
     assert "verified" in CliRunner().invoke(cli_app, show).output
     _key(ledger).chmod(0o644)
     with pytest.raises(LedgerIntegrityError, match="chmod 600"):
-        PrivacyLedger.open(ledger)
+        PrivacyLedger.open(ledger, default_state_dir())
     refused = CliRunner().invoke(cli_app, show)
     assert refused.exit_code == 2
     assert "chmod 600" in refused.output
+
+
+# issue 24 item 6: the budget is durable (site-wide, keyed by the data's content, no roll-back)
+
+
+def _reset(reason: str) -> None:
+    done = CliRunner().invoke(cli_app, ["privacy-ledger", "reset", "--reason", reason, "--yes"])
+    assert done.exit_code == 0, done.output
+
+
+def test_an_older_copy_of_the_ledger_is_refused_until_the_operator_resets_it(tmp_path: Path) -> None:
+    """The attack: keep a valid copy of the ledger, spend more, put the copy back."""
+    context = _context(tmp_path, _site(tmp_path))
+    _ok(_train(context, 1, 3))
+    ledger = _ledger(tmp_path)
+    older = {file: file.read_bytes() for file in (ledger, _key(ledger))}
+    _ok(_train(context, 2, 3))
+    for file, content in older.items():
+        file.write_bytes(content)
+
+    reason = _declined(_train(context, 3, 3), "older copy", "privacy-ledger reset")
+    assert "restore" not in reason.lower()
+    assert "backup" not in reason.lower()
+    shown = CliRunner().invoke(cli_app, ["privacy-ledger", "show"])
+    assert shown.exit_code == 2
+    assert "older copy" in shown.output
+    _declined(_train(context, 3, 3), "older copy")  # still refused: only the operator ends it
+
+    _reset("restored an old backup by mistake")
+    (logged,) = [json.loads(line) for line in (ledger.parent / "ledger-resets.log").read_text().splitlines()]
+    assert logged["reason"] == "restored an old backup by mistake"
+    assert logged["user"]
+    assert logged["at"]
+    assert all(Path(kept).is_file() for kept in logged["kept"])
+    assert len(logged["kept"]) == 2
+    _ok(_train(context, 1, 3))  # a new budget, on purpose and logged
+    for file, content in older.items():  # the copy from before the reset stays refused
+        file.write_bytes(content)
+    _declined(_train(context, 2, 3), "older copy")
+
+
+def test_a_fresh_out_folder_or_a_new_site_name_does_not_start_a_fresh_budget(tmp_path: Path) -> None:
+    """The attack: the budget planned for one round is spent; the site starts again elsewhere."""
+    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 1))
+    for other in ({"out-dir": str(tmp_path / "fresh")}, {"site-name": "st-renamed"}):
+        again = _context(tmp_path, _site(tmp_path, **other), run_id=9, run_dir=str(tmp_path / "run2"))
+        _declined(_train(again, 1, 1), "privacy budget spent")
+    assert len(_spent(tmp_path)) == 1
+
+
+def _image_folder(root: Path, per_class: int = 40) -> Path:
+    from PIL import Image
+
+    for cls, name in enumerate(("normal", "pneumonia")):
+        for i in range(per_class):
+            pixels = np.random.default_rng([cls, i]).integers(0, 256, size=(40, 36), dtype=np.uint8)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_the_same_images_at_another_path_size_or_split_spend_from_one_budget(tmp_path: Path) -> None:
+    data = _image_folder(tmp_path / "mnt" / "a")
+    moved = tmp_path / "mnt" / "b"
+    shutil.copytree(data, moved)
+    (moved / "normal" / "000.png").touch()  # another path, another mtime: the same images
+
+    def site(path: Path) -> dict[str, object]:
+        return _site(tmp_path, **{"data-format": "image-folder", "data-path": str(path)})
+
+    run: dict[str, object] = {"task": "normal-pneumonia", "batch_size": 16}
+    _ok(_train(_context(tmp_path, site(data), **run), 1, 1))
+    for path, settings in (
+        (moved, {}),
+        (data, {"image_size": 48}),
+        (data, {"split_seed": 7}),
+        (data, {"val_fraction": 0.3}),
+    ):
+        reason = _declined(_train(_context(tmp_path, site(path), run_id=9, **run, **settings), 1, 1))
+        assert "privacy budget spent" in reason or "differs from this site's DP plan" in reason, reason
+    assert len(_spent(tmp_path)) == 1  # one entry, one round
+
+
+def test_the_data_sets_identity_is_its_images_alone(tmp_path: Path) -> None:
+    from client.privacy_ledger import dataset_key
+    from common.local import cached_images, site_data_request
+    from common.tasks import get_task
+
+    data = _image_folder(tmp_path / "a", per_class=6)
+    moved = tmp_path / "b"
+    shutil.copytree(data, moved)
+    task = get_task("normal-pneumonia")
+
+    def key(path: Path, **run: object) -> str:
+        settings = run_settings_from_config(flower_run_config(task="normal-pneumonia", **run))
+        request = site_data_request(settings.run, task, "image-folder", path, tmp_path / "cache")
+        return dataset_key(cached_images(request).pixel_hashes)
+
+    same = {key(data), key(moved), key(data, image_size=48), key(data, split_seed=3, val_fraction=0.4)}
+    assert len(same) == 1
+    _image_folder(moved, per_class=7)  # one more image per class: another data set
+    assert key(moved) not in same
+
+
+def test_concurrent_writers_of_one_ledger_add_up_their_rounds(tmp_path: Path) -> None:
+    """Two sites of one machine account share the site-wide ledger: no round is lost."""
+    from client.privacy_ledger import PrivacyLedger, default_state_dir
+    from common.privacy import DPPlan
+
+    state, ledger = default_state_dir(), _ledger(tmp_path)
+    plan = DPPlan(1.1, 0.25, 4, 2, 2.0, 1e-5, 1.0, "rdp")
+    PrivacyLedger(ledger, state).save()
+    first, second = PrivacyLedger.open(ledger, state), PrivacyLedger.open(ledger, state)
+    for opened, key in ((first, "a"), (second, "a"), (second, "b")):
+        entry = opened.entry(key)
+        entry.plan, entry.history = plan, [(1.1, 0.25, 4)]
+        entry.spent.append({"round": 1})
+    first.save()
+    second.save()
+    merged = PrivacyLedger.open(ledger, state).entries
+    assert merged["a"].history == [(1.1, 0.25, 4), (1.1, 0.25, 4)]
+    assert len(merged["a"].spent) == 2
+    assert merged["b"].history == [(1.1, 0.25, 4)]
+    assert second.entries["a"].epsilon == merged["a"].epsilon  # the caller sees the sum
+
+
+def test_a_ledger_of_the_earlier_version_is_migrated_once(tmp_path: Path) -> None:
+    """A format-1 ledger in OUT/privacy: its budget for this data set moves to the content entry."""
+    import hashlib
+    import hmac
+
+    from client.privacy_ledger import legacy_dataset_key
+
+    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 4))
+    spent = _entry(_ledger(tmp_path)).to_json()
+    _reset("test: set up an earlier version's ledger")
+    old = tmp_path / "site" / "privacy" / "ledger.json"
+    secret = b"k" * 32
+    body = {"format": 1, "entries": {legacy_dataset_key("st-test", "synthetic", None): spent}}
+    mac = hmac.new(secret, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256)
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({**body, "mac": mac.hexdigest()}))
+    _key(old).write_text(secret.hex())
+    _key(old).chmod(0o600)
+
+    _ok(_train(_context(tmp_path, _site(tmp_path)), 2, 4))
+    assert len(_spent(tmp_path)) == 2  # the earlier round counts
+    assert not old.exists()
+    assert list(old.parent.glob("ledger.json.migrated-*"))
+    (logged,) = (_ledger(tmp_path).parent / "ledger-migrations.log").read_text().splitlines()
+    assert json.loads(logged)["from"] == str(old)
+    _ok(_train(_context(tmp_path, _site(tmp_path)), 3, 4))
+    assert len(_spent(tmp_path)) == 3  # migrated once
