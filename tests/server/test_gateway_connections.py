@@ -1,0 +1,243 @@
+"""The gateway's connections are bounded: slow headers and bodies are cut off, and no address can
+hold more than its share of connections; each cut-off is logged with the real peer.
+
+A real gateway server (uvicorn with :class:`GatewayConfig`) runs in a thread on loopback with
+short timeouts; clients are raw sockets, some from 127.0.0.2. Waits have generous upper bounds
+(a test fails if a socket is still open after them) but nothing is timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from server.gateway_connections import (
+    ConnectionLimits,
+    GatewayConfig,
+    connections_within_file_limit,
+    escaped,
+    peer_key,
+)
+
+GUARD = 60.0
+"""Upper bound on any wait here: a socket still open after it is a failure, not a slow pass."""
+
+
+async def echo_length(scope: dict[str, object], receive: object, send: object) -> None:
+    """A tiny ASGI app: reads the whole body and answers its length."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()  # type: ignore[operator]
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(size).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+
+@contextmanager
+def serving(limits: ConnectionLimits, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A gateway server on 127.0.0.1 in a thread; yields its port."""
+    config = GatewayConfig(
+        echo_length, limits=limits, tls=tls, host="127.0.0.1", port=0, lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + GUARD
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(GUARD)
+
+
+def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(GUARD)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes the connection (True), or GUARD passes (False)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def still_open(sock: socket.socket, wait: float = 0.5) -> bool:
+    """Is the connection open after ``wait`` seconds of silence (or did the server say something)?"""
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        sock.settimeout(GUARD)
+    return data != b""
+
+
+def gateway_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "server.fleet_gateway"]
+
+
+def test_a_complete_request_is_served() -> None:
+    with serving(ConnectionLimits(header_timeout=5, body_timeout=5)) as port:
+        sock = connect(port)
+        sock.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.close()
+
+
+def test_headers_that_never_complete_are_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
+        with serving(ConnectionLimits(header_timeout=0.5, body_timeout=600)) as port:
+            silent = connect(port, "127.0.0.2")
+            partial = connect(port, "127.0.0.2")
+            partial.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            assert closed_by_server(silent)
+            assert closed_by_server(partial)
+    lines = gateway_lines(caplog)
+    assert sum("Cut off 127.0.0.2:" in line and "no complete request headers" in line for line in lines) == 2
+
+
+def test_a_body_that_never_completes_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
+        with serving(ConnectionLimits(header_timeout=6000, body_timeout=0.5)) as port:
+            sock = connect(port, "127.0.0.2")
+            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+            assert closed_by_server(sock)
+    (line,) = gateway_lines(caplog)
+    assert line.startswith("Cut off 127.0.0.2:")
+    assert "POST /v1/fleet/push-object" in line and "request body not received" in line
+
+
+def test_a_later_request_on_a_kept_alive_connection_must_also_complete_its_headers() -> None:
+    with serving(ConnectionLimits(header_timeout=0.5, body_timeout=600, keep_alive_timeout=600)) as port:
+        sock = connect(port)
+        sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n")  # and no more
+        assert closed_by_server(sock)
+
+
+def test_endless_headers_are_cut_off_at_the_header_limit() -> None:
+    with serving(ConnectionLimits(header_timeout=6000, max_header_bytes=4096)) as port:
+        sock = connect(port)
+        sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(100):
+                sock.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while sending: what the test wants
+        assert closed_by_server(sock)
+
+
+def test_a_connection_over_the_per_address_limit_is_closed_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    limits = ConnectionLimits(header_timeout=6000, max_connections=20, max_connections_per_peer=3)
+    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
+        with serving(limits) as port:
+            held = [connect(port, "127.0.0.2") for _ in range(3)]
+            assert all(still_open(sock) for sock in held)
+            extra = connect(port, "127.0.0.2")
+            assert closed_by_server(extra)  # long before the 60 s header timeout
+            other = connect(port, "127.0.0.1")  # another address still gets in
+            other.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")
+            for sock in [*held, other]:
+                sock.close()
+    refusals = [line for line in gateway_lines(caplog) if line.startswith("Refused a connection from 127.0.0.2:")]
+    assert refusals and "3 connections open from 127.0.0.2" in refusals[0]
+
+
+def test_a_connection_over_the_total_limit_is_closed_at_once() -> None:
+    limits = ConnectionLimits(header_timeout=6000, max_connections=4, max_connections_per_peer=2)
+    with serving(limits) as port:
+        held = [connect(port, f"127.0.0.{n}") for n in (2, 2, 3, 3)]
+        extra = connect(port, "127.0.0.4")
+        assert closed_by_server(extra)
+        held[0].close()
+        for _ in range(int(GUARD / 0.1)):  # the freed slot is taken by a newcomer
+            newcomer = connect(port, "127.0.0.4")
+            if still_open(newcomer, 0.1):
+                break
+            newcomer.close()
+        else:
+            pytest.fail("no connection admitted after one was closed")
+        for sock in [*held, newcomer]:
+            sock.close()
+
+
+def test_a_tls_handshake_that_never_starts_is_cut_off(tmp_path: Path) -> None:
+    from server.security import make_certificates
+
+    files = make_certificates(tmp_path, ["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.server_cert, files.server_key)
+    with serving(ConnectionLimits(header_timeout=0.5), tls=context) as port:
+        silent = connect(port, "127.0.0.2")
+        assert closed_by_server(silent)
+        client_context = ssl.create_default_context(cafile=str(files.ca_cert))
+        with client_context.wrap_socket(connect(port), server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_limits_stay_below_the_open_file_limit() -> None:
+    assert connections_within_file_limit(1000, 20000) == 1000
+    assert connections_within_file_limit(1000, 1024) == 1024 - 128
+    assert connections_within_file_limit(1000, 100) == 0
+
+
+def test_peers_are_counted_by_address_and_ipv6_by_64_prefix() -> None:
+    assert peer_key("127.0.0.2") == "127.0.0.2"
+    assert peer_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert peer_key("2001:db8:1:2:aaaa::1") == peer_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+
+
+def test_logged_paths_cannot_break_a_line() -> None:
+    assert escaped(b"/v1/fleet/x\r\n2026 INFO forged") == "/v1/fleet/x%0D%0A2026%20INFO%20forged"
+    assert escaped(b"/" + b"a" * 500).endswith("... (501 bytes)")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"header_timeout": 0}, {"body_timeout": -1}, {"max_connections": 0}, {"max_connections_per_peer": 2000}],
+)
+def test_limits_that_make_no_sense_are_refused(changes: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(changes))):
+        ConnectionLimits(**changes)  # type: ignore[arg-type]
+
+
+def test_a_connection_is_closed_after_its_most_requests() -> None:
+    with serving(ConnectionLimits(keep_alive_timeout=600, max_requests_per_connection=2)) as port:
+        sock = connect(port)
+        for _ in range(2):
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_by_server(sock)
