@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger("server.fleet_gateway")  # one log for the gateway, also when run with -m
@@ -202,6 +203,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._requests = 0
         self._tls_task: asyncio.Task[None] | None = None
+        self._cut_off = False
+        self._early_data: list[bytes] = []  # arrived with the end of the TLS handshake
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -232,8 +235,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 ssl_handshake_timeout=self.limits.header_timeout,
             )
         except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
-            if self._peer_key is not None:  # not already cut off by the header timer
-                logger.warning("Refused a connection from %s: TLS handshake failed (%s)", self.peer, exc)
+            if not self._cut_off:  # else already logged
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                logger.warning("Closed a connection from %s: no TLS session (%s)", self.peer, why)
             return
         if tls_transport is None or transport.is_closing():
             return
@@ -242,6 +246,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _serve(self, transport: asyncio.Transport) -> None:
         self._serving = True
         super().connection_made(transport)
+        if self._early_data:
+            early, self._early_data = b"".join(self._early_data), []
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -274,6 +281,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def cut_off(self, why: str) -> None:
         """Close this connection now (no reply: the peer is not delivering a request), and log it."""
         self._timer = None
+        self._cut_off = True
         request = ""
         if self.scope is not None and "method" in self.scope:
             request = f" during {self.scope['method']} {escaped(self.scope.get('raw_path', b''))}"
@@ -283,6 +291,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if not self._serving:  # the request began before start_tls returned: at most a few reads
+            self._early_data.append(data)
+            return
         if self._awaiting_headers:
             self._header_bytes += len(data)
         super().data_received(data)
@@ -301,7 +312,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._requests += 1
         if self._requests >= self.limits.max_requests_per_connection and self.cycle is not None:
-            self.cycle.keep_alive = False  # closed once this request is answered
+            self.cycle.keep_alive = False  # closed once this request is answered,
+            self.headers.append(CLOSE_HEADER)  # and uvicorn then says so in its answer
 
     def on_message_complete(self) -> None:
         self._cancel_timer()

@@ -428,14 +428,17 @@ def test_every_refused_or_failed_call_is_logged_with_the_real_peer(
     assert "203.0.113.66" not in line
     assert f" {status} " in line
     assert f"{method} " in line
-    assert "\n" not in line and "\r" not in line
+    assert "\n" not in line
+    assert "\r" not in line
     if logged_path is None:
         assert "/v1/fleet/pull-messages%0A2026-12-05%20INFO%20forged" in line
     else:
         assert f"{method} {logged_path} from" in line
 
 
-def test_a_successful_call_leaves_no_line(caplog: pytest.LogCaptureFixture, gateway: tuple[TestClient, Upstream]) -> None:
+def test_a_successful_call_leaves_no_line(
+    caplog: pytest.LogCaptureFixture, gateway: tuple[TestClient, Upstream]
+) -> None:
     import logging
 
     client, _ = gateway

@@ -43,7 +43,8 @@ async def echo_length(scope: dict[str, object], receive: object, send: object) -
         if not message.get("more_body"):
             break
     body = str(size).encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})  # type: ignore[operator]
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
     await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
 
 
@@ -58,7 +59,8 @@ def serving(limits: ConnectionLimits, tls: ssl.SSLContext | None = None) -> Iter
     thread.start()
     deadline = time.monotonic() + GUARD
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        assert thread.is_alive(), "the gateway did not start"
+        assert time.monotonic() < deadline, "the gateway did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
@@ -88,6 +90,25 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
+def read_response(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """One whole response (head and Content-Length body) from the server."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
 def still_open(sock: socket.socket, wait: float = 0.5) -> bool:
     """Is the connection open after ``wait`` seconds of silence (or did the server say something)?"""
     sock.settimeout(wait)
@@ -110,38 +131,43 @@ def test_a_complete_request_is_served() -> None:
     with serving(ConnectionLimits(header_timeout=5, body_timeout=5)) as port:
         sock = connect(port)
         sock.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
         sock.close()
 
 
 def test_headers_that_never_complete_are_cut_off(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
-        with serving(ConnectionLimits(header_timeout=0.5, body_timeout=600)) as port:
-            silent = connect(port, "127.0.0.2")
-            partial = connect(port, "127.0.0.2")
-            partial.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            assert closed_by_server(silent)
-            assert closed_by_server(partial)
+    with (
+        caplog.at_level(logging.INFO, logger="server.fleet_gateway"),
+        serving(ConnectionLimits(header_timeout=0.5, body_timeout=600)) as port,
+    ):
+        silent = connect(port, "127.0.0.2")
+        partial = connect(port, "127.0.0.2")
+        partial.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert closed_by_server(silent)
+        assert closed_by_server(partial)
     lines = gateway_lines(caplog)
     assert sum("Cut off 127.0.0.2:" in line and "no complete request headers" in line for line in lines) == 2
 
 
 def test_a_body_that_never_completes_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
-        with serving(ConnectionLimits(header_timeout=6000, body_timeout=0.5)) as port:
-            sock = connect(port, "127.0.0.2")
-            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
-            assert closed_by_server(sock)
+    with (
+        caplog.at_level(logging.INFO, logger="server.fleet_gateway"),
+        serving(ConnectionLimits(header_timeout=6000, body_timeout=0.5)) as port,
+    ):
+        sock = connect(port, "127.0.0.2")
+        sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+        assert closed_by_server(sock)
     (line,) = gateway_lines(caplog)
     assert line.startswith("Cut off 127.0.0.2:")
-    assert "POST /v1/fleet/push-object" in line and "request body not received" in line
+    assert "POST /v1/fleet/push-object" in line
+    assert "request body not received" in line
 
 
 def test_a_later_request_on_a_kept_alive_connection_must_also_complete_its_headers() -> None:
     with serving(ConnectionLimits(header_timeout=0.5, body_timeout=600, keep_alive_timeout=600)) as port:
         sock = connect(port)
         sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
         sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n")  # and no more
         assert closed_by_server(sock)
 
@@ -160,19 +186,21 @@ def test_endless_headers_are_cut_off_at_the_header_limit() -> None:
 
 def test_a_connection_over_the_per_address_limit_is_closed_at_once(caplog: pytest.LogCaptureFixture) -> None:
     limits = ConnectionLimits(header_timeout=6000, max_connections=20, max_connections_per_peer=3)
-    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"):
-        with serving(limits) as port:
-            held = [connect(port, "127.0.0.2") for _ in range(3)]
-            assert all(still_open(sock) for sock in held)
-            extra = connect(port, "127.0.0.2")
-            assert closed_by_server(extra)  # long before the 60 s header timeout
-            other = connect(port, "127.0.0.1")  # another address still gets in
-            other.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
-            assert other.recv(4096).startswith(b"HTTP/1.1 200")
-            for sock in [*held, other]:
-                sock.close()
-    refusals = [line for line in gateway_lines(caplog) if line.startswith("Refused a connection from 127.0.0.2:")]
-    assert refusals and "3 connections open from 127.0.0.2" in refusals[0]
+    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"), serving(limits) as port:
+        held = [connect(port, "127.0.0.2") for _ in range(3)]
+        assert all(still_open(sock) for sock in held)
+        extra = connect(port, "127.0.0.2")
+        assert closed_by_server(extra)  # long before the 60 s header timeout
+        other = connect(port, "127.0.0.1")  # another address still gets in
+        other.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+        assert read_response(other).startswith(b"HTTP/1.1 200")
+        for sock in [*held, other]:
+            sock.close()
+    refused = [
+        line for line in gateway_lines(caplog) if line.startswith("Refused a connection from 127.0.0.2:")
+    ]
+    assert refused
+    assert "3 connections open from 127.0.0.2" in refused[0]
 
 
 def test_a_connection_over_the_total_limit_is_closed_at_once() -> None:
@@ -205,7 +233,7 @@ def test_a_tls_handshake_that_never_starts_is_cut_off(tmp_path: Path) -> None:
         client_context = ssl.create_default_context(cafile=str(files.ca_cert))
         with client_context.wrap_socket(connect(port), server_hostname="127.0.0.1") as tls:
             tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
-            assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+            assert read_response(tls).startswith(b"HTTP/1.1 200")
 
 
 def test_limits_stay_below_the_open_file_limit() -> None:
@@ -237,7 +265,46 @@ def test_limits_that_make_no_sense_are_refused(changes: dict[str, float]) -> Non
 def test_a_connection_is_closed_after_its_most_requests() -> None:
     with serving(ConnectionLimits(keep_alive_timeout=600, max_requests_per_connection=2)) as port:
         sock = connect(port)
+        answers = []
         for _ in range(2):
             sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            answers.append(read_response(sock))
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+        assert b"connection: close" not in answers[0]
+        assert b"connection: close" in answers[1]  # the client knows not to reuse it
         assert closed_by_server(sock)
+
+
+def test_a_request_sent_with_the_end_of_the_tls_handshake_is_served(tmp_path: Path) -> None:
+    """TLS 1.3: a client's first request can arrive in the same read as its Finished message,
+    before the gateway has set up the connection's HTTP side; it must be served, not lost."""
+    from server.security import make_certificates
+
+    files = make_certificates(tmp_path, ["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.server_cert, files.server_key)
+    client_context = ssl.create_default_context(cafile=str(files.ca_cert))
+    request = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+    with serving(ConnectionLimits(), tls=context) as port:
+        for _ in range(20):
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+            with connect(port) as sock:
+                while True:  # the handshake, by hand: the request leaves with the last flight
+                    try:
+                        tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        sock.sendall(outgoing.read())
+                        incoming.write(sock.recv(65536))
+                tls.write(request)
+                sock.sendall(outgoing.read())  # Finished and the request in one segment
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    try:
+                        answer += tls.read(4096)
+                    except ssl.SSLWantReadError:
+                        data = sock.recv(65536)
+                        assert data, "the gateway closed the connection without an answer"
+                        incoming.write(data)
+                assert answer.startswith(b"HTTP/1.1 200")
