@@ -419,8 +419,12 @@ def main(argv: list[str] | None = None) -> None:
             ciphers=None,
         )
     logger.info(
-        "Limits: bodies up to %d bytes; %d connections (%d per address, open file limit %d); "
+        "Sites connect to %s://%s:%d (TLS ends here; uvicorn listens on the plain socket). Limits: "
+        "bodies up to %d bytes; %d connections (%d per address, open file limit %d); "
         "headers within %g s, bodies within %g s, keep-alive %d s",
+        "https" if tls else "http",
+        args.host,
+        args.port,
         args.body_limit,
         limits.max_connections,
         limits.max_connections_per_peer,

@@ -10,7 +10,7 @@ uvicorn's httptools protocol, the one uvicorn picks here) with those bounds adde
 - at most ``max_connections`` open connections in all and ``max_connections_per_peer`` from one
   address (an IPv6 /64 counts as one address), both below the process's file limit; a
   connection over a limit is closed at once, before any TLS handshake, and logged (at most one
-  line a second, with a count of those not logged);
+  line a second, then one line with the count of the others);
 - TLS is started here, after that check (uvicorn gets a plain socket), so a connection that
   never finishes its handshake is counted and timed like any other;
 - every request must deliver its complete headers within ``header_timeout`` seconds (from the
@@ -128,6 +128,7 @@ class ConnectionCounts:
         self.total = 0
         self.by_peer: dict[str, int] = {}
         self._unlogged_refusals = 0
+        self._last_unlogged = ""
         self._last_refusal_log = -REFUSAL_LOG_INTERVAL
 
     def admit(self, key: str) -> str | None:
@@ -149,16 +150,23 @@ class ConnectionCounts:
         else:
             del self.by_peer[key]
 
-    def log_refusal(self, peer: tuple[str, int] | None, why: str) -> None:
+    def log_refusal(self, peer: tuple[str, int] | None, why: str, loop: asyncio.AbstractEventLoop) -> None:
+        """One line now, or (within a second of the last) counted and summed up a second later."""
         now = time.monotonic()
-        if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL:
-            self._unlogged_refusals += 1
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            logger.warning("Refused a connection from %s: %s", format_peer(peer), why)
+            self._last_refusal_log = now
             return
-        more = ""
-        if self._unlogged_refusals:
-            more = f" ({self._unlogged_refusals} more refused since the last such line)"
-        logger.warning("Refused a connection from %s: %s%s", format_peer(peer), why, more)
-        self._last_refusal_log = now
+        self._unlogged_refusals += 1
+        self._last_unlogged = f"the last from {format_peer(peer)}: {why}"
+        if self._unlogged_refusals == 1:
+            loop.call_later(REFUSAL_LOG_INTERVAL, self._log_unlogged_refusals)
+
+    def _log_unlogged_refusals(self) -> None:
+        logger.warning(
+            "Refused %d more connections over a limit (%s)", self._unlogged_refusals, self._last_unlogged
+        )
+        self._last_refusal_log = time.monotonic()
         self._unlogged_refusals = 0
 
 
@@ -215,7 +223,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         key = peer_key(self._peer[0]) if self._peer else "unknown"
         why = self.config.counts.admit(key)
         if why is not None:
-            self.config.counts.log_refusal(self._peer, why)
+            self.config.counts.log_refusal(self._peer, why, self.loop)
             transport.abort()
             return
         self._peer_key = key

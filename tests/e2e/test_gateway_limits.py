@@ -130,11 +130,14 @@ def test_the_coordinator_stays_up_under_oversized_bodies_and_slow_clients(federa
         sock.close()
 
     # Assert: memory flat, slow clients cut off, refusals logged with the peer, the run finished.
-    assert announced.startswith(b"HTTP/1.1 413")
-    for pid, name in ((gateway, "gateway"), (superlink, "SuperLink")):
-        grown = after[pid] - before[pid]
-        assert grown < MEMORY_ALLOWANCE, f"the {name}'s peak memory grew by {grown / 2**20:.0f} MiB"
+    grown = {
+        name: (after[pid] - before[pid]) / 2**20
+        for pid, name in ((gateway, "gateway"), (superlink, "SuperLink"))
+    }
+    print(f"peak memory growth under attack (MiB): {grown}")  # shown with pytest -s
+    assert max(grown.values()) < MEMORY_ALLOWANCE / 2**20, f"peak memory grew (MiB): {grown}"
     assert still_open == 0, f"{still_open} of {len(slow)} slow clients still connected"
+    assert announced.startswith(b"HTTP/1.1 413")
     assert federation.wait(server, "server", 1200) == 0, federation.output("server")
     aggregates = [r for r in federation.metrics() if r["phase"] == "aggregate"]
     assert [r["round"] for r in aggregates] == [1, 2]

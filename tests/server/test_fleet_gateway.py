@@ -264,8 +264,8 @@ def run_call(app: object, scope: dict[str, object], call: Call) -> None:
 
 def test_a_body_announced_over_the_limit_is_refused_413_before_it_is_read() -> None:
     upstream = Upstream()
-    app = create_app("https://127.0.0.1:1", None, transport=httpx.MockTransport(upstream), body_limit=1000)
-    call = Call([b"x" * 1001])
+    app = create_app("https://127.0.0.1:1", None, transport=httpx.MockTransport(upstream))
+    call = Call([b"x" * 2**20] * 1024)
     headers = [(b"content-length", b"1073741824"), (b"content-type", b"application/protobuf")]
 
     run_call(app, asgi_scope(headers=headers), call)
@@ -279,13 +279,13 @@ def test_a_body_announced_over_the_limit_is_refused_413_before_it_is_read() -> N
 def test_a_body_of_unknown_length_is_cut_at_the_limit() -> None:
     """Chunked: read while it comes, never more than the limit (plus one chunk) held or sent."""
     upstream = Upstream()
-    app = create_app("https://127.0.0.1:1", None, transport=httpx.MockTransport(upstream), body_limit=10_000)
-    call = Call([b"x" * 1000] * 1000)  # 1 MB in 1000 chunks
+    app = create_app("https://127.0.0.1:1", None, transport=httpx.MockTransport(upstream))
+    call = Call([b"x" * 2**20] * 64)  # 64 MiB in 1 MiB chunks; the default limit is 6 MiB
 
     run_call(app, asgi_scope(headers=[(b"transfer-encoding", b"chunked")]), call)
 
     assert call.status == 413
-    assert call.received == 11  # the chunk that went over the limit was the last one read
+    assert call.received == 7  # the chunk that went over the limit was the last one read
     assert upstream.bodies == []  # the SuperLink never got the whole (oversized) body
 
 

@@ -203,6 +203,31 @@ def test_a_connection_over_the_per_address_limit_is_closed_at_once(caplog: pytes
     assert "3 connections open from 127.0.0.2" in refused[0]
 
 
+def test_refusals_within_a_second_are_summed_up_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    limits = ConnectionLimits(header_timeout=6000, max_connections=20, max_connections_per_peer=1)
+    with caplog.at_level(logging.INFO, logger="server.fleet_gateway"), serving(limits) as port:
+        held = connect(port, "127.0.0.2")
+        assert still_open(held)
+        refused = [connect(port, "127.0.0.2") for _ in range(50)]
+        assert all(closed_by_server(sock) for sock in refused)
+        deadline = time.monotonic() + GUARD
+        while refusals_logged(gateway_lines(caplog)) < 50:  # the last ones are summed up a second later
+            assert time.monotonic() < deadline, gateway_lines(caplog)
+            time.sleep(0.1)
+        for sock in [held, *refused]:
+            sock.close()
+    lines = gateway_lines(caplog)
+    assert refusals_logged(lines) == 50
+    assert sum(line.startswith("Refused a connection") for line in lines) < 50  # not one line each
+
+
+def refusals_logged(lines: list[str]) -> int:
+    """Refused connections from 127.0.0.2 that the log accounts for (one by one or summed up)."""
+    lines = [line for line in lines if "127.0.0.2" in line]
+    counted = sum(int(line.split()[1]) for line in lines if "more connections over a limit" in line)
+    return sum(line.startswith("Refused a connection") for line in lines) + counted
+
+
 def test_a_connection_over_the_total_limit_is_closed_at_once() -> None:
     limits = ConnectionLimits(header_timeout=6000, max_connections=4, max_connections_per_peer=2)
     with serving(limits) as port:
