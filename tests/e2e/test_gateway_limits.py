@@ -108,7 +108,7 @@ def closed_by_server(sock: socket.socket, deadline: float) -> bool:
 @pytest.mark.timeout(1800)
 def test_the_coordinator_stays_up_under_oversized_bodies_and_slow_clients(federation: Federation) -> None:
     # Prepare: a two-site federation with a gateway of short timeouts.
-    federation.env["CXR_FL_GATEWAY_OPTIONS"] = "--header-timeout 3 --body-timeout 10"
+    federation.env["CXR_FL_GATEWAY_OPTIONS"] = "--header-timeout 5 --body-timeout 20"
     federation.prepare("site-a", "site-b")
     config = federation.write_config("num-rounds = 2\nkd-enabled = false\n")
     server = federation.start_server("--config", str(config))

@@ -138,7 +138,7 @@ def test_a_complete_request_is_served() -> None:
 def test_headers_that_never_complete_are_cut_off(caplog: pytest.LogCaptureFixture) -> None:
     with (
         caplog.at_level(logging.INFO, logger="server.fleet_gateway"),
-        serving(ConnectionLimits(header_timeout=0.5, body_timeout=600)) as port,
+        serving(ConnectionLimits(header_timeout=2, body_timeout=600)) as port,
     ):
         silent = connect(port, "127.0.0.2")
         partial = connect(port, "127.0.0.2")
@@ -164,7 +164,7 @@ def test_a_body_that_never_completes_is_cut_off(caplog: pytest.LogCaptureFixture
 
 
 def test_a_later_request_on_a_kept_alive_connection_must_also_complete_its_headers() -> None:
-    with serving(ConnectionLimits(header_timeout=0.5, body_timeout=600, keep_alive_timeout=600)) as port:
+    with serving(ConnectionLimits(header_timeout=2, body_timeout=600, keep_alive_timeout=600)) as port:
         sock = connect(port)
         sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
         assert read_response(sock).startswith(b"HTTP/1.1 200")
@@ -252,7 +252,7 @@ def test_a_tls_handshake_that_never_starts_is_cut_off(tmp_path: Path) -> None:
     files = make_certificates(tmp_path, ["127.0.0.1"])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(files.server_cert, files.server_key)
-    with serving(ConnectionLimits(header_timeout=0.5), tls=context) as port:
+    with serving(ConnectionLimits(header_timeout=3), tls=context) as port:
         silent = connect(port, "127.0.0.2")
         assert closed_by_server(silent)
         client_context = ssl.create_default_context(cafile=str(files.ca_cert))
