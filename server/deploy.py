@@ -312,6 +312,11 @@ class Coordinator:
                 "--keyfile",
                 str(tls.server_key.resolve()),
             ]
+        # Its limits (body size, connections, header/body timeouts) are its defaults unless this
+        # variable holds options of server/fleet_gateway.py, e.g. "--header-timeout 5" (tests use it).
+        import shlex
+
+        command += shlex.split(self.env.get("CXR_FL_GATEWAY_OPTIONS", ""))
         env = dict(self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         with self.gateway_log.open("ab") as log:

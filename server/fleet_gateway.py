@@ -13,7 +13,18 @@ Fleet calls a SuperNode makes (``POST`` to the twelve paths of :data:`FLEET_ROUT
 ``flwr/supernode/fleet_http_client.py``); every other method or path is answered 404 here and
 never reaches the SuperLink. Headers go through unchanged (SuperNode authentication signs a
 timestamp carried in them, and the SuperLink checks the signature, so site authentication stays
-Flower's), and bodies are streamed both ways (a model is tens of MB per message).
+Flower's), except hop-by-hop and forwarding headers: a client's ``X-Forwarded-For``,
+``Forwarded``, ``X-Real-IP`` and the like are dropped and the gateway sets ``X-Forwarded-For`` to
+the real peer (the SuperLink trusts that header from loopback). Bodies are streamed both ways.
+
+No credentials are needed to reach this address, so what a call may cost is bounded before it
+reaches the SuperLink: a body larger than any Fleet call of a SuperNode carries
+(:data:`DEFAULT_BODY_LIMIT`: Flower cuts a model into array chunks of at most 5 MiB) is answered
+413 without being read when its ``Content-Length`` says so, and cut at the limit otherwise, never
+buffered beyond it. Connections (how many, from whom, how long they may take to deliver a
+request) are bounded by server/gateway_connections.py. Every refused or failed call (4xx or 5xx,
+from the gateway or the SuperLink) gets one line in the log with the peer's real address, the
+method, the path as sent (escaped: a line break in it cannot start a log line) and the status.
 
 Run as its own process (``python -m server.fleet_gateway ...``) so that it is started, recorded
 and stopped by PID like the SuperLink.
@@ -32,15 +43,25 @@ from typing import Any
 
 import httpx
 import uvicorn
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
 from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
 from google.protobuf.message import DecodeError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.gateway_connections import (
+    ConnectionLimits,
+    GatewayConfig,
+    connections_within_file_limit,
+    escaped,
+    format_peer,
+    raise_open_file_limit,
+)
 from server.grid import PollSchedule
 
 logger = logging.getLogger("server.fleet_gateway")  # also when run with -m
@@ -78,8 +99,21 @@ HOP_BY_HOP = frozenset(
         b"host",
     }
 )
+# Who the peer is, as a client claims it: never passed on (the gateway says it itself).
+FORWARDING = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"x-cluster-client-ip"}
+)
+FORWARDING_PREFIX = b"x-forwarded-"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+UPSTREAM_CONNECTIONS = 64
+"""Connections to the SuperLink at most (files kept apart from the sites' connections)."""
+RECORD_ALLOWANCE = 1024 * 1024
+"""Room above one array chunk for the rest of a SuperNode's largest call: the object's own header,
+a reply's metrics and config records, a packed model's layout, a message's object tree."""
+DEFAULT_BODY_LIMIT = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + RECORD_ALLOWANCE
+"""The largest request body forwarded (6 MiB): a SuperNode's largest call is a push-object of one
+array chunk (Flower cuts arrays into chunks of ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``, 5 MiB)."""
 REFUSED_TEXT = "not found: this address serves only the Flower Fleet API for sites\n"
 
 PULL_MESSAGES = "/v1/fleet/pull-messages"
@@ -104,6 +138,44 @@ def allowed(method: str, path: str) -> bool:
 
 def _forwarded_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(key, value) for key, value in raw if key.lower() not in HOP_BY_HOP]
+
+
+def request_headers(raw: list[tuple[bytes, bytes]], peer_host: str) -> list[tuple[bytes, bytes]]:
+    """A site's headers as sent to the SuperLink: no hop-by-hop or client-claimed forwarding
+    header, and ``X-Forwarded-For`` set to the real peer."""
+    kept = [
+        (key, value)
+        for key, value in _forwarded_headers(raw)
+        if key.lower() not in FORWARDING and not key.lower().startswith(FORWARDING_PREFIX)
+    ]
+    return [*kept, (b"x-forwarded-for", peer_host.encode("ascii", "replace"))]
+
+
+class BodyTooLargeError(Exception):
+    """A request body went over the gateway's limit while it was being read."""
+
+
+async def capped(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``chunks`` passed on as they come, until more than ``limit`` bytes: then BodyTooLargeError."""
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLargeError
+        yield chunk
+
+
+async def read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A whole (small) body, never more than ``limit`` bytes of it in memory."""
+    return b"".join([chunk async for chunk in capped(chunks, limit)])
+
+
+def refusal(status: int, text: str, why: str) -> Response:
+    """The gateway's own answer to a call it refuses; the connection is closed after it (the rest
+    of a refused body is not read)."""
+    response = PlainTextResponse(text, status_code=status, headers={"connection": "close"})
+    response.why = why  # type: ignore[attr-defined]
+    return response
 
 
 def no_message_yet(content: bytes) -> bool:
@@ -138,38 +210,60 @@ def create_app(
     *,
     held_calls: dict[str, tuple[float, Callable[[bytes], bool]]] | None = None,
     schedule: PollSchedule = HOLD_SCHEDULE,
-) -> Starlette:
+    body_limit: int = DEFAULT_BODY_LIMIT,
+) -> ASGIApp:
     """The gateway's ASGI app, forwarding allowed calls to ``upstream`` (``https://127.0.0.1:PORT``).
 
     ``upstream_ca`` verifies the SuperLink's certificate (None: plain HTTP upstream, --insecure);
     ``transport`` replaces the network in tests; ``held_calls`` (default :data:`HELD_CALLS`) and
-    ``schedule`` say which empty answers are held, how long, and how often the SuperLink is asked.
+    ``schedule`` say which empty answers are held, how long, and how often the SuperLink is asked;
+    ``body_limit`` is the largest request body forwarded. Refused and failed calls are logged
+    (:class:`FailureLog`).
     """
+    if body_limit < 1:
+        raise ValueError(f"body_limit must be at least 1 byte, got {body_limit!r}")
     held = HELD_CALLS if held_calls is None else held_calls
     verify: ssl.SSLContext | bool = False
     if upstream_ca is not None:
         verify = ssl.create_default_context(cafile=str(upstream_ca))
     client = httpx.AsyncClient(
-        base_url=upstream, verify=verify, timeout=UPSTREAM_TIMEOUT, transport=transport
+        base_url=upstream,
+        verify=verify,
+        timeout=UPSTREAM_TIMEOUT,
+        transport=transport,
+        limits=httpx.Limits(max_connections=UPSTREAM_CONNECTIONS),
     )
+    too_large = f"request body over {body_limit} bytes, more than any Fleet call carries"
 
     async def forward(request: Request) -> Response:
         path = request.url.path
         if not allowed(request.method, path):
-            peer = request.client.host if request.client else "?"
-            logger.warning("Refused %s %s from %s (not a Fleet API call)", request.method, path, peer)
-            return PlainTextResponse(REFUSED_TEXT, status_code=404)
-        headers = _forwarded_headers(request.headers.raw)
-        if path not in held:
-            return await send_upstream(path, headers, request.stream())
+            return refusal(404, REFUSED_TEXT, "not a Fleet API call")
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return refusal(400, "bad Content-Length\n", "bad Content-Length")
+        if length is not None and int(length) > body_limit:
+            return refusal(413, too_large + "\n", too_large)  # the body is never read
+        headers = request_headers(request.headers.raw, request.client.host if request.client else "unknown")
+        try:
+            if path not in held:
+                return await send_upstream(path, headers, capped(request.stream(), body_limit))
+            body = await read_capped(request.stream(), body_limit)  # a small request: a node id
+            return await hold(request, path, headers, body)
+        except BodyTooLargeError:
+            return refusal(413, too_large + "\n", too_large)
+        except ClientDisconnect:
+            return refusal(400, "request not received\n", "the client went away before its request was read")
+
+    async def hold(request: Request, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        """Ask the SuperLink again (for up to the call's hold) while its answer is "nothing yet"."""
         longest, waiting = held[path]
-        body = await request.body()  # a small request: a node id, an object id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + longest
         pauses = schedule.intervals()
         while True:
             response = await send_upstream(path, headers, body)
-            if not isinstance(response, HeldReply) or not waiting(response.body):
+            if not isinstance(response, HeldReply) or not waiting(bytes(response.body)):
                 return response
             pause = min(next(pauses), deadline - loop.time())
             if pause <= 0 or await request.is_disconnected():
@@ -183,7 +277,9 @@ def create_app(
             reply = await client.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
             logger.error("SuperLink unreachable for %s: %s", path, exc)
-            return PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
+            unreachable = PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
+            unreachable.why = "the SuperLink is not reachable"  # type: ignore[attr-defined]
+            return unreachable
         raw_headers = _forwarded_headers(reply.headers.raw)
         size = reply.headers.get("content-length", "")
         if (
@@ -202,6 +298,7 @@ def create_app(
             reply.aiter_raw(), status_code=reply.status_code, background=BackgroundTask(reply.aclose)
         )
         response.raw_headers = raw_headers
+        response.why = "answered so by the SuperLink"  # type: ignore[attr-defined]
         return response
 
     @contextlib.asynccontextmanager
@@ -211,7 +308,73 @@ def create_app(
         finally:
             await client.aclose()
 
-    return Starlette(routes=[Route("/{path:path}", forward, methods=ALL_METHODS)], lifespan=lifespan)
+    async def endpoint(request: Request) -> Response:
+        response = await forward(request)
+        request.scope[FAILURE_NOTE]["why"] = getattr(response, "why", "")
+        return response
+
+    app = Starlette(routes=[Route("/{path:path}", endpoint, methods=ALL_METHODS)], lifespan=lifespan)
+    return FailureLog(app)
+
+
+FAILURE_NOTE = "cxr_fl.gateway_note"
+"""Scope key of the dict in which a call's handler says why it answered so (for the log line)."""
+
+
+class FailureLog:
+    """ASGI middleware: one log line for every call answered 4xx or 5xx, or failing before it
+    is answered, whoever refused it (the gateway's routing, its handler, or the SuperLink).
+
+    The line has the real peer (the connection's, never a header's), the method, the path as
+    sent (:func:`escaped`: no control character or line break reaches the log) and the status.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        note: dict[str, str] = {}
+        scope[FAILURE_NOTE] = note
+        status: list[int] = []
+
+        async def noting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception:
+            self.log(scope, status[0] if status else 500, "the gateway failed")
+            raise
+        if not status:
+            self.log(scope, 0, "no answer")
+        elif status[0] >= 400:
+            self.log(scope, status[0], note.get("why") or default_reason(status[0]))
+
+    @staticmethod
+    def log(scope: Scope, status: int, why: str) -> None:
+        peer = scope.get("client")
+        path = escaped(scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace"))
+        if scope.get("query_string"):
+            path += "?" + escaped(scope["query_string"])
+        verb = "Failed" if status >= 500 or status == 0 else "Refused"
+        logger.warning(
+            "%s %s %s from %s: %s (%s)",
+            verb,
+            escaped(str(scope.get("method", "?")).encode("ascii", "replace")),
+            path,
+            format_peer(tuple(peer) if peer else None),  # type: ignore[arg-type]
+            status or "-",
+            why,
+        )
+
+
+def default_reason(status: int) -> str:
+    return "not a Fleet API call" if status in (404, 405) else "refused by the gateway"
 
 
 class HeldReply(Response):
@@ -223,6 +386,69 @@ class HeldReply(Response):
 
 
 def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call otherwise
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
+    open_files = raise_open_file_limit()
+    max_connections = connections_within_file_limit(args.max_connections, open_files)
+    try:
+        limits = ConnectionLimits(
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            keep_alive_timeout=args.keep_alive_timeout,
+            max_header_bytes=args.max_header_bytes,
+            max_requests_per_connection=args.max_requests_per_connection,
+            max_connections=max_connections,
+            max_connections_per_peer=args.max_connections_per_peer,
+        )
+        app = create_app(args.upstream, args.upstream_ca, body_limit=args.body_limit)
+    except ValueError as exc:
+        parser.error(f"{exc} (open file limit {open_files}: lower --max-connections-per-peer or raise it)")
+    tls = None
+    if args.certfile is not None:
+        tls = uvicorn.config.create_ssl_context(
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            password=None,
+            ssl_version=uvicorn.config.SSL_PROTOCOL_VERSION,
+            cert_reqs=ssl.CERT_NONE,
+            ca_certs=None,
+            ciphers=None,
+        )
+    logger.info(
+        "Sites connect to %s://%s:%d (TLS ends here; uvicorn listens on the plain socket). Limits: "
+        "bodies up to %d bytes; %d connections (%d per address, open file limit %d); "
+        "headers within %g s, bodies within %g s, keep-alive %d s",
+        "https" if tls else "http",
+        args.host,
+        args.port,
+        args.body_limit,
+        limits.max_connections,
+        limits.max_connections_per_peer,
+        open_files,
+        limits.header_timeout,
+        limits.body_timeout,
+        limits.keep_alive_timeout,
+    )
+    config = GatewayConfig(
+        app,
+        limits=limits,
+        tls=tls,
+        host=args.host,
+        port=args.port,
+        access_log=False,  # refused and failed calls are logged by FailureLog
+        log_level="info",
+        workers=1,
+        # A held pull would otherwise keep a stopping gateway up for its whole hold.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    uvicorn.Server(config).run()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", required=True, help="Interface the sites connect to.")
     parser.add_argument("--port", type=int, required=True, help="Port the sites connect to.")
@@ -232,23 +458,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream-ca", type=Path, help="CA certificate of the loopback SuperLink.")
     parser.add_argument("--certfile", type=Path, help="Server certificate for the sites (TLS).")
     parser.add_argument("--keyfile", type=Path, help="Its private key.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call otherwise
-    if (args.certfile is None) != (args.keyfile is None):
-        parser.error("--certfile and --keyfile go together")
-    uvicorn.run(
-        create_app(args.upstream, args.upstream_ca),
-        host=args.host,
-        port=args.port,
-        ssl_certfile=str(args.certfile) if args.certfile else None,
-        ssl_keyfile=str(args.keyfile) if args.keyfile else None,
-        access_log=False,
-        log_level="info",
-        workers=1,
-        # A held pull would otherwise keep a stopping gateway up for its whole hold.
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    defaults = ConnectionLimits()
+    limits = parser.add_argument_group("limits (what one caller can make the coordinator hold)")
+    limits.add_argument(
+        "--body-limit", type=int, default=DEFAULT_BODY_LIMIT, help="Largest request body in bytes (413)."
     )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        help="Seconds a connection has to deliver a request's headers (TLS handshake included).",
+    )
+    limits.add_argument(
+        "--body-timeout", type=float, default=defaults.body_timeout, help="Seconds to deliver a request body."
+    )
+    limits.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=defaults.keep_alive_timeout,
+        help="Seconds an idle connection is kept open.",
+    )
+    limits.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes)
+    limits.add_argument(
+        "--max-requests-per-connection", type=int, default=defaults.max_requests_per_connection
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="Open connections at most (lowered to fit the open file limit).",
+    )
+    limits.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=defaults.max_connections_per_peer,
+        help="Open connections at most from one address (an IPv6 /64 counts as one).",
+    )
+    return parser
 
 
 if __name__ == "__main__":
