@@ -2,8 +2,8 @@
 
 Flower's ``Strategy.start`` runs rounds but keeps no checkpoints, cannot resume, and waits for
 replies with a fixed 3 s poll. This loop calls the same strategy methods (``configure_train``,
-``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) itself, so aggregation
-stays Flower's, and adds what a multi-day hospital federation needs:
+``aggregate_train``, ``configure_evaluate``) itself, so the models' aggregation stays Flower's,
+and adds what a multi-day hospital federation needs:
 
 - replies are polled on a short, gently growing interval (server/grid.py); a site that fails or
   does not answer within the round timeout is logged and left out of that round's aggregate,

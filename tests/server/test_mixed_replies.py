@@ -417,3 +417,38 @@ def test_a_student_that_cannot_be_aggregated_is_left_out(
     for key, value in initial[0].items():
         if value.is_floating_point():
             torch.testing.assert_close(delivered[key], value + 2.0, rtol=1e-5, atol=1e-4)
+
+
+def test_the_run_summary_and_curves_take_rows_with_different_keys(tmp_path: Path) -> None:
+    # Prepare: a federation whose sites are all under DP (no training loss anywhere), a site
+    # row without validation scores, and an aggregate row that lacks the selection metric
+    from server.reporting import write_learning_curves, write_summary
+
+    folder = RunFolder(tmp_path)
+    folder.append_metrics(
+        [
+            {"round": 1, "phase": "train", "site": "site_a", "status": "ok", "dp_epsilon": 1.2},
+            {"round": 1, "phase": "train", "site": "site_b", "status": "dropped", "reason": "its tensor"},
+            {"round": 1, "phase": "aggregate", "site": "_global", "sites_trained": 1, "sites_sampled": 2},
+            {"round": 2, "phase": "aggregate", "site": "_global", "val_auroc_macro": 0.7, "val_loss": 0.4},
+        ]
+    )
+    settings = run_settings_from_config(load_schema())
+
+    # Execute
+    write_learning_curves(folder, "auroc_macro")
+    summary = write_summary(
+        folder,
+        settings=settings,
+        strategy="fedavg",
+        best_round=2,
+        distill_rows=[{"site": "site_a", "status": "ok", "student_auroc_macro": 0.6}],
+        seconds=1.0,
+    )
+
+    # Assert
+    assert (tmp_path / "learning_curves.png").is_file()
+    assert summary["dp_epsilon_spent"] == {"site_a": 1.2}
+    assert summary["best_validation"] == {"val_auroc_macro": 0.7, "val_loss": 0.4}
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| 1 | 1/2 | - | - | - | - |" in markdown
