@@ -14,8 +14,9 @@ So the round loop hands a strategy only replies that can be aggregated:
 - a train reply is dropped, with its reason, when its model does not match the model sent
   (one ArrayRecord, the same keys, shapes and dtypes), holds a non-finite value, or carries
   no usable example count (a finite number > 0); any reply without a usable count is dropped;
-- every kept reply reaches the strategy with its arrays and a MetricRecord holding only its
-  example count, so the strategy's key check always holds and its weights are the sites';
+- every kept reply reaches the strategy with its arrays (under one record name) and a
+  MetricRecord holding only its example count, so the strategy's key check always holds and
+  its weights are the sites';
 - the metrics are averaged here, per key over the replies that carry that key, weighted by
   their example counts, skipping non-finite values (:func:`weighted_mean_per_key`).
 
@@ -113,7 +114,11 @@ def _without_weight(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _for_strategy(reply: Message, weight: float) -> None:
-    """Leave ``reply`` (in place) with its arrays and one MetricRecord: its example count."""
+    """Leave ``reply`` (in place) with its arrays, named as every other reply's (Krum and
+    FedMedian read every reply's model under the first reply's record name), and one
+    MetricRecord: its example count."""
+    (name,) = reply.content.array_records
+    reply.content["arrays"] = reply.content.pop(name)
     for name in list(reply.content.metric_records):
         reply.content.pop(name)
     reply.content["metrics"] = MetricRecord({WEIGHT_KEY: int(weight) if weight.is_integer() else weight})

@@ -203,6 +203,24 @@ def test_every_strategy_aggregates_sites_with_different_metric_keys(tmp_path: Pa
     assert all(r["train_dp_epsilon"] == pytest.approx(1.5) for r in aggregates)
 
 
+def _model_under_another_name(content: RecordDict) -> None:
+    content["weights"] = content.pop("arrays")
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_a_model_under_another_record_name_is_aggregated(tmp_path: Path, name: str) -> None:
+    # Prepare
+    options = {"proximal_mu": 0.1} if name == "fedprox" else {}
+    strategy = build_strategy(StrategySettings(strategy=name, **options))  # type: ignore[arg-type]
+    sites = Sites({10: non_dp_site(), 20: non_dp_site(name="site_b", spoil=_model_under_another_name)})
+
+    # Execute
+    _rounds(sites, RunFolder(tmp_path), strategy=strategy).run(_initial(), None)
+
+    # Assert
+    assert [r["sites_trained"] for r in _aggregates(RunFolder(tmp_path))] == [2, 2]
+
+
 def test_central_dp_aggregates_sites_with_different_metric_keys(tmp_path: Path) -> None:
     # Prepare
     central = CentralDPSettings(noise_multiplier=0.1, clipping_norm=10.0)
