@@ -12,8 +12,9 @@ another shape either raises or is broadcast silently into the average, and NaN p
 So the round loop hands a strategy only replies that can be aggregated:
 
 - a train reply is dropped, with its reason, when its model does not match the model sent
-  (one ArrayRecord, the same keys, shapes and dtypes), holds a non-finite value, or carries
-  no usable example count (a finite number > 0); any reply without a usable count is dropped;
+  (one ArrayRecord, the same keys and shapes, real numbers), holds a non-finite value, or
+  carries no usable example count (a finite number > 0); any reply without a usable count is
+  dropped;
 - every kept reply reaches the strategy with its arrays (under one record name) and a
   MetricRecord holding only its example count, so the strategy's key check always holds and
   its weights are the sites';
@@ -75,17 +76,17 @@ def arrays_problem(content: RecordDict, sent: ArrayRecord) -> str | None:
     if missing or extra:
         return f"its tensors differ from the global model's (missing {missing[:3]}, extra {extra[:3]})"
     for key, expected in sent.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
-            return (
-                f"its tensor {key!r} is {array.dtype} {tuple(array.shape)}, "
-                f"the global model's is {expected.dtype} {tuple(expected.shape)}"
-            )
         try:
-            values = array.numpy()
+            values = arrays[key].numpy()
         except (ValueError, TypeError) as exc:
             return f"its tensor {key!r} cannot be read ({type(exc).__name__})"
-        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+        if values.shape != tuple(expected.shape):
+            return f"its tensor {key!r} has shape {values.shape}, the global model's {tuple(expected.shape)}"
+        # The dtype may differ from the global model's (averaging turns an integer buffer such
+        # as BatchNorm's num_batches_tracked into floats), but it must hold real numbers.
+        if values.dtype.kind not in "biuf":
+            return f"its tensor {key!r} holds {values.dtype} values, not real numbers"
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"its tensor {key!r} holds non-finite values"
     return None
 

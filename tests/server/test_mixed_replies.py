@@ -203,6 +203,24 @@ def test_every_strategy_aggregates_sites_with_different_metric_keys(tmp_path: Pa
     assert all(r["train_dp_epsilon"] == pytest.approx(1.5) for r in aggregates)
 
 
+def _float64_and_integer_buffer(content: RecordDict) -> None:
+    _arrays(content)["w"] = Array(_arrays(content)["w"].numpy().astype(np.float64))
+    _arrays(content)["b"] = Array(np.asarray(_arrays(content)["b"].numpy(), dtype=np.int64))
+
+
+def test_tensors_of_another_real_dtype_are_aggregated(tmp_path: Path) -> None:
+    # Prepare: site_b sends float64 weights and an integer tensor where the global model has
+    # float32 (FedAvg itself turns BatchNorm's integer num_batches_tracked into float64)
+    sites = Sites({10: non_dp_site(), 20: non_dp_site(name="site_b", spoil=_float64_and_integer_buffer)})
+
+    # Execute
+    result = _rounds(sites, RunFolder(tmp_path)).run(_initial(), None)
+
+    # Assert: both sites in both rounds; w moves by the mean shift (1 + 1) / 2 each round
+    assert [r["sites_trained"] for r in _aggregates(RunFolder(tmp_path))] == [2, 2]
+    np.testing.assert_allclose(result.arrays["w"].numpy(), [2.0, 2.0], rtol=1e-6)
+
+
 def _model_under_another_name(content: RecordDict) -> None:
     content["weights"] = content.pop("arrays")
 
@@ -255,8 +273,8 @@ def _extra_tensor(content: RecordDict) -> None:
     _arrays(content)["extra"] = Array(np.ones(2, dtype=np.float32))
 
 
-def _wrong_dtype(content: RecordDict) -> None:
-    _arrays(content)["w"] = Array(np.ones(2, dtype=np.float64))
+def _complex_values(content: RecordDict) -> None:
+    _arrays(content)["w"] = Array(np.ones(2, dtype=np.complex64))
 
 
 def _non_finite(content: RecordDict) -> None:
@@ -280,10 +298,10 @@ def _zero_examples(content: RecordDict) -> None:
 
 
 SPOILED = {
-    "wrong shape": (_wrong_shape, "'w' is float32 (1,), the global model's is float32 (2,)"),
+    "wrong shape": (_wrong_shape, "'w' has shape (1,), the global model's (2,)"),
     "missing tensor": (_missing_tensor, "missing ['b']"),
     "extra tensor": (_extra_tensor, "extra ['extra']"),
-    "wrong dtype": (_wrong_dtype, "'w' is float64 (2,)"),
+    "complex values": (_complex_values, "'w' holds complex64 values, not real numbers"),
     "non-finite values": (_non_finite, "'w' holds non-finite values"),
     "two models": (_two_models, "2 model records"),
     "no example count": (_no_example_count, "no example count"),
@@ -330,7 +348,7 @@ def test_a_round_without_enough_aggregatable_replies_fails_with_the_reason(tmp_p
 
     # Assert: a round failure naming the site and why (resume advice), not Flower's exception
     assert "only 1 site(s) trained" in str(failure.value)
-    assert "site_a: dropped (reply not aggregated: its tensor 'w'" in str(failure.value)
+    assert "site_a: dropped (reply not aggregated: its tensor 'w' has shape (1,)" in str(failure.value)
 
 
 def test_a_validation_without_example_count_is_left_out_of_the_average(tmp_path: Path) -> None:
