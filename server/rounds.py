@@ -9,10 +9,10 @@ and adds what a multi-day hospital federation needs:
   does not answer within the round timeout is logged and left out of that round's aggregate,
   and the round completes when at least the minimum number of sites replied;
 - a site that declines a round (its DP budget is spent) is logged with its reason;
-- a reply that cannot be aggregated (a model of other tensors, shapes or dtypes, non-finite
-  values, no usable example count) is left out of the round with its reason, and the sites'
-  metrics are averaged per key over the sites that send it (server/aggregation.py): sites
-  with and without their own DP, or sharing per-class metrics or not, send different keys;
+- a reply that cannot be aggregated (a model of other tensors or shapes, values that are not
+  finite real numbers, no usable example count) is left out of the round with its reason, and
+  each metric is averaged over the sites that send it (server/aggregation.py): sites with
+  and without their own DP, or sharing per-class metrics or not, send different keys;
 - after every round the global teacher, the strategy state and the seeds are checkpointed, the
   best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
 - node sampling is seeded per round, so a resumed run samples what the straight run sampled.
