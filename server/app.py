@@ -37,12 +37,13 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
+from server.aggregation import aggregate_train, screen_train_replies
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, wait_for_sites
+from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, mark_dropped, wait_for_sites
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
@@ -150,16 +151,23 @@ def federated_student(
             min_sites,
             names,
         )
+        screened = screen_train_replies(replies, student)
+        mark_dropped(outcomes, screened.dropped)
+        for outcome in outcomes:
+            if outcome.node_id in screened.dropped:
+                logger.warning(
+                    "Federated student round %d: site %s: %s", student_round, outcome.site, outcome.reason
+                )
         rows += [o.row(student_round, "student") for o in outcomes]
-        valid = [r for r in replies if not r.has_error()]
-        if len(valid) < min_sites:
+        if len(screened.replies) < min_sites:
+            reasons = "".join(f"; {o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
             raise RoundFailedError(
-                f"federated student round {student_round}: {len(valid)} site(s) replied, "
-                f"the minimum is {min_sites}"
+                f"federated student round {student_round}: {len(screened.replies)} site(s) sent a student "
+                f"that can be aggregated, the minimum is {min_sites}{reasons}"
             )
         if hasattr(strategy, "current_arrays"):  # FedAdam/FedYogi: the step starts from this round's student
             strategy.current_arrays = {k: array.numpy() for k, array in student.items()}
-        aggregated, _ = strategy.aggregate_train(student_round, valid)
+        aggregated, _ = aggregate_train(strategy, student_round, screened)
         if aggregated is None:
             raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
         student = aggregated
@@ -167,7 +175,7 @@ def federated_student(
             "Federated student round %d/%d: %d sites",
             student_round,
             settings.kd_federated_student_rounds,
-            len(valid),
+            len(screened.replies),
         )
     save_model(
         student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}

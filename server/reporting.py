@@ -1,4 +1,9 @@
-"""Human-facing outputs of a run folder: learning curves (PNG), summary.json and summary.md."""
+"""Human-facing outputs of a run folder: learning curves (PNG), summary.json and summary.md.
+
+Every figure is read with ``row.get``: sites send different metrics (a site under its own DP
+sends no training loss, a site that did not opt in to per-class metrics sends fewer scores),
+so any key may be missing from any row, or from every row of a run.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _finite_or_nan(value: Any) -> float:
+    return float(value) if _finite(value) else math.nan
+
+
 def global_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((r for r in rows if r.get("phase") == "aggregate"), key=lambda r: int(r["round"]))
 
@@ -35,14 +44,16 @@ def write_learning_curves(folder: RunFolder, selection_metric: str) -> None:
         return
     rounds = [int(r["round"]) for r in rows]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(rounds, [r.get("train_loss") for r in rows], marker="o", label="train loss")
-    if any(_finite(r.get("val_loss")) for r in rows):
-        ax_loss.plot(rounds, [r.get("val_loss") for r in rows], marker="o", label="validation loss")
+    # Sites send different keys (a site under DP sends no training loss): plot what was sent.
+    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        if any(_finite(r.get(key)) for r in rows):
+            ax_loss.plot(rounds, [_finite_or_nan(r.get(key)) for r in rows], marker="o", label=label)
     ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("loss (weighted mean over sites)")
-    ax_loss.legend()
+    ax_loss.set_ylabel("loss (weighted mean over the sites that sent it)")
+    if ax_loss.lines:
+        ax_loss.legend()
     key = f"val_{selection_metric}"
-    ax_metric.plot(rounds, [r.get(key) for r in rows], marker="o", color="tab:green")
+    ax_metric.plot(rounds, [_finite_or_nan(r.get(key)) for r in rows], marker="o", color="tab:green")
     ax_metric.set_xlabel("round")
     ax_metric.set_ylabel(f"federated validation {selection_metric}")
     for ax in (ax_loss, ax_metric):

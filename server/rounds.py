@@ -2,13 +2,17 @@
 
 Flower's ``Strategy.start`` runs rounds but keeps no checkpoints, cannot resume, and waits for
 replies with a fixed 3 s poll. This loop calls the same strategy methods (``configure_train``,
-``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) itself, so aggregation
-stays Flower's, and adds what a multi-day hospital federation needs:
+``aggregate_train``, ``configure_evaluate``) itself, so the models' aggregation stays Flower's,
+and adds what a multi-day hospital federation needs:
 
 - replies are polled on a short, gently growing interval (server/grid.py); a site that fails or
   does not answer within the round timeout is logged and left out of that round's aggregate,
   and the round completes when at least the minimum number of sites replied;
 - a site that declines a round (its DP budget is spent) is logged with its reason;
+- a reply that cannot be aggregated (a model of other tensors or shapes, values that are not
+  finite real numbers, no usable example count) is left out of the round with its reason, and
+  each metric is averaged over the sites that send it (server/aggregation.py): sites with
+  and without their own DP, or sharing per-class metrics or not, send different keys;
 - after every round the global teacher, the strategy state and the seeds are checkpointed, the
   best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
 - node sampling is seeded per round, so a resumed run samples what the straight run sampled.
@@ -50,10 +54,10 @@ from common.protocol import (
     SITE_RECORD,
     VALIDATE_INCOMING_KEY,
     VALIDATION_RECORD,
-    WEIGHT_KEY,
     parse_error_reason,
 )
 from common.run_settings import VALIDATION_MODES
+from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
 from server.grid import wait_for_replies
 from server.progress_lines import RESUME_ADVICE, resume_line, round_line
 from server.run_folder import ResumeState, RunFolder
@@ -164,20 +168,12 @@ def describe(
             continue
         names[node] = registered_name(names, node) or site_name(reply)
         accepted.append(reply)
-        outcomes.append(SiteOutcome(node, names[node], "ok", metrics=scalar_values(reply.content)))
+        outcomes.append(SiteOutcome(node, names[node], "ok", metrics=reply_metrics(reply.content)))
     for message_id, node in destination.items():
         if message_id not in answered:
             reason = "no reply within the round timeout"
             outcomes.append(SiteOutcome(node, names.get(node, f"node-{node}"), "timeout", reason))
     return accepted, sorted(outcomes, key=lambda o: o.site)
-
-
-def scalar_values(content: RecordDict) -> dict[str, float]:
-    """Every scalar metric of a reply's MetricRecords, as floats."""
-    metrics: dict[str, float] = {}
-    for record in content.metric_records.values():
-        metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
-    return metrics
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -194,12 +190,8 @@ def _seed_sampling(seed: int, server_round: int, phase: str) -> None:
     random.seed(f"{seed}:{server_round}:{phase}")
 
 
-def _scalars(metrics: MetricRecord | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT_KEY and not isinstance(v, list)}
-
-
-Validation = tuple[list[Message], list[SiteOutcome]]
-"""The sites' scores of a model: evaluate-like messages and one outcome per site."""
+Validation = tuple[dict[int, dict[str, float]], list[SiteOutcome]]
+"""The sites' scores of a model (node id -> metrics) and one outcome per site."""
 
 
 def pop_validation(replies: list[Message]) -> dict[int, MetricRecord]:
@@ -215,22 +207,30 @@ def pop_validation(replies: list[Message]) -> dict[int, MetricRecord]:
 
 
 def validation_outcomes(records: dict[int, MetricRecord], train: list[SiteOutcome]) -> Validation:
-    """Evaluate-like messages (one MetricRecord each, for ``aggregate_evaluate``) and one
-    evaluate outcome per train outcome: the scores of a site that validated, else why not."""
-    messages: list[Message] = []
+    """The scores of every site that validated, and one evaluate outcome per train outcome:
+    those scores, else why there are none."""
+    scores: dict[int, dict[str, float]] = {}
     outcomes: list[SiteOutcome] = []
     for outcome in train:
         record = records.get(outcome.node_id)
         if outcome.status != "ok":
             outcomes.append(SiteOutcome(outcome.node_id, outcome.site, outcome.status, outcome.reason))
-        elif record is None or WEIGHT_KEY not in record:
+        elif record is None:
             reason = "its train reply carried no validation of the model it received"
             outcomes.append(SiteOutcome(outcome.node_id, outcome.site, "failed", reason))
         else:
-            content = RecordDict({"metrics": record})
-            messages.append(Message(content, dst_node_id=outcome.node_id, message_type="evaluate"))
-            outcomes.append(SiteOutcome(outcome.node_id, outcome.site, "ok", metrics=scalar_values(content)))
-    return messages, outcomes
+            scores[outcome.node_id] = reply_metrics(RecordDict({"metrics": record}))
+            outcomes.append(SiteOutcome(outcome.node_id, outcome.site, "ok", metrics=scores[outcome.node_id]))
+    return scores, outcomes
+
+
+def mark_dropped(outcomes: list[SiteOutcome], dropped: dict[int, str]) -> None:
+    """Report (in place) the sites whose replies were left out of an aggregate, with why."""
+    for outcome in outcomes:
+        if outcome.status == "ok" and outcome.node_id in dropped:
+            outcome.status = "dropped"
+            outcome.reason = f"reply not aggregated: {dropped[outcome.node_id]}"
+            outcome.metrics = {}
 
 
 @dataclass
@@ -439,6 +439,8 @@ class TeacherRounds:
         replies, destination = exchange(self.grid, messages, self.round_timeout)
         records = pop_validation(replies)
         replies, outcomes = describe(replies, destination, self.site_names)
+        screened = screen_train_replies(replies, arrays)
+        mark_dropped(outcomes, screened.dropped)
         validation = validation_outcomes(records, outcomes) if validate else None
         for outcome in outcomes:
             if outcome.status != "ok":
@@ -453,15 +455,21 @@ class TeacherRounds:
                 f"round {server_round}: only {trained} site(s) trained, the minimum is "
                 f"{self.min_train_sites}. {reasons or 'No site replied.'} " + RESUME_ADVICE
             )
-        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        new_arrays, metrics = aggregate_train(self.strategy, server_round, screened)
         if new_arrays is None:
             raise RoundFailedError(f"round {server_round}: aggregation produced no model")
-        return new_arrays, _scalars(metrics), outcomes, validation
+        return new_arrays, metrics, outcomes, validation
 
     def _aggregate_validation(
-        self, server_round: int, messages: list[Message], outcomes: list[SiteOutcome]
+        self, server_round: int, scores: dict[int, dict[str, float]], outcomes: list[SiteOutcome]
     ) -> tuple[dict[str, float], list[SiteOutcome]]:
-        """Average the sites' validation scores of the model of ``server_round``."""
+        """Average the sites' validation scores of the model of ``server_round`` (per metric,
+        over the sites that report it); scores without a usable example count are left out."""
+        metrics, dropped = aggregate_evaluate(scores)
+        mark_dropped(outcomes, dropped)
+        for outcome in outcomes:
+            if outcome.node_id in dropped:  # (a site whose train reply was dropped is logged already)
+                logger.warning("Round %d validation: site %s: %s", server_round, outcome.site, outcome.reason)
         evaluated = sum(o.status == "ok" for o in outcomes)
         if evaluated < self.min_evaluate_sites:
             logger.warning(
@@ -470,8 +478,7 @@ class TeacherRounds:
                 evaluated,
                 self.min_evaluate_sites,
             )
-        metrics = self.strategy.aggregate_evaluate(server_round, messages) if messages else None
-        return _scalars(metrics), outcomes
+        return metrics, outcomes
 
     def _evaluate_round(
         self, server_round: int, arrays: ArrayRecord
@@ -488,5 +495,5 @@ class TeacherRounds:
         config = ConfigRecord({"phase": "teacher"})
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         replies, outcomes = collect(self.grid, messages, self.round_timeout, self.site_names)
-        valid = [reply for reply in replies if not reply.has_error()]
-        return self._aggregate_validation(server_round, valid, outcomes)
+        scores = {r.metadata.src_node_id: reply_metrics(r.content) for r in replies if not r.has_error()}
+        return self._aggregate_validation(server_round, scores, outcomes)

@@ -2,8 +2,9 @@
 
 ``fedavg`` (default), ``fedprox`` (proximal-mu), ``fedadam`` / ``fedyogi`` (server-lr),
 ``fedmedian`` and ``krum`` (robust aggregation). The names double as the ``strategy`` run
-setting. Metrics from sites are averaged ignoring non-finite values (a site whose validation
-split lacks a class reports NaN for that class's AUROC; it must not poison the average).
+setting. Metrics from sites are averaged per key, ignoring non-finite values (a site whose
+validation split lacks a class reports NaN for that class's AUROC; it must not poison the
+average), by server/aggregation.py, which also leaves out replies that cannot be aggregated.
 
 Strategy state that must survive a server restart (FedAdam/FedYogi moments) is exported with
 :func:`strategy_state` and restored with :func:`load_strategy_state`.
@@ -11,7 +12,6 @@ Strategy state that must survive a server restart (FedAdam/FedYogi moments) is e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedYogi
 from common.errors import ConfigError
 from common.protocol import WEIGHT_KEY
 from common.registry import Registry
+from server.aggregation import reply_metrics, weighted_mean_per_key
 
 
 @dataclass(frozen=True)
@@ -71,22 +72,16 @@ class StrategySettings:
 
 
 def finite_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Average every metric over the replies, weighted by examples, skipping NaN/inf values."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for record in records:
-        metrics = next(iter(record.metric_records.values()))
-        weight = float(metrics[weight_key])  # type: ignore[arg-type]
-        for key, value in metrics.items():
-            if key == weight_key or isinstance(value, list):
-                continue
-            value = float(value)
-            if math.isfinite(value):
-                sums[key] = sums.get(key, 0.0) + weight * value
-                weights[key] = weights.get(key, 0.0) + weight
-    out = MetricRecord({k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0})
-    out[weight_key] = int(sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records))  # type: ignore[arg-type]
-    return out
+    """Flower's metric hook: every metric averaged over the replies that carry it, weighted by
+    examples, skipping NaN/inf values; ``weight_key`` holds the total example count.
+
+    The round loop hands a strategy replies whose metrics are their example counts only and
+    averages the sites' metrics itself (server/aggregation.py); the hook gives the same
+    average to anything else that calls the strategy."""
+    if weight_key != WEIGHT_KEY:
+        raise ValueError(f"weight_key={weight_key!r}: the sites weight their replies by {WEIGHT_KEY!r}")
+    averaged = weighted_mean_per_key(reply_metrics(record) for record in records)
+    return MetricRecord({**averaged, WEIGHT_KEY: int(averaged[WEIGHT_KEY])})
 
 
 StrategyBuilder = Callable[[StrategySettings], FedAvg]
