@@ -70,7 +70,7 @@ def _metrics(reply: Message, record: str = "metrics") -> dict[str, float]:
 def _significant_digits(value: float) -> int:
     if value == 0 or not math.isfinite(value):
         return 0
-    return len(f"{abs(value):.15e}".split("e")[0].replace(".", "").rstrip("0"))
+    return len(f"{abs(value):.12e}".split("e")[0].replace(".", "").rstrip("0"))
 
 
 def test_every_figure_a_deployed_site_sends_has_at_most_two_significant_digits(tmp_path: Path) -> None:

@@ -59,8 +59,10 @@ def _settings(context: Context) -> FederatedRunConfig:
     return run_settings_from_config({**context.run_config, "teacher-weights": ""})
 
 
-def _round_one(context: Context, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    config = ConfigRecord({"server-round": 1, "num-rounds": 1})
+def _round_one(
+    context: Context, state: dict[str, torch.Tensor], num_rounds: int = 1
+) -> dict[str, torch.Tensor]:
+    config = ConfigRecord({"server-round": 1, "num-rounds": num_rounds})
     content = RecordDict({"arrays": ArrayRecord(state), "config": config})
     reply = app(Message(content, dst_node_id=1, message_type="train"), context)
     assert not reply.has_error(), reply.error.reason
@@ -82,8 +84,9 @@ def _minus(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, 
 def test_the_same_dp_round_with_the_same_settings_and_seed_sends_different_weights(tmp_path: Path) -> None:
     context = _context(tmp_path)
     start = _initial(context)
-    first = _round_one(context, start)
-    second = _round_one(_context(tmp_path / "again"), start)
+    # one site, one data set, one budget (planned for two rounds): round 1 asked for twice
+    first = _round_one(context, start, num_rounds=2)
+    second = _round_one(_context(tmp_path / "again"), start, num_rounds=2)
     assert _norm(_minus(first, second)) > 0.1 * _norm(_minus(first, start))
 
 
