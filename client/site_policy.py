@@ -20,10 +20,12 @@ sites (Flower's simulation runtime) are the coordinator's own partitions: no pol
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common.config import ModelConfig
 from common.errors import ConfigError, CxrFlError
 from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
 from common.run_settings import FederatedRunConfig, check_image_size
@@ -151,8 +153,10 @@ def _check_model_sizes(policy: SitePolicy, settings: FederatedRunConfig, kd: boo
             )
 
 
-def model_parameters(config: Any, num_outputs: int) -> int:
-    """Parameters of the model ``config`` builds, counted on the meta device (no memory used)."""
+@functools.lru_cache(maxsize=16)
+def model_parameters(config: ModelConfig, num_outputs: int) -> int:
+    """Parameters of the model ``config`` builds, counted on the meta device (no memory used;
+    kept for the process: a warm site answers many messages of one run)."""
     import torch
 
     from common.models import build_model, count_parameters
