@@ -237,3 +237,16 @@ def test_the_policy_is_no_run_setting() -> None:
     assert not set(SitePolicy.keys()) & set(schema)
     with pytest.raises(ConfigError):
         SitePolicy.from_mapping({"max-rounds": True}, lambda key: key)
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_run_journal_that_cannot_be_read_is_never_taken_for_a_fresh_run(tmp_path: Path) -> None:
+    journal = tmp_path / "site" / "runs" / "run_7.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text('{"messages": {"train": "many"}}', encoding="utf-8")
+
+    reply = _send(tmp_path, _site(tmp_path), _run_config(tmp_path))
+
+    assert reply.error.code == SITE_BAD_INPUT
+    assert "journal of run 7" in reply.error.reason
+    assert "cannot be read" in reply.error.reason
