@@ -5,7 +5,9 @@ Replies carry the model weights (teacher rounds only), the number of examples an
 metrics, plus the site's self-chosen name; never images, labels or per-image outputs. By
 default a deployed site rounds its counts and keeps class-revealing metrics at home
 (client/disclosure.py). DP rounds are checked against the site's own ledger before they train
-(client/privacy_ledger.py); run settings that name files are ignored at a deployed site.
+(client/privacy_ledger.py); run settings that name files are ignored at a deployed site. Every
+message is first admitted by the site's policy and teacher pin (client/admission.py), before
+the site loads its data.
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -24,12 +26,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.admission import admit
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
-from client.teacher_pin import check_global_teacher
+from client.site_policy import SitePolicyError
 from common.checkpoint import load_model_state, save_model
 from common.config import PrivacyConfig
 from common.errors import CxrFlError, DataError
@@ -151,11 +154,14 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
         site.out_dir.mkdir(parents=True, exist_ok=True)
+        journal = admit(msg, context, settings, site)  # the site's policy and pin, before any work
         data = load_site_data(data_request(settings, site))
         content = handler(msg, settings, site, data, context)
+        if journal is not None:
+            journal.mark_completed(msg.metadata.message_type)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
         return _outgoing(msg, context, content, dp=_privacy(settings, site, data).enabled)
-    except (BudgetExhaustedError, LedgerIntegrityError) as exc:
+    except (BudgetExhaustedError, LedgerIntegrityError, SitePolicyError) as exc:
         logger.warning("Declining: %s", exc)
         return _outgoing(msg, context, Error(SITE_DECLINED, str(exc)))
     except CxrFlError as exc:
@@ -178,7 +184,6 @@ def _train(
         num_threads=site.num_threads,
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
-    check_global_teacher(context.node_config, settings, site, server_round, global_state)
     validation = _validate_incoming(config, settings, site, data, global_state)
     privacy = site.effective_privacy(settings.privacy, len(data.split.train))
     ledger, entry = None, None

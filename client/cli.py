@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,8 +22,11 @@ from rich.table import Table
 
 from client.ledger_cli import ledger_app
 from common.cli_support import fail, stderr, stdout, typer_app
-from common.errors import CxrFlError
+from common.errors import ConfigError, CxrFlError
 from common.processes import exit_on_sigterm
+
+if TYPE_CHECKING:
+    from client.site_policy import SitePolicy
 
 app = typer_app(
     "cxr-fl-client",
@@ -32,6 +35,49 @@ app = typer_app(
 console = stdout
 err_console = stderr
 app.add_typer(ledger_app, name="privacy-ledger")
+
+
+MaxImageSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-size", help="Site policy: the largest image side a run may ask for (default 256)."
+    ),
+]
+MaxLocalEpochs = Annotated[
+    int | None,
+    typer.Option("--max-local-epochs", help="Site policy: most local epochs per message (default 10)."),
+]
+MaxKdEpochs = Annotated[
+    int | None,
+    typer.Option("--max-kd-epochs", help="Site policy: most KD epochs per message (default 20)."),
+]
+MaxRounds = Annotated[
+    int | None,
+    typer.Option("--max-rounds", help="Site policy: most rounds (of each kind) per run (default 100)."),
+]
+MaxTeacherParameters = Annotated[
+    int | None,
+    typer.Option(
+        "--max-teacher-parameters",
+        help="Site policy: largest teacher or student, in parameters (default 60M).",
+    ),
+]
+
+
+def _site_policy(image_size: int, **limits: int | None) -> SitePolicy:
+    """The site policy of the CLI options (``max_image_size=...``), checked against the image size
+    the command decodes: a run at a size beyond the policy would be declined."""
+    from client.site_policy import SitePolicy
+
+    values = {key.replace("_", "-"): value for key, value in limits.items()}
+    policy = SitePolicy.from_mapping(values, lambda key: f"--{key}")
+    if image_size > policy.max_image_size:
+        raise ConfigError(
+            "--image-size",
+            image_size,
+            f"at most --max-image-size ({policy.max_image_size}): runs at a larger size are declined",
+        )
+    return policy
 
 
 @app.callback()
@@ -87,6 +133,11 @@ def check(
         Path | None,
         typer.Option("--cache-dir", help="Image cache folder (default $CXR_FL_CACHE_DIR or ~/.cache)."),
     ] = None,
+    max_image_size: MaxImageSize = None,
+    max_local_epochs: MaxLocalEpochs = None,
+    max_kd_epochs: MaxKdEpochs = None,
+    max_rounds: MaxRounds = None,
+    max_teacher_parameters: MaxTeacherParameters = None,
 ) -> None:
     """Read every image of a site's data set and print counts per class, view and patient."""
     from common.data.cache import build_cache
@@ -97,6 +148,14 @@ def check(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_image_size("--image-size", image_size)
+        policy = _site_policy(
+            image_size,
+            max_image_size=max_image_size,
+            max_local_epochs=max_local_epochs,
+            max_kd_epochs=max_kd_epochs,
+            max_rounds=max_rounds,
+            max_teacher_parameters=max_teacher_parameters,
+        )
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
         with _progress_bar() as bar:
@@ -142,6 +201,7 @@ def check(
     if sites:
         facts.add_row("sources/sites", ", ".join(f"{s} {n}" for s, n in sites.most_common(5)))
     facts.add_row("unreadable files", str(len(cached.skipped)))
+    facts.add_row("site policy", ", ".join(f"{k} {v:,}" for k, v in policy.node_config().items()))
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
     console.print(facts)
     if catalog.left_out:
@@ -577,9 +637,15 @@ def start(
             "teacher the run builds from it (round 1 is refused otherwise).",
         ),
     ] = None,
+    max_image_size: MaxImageSize = None,
+    max_local_epochs: MaxLocalEpochs = None,
+    max_kd_epochs: MaxKdEpochs = None,
+    max_rounds: MaxRounds = None,
+    max_teacher_parameters: MaxTeacherParameters = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
-    from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
+    from client.deploy import SiteNode, SiteRefusedError
+    from client.policed_node import PolicedNodeSettings
     from common.device import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -589,8 +655,15 @@ def start(
             "[bold yellow]warning:[/] --insecure: no TLS, no site authentication (tests only)",
             highlight=False,
         )
+    limits = {
+        "max_image_size": max_image_size,
+        "max_local_epochs": max_local_epochs,
+        "max_kd_epochs": max_kd_epochs,
+        "max_rounds": max_rounds,
+        "max_teacher_parameters": max_teacher_parameters,
+    }
     try:
-        settings = SiteNodeSettings(
+        settings = PolicedNodeSettings(
             server=server,
             site=site,
             data_format=fmt,
@@ -616,6 +689,7 @@ def start(
             allowed_apps=tuple(allow_app or ()),
             initial_teacher_sha256=initial_teacher_sha256,
             initial_teacher=initial_teacher,
+            policy=_site_policy(image_size, **limits),
         )
         if runtime == "warm":
             from client.app_runner import require_supported_flwr
@@ -631,7 +705,7 @@ def start(
             highlight=False,
         )
     if not skip_check:
-        check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache")
+        check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache", **limits)
     console.print(
         f"[bold]{site}[/]: joining {server}, training on {used}; logs in {out / 'supernode.log'}",
         highlight=False,

@@ -3,6 +3,7 @@
 In a deployment ``cxr-fl-client start`` passes these as SuperNode ``--node-config``::
 
     site-name="st-marys" data-path="/data/cxr" data-format="image-folder" out-dir="/srv/cxr-fl"
+    max-image-size=256 max-local-epochs=10 max-kd-epochs=20 max-rounds=100
     dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0 dp-accountant="rdp"
     state-dir="/var/lib/cxr-fl/state" share-per-class-metrics=false share-exact-metrics=false
 
@@ -25,6 +26,10 @@ The device is the site's own choice: node_config ``device`` (``auto`` when unset
 common/device.py) and optionally ``amp``. A ``device`` run setting from the server is ignored
 at a deployed site (a server cannot make a hospital's workstation use, or avoid, its GPU); the
 server's ``amp`` applies unless the site sets its own. Simulated sites use the run settings.
+
+A deployed site's policy (``max-image-size``, ``max-local-epochs``, ``max-kd-epochs``,
+``max-rounds``, ``max-teacher-parameters``; client/site_policy.py) bounds the work a run may ask
+of it; simulated sites have none.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from client.site_policy import SitePolicy
 from common.config import PrivacyConfig
 from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
@@ -85,6 +91,8 @@ class SiteConfig:
     # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
     simulated: bool = False
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # the most a run may ask of this site (client/site_policy.py); None: a simulated site
+    policy: SitePolicy | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -240,6 +248,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
         share_exact_metrics=_flag(node_config, "share-exact-metrics", False),
         compute=_site_compute(node_config, settings),
+        policy=SitePolicy.from_mapping(node_config, lambda key: f"node_config '{key}'"),
     )
 
 

@@ -12,14 +12,20 @@ Whatever the coordinator claims, a site operator can fix what its federation sta
   the coordinator does (the run's architecture and seed; a head for another task re-initialised)
   and takes that model's hash as its pin. With both options, the two must agree.
 
-With a pin, the site refuses (an error reply naming both hashes, nothing trained) a round-1
-train message whose global model does not hash to the pin, and a run whose
-``initial-teacher-sha256`` announces another teacher. It records the verified pin in
-``OUT/initial_teacher.json``; a later round is trained only after this site has verified a
-round 1 from that pin (e.g. before a restart or a resumed run), so a coordinator cannot skip
-the check by starting the site at round 2. The pin and the file come from the site's own
-options: run settings that name files (``teacher-weights``) are never opened at a deployed site
-(client/site.py).
+With a pin, every Flower run this site takes part in starts from the pin: the first message
+of a run that the site accepts (whatever its phase and whatever round the coordinator calls
+it) must bring a model whose weights hash is the pin, and the run must not announce another
+``initial-teacher-sha256``; otherwise the site refuses (an error reply naming both hashes,
+nothing trained). A first message of a federated-student phase (no teacher to check) is
+refused too. The site records what each run started from in its journal, keyed by Flower's run
+id (client/run_journal.py); later messages of a run are taken only when the run started from
+the pin at this site, and a federated-student phase only after this site completed the run's
+distillation round. A pin verified in one run vouches for no other: a resumed run
+(``cxr-fl-server start --resume``) is a new Flower run that starts from a checkpoint, so a
+pinned site declines it, and joins only once its operator has checked that checkpoint and pins
+its hash instead. Models of later rounds are the coordinator's aggregates; a pin cannot check
+them. The pin and the file come from the site's own options: run settings that name files
+(``teacher-weights``) are never opened at a deployed site (client/site.py).
 
 Without a pin, a site still checks a round-1 model against the run's ``initial-teacher-sha256``
 when the run announces one (a model damaged or swapped on its way), but then trusts the
@@ -28,27 +34,27 @@ coordinator's announcement.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from client.site import SiteConfig, is_simulated
+from client.run_journal import RunJournal
+from client.site import is_simulated
 from common.errors import ConfigError, IntegrityError
 from common.initial_teacher import build_initial_teacher, check_sha256_hex, verify_weights, weights_sha256
-from common.jsonio import write_json
+from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
 from common.run_settings import FederatedRunConfig
 
 logger = logging.getLogger(__name__)
 
-PIN_RECORD = "initial_teacher.json"
 HASH_KEY = "initial-teacher-sha256"
 FILE_KEY = "initial-teacher"
+TEACHER_ROUND = "train"
+STUDENT_KINDS = (STUDENT_ROUND_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE)
 
 
 @dataclass(frozen=True)
@@ -93,20 +99,26 @@ def _pinned_hash(pin: TeacherPin, settings: FederatedRunConfig) -> str:
     return built.sha256
 
 
-def check_global_teacher(
+def check_run_start(
     node_config: Mapping[str, Any],
     settings: FederatedRunConfig,
-    site: SiteConfig,
-    server_round: int,
-    state: Mapping[str, torch.Tensor],
+    journal: RunJournal,
+    kind: str,
+    message: Mapping[str, Any],
+    received: Callable[[], Mapping[str, torch.Tensor]],
 ) -> None:
-    """Refuse (IntegrityError) a global teacher that the site's pin or the run's hash rules out."""
-    announced = settings.run.initial_teacher_sha256
+    """Refuse (IntegrityError) a message of a run that did not start from the site's pin.
+
+    ``kind`` is the message type, ``message`` its config record, ``received()`` the model it
+    brought (hashed only when needed). Without a pin, a round-1 teacher round is checked
+    against the hash the run announces, if any.
+    """
     pin = site_pin(node_config)
+    announced = settings.run.initial_teacher_sha256
     if pin is None:
-        if server_round == 1 and announced:
+        if kind == TEACHER_ROUND and message.get("server-round") == 1 and announced:
             verify_weights(
-                weights_sha256(state),
+                weights_sha256(received()),
                 announced,
                 "the global teacher received in round 1",
                 "it is not the initial teacher the run announces (initial-teacher-sha256); the model "
@@ -114,38 +126,50 @@ def check_global_teacher(
             )
         return
     expected = _pinned_hash(pin, settings)
-    record_path = site.out_dir / PIN_RECORD
-    if server_round == 1:
-        if announced and announced != expected:
-            raise IntegrityError(
-                f"the run announces initial teacher {announced}, but this site pins {expected} "
-                "(--initial-teacher-sha256 / --initial-teacher): refusing to join a federation that "
-                "starts from another teacher"
-            )
-        verify_weights(
-            weights_sha256(state),
-            expected,
-            "the global teacher received in round 1",
-            "it is not the initial teacher this site pins; refusing to train on it (nothing was trained "
-            "or sent)",
-        )
-        write_json(record_path, {"sha256": expected, "verified_at": time.time()})
-        logger.info("round 1: the global teacher is the pinned initial teacher %s", expected)
+    if journal.is_new:
+        _check_first_message(expected, announced, journal, kind, received)
+        journal.started_from = expected
+        logger.info("run %s starts from the pinned initial teacher %s", journal.run_id, expected)
         return
-    recorded = _recorded_pin(record_path)
-    if recorded != expected:
+    if journal.started_from != expected:
         raise IntegrityError(
-            f"round {server_round}: this site pins initial teacher {expected} but has not verified a "
-            f"round 1 that started from it ({record_path} "
-            + ("is missing" if recorded is None else f"records {recorded}")
-            + "); a site with a pin joins a federation from its first round, or is started without the pin"
+            f"run {journal.run_id}: this site pins initial teacher {expected}, but its first message of "
+            "this run was taken "
+            + ("without a pin" if journal.started_from is None else f"from {journal.started_from}")
+            + f" ({journal.path}); the site takes no further part in this run"
+        )
+    if kind in STUDENT_KINDS and DISTILL_MESSAGE_TYPE not in journal.completed:
+        raise IntegrityError(
+            f"run {journal.run_id}: a federated-student message, but this site has not completed this "
+            "run's distillation round, so it holds no teacher of this run to distil from"
         )
 
 
-def _recorded_pin(path: Path) -> str | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = data.get("sha256") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+def _check_first_message(
+    expected: str,
+    announced: str,
+    journal: RunJournal,
+    kind: str,
+    received: Callable[[], Mapping[str, torch.Tensor]],
+) -> None:
+    if kind in STUDENT_KINDS:
+        raise IntegrityError(
+            f"run {journal.run_id}: its first message to this site is a federated-student message "
+            f"({kind}), which brings no teacher to check against the pinned initial teacher {expected}; "
+            "a site with a pin joins a run from the initial teacher"
+        )
+    if announced and announced != expected:
+        raise IntegrityError(
+            f"the run announces initial teacher {announced}, but this site pins {expected} "
+            "(--initial-teacher-sha256 / --initial-teacher): refusing to join a federation that "
+            "starts from another teacher"
+        )
+    actual = weights_sha256(received())
+    if actual != expected:
+        raise IntegrityError(
+            f"run {journal.run_id}: the model of this site's first message of the run ({kind}) has "
+            f"weights sha256 {actual}; it is not the initial teacher this site pins ({expected}), "
+            "whatever round the coordinator calls it: refusing to work on it (nothing was trained or "
+            "sent). A resumed run starts from its checkpoint, not from the pin: a site joins it only "
+            "if its operator checks that model and pins it (--initial-teacher-sha256)"
+        )

@@ -14,7 +14,8 @@ site runtime (client/app_runner.py), the quick reply polling (server/grid.py) an
 SuperLink (server/superlink_owner_only.py) refuse or fall back on any other."""
 
 SITE_DECLINED = 1001
-"""The site declines the round (its differential-privacy budget would be exceeded)."""
+"""The site declines the round (its differential-privacy budget would be exceeded, or the run asks
+for more work than the site's policy allows: client/site_policy.py)."""
 SITE_BAD_INPUT = 1002
 """The site cannot take part: bad data or settings; the reason says what to fix."""
 SITE_FAILED = 1003

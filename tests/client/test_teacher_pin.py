@@ -11,11 +11,10 @@ from flwr.common.config import parse_config_args
 
 from client.app import app
 from client.deploy import SiteNodeSettings
-from client.teacher_pin import PIN_RECORD
 from common.checkpoint import save_model
 from common.errors import ConfigError
 from common.initial_teacher import weights_sha256
-from common.protocol import SITE_BAD_INPUT
+from common.protocol import DISTILL_MESSAGE_TYPE, SITE_BAD_INPUT, STUDENT_ROUND_MESSAGE_TYPE
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
 from tests.conftest import flower_run_config
@@ -24,13 +23,13 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _run_config(tmp_path: Path, **extra: object) -> dict[str, object]:
+    settings: dict[str, object] = {"num_rounds": 2, **extra}
     return flower_run_config(
         teacher_name="tiny-cnn",
         image_size=32,
-        num_rounds=2,
         run_dir=str(tmp_path / "run"),
         cache_dir=str(tmp_path / "cache"),
-        **extra,
+        **settings,
     )
 
 
@@ -42,6 +41,26 @@ def _initial(run_config: dict[str, object]) -> dict[str, torch.Tensor]:
     return initial_teacher(run_settings_from_config(run_config)).to_torch_state_dict()
 
 
+def _send(
+    tmp_path: Path,
+    node_config: dict[str, object],
+    state: dict[str, torch.Tensor],
+    server_round: int = 1,
+    *,
+    run_id: int = 7,
+    message_type: str = "train",
+    **run: object,
+) -> Message:
+    """One message of Flower run ``run_id`` to the site, bringing ``state``."""
+    run_config = _run_config(tmp_path, **run)
+    context = Context(
+        run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+    config = ConfigRecord({"server-round": server_round, "num-rounds": 2})
+    content = RecordDict({"arrays": ArrayRecord(state), "config": config})
+    return app(Message(content, dst_node_id=1, message_type=message_type), context)
+
+
 def _train(
     tmp_path: Path,
     node_config: dict[str, object],
@@ -49,11 +68,11 @@ def _train(
     server_round: int = 1,
     **run: object,
 ) -> Message:
-    run_config = _run_config(tmp_path, **run)
-    context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
-    config = ConfigRecord({"server-round": server_round, "num-rounds": 2})
-    content = RecordDict({"arrays": ArrayRecord(state), "config": config})
-    return app(Message(content, dst_node_id=1, message_type="train"), context)
+    return _send(tmp_path, node_config, state, server_round, **run)
+
+
+def _journal(tmp_path: Path, run_id: int = 7) -> Path:
+    return tmp_path / "site" / "runs" / f"run_{run_id}.json"
 
 
 def _tampered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,7 +95,7 @@ def test_a_site_trains_round_1_from_the_teacher_it_pinned(tmp_path: Path) -> Non
     reply = _train(tmp_path, _site(tmp_path, **{"initial-teacher-sha256": pin}), state)
 
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert pin in (tmp_path / "site" / PIN_RECORD).read_text(encoding="utf-8")
+    assert pin in _journal(tmp_path).read_text(encoding="utf-8")
     later = _train(tmp_path, _site(tmp_path, **{"initial-teacher-sha256": pin}), _tampered(state), 2)
     assert not later.has_error()  # later rounds bring trained models; round 1 was verified
 
@@ -91,7 +110,7 @@ def test_a_site_refuses_a_round_1_model_that_is_not_its_pin(tmp_path: Path) -> N
     assert reply.error.code == SITE_BAD_INPUT
     assert "not the initial teacher this site pins" in reply.error.reason
     assert pin in reply.error.reason
-    assert not (tmp_path / "site" / PIN_RECORD).exists()
+    assert not _journal(tmp_path).exists()
 
 
 def test_the_pin_wins_over_the_hash_the_run_announces(tmp_path: Path) -> None:
@@ -109,13 +128,105 @@ def test_the_pin_wins_over_the_hash_the_run_announces(tmp_path: Path) -> None:
     assert "the run announces initial teacher" in reply.error.reason
 
 
-def test_a_pinned_site_does_not_join_at_round_2_without_having_verified_round_1(tmp_path: Path) -> None:
+def test_the_first_message_of_a_run_must_bring_the_pin_whatever_round_it_claims(tmp_path: Path) -> None:
     state = _initial(_run_config(tmp_path))
+    site = _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)})
 
-    reply = _train(tmp_path, _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)}), state, 2)
+    foreign = _train(tmp_path, site, _tampered(state), 2)  # "round 2": no round 1 to check
+    from_pin = _train(tmp_path, site, state, 2)
+
+    assert foreign.has_error()
+    assert "not the initial teacher this site pins" in foreign.error.reason
+    assert not from_pin.has_error(), from_pin.error.reason if from_pin.has_error() else ""
+
+
+def test_a_pin_verified_in_one_run_does_not_vouch_for_another(tmp_path: Path) -> None:
+    """Issue 24 item 7: a copied run folder with a crafted checkpoint, resumed (a new Flower run)
+    at round 2: the site had verified round 1 of an earlier run from its pin."""
+    state = _initial(_run_config(tmp_path))
+    pin = weights_sha256(state)
+    site = _site(tmp_path, **{"initial-teacher-sha256": pin})
+    assert not _send(tmp_path, site, state, 1, run_id=7).has_error()
+    crafted = _tampered(state)
+
+    resumed = _send(tmp_path, site, crafted, 2, run_id=8, num_rounds=3)
+
+    assert resumed.has_error()
+    assert resumed.error.code == SITE_BAD_INPUT
+    reason = resumed.error.reason
+    assert "not the initial teacher this site pins" in reason
+    assert pin in reason
+    assert weights_sha256(crafted) in reason  # what its operator checks before pinning it
+    assert "--initial-teacher-sha256" in reason
+    assert not _journal(tmp_path, 8).exists()
+
+
+@pytest.mark.parametrize("message_type", ["evaluate", DISTILL_MESSAGE_TYPE])
+def test_no_phase_takes_a_foreign_model_as_the_first_message_of_a_run(
+    tmp_path: Path, message_type: str
+) -> None:
+    state = _initial(_run_config(tmp_path))
+    site = _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)})
+
+    reply = _send(tmp_path, site, _tampered(state), 1, message_type=message_type, kd_epochs=1)
 
     assert reply.has_error()
-    assert "has not verified a round" in reply.error.reason
+    assert "not the initial teacher this site pins" in reply.error.reason
+    assert not (tmp_path / "site" / "student").exists()  # nothing distilled or exported
+
+
+def test_a_federated_student_round_is_never_the_start_of_a_pinned_run(tmp_path: Path) -> None:
+    state = _initial(_run_config(tmp_path))
+    site = _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)})
+    run = {"kd_epochs": 1, "kd_federated_student_rounds": 1}
+    distilled = _send(tmp_path, site, state, 1, message_type=DISTILL_MESSAGE_TYPE, **run)
+    assert not distilled.has_error(), distilled.error.reason if distilled.has_error() else ""
+    assert (tmp_path / "site" / "global_teacher.pt").is_file()  # a teacher of run 7 at the site
+    student = _student_state(tmp_path)
+
+    in_the_same_run = _send(tmp_path, site, student, 1, message_type=STUDENT_ROUND_MESSAGE_TYPE, **run)
+    first_of_a_run = _send(
+        tmp_path, site, student, 1, run_id=8, message_type=STUDENT_ROUND_MESSAGE_TYPE, **run
+    )
+
+    assert not in_the_same_run.has_error(), (
+        in_the_same_run.error.reason if in_the_same_run.has_error() else ""
+    )
+    assert first_of_a_run.has_error()
+    assert "federated-student message" in first_of_a_run.error.reason
+
+
+def test_a_student_round_needs_this_runs_distillation_round(tmp_path: Path) -> None:
+    state = _initial(_run_config(tmp_path))
+    site = _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)})
+    run = {"kd_epochs": 1, "kd_federated_student_rounds": 1}
+    assert not _send(tmp_path, site, state, 1, message_type=DISTILL_MESSAGE_TYPE, **run).has_error()
+    assert not _send(tmp_path, site, state, 1, run_id=8).has_error()  # run 8: a teacher round only
+
+    reply = _send(
+        tmp_path, site, _student_state(tmp_path), 1, run_id=8, message_type=STUDENT_ROUND_MESSAGE_TYPE, **run
+    )
+
+    assert reply.has_error()
+    assert "has not completed this run's distillation round" in reply.error.reason
+
+
+def test_a_pin_set_in_the_middle_of_a_run_does_not_adopt_it(tmp_path: Path) -> None:
+    state = _initial(_run_config(tmp_path))
+    assert not _train(tmp_path, _site(tmp_path), _tampered(state)).has_error()  # no pin yet
+
+    pinned = _train(tmp_path, _site(tmp_path, **{"initial-teacher-sha256": weights_sha256(state)}), state, 2)
+
+    assert pinned.has_error()
+    assert "was taken without a pin" in pinned.error.reason
+
+
+def _student_state(tmp_path: Path) -> dict[str, torch.Tensor]:
+    from common.local import build_loaded_model, student_config
+
+    settings = run_settings_from_config(_run_config(tmp_path))
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    return build_loaded_model(config, settings.task, None).state_dict()
 
 
 def test_a_site_checks_round_1_against_its_own_weights_file(tmp_path: Path) -> None:
