@@ -59,6 +59,13 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client.app, "load_site_data", refuse)
 
 
+def _as_sent(text: str) -> str:
+    """``text`` as a deployed site's error reply carries it (no integers by default)."""
+    from client.disclosure import Disclosure
+
+    return Disclosure().text(text)
+
+
 @pytest.mark.parametrize(
     ("message_type", "run", "setting", "option"),
     [
@@ -93,7 +100,7 @@ def test_a_request_beyond_the_policy_is_declined_before_any_work(
     assert reply.has_error()
     assert reply.error.code == SITE_DECLINED
     assert "st-policy" in reply.error.reason
-    assert setting in reply.error.reason
+    assert _as_sent(setting) in reply.error.reason  # integers masked (client/disclosure.py)
     assert option in reply.error.reason
     assert not (tmp_path / "site" / "cache").exists()
 
@@ -107,9 +114,9 @@ def test_round_numbers_the_message_carries_are_bounded_too(tmp_path: Path) -> No
     late_round = _send(tmp_path, node_config, run_config, server_round=6, num_rounds=2)
 
     assert claims_more.error.code == SITE_DECLINED
-    assert "num-rounds = 1000" in claims_more.error.reason
+    assert _as_sent("num-rounds = 1000") in claims_more.error.reason
     assert late_round.error.code == SITE_DECLINED
-    assert "server-round = 6" in late_round.error.reason
+    assert _as_sent("server-round = 6") in late_round.error.reason
 
 
 def test_a_run_gets_at_most_max_rounds_messages_of_a_kind_whatever_their_numbers(tmp_path: Path) -> None:
@@ -120,7 +127,7 @@ def test_a_run_gets_at_most_max_rounds_messages_of_a_kind_whatever_their_numbers
 
     assert [r.has_error() for r in replies] == [False, False, True]
     assert replies[2].error.code == SITE_DECLINED
-    assert "at most 2 rounds per run (--max-rounds)" in replies[2].error.reason
+    assert _as_sent("at most 2 rounds per run (--max-rounds)") in replies[2].error.reason
 
 
 def test_a_site_can_raise_its_own_limits(tmp_path: Path) -> None:
