@@ -91,21 +91,33 @@ def arrays_problem(content: RecordDict, sent: ArrayRecord) -> str | None:
     return None
 
 
+PRIVACY_PREFIX = "dp_"
+"""Sites' privacy figures (epsilon spent, ...): an average of two sites' epsilons describes no
+site, so the aggregate keeps the largest (the most any site reported)."""
+
+
 def weighted_mean_per_key(replies: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Each metric averaged over the replies that carry it, weighted by their example counts;
     NaN/inf values are skipped (a site whose split lacks a class reports NaN for its AUROC).
-    ``WEIGHT_KEY`` in the result is the total example count of the replies."""
+    Privacy figures (``dp_*``) keep their largest value instead. ``WEIGHT_KEY`` in the result
+    is the total example count of the replies."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    largest: dict[str, float] = {}
     total = 0.0
     for metrics in replies:
         weight = metrics[WEIGHT_KEY]
         total += weight
         for key, value in metrics.items():
-            if key != WEIGHT_KEY and math.isfinite(value):
-                sums[key] = sums.get(key, 0.0) + weight * value
-                weights[key] = weights.get(key, 0.0) + weight
+            if key == WEIGHT_KEY or not math.isfinite(value):
+                continue
+            if key.startswith(PRIVACY_PREFIX):
+                largest[key] = max(largest.get(key, value), value)
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * value
+            weights[key] = weights.get(key, 0.0) + weight
     out = {key: sums[key] / weights[key] for key in sorted(sums) if weights[key] > 0}
+    out.update(largest)
     out[WEIGHT_KEY] = total
     return out
 

@@ -150,16 +150,18 @@ def test_metrics_are_averaged_per_key_over_the_replies_that_carry_them() -> None
         {WEIGHT_KEY: 30.0, "loss": 0.5, "auroc": 0.8},
         {WEIGHT_KEY: 10.0, "dp_epsilon": 1.5, "auroc": 0.6},
         {WEIGHT_KEY: 60.0, "loss": 1.0, "auroc": math.nan},
+        {WEIGHT_KEY: 30.0, "dp_epsilon": 0.9},
     ]
 
     # Execute
     mean = weighted_mean_per_key(replies)
 
-    # Assert: each key weighted over its carriers; NaN skipped; the total count of all replies
+    # Assert: each key weighted over its carriers; NaN skipped; the total count of all replies;
+    # epsilon the largest
     assert mean["loss"] == pytest.approx((30 * 0.5 + 60 * 1.0) / 90)
     assert mean["auroc"] == pytest.approx((30 * 0.8 + 10 * 0.6) / 40)
-    assert mean["dp_epsilon"] == pytest.approx(1.5)
-    assert mean[WEIGHT_KEY] == 100
+    assert mean["dp_epsilon"] == pytest.approx(1.5)  # the most any site spent, not an average
+    assert mean[WEIGHT_KEY] == 130
 
 
 @pytest.mark.parametrize("mode", ["in-train", "separate"])
