@@ -42,7 +42,7 @@ _REASON = re.compile(r"^site '([^']*)': (.*)$", re.DOTALL)
 
 # Paths (absolute or relative, quoted ones with spaces too) and file names of images and tables:
 # folder and file names may carry patient identifiers.
-_QUOTED_PATHS = re.compile(r"(['\"])[^'\"\n]*[/\\][^'\"\n]*\1")
+_QUOTED_PATHS = re.compile(r"(?<!\w)(['\"])[^'\"\n]*[/\\][^'\"\n]*\1(?!\w)")
 _PATHS = re.compile(
     r"[^\s'\"]*[/\\](?:[^\s'\"]*[^\s'\":;,.)])?|[^\s'\"/\\]+\.(?:png|jpe?g|dcm|bmp|tiff?|npz|csv|xlsx?|json|txt)\b",
     re.IGNORECASE,

@@ -255,5 +255,5 @@ def test_a_run_journal_that_cannot_be_read_is_never_taken_for_a_fresh_run(tmp_pa
     reply = _send(tmp_path, _site(tmp_path), _run_config(tmp_path))
 
     assert reply.error.code == SITE_BAD_INPUT
-    assert "journal of run 7" in reply.error.reason
+    assert _as_sent("journal of run 7") in reply.error.reason
     assert "cannot be read" in reply.error.reason
