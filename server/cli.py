@@ -279,9 +279,10 @@ def start(
             130,
         ) from None
     finally:
+        if not _finished(run_dir, started):
+            _tell_sites_the_run_stopped(coordinator)
         coordinator.stop(recorded=False)
-    summary = run_dir / "summary.json"
-    if summary.is_file() and summary.stat().st_mtime >= started:
+    if _finished(run_dir, started):
         markdown = run_dir / "summary.md"
         if markdown.is_file():
             console.print(Markdown(markdown.read_text(encoding="utf-8")))
@@ -293,6 +294,23 @@ def start(
         f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
         RUN_FAILED_EXIT,
     )
+
+
+def _finished(run_dir: Path, started: float) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and summary.stat().st_mtime >= started
+
+
+def _tell_sites_the_run_stopped(coordinator: Any) -> None:
+    """Mark the run stopped and give the sites a moment to learn it, so that they stop its work;
+    a second Ctrl-C or SIGTERM skips the wait, never the teardown that follows."""
+    err_console.print("telling the sites that the run stopped ...", highlight=False)
+    try:
+        coordinator.stop_run_for_sites()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except Exception as exc:  # the processes must still be stopped
+        err_console.print(f"could not tell the sites that the run stopped: {exc}", highlight=False)
 
 
 def _check_central_dp(merged: dict[str, Any]) -> None:
@@ -616,6 +634,9 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     coordinator = Coordinator(run_dir)
     state = coordinator.read_state()
     stopped = False
+    superlink = state.get("superlink_pid")
+    if superlink and pid_alive(int(superlink)) and "flower-superlink" in _cmdline(int(superlink)):
+        _tell_sites_the_run_stopped(coordinator)
     for key, program in (
         ("coordinator_pid", "cxr-fl-server"),
         ("gateway_pid", "server.fleet_gateway"),
