@@ -52,7 +52,7 @@ def _max_data_size(pid: int) -> str:
 def test_the_supernode_is_started_under_the_sites_memory_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(SiteNode, "_start_runner", lambda _self, _notify: _finished_thread())
+    monkeypatch.setattr(SiteNode, "_start_runner", _no_runner)
     monkeypatch.setattr("client.deploy.MAX_RESTARTS", 0)  # the SuperNode the test stops stays stopped
     node = SiteNode(_settings(tmp_path, supernode_memory_gib=1.5))
     outcome: list[BaseException] = []
@@ -62,10 +62,11 @@ def test_the_supernode_is_started_under_the_sites_memory_bound(
         deadline = time.monotonic() + 120
         while not _supernode_started(node) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert node.process is not None and _supernode_started(node), "the SuperNode did not start"
-        limits = _max_data_size(node.process.pid)
+        process = node.process
+        assert process is not None and _supernode_started(node), (outcome, node.log_path.read_text())
+        limits = _max_data_size(process.pid)
         assert re.split(r"\s{2,}", limits)[1:3] == [str(int(1.5 * GiB))] * 2, limits
-        assert "client.supernode_main" in Path(f"/proc/{node.process.pid}/cmdline").read_text()
+        assert "client.supernode_main" in Path(f"/proc/{process.pid}/cmdline").read_text()
     finally:
         node.stop()
         worker.join(timeout=60)
@@ -203,10 +204,16 @@ def test_a_zip_bomb_fab_fails_only_the_bounded_process(tmp_path: Path) -> None:
 
 def _supernode_started(node: SiteNode) -> bool:
     """Flower's first line: the bound is set before Flower is imported."""
-    return node.log_path.is_file() and "Starting Flower SuperNode" in node.log_path.read_text(errors="replace")
+    return node.log_path.is_file() and "Starting Flower SuperNode" in node.log_path.read_text(
+        errors="replace"
+    )
 
 
-def _finished_thread() -> threading.Thread:
+def _no_runner(node: SiteNode, _notify: object) -> threading.Thread:
+    """No warm runner (no torch import): only the secret file the SuperNode is started with."""
+    from client.app_runner import write_secret_file
+
+    write_secret_file(node.secret_path)
     thread = threading.Thread(target=lambda: None)
     thread.start()
     return thread
