@@ -390,14 +390,17 @@ def test_a_task_whose_run_is_stopped_starts_no_step_after_the_stop(monkeypatch: 
 
     reply, stopped = runner._call_app(message, context)
 
-    assert stopped and reply.has_error()
-    assert "run 42 was stopped" in reply.error.reason and reply.error.reason.startswith("site 'site-a'")
+    assert stopped
+    assert reply.has_error()
+    assert "run 42 was stopped" in reply.error.reason
+    assert reply.error.reason.startswith("site 'site-a'")
     assert set(probe.asked) == {42}
     assert any("run 42 stopped by the coordinator" in line for line in lines)
     ended = next(line for line in lines if "the site stopped its work" in line)
     assert ", 0 after)" in ended
     assert 5 <= len(steps) < 5000
-    assert runner.tasks_stopped == 1 and runner.tasks_run == 0
+    assert runner.tasks_stopped == 1
+    assert runner.tasks_run == 0
 
 
 def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
@@ -425,7 +428,8 @@ def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
 
     node_id: list[int | None] = [None]
     probe = RunStatusProbe(FleetAccess("127.0.0.1:1", None, key), lambda: node_id[0])
-    assert probe.run_over(5) is None and not seen  # not joined yet: nothing to sign for
+    assert probe.run_over(5) is None
+    assert not seen
     node_id[0] = 77
     probe._fleet()._client = httpx.Client(transport=httpx.MockTransport(superlink))
 

@@ -63,7 +63,8 @@ def test_the_supernode_is_started_under_the_sites_memory_bound(
         while not _supernode_started(node) and time.monotonic() < deadline:
             time.sleep(0.1)
         process = node.process
-        assert process is not None and _supernode_started(node), (outcome, node.log_path.read_text())
+        assert process is not None, outcome
+        assert _supernode_started(node), (outcome, node.log_path.read_text())
         limits = _max_data_size(process.pid)
         assert re.split(r"\s{2,}", limits)[1:3] == [str(int(1.5 * GiB))] * 2, limits
         assert "client.supernode_main" in Path(f"/proc/{process.pid}/cmdline").read_text()
@@ -139,7 +140,8 @@ def test_a_supernode_that_dies_is_started_again_and_its_task_stopped(
     assert any("killed (signal 9); restarting the SuperNode" in event for event in events)
     assert any("Fleet loop ended" in event and "restarting" in event for event in events)
     assert len(runner.stopped_tasks) == 3  # each SuperNode's task, if any, stops with it
-    assert [t for t in runner.targets if t is not None] and runner.targets[-1] is None
+    assert [t for t in runner.targets if t is not None]
+    assert runner.targets[-1] is None
 
 
 def _zip_bomb(path: Path, inflated: int) -> None:

@@ -54,7 +54,8 @@ def test_a_stop_is_not_swallowed_by_handlers_of_ordinary_errors() -> None:
 def test_without_a_signal_nothing_stops() -> None:
     check_point()  # a CLI or a simulation: no task, no stop
     signal = StopSignal()
-    assert signal.stop("first") and not signal.stop("second")
+    assert signal.stop("first")
+    assert not signal.stop("second")
     assert signal.reason == "first"
     with stoppable(StopSignal()):
         check_point()
