@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 9092
 STARTUP_TIMEOUT = 60.0
-SITE_NOTICE_SECONDS = 15.0
+SITE_NOTICE_SECONDS = 10.0
 """How long a stopped run's SuperLink stays up for the sites to learn that the run is over
 (a site at work asks every 3 s: client/app_runner.py RUN_WATCH_SECONDS)."""
 CONNECTION = "cxr-fl"
