@@ -228,12 +228,20 @@ class RunStatusProbe:
     """
 
     def __init__(self, access: FleetAccess, node_id: Callable[[], int | None]) -> None:
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-        key = load_ssh_private_key(access.private_key.read_bytes(), None)
+        try:
+            key = load_ssh_private_key(access.private_key.read_bytes(), None)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+            key = None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError("--key", str(access.private_key), "an OpenSSH EC private key")
+            raise ConfigError(
+                "--key",
+                str(access.private_key),
+                "an OpenSSH EC private key (make one with cxr-fl-server site-key)",
+            )
         self._key = key
         self._access = access
         self._node_id = node_id

@@ -447,3 +447,12 @@ def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
     assert seen[0].url.path == "/v1/fleet/get-run"
     assert all("flwr-signature" in request.headers for request in seen)  # signed with the site's key
     probe.close()
+
+
+def test_a_key_the_run_watch_cannot_read_is_named(tmp_path: Path) -> None:
+    from client.app_runner import FleetAccess, RunStatusProbe
+
+    key = tmp_path / "site-a.key"
+    key.write_text("not a key")
+    with pytest.raises(ConfigError, match="--key"):
+        RunStatusProbe(FleetAccess("127.0.0.1:1", None, key), lambda: 1)
