@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TextIO
 
 from client.app_runner import (
+    PROJECT_ROOT,
     AppAllowList,
     FleetAccess,
     RunStatusProbe,
@@ -428,9 +429,11 @@ class SiteNode:
         command = self.settings.command(port, self.secret_path if warm else None)
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
+        env = flower_env(self.flwr_home, FAST_POLL_ENV)  # client.supernode_main from this installation:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
             command,
-            env=flower_env(self.flwr_home, FAST_POLL_ENV),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -144,6 +144,38 @@ def test_a_supernode_that_dies_is_started_again_and_its_task_stopped(
     assert runner.targets[-1] is None
 
 
+LAUNCH_WITH_A_FAKE_FLOWER = textwrap.dedent(
+    """\
+    import sys, threading
+    import flwr.supernode.cli
+
+    def fake_flower_supernode():
+        print("flower-supernode", sys.argv[1:], flush=True)
+        threading.Thread(target=threading.Event().wait).start()  # as Flower's Runtime API thread
+        if "--exit" in sys.argv:
+            raise SystemExit(int(sys.argv[-1]))
+        # else: the Fleet loop ended on an error that Flower logged, and returns
+
+    flwr.supernode.cli.flower_supernode = fake_flower_supernode
+    from client.supernode_main import main
+    main(["--memory-limit", "0", "--", *sys.argv[1:]])
+    """
+)
+
+
+@pytest.mark.parametrize(("args", "code"), [((), FLEET_LOOP_ENDED_EXIT), (("--exit", "3"), 3)])
+def test_a_supernode_whose_fleet_loop_ended_does_not_linger(args: tuple[str, ...], code: int) -> None:
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCH_WITH_A_FAKE_FLOWER, "--superlink", "x:1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert launched.returncode == code, launched.stderr
+    assert "flower-supernode ['--superlink', 'x:1'" in launched.stdout  # Flower got its arguments
+
+
 def _zip_bomb(path: Path, inflated: int) -> None:
     """A FAB whose pyproject.toml inflates to ``inflated`` zero bytes (about 1/1000 on disk):
     identical fully flushed deflate blocks, repeated; a zip64 entry as zipfile writes one."""
