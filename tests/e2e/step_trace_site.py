@@ -4,15 +4,21 @@
 process after wrapping two functions: every finished batch of any loop (``Reporter.step``)
 appends ``step PHASE`` (``step train`` for local training) to TRACE, and the moment a stop
 reaches the site (``StopSignal.stop``) appends ``stop``. Both writes go through one lock, so
-the file's order is the order in which they happened in the site's process.
+the file's order is the order in which they happened in the site's process. Every batch also
+takes :data:`STEP_PAUSE` longer, so that the stop reaches the site while it trains even on a fast
+machine.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
+
+STEP_PAUSE = 0.005
+"""Seconds added to every batch: a long training lasts long on any machine (10,000 batches: 50 s+)."""
 
 
 def install_trace(trace: Path) -> None:
@@ -27,6 +33,7 @@ def install_trace(trace: Path) -> None:
 
     def step(self: Reporter, *args: Any, **kwargs: Any) -> None:
         note(f"step {self._phase}")
+        time.sleep(STEP_PAUSE)
         original_step(self, *args, **kwargs)
 
     Reporter.step = step  # type: ignore[method-assign]
