@@ -372,12 +372,11 @@ class Coordinator:
 
     def stop_run_for_sites(self, patience: float = SITE_NOTICE_SECONDS) -> None:
         """Mark the run of this folder stopped in the SuperLink and keep the SuperLink up until
-        every registered site asked about it (each site's run watch asks every few seconds while
-        it works on a task of the run), or ``patience`` seconds; a no-op without a SuperLink."""
+        every registered site has been told so (each site's run watch asks every few seconds
+        while it works on a task of the run), or ``patience`` seconds; a no-op without a SuperLink."""
         run_id = self.read_state().get("flower_run_id")
         if not run_id or not self.superlink_running():
             return
-        asked = f"[Fleet.GetRun] Requesting `Run` for run_id={run_id}"
         offset = self.superlink_log.stat().st_size if self.superlink_log.is_file() else 0
         with contextlib.suppress(OSError, subprocess.SubprocessError):  # already over: nothing to stop
             subprocess.run(
@@ -387,12 +386,14 @@ class Coordinator:
                 timeout=30,
                 check=False,
             )
+        told = re.compile(rf"\[/v1/fleet/get-run\]\[ApiError:2007\] SuperNode (\d+), run_id={int(run_id)}\b")
         sites = max(1, len(self.read_sites()))
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline and self.superlink_running():
             with self.superlink_log.open("rb") as log:
                 log.seek(offset)
-                if log.read().decode(errors="replace").count(asked) >= sites:
+                if len(set(told.findall(log.read().decode(errors="replace")))) >= sites:
+                    time.sleep(1.0)  # the answer still travels through the gateway
                     return
             time.sleep(0.5)
 

@@ -3,7 +3,8 @@
 A real federation (TLS, site authentication; tests/e2e/test_federation.py's helper) with one
 site that trains for a long time (many batches of one image). The site runs with a trace of its
 training steps (tests/e2e/step_trace_site.py). Once it trains, the coordinator stops the run with
-``flwr stop`` on its own machine; the site must learn it (it asks the SuperLink about the run of
+``flwr stop`` on its own machine, or with ``cxr-fl-server stop`` (which also stops the SuperLink,
+after it has told the sites); the site must learn it (it asks the SuperLink about the run of
 the task it works on), say so in its log, and start no training step after that: in the trace,
 after ``stop``, at most the one batch that was already running when the stop arrived finishes.
 The site process keeps serving.
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.processes import console_script
-from tests.e2e.test_federation import TINY_RUN, Federation, _wait_for
+from tests.e2e.test_federation import SERVER, TINY_RUN, Federation, _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,10 @@ def _trace(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
-def test_a_run_stopped_by_the_coordinator_stops_training_at_the_site(federation: Federation) -> None:
+@pytest.mark.parametrize("how", ["flwr stop", "cxr-fl-server stop"])
+def test_a_run_stopped_by_the_coordinator_stops_training_at_the_site(
+    federation: Federation, how: str
+) -> None:
     federation.prepare("site-a")
     config = federation.root / "long.toml"
     config.write_text(LONG_TRAINING, encoding="utf-8")
@@ -46,14 +50,13 @@ def test_a_run_stopped_by_the_coordinator_stops_training_at_the_site(federation:
     _wait_for(lambda: _trace(trace).count("step train") >= 2, 300, "site-a to train")
 
     run_id = json.loads((federation.run_dir / "deploy.json").read_text())["flower_run_id"]
-    stopped = subprocess.run(
-        [console_script("flwr"), "stop", str(run_id), "cxr-fl"],
-        env={**federation.env, "FLWR_HOME": str(federation.run_dir / "flwr-home")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    if how == "flwr stop":  # Flower's own command, on the coordinator's machine
+        command = [console_script("flwr"), "stop", str(run_id), "cxr-fl"]
+        env = {**federation.env, "FLWR_HOME": str(federation.run_dir / "flwr-home")}
+    else:  # the coordinator's command: it also stops the SuperLink, once the site was told
+        command = [SERVER, "stop", "--run-dir", str(federation.run_dir)]
+        env = federation.env
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
     log = federation.root / "site-a" / "supernode.log"
