@@ -304,8 +304,10 @@ def _finished(run_dir: Path, started: float) -> bool:
 def _tell_sites_the_run_stopped(coordinator: Any) -> None:
     """Mark the run stopped and give the sites a moment to learn it, so that they stop its work;
     a second Ctrl-C or SIGTERM skips the wait, never the teardown that follows."""
-    err_console.print("telling the sites that the run stopped ...", highlight=False)
     try:
+        if not coordinator.superlink_running():
+            return
+        err_console.print("telling the sites that the run stopped ...", highlight=False)
         coordinator.stop_run_for_sites()
     except (KeyboardInterrupt, SystemExit):
         pass
@@ -632,11 +634,10 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     from server.deploy import Coordinator
 
     coordinator = Coordinator(run_dir)
+    _tell_sites_the_run_stopped(coordinator)  # first, while its SuperLink still answers them
+
     state = coordinator.read_state()
     stopped = False
-    superlink = state.get("superlink_pid")
-    if superlink and pid_alive(int(superlink)) and "flower-superlink" in _cmdline(int(superlink)):
-        _tell_sites_the_run_stopped(coordinator)
     for key, program in (
         ("coordinator_pid", "cxr-fl-server"),
         ("gateway_pid", "server.fleet_gateway"),
