@@ -21,6 +21,23 @@ and ``flwr-clientapp`` do, in one warm process that already imported torch and t
    reason in the site's log;
 3. otherwise calls the installed ClientApp in-process and pushes its reply and Context back.
 
+A stopped run stops its work here
+---------------------------------
+Flower 1.42's SuperNode does not tell a running ClientApp that its run was stopped (``flwr
+stop``): it waits for the reply, and only drops it when the SuperLink refuses it. So while a
+task runs, the runner asks the SuperLink itself, every :data:`RUN_WATCH_SECONDS`, whether the
+task's run still runs (:class:`RunStatusProbe`: the Fleet API's ``get-run``, signed with the
+site's own key as its SuperNode signs, through the coordinator's gateway). Once the SuperLink
+answers that the run is finished or stopped (HTTP 403, code ``FLEET_RUN_STATUS_NOT_ALLOWED``),
+or that it no longer knows the run (``FLEET_GET_RUN_FAILED``: a coordinator restarted without
+it), the task's :class:`~common.cancellation.StopSignal` is set, the site logs "run N stopped
+by the coordinator", and the ClientApp's loops raise at their next check point: no training
+step starts after that. The same happens when the SuperNode that handed out the task goes away
+(:meth:`WarmClientAppRunner.stop_current_task`): its reply could not be delivered any more.
+An unanswered or failing ``get-run`` (coordinator unreachable) stops nothing. Without site
+authentication (``--insecure``) the site has no key to ask with, and a stopped run's task runs
+to its end (its reply is then dropped), as with Flower's own runtime.
+
 The FAB's code is never unpacked nor imported at the site, allowed or not: the FAB only
 identifies the app (and its ``pyproject.toml`` gives the run settings' defaults, read as TOML by
 the SuperNode). Torch, the site's decoded-image cache (``common.local.load_site_data`` memoises
@@ -65,8 +82,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.cancellation import RunStoppedError, StopSignal, stoppable
 from common.errors import ConfigError, CxrFlError
-from common.protocol import SITE_APP_REFUSED, error_reason
+from common.protocol import SITE_APP_REFUSED, SITE_FAILED, error_reason
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -80,6 +98,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 POLL_SECONDS = 0.2
 """How often the runner asks its SuperNode for a task: a local HTTP call on loopback, as often as
 the SuperExec that cxr-fl ran before (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2), no more load."""
+
+
+RUN_WATCH_SECONDS = 3.0
+"""How often, while a task runs, the runner asks the SuperLink whether the task's run still runs
+(as often as a SuperNode polls for messages: one small signed request per site)."""
 
 
 class RuntimeUnsupportedError(CxrFlError):
@@ -187,6 +210,95 @@ def write_secret_file(path: Path) -> bytes:
     return secret
 
 
+@dataclass(frozen=True)
+class FleetAccess:
+    """How the site reaches the SuperLink's Fleet API as its SuperNode does: the server address,
+    the CA certificate (None: the system's CAs) and the site's private key."""
+
+    server: str
+    ca_cert: Path | None
+    private_key: Path
+
+
+class RunStatusProbe:
+    """Asks the SuperLink whether a run still runs: Fleet ``get-run``, signed with the site's key.
+
+    ``node_id`` gives the site's current Flower node id (None before its SuperNode joined): the
+    SuperLink accepts the signature only for the node id registered with that key.
+    """
+
+    def __init__(self, access: FleetAccess, node_id: Callable[[], int | None]) -> None:
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        try:
+            key = load_ssh_private_key(access.private_key.read_bytes(), None)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+            key = None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(
+                "--key",
+                str(access.private_key),
+                "an OpenSSH EC private key (make one with cxr-fl-server site-key)",
+            )
+        self._key = key
+        self._access = access
+        self._node_id = node_id
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _fleet(self) -> Any:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+        if self._client is None:
+            ca = self._access.ca_cert
+            self._client = FleetHttpClient.from_server_address(
+                self._access.server,
+                insecure=False,
+                root_certificates=None if ca is None else ca.read_bytes(),
+                interceptors=[
+                    RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                    NodeAuthHttpInterceptor(self._key, self._key.public_key()),
+                ],
+            )
+        return self._client
+
+    def run_over(self, run_id: int) -> str | None:
+        """Why ``run_id`` is over, as the SuperLink says; None while it runs or when unknown."""
+        import httpx
+        from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+        from flwr.proto.run_pb2 import GetRunRequest  # pylint: disable=E0611
+        from flwr.supercore.error import ApiErrorCode, FlowerError
+
+        node_id = self._node_id()
+        if node_id is None:
+            return None
+        with self._lock:
+            try:
+                self._fleet().GetRun(GetRunRequest(node=Node(node_id=node_id), run_id=run_id))
+            except httpx.HTTPStatusError as exc:
+                error = FlowerError.from_json(exc.response.text)
+                code = None if error is None else error.code
+                if code == ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED:
+                    return f"the SuperLink reports run {run_id} as finished or stopped"
+                if code == ApiErrorCode.FLEET_GET_RUN_FAILED:
+                    return f"the SuperLink no longer knows run {run_id} (or this site's part in it)"
+                logger.debug("get-run %s: %s", run_id, exc)
+            except Exception as exc:  # unreachable, restarting, or a reply that does not parse
+                logger.debug("get-run %s: %s", run_id, exc)
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
+
+
 class WarmClientAppRunner:
     """Takes this site's tasks from its SuperNode's Runtime API and runs the installed ClientApp.
 
@@ -203,6 +315,8 @@ class WarmClientAppRunner:
         report: Callable[[str], None],
         client_app: Any = None,
         poll_seconds: float = POLL_SECONDS,
+        run_probe: RunStatusProbe | None = None,
+        watch_seconds: float = RUN_WATCH_SECONDS,
     ) -> None:
         require_supported_flwr()
         self.client_app = client_app  # None: the installed client.app, imported by serve()
@@ -215,8 +329,12 @@ class WarmClientAppRunner:
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.run_probe = run_probe
+        self.watch_seconds = watch_seconds
+        self._current: StopSignal | None = None
         self.tasks_run = 0
         self.tasks_refused = 0
+        self.tasks_stopped = 0
 
     def set_target(self, address: str | None) -> None:
         """Serve the SuperNode whose Runtime API listens at ``address`` (None: pause)."""
@@ -225,6 +343,13 @@ class WarmClientAppRunner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def stop_current_task(self, reason: str) -> None:
+        """Stop the work of the task now running (if any) at its next check point."""
+        with self._lock:
+            signal = self._current
+        if signal is not None and signal.stop(reason):
+            self.report(f"the task now running stops: {reason}")
 
     def serve(self) -> None:
         """Poll for tasks and run them until :meth:`stop`."""
@@ -350,9 +475,12 @@ class WarmClientAppRunner:
                 details = reason
             else:
                 started = time.perf_counter()
-                reply = self.client_app(message=message, context=context)
-                self.tasks_run += 1
-                sub_status, details = SubStatus.COMPLETED, ""
+                reply, stopped = self._call_app(message, context)
+                if stopped:
+                    details = str(reply.error.reason)
+                else:
+                    self.tasks_run += 1
+                    sub_status, details = SubStatus.COMPLETED, ""
                 logger.info(
                     "%s message handled in %.2f s",
                     message.metadata.message_type,
@@ -376,6 +504,56 @@ class WarmClientAppRunner:
                 heartbeat.stop()
                 client.close()  # an abandoned pull (superseded task) fails on the closed client and ends
         return newer
+
+    def _call_app(self, message: Message, context: Context) -> tuple[Message, bool]:
+        """Call the ClientApp under a stop signal that the run watch sets once the run is over;
+        returns its reply and whether the task was stopped.
+
+        A stopped task still answers (an error reply): Flower's SuperNode waits for a reply to
+        every message it handed out before it takes the next one.
+        """
+        from flwr.app import Error, Message
+
+        signal = StopSignal()
+        run_id = int(context.run_id)
+        with self._lock:
+            self._current = signal
+        done = threading.Event()
+        watch = None
+        if self.run_probe is not None:
+            watch = threading.Thread(
+                target=self._watch_run, args=(run_id, signal, done), name="cxr-fl run watch", daemon=True
+            )
+            watch.start()
+        try:
+            with stoppable(signal):
+                return self.client_app(message=message, context=context), False
+        except RunStoppedError as exc:
+            self.tasks_stopped += 1
+            self.report(
+                f"run {run_id}: the site stopped its work on the {message.metadata.message_type} message "
+                f"({signal.steps_at_stop} training steps had started before the stop reached this site, "
+                f"{signal.steps_after_stop} after)"
+            )
+            text = error_reason(self.site, f"run {run_id} was stopped; this site stopped its work: {exc}")
+            return Message(Error(SITE_FAILED, text), reply_to=message), True
+        finally:
+            done.set()
+            with self._lock:
+                self._current = None
+            if watch is not None:
+                watch.join(timeout=self.watch_seconds + 30.0)
+
+    def _watch_run(self, run_id: int, signal: StopSignal, done: threading.Event) -> None:
+        """Until ``done``: ask the SuperLink whether ``run_id`` still runs; stop the task once not."""
+        probe = self.run_probe
+        while probe is not None and not done.wait(self.watch_seconds):
+            reason = probe.run_over(run_id)
+            if reason is not None and not done.is_set() and signal.stop(reason):
+                self.report(
+                    f"run {run_id} stopped by the coordinator ({reason}); the site stops its work on it"
+                )
+                return
 
     def _pull_input(self, client: Any, target: str, pull: Callable[[Any], Any]) -> Any:
         """The task's input, or the token of a newer task that superseded it.

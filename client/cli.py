@@ -621,6 +621,15 @@ def start(
             "allow-list).",
         ),
     ] = "warm",
+    supernode_memory: Annotated[
+        float,
+        typer.Option(
+            "--supernode-memory",
+            help="Bound of the SuperNode's memory in GiB (0: none). The SuperNode unpacks each run's "
+            "app bundle before the app allow-list sees it: a zip bomb then fails the SuperNode, which "
+            "is restarted, not the machine.",
+        ),
+    ] = 4.0,
     initial_teacher_sha256: Annotated[
         str | None,
         typer.Option(
@@ -686,6 +695,7 @@ def start(
             reconnect_timeout=reconnect_timeout,
             activate_timeout=activate_timeout,
             runtime=runtime,
+            supernode_memory_gib=supernode_memory,
             allowed_apps=tuple(allow_app or ()),
             initial_teacher_sha256=initial_teacher_sha256,
             initial_teacher=initial_teacher,

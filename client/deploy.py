@@ -13,6 +13,13 @@ rounds, and a run of any app other than this installation's own (or one listed w
 ``--allow-app``) is refused with a one-line reason in ``supernode.log`` and an error reply.
 ``--runtime flower`` falls back to Flower's per-message ``flwr-clientapp`` (no allow-list).
 
+The SuperNode runs through client/supernode_main.py: its data memory is bounded
+(``--supernode-memory``, 4 GiB by default; a FAB whose ``pyproject.toml`` is a zip bomb makes it
+fail, not the machine), and a SuperNode that dies (killed by a signal, or its Fleet loop ended
+on an error such as that bound) is started again, as is one whose session a restarted server
+forgot: the site keeps serving. A task that its SuperNode handed out is stopped when that
+SuperNode goes away, and when the coordinator stops the task's run (client/app_runner.py).
+
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
 once it has answered the server's "finish" message (the last message of every run, after the
 distillation and any federated-student rounds), on Ctrl-C, or when the server has been
@@ -28,6 +35,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,10 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from client.app_runner import AppAllowList, WarmClientAppRunner, normalise_app_hash, write_secret_file
+from client.app_runner import (
+    PROJECT_ROOT,
+    AppAllowList,
+    FleetAccess,
+    RunStatusProbe,
+    WarmClientAppRunner,
+    normalise_app_hash,
+    write_secret_file,
+)
+from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
-from common.processes import console_script, flower_env, free_port, stop_process_tree, toml_value
+from common.processes import flower_env, free_port, stop_process_tree, toml_value
 from common.protocol import RUN_FINISHED_MARKER
 
 STUDENT_CARD = Path("student") / "model_card.json"
@@ -62,7 +79,11 @@ class _ActivationRefusedError(Exception):
 
 
 class _RestartNodeError(Exception):
-    """Internal: the SuperNode is stuck on a server that listens again; start it afresh."""
+    """Internal: the SuperNode is stuck on a server that listens again, or died; start it afresh."""
+
+    def __init__(self, why: str = "the server came back without this site's session") -> None:
+        super().__init__(why)
+        self.why = why
 
 
 STUCK_SECONDS = 30.0
@@ -72,6 +93,8 @@ STUCK_SECONDS = 30.0
 ACTIVATE_GRACE_SECONDS = 75.0
 ACTIVATE_RETRY_SECONDS = 5.0
 MAX_RESTARTS = 20
+MIN_SUPERNODE_MEMORY = 512 * 1024**2
+"""The smallest memory bound a SuperNode may be given (an idle one uses about 0.2 GB)."""
 
 
 def _listening(host: str, port: int) -> bool:
@@ -111,6 +134,8 @@ class SiteNodeSettings:
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
     runtime: str = "warm"
     allowed_apps: tuple[str, ...] = ()
+    supernode_memory_gib: float = DEFAULT_MEMORY_LIMIT / 1024**3
+    """Bound of the SuperNode's data memory in GiB (warm runtime); 0: none."""
     # the site's own pin of the initial global teacher (client/teacher_pin.py)
     initial_teacher_sha256: str | None = None
     initial_teacher: Path | None = None
@@ -132,6 +157,9 @@ class SiteNodeSettings:
         self._check_teacher_pin()
         if self.num_threads < 1:
             raise ConfigError("--threads", self.num_threads, "an integer >= 1")
+        memory = self.supernode_memory_gib
+        if not (memory == 0 or (math.isfinite(memory) and memory * 1024**3 >= MIN_SUPERNODE_MEMORY)):
+            raise ConfigError("--supernode-memory", memory, "0 (no bound) or at least 0.5 (GiB)")
 
     def _check_privacy_policy(self) -> None:
         """The site's DP options, checked before anything starts (the ClientApp re-checks them)."""
@@ -208,8 +236,14 @@ class SiteNodeSettings:
     def command(self, runtime_port: int, secret_file: Path | None = None) -> list[str]:
         """The ``flower-supernode`` command. ``secret_file`` (warm runtime; SiteNode always passes
         one) holds the per-start secret that signs the warm runner's task claims, so that no other
-        local process can claim this site's tasks."""
-        command = [console_script("flower-supernode"), "--superlink", self.server]
+        local process can claim this site's tasks.
+
+        The SuperNode runs through client/supernode_main.py, which bounds its data memory
+        (``supernode_memory_gib``, warm runtime only: with ``--runtime flower`` the SuperNode's own
+        training processes would inherit the bound) and ends it once its Fleet loop ends."""
+        memory = int(self.supernode_memory_gib * 1024**3) if self.runtime == "warm" else 0
+        command = [sys.executable, "-m", "client.supernode_main", "--memory-limit", str(memory), "--"]
+        command += ["--superlink", self.server]
         if self.insecure:
             command.append("--insecure")
         elif self.ca_cert is not None:  # without it: the system's CAs (a publicly signed server)
@@ -265,6 +299,16 @@ def forgotten_session(line: str) -> bool:
     it (it runs in its own session; the site stops it only after it has stopped reading it).
     """
     return ("401 Unauthorized" in line and "/v1/fleet/" in line) or "SuperNode terminated gracefully" in line
+
+
+def died(returncode: int) -> str | None:
+    """Why a SuperNode that exited with ``returncode`` died (and is started again), or None when it
+    ended by itself (Flower's refusals and exits keep their own codes and stop the site)."""
+    if returncode < 0:
+        return f"the SuperNode was killed (signal {-returncode})"
+    if returncode == FLEET_LOOP_ENDED_EXIT:
+        return "the SuperNode's Fleet loop ended on an error (e.g. it reached its memory bound)"
+    return None
 
 
 def unreachable_reason(settings: SiteNodeSettings) -> str:
@@ -351,12 +395,23 @@ class SiteNode:
             self.write_log(text)
             notify(text)
 
-        self.runner = WarmClientAppRunner(secret, allow, self.settings.site, report)
+        self.runner = WarmClientAppRunner(
+            secret, allow, self.settings.site, report, run_probe=self._run_probe()
+        )
         hashes = ", ".join(sorted(allow.hashes))
         self.write_log(f"# warm ClientApp runner; apps allowed (FAB sha256): {hashes}")
         worker = threading.Thread(target=self.runner.serve, name="clientapp-runner", daemon=True)
         worker.start()
         return worker
+
+    def _run_probe(self) -> RunStatusProbe | None:
+        """How the runner learns that a task's run was stopped: the Fleet API with the site's key
+        (none without site authentication: nothing to sign the question with)."""
+        settings = self.settings
+        if settings.insecure or settings.private_key is None:
+            return None
+        access = FleetAccess(settings.server, settings.ca_cert, settings.private_key)
+        return RunStatusProbe(access, lambda: self.node_id)
 
     def _run_until_done(self, notify: Callable[[str], None]) -> str:
         started = time.time()
@@ -372,11 +427,12 @@ class SiteNode:
                     f"online); retrying for up to {self.settings.activate_timeout:.0f} s"
                 )
                 time.sleep(ACTIVATE_RETRY_SECONDS)
-            except _RestartNodeError:
+            except _RestartNodeError as exc:
                 restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise SiteRefusedError(unreachable_reason(self.settings)) from None
-                notify("the server came back without this site's session; restarting the SuperNode")
+                self.write_log(f"# {exc.why}; restarting the SuperNode")
+                notify(f"{exc.why}; restarting the SuperNode")
                 started = time.time()  # a restarted coordinator registers the sites again: the same grace
 
     def _run_once(self, started: float, notify: Callable[[str], None]) -> str:
@@ -385,9 +441,11 @@ class SiteNode:
         command = self.settings.command(port, self.secret_path if warm else None)
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
+        env = flower_env(self.flwr_home, FAST_POLL_ENV)  # client.supernode_main from this installation:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
             command,
-            env=flower_env(self.flwr_home, FAST_POLL_ENV),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -402,6 +460,8 @@ class SiteNode:
         finally:
             if self.runner is not None:
                 self.runner.set_target(None)
+                # its task's reply could not reach the server any more: stop that work
+                self.runner.stop_current_task("the SuperNode that handed out this task stopped")
             self.stop()
 
     def _follow(self, started: float, on_event: Callable[[str], None]) -> str:
@@ -423,6 +483,8 @@ class SiteNode:
                     self.process.wait()
                     if session_lost:  # Flower stops a SuperNode whose session the server forgot
                         raise _RestartNodeError
+                    if why := died(self.process.returncode):
+                        raise _RestartNodeError(why)
                     raise SiteRefusedError(
                         f"the SuperNode exited with code {self.process.returncode}; see {self.log_path}"
                     )

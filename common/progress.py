@@ -9,6 +9,10 @@ Training, evaluation and distillation loops accept ``progress=``, which may be
   can keep its own outer bar (epochs, rounds) on the same Progress display.
 
 Loops talk to a :class:`Reporter` built by :func:`reporter_for`; they never import rich.
+
+The reporter is also each loop's stop check point (:mod:`common.cancellation`): building it
+(before the first batch) and every :meth:`Reporter.step` (before the next batch) raise
+``RunStoppedError`` once the work's run was stopped, so no loop starts a batch after that.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from common.cancellation import check_point
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Reporter:
     """What a loop calls: :meth:`step` after each batch and :meth:`close` at the end."""
 
     def __init__(self, progress: ProgressArg, phase: str, total: int | None) -> None:
+        check_point()  # before the loop's first batch
         self._phase = phase
         self._total = total
         self._callback: ProgressCallback | None = None
@@ -63,11 +70,13 @@ class Reporter:
             self._callback = progress
 
     def step(self, step: int, examples: int, loss: float = math.nan) -> None:
+        """Report one finished batch; then the check point before the next one."""
         if self._callback is not None:
             self._callback(ProgressEvent(self._phase, step, self._total, examples, loss))
         elif self._rich is not None:
             description = self._phase if math.isnan(loss) else f"{self._phase} loss {loss:.4f}"
             self._rich.update(self._task_id, completed=step, description=description)
+        check_point()
 
     def close(self) -> None:
         if self._rich is not None:

@@ -280,9 +280,10 @@ def start(
             130,
         ) from None
     finally:
+        if not _finished(run_dir, started):
+            _tell_sites_the_run_stopped(coordinator)
         coordinator.stop(recorded=False)
-    summary = run_dir / "summary.json"
-    if summary.is_file() and summary.stat().st_mtime >= started:
+    if _finished(run_dir, started):
         markdown = run_dir / "summary.md"
         if markdown.is_file():
             console.print(Markdown(markdown.read_text(encoding="utf-8")))
@@ -294,6 +295,25 @@ def start(
         f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
         RUN_FAILED_EXIT,
     )
+
+
+def _finished(run_dir: Path, started: float) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and summary.stat().st_mtime >= started
+
+
+def _tell_sites_the_run_stopped(coordinator: Any) -> None:
+    """Mark the run stopped and give the sites a moment to learn it, so that they stop its work;
+    a second Ctrl-C or SIGTERM skips the wait, never the teardown that follows."""
+    try:
+        if not coordinator.superlink_running():
+            return
+        err_console.print("telling the sites that the run stopped ...", highlight=False)
+        coordinator.stop_run_for_sites()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except Exception as exc:  # the processes must still be stopped
+        err_console.print(f"could not tell the sites that the run stopped: {exc}", highlight=False)
 
 
 def _check_central_dp(merged: dict[str, Any]) -> None:
@@ -615,6 +635,8 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     from server.deploy import Coordinator
 
     coordinator = Coordinator(run_dir)
+    _tell_sites_the_run_stopped(coordinator)  # first, while its SuperLink still answers them
+
     state = coordinator.read_state()
     stopped = False
     for key, programs in (

@@ -21,6 +21,11 @@ connections of the user who runs the coordinator (server/superlink_owner_only.py
 local user's): its Control API (submit, list, stop runs; register keys) is the coordinator's alone. The
 address sites connect to (``--host/--port``) is served by server/fleet_gateway.py, which forwards
 only the Fleet API. Every process started here is stopped by its PID tree.
+
+A run that ends without finishing (``cxr-fl-server stop``, Ctrl-C, ``flwr stop``, a failure) is
+first marked stopped in the SuperLink, which is then kept up for a moment
+(:meth:`Coordinator.stop_run_for_sites`): a site learns that the run of the task it works on is
+over by asking the SuperLink (client/app_runner.py), and stops that work.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 9092
 STARTUP_TIMEOUT = 60.0
+SITE_NOTICE_SECONDS = 10.0
+"""How long a stopped run's SuperLink stays up for the sites to learn that the run is over
+(a site at work asks every 3 s: client/app_runner.py RUN_WATCH_SECONDS)."""
 CONNECTION = "cxr-fl"
 LOOPBACK = "127.0.0.1"
 # SuperExec (which starts the ServerApp process) polls for work every second by default.
@@ -374,6 +382,33 @@ class Coordinator:
             pid = state.get(key)
             if pid and pid_alive(int(pid)):
                 stop_pid_tree(int(pid))
+
+    def stop_run_for_sites(self, patience: float = SITE_NOTICE_SECONDS) -> None:
+        """Mark the run of this folder stopped in the SuperLink and keep the SuperLink up until
+        every registered site has been told so (each site's run watch asks every few seconds
+        while it works on a task of the run), or ``patience`` seconds; a no-op without a SuperLink."""
+        run_id = self.read_state().get("flower_run_id")
+        if not run_id or not self.superlink_running():
+            return
+        offset = self.superlink_log.stat().st_size if self.superlink_log.is_file() else 0
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # already over: nothing to stop
+            subprocess.run(
+                [console_script("flwr"), "stop", str(run_id), CONNECTION],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        told = re.compile(rf"\[/v1/fleet/get-run\]\[ApiError:2007\] SuperNode (\d+), run_id={int(run_id)}\b")
+        sites = max(1, len(self.read_sites()))
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline and self.superlink_running():
+            with self.superlink_log.open("rb") as log:
+                log.seek(offset)
+                if len(set(told.findall(log.read().decode(errors="replace")))) >= sites:
+                    time.sleep(1.0)  # the answer still travels through the gateway
+                    return
+            time.sleep(0.5)
 
     # -- sites ---------------------------------------------------------------------------------
     def register_site(self, public_key: Path, name: str) -> int:

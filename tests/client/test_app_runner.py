@@ -338,3 +338,121 @@ def test_the_task_input_is_pulled_on_a_short_backoff(
     assert got_context.node_config == {"site-name": "a"}
     assert (run.run_id, fab.content) == (3, b"bundle")
     assert all(count == 2 for count in supernode.asked.values())
+
+
+class _StoppingProbe:
+    """The SuperLink's answer about a run: running until the app has trained ``after`` steps."""
+
+    def __init__(self, trained: threading.Event) -> None:
+        self.trained = trained
+        self.asked: list[int] = []
+
+    def run_over(self, run_id: int) -> str | None:
+        self.asked.append(run_id)
+        return "the SuperLink reports it stopped" if self.trained.is_set() else None
+
+
+def test_a_task_whose_run_is_stopped_starts_no_step_after_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.progress import reporter_for
+
+    for name, value in (("_task_id", 3), ("_run_id", 42), ("_node_id", 1)):  # as a pulled task sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    trained = threading.Event()
+    steps: list[int] = []
+
+    def training_app(message: Message, context: Context) -> Message:
+        reporter = reporter_for(None, "train", None)
+        for step in range(1, 5001):  # about 5 s of steps if the stop never came
+            time.sleep(0.001)
+            steps.append(step)
+            if step == 5:
+                trained.set()
+            reporter.step(step, step)
+        return Message(RecordDict(), reply_to=message)
+
+    lines: list[str] = []
+    probe = _StoppingProbe(trained)
+    runner = WarmClientAppRunner(
+        b"secret",
+        AppAllowList(None),
+        "site-a",
+        lines.append,
+        training_app,
+        run_probe=probe,
+        watch_seconds=0.01,
+    )
+    message = Message(RecordDict(), dst_node_id=1, message_type="train")
+    context = Context(run_id=42, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    reply, stopped = runner._call_app(message, context)
+
+    assert stopped
+    assert reply.has_error()
+    assert "run 42 was stopped" in reply.error.reason
+    assert reply.error.reason.startswith("site 'site-a'")
+    assert set(probe.asked) == {42}
+    assert any("run 42 stopped by the coordinator" in line for line in lines)
+    ended = next(line for line in lines if "the site stopped its work" in line)
+    assert ", 0 after)" in ended
+    assert 5 <= len(steps) < 5000
+    assert runner.tasks_stopped == 1
+    assert runner.tasks_run == 0
+
+
+def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.run_pb2 import GetRunResponse  # pylint: disable=E0611
+
+    from client.app_runner import FleetAccess, RunStatusProbe
+
+    key = tmp_path / "site-a.key"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    answers: list[httpx.Response] = []
+    seen: list[httpx.Request] = []
+
+    def superlink(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    node_id: list[int | None] = [None]
+    probe = RunStatusProbe(FleetAccess("127.0.0.1:1", None, key), lambda: node_id[0])
+    assert probe.run_over(5) is None
+    assert not seen
+    node_id[0] = 77
+    probe._fleet()._client = httpx.Client(transport=httpx.MockTransport(superlink))
+
+    def flower_error(code: int) -> httpx.Response:
+        return httpx.Response(403, content=json.dumps({"code": code, "detail": "x"}).encode())
+
+    answers += [httpx.Response(200, content=GetRunResponse().SerializeToString())]
+    assert probe.run_over(5) is None
+    answers += [flower_error(2007)]  # FLEET_RUN_STATUS_NOT_ALLOWED: finished or stopped
+    assert "finished or stopped" in str(probe.run_over(5))
+    answers += [flower_error(2008)]  # FLEET_GET_RUN_FAILED: the SuperLink does not know the run
+    assert "no longer knows run 5" in str(probe.run_over(5))
+    answers += [httpx.Response(401), httpx.Response(502), flower_error(9999)]
+    assert [probe.run_over(5) for _ in range(3)] == [None, None, None]  # unknown: nothing stops
+    assert seen[0].url.path == "/v1/fleet/get-run"
+    assert all("flwr-signature" in request.headers for request in seen)  # signed with the site's key
+    probe.close()
+
+
+def test_a_key_the_run_watch_cannot_read_is_named(tmp_path: Path) -> None:
+    from client.app_runner import FleetAccess, RunStatusProbe
+
+    key = tmp_path / "site-a.key"
+    key.write_text("not a key")
+    with pytest.raises(ConfigError, match="--key"):
+        RunStatusProbe(FleetAccess("127.0.0.1:1", None, key), lambda: 1)
