@@ -84,14 +84,14 @@ from typing import TYPE_CHECKING, Any
 
 from common.cancellation import RunStoppedError, StopSignal, stoppable
 from common.errors import ConfigError, CxrFlError
-from common.protocol import SITE_APP_REFUSED, SITE_FAILED, error_reason
+from common.protocol import FLWR_VERSION, SITE_APP_REFUSED, SITE_FAILED, error_reason
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FLWR_VERSION = "1.42.0"
+SUPPORTED_FLWR_VERSION = FLWR_VERSION
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLIENTAPP_REF = "client.app:app"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

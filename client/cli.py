@@ -653,8 +653,7 @@ def start(
     max_teacher_parameters: MaxTeacherParameters = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
-    from client.deploy import SiteNode, SiteRefusedError
-    from client.policed_node import PolicedNodeSettings
+    from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
     from common.device import resolve_device
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -672,7 +671,7 @@ def start(
         "max_teacher_parameters": max_teacher_parameters,
     }
     try:
-        settings = PolicedNodeSettings(
+        settings = SiteNodeSettings(
             server=server,
             site=site,
             data_format=fmt,

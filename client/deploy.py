@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -52,6 +52,7 @@ from client.app_runner import (
     normalise_app_hash,
     write_secret_file,
 )
+from client.site_policy import SitePolicy
 from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
@@ -136,6 +137,8 @@ class SiteNodeSettings:
     allowed_apps: tuple[str, ...] = ()
     supernode_memory_gib: float = DEFAULT_MEMORY_LIMIT / 1024**3
     """Bound of the SuperNode's data memory in GiB (warm runtime); 0: none."""
+    # the most a run may ask of this site (client/site_policy.py)
+    policy: SitePolicy = field(default_factory=SitePolicy)
     # the site's own pin of the initial global teacher (client/teacher_pin.py)
     initial_teacher_sha256: str | None = None
     initial_teacher: Path | None = None
@@ -231,6 +234,7 @@ class SiteNodeSettings:
             values["initial-teacher-sha256"] = self.initial_teacher_sha256
         if self.initial_teacher is not None:
             values["initial-teacher"] = str(self.initial_teacher.resolve())
+        values.update(self.policy.node_config())
         return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
     def command(self, runtime_port: int, secret_file: Path | None = None) -> list[str]:

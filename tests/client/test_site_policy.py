@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import client.app
 from client.app import app
 from client.cli import app as cli_app
-from client.policed_node import PolicedNodeSettings
+from client.deploy import SiteNodeSettings
 from client.site import site_from_node_config
 from client.site_policy import SitePolicy, check_request
 from common.errors import ConfigError
@@ -170,7 +170,7 @@ def test_simulated_sites_have_no_policy(tmp_path: Path) -> None:
 
 def test_start_options_reach_the_site_as_its_policy(tmp_path: Path) -> None:
     policy = SitePolicy.from_mapping({"max-rounds": 3, "max-image-size": 128}, lambda key: f"--{key}")
-    node = PolicedNodeSettings(
+    node = SiteNodeSettings(
         server="127.0.0.1:9092",
         site="site-a",
         data_format="synthetic",
