@@ -87,6 +87,7 @@ def _start_traced_site(federation: Federation, trace: Path) -> subprocess.Popen[
     args += ["--server", f"127.0.0.1:{federation.port}", "--site", "site-a", "--format", "synthetic"]
     args += ["--out", str(federation.root / "site-a"), "--ca", str(federation.certs / "ca.crt")]
     args += ["--key", str(federation.keys / "site-a.key"), "--threads", "1", "--image-size", "32"]
+    args += ["--max-local-epochs", "50"]  # the site's own policy admits this long a round
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=federation.env, cwd=REPO_ROOT)
     log.close()
     federation.processes.append(process)
