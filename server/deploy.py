@@ -115,6 +115,25 @@ class TlsFiles:
         return files
 
 
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` readable by its owner only (it will hold checkpoints, logs, the
+    Flower home and the loopback TLS key); warn, without changing it, when an existing one is
+    open to other users: only the SuperLink itself refuses them (server/superlink_owner_only.py)."""
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700)
+        return
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077:
+        logger.warning(
+            "run folder %s is open to other local users (mode %s): it holds the checkpoints, logs "
+            "and Flower's home of this federation; make it private with `chmod 700 %s`",
+            folder,
+            oct(mode),
+            folder,
+        )
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
         return True
@@ -213,7 +232,7 @@ class Coordinator:
         connect_host = LOOPBACK if host in ("0.0.0.0", "::") else host
         if port_open(connect_host, port):
             raise DeployError(f"port {port} on {host} is already in use; choose another with --port")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_private_folder(self.run_dir)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         private_port = free_port()
         while private_port == port:

@@ -91,3 +91,21 @@ def test_a_site_key_counts_as_registered_only_with_the_superlink_that_knows_it(t
 
     coordinator.state_path.write_text(json.dumps({"database": True, "started": 200.0}), encoding="utf-8")
     assert coordinator.register_site(key, "site-a") == 42  # kept in its database
+
+
+def test_a_new_run_folder_is_private_and_an_open_one_is_named_with_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from server.deploy import make_private_folder
+
+    fresh = tmp_path / "runs" / "federation"
+    make_private_folder(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with caplog.at_level("WARNING", logger="server.deploy"):
+        make_private_folder(shared)
+    assert f"chmod 700 {shared}" in caplog.text
+    assert shared.stat().st_mode & 0o777 == 0o755  # the operator's folder, left as it is
