@@ -20,9 +20,10 @@ deployed site:
 
 Opt-ins, the site's own options (node_config, never a run setting): ``share-per-class-metrics``
 (``cxr-fl-client start --share-per-class-metrics``) adds the class-revealing metrics, still
-coarse; ``share-exact-metrics`` sends every figure and error text at full precision, under DP the
-training-split figures too (research federations whose sites agree to it). Simulated sites are the coordinator's own partitions and
-share everything, exactly, for the simulation's reports. Paths never leave any site.
+coarse; ``share-exact-metrics`` sends every figure and error text at full precision, under DP
+the training-split figures too (research federations whose sites agree to it). Simulated sites
+are the coordinator's own partitions and share everything, exactly, for the simulation's
+reports. Paths never leave any site.
 
 :class:`Disclosure` is the one place that shapes what leaves: the ClientApp passes every reply's
 records and every error text through it (client/app.py ``_outgoing``).
