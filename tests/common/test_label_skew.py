@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from typer.testing import CliRunner
 
 import simulation.cli as cli
-from common.config import TrainConfig
+from common.config import ModelConfig, PrivacyConfig, TrainConfig
 from common.errors import ConfigError
 from common.label_skew import (
     ABSENT_CLASS_COUNT,
@@ -24,10 +25,10 @@ from common.label_skew import (
     dataset_label_counts,
     logit_adjustment,
 )
-from common.local import site_logit_adjustment
+from common.local import DataRequest, load_site_data, site_logit_adjustment, train_round
 from common.metrics import compute_metrics
 from common.run_settings import check_run_config
-from common.tasks import Task
+from common.tasks import Task, get_task
 from common.training import make_optimizer, task_loss, train_one_epoch
 
 TASK = Task("toy-three", "multiclass", ("a", "b", "c"))
@@ -216,3 +217,27 @@ def test_simulation_refuses_an_unknown_local_loss_in_one_line_with_exit_2() -> N
     assert result.exit_code == 2, result.output
     assert "local-loss" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing")
+@pytest.mark.parametrize("dp", [False, True])
+def test_train_round_corrects_without_dp_and_falls_back_to_ce_under_dp(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, dp: bool
+) -> None:
+    task = get_task("normal-pneumonia-covid")
+    site = load_site_data(
+        DataRequest("synthetic", None, task, 32, tmp_path / "cache", 0.0, 0.0, 0, options=(("n-images", 24),))
+    )
+    tiny = ModelConfig(name="tiny-cnn", norm="group")
+    privacy = PrivacyConfig(enabled=True, target_epsilon=50.0, max_physical_batch_size=8) if dp else None
+    train = TrainConfig(batch_size=8, lr=0.1, num_threads=1, local_loss="balanced-softmax")
+
+    with caplog.at_level(logging.INFO, logger="common.local"):
+        outcome = train_round(site, task, tiny, None, train, seed=1, privacy=privacy, num_rounds=1)
+
+    assert math.isfinite(outcome.metrics["loss"])
+    if dp:
+        assert "not used under DP-SGD" in caplog.text
+        assert outcome.metrics["dp_epsilon"] > 0
+    else:
+        assert "local loss: balanced-softmax" in caplog.text
