@@ -126,10 +126,10 @@ def main() -> None:
     tab.add_argument("outs", type=Path, nargs="+")
     tab.add_argument("--pooled-bn", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     if args.command == "demo":
         run_demo(args.out, args.seed, args.sets)
     else:
+        torch.set_num_threads(1)
         table(args.outs, args.pooled_bn)
 
 
