@@ -24,11 +24,13 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Accountant = Literal["rdp", "prv", "gdp"]
 MixMode = Literal["none", "mixup", "cutmix"]
 Schedule = Literal["cosine", "constant"]
+LocalLoss = Literal["ce", "balanced-softmax", "fedlc", "fedrs"]
 
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 MIX_MODES: tuple[str, ...] = get_args(MixMode)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+LOCAL_LOSSES: tuple[str, ...] = get_args(LocalLoss)
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
@@ -107,8 +109,11 @@ class TrainConfig:
     num_threads: int = 2
     # freeze the first N blocks of the teacher's backbone (common/freeze.py); -1: train the head only
     freeze_blocks: int = 0
+    # the teacher's local loss under label skew (common/label_skew.py); single-label tasks, no DP
+    local_loss: LocalLoss = "ce"
 
     def __post_init__(self) -> None:
+        _check_choice("local-loss", self.local_loss, LOCAL_LOSSES)
         if self.freeze_blocks < -1:
             raise ConfigError(
                 "freeze-blocks", self.freeze_blocks, "an integer >= 0, or -1 to train only the head"

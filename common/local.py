@@ -45,6 +45,14 @@ from common.distillation import (
 )
 from common.errors import DataError
 from common.freeze import freeze_blocks
+from common.label_skew import (
+    CE,
+    LogitAdjustment,
+    check_local_loss,
+    dataset_label_counts,
+    describe,
+    logit_adjustment,
+)
 from common.models import build_model
 from common.privacy import (
     AccountantHistory,
@@ -251,6 +259,8 @@ def train_round(
     BudgetExhaustedError if it would take the site past its target epsilon. Its noise and batch
     sampling come from the OS's entropy; only simulations pass ``dp_seed`` to repeat them.
     ``compute`` is the device (and precision) to train on; the returned weights are on the CPU.
+    ``train.local_loss`` other than ``ce`` corrects the training logits for the class mix of
+    ``data``'s own train split (:func:`site_logit_adjustment`).
     """
     seed_everything(seed)
     torch.set_num_threads(train.num_threads)
@@ -268,6 +278,8 @@ def train_round(
         generator=generator,
         pin_memory=compute.pin_memory,
     )
+    dp_on = privacy is not None and privacy.enabled
+    adjustment = site_logit_adjustment(train.local_loss, task, dataset, dp_enabled=dp_on)
     optimizer = make_optimizer(model, train)
     history = list(dp_history or [])
     plan = dp_plan
@@ -317,6 +329,7 @@ def train_round(
                 progress=progress,
                 device=compute.device,
                 scaler=scaler,
+                adjustment=adjustment,
             )
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["loss"] = stats.get("loss", float("nan"))
@@ -327,6 +340,31 @@ def train_round(
         metrics["dp_noise_multiplier"] = private.plan.noise_multiplier
     state = {k: v.detach().cpu().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
     return RoundOutcome(state, metrics, history, plan)
+
+
+def site_logit_adjustment(
+    kind: str, task: Task, train_set: object, *, dp_enabled: bool
+) -> LogitAdjustment | None:
+    """The label-skew correction of the run setting ``local-loss`` for this site's train split.
+
+    The counts are the site's own and stay here (only their effect on the weights leaves, as with
+    any training). A site under DP-SGD trains with ``ce`` and logs why: a run that asked for DP
+    and a correction was refused when its settings were checked, so DP here is the site's own
+    policy, which wins over the run's loss (common/label_skew.py).
+    """
+    if kind == CE:
+        return None
+    check_local_loss(kind, task, dp_enabled=False)
+    if dp_enabled:
+        logger.warning(
+            "local-loss %r is not used under DP-SGD (the site's class counts would enter every "
+            "per-sample gradient): this site trains with plain cross-entropy",
+            kind,
+        )
+        return None
+    adjustment = logit_adjustment(kind, dataset_label_counts(train_set, task.num_classes))
+    logger.info("local loss: %s", describe(adjustment))
+    return adjustment
 
 
 def evaluate_state(

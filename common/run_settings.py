@@ -11,7 +11,8 @@ works everywhere. This module also owns
   errors, never an int or a boolean);
 - :func:`check_run_config` (schema defaults + overrides, checked before any work starts) and
   :func:`run_settings_from_config`, which builds the typed, validated dataclasses and enforces the
-  rules between settings (:func:`check_rules`), e.g. DP-SGD needs GroupNorm.
+  rules between settings (:func:`check_rules`), e.g. DP-SGD needs GroupNorm, and a label-skew
+  ``local-loss`` needs a single-label task and no DP (common/label_skew.py).
 
 Keys are grouped by prefix: ``teacher-*`` (ModelConfig of the teacher), ``dp-*`` (PrivacyConfig
 requested by the server), ``kd-*`` (DistillConfig), un-prefixed training keys (TrainConfig) and
@@ -35,6 +36,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from common.config import DistillConfig, ModelConfig, PrivacyConfig, TaskConfig, TrainConfig
 from common.device import ComputeConfig
 from common.errors import ConfigError
+from common.label_skew import check_local_loss
 from common.tasks import Task, get_task
 
 TeacherChoice = Literal["best", "last"]
@@ -186,6 +188,7 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
 def check_rules(settings: FederatedRunConfig) -> None:
     """Rules between settings, checked once where the settings are built (before any round)."""
     check_dp_norm(settings.teacher.norm, settings.privacy.enabled, "dp-enabled = true")
+    check_local_loss(settings.train.local_loss, settings.task, dp_enabled=settings.privacy.enabled)
 
 
 def check_dp_norm(norm: str, dp_on: bool, why: str) -> None:

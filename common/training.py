@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from common.config import TrainConfig
 from common.device import autocast
 from common.errors import ConfigError, DataError, ModelError
+from common.label_skew import LogitAdjustment
 from common.metrics import Metrics, compute_metrics
 from common.progress import ProgressArg, reporter_for
 from common.tasks import Task
@@ -111,15 +112,24 @@ def masked_bce_with_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, int
     return (per_entry * mask).sum() / count, count
 
 
-def task_loss(logits: Tensor, targets: Tensor, task: Task) -> tuple[Tensor, int]:
-    """The task's loss (mean) and its weight (examples, or known labels for multi-label)."""
+def task_loss(
+    logits: Tensor, targets: Tensor, task: Task, adjustment: LogitAdjustment | None = None
+) -> tuple[Tensor, int]:
+    """The task's loss (mean) and its weight (examples, or known labels for multi-label).
+
+    ``adjustment``: a label-skew correction of the logits before the cross-entropy (training of a
+    single-label task only; common/label_skew.py)."""
     check_targets(task, logits, targets)
     if task.is_multilabel:
+        if adjustment is not None:
+            raise ConfigError("local-loss", adjustment.kind, f"\"ce\" for the multi-label task '{task.name}'")
         return masked_bce_with_logits(logits, targets)
     if targets.shape[0] == 0:
         return logits.sum() * 0.0, 0
     if torch.isnan(targets).any():
         raise DataError(f"multi-class targets of task '{task.name}' contain NaN; every image needs a label.")
+    if adjustment is not None:
+        logits = adjustment.apply(logits)
     return F.cross_entropy(logits, targets.argmax(dim=1)), int(targets.shape[0])
 
 
@@ -175,6 +185,7 @@ def train_one_epoch(
     progress: ProgressArg = None,
     max_steps: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    adjustment: LogitAdjustment | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (or its first ``max_steps`` batches), updating ``model``.
 
@@ -183,8 +194,17 @@ def train_one_epoch(
     loss is scaled before backward (mixed precision); keep one scaler for all epochs. Returns
     ``loss`` (task loss, mean per example or per known label), ``proximal_term`` (mean over
     steps, 0 without FedProx), ``num_examples``, ``steps`` and ``images_per_s`` (wall clock,
-    data loading included).
+    data loading included). ``adjustment``: the site's label-skew correction of the training
+    logits (common/label_skew.py); refused with an Opacus optimizer (it would put the site's class
+    counts into every per-sample gradient).
     """
+    if adjustment is not None and _is_dp_optimizer(optimizer):
+        raise ConfigError(
+            "local-loss",
+            adjustment.kind,
+            '"ce" when DP-SGD is enabled: the correction is made from the site\'s class counts, which '
+            "would enter every per-sample gradient",
+        )
     if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
         raise ConfigError("proximal-mu", proximal_mu, "a finite number >= 0")
     if proximal_mu > 0:
@@ -226,7 +246,7 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, scaler is not None):
                 logits = model(images)
-                loss, weight = task_loss(logits.float(), targets, task)
+                loss, weight = task_loss(logits.float(), targets, task, adjustment)
             total = loss
             if proximal_mu > 0 and global_params is not None:
                 prox = proximal_term(model, global_params, proximal_mu)
