@@ -56,7 +56,7 @@ from client.site_policy import SitePolicy
 from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
-from common.processes import flower_env, free_port, stop_process_tree, toml_value
+from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
 from common.protocol import RUN_FINISHED_MARKER
 
 STUDENT_CARD = Path("student") / "model_card.json"
@@ -446,7 +446,7 @@ class SiteNode:
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
         env = flower_env(self.flwr_home, FAST_POLL_ENV)  # client.supernode_main from this installation:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        prepend_pythonpath(env, PROJECT_ROOT)
         self.process = subprocess.Popen(
             command,
             env=env,

@@ -37,11 +37,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from client.site import is_simulated
+from client.site import is_simulated, node_flag
 from common.errors import ConfigError
 from common.metrics import PER_CLASS_NAMES, SCALAR_NAMES
 from common.protocol import WEIGHT_KEY, scrub_paths
-from common.run_settings import parse_bool
 
 CLASS_REVEALING = tuple(name for name in SCALAR_NAMES if name != "auroc_macro")
 """Scalar metrics that, with a crafted model, give class shares (all but the macro AUROC)."""
@@ -132,11 +131,8 @@ def site_disclosure(node_config: Mapping[str, Any]) -> Disclosure:
     default = is_simulated(node_config)
     try:
         return Disclosure(
-            per_class=_flag(node_config, PER_CLASS_KEY, default), exact=_flag(node_config, EXACT_KEY, default)
+            per_class=node_flag(node_config, PER_CLASS_KEY, default),
+            exact=node_flag(node_config, EXACT_KEY, default),
         )
     except ConfigError:
         return Disclosure()
-
-
-def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
-    return parse_bool(f"node_config '{key}'", node_config.get(key, default), text=True)

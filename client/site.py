@@ -177,7 +177,8 @@ def site_run_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any
     return config
 
 
-def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+def node_flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean site option of ``node_config`` (``true``/``false`` as text too)."""
     return parse_bool(f"node_config '{key}'", node_config.get(key, default), text=True)
 
 
@@ -221,8 +222,8 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             privacy=None,
             num_threads=1,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
-            share_per_class_metrics=_flag(node_config, "share-per-class-metrics", True),
-            share_exact_metrics=_flag(node_config, "share-exact-metrics", True),
+            share_per_class_metrics=node_flag(node_config, "share-per-class-metrics", True),
+            share_exact_metrics=node_flag(node_config, "share-exact-metrics", True),
             simulated=True,
             compute=settings.compute,
         )
@@ -245,8 +246,8 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy_ledger=_absolute_option(node_config, "privacy-ledger"),
         state_location=_absolute_option(node_config, "state-dir"),
         delta_from_site="dp-target-delta" in node_config,
-        share_per_class_metrics=_flag(node_config, "share-per-class-metrics", False),
-        share_exact_metrics=_flag(node_config, "share-exact-metrics", False),
+        share_per_class_metrics=node_flag(node_config, "share-per-class-metrics", False),
+        share_exact_metrics=node_flag(node_config, "share-exact-metrics", False),
         compute=_site_compute(node_config, settings),
         policy=SitePolicy.from_mapping(node_config, lambda key: f"node_config '{key}'"),
     )

@@ -183,3 +183,9 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def prepend_pythonpath(env: dict[str, str], folder: Path) -> None:
+    """Put ``folder`` first on ``env``'s PYTHONPATH (a child started with ``python -m`` then
+    imports this installation's packages, whatever its working directory)."""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)

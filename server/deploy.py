@@ -53,6 +53,7 @@ from common.processes import (
     flower_env,
     free_port,
     pid_alive,
+    prepend_pythonpath,
     stop_pid_tree,
     stop_process_tree,
     toml_value,
@@ -272,7 +273,7 @@ class Coordinator:
         # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
         # on addresses of their own, outside the gateway: never inherit them.
         env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        prepend_pythonpath(env, PROJECT_ROOT)
         with self.superlink_log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -345,7 +346,7 @@ class Coordinator:
 
         command += shlex.split(self.env.get("CXR_FL_GATEWAY_OPTIONS", ""))
         env = dict(self.env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        prepend_pythonpath(env, PROJECT_ROOT)
         with self.gateway_log.open("ab") as log:
             return subprocess.Popen(
                 command,

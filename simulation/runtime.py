@@ -49,6 +49,7 @@ from common.processes import (
     console_script,
     free_port,
     pids_with_env,
+    prepend_pythonpath,
     stop_pids,
     stop_process_tree,
     toml_value,
@@ -160,7 +161,7 @@ class FlowerSimulation:
             f"127.0.0.1:{control_port}",
         ]
         env = self.env
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        prepend_pythonpath(env, PROJECT_ROOT)
         with self.superlink_log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
