@@ -1,4 +1,5 @@
-"""Human-facing outputs of a run folder: learning curves (PNG), summary.json and summary.md.
+"""Human-facing outputs of a run folder: learning curves (PNG), summary.json and summary.md
+(with the check before delivery of server/delivery_check.py).
 
 Every figure is read with ``row.get``: sites send different metrics (a site under its own DP
 sends no training loss, a site that did not opt in to per-class metrics sends fewer scores),
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt
 
 from common.jsonio import write_json
 from common.run_settings import FederatedRunConfig
+from server.delivery_check import check_markdown, delivery_check
 from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ def write_summary(
         "dp_epsilon_spent": epsilon,
         "distillation": distill_rows,
         "federated_student": federated_student,
+        "delivery_check": delivery_check(rows),
         "seconds": seconds,
     }
     write_json(folder.root / "summary.json", summary)
@@ -131,5 +134,8 @@ def write_summary(
             lines.append(f"| {row.get('site')} | {row.get('status')} | {cells} |")
     if federated_student:
         lines += ["", f"Federated student: {federated_student}."]
+    check = check_markdown(summary["delivery_check"])
+    if check:
+        lines += ["", *check]
     (folder.root / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary
