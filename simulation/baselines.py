@@ -9,7 +9,12 @@
 
 Each site's split is recomputed with the exact code and seed the site used (common/local.py),
 so the pooled test set is the union of the sites' test splits and no test image was trained on.
-Every teacher is scored on the pooled test set and on each site's test split. (The student
+Every teacher is scored on the pooled test set and on each site's test split, with one forward
+pass per split: the pooled figures come from the sites' per-image scores. ``pooled_test`` also
+has ``op_balanced_accuracy``: every test image decided at its own site's operating point, fitted
+for that teacher on the site's validation split (simulation/site_decisions.py), as a site decides.
+The federated and pooled teachers' per-image test scores and decisions go to
+``baselines_scores.npz`` for the report's bootstrap intervals (simulation/claims.py). (The student
 without KD is trained at the sites during the distillation round, see ``kd-no-kd-baseline``.)
 """
 
@@ -17,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -40,8 +46,10 @@ from common.local import (
     site_data_request,
     train_round,
 )
+from common.metrics import compute_metrics
 from common.run_settings import FederatedRunConfig
-from common.training import evaluate
+from common.training import EvalResult, evaluate
+from simulation.site_decisions import balanced_accuracy, decide_at_site_point
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +74,106 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
     return sites
 
 
-def _score(
+SCORES_FILE = "baselines_scores.npz"
+
+
+def _evaluate(
     model: torch.nn.Module, dataset: Dataset[Any], settings: FederatedRunConfig, compute: Compute = CPU
-) -> dict[str, float]:
+) -> EvalResult:
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
-    result = evaluate(model, loader, settings.task, device=compute.device)
+    return evaluate(model, loader, settings.task, device=compute.device)
+
+
+def _figures(result: EvalResult) -> dict[str, float]:
     return {"n": float(result.n), **scalar_metrics(result, "")}
+
+
+def pooled_result(results: list[EvalResult], settings: FederatedRunConfig) -> EvalResult:
+    """One result for the union of several splits: metrics of the concatenated per-image scores,
+    the loss weighted by images."""
+    scores = np.concatenate([r.scores for r in results])
+    targets = np.concatenate([r.targets for r in results])
+    n = sum(r.n for r in results)
+    loss = sum(r.loss * r.n for r in results) / n if n else float("nan")
+    return EvalResult(loss, n, compute_metrics(settings.task, targets, scores), scores, targets)
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """A teacher's per-image scores on the pooled test set, site by site, in the sites' order."""
+
+    probabilities: np.ndarray
+    decisions: np.ndarray
+    """Each image decided at its own site's operating point."""
+    labels: np.ndarray
+    site: np.ndarray
+    """Index of the image's site (in the order of ``sites``)."""
+
+
+def site_point_decisions(
+    per_site: dict[str, dict[str, EvalResult]], settings: FederatedRunConfig
+) -> TestScores:
+    """Every site's test images decided at the point fitted on that site's validation split."""
+    decisions = [
+        decide_at_site_point(r["val"].scores, r["val"].targets, r["test"].scores, settings.task)
+        for r in per_site.values()
+    ]
+    return TestScores(
+        probabilities=np.concatenate([r["test"].scores for r in per_site.values()]),
+        decisions=np.concatenate(decisions),
+        labels=np.concatenate([r["test"].targets for r in per_site.values()]),
+        site=np.concatenate([np.full(r["test"].n, i) for i, r in enumerate(per_site.values())]),
+    )
+
+
+def pooled_test_figures(
+    per_site: dict[str, dict[str, EvalResult]], settings: FederatedRunConfig
+) -> tuple[dict[str, float], TestScores]:
+    """The figures on the union of the sites' test splits (argmax metrics of the concatenated
+    scores) plus ``op_balanced_accuracy``: each image decided at its own site's operating point."""
+    scores = site_point_decisions(per_site, settings)
+    figures = _figures(pooled_result([r["test"] for r in per_site.values()], settings))
+    figures["op_balanced_accuracy"] = float(
+        balanced_accuracy(scores.decisions, scores.labels, settings.task)[0]
+    )
+    return figures, scores
+
+
+def score_teacher(
+    state: dict[str, torch.Tensor], sites: dict[str, SiteData], settings: FederatedRunConfig
+) -> tuple[dict[str, Any], TestScores]:
+    """A teacher's metrics on the pooled test set, the pooled validation set and each site's test
+    split (one forward pass per site and split), and its per-image pooled test scores."""
+    compute = resolve_compute(settings.compute)
+    model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
+    per_site = {
+        name: {part: _evaluate(model, s.dataset(part), settings, compute) for part in ("val", "test")}
+        for name, s in sites.items()
+    }
+    pooled_test, test_scores = pooled_test_figures(per_site, settings)
+    figures = {
+        "pooled_test": pooled_test,
+        "pooled_val": _figures(pooled_result([r["val"] for r in per_site.values()], settings)),
+        "sites": {name: _figures(r["test"]) for name, r in per_site.items()},
+    }
+    return figures, test_scores
 
 
 def score_everywhere(
     state: dict[str, torch.Tensor], sites: dict[str, SiteData], settings: FederatedRunConfig
 ) -> dict[str, Any]:
     """A teacher's metrics on the pooled test set, the pooled validation set and each site's test split."""
-    compute = resolve_compute(settings.compute)
-    model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
-    pooled_test: Dataset[Any] = ConcatDataset([s.dataset("test") for s in sites.values()])
-    pooled_val: Dataset[Any] = ConcatDataset([s.dataset("val") for s in sites.values()])
-    return {
-        "pooled_test": _score(model, pooled_test, settings, compute),
-        "pooled_val": _score(model, pooled_val, settings, compute),
-        "sites": {name: _score(model, s.dataset("test"), settings, compute) for name, s in sites.items()},
-    }
+    return score_teacher(state, sites, settings)[0]
+
+
+def save_test_scores(path: Path, scores: dict[str, TestScores], sites: list[str]) -> None:
+    """The per-image pooled test scores of the named teachers (labels and sites once)."""
+    first = next(iter(scores.values()))
+    arrays: dict[str, np.ndarray] = {"labels": first.labels, "site": first.site, "sites": np.array(sites)}
+    for name, teacher in scores.items():
+        arrays[f"{name}_probabilities"] = teacher.probabilities
+        arrays[f"{name}_decisions"] = teacher.decisions
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 
 class PooledData:
@@ -140,17 +227,19 @@ def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> di
     """Score the federated teacher and train + score the pooled and local-only teachers."""
     sites = load_sites(out, settings, num_sites)
     seed = settings.train.seed
+    federated, federated_scores = score_teacher(
+        load_model_state(out / "run" / "checkpoints" / "best.pt"), sites, settings
+    )
     results: dict[str, Any] = {
         "budget_epochs": settings.run.num_rounds * settings.train.local_epochs,
-        "federated": score_everywhere(
-            load_model_state(out / "run" / "checkpoints" / "best.pt"), sites, settings
-        ),
+        "federated": federated,
     }
     logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
     pooled_state = train_baseline(
         PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
     )
-    results["pooled"] = score_everywhere(pooled_state, sites, settings)
+    results["pooled"], pooled_scores = score_teacher(pooled_state, sites, settings)
+    save_test_scores(out / SCORES_FILE, {"federated": federated_scores, "pooled": pooled_scores}, list(sites))
     results["local"] = {}
     for name, site in sites.items():
         logger.info("Baseline: local-only teacher of %s", name)
