@@ -3,9 +3,13 @@
 ``build_report(OUT)`` reads an experiment folder (see simulation/experiment.py) and writes
 ``OUT/report/``:
 
-- ``report.md``: per-round global metrics; final teacher vs baselines; per-site teacher and
-  student; the compression table of each site that made one; DP epsilon per site;
-- ``results.json``: every number of those tables, for scripts;
+- ``report.md``: first one sentence per claim (teacher vs pooled, students vs teacher, KD vs no
+  KD: held or not, with a 95% bootstrap interval, see simulation/claims.py); per-round global
+  metrics; final teacher vs baselines; per-site teacher and student; the check before delivery
+  (server/delivery_check.py); the compression table of each site that made one; DP epsilon per site;
+- ``results.json``: every number of those tables, for scripts (``claims``, ``delivery_check``;
+  each ``delivered`` row has ``teacher_op_balanced_accuracy`` and ``student_op_balanced_accuracy``
+  beside the AUROCs, None where the site sent none);
 - PNG plots: label distribution per site, learning curves (with the pooled baseline as a line),
   per-site bars, student vs teacher, and Grad-CAM overlays of a site's student.
 
@@ -29,12 +33,22 @@ import numpy as np
 
 from common.errors import DataError
 from common.jsonio import write_json
+from common.tasks import get_task
+from server.delivery_check import check_markdown, check_rows, delivery_check
 from server.reporting import global_rows
 from server.run_folder import RunFolder
+from simulation.baselines import SCORES_FILE
+from simulation.claims import kd_claim, students_claim, teacher_claim
 
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("accuracy", "balanced_accuracy", "auroc_macro", "f1_macro")
+DELIVERED_KEYS = (
+    "teacher_auroc_macro",
+    "student_auroc_macro",
+    "teacher_op_balanced_accuracy",
+    "student_op_balanced_accuracy",
+)
 GRADCAM_IMAGES = 4
 
 
@@ -77,8 +91,11 @@ def collect_results(out: Path) -> dict[str, Any]:
     ]
     epsilon = dict(summary.get("dp_epsilon_spent") or {})
     distill = [r for r in rows if r.get("phase") == "distill"]
-    # the federated student each site deploys by default (scored on the site's test split)
-    delivered = [r for r in rows if r.get("phase") == "student-final"]
+    # the student each site deploys by default (scored on the site's test split): the federated
+    # one's final phase if it ran, else the student the site distilled
+    check_phase, delivered = check_rows(rows)
+    delivered = [{**{k: None for k in DELIVERED_KEYS}, **r} for r in delivered]
+    check = delivery_check(rows)
     compression = {}
     cards = {}
     for site_dir in sorted((run / "sites").glob("*")):
@@ -97,11 +114,53 @@ def collect_results(out: Path) -> dict[str, Any]:
         "baselines": _read_json(out / "baselines.json"),
         "distillation": distill,
         "delivered": delivered,
+        "delivered_phase": check_phase,
+        "delivery_check": check,
+        "claims": _claims(out, summary, experiment, check, distill, delivered),
         "dp_epsilon": epsilon,
         "compression": compression,
         "students": cards,
         "partition": _read_json(out / "partition" / "partition.json"),
     }
+
+
+def _read_scores(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def _claims(
+    out: Path,
+    summary: dict[str, Any],
+    experiment: dict[str, Any],
+    check: dict[str, Any],
+    distill: list[dict[str, Any]],
+    delivered: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The report's opening claims (simulation/claims.py), as results.json stores them."""
+    task = get_task(str(summary.get("task") or experiment.get("task") or "normal-pneumonia-covid"))
+    claims = [
+        teacher_claim(_read_json(out / "baselines.json"), _read_scores(out / SCORES_FILE), task),
+        students_claim(check),
+        kd_claim(delivered, distill),
+    ]
+    return [c.to_dict() for c in claims]
+
+
+def _claim_lines(results: dict[str, Any]) -> list[str]:
+    claims = results.get("claims") or []
+    if not claims:
+        return []
+    lines = ["", "## Claims", ""]
+    lines += [f"- {c['sentence']}" for c in claims]
+    lines += [
+        "",
+        "Held: the point estimate meets the target; the interval (2.5th-97.5th percentile of "
+        "1,000 bootstrap resamples) says how firmly the data support it.",
+    ]
+    return lines
 
 
 def _summary_note(results: dict[str, Any]) -> str:
@@ -124,11 +183,119 @@ def _mean_site(scores: dict[str, Any], metric: str) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+DELIVERED_COLUMNS = ("accuracy", "balanced_accuracy", "op_balanced_accuracy", "auroc_macro")
+
+
+def _delivered_intro(results: dict[str, Any]) -> str:
+    if results.get("delivered_phase") == "distill":
+        return (
+            f"What each site deploys: the student it distilled (federated student: "
+            f"{results['summary'].get('federated_student') or 'none'})."
+        )
+    return (
+        f"What each site deploys by default: the federated KD student ({_summary_note(results)}), "
+        "or its local fine-tune where `kd-personalise-epochs` > 0 and it won on the site's "
+        "validation split; each site's `delivered.json` names the folder. `op_balanced_accuracy`: "
+        "at the site's own operating point."
+    )
+
+
+def _delivered_lines(results: dict[str, Any]) -> list[str]:
+    """The delivered students against the teacher and the site's own KD and no-KD students."""
+    delivered = results.get("delivered") or []
+    if not delivered:
+        return []
+    lines = ["", "## Delivered students (site test split)", "", _delivered_intro(results), ""]
+    by_site = {str(r.get("site")): r for r in results["distillation"]}
+    header = ["site", "status", "delivered"]
+    for m in DELIVERED_COLUMNS:
+        header += [f"teacher {m}", f"delivered {m}", f"KD site student {m}", f"no-KD {m}"]
+    table_rows = []
+    for r in delivered:
+        site = by_site.get(str(r.get("site")), {})
+        cells = [
+            str(r.get("site")),
+            str(r.get("status")),
+            "personalised" if _num(r.get("student_personalised")) == 1.0 else "federated",
+        ]
+        for m in DELIVERED_COLUMNS:
+            kd = r.get("kd_op_balanced_accuracy") if m == "op_balanced_accuracy" else site.get(f"student_{m}")
+            cells += [
+                _fmt(r.get(f"teacher_{m}")),
+                _fmt(r.get(f"student_{m}")),
+                _fmt(kd),
+                _fmt(_nokd(r, site, m)),
+            ]
+        table_rows.append(cells)
+    return lines + _table(header, table_rows)
+
+
+def _nokd(delivered: dict[str, Any], distill: dict[str, Any], metric: str) -> Any:
+    """The no-KD student's figure: the checked phase's row first, else the distillation row."""
+    value = delivered.get(f"nokd_{metric}")
+    return value if value is not None else distill.get(f"nokd_{metric}")
+
+
+def _baseline_lines(baselines: dict[str, Any] | None, metric: str) -> list[str]:
+    if not baselines:
+        return []
+    lines = [
+        "",
+        "## Final teacher vs baselines",
+        "",
+        f"Same training budget for every teacher ({baselines['budget_epochs']} epochs over its data). "
+        "Pooled test set = union of the sites' test splits; 'op' = each test image decided at its "
+        "own site's operating point (fitted for that teacher on the site's validation split); "
+        "'site mean' = mean over sites of the metric on each site's own test split.",
+        "",
+    ]
+    return lines + _table(
+        [
+            "teacher",
+            *[f"pooled test {m}" for m in HEADLINE],
+            "pooled test op balanced_accuracy",
+            f"site mean {metric}",
+        ],
+        [
+            [
+                name,
+                *[_fmt(s["pooled_test"].get(m)) for m in HEADLINE],
+                _fmt(s["pooled_test"].get("op_balanced_accuracy")),
+                _fmt(_mean_site(s, metric)),
+            ]
+            for name, s in _teacher_rows(baselines)
+        ],
+    )
+
+
+def _student_card_lines(students: dict[str, Any]) -> list[str]:
+    if not students:
+        return []
+    lines = ["", "Deployable students (ONNX, ONNX Runtime on this machine, batch 1):", ""]
+    return lines + _table(
+        ["site", "size MB", "parameters", "MFLOPs", "latency ms", "ONNX max abs diff"],
+        [
+            [
+                name,
+                _fmt(c.get("size_mb"), 2),
+                str(c.get("parameters", "-")),
+                _fmt(_num(c.get("flops")) / 1e6, 1),
+                _fmt((c.get("latency") or {}).get("median_ms"), 2),
+                f"{_num(c.get('onnx_max_abs_diff')):.1e}",
+            ]
+            for name, c in sorted(students.items())
+        ],
+    )
+
+
 def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     summary = results["summary"]
     metric = summary.get("selection_metric", "auroc_macro")
     lines = [
         f"# Simulated federation: {summary.get('task', '?')}",
+        *_claim_lines(results),
+        "",
+        "## Run",
         "",
         f"Teacher `{summary.get('teacher', '?')}`, strategy `{summary.get('strategy', '?')}`, "
         f"{summary.get('rounds_completed', 0)} rounds, best round {summary.get('best_round', '?')} "
@@ -158,24 +325,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             for r in results["rounds"]
         ],
     )
-    baselines = results.get("baselines")
-    if baselines:
-        lines += [
-            "",
-            "## Final teacher vs baselines",
-            "",
-            f"Same training budget for every teacher ({baselines['budget_epochs']} epochs over its data). "
-            "Pooled test set = union of the sites' test splits; 'site mean' = mean over sites of the "
-            "metric on each site's own test split.",
-            "",
-        ]
-        lines += _table(
-            ["teacher", *[f"pooled test {m}" for m in HEADLINE], f"site mean {metric}"],
-            [
-                [name, *[_fmt(s["pooled_test"].get(m)) for m in HEADLINE], _fmt(_mean_site(s, metric))]
-                for name, s in _teacher_rows(baselines)
-            ],
-        )
+    lines += _baseline_lines(results.get("baselines"), metric)
     if results["distillation"]:
         lines += ["", "## Teacher and student at each site (site test split)", ""]
         header = ["site", "status"]
@@ -188,55 +338,10 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 cells += [_fmt(r.get(f"teacher_{m}")), _fmt(r.get(f"student_{m}")), _fmt(r.get(f"nokd_{m}"))]
             rows.append(cells)
         lines += _table(header, rows)
-        delivered = results.get("delivered") or []
-        if delivered:
-            lines += [
-                "",
-                "## Delivered students (site test split)",
-                "",
-                f"What each site deploys by default: the federated KD student ({_summary_note(results)}), "
-                "or its local fine-tune where `kd-personalise-epochs` > 0 and it won on the site's "
-                "validation split; each site's `delivered.json` names the folder.",
-                "",
-            ]
-            by_site = {str(r.get("site")): r for r in results["distillation"]}
-            header = ["site", "status", "delivered"]
-            for m in ("accuracy", "balanced_accuracy", "auroc_macro"):
-                header += [f"teacher {m}", f"delivered {m}", f"KD site student {m}", f"no-KD {m}"]
-            table_rows = []
-            for r in delivered:
-                site = by_site.get(str(r.get("site")), {})
-                cells = [
-                    str(r.get("site")),
-                    str(r.get("status")),
-                    "personalised" if _num(r.get("student_personalised")) == 1.0 else "federated",
-                ]
-                for m in ("accuracy", "balanced_accuracy", "auroc_macro"):
-                    cells += [
-                        _fmt(r.get(f"teacher_{m}")),
-                        _fmt(r.get(f"student_{m}")),
-                        _fmt(site.get(f"student_{m}")),
-                        _fmt(site.get(f"nokd_{m}")),
-                    ]
-                table_rows.append(cells)
-            lines += _table(header, table_rows)
-        students = results.get("students") or {}
-        if students:
-            lines += ["", "Deployable students (ONNX, ONNX Runtime on this machine, batch 1):", ""]
-            lines += _table(
-                ["site", "size MB", "parameters", "MFLOPs", "latency ms", "ONNX max abs diff"],
-                [
-                    [
-                        name,
-                        _fmt(c.get("size_mb"), 2),
-                        str(c.get("parameters", "-")),
-                        _fmt(_num(c.get("flops")) / 1e6, 1),
-                        _fmt((c.get("latency") or {}).get("median_ms"), 2),
-                        f"{_num(c.get('onnx_max_abs_diff')):.1e}",
-                    ]
-                    for name, c in sorted(students.items())
-                ],
-            )
+        lines += _delivered_lines(results)
+        lines += _student_card_lines(results.get("students") or {})
+        check = check_markdown(results.get("delivery_check") or {})
+        lines += ["", *check] if check else []
     for site, table in sorted(results["compression"].items()):
         lines += ["", f"## Compression comparison at {site}", ""]
         rows_data = table.get("rows", table) if isinstance(table, dict) else table

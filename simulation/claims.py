@@ -1,0 +1,235 @@
+"""The three claims a simulated federation's report opens with, each held or not, with a 95%
+bootstrap interval (common/bootstrap.py).
+
+* **teacher vs pooled**: on the pooled test set, the federated teacher's macro-AUROC is at least
+  :data:`AUROC_RATIO` of the pooled teacher's, and its balanced accuracy at the sites' operating
+  points at least :data:`BALANCED_RATIO` of it. Both teachers score the same images
+  (``baselines_scores.npz``), so the interval is a paired bootstrap of the images, stratified by
+  site and class.
+* **students vs teacher**: the delivered students against the teacher at each site, in
+  macro-AUROC and in balanced accuracy at the site's operating point: mean difference over the
+  sites no lower than -:data:`MEAN_MARGIN`, and no site more than :data:`SITE_MARGIN` below.
+  Every site counts: a failed site, or one without figures, is a miss.
+* **KD vs no KD**: the KD student against the student trained without KD at each site; held when
+  the mean difference is above 0 in both figures.
+
+The sites send only per-site figures, so the last two intervals resample the sites (and say so).
+"Held" is the point estimate meeting the target; the interval says how far the data support it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.bootstrap import Interval, percentile_interval, stratified_weights
+from common.tasks import Task
+from server.delivery_check import figure
+from simulation.site_decisions import balanced_accuracy, macro_auroc
+
+AUROC_RATIO = 0.97
+BALANCED_RATIO = 0.90
+MEAN_MARGIN = 0.02
+SITE_MARGIN = 0.05
+RESAMPLES = 1000
+SEED = 0
+OP_NAME = "balanced accuracy at the operating point"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the report: ``held`` None when it could not be measured."""
+
+    name: str
+    held: bool | None
+    sentence: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "held": self.held, "sentence": self.sentence, "figures": self.figures}
+
+
+def _verdict(held: bool | None) -> str:
+    return {True: "**held**", False: "**not held**", None: "**not measured**"}[held]
+
+
+def _ci(interval: Interval, over: str = "") -> str:
+    if not math.isfinite(interval.low):
+        return "no interval"
+    return f"95% CI{over} {interval.low:.3f} to {interval.high:.3f}"
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), math.nan)
+
+
+def _strata(labels: np.ndarray, site: np.ndarray, task: Task) -> np.ndarray:
+    if task.is_multilabel:
+        return np.asarray(site)
+    return np.asarray(site) * task.num_classes + np.argmax(labels, axis=1)
+
+
+def teacher_ratios(scores: Mapping[str, np.ndarray], task: Task) -> dict[str, Interval]:
+    """Federated / pooled ratios of macro-AUROC and of balanced accuracy at the sites' operating
+    points on the pooled test set, with paired image-bootstrap intervals."""
+    labels, site = np.asarray(scores["labels"]), np.asarray(scores["site"])
+    weights = stratified_weights(_strata(labels, site, task), RESAMPLES, SEED)
+    out = {}
+    for key, statistic in (
+        ("auroc_macro", lambda name, w: macro_auroc(scores[f"{name}_probabilities"], labels, w)),
+        (
+            "op_balanced_accuracy",
+            lambda name, w: balanced_accuracy(scores[f"{name}_decisions"], labels, task, w),
+        ),
+    ):
+        point = float(_ratio(statistic("federated", None), statistic("pooled", None))[0])
+        resampled = _ratio(statistic("federated", weights), statistic("pooled", weights))
+        out[key] = percentile_interval(point, resampled)
+    return out
+
+
+def _baseline_ratio(baselines: Mapping[str, Any], key: str) -> Interval:
+    federated = figure(baselines.get("federated", {}).get("pooled_test", {}), key)
+    pooled = figure(baselines.get("pooled", {}).get("pooled_test", {}), key)
+    value = federated / pooled if federated is not None and pooled else math.nan
+    return Interval(value, math.nan, math.nan, 0)
+
+
+def teacher_claim(
+    baselines: Mapping[str, Any] | None, scores: Mapping[str, np.ndarray] | None, task: Task
+) -> Claim:
+    """Claim (a); ``scores``: the arrays of ``baselines_scores.npz`` (None: point figures only)."""
+    name = "teacher_vs_pooled"
+    if not baselines:
+        return Claim(
+            name, None, f"Federated teacher vs pooled teacher: {_verdict(None)} (run with --baselines)."
+        )
+    if scores is not None:
+        ratios = teacher_ratios(scores, task)
+        images = f"{len(scores['labels'])} images"
+    else:
+        ratios = {k: _baseline_ratio(baselines, k) for k in ("auroc_macro", "op_balanced_accuracy")}
+        images = "no per-image scores, so no interval"
+    auroc, balanced = ratios["auroc_macro"], ratios["op_balanced_accuracy"]
+    held: bool | None = None
+    if math.isfinite(auroc.value) and math.isfinite(balanced.value):
+        held = auroc.value >= AUROC_RATIO and balanced.value >= BALANCED_RATIO
+    sentence = (
+        f"Federated teacher vs pooled teacher on the pooled test set ({images}): {_verdict(held)}. "
+        f"Macro-AUROC ratio {auroc.value:.3f} ({_ci(auroc)}; target >= {AUROC_RATIO:g}); ratio of the "
+        f"{OP_NAME} of each site {balanced.value:.3f} ({_ci(balanced)}; target >= {BALANCED_RATIO:g})."
+    )
+    return Claim(name, held, sentence, {k: v.to_dict() for k, v in ratios.items()})
+
+
+def over_sites(values: list[float]) -> Interval:
+    """The mean of per-site values with a bootstrap interval that resamples the sites."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    weights = stratified_weights(np.zeros(array.size, dtype=np.int64), RESAMPLES, SEED)
+    return percentile_interval(float(array.mean()), weights @ array / array.size)
+
+
+METRICS = (("auroc_macro", "macro-AUROC"), ("op_balanced_accuracy", OP_NAME))
+
+
+def _comparison(
+    label: str, differences: dict[str, float], floor: float | None
+) -> tuple[bool, str, dict[str, Any]]:
+    """One figure's part of a claim: mean difference over the sites (interval over sites), the
+    worst site, and whether they clear -MEAN_MARGIN and -SITE_MARGIN (``floor`` None: the mean
+    must be above 0)."""
+    interval = over_sites(list(differences.values()))
+    worst = min(differences, key=lambda s: differences[s])
+    if floor is None:
+        ok = interval.value > 0.0
+        target = "target > 0"
+    else:
+        ok = interval.value >= -MEAN_MARGIN - 1e-12 and differences[worst] >= floor - 1e-12
+        target = f"target >= {-MEAN_MARGIN:g}; worst site {worst} {differences[worst]:+.3f}, limit {floor:g}"
+    text = f"{label}: mean difference {interval.value:+.3f} ({_ci(interval, ' over sites')}; {target})"
+    return ok, text, {"mean_difference": interval.to_dict(), "per_site": differences}
+
+
+def _paired_claim(
+    name: str, title: str, pairs: dict[str, dict[str, tuple[float | None, float | None]]], floor: float | None
+) -> Claim:
+    """A claim over the sites from ``pairs[metric][site] = (compared, reference)``; a site
+    without both figures of a metric is a miss."""
+    sites = sorted({s for per_metric in pairs.values() for s in per_metric})
+    parts, figures, held = [], {}, True
+    misses: set[str] = set()
+    for key, label in METRICS:
+        differences = {s: a - b for s, (a, b) in pairs[key].items() if a is not None and b is not None}
+        misses |= set(sites) - set(differences)
+        if not differences:
+            held = False
+            parts.append(f"{label}: no site sent it")
+            continue
+        ok, text, figures[key] = _comparison(label, differences, floor)
+        held = held and ok
+        parts.append(text)
+    if misses:
+        held = False
+        parts.append(f"{', '.join(sorted(misses))}: failed or without figures (a miss each)")
+    figures["misses"] = sorted(misses)
+    sentence = f"{title} ({len(sites)} sites): {_verdict(held)}: " + "; ".join(parts) + "."
+    return Claim(name, held, sentence, figures)
+
+
+def students_claim(check: Mapping[str, Any]) -> Claim:
+    """Claim (b) from the check before delivery (server/delivery_check.py)."""
+    title = "Delivered students vs the teacher at each site"
+    sites = check.get("sites") or []
+    if not any(s.get(f"student_{key}") is not None for s in sites for key, _ in METRICS):
+        reason = "no site sent the check" if sites else "no student phase ran"
+        return Claim("students_vs_teacher", None, f"{title}: {_verdict(None)} ({reason}).")
+    pairs = {
+        key: {
+            str(s["site"]): (
+                (s.get(f"student_{key}"), s.get(f"teacher_{key}"))
+                if s["verdict"] != "failed"
+                else (None, None)
+            )
+            for s in sites
+        }
+        for key, _ in METRICS
+    }
+    return _paired_claim("students_vs_teacher", title, pairs, -SITE_MARGIN)
+
+
+def _kd_pair(
+    row: Mapping[str, Any], distill: Mapping[str, Any], key: str
+) -> tuple[float | None, float | None]:
+    if key == "op_balanced_accuracy":
+        source = row if figure(row, "nokd_op_balanced_accuracy") is not None else distill
+        return figure(source, "kd_op_balanced_accuracy"), figure(source, "nokd_op_balanced_accuracy")
+    if figure(row, "kd_auroc_macro") is not None:
+        return figure(row, "kd_auroc_macro"), figure(row, "nokd_auroc_macro")
+    return figure(distill, "student_auroc_macro"), figure(distill, "nokd_auroc_macro")
+
+
+def kd_claim(checked_rows: list[dict[str, Any]], distill_rows: list[dict[str, Any]]) -> Claim:
+    """Claim (c): each site's KD student vs its no-KD student (the checked phase's rows, with
+    the distillation rows for what they lack)."""
+    title = "KD students vs students trained without KD at each site"
+    distill = {str(r.get("site")): r for r in distill_rows}
+    rows = {str(r.get("site")): r for r in checked_rows} or distill
+    if not any(k.startswith("nokd_") for r in [*rows.values(), *distill.values()] for k in r):
+        return Claim(
+            "kd_vs_nokd", None, f"{title}: {_verdict(None)} (no no-KD student: run with --baselines)."
+        )
+    pairs = {
+        key: {
+            site: _kd_pair(row, distill.get(site, {}), key) if row.get("status") == "ok" else (None, None)
+            for site, row in rows.items()
+        }
+        for key, _ in METRICS
+    }
+    return _paired_claim("kd_vs_nokd", title, pairs, None)
