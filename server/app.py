@@ -41,7 +41,7 @@ from server.aggregation import aggregate_train, screen_train_replies
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
-from server.progress_lines import distill_line
+from server.progress_lines import distill_line, student_round_line
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, mark_dropped, wait_for_sites
 from server.run_folder import RunFolder
@@ -142,6 +142,7 @@ def federated_student(
     student = ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
     rows: list[dict[str, object]] = []
     for student_round in range(1, settings.kd_federated_student_rounds + 1):
+        round_started = time.monotonic()
         replies, outcomes = broadcast(
             grid,
             student,
@@ -172,10 +173,13 @@ def federated_student(
             raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
         student = aggregated
         logger.info(
-            "Federated student round %d/%d: %d sites",
-            student_round,
-            settings.kd_federated_student_rounds,
-            len(screened.replies),
+            "%s",
+            student_round_line(
+                student_round,
+                settings.kd_federated_student_rounds,
+                len(screened.replies),
+                time.monotonic() - round_started,
+            ),
         )
     save_model(
         student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}

@@ -2,8 +2,8 @@
 
 ``cxr-fl-server start`` and the simulation read a run's progress from its log (``flwr log
 --stream``); the ServerApp writes it. Both sides use this module, so a change of wording cannot
-break the progress bars: :func:`round_line`, :func:`resume_line` and :func:`distill_line` make the
-lines, :func:`parse_progress` reads them back.
+break the progress bars: :func:`round_line`, :func:`resume_line`, :func:`distill_line` and
+:func:`student_round_line` make the lines, :func:`parse_progress` reads them back.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from pathlib import Path
 ROUND_LINE = re.compile(
     r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
     r"train loss (?P<loss>[^,\s]+)(?:, val (?P<metric_name>\S+) (?P<metric>\S+))?"
+    r"(?:.*, (?P<seconds>\d+(?:\.\d+)?) s\s*$)?"
+)
+STUDENT_LINE = re.compile(
+    r"Federated student round (?P<round>\d+)/(?P<rounds>\d+): (?P<sites>\d+) sites"
+    r"(?:, (?P<seconds>\d+(?:\.\d+)?) s)?"
 )
 RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
 DISTILL_MARKER = "Distillation round:"
@@ -56,6 +61,11 @@ def distill_line(which: str) -> str:
     return f"{DISTILL_MARKER} sending the {which} global teacher to every site"
 
 
+def student_round_line(student_round: int, num_rounds: int, sites: int, seconds: float) -> str:
+    """A federated-student round's line (``sites``: those whose student was aggregated)."""
+    return f"Federated student round {student_round}/{num_rounds}: {sites} sites, {seconds:.1f} s"
+
+
 @dataclass(frozen=True)
 class Progress:
     """What one log line says about the run's progress (None fields: not in this line)."""
@@ -67,6 +77,9 @@ class Progress:
     metric_name: str = ""
     metric: float | None = None
     phase: str = "teacher"
+    """teacher | distill | student (a federated-student round)"""
+    seconds: float | None = None
+    """How long the round took, where the line says."""
 
 
 def parse_progress(line: str) -> Progress | None:
@@ -79,6 +92,15 @@ def parse_progress(line: str) -> Progress | None:
             sampled=int(match["sampled"]),
             metric_name=match["metric_name"] or "",
             metric=float(match["metric"]) if match["metric"] else None,
+            seconds=float(match["seconds"]) if match["seconds"] else None,
+        )
+    if match := STUDENT_LINE.search(line):
+        return Progress(
+            completed_round=int(match["round"]),
+            num_rounds=int(match["rounds"]),
+            replied=int(match["sites"]),
+            phase="student",
+            seconds=float(match["seconds"]) if match["seconds"] else None,
         )
     if match := RESUME_LINE.search(line):
         return Progress(int(match["round"]), int(match["rounds"]))

@@ -222,13 +222,47 @@ def _round_display(
     return rounds, on_round
 
 
+def progress_text(progress: Any) -> str | None:
+    """One plain line for a teacher or federated-student round (None for other progress)."""
+    took = "" if progress.seconds is None else f", {progress.seconds:.1f} s"
+    if progress.phase == "student":
+        return (
+            f"student round {progress.completed_round}/{progress.num_rounds}: {progress.replied} sites{took}"
+        )
+    if progress.phase != "teacher" or progress.replied is None:
+        return None
+    metric = "" if progress.metric is None else f", val {progress.metric_name} {progress.metric:.3f}"
+    return (
+        f"round {progress.completed_round}/{progress.num_rounds}: "
+        f"{progress.replied}/{progress.sampled} sites{metric}{took}"
+    )
+
+
+def _run_with_lines(experiment: Any) -> Path:
+    """Run with one plain line per stage and per round (output that is not a terminal: a pipe, a
+    log file, CI), printed as it happens; a live progress display would show only at the end."""
+
+    def line(text: str) -> None:
+        stdout.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def on_progress(progress: Any) -> None:
+        text = progress_text(progress)
+        if text is not None:
+            line(text)
+
+    return experiment.run(on_stage=line, on_progress=on_progress).report  # type: ignore[no-any-return]
+
+
 def run_experiment_with_progress(config: Any) -> Path:
-    """Run an experiment with a rich progress display; returns the report path."""
+    """Run an experiment with a rich progress display in a terminal, plain lines otherwise;
+    returns the report path."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from simulation.experiment import Experiment
 
     experiment = Experiment(config)
+    if not stdout.is_terminal:
+        return _run_with_lines(experiment)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stdout) as progress:
         stage = progress.add_task("starting", total=None)

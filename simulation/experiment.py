@@ -30,7 +30,7 @@ from common.device import resolve_device
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
 from common.tracking import TrackingSettings
-from server.progress_lines import parse_progress
+from server.progress_lines import Progress, parse_progress
 from server.strategies import StrategySettings
 from simulation.baselines import run_baselines
 from simulation.partition import partition_catalog, write_partition
@@ -107,6 +107,7 @@ class ExperimentResult:
 
 
 RoundCallback = Callable[[int, int, int, int, float], None]
+ProgressCallback = Callable[[Progress], None]
 
 
 class Experiment:
@@ -178,29 +179,19 @@ class Experiment:
         return run_config, partition.num_sites
 
     def run(
-        self, on_round: RoundCallback | None = None, on_stage: Callable[[str], None] | None = None
+        self,
+        on_round: RoundCallback | None = None,
+        on_stage: Callable[[str], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> ExperimentResult:
-
+        """Run the experiment; ``on_stage`` hears each stage, ``on_round`` each teacher round,
+        ``on_progress`` every progress line of the federated run (teacher and student rounds)."""
         stage = on_stage or (lambda _text: None)
         stage("checking settings and partitioning the data")
         run_config, num_sites = self.prepare()
         settings = run_settings_from_config(run_config)
 
-        def follow(line: str) -> None:
-            progress = parse_progress(line)
-            if progress is None:
-                return
-            if progress.phase == "distill":
-                stage("distilling students at the sites")
-            elif on_round is not None and progress.replied is not None and progress.sampled is not None:
-                on_round(
-                    progress.completed_round,
-                    progress.num_rounds,
-                    progress.replied,
-                    progress.sampled,
-                    progress.metric if progress.metric is not None else float("nan"),
-                )
-
+        follow = progress_follower(stage, on_round, on_progress)
         stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
         with FlowerSimulation(self.out / "flower", ray_address=self.config.ray_address) as simulation:
             simulation.run(
@@ -220,6 +211,36 @@ class Experiment:
 
             log_experiment_report(self.run_dir, self.out)
         return ExperimentResult(self.out, report, settings)
+
+
+def progress_follower(
+    stage: Callable[[str], None], on_round: RoundCallback | None, on_progress: ProgressCallback | None
+) -> Callable[[str], None]:
+    """What the experiment does with each line of the federated run's log (server/progress_lines.py):
+    the distillation and the first federated-student round as stages, each teacher round to
+    ``on_round``, then every progress line to ``on_progress``."""
+
+    def follow(line: str) -> None:
+        progress = parse_progress(line)
+        if progress is None:
+            return
+        if progress.phase == "distill":
+            stage("distilling students at the sites")
+        elif progress.phase == "student":
+            if progress.completed_round == 1:
+                stage("federated student rounds")
+        elif on_round is not None and progress.replied is not None and progress.sampled is not None:
+            on_round(
+                progress.completed_round,
+                progress.num_rounds,
+                progress.replied,
+                progress.sampled,
+                progress.metric if progress.metric is not None else float("nan"),
+            )
+        if on_progress is not None:
+            on_progress(progress)
+
+    return follow
 
 
 def check_local_device(settings: FederatedRunConfig, config: ExperimentConfig) -> None:

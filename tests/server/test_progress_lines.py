@@ -12,6 +12,7 @@ from server.progress_lines import (
     parse_progress,
     resume_line,
     round_line,
+    student_round_line,
     without_resume_advice,
 )
 
@@ -63,3 +64,23 @@ def test_a_simulation_failure_does_not_advise_resume() -> None:
     details = f"round 2: only 1 site(s) trained, the minimum is 2. site_01: error (x) {RESUME_ADVICE}"
     assert "--resume" not in without_resume_advice(details)
     assert without_resume_advice(details).endswith("site_01: error (x)")
+
+
+def test_round_lines_carry_their_seconds_and_student_rounds_have_their_own_line() -> None:
+    teacher = parse_progress(
+        "INFO server.rounds: " + round_line(1, 3, 3, 3, 0.5, "auroc_macro", 0.8, 1, 18.44)
+    )
+    assert teacher is not None
+    assert teacher.seconds == pytest.approx(18.4)
+    in_train = parse_progress(round_line(2, 3, 3, 3, 0.5, "auroc_macro", None, 1, 3.0))
+    assert in_train is not None
+    assert (in_train.metric, in_train.seconds) == (None, 3.0)
+    student = parse_progress("INFO server.app: " + student_round_line(2, 4, 3, 9.06))
+    assert student is not None
+    assert (student.phase, student.completed_round, student.num_rounds, student.replied) == (
+        "student",
+        2,
+        4,
+        3,
+    )
+    assert student.seconds == pytest.approx(9.1)
