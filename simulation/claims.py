@@ -74,7 +74,19 @@ def _strata(labels: np.ndarray, site: np.ndarray, task: Task) -> np.ndarray:
     return np.asarray(site) * task.num_classes + np.argmax(labels, axis=1)
 
 
-def teacher_ratios(scores: Mapping[str, np.ndarray], task: Task) -> dict[str, Interval]:
+@dataclass(frozen=True)
+class Ratio:
+    """Federated and pooled figures on the pooled test set, and federated / pooled with its interval."""
+
+    federated: float
+    pooled: float
+    ratio: Interval
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"federated": self.federated, "pooled": self.pooled, **self.ratio.to_dict()}
+
+
+def teacher_ratios(scores: Mapping[str, np.ndarray], task: Task) -> dict[str, Ratio]:
     """Federated / pooled ratios of macro-AUROC and of balanced accuracy at the sites' operating
     points on the pooled test set, with paired image-bootstrap intervals."""
     labels, site = np.asarray(scores["labels"]), np.asarray(scores["site"])
@@ -87,17 +99,27 @@ def teacher_ratios(scores: Mapping[str, np.ndarray], task: Task) -> dict[str, In
             lambda name, w: balanced_accuracy(scores[f"{name}_decisions"], labels, task, w),
         ),
     ):
-        point = float(_ratio(statistic("federated", None), statistic("pooled", None))[0])
+        federated, pooled = float(statistic("federated", None)[0]), float(statistic("pooled", None)[0])
         resampled = _ratio(statistic("federated", weights), statistic("pooled", weights))
-        out[key] = percentile_interval(point, resampled)
+        point = federated / pooled if pooled > 0 else math.nan
+        out[key] = Ratio(federated, pooled, percentile_interval(point, resampled))
     return out
 
 
-def _baseline_ratio(baselines: Mapping[str, Any], key: str) -> Interval:
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _baseline_ratio(baselines: Mapping[str, Any], key: str) -> Ratio:
+    """The ratio of baselines.json's pooled test figures (no per-image scores: no interval)."""
     federated = figure(baselines.get("federated", {}).get("pooled_test", {}), key)
     pooled = figure(baselines.get("pooled", {}).get("pooled_test", {}), key)
     value = federated / pooled if federated is not None and pooled else math.nan
-    return Interval(value, math.nan, math.nan, 0)
+    return Ratio(
+        math.nan if federated is None else federated,
+        math.nan if pooled is None else pooled,
+        Interval(value, math.nan, math.nan, 0),
+    )
 
 
 def teacher_claim(
@@ -115,14 +137,22 @@ def teacher_claim(
     else:
         ratios = {k: _baseline_ratio(baselines, k) for k in ("auroc_macro", "op_balanced_accuracy")}
         images = "no per-image scores, so no interval"
-    auroc, balanced = ratios["auroc_macro"], ratios["op_balanced_accuracy"]
+    auroc, balanced = ratios["auroc_macro"].ratio, ratios["op_balanced_accuracy"].ratio
     held: bool | None = None
     if math.isfinite(auroc.value) and math.isfinite(balanced.value):
         held = auroc.value >= AUROC_RATIO and balanced.value >= BALANCED_RATIO
+    parts = [
+        f"{label} {_number(ratios[key].federated)} vs {_number(ratios[key].pooled)}: ratio "
+        f"{_number(ratios[key].ratio.value)} ({_ci(ratios[key].ratio)}; target >= {target:g})"
+        for key, label, target in (
+            ("auroc_macro", "macro-AUROC", AUROC_RATIO),
+            ("op_balanced_accuracy", f"{OP_NAME} of each site", BALANCED_RATIO),
+        )
+    ]
     sentence = (
-        f"Federated teacher vs pooled teacher on the pooled test set ({images}): {_verdict(held)}. "
-        f"Macro-AUROC ratio {auroc.value:.3f} ({_ci(auroc)}; target >= {AUROC_RATIO:g}); ratio of the "
-        f"{OP_NAME} of each site {balanced.value:.3f} ({_ci(balanced)}; target >= {BALANCED_RATIO:g})."
+        f"Federated teacher vs pooled teacher on the pooled test set ({images}): {_verdict(held)}: "
+        + "; ".join(parts)
+        + "."
     )
     return Claim(name, held, sentence, {k: v.to_dict() for k, v in ratios.items()})
 

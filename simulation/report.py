@@ -109,7 +109,7 @@ def collect_results(out: Path) -> dict[str, Any]:
             }
     return {
         "experiment": experiment,
-        "summary": {k: v for k, v in summary.items() if k != "distillation"},
+        "summary": {k: v for k, v in summary.items() if k not in ("distillation", "delivery_check")},
         "rounds": rounds,
         "baselines": _read_json(out / "baselines.json"),
         "distillation": distill,

@@ -146,9 +146,15 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
 
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
+    lines = result.output.splitlines()  # piped: one plain line per stage and round, as they happen
+    assert any(line.startswith("round 1/2: 3/3 sites, val auroc_macro ") for line in lines), result.output
+    assert any(line.startswith("round 2/2: ") for line in lines)
+    assert any(line.startswith("student round 1/1: 3 sites, ") for line in lines)
     report = out / "report"
     text = (report / "report.md").read_text()
+    assert text.index("## Claims") < text.index("## Run")
     for heading in (
+        "Check before delivery",
         "Global teacher per round",
         "Final teacher vs baselines",
         "Teacher and student at each site",
@@ -158,6 +164,15 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     results = json.loads((report / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert 0.0 <= results["baselines"]["pooled"]["pooled_test"]["auroc_macro"] <= 1.0
+    assert 0.0 <= results["baselines"]["federated"]["pooled_test"]["op_balanced_accuracy"] <= 1.0
+    assert all("student_op_balanced_accuracy" in row for row in results["delivered"])
+    assert [c["name"] for c in results["claims"]] == [
+        "teacher_vs_pooled",
+        "students_vs_teacher",
+        "kd_vs_nokd",
+    ]
+    assert "(" in results["claims"][0]["sentence"]  # the teacher claim has its interval
+    assert (out / "baselines_scores.npz").is_file()
     assert len(results["baselines"]["local"]) == 3
     assert {r["site"] for r in results["distillation"]} == {"site_00", "site_01", "site_02"}
     for name in ("label_distribution.png", "learning_curves.png", "per_site.png", "student_vs_teacher.png"):
