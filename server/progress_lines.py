@@ -3,7 +3,7 @@
 ``cxr-fl-server start`` and the simulation read a run's progress from its log (``flwr log
 --stream``); the ServerApp writes it. Both sides use this module, so a change of wording cannot
 break the progress bars: :func:`round_line`, :func:`resume_line`, :func:`distill_line` and
-:func:`student_round_line` make the lines, :func:`parse_progress` reads them back.
+:func:`validation_line` and :func:`student_round_line` make the lines, :func:`parse_progress` reads them back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ ROUND_LINE = re.compile(
     r"Round (?P<round>\d+)/(?P<rounds>\d+): (?P<replied>\d+)/(?P<sampled>\d+) sites trained, "
     r"train loss (?P<loss>[^,\s]+)(?:, val (?P<metric_name>\S+) (?P<metric>\S+))?"
     r"(?:.*, (?P<seconds>\d+(?:\.\d+)?) s\s*$)?"
+)
+VALIDATION_LINE = re.compile(
+    r"Round (?P<round>\d+)/(?P<rounds>\d+) validation: (?P<sites>\d+) site\(s\), "
+    r"(?P<metric_name>\S+) (?P<metric>\S+)"
 )
 STUDENT_LINE = re.compile(
     r"Federated student round (?P<round>\d+)/(?P<rounds>\d+): (?P<sites>\d+) sites"
@@ -48,6 +52,16 @@ def round_line(
     )
 
 
+def validation_line(
+    server_round: int, num_rounds: int, sites: int, metric_name: str, metric: float, best_round: int
+) -> str:
+    """A teacher round's validation (in in-train mode it arrives with the next round's replies)."""
+    return (
+        f"Round {server_round}/{num_rounds} validation: {sites} site(s), {metric_name} {metric:.4f} "
+        f"(best round {best_round})"
+    )
+
+
 def resume_line(
     run_dir: Path, completed: int, num_rounds: int, best_round: int, metric_name: str, best_metric: float
 ) -> str:
@@ -77,7 +91,7 @@ class Progress:
     metric_name: str = ""
     metric: float | None = None
     phase: str = "teacher"
-    """teacher | distill | student (a federated-student round)"""
+    """teacher | validation (of a teacher round) | distill | student (a federated-student round)"""
     seconds: float | None = None
     """How long the round took, where the line says."""
 
@@ -93,6 +107,15 @@ def parse_progress(line: str) -> Progress | None:
             metric_name=match["metric_name"] or "",
             metric=float(match["metric"]) if match["metric"] else None,
             seconds=float(match["seconds"]) if match["seconds"] else None,
+        )
+    if match := VALIDATION_LINE.search(line):
+        return Progress(
+            completed_round=int(match["round"]),
+            num_rounds=int(match["rounds"]),
+            replied=int(match["sites"]),
+            metric_name=match["metric_name"],
+            metric=float(match["metric"]),
+            phase="validation",
         )
     if match := STUDENT_LINE.search(line):
         return Progress(

@@ -59,7 +59,7 @@ from common.protocol import (
 from common.run_settings import VALIDATION_MODES
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
 from server.grid import wait_for_replies
-from server.progress_lines import RESUME_ADVICE, resume_line, round_line
+from server.progress_lines import RESUME_ADVICE, resume_line, round_line, validation_line
 from server.run_folder import ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
@@ -401,13 +401,12 @@ class TeacherRounds:
             self.best_round = server_round
             self.best_metric = metric if math.isfinite(metric) else self.best_metric
         row.update(is_best=is_best, **val_metrics)
+        sites = sum(o.status == "ok" for o in eval_outcomes)
         logger.info(
-            "Round %d validation: %d site(s), %s %.4f (best round %d)",
-            server_round,
-            sum(o.status == "ok" for o in eval_outcomes),
-            self.selection_metric,
-            metric,
-            self.best_round,
+            "%s",
+            validation_line(
+                server_round, self.num_rounds, sites, self.selection_metric, metric, self.best_round
+            ),
         )
         return [o.row(server_round, "evaluate") for o in eval_outcomes] + [row], is_best
 

@@ -223,11 +223,17 @@ def _round_display(
 
 
 def progress_text(progress: Any) -> str | None:
-    """One plain line for a teacher or federated-student round (None for other progress)."""
+    """One plain line for a teacher round, its validation or a federated-student round (None for
+    other progress)."""
     took = "" if progress.seconds is None else f", {progress.seconds:.1f} s"
     if progress.phase == "student":
         return (
             f"student round {progress.completed_round}/{progress.num_rounds}: {progress.replied} sites{took}"
+        )
+    if progress.phase == "validation":
+        return (
+            f"round {progress.completed_round}/{progress.num_rounds} validation: {progress.replied} sites, "
+            f"val {progress.metric_name} {progress.metric:.3f}"
         )
     if progress.phase != "teacher" or progress.replied is None:
         return None

@@ -13,6 +13,7 @@ from server.progress_lines import (
     resume_line,
     round_line,
     student_round_line,
+    validation_line,
     without_resume_advice,
 )
 
@@ -84,3 +85,15 @@ def test_round_lines_carry_their_seconds_and_student_rounds_have_their_own_line(
         3,
     )
     assert student.seconds == pytest.approx(9.1)
+
+
+def test_a_validation_line_reads_back_with_its_round_and_metric() -> None:
+    progress = parse_progress("INFO server.rounds: " + validation_line(2, 5, 3, "auroc_macro", 0.81234, 2))
+    assert progress is not None
+    assert (progress.phase, progress.completed_round, progress.num_rounds, progress.replied) == (
+        "validation",
+        2,
+        5,
+        3,
+    )
+    assert (progress.metric_name, progress.metric) == ("auroc_macro", pytest.approx(0.8123))

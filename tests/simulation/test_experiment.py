@@ -147,8 +147,8 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     lines = result.output.splitlines()  # piped: one plain line per stage and round, as they happen
-    assert any(line.startswith("round 1/2: 3/3 sites, val auroc_macro ") for line in lines), result.output
-    assert any(line.startswith("round 2/2: ") for line in lines)
+    assert any(line.startswith("round 1/2: 3/3 sites, ") for line in lines), result.output
+    assert any(line.startswith("round 2/2 validation: 3 sites, val auroc_macro ") for line in lines)
     assert any(line.startswith("student round 1/1: 3 sites, ") for line in lines)
     report = out / "report"
     text = (report / "report.md").read_text()

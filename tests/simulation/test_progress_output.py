@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 import simulation.cli as cli
 import simulation.experiment as experiment_module
-from server.progress_lines import distill_line, round_line, student_round_line
+from server.progress_lines import distill_line, round_line, student_round_line, validation_line
 
 SERVER_LOG = [
     "INFO server.rounds: " + round_line(1, 2, 3, 3, 1.02, "auroc_macro", 0.7512, 1, 18.44),
     "INFO :      configure_train: Sampled 3 nodes (out of 3)",
-    "INFO server.rounds: " + round_line(2, 2, 2, 3, 0.91, "auroc_macro", 0.8123, 2, 17.0),
+    "INFO server.rounds: " + round_line(2, 2, 2, 3, 0.91, "auroc_macro", None, 2, 17.0),
+    "INFO server.rounds: " + validation_line(2, 2, 3, "auroc_macro", 0.8123, 2),
     "INFO server.app: " + distill_line("best"),
     "INFO server.app: " + student_round_line(1, 1, 3, 9.06),
 ]
@@ -57,7 +58,8 @@ def test_a_piped_run_prints_one_plain_line_per_stage_and_round(fake_experiment: 
         "checking settings and partitioning the data",
         "federated run: 3 sites",
         "round 1/2: 3/3 sites, val auroc_macro 0.751, 18.4 s",
-        "round 2/2: 2/3 sites, val auroc_macro 0.812, 17.0 s",
+        "round 2/2: 2/3 sites, 17.0 s",
+        "round 2/2 validation: 3 sites, val auroc_macro 0.812",
         "distilling students at the sites",
         "federated student rounds",
         "student round 1/1: 3 sites, 9.1 s",
