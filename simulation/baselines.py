@@ -77,7 +77,7 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
 SCORES_FILE = "baselines_scores.npz"
 
 
-def _evaluate(
+def evaluate_split(
     model: torch.nn.Module, dataset: Dataset[Any], settings: FederatedRunConfig, compute: Compute = CPU
 ) -> EvalResult:
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
@@ -147,7 +147,7 @@ def score_teacher(
     compute = resolve_compute(settings.compute)
     model = build_loaded_model(settings.teacher, settings.task, state).to(compute.device)
     per_site = {
-        name: {part: _evaluate(model, s.dataset(part), settings, compute) for part in ("val", "test")}
+        name: {part: evaluate_split(model, s.dataset(part), settings, compute) for part in ("val", "test")}
         for name, s in sites.items()
     }
     pooled_test, test_scores = pooled_test_figures(per_site, settings)

@@ -13,8 +13,12 @@ bootstrap interval (common/bootstrap.py).
 * **KD vs no KD**: the KD student against the student trained without KD at each site; held when
   the mean difference is above 0 in both figures.
 
-The sites send only per-site figures, so the last two intervals resample the sites (and say so).
-"Held" is the point estimate meeting the target; the interval says how far the data support it.
+For the last two, a simulation keeps every site's models on this machine: ``site_scores.npz``
+(simulation/site_scores.py) has their per-image test scores, and the interval resamples each
+site's test images (paired: both models score the same images) wherever that rescoring
+reproduces the figures the sites sent; otherwise (a deployed federation's figures, an older run)
+it resamples the sites, and says so. "Held" is the point estimate meeting the target; the
+interval says how far the data support it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ SITE_MARGIN = 0.05
 RESAMPLES = 1000
 SEED = 0
 OP_NAME = "balanced accuracy at the operating point"
+IMAGES = " over the test images"
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def _verdict(held: bool | None) -> str:
 def _ci(interval: Interval, over: str = "") -> str:
     if not math.isfinite(interval.low):
         return "no interval"
-    return f"95% CI{over} {interval.low:.3f} to {interval.high:.3f}"
+    return f"95% CI {interval.low:.3f} to {interval.high:.3f}{over}"
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,7 +148,7 @@ def teacher_claim(
         held = auroc.value >= AUROC_RATIO and balanced.value >= BALANCED_RATIO
     parts = [
         f"{label} {_number(ratios[key].federated)} vs {_number(ratios[key].pooled)}: ratio "
-        f"{_number(ratios[key].ratio.value)} ({_ci(ratios[key].ratio)}; target >= {target:g})"
+        f"{_number(ratios[key].ratio.value)} ({_ci(ratios[key].ratio, IMAGES)}; target >= {target:g})"
         for key, label, target in (
             ("auroc_macro", "macro-AUROC", AUROC_RATIO),
             ("op_balanced_accuracy", f"{OP_NAME} of each site", BALANCED_RATIO),
@@ -169,26 +174,87 @@ def over_sites(values: list[float]) -> Interval:
 METRICS = (("auroc_macro", "macro-AUROC"), ("op_balanced_accuracy", OP_NAME))
 
 
+@dataclass(frozen=True)
+class SiteImages:
+    """Per-image test scores of the sites' models (simulation/site_scores.py) and the two models a
+    claim compares there."""
+
+    scores: Mapping[str, Mapping[str, np.ndarray]]
+    compared: str
+    reference: str
+    task: Task
+
+    def statistic(self, site: str, model: str, key: str, weights: np.ndarray | None) -> np.ndarray:
+        arrays = self.scores[site]
+        if key == "auroc_macro":
+            return macro_auroc(arrays[f"{model}_probabilities"], arrays["labels"], weights)
+        return balanced_accuracy(arrays[f"{model}_decisions"], arrays["labels"], self.task, weights)
+
+    def has(self, site: str) -> bool:
+        arrays = self.scores.get(site, {})
+        return all(f"{m}_decisions" in arrays for m in (self.compared, self.reference))
+
+
+def image_resamples(
+    images: SiteImages, key: str, pairs: Mapping[str, tuple[float, float]]
+) -> dict[str, np.ndarray] | None:
+    """Per site, compared minus reference in each bootstrap resample of the site's test images
+    (stratified by class); None unless the rescoring reproduces every site's own two figures."""
+    sites = sorted(pairs)
+    if not sites or not all(images.has(s) for s in sites):
+        return None
+    for site in sites:
+        rescored = [
+            float(images.statistic(site, m, key, None)[0]) for m in (images.compared, images.reference)
+        ]
+        if not np.allclose(rescored, pairs[site], rtol=0.0, atol=1e-6):
+            return None
+    labels = [images.scores[s]["labels"] for s in sites]
+    strata = np.concatenate([_strata(y, np.full(len(y), i), images.task) for i, y in enumerate(labels)])
+    weights = stratified_weights(strata, RESAMPLES, SEED)
+    ends = np.cumsum([len(y) for y in labels])
+    out = {}
+    for site, end, size in zip(sites, ends, (len(y) for y in labels), strict=True):
+        w = weights[:, end - size : end]
+        out[site] = images.statistic(site, images.compared, key, w) - images.statistic(
+            site, images.reference, key, w
+        )
+    return out
+
+
 def _comparison(
-    label: str, differences: dict[str, float], floor: float | None
+    label: str, differences: dict[str, float], floor: float | None, resampled: dict[str, np.ndarray] | None
 ) -> tuple[bool, str, dict[str, Any]]:
-    """One figure's part of a claim: mean difference over the sites (interval over sites), the
-    worst site, and whether they clear -MEAN_MARGIN and -SITE_MARGIN (``floor`` None: the mean
-    must be above 0)."""
-    interval = over_sites(list(differences.values()))
+    """One figure's part of a claim: mean difference over the sites and the worst site, each with
+    its interval (resampled images where ``resampled``, else resampled sites), and whether they
+    clear -MEAN_MARGIN and ``floor`` (None: the mean must be above 0)."""
     worst = min(differences, key=lambda s: differences[s])
+    mean = float(np.mean(list(differences.values())))
+    worst_text = f"worst site {worst} {differences[worst]:+.3f}"
+    if resampled is not None:
+        over = " over the sites' test images"
+        interval = percentile_interval(mean, np.mean(np.stack([resampled[s] for s in differences]), axis=0))
+        worst_text += f" ({_ci(percentile_interval(differences[worst], resampled[worst]))})"
+    else:
+        over = " over sites"
+        interval = over_sites(list(differences.values()))
     if floor is None:
-        ok = interval.value > 0.0
+        ok = mean > 0.0
         target = "target > 0"
     else:
-        ok = interval.value >= -MEAN_MARGIN - 1e-12 and differences[worst] >= floor - 1e-12
-        target = f"target >= {-MEAN_MARGIN:g}; worst site {worst} {differences[worst]:+.3f}, limit {floor:g}"
-    text = f"{label}: mean difference {interval.value:+.3f} ({_ci(interval, ' over sites')}; {target})"
-    return ok, text, {"mean_difference": interval.to_dict(), "per_site": differences}
+        ok = mean >= -MEAN_MARGIN - 1e-12 and differences[worst] >= floor - 1e-12
+        target = f"target >= {-MEAN_MARGIN:g}; {worst_text}, limit {floor:g}"
+    text = f"{label}: mean difference {mean:+.3f} ({_ci(interval, over)}; {target})"
+    data = {"mean_difference": interval.to_dict(), "per_site": differences, "interval_over": over.strip()}
+    return ok, text, data
 
 
 def _paired_claim(
-    name: str, title: str, pairs: dict[str, dict[str, tuple[float | None, float | None]]], floor: float | None
+    name: str,
+    title: str,
+    pairs: dict[str, dict[str, tuple[float | None, float | None]]],
+    floor: float | None,
+    images: SiteImages | None = None,
 ) -> Claim:
     """A claim over the sites from ``pairs[metric][site] = (compared, reference)``; a site
     without both figures of a metric is a miss."""
@@ -196,13 +262,15 @@ def _paired_claim(
     parts, figures, held = [], {}, True
     misses: set[str] = set()
     for key, label in METRICS:
-        differences = {s: a - b for s, (a, b) in pairs[key].items() if a is not None and b is not None}
-        misses |= set(sites) - set(differences)
-        if not differences:
+        known = {s: (a, b) for s, (a, b) in pairs[key].items() if a is not None and b is not None}
+        misses |= set(sites) - set(known)
+        if not known:
             held = False
             parts.append(f"{label}: no site sent it")
             continue
-        ok, text, figures[key] = _comparison(label, differences, floor)
+        resampled = image_resamples(images, key, known) if images is not None else None
+        differences = {s: a - b for s, (a, b) in known.items()}
+        ok, text, figures[key] = _comparison(label, differences, floor, resampled)
         held = held and ok
         parts.append(text)
     if misses:
@@ -213,8 +281,13 @@ def _paired_claim(
     return Claim(name, held, sentence, figures)
 
 
-def students_claim(check: Mapping[str, Any]) -> Claim:
-    """Claim (b) from the check before delivery (server/delivery_check.py)."""
+def students_claim(
+    check: Mapping[str, Any],
+    scores: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    task: Task | None = None,
+) -> Claim:
+    """Claim (b) from the check before delivery (server/delivery_check.py); ``scores``: the sites'
+    per-image scores (simulation/site_scores.py) for intervals over images."""
     title = "Delivered students vs the teacher at each site"
     sites = check.get("sites") or []
     if not any(s.get(f"student_{key}") is not None for s in sites for key, _ in METRICS):
@@ -231,7 +304,8 @@ def students_claim(check: Mapping[str, Any]) -> Claim:
         }
         for key, _ in METRICS
     }
-    return _paired_claim("students_vs_teacher", title, pairs, -SITE_MARGIN)
+    images = SiteImages(scores, "delivered", "teacher", task) if scores and task else None
+    return _paired_claim("students_vs_teacher", title, pairs, -SITE_MARGIN, images)
 
 
 def _kd_pair(
@@ -245,9 +319,14 @@ def _kd_pair(
     return figure(distill, "student_auroc_macro"), figure(distill, "nokd_auroc_macro")
 
 
-def kd_claim(checked_rows: list[dict[str, Any]], distill_rows: list[dict[str, Any]]) -> Claim:
+def kd_claim(
+    checked_rows: list[dict[str, Any]],
+    distill_rows: list[dict[str, Any]],
+    scores: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    task: Task | None = None,
+) -> Claim:
     """Claim (c): each site's KD student vs its no-KD student (the checked phase's rows, with
-    the distillation rows for what they lack)."""
+    the distillation rows for what they lack; ``scores`` as for :func:`students_claim`)."""
     title = "KD students vs students trained without KD at each site"
     distill = {str(r.get("site")): r for r in distill_rows}
     rows = {str(r.get("site")): r for r in checked_rows} or distill
@@ -262,4 +341,5 @@ def kd_claim(checked_rows: list[dict[str, Any]], distill_rows: list[dict[str, An
         }
         for key, _ in METRICS
     }
-    return _paired_claim("kd_vs_nokd", title, pairs, None)
+    images = SiteImages(scores, "kd", "nokd", task) if scores and task else None
+    return _paired_claim("kd_vs_nokd", title, pairs, None, images)

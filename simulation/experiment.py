@@ -7,7 +7,10 @@ The experiment folder::
       partition/          per-site manifests, partition.json, label distribution (table + PNG)
       run/                the coordinator's run folder (metrics.jsonl, checkpoints, summary,
                           sites/site_XX/ with each site's student, model card, compression table)
-      baselines.json      pooled and local-only teachers (when --baselines)
+      baselines.json      pooled and local-only teachers (when --baselines), and
+      baselines_scores.npz  the federated and pooled teachers' per-image pooled test scores
+      site_scores.npz     per-image test scores of each site's teacher and students (the
+                          report's paired intervals, simulation/site_scores.py)
       report/             report.md, results.json and the plots
       flower/             Flower's logs and its private FLWR_HOME
 
@@ -36,6 +39,7 @@ from simulation.baselines import run_baselines
 from simulation.partition import partition_catalog, write_partition
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
+from simulation.site_scores import score_site_models
 from simulation.sources import drop_duplicate_images, load_sources, parse_source_options
 
 logger = logging.getLogger(__name__)
@@ -204,6 +208,9 @@ class Experiment:
         if self.config.baselines:
             stage("baselines: pooled and local-only teachers")
             run_baselines(self.out, settings, num_sites)
+        if settings.kd_enabled:
+            stage("scoring each site's teacher and students for the report's intervals")
+            score_site_models(self.out, settings, num_sites)
         stage("writing the report")
         report = build_report(self.out)
         if run_config.get("track"):

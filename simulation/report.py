@@ -39,6 +39,7 @@ from server.reporting import global_rows
 from server.run_folder import RunFolder
 from simulation.baselines import SCORES_FILE
 from simulation.claims import kd_claim, students_claim, teacher_claim
+from simulation.site_scores import SITE_SCORES_FILE, read_site_scores
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,11 @@ def _claims(
 ) -> list[dict[str, Any]]:
     """The report's opening claims (simulation/claims.py), as results.json stores them."""
     task = get_task(str(summary.get("task") or experiment.get("task") or "normal-pneumonia-covid"))
+    site_scores = read_site_scores(out / SITE_SCORES_FILE)
     claims = [
         teacher_claim(_read_json(out / "baselines.json"), _read_scores(out / SCORES_FILE), task),
-        students_claim(check),
-        kd_claim(delivered, distill),
+        students_claim(check, site_scores, task),
+        kd_claim(delivered, distill, site_scores, task),
     ]
     return [c.to_dict() for c in claims]
 

@@ -74,7 +74,7 @@ def test_the_teacher_claim_holds_for_a_teacher_as_good_as_the_pooled_one() -> No
     claim = teacher_claim(BASELINES, scores, TASK)
     assert claim.held is True
     assert "**held**" in claim.sentence
-    assert "ratio 1.000 (95% CI 1.000 to 1.000; target >= 0.97)" in claim.sentence
+    assert "ratio 1.000 (95% CI 1.000 to 1.000 over the test images; target >= 0.97)" in claim.sentence
     assert "240 images" in claim.sentence
 
 
@@ -176,3 +176,53 @@ def test_results_json_and_the_report_open_with_the_claims_and_carry_the_check(tm
     assert text.index("## Claims") < text.index("## Run") < text.index("## Check before delivery")
     assert "- Federated teacher vs pooled teacher on the pooled test set (240 images)" in text
     assert "| b | 0.900 | 0.800 | 0.800 | 0.700 | 0 | **UNFIT**: balanced accuracy 0.700" in text
+
+
+def site_images(seed: int, student_noise: float) -> dict[str, np.ndarray]:
+    """One site's per-image test scores as site_scores.npz holds them (teacher and delivered)."""
+    rng = np.random.default_rng(seed)
+    labels = np.eye(3)[np.repeat(np.arange(3), 30)]
+    teacher = labels * 2.0 + rng.normal(0, 1, labels.shape)
+    student = labels * 2.0 * (1 - student_noise) + rng.normal(0, 1, labels.shape)
+    return {
+        "labels": labels,
+        "teacher_probabilities": teacher,
+        "teacher_decisions": teacher.argmax(axis=1),
+        "delivered_probabilities": student,
+        "delivered_decisions": student.argmax(axis=1),
+    }
+
+
+def _reported(site: str, images: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The site's own figures of the same images (what a simulated site reports, exactly)."""
+    from simulation.site_decisions import balanced_accuracy, macro_auroc
+
+    labels = images["labels"]
+    figures = {
+        f"{who}_auroc_macro": float(macro_auroc(images[f"{model}_probabilities"], labels)[0])
+        for who, model in (("teacher", "teacher"), ("student", "delivered"))
+    }
+    figures |= {
+        f"{who}_op_balanced_accuracy": float(balanced_accuracy(images[f"{model}_decisions"], labels, TASK)[0])
+        for who, model in (("teacher", "teacher"), ("student", "delivered"))
+    }
+    return {"phase": "student-final", "site": site, "status": "ok", **figures}
+
+
+def test_the_students_claim_resamples_the_sites_images_where_they_reproduce_the_sites_figures() -> None:
+    scores = {"a": site_images(3, 0.0), "b": site_images(4, 0.5)}
+    rows = [_reported(site, images) for site, images in scores.items()]
+
+    paired = students_claim(delivery_check(rows), scores, TASK)
+
+    assert "over the sites' test images; target >= -0.02" in paired.sentence
+    assert "worst site b" in paired.sentence
+    auroc = paired.figures["auroc_macro"]
+    assert auroc["interval_over"] == "over the sites' test images"
+    assert (
+        auroc["mean_difference"]["low"] < auroc["mean_difference"]["value"] < auroc["mean_difference"]["high"]
+    )
+    rows[0]["student_auroc_macro"] += 0.01  # a figure the rescoring does not reproduce
+    fallback = students_claim(delivery_check(rows), scores, TASK)
+    assert fallback.figures["auroc_macro"]["interval_over"] == "over sites"
+    assert fallback.figures["op_balanced_accuracy"]["interval_over"] == "over the sites' test images"

@@ -173,6 +173,10 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     ]
     assert "(" in results["claims"][0]["sentence"]  # the teacher claim has its interval
     assert (out / "baselines_scores.npz").is_file()
+    assert (out / "site_scores.npz").is_file()
+    # the report's rescoring of the sites' models reproduces their own figures: paired intervals
+    students = results["claims"][1]["figures"]["auroc_macro"]
+    assert students["interval_over"] == "over the sites' test images", results["claims"][1]
     assert len(results["baselines"]["local"]) == 3
     assert {r["site"] for r in results["distillation"]} == {"site_00", "site_01", "site_02"}
     for name in ("label_distribution.png", "learning_curves.png", "per_site.png", "student_vs_teacher.png"):

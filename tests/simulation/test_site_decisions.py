@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -69,3 +72,30 @@ def test_multilabel_balanced_accuracy_is_the_mean_of_sensitivity_and_specificity
     decisions[2, 0] = 1
     # finding 0: sensitivity 1/2, specificity 1/2; the unknown findings are left out
     assert balanced_accuracy(decisions, labels, task)[0] == pytest.approx(0.5)
+
+
+def test_the_site_model_files_follow_delivered_json_and_the_scores_read_back_by_site(tmp_path: Path) -> None:
+    from simulation.site_scores import SEPARATOR, read_site_scores, site_model_files
+
+    site = tmp_path / "site_00"
+    (site / "global_student").mkdir(parents=True)
+    (site / "student").mkdir()
+    for path in ("global_teacher.pt", "student/student.pt", "global_student/student.pt"):
+        (site / path).write_bytes(b"x")
+    (site / "delivered.json").write_text(json.dumps({"folder": "global_student"}))
+
+    files = site_model_files(site)
+
+    assert files == {
+        "teacher": site / "global_teacher.pt",
+        "kd": site / "student" / "student.pt",
+        "delivered": site / "global_student" / "student.pt",
+    }  # no no-KD student kept: left out
+    np.savez(
+        tmp_path / "s.npz",
+        **{f"site_00{SEPARATOR}labels": np.eye(3), f"site_00{SEPARATOR}kd_decisions": np.arange(3)},
+    )
+    read = read_site_scores(tmp_path / "s.npz")
+    assert read is not None
+    assert set(read["site_00"]) == {"labels", "kd_decisions"}
+    assert read_site_scores(tmp_path / "missing.npz") is None
