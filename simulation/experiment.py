@@ -9,8 +9,8 @@ The experiment folder::
                           sites/site_XX/ with each site's student, model card, compression table)
       baselines.json      pooled and local-only teachers (when --baselines), and
       baselines_scores.npz  the federated and pooled teachers' per-image pooled test scores
-      site_scores.npz     per-image test scores of each site's teacher and students (the
-                          report's paired intervals, simulation/site_scores.py)
+      site_scores.npz     per-image test scores of each site's teacher and students (when
+                          --baselines: the report's paired intervals, simulation/site_scores.py)
       report/             report.md, results.json and the plots
       flower/             Flower's logs and its private FLWR_HOME
 
@@ -208,9 +208,9 @@ class Experiment:
         if self.config.baselines:
             stage("baselines: pooled and local-only teachers")
             run_baselines(self.out, settings, num_sites)
-        if settings.kd_enabled:
-            stage("scoring each site's teacher and students for the report's intervals")
-            score_site_models(self.out, settings, num_sites)
+            if settings.kd_enabled:
+                stage("scoring each site's teacher and students for the report's intervals")
+                score_site_models(self.out, settings, num_sites)
         stage("writing the report")
         report = build_report(self.out)
         if run_config.get("track"):
