@@ -11,7 +11,7 @@ bootstrap interval (common/bootstrap.py).
   sites no lower than -:data:`MEAN_MARGIN`, and no site more than :data:`SITE_MARGIN` below.
   Every site counts: a failed site, or one without figures, is a miss.
 * **KD vs no KD**: the KD student against the student trained without KD at each site; held when
-  the mean difference is above 0 in both figures.
+  the mean difference is above 0 in both figures (a site without them is a miss there too).
 
 For the last two, a simulation keeps every site's models on this machine: ``site_scores.npz``
 (simulation/site_scores.py) has their per-image test scores, and the interval resamples each

@@ -8,8 +8,9 @@
   metrics; final teacher vs baselines; per-site teacher and student; the check before delivery
   (server/delivery_check.py); the compression table of each site that made one; DP epsilon per site;
 - ``results.json``: every number of those tables, for scripts (``claims``, ``delivery_check``;
-  each ``delivered`` row has ``teacher_op_balanced_accuracy`` and ``student_op_balanced_accuracy``
-  beside the AUROCs, None where the site sent none);
+  each ``delivered`` row, the federated student's final phase or else the distillation, has
+  ``teacher_op_balanced_accuracy`` and ``student_op_balanced_accuracy`` beside the AUROCs, None
+  where the site sent none);
 - PNG plots: label distribution per site, learning curves (with the pooled baseline as a line),
   per-site bars, student vs teacher, and Grad-CAM overlays of a site's student.
 
@@ -434,7 +435,7 @@ def _plot_student_vs_teacher(results: dict[str, Any], path: Path) -> bool:
             [_num(delivered.get(site, {}).get("student_auroc_macro")) for site in sites],
             "k*",
             markersize=12,
-            label="delivered (federated) student",
+            label="delivered student",
         )
     ax.set_xticks(x, sites)
     ax.set_ylabel("test macro AUROC")
