@@ -275,7 +275,7 @@ def _paired_claim(
         parts.append(text)
     if misses:
         held = False
-        parts.append(f"{', '.join(sorted(misses))}: failed or without figures (a miss each)")
+        parts.append(f"a miss each: {', '.join(sorted(misses))} (failed, or a figure missing)")
     figures["misses"] = sorted(misses)
     sentence = f"{title} ({len(sites)} sites): {_verdict(held)}: " + "; ".join(parts) + "."
     return Claim(name, held, sentence, figures)

@@ -111,7 +111,7 @@ def test_the_teacher_claim_without_baselines_or_per_image_scores() -> None:
         (
             [final_row("a", 0.80, 0.80), {"phase": "student-final", "site": "b", "status": "failed"}],
             False,
-            "b: failed or without figures (a miss each)",
+            "a miss each: b (failed, or a figure missing)",
         ),
     ],
 )
