@@ -85,8 +85,9 @@ def _reasons(entry: dict[str, Any]) -> list[str]:
 def _site_verdict(entry: dict[str, Any], site_ok: float | None, reasons: list[str]) -> tuple[str, str]:
     if site_ok == 0.0:  # the site's check, on exact figures, decides
         return "unfit", "; ".join(reasons) or "the site's own check failed (the figures here are rounded)"
-    if site_ok == 1.0:
-        return "fit", ""
+    if site_ok == 1.0:  # a count is never rounded: a class never predicted is unfit whatever the site says
+        never = [r for r in reasons if r.startswith("never predicts")]
+        return ("unfit", "; ".join(never)) if never else ("fit", "")
     if entry["teacher_op_balanced_accuracy"] is None or entry["student_op_balanced_accuracy"] is None:
         return NOT_AVAILABLE, "the site sent no check (an older site, or no operating point)"
     return ("unfit", "; ".join(reasons)) if reasons else ("fit", "")
@@ -98,10 +99,13 @@ def site_check(row: dict[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"site": str(row.get("site", "?")), "status": str(row.get("status", "?"))}
     entry.update({key: figure(row, key) for key in FIGURES})
     never = figure(row, "student_op_never_predicted")
-    entry["never_predicted"] = None if never is None else int(never)
-    entry["never_predicted_classes"] = never_predicted_classes(row)
-    if entry["never_predicted"] is None and entry["never_predicted_classes"]:
-        entry["never_predicted"] = len(entry["never_predicted_classes"])
+    names = never_predicted_classes(row)
+    if never is None or never < 0:
+        entry["never_predicted"] = len(names) if names else None
+    else:
+        entry["never_predicted"] = int(never)
+    # names read from (possibly rounded) per-class figures: shown where they agree with the count
+    entry["never_predicted_classes"] = names if len(names) == entry["never_predicted"] else []
     if entry["status"] != "ok":
         entry["verdict"] = "failed"
         entry["reason"] = str(row.get("reason") or entry["status"])

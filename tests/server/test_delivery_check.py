@@ -124,3 +124,14 @@ def test_summary_md_and_json_carry_the_table(tmp_path: Path) -> None:
     )
     assert "| site_d | n/a | n/a | n/a | n/a | n/a | **FAILED**: out of memory |" in markdown
     assert "1 of 4 site(s) fit; 2 unfit, 1 failed" in markdown
+
+
+def test_a_class_never_predicted_is_unfit_even_if_the_site_says_fit_and_names_need_the_count() -> None:
+    row = site_row("site_a", 0.80, 0.80, never=("COVID-19",), delivery_check_ok=1.0)
+    row["student_op_specificity/Normal"] = 1.0  # rounded up: its sensitivity is 0.8, so not named
+    entry = delivery_check([row])["sites"][0]
+    assert (entry["verdict"], entry["reason"]) == ("unfit", "never predicts COVID-19")
+    row["student_op_sensitivity/Normal"] = 0.0  # two candidates for a count of one: no names
+    entry = delivery_check([row])["sites"][0]
+    assert (entry["never_predicted"], entry["never_predicted_classes"]) == (1, [])
+    assert entry["reason"] == "never predicts 1 class(es) of its test split"
