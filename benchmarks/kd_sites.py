@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DistillConfig, ModelConfig, TrainConfig, from_mapping
+from common.config import DistillConfig, ModelConfig, TrainConfig
 from common.distillation import recalibrate_batchnorm
 from common.local import (
     EVAL_BATCH_SIZE,
@@ -39,6 +39,7 @@ from common.local import (
     load_site_data,
     train_round,
 )
+from common.run_settings import from_mapping
 from common.tasks import get_task
 from common.training import evaluate
 
