@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,6 +28,8 @@ from common.processes import exit_on_sigterm
 if TYPE_CHECKING:
     from client.site_policy import SitePolicy
     from common.evaluation import EvaluationResult
+    from common.export import LoadedModel
+    from common.operating_point import OperatingPoint
 
 app = typer_app(
     "cxr-fl-client",
@@ -527,13 +529,17 @@ def explain(
         typer.Option("--layer", help="Dotted module name to explain (default: the model's usual layer)."),
     ] = None,
     class_name: Annotated[
-        str | None, typer.Option("--class", help="Explain this class instead of the predicted one.")
+        str | None, typer.Option("--class", help="Explain this class instead of the decided one.")
     ] = None,
+    ignore_operating_point: IgnoreOperatingPoint = False,
 ) -> None:
-    """Grad-CAM heat maps of a student's (or teacher's) decisions, saved as PNG overlays."""
+    """Grad-CAM heat maps of a student's (or teacher's) decisions, saved as PNG overlays.
+
+    The decided class is the one chosen at the site's operating point the model carries."""
     from common.export import list_images, load_torch_model
     from common.gradcam import grad_cam, resolve_layer, save_overlay
     from common.models import get_spec
+    from common.operating_point import OperatingPoint
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -547,27 +553,45 @@ def explain(
     if not paths:
         raise fail(f"no image files (.png, .jpg, .jpeg, .bmp, .tif, .tiff) found under '{image}'")
     prep = loaded.preprocessing
+    rule = prep.decision_rule if not ignore_operating_point else OperatingPoint.argmax(loaded.task)
     out.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"Grad-CAM of {loaded.config.name} at layer '{layer_name}'", title_justify="left")
-    for column in ("image", "class", "probability", "overlay"):
+    table = Table(
+        title=f"Grad-CAM of {loaded.config.name} at layer '{layer_name}'; decided by {rule.describe()}",
+        title_justify="left",
+    )
+    for column in ("image", "decided", "explained class", "probability", "overlay"):
         table.add_column(column, overflow="fold")
     written = 0
     for path in paths:
         try:
             grey = prep.load_grey(path)
+            decided, decided_index = _decision(loaded, rule, prep.normalise(grey))
+            which = decided_index if class_index is None else class_index
             result = grad_cam(
-                loaded.model, prep.normalise(grey), loaded.task, layer=layer_name, class_index=class_index
+                loaded.model, prep.normalise(grey), loaded.task, layer=layer_name, class_index=which
             )
         except CxrFlError as exc:
             err_console.print(f"[yellow]warning:[/] skipped {path}: {exc}", highlight=False)
             continue
         target = out / f"{path.stem}.gradcam.png"
         save_overlay(grey, result, target, title=path.name)
-        table.add_row(str(path), result.class_name, f"{result.probability:.3f}", str(target))
+        table.add_row(str(path), decided, result.class_name, f"{result.probability:.3f}", str(target))
         written += 1
     console.print(table)
     if not written:
         raise fail(f"none of the {len(paths)} image(s) could be read")
+
+
+def _decision(loaded: LoadedModel, rule: OperatingPoint, image: Any) -> tuple[str, int | None]:
+    """The decision at ``rule`` on one preprocessed image ``[C, S, S]``, and the class to explain
+    (the decided one; multi-label: None, the finding of highest probability)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        logits = loaded.model(torch.from_numpy(np.ascontiguousarray(image[None]))).float().numpy()
+    decided = rule.decided_names(loaded.preprocessing.probabilities(logits))[0]
+    return decided, None if loaded.task.is_multilabel else loaded.task.index(decided)
 
 
 @app.command()
