@@ -64,6 +64,7 @@ from common.local import (
     student_config,
     train_round,
 )
+from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
@@ -323,6 +324,9 @@ def _distill(
     metrics = dict(outcome.metrics)
     nokd = _no_kd_baseline(settings, site, data, teacher_state, seed, metrics)
     kd = _student_at_site(settings, site, data, outcome.student.state_dict())
+    metrics.update(
+        _distilled_at_operating_points(settings, site, data, teacher_state, teacher_point, kd, nokd)
+    )
     from client.export import EdgeExportOptions, export_site_student  # loaded only for this phase
 
     if settings.kd_federated_student_rounds > 0:
@@ -341,25 +345,40 @@ def _distill(
             operating_point=kd.point,
         )
     )
-    metrics["kd_op_balanced_accuracy"] = kd.figures(settings.task)["balanced_accuracy"]
-    if nokd is not None:
-        metrics["nokd_op_balanced_accuracy"] = nokd.figures(settings.task)["balanced_accuracy"]
-    if settings.kd_federated_student_rounds == 0:  # the site's own student is the one delivered
-        teacher = score_at_site(
-            data,
-            settings.task,
-            settings.teacher,
-            teacher_state,
-            site.operating_point,
-            point=teacher_point,
-            compute=compute,
-        )
-        metrics.update(
-            check_before_delivery(site.out_dir, site.name, settings.task, teacher, kd, nokd=nokd, kd=kd)
-        )
     if ledger_eps is not None:
         metrics["dp_epsilon"] = ledger_eps
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _distilled_at_operating_points(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    teacher_state: dict[str, torch.Tensor],
+    teacher_point: OperatingPoint,
+    kd: AtOperatingPoint,
+    nokd: AtOperatingPoint | None,
+) -> dict[str, float]:
+    """The distilled students' balanced accuracy at their operating points; when the site's own
+    KD student is the one it delivers (no federated-student rounds), the check before delivery."""
+    figures = {"kd_op_balanced_accuracy": kd.figures(settings.task)["balanced_accuracy"]}
+    if nokd is not None:
+        figures["nokd_op_balanced_accuracy"] = nokd.figures(settings.task)["balanced_accuracy"]
+    if settings.kd_federated_student_rounds > 0:
+        return figures
+    teacher = score_at_site(
+        data,
+        settings.task,
+        settings.teacher,
+        teacher_state,
+        site.operating_point,
+        point=teacher_point,
+        compute=site.resolve_compute(),
+    )
+    figures.update(
+        check_before_delivery(site.out_dir, site.name, settings.task, teacher, kd, nokd=nokd, kd=kd)
+    )
+    return figures
 
 
 def _no_kd_baseline(

@@ -373,7 +373,10 @@ def evaluate(
     threshold: Annotated[
         float | None,
         typer.Option(
-            "--threshold", min=0.0, max=1.0, help="Site-chosen probability threshold for every class."
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Site-chosen probability threshold for every class (replaces the operating point).",
         ),
     ] = None,
     class_threshold: Annotated[

@@ -90,7 +90,8 @@ def collapsed(
     centres = [(LEVELS[c] / 255 - prep.mean) / prep.std for c in TASK.classes]
     onnx = export_onnx(_CollapsedByBrightness(centres), root / "model" / "student.onnx", SIZE)
     write_preprocessing(prep, onnx)
-    probabilities = np.array([[p.probabilities[c] for c in TASK.classes] for p in _scored(onnx, images)])
+    plain = _plain_predictions(onnx, images)
+    probabilities = np.array([[p.probabilities[c] for c in TASK.classes] for p in plain])
     assert (probabilities.argmax(axis=1) == 0).all()  # the premise: the argmax collapsed
     labels = np.eye(3)[[TASK.index(label) for _, label in images]]
     point = fit_operating_point(probabilities, labels, TASK, Criterion("balanced-accuracy"))
@@ -98,7 +99,7 @@ def collapsed(
     return onnx, images, point
 
 
-def _scored(onnx: Path, images: list[tuple[Path, str]]) -> list:
+def _plain_predictions(onnx: Path, images: list[tuple[Path, str]]) -> list:
     return OnnxPredictor(onnx, use_operating_point=False).predict_files([p for p, _ in images])
 
 
@@ -455,6 +456,7 @@ def test_a_site_that_delivers_its_own_student_checks_it_and_keeps_every_rule_at_
     assert exported.criterion == "sensitivity:covid-19=0.5"
     card = json.loads((site / "student" / "model_card.json").read_text())
     assert card["operating_point"] == exported.describe()
+    assert f"Operating point: {exported.describe()}" in (site / "student" / "model_card.md").read_text()
     nokd = json.loads((site / "nokd_student.pt.json").read_text())
     assert OperatingPoint.from_dict(nokd["operating_point"]).criterion == "sensitivity:covid-19=0.5"
 
