@@ -657,16 +657,15 @@ def _site_balanced(
     settings: EvaluationSettings,
 ) -> Interval:
     """Balanced accuracy at the site's decisions (see :attr:`SiteRule.mean_recall`), with its interval."""
-    decided = [c for c in classes if c.site_sensitivity is not None and c.site_specificity is not None]
+    pairs = [
+        (c.site_sensitivity.value, c.site_specificity.value)
+        for c in classes
+        if c.site_sensitivity is not None and c.site_specificity is not None
+    ]
     if rule.mean_recall:
-        values = [c.site_sensitivity.value for c in decided if c.site_sensitivity is not None]
-        rows = sens_samples
+        values, rows = [sens for sens, _ in pairs], sens_samples
     else:
-        values = [
-            (c.site_sensitivity.value + c.site_specificity.value) / 2
-            for c in decided
-            if c.site_sensitivity is not None and c.site_specificity is not None
-        ]
+        values = [(sens + spec) / 2 for sens, spec in pairs]
         rows = [(a + b) / 2 for a, b in zip(sens_samples, spec_samples, strict=True)]
     samples = _nanmean_rows(rows, settings.n_bootstrap)
     return percentile_interval(_nanmean(values), samples, settings.level)

@@ -16,7 +16,7 @@ from common.operating_point import (
     metrics_at,
     parse_criterion,
 )
-from common.tasks import get_task
+from common.tasks import Task, get_task
 
 MULTICLASS = get_task("normal-pneumonia-covid")
 MULTILABEL = get_task("nih14")
@@ -140,4 +140,36 @@ def test_from_dict_refuses_thresholds_that_are_not_probabilities() -> None:
     with pytest.raises(ModelError, match="probabilities"):
         OperatingPoint.from_dict(data)
     with pytest.raises(ModelError, match="not a"):
-        OperatingPoint.from_dict(["not", "a", "mapping"])  # type: ignore[arg-type]
+        OperatingPoint.from_dict(["not", "a", "mapping"])
+
+
+@pytest.mark.parametrize("task", [MULTICLASS, MULTILABEL], ids=lambda t: t.kind)
+def test_the_site_evaluation_reports_the_figures_of_the_operating_point(task: Task) -> None:
+    from common.evaluation import EvaluationSettings, evaluate_scores
+
+    if task is MULTICLASS:
+        probabilities, labels = _collapsed(n_per_class=12)
+    else:
+        rng = np.random.default_rng(3)
+        labels = (rng.uniform(size=(60, MULTILABEL.num_classes)) < 0.3).astype(float)
+        probabilities = np.clip(0.1 + 0.2 * labels + rng.uniform(0, 0.15, labels.shape), 0, 1)
+    point = fit_operating_point(probabilities, labels, task, Criterion())
+    expected = metrics_at(point, probabilities, labels, task)
+
+    result = evaluate_scores(
+        task,
+        labels,
+        probabilities,
+        EvaluationSettings(n_bootstrap=20, operating_point=point),
+    )
+
+    assert result.site_balanced_accuracy is not None
+    assert result.site_balanced_accuracy.value == pytest.approx(expected["balanced_accuracy"])
+    assert result.site_rule == f"site's operating point: {point.describe()}"
+    for c in result.classes:
+        assert c.site_sensitivity is not None
+        assert c.site_sensitivity.value == pytest.approx(expected[f"sensitivity/{c.name}"], nan_ok=True)
+    site = result.to_dict()["site_operating_point"]
+    assert set(site) >= {"rule", "balanced_accuracy", "thresholds"}
+    plain = evaluate_scores(task, labels, probabilities, EvaluationSettings(n_bootstrap=20))
+    assert plain.site_balanced_accuracy is None
