@@ -158,9 +158,8 @@ def _never_predicted(model: AtOperatingPoint, task: Task) -> list[str]:
     """Classes present in the test split that the model never chooses at its operating point."""
     figures = model.figures(task)
     decided = model.point.decide(model.test.scores)
-    chosen = (
-        decided.any(axis=0) if task.is_multilabel else [(decided == k).any() for k in range(task.num_classes)]
-    )
+    columns = [decided[:, k] == 1 if task.is_multilabel else decided == k for k in range(task.num_classes)]
+    chosen = [bool(column.any()) for column in columns]
     return [
         c
         for c, any_chosen in zip(task.classes, chosen, strict=True)
