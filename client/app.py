@@ -7,7 +7,9 @@ default a deployed site rounds its counts and keeps class-revealing metrics at h
 (client/disclosure.py). DP rounds are checked against the site's own ledger before they train
 (client/privacy_ledger.py); run settings that name files are ignored at a deployed site. Every
 message is first admitted by the site's policy and teacher pin (client/admission.py), before
-the site loads its data.
+the site loads its data. Every model the site keeps or exports gets the site's own operating
+point, fitted on its validation split, and the student it delivers is first checked against the
+global teacher on its test split (client/site_operating_point.py).
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -32,10 +34,19 @@ from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.site_operating_point import (
+    AtOperatingPoint,
+    check_before_delivery,
+    fit_at_site,
+    load_teacher_point,
+    save_teacher_point,
+    score_at_site,
+)
 from client.site_policy import SitePolicyError
 from common.checkpoint import load_model_state, save_model
-from common.config import PrivacyConfig
+from common.config import ModelConfig, PrivacyConfig
 from common.errors import CxrFlError, DataError
+from common.export import model_metadata
 from common.jsonio import write_json
 from common.local import (
     DataRequest,
@@ -53,6 +64,7 @@ from common.local import (
     student_config,
     train_round,
 )
+from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
@@ -297,53 +309,142 @@ def _distill_at_site(
 def _distill(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
+    """Distil this site's student(s) from the global teacher, fit each one's operating point on
+    the site's validation split, and export the KD student; a run without federated-student
+    rounds delivers it, after the check before delivery."""
     teacher_state = msg.content["arrays"].to_torch_state_dict()
     seed = _site_seed(site, settings.distill.seed, "distill", site.name)
+    compute = site.resolve_compute()
+    teacher_point = fit_at_site(
+        data, settings.task, settings.teacher, teacher_state, site.operating_point, compute=compute
+    )
+    site.out_dir.mkdir(parents=True, exist_ok=True)
+    save_teacher_point(site.out_dir, teacher_point)
     outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed)
     metrics = dict(outcome.metrics)
-    if settings.kd_no_kd_baseline:
-        baseline = _distill_at_site(
-            settings,
-            site,
-            data,
-            teacher_state,
-            seed=seed,
-            use_kd=False,
-            evaluate_teacher=False,
-        )
-        metrics.update(
-            {
-                k.replace("student_", "nokd_"): v
-                for k, v in baseline.metrics.items()
-                if k.startswith("student_")
-            }
-        )
-        site.out_dir.mkdir(parents=True, exist_ok=True)
-        save_model(
-            baseline.student, site.out_dir / NO_KD_STUDENT_FILE, metadata={"role": "student without KD"}
-        )
+    nokd = _no_kd_baseline(settings, site, data, teacher_state, seed, metrics)
+    kd = _student_at_site(settings, site, data, outcome.student.state_dict())
+    metrics.update(
+        _distilled_at_operating_points(settings, site, data, teacher_state, teacher_point, kd, nokd)
+    )
     from client.export import EdgeExportOptions, export_site_student  # loaded only for this phase
 
     if settings.kd_federated_student_rounds > 0:
-        save_model(teacher_state, site.out_dir / GLOBAL_TEACHER_FILE, metadata={"role": "global teacher"})
-        _save_teacher_logits(site, outcome.teacher_logits)
-        adapted = site.out_dir / SITE_BN_TEACHER_FILE
-        if outcome.teacher_adapted:
-            save_model(
-                outcome.teacher, adapted, metadata={"role": "global teacher, site BatchNorm statistics"}
-            )
-        else:
-            adapted.unlink(missing_ok=True)  # never a stale one of an earlier teacher
+        _keep_teacher(site, teacher_state, outcome)
     ledger_eps = _teacher_epsilon(settings, site, context)
     options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
     metrics.update(
         export_site_student(
-            site, settings, data, outcome, metrics, teacher_epsilon=ledger_eps, options=options
+            site,
+            settings,
+            data,
+            outcome,
+            metrics,
+            teacher_epsilon=ledger_eps,
+            options=options,
+            operating_point=kd.point,
         )
     )
     if ledger_eps is not None:
         metrics["dp_epsilon"] = ledger_eps
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _distilled_at_operating_points(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    teacher_state: dict[str, torch.Tensor],
+    teacher_point: OperatingPoint,
+    kd: AtOperatingPoint,
+    nokd: AtOperatingPoint | None,
+) -> dict[str, float]:
+    """The distilled students' balanced accuracy at their operating points; when the site's own
+    KD student is the one it delivers (no federated-student rounds), the check before delivery."""
+    figures = {"kd_op_balanced_accuracy": kd.figures(settings.task)["balanced_accuracy"]}
+    if nokd is not None:
+        figures["nokd_op_balanced_accuracy"] = nokd.figures(settings.task)["balanced_accuracy"]
+    if settings.kd_federated_student_rounds > 0:
+        return figures
+    teacher = score_at_site(
+        data,
+        settings.task,
+        settings.teacher,
+        teacher_state,
+        site.operating_point,
+        point=teacher_point,
+        compute=site.resolve_compute(),
+    )
+    figures.update(
+        check_before_delivery(site.out_dir, site.name, settings.task, teacher, kd, nokd=nokd, kd=kd)
+    )
+    return figures
+
+
+def _no_kd_baseline(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    teacher_state: dict[str, torch.Tensor],
+    seed: int,
+    metrics: dict[str, float],
+) -> AtOperatingPoint | None:
+    """With ``kd-no-kd-baseline``: the same student trained on the labels alone, kept beside the
+    exported one with its operating point; its test figures go into ``metrics`` as ``nokd_*``."""
+    if not settings.kd_no_kd_baseline:
+        return None
+    baseline = _distill_at_site(
+        settings, site, data, teacher_state, seed=seed, use_kd=False, evaluate_teacher=False
+    )
+    metrics.update(
+        {k.replace("student_", "nokd_"): v for k, v in baseline.metrics.items() if k.startswith("student_")}
+    )
+    scored = _student_at_site(settings, site, data, baseline.student.state_dict())
+    meta = model_metadata(
+        _student_config(settings),
+        settings.task,
+        settings.run.image_size,
+        "student without KD",
+        equalize=settings.run.preprocess_equalize,
+        operating_point=scored.point,
+    )
+    save_model(baseline.student, site.out_dir / NO_KD_STUDENT_FILE, metadata=meta)
+    return scored
+
+
+def _keep_teacher(site: SiteConfig, teacher_state: dict[str, torch.Tensor], outcome: DistillOutcome) -> None:
+    """Keep the global teacher (its logits, its site-adapted copy) for the federated-student rounds."""
+    save_model(teacher_state, site.out_dir / GLOBAL_TEACHER_FILE, metadata={"role": "global teacher"})
+    _save_teacher_logits(site, outcome.teacher_logits)
+    adapted = site.out_dir / SITE_BN_TEACHER_FILE
+    if outcome.teacher_adapted:
+        save_model(outcome.teacher, adapted, metadata={"role": "global teacher, site BatchNorm statistics"})
+    else:
+        adapted.unlink(missing_ok=True)  # never a stale one of an earlier teacher
+
+
+def _student_config(settings: FederatedRunConfig) -> ModelConfig:
+    return student_config(settings.distill, settings.teacher, settings.teacher.norm)
+
+
+def _student_at_site(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    state: dict[str, torch.Tensor],
+    *,
+    test: EvalResult | None = None,
+) -> AtOperatingPoint:
+    """A student's operating point (fitted on the site's validation split) and its test outputs."""
+    return score_at_site(
+        data,
+        settings.task,
+        _student_config(settings),
+        state,
+        site.operating_point,
+        compute=site.resolve_compute(),
+        test=test,
+    )
 
 
 def _global_teacher(site: SiteConfig) -> dict[str, torch.Tensor]:
@@ -436,24 +537,24 @@ def _student_round(
 def _student_final(
     msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
 ) -> RecordDict:
-    """Score the consortium's global student on this site's test split and export it here."""
+    """Decide the student this site delivers (the consortium's global student or its fine-tune
+    here), fit its operating point, run the check before delivery and export it here."""
     from client.export import EdgeExportOptions, export_site_student
 
     state = msg.content["arrays"].to_torch_state_dict()
-    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    config = _student_config(settings)
     teacher_state = _global_teacher(site)
     compute = site.resolve_compute()
     state, delivered, personal_metrics = _personalise(settings, site, data, state)
-    metrics = scalar_metrics(
-        evaluate_state(data, "test", settings.task, config, state, compute=compute), "student_"
+    student_test = evaluate_state(data, "test", settings.task, config, state, compute=compute)
+    teacher_test = evaluate_state(
+        data, "test", settings.task, settings.teacher, teacher_state, compute=compute
     )
+    metrics = scalar_metrics(student_test, "student_")
     metrics.update(personal_metrics)
-    metrics.update(
-        scalar_metrics(
-            evaluate_state(data, "test", settings.task, settings.teacher, teacher_state, compute=compute),
-            "teacher_",
-        )
-    )
+    metrics.update(scalar_metrics(teacher_test, "teacher_"))
+    student = _student_at_site(settings, site, data, state, test=student_test)
+    metrics.update(_check_delivered(settings, site, data, teacher_state, teacher_test, student))
     outcome = DistillOutcome(
         student=build_loaded_model(config, settings.task, state),
         teacher=build_loaded_model(settings.teacher, settings.task, teacher_state),
@@ -470,9 +571,37 @@ def _student_final(
         options=options,
         subdir="global_student",
         delivered=delivered,
+        operating_point=student.point,
     )
     metrics.update(exported)
     return RecordDict({"metrics": MetricRecord({WEIGHT_KEY: len(data.split.test), **metrics})})
+
+
+def _check_delivered(
+    settings: FederatedRunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    teacher_state: dict[str, torch.Tensor],
+    teacher_test: EvalResult,
+    student: AtOperatingPoint,
+) -> dict[str, float]:
+    """The check before delivery of the federated phase's student against the global teacher
+    (its operating point kept at the distillation round), beside the no-KD baseline if it ran."""
+    teacher = score_at_site(
+        data,
+        settings.task,
+        settings.teacher,
+        teacher_state,
+        site.operating_point,
+        compute=site.resolve_compute(),
+        point=load_teacher_point(site.out_dir, settings.task, site.operating_point),
+        test=teacher_test,
+    )
+    nokd = None
+    nokd_path = site.out_dir / NO_KD_STUDENT_FILE
+    if settings.kd_no_kd_baseline and nokd_path.is_file():
+        nokd = _student_at_site(settings, site, data, load_model_state(nokd_path))
+    return check_before_delivery(site.out_dir, site.name, settings.task, teacher, student, nokd=nokd)
 
 
 def _personalise(
@@ -519,8 +648,9 @@ def _personalise(
 def _val(
     settings: FederatedRunConfig, data: SiteData, state: dict[str, torch.Tensor], site: SiteConfig
 ) -> EvalResult:
-    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
-    return evaluate_state(data, "val", settings.task, config, state, compute=site.resolve_compute())
+    return evaluate_state(
+        data, "val", settings.task, _student_config(settings), state, compute=site.resolve_compute()
+    )
 
 
 def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:

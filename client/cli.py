@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -27,6 +27,9 @@ from common.processes import exit_on_sigterm
 
 if TYPE_CHECKING:
     from client.site_policy import SitePolicy
+    from common.evaluation import EvaluationResult
+    from common.export import LoadedModel
+    from common.operating_point import OperatingPoint
 
 app = typer_app(
     "cxr-fl-client",
@@ -62,6 +65,47 @@ MaxTeacherParameters = Annotated[
         help="Site policy: largest teacher or student, in parameters (default 60M).",
     ),
 ]
+SharePerClassMetrics = Annotated[
+    bool,
+    typer.Option(
+        "--share-per-class-metrics",
+        help="Also send accuracy, F1 and per-class metrics (rounded; they reveal class shares).",
+    ),
+]
+ShareExactMetrics = Annotated[
+    bool,
+    typer.Option(
+        "--share-exact-metrics",
+        help="Send every figure, count and error text at full precision instead of rounded to 2 "
+        "significant digits (research federations; a crafted model can then read class counts).",
+    ),
+]
+OperatingPointCriterion = Annotated[
+    str,
+    typer.Option(
+        "--operating-point",
+        help="How this site sets the decision rule of every model it keeps, on its own validation "
+        "split: balanced-accuracy (default), argmax (the model's own rule), or "
+        "sensitivity:CLASS=X[,CLASS=Y] (balanced accuracy, then at least sensitivity X for CLASS). "
+        "The site's choice; the rule stays at the site.",
+    ),
+]
+IgnoreOperatingPoint = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-operating-point",
+        help="Decide by the plain argmax (0.5 per finding), not by the site's operating point that "
+        "the exported model carries.",
+    ),
+]
+
+
+def _criterion_option(text: str, task: str) -> str:
+    """``--operating-point`` checked against the classes of ``--task`` (ConfigError otherwise)."""
+    from common.operating_point import parse_criterion
+    from common.tasks import get_task
+
+    return str(parse_criterion(text, get_task(task), "--operating-point"))
 
 
 def _site_policy(image_size: int, **limits: int | None) -> SitePolicy:
@@ -231,15 +275,17 @@ def predict(
         typer.Option("--csv", help="Write one CSV row per image here instead of printing a table."),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = 2,
+    ignore_operating_point: IgnoreOperatingPoint = False,
 ) -> None:
-    """Class probabilities per image with ONNX Runtime, preprocessed exactly like training."""
+    """Class probabilities and the decision per image with ONNX Runtime, preprocessed exactly like
+    training; the decision is taken at the site's operating point the export carries."""
     import csv
 
     from common.export import OnnxPredictor, list_images
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        predictor = OnnxPredictor(model, num_threads=threads)
+        predictor = OnnxPredictor(model, num_threads=threads, use_operating_point=not ignore_operating_point)
         paths = list_images(images)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
@@ -259,7 +305,7 @@ def predict(
                 writer.writerow(
                     [
                         str(p.path),
-                        p.top_class or "",
+                        p.decided or "",
                         *(f"{probs[c]:.6f}" if probs else "" for c in classes),
                         p.error or "",
                     ]
@@ -267,14 +313,17 @@ def predict(
         console.print(f"wrote {len(readable)} prediction(s) to {csv_out}", highlight=False)
     else:
         activation = predictor.preprocessing.activation
-        table = Table(title=f"{model.name} ({activation} probabilities)", title_justify="left")
+        rule = predictor.decision_rule.describe()
+        table = Table(
+            title=f"{model.name} ({activation} probabilities; decided by {rule})", title_justify="left"
+        )
         table.add_column("image", overflow="fold")
         table.add_column("predicted")
         for c in classes:
             table.add_column(c, justify="right")
         for p in readable:
             probs = p.probabilities or {}
-            table.add_row(str(p.path), p.top_class or "", *(f"{probs[c]:.3f}" for c in classes))
+            table.add_row(str(p.path), p.decided or "", *(f"{probs[c]:.3f}" for c in classes))
         console.print(table)
     if not readable:
         raise fail(f"none of the {len(predictions)} image(s) could be read")
@@ -324,7 +373,10 @@ def evaluate(
     threshold: Annotated[
         float | None,
         typer.Option(
-            "--threshold", min=0.0, max=1.0, help="Site-chosen probability threshold for every class."
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Site-chosen probability threshold for every class (replaces the operating point).",
         ),
     ] = None,
     class_threshold: Annotated[
@@ -344,13 +396,15 @@ def evaluate(
         typer.Option("--cache-dir", help="Image cache folder (default $CXR_FL_CACHE_DIR or ~/.cache)."),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="Inference threads.")] = 2,
+    ignore_operating_point: IgnoreOperatingPoint = False,
 ) -> None:
-    """Validate a model on the site's labelled images: AUROC with 95% CIs, operating points, calibration."""
+    """Validate a model on the site's labelled images: AUROC with 95% CIs, operating points, calibration.
+
+    Sensitivity, specificity and balanced accuracy are given at the argmax and at the site's
+    operating point the model carries (``--threshold``/``--class-threshold`` replace it)."""
     from common.evaluation import (
         EvaluationSettings,
         evaluate_scores,
-        format_interval,
-        format_value,
         load_labelled_images,
         load_scoring_model,
         parse_thresholds,
@@ -376,6 +430,7 @@ def evaluate(
             seed=seed,
             calibration_bins=bins,
             thresholds=parse_thresholds(scorer.task, threshold, per_class),
+            operating_point=None if ignore_operating_point else scorer.operating_point,
         )
         with _progress_bar() as bar:
             decode = bar.add_task("decoding images", total=None)
@@ -413,13 +468,20 @@ def evaluate(
         err_console.print(
             f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True
         )
+    _print_evaluation(result, f"{model.name} on {len(cached)} images", bootstrap)
+    console.print(f"report: {out / 'evaluation.md'} (+ evaluation.json, 3 PNG figures)", highlight=False)
+
+
+def _print_evaluation(result: EvaluationResult, title: str, bootstrap: int) -> None:
+    """The evaluation's table and summary lines on the console."""
+    from common.evaluation import format_interval, format_value
+
     table = Table(
-        title=f"{model.name} on {len(cached)} images "
-        f"({scorer.task.name}; 95% bootstrap CI, {bootstrap} resamples)",
+        title=f"{title} ({result.task.name}; 95% bootstrap CI, {bootstrap} resamples)",
         title_justify="left",
     )
     for column in (
-        "finding" if scorer.task.is_multilabel else "class",
+        "finding" if result.task.is_multilabel else "class",
         "AUROC",
         "sensitivity",
         "specificity",
@@ -437,12 +499,21 @@ def evaluate(
         highlight=False,
         soft_wrap=True,
     )
-    if result.site_balanced_accuracy is not None:
-        console.print(
-            f"balanced accuracy at the site's thresholds {format_interval(result.site_balanced_accuracy)}",
-            highlight=False,
-        )
-    console.print(f"report: {out / 'evaluation.md'} (+ evaluation.json, 3 PNG figures)", highlight=False)
+    if result.site_balanced_accuracy is None:
+        return
+    console.print(
+        f"at the {result.site_rule}: balanced accuracy {format_interval(result.site_balanced_accuracy)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for c in result.classes:
+        if c.site_sensitivity is not None and c.site_specificity is not None:
+            console.print(
+                f"  {c.name}: sensitivity {format_interval(c.site_sensitivity)}, "
+                f"specificity {format_interval(c.site_specificity)}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command()
@@ -461,13 +532,17 @@ def explain(
         typer.Option("--layer", help="Dotted module name to explain (default: the model's usual layer)."),
     ] = None,
     class_name: Annotated[
-        str | None, typer.Option("--class", help="Explain this class instead of the predicted one.")
+        str | None, typer.Option("--class", help="Explain this class instead of the decided one.")
     ] = None,
+    ignore_operating_point: IgnoreOperatingPoint = False,
 ) -> None:
-    """Grad-CAM heat maps of a student's (or teacher's) decisions, saved as PNG overlays."""
+    """Grad-CAM heat maps of a student's (or teacher's) decisions, saved as PNG overlays.
+
+    The decided class is the one chosen at the site's operating point the model carries."""
     from common.export import list_images, load_torch_model
     from common.gradcam import grad_cam, resolve_layer, save_overlay
     from common.models import get_spec
+    from common.operating_point import OperatingPoint
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -481,27 +556,45 @@ def explain(
     if not paths:
         raise fail(f"no image files (.png, .jpg, .jpeg, .bmp, .tif, .tiff) found under '{image}'")
     prep = loaded.preprocessing
+    rule = prep.decision_rule if not ignore_operating_point else OperatingPoint.argmax(loaded.task)
     out.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"Grad-CAM of {loaded.config.name} at layer '{layer_name}'", title_justify="left")
-    for column in ("image", "class", "probability", "overlay"):
+    table = Table(
+        title=f"Grad-CAM of {loaded.config.name} at layer '{layer_name}'; decided by {rule.describe()}",
+        title_justify="left",
+    )
+    for column in ("image", "decided", "explained class", "probability", "overlay"):
         table.add_column(column, overflow="fold")
     written = 0
     for path in paths:
         try:
             grey = prep.load_grey(path)
+            decided, decided_index = _decision(loaded, rule, prep.normalise(grey))
+            which = decided_index if class_index is None else class_index
             result = grad_cam(
-                loaded.model, prep.normalise(grey), loaded.task, layer=layer_name, class_index=class_index
+                loaded.model, prep.normalise(grey), loaded.task, layer=layer_name, class_index=which
             )
         except CxrFlError as exc:
             err_console.print(f"[yellow]warning:[/] skipped {path}: {exc}", highlight=False)
             continue
         target = out / f"{path.stem}.gradcam.png"
         save_overlay(grey, result, target, title=path.name)
-        table.add_row(str(path), result.class_name, f"{result.probability:.3f}", str(target))
+        table.add_row(str(path), decided, result.class_name, f"{result.probability:.3f}", str(target))
         written += 1
     console.print(table)
     if not written:
         raise fail(f"none of the {len(paths)} image(s) could be read")
+
+
+def _decision(loaded: LoadedModel, rule: OperatingPoint, image: Any) -> tuple[str, int | None]:
+    """The decision at ``rule`` on one preprocessed image ``[C, S, S]``, and the class to explain
+    (the decided one; multi-label: None, the finding of highest probability)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        logits = loaded.model(torch.from_numpy(np.ascontiguousarray(image[None]))).float().numpy()
+    decided = rule.decided_names(loaded.preprocessing.probabilities(logits))[0]
+    return decided, None if loaded.task.is_multilabel else loaded.task.index(decided)
 
 
 @app.command()
@@ -552,21 +645,9 @@ def start(
             "else $XDG_STATE_HOME/cxr-fl, else ~/.local/state/cxr-fl).",
         ),
     ] = None,
-    share_per_class_metrics: Annotated[
-        bool,
-        typer.Option(
-            "--share-per-class-metrics",
-            help="Also send accuracy, F1 and per-class metrics (rounded; they reveal class shares).",
-        ),
-    ] = False,
-    share_exact_metrics: Annotated[
-        bool,
-        typer.Option(
-            "--share-exact-metrics",
-            help="Send every figure, count and error text at full precision instead of rounded to 2 "
-            "significant digits (research federations; a crafted model can then read class counts).",
-        ),
-    ] = False,
+    share_per_class_metrics: SharePerClassMetrics = False,
+    share_exact_metrics: ShareExactMetrics = False,
+    operating_point: OperatingPointCriterion = "balanced-accuracy",
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
     device: Annotated[
         str,
@@ -699,6 +780,7 @@ def start(
             initial_teacher_sha256=initial_teacher_sha256,
             initial_teacher=initial_teacher,
             policy=_site_policy(image_size, **limits),
+            operating_point=_criterion_option(operating_point, task),
         )
         if runtime == "warm":
             from client.app_runner import require_supported_flwr

@@ -142,6 +142,8 @@ class SiteNodeSettings:
     # the site's own pin of the initial global teacher (client/teacher_pin.py)
     initial_teacher_sha256: str | None = None
     initial_teacher: Path | None = None
+    # the site's criterion for its operating points (client/site.py; checked by the CLI)
+    operating_point: str = "balanced-accuracy"
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -221,6 +223,7 @@ class SiteNodeSettings:
         values["state-dir"] = str(self.resolved_state_dir)
         values["share-per-class-metrics"] = self.share_per_class_metrics
         values["share-exact-metrics"] = self.share_exact_metrics
+        values["operating-point"] = self.operating_point
         for key, value in (
             ("dp-target-epsilon", self.dp_target_epsilon),
             ("dp-target-delta", self.dp_target_delta),

@@ -18,6 +18,13 @@ deployed site:
 - sends error texts without file or folder names, with every integer replaced by ``#`` and
   every other number coarse (:func:`public_text`); the site's own log keeps the full text.
 
+The scalars of the check before delivery (:data:`DELIVERY_CHECK_SCALARS`, client/site_operating_point.py:
+balanced accuracy at the site's operating points, the number of classes the delivered student
+never chooses, the verdict) leave a deployed site coarse without an opt-in, as the coordinator's
+summary needs them: a balanced accuracy is a mean of within-class rates, so no class share follows
+from it, even for a crafted model; they reveal at most how many classes the test split holds. Their
+per-class figures (``..._op_sensitivity/<class>``) are per-class figures like any other.
+
 Opt-ins, the site's own options (node_config, never a run setting): ``share-per-class-metrics``
 (``cxr-fl-client start --share-per-class-metrics``) adds the class-revealing metrics, still
 coarse; ``share-exact-metrics`` sends every figure and error text at full precision, under DP
@@ -50,6 +57,18 @@ TRAINING_SPLIT_KEYS = frozenset(
 )
 """Figures computed on the training split (besides the weights): never sent by a DP site."""
 
+DELIVERY_CHECK_SCALARS = frozenset(
+    {
+        "teacher_op_balanced_accuracy",
+        "student_op_balanced_accuracy",
+        "nokd_op_balanced_accuracy",
+        "kd_op_balanced_accuracy",
+        "student_op_never_predicted",
+        "delivery_check_ok",
+    }
+)
+"""The check before delivery's scalars: sent coarse by every site (see the module docstring)."""
+
 SIGNIFICANT_DIGITS = 2
 
 _NUMBER = re.compile(r"(?<![\w.-])[-+]?(\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w])")
@@ -75,6 +94,8 @@ def bucket_count(n: int) -> int:
 
 
 def _reveals_classes(key: str) -> bool:
+    if key in DELIVERY_CHECK_SCALARS:
+        return False
     if "/" in key:  # per-class figures are named '<metric>/<class>'
         return True
     return any(key == name or key.endswith("_" + name) for name in (*CLASS_REVEALING, *PER_CLASS_NAMES))

@@ -6,7 +6,8 @@
 ``student.onnx``                     ONNX (opset 17, input ``image``, output ``logits``),
                                      checked against PyTorch with ONNX Runtime on test images
 ``student.preprocessing.json``       image size, resize geometry, normalisation, classes,
-                                     softmax/sigmoid, input/output names (read by ``predict``)
+                                     softmax/sigmoid, input/output names, the site's operating
+                                     point (read by ``predict``)
 ``student.torchscript.pt``           TorchScript (traced)
 ``student.pt`` (+ ``.sha256``,       PyTorch state_dict and the metadata needed to rebuild the
 ``.json``)                           model (ModelConfig, task, image size): what ``explain`` loads
@@ -48,6 +49,7 @@ from common.local import DeliveredStudent, DistillOutcome, SiteData
 from common.local import student_config as distilled_student_config
 from common.model_card import ModelCard, split_metrics, write_model_card
 from common.models import count_flops, count_parameters
+from common.operating_point import OperatingPoint
 from common.run_settings import FederatedRunConfig
 from common.tasks import Task
 
@@ -114,11 +116,13 @@ def export_site_student(
     options: EdgeExportOptions | None = None,
     subdir: str = STUDENT_DIR,
     delivered: DeliveredStudent | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> dict[str, float]:
     """Write the student's ONNX, TorchScript, preprocessing, weights and model card; return scalars.
 
     ``subdir`` is the folder under the site's output (``student``, or ``global_student`` for
-    the consortium's federated student).
+    the consortium's federated student). ``operating_point``: the site's decision rule of this
+    student (its preprocessing JSON, weights metadata and model card carry it; it stays here).
 
     Raises ModelError when ONNX Runtime disagrees with PyTorch by more than 1e-4.
     """
@@ -134,14 +138,18 @@ def export_site_student(
 
     onnx_path = export_onnx(student, out / "student.onnx", image_size, in_channels)
     equalize = settings.run.preprocess_equalize
-    prep = Preprocessing.for_task(task, image_size, in_channels, equalize=equalize)
+    prep = Preprocessing.for_task(
+        task, image_size, in_channels, equalize=equalize, operating_point=operating_point
+    )
     prep_path = write_preprocessing(prep, onnx_path)
     script_path = export_torchscript(student, out / "student.torchscript.pt", image_size, in_channels)
     weights_path = out / "student.pt"
     save_model(
         student,
         weights_path,
-        metadata=model_metadata(student_config, task, image_size, "student", equalize=equalize),
+        metadata=model_metadata(
+            student_config, task, image_size, "student", equalize=equalize, operating_point=operating_point
+        ),
     )
     files = [onnx_path, prep_path, script_path, weights_path]
     if opts.save_teacher:
@@ -213,23 +221,7 @@ def export_site_student(
             "parameters": teacher_parameters,
         },
         teacher_dp_epsilon=teacher_epsilon,
-        distillation={
-            "student": settings.distill.student,
-            "width_mult": settings.distill.width_mult,
-            "temperature": settings.distill.temperature,
-            "alpha": settings.distill.alpha,
-            "epochs": settings.distill.epochs,
-            "batch_size": settings.distill.batch_size,
-            "lr": settings.distill.lr,
-            "cache_teacher_logits": settings.distill.cache_teacher_logits,
-            "seed": settings.distill.seed,
-            "recalibrate_bn": settings.distill.recalibrate_bn,
-            "mix": settings.distill.mix,
-            "schedule": settings.distill.schedule,
-            "select_best": settings.distill.select_best,
-            "delivered": (delivered or _site_only(settings)).choice,
-            "delivered_because": (delivered or _site_only(settings)).reason,
-        },
+        distillation=_distillation_facts(settings, delivered or _site_only(settings)),
         size_mb=size_mb,
         parameters=parameters,
         flops=flops,
@@ -246,6 +238,7 @@ def export_site_student(
         },
         onnx_max_abs_diff=max_diff,
         files={path.name: sha256_file(path) for path in files},
+        operating_point=prep.decision_rule.describe(),
     )
     write_model_card(card, out)
     record_delivered(Path(site.out_dir), subdir, delivered or _site_only(settings))
@@ -255,6 +248,28 @@ def export_site_student(
         "student_size_mb": size_mb,
         "student_parameters": float(parameters),
         "student_mflops": flops / 1e6,
+    }
+
+
+def _distillation_facts(settings: FederatedRunConfig, delivered: DeliveredStudent) -> dict[str, object]:
+    """The model card's KD settings, and which student this site delivers and why."""
+    d = settings.distill
+    return {
+        "student": d.student,
+        "width_mult": d.width_mult,
+        "temperature": d.temperature,
+        "alpha": d.alpha,
+        "epochs": d.epochs,
+        "batch_size": d.batch_size,
+        "lr": d.lr,
+        "cache_teacher_logits": d.cache_teacher_logits,
+        "seed": d.seed,
+        "recalibrate_bn": d.recalibrate_bn,
+        "mix": d.mix,
+        "schedule": d.schedule,
+        "select_best": d.select_best,
+        "delivered": delivered.choice,
+        "delivered_because": delivered.reason,
     }
 
 

@@ -6,6 +6,7 @@ In a deployment ``cxr-fl-client start`` passes these as SuperNode ``--node-confi
     max-image-size=256 max-local-epochs=10 max-kd-epochs=20 max-rounds=100
     dp-target-epsilon=3.0 dp-target-delta=1e-5 dp-max-grad-norm=1.0 dp-accountant="rdp"
     state-dir="/var/lib/cxr-fl/state" share-per-class-metrics=false share-exact-metrics=false
+    operating-point="balanced-accuracy"
 
 The privacy ledger is site-wide, not per run folder: ``<state-dir>/privacy/ledger.json`` (the
 state dir defaults to ``$CXR_FL_STATE_DIR`` or ``~/.local/state/cxr-fl``) unless
@@ -27,6 +28,11 @@ common/device.py) and optionally ``amp``. A ``device`` run setting from the serv
 at a deployed site (a server cannot make a hospital's workstation use, or avoid, its GPU); the
 server's ``amp`` applies unless the site sets its own. Simulated sites use the run settings.
 
+The site's operating point is its own choice too: node_config ``operating-point`` (``argmax``,
+``balanced-accuracy``, the default, or ``sensitivity:CLASS=X[,...]``; common/operating_point.py),
+the criterion by which it fits its decision rule on its validation split; never a run setting.
+A simulated site reads it from the simulation's node_config (default ``balanced-accuracy``).
+
 A deployed site's policy (``max-image-size``, ``max-local-epochs``, ``max-kd-epochs``,
 ``max-rounds``, ``max-teacher-parameters``; client/site_policy.py) bounds the work a run may ask
 of it; simulated sites have none.
@@ -45,6 +51,7 @@ from client.site_policy import SitePolicy
 from common.config import PrivacyConfig
 from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
+from common.operating_point import Criterion, parse_criterion
 from common.run_settings import (
     FederatedRunConfig,
     check_dp_norm,
@@ -52,6 +59,7 @@ from common.run_settings import (
     from_mapping,
     parse_bool,
 )
+from common.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +101,8 @@ class SiteConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     # the most a run may ask of this site (client/site_policy.py); None: a simulated site
     policy: SitePolicy | None = None
+    # how this site fits its decision rules on its validation split (common/operating_point.py)
+    operating_point: Criterion = field(default_factory=Criterion)
 
     @property
     def ledger_path(self) -> Path:
@@ -226,6 +236,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             share_exact_metrics=node_flag(node_config, "share-exact-metrics", True),
             simulated=True,
             compute=settings.compute,
+            operating_point=site_criterion(node_config, settings.task),
         )
     out_dir = Path(_required(node_config, "out-dir"))
     data_format = _required(node_config, "data-format")
@@ -250,7 +261,17 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         share_exact_metrics=node_flag(node_config, "share-exact-metrics", False),
         compute=_site_compute(node_config, settings),
         policy=SitePolicy.from_mapping(node_config, lambda key: f"node_config '{key}'"),
+        operating_point=site_criterion(node_config, settings.task),
     )
+
+
+OPERATING_POINT_KEY = "operating-point"
+
+
+def site_criterion(node_config: Mapping[str, Any], task: Task) -> Criterion:
+    """The site's own criterion for its operating points (node_config ``operating-point``)."""
+    text = node_config.get(OPERATING_POINT_KEY, "balanced-accuracy")
+    return parse_criterion(str(text), task, f"node_config '{OPERATING_POINT_KEY}'")
 
 
 def _absolute_option(node_config: Mapping[str, Any], key: str) -> Path | None:

@@ -17,8 +17,10 @@ from files to report:
 3. :func:`evaluate_scores` computes, with scikit-learn for the point estimates and
    :mod:`common.bootstrap` for the intervals: AUROC per class (one-vs-rest) or finding and
    their macro mean with stratified bootstrap percentile intervals; sensitivity, specificity
-   and balanced accuracy at the model's operating point (argmax for multi-class, 0.5 per
-   finding for multi-label) and at thresholds the site chooses; calibration (expected
+   and balanced accuracy at the model's own rule (argmax for multi-class, 0.5 per finding for
+   multi-label) and at the site's: the operating point the model carries
+   (common/operating_point.py, fitted on the site's validation split), or thresholds the site
+   chooses on the command line, which replace it; calibration (expected
    calibration error over equal-width bins, top-label for multi-class, per finding for
    multi-label); confusion matrices.
 4. :func:`write_report` writes ``evaluation.json``, ``evaluation.md``, ``roc_curves.png``,
@@ -49,6 +51,7 @@ from common.data.cache import CachedImages, ProgressCallback, build_cache
 from common.errors import ConfigError, CxrFlError, DataError, ModelError
 from common.jsonio import json_safe, write_json, write_text_atomic
 from common.metrics import compute_metrics
+from common.operating_point import OperatingPoint
 from common.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class ScoringModel:
     predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     equalize: bool = False
     """Histogram-equalise images before normalising (the model was trained so)."""
+    operating_point: OperatingPoint | None = None
+    """The site's decision rule the model carries (None: its own argmax / 0.5)."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -95,6 +100,7 @@ class ScoringModel:
             "image_size": self.image_size,
             "in_channels": self.in_channels,
             "equalize": self.equalize,
+            "operating_point": self.operating_point.describe() if self.operating_point else None,
         }
 
 
@@ -188,6 +194,7 @@ def load_scoring_model(path: Path, *, num_threads: int = 2) -> ScoringModel:
             prep.in_channels,
             predictor.predict_arrays,
             prep.equalize,
+            prep.operating_point,
         )
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
@@ -216,6 +223,7 @@ def load_scoring_model(path: Path, *, num_threads: int = 2) -> ScoringModel:
         loaded.config.in_channels,
         _torch_scorer(loaded.model, loaded.task, loaded.image_size, loaded.config.in_channels),
         loaded.equalize,
+        loaded.operating_point,
     )
 
 
@@ -305,13 +313,15 @@ def score_images(
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How the evaluation is computed. ``thresholds`` are the site's chosen per-class thresholds."""
+    """How the evaluation is computed. ``thresholds`` are the site's chosen per-class thresholds;
+    without any, ``operating_point`` (the site's rule the model carries) gives the site's decisions."""
 
     n_bootstrap: int = 1000
     seed: int = 0
     level: float = 0.95
     calibration_bins: int = 10
     thresholds: Mapping[str, float] | None = None
+    operating_point: OperatingPoint | None = None
 
     def __post_init__(self) -> None:
         if self.n_bootstrap < 1:
@@ -353,6 +363,7 @@ class ClassResult:
     specificity: Interval
     ece: float
     site_threshold: float | None = None
+    site_log_prior_shift: float | None = None
     site_sensitivity: Interval | None = None
     site_specificity: Interval | None = None
     site_confusion: list[list[int]] | None = None
@@ -367,9 +378,10 @@ class ClassResult:
             "specificity": self.specificity.to_dict(),
             "ece": self.ece,
         }
-        if self.site_threshold is not None:
+        if self.site_sensitivity is not None:
             out["site_operating_point"] = {
                 "threshold": self.site_threshold,
+                "log_prior_shift": self.site_log_prior_shift,
                 "sensitivity": self.site_sensitivity.to_dict() if self.site_sensitivity else None,
                 "specificity": self.site_specificity.to_dict() if self.site_specificity else None,
                 "confusion": self.site_confusion,
@@ -406,6 +418,10 @@ class EvaluationResult:
     roc: tuple[tuple[str, list[float], list[float]], ...]
     settings: EvaluationSettings
     notes: tuple[str, ...] = ()
+    site_rule: str = ""
+    """How the site's decisions were taken (its thresholds, or its operating point in one line)."""
+    site_values: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """``{"thresholds": {class: t}}`` or ``{"log_prior_shift": {class: b}}`` of the site's rule."""
 
     def to_dict(self) -> dict[str, Any]:
         settings = self.settings
@@ -426,7 +442,9 @@ class EvaluationResult:
             "site_operating_point": None
             if self.site_balanced_accuracy is None
             else {
-                "thresholds": dict(settings.thresholds or {}),
+                "rule": self.site_rule,
+                "thresholds": dict(self.site_values.get("thresholds", {})),
+                **{k: dict(v) for k, v in self.site_values.items() if k != "thresholds"},
                 "balanced_accuracy": self.site_balanced_accuracy.to_dict(),
             },
             "classes": [c.to_dict() for c in self.classes],
@@ -488,7 +506,7 @@ def evaluate_scores(
         operating_point = "threshold 0.5"
     weights = stratified_weights(strata, settings.n_bootstrap, settings.seed)
     level = settings.level
-    thresholds = settings.thresholds or {}
+    rule = site_rule(task, scores, settings)
 
     class_results: list[ClassResult] = []
     auroc_samples, sens_samples, spec_samples, site_sens_samples, site_spec_samples = [], [], [], [], []
@@ -511,22 +529,11 @@ def evaluate_scores(
             fpr, tpr, _ = roc_curve(y[mask].astype(int), s[mask])
             roc.append((name, fpr.tolist(), tpr.tolist()))
         site: dict[str, Any] = {}
-        if name in thresholds:
-            chosen = s >= thresholds[name]
-            site_sens = weighted_rate(chosen, y & mask, weights)
-            site_spec = weighted_rate(~chosen, ~y & mask, weights)
+        chosen = rule.chosen[k] if rule is not None else None
+        if rule is not None and chosen is not None:
+            site, site_sens, site_spec = _site_class(rule, name, chosen, y & mask, ~y & mask, weights, level)
             site_sens_samples.append(site_sens)
             site_spec_samples.append(site_spec)
-            tp = int(np.sum(chosen & y & mask))
-            fp = int(np.sum(chosen & ~y & mask))
-            fn = int(np.sum(~chosen & y & mask))
-            tn = int(np.sum(~chosen & ~y & mask))
-            site = {
-                "site_threshold": thresholds[name],
-                "site_sensitivity": percentile_interval(_ratio(tp, tp + fn), site_sens, level),
-                "site_specificity": percentile_interval(_ratio(tn, tn + fp), site_spec, level),
-                "site_confusion": [[tn, fp], [fn, tp]],
-            }
         class_results.append(
             ClassResult(
                 name=name,
@@ -557,17 +564,8 @@ def evaluate_scores(
         ece = _nanmean([c.ece for c in class_results])
         ece_kind = "mean over findings of each finding's ECE (probability vs observed rate)"
     site_balanced: Interval | None = None
-    if thresholds:
-        site_values = [
-            (c.site_sensitivity.value + c.site_specificity.value) / 2
-            for c in class_results
-            if c.site_sensitivity is not None and c.site_specificity is not None
-        ]
-        site_b = _nanmean_rows(
-            [(a + b) / 2 for a, b in zip(site_sens_samples, site_spec_samples, strict=True)],
-            settings.n_bootstrap,
-        )
-        site_balanced = percentile_interval(_nanmean(site_values), site_b, level)
+    if rule is not None:
+        site_balanced = _site_balanced(rule, class_results, site_sens_samples, site_spec_samples, settings)
     return EvaluationResult(
         task=task,
         n_images=len(scores),
@@ -584,7 +582,93 @@ def evaluate_scores(
         roc=tuple(roc),
         settings=settings,
         notes=point.notes,
+        site_rule=rule.description if rule else "",
+        site_values=rule.values if rule else {},
     )
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """The site's decisions on the evaluated images, per class (None: no decision of the site's)."""
+
+    description: str
+    chosen: list[np.ndarray | None]
+    values: dict[str, dict[str, float]]
+    mean_recall: bool
+    """Balanced accuracy as the mean sensitivity over classes (one decision per image), else as
+    the mean of (sensitivity + specificity) / 2 per class or finding."""
+
+
+def site_rule(task: Task, scores: np.ndarray, settings: EvaluationSettings) -> SiteRule | None:
+    """The site's thresholds (``--threshold``/``--class-threshold``: they replace the operating
+    point), else the operating point the model carries; None when the site has neither."""
+    thresholds = settings.thresholds or {}
+    if thresholds:
+        chosen = [
+            scores[:, k] >= thresholds[c] if c in thresholds else None for k, c in enumerate(task.classes)
+        ]
+        return SiteRule("site's thresholds", chosen, {"thresholds": dict(thresholds)}, mean_recall=False)
+    point = settings.operating_point
+    if point is None or point.is_model_rule:
+        return None
+    if point.classes != tuple(task.classes) or point.task_kind != task.kind:
+        raise ModelError(
+            f"the model's operating point is for classes {', '.join(point.classes)}, not its task's"
+        )
+    decided = point.decide(scores)
+    if task.is_multilabel:
+        picks: list[np.ndarray | None] = [decided[:, k] == 1 for k in range(task.num_classes)]
+        values = {"thresholds": dict(zip(task.classes, point.thresholds, strict=True))}
+    else:
+        picks = [decided == k for k in range(task.num_classes)]
+        values = {"log_prior_shift": dict(zip(task.classes, point.log_prior_shift, strict=True))}
+    return SiteRule(f"site's operating point: {point.describe()}", picks, values, not task.is_multilabel)
+
+
+def _site_class(
+    rule: SiteRule,
+    name: str,
+    chosen: np.ndarray,
+    positive: np.ndarray,
+    negative: np.ndarray,
+    weights: np.ndarray,
+    level: float,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """One class's figures at the site's decisions, and their bootstrap samples."""
+    sens_b = weighted_rate(chosen, positive, weights)
+    spec_b = weighted_rate(~chosen, negative, weights)
+    tp, fp = int(np.sum(chosen & positive)), int(np.sum(chosen & negative))
+    fn, tn = int(np.sum(~chosen & positive)), int(np.sum(~chosen & negative))
+    figures = {
+        "site_threshold": rule.values.get("thresholds", {}).get(name),
+        "site_log_prior_shift": rule.values.get("log_prior_shift", {}).get(name),
+        "site_sensitivity": percentile_interval(_ratio(tp, tp + fn), sens_b, level),
+        "site_specificity": percentile_interval(_ratio(tn, tn + fp), spec_b, level),
+        "site_confusion": [[tn, fp], [fn, tp]],
+    }
+    return figures, sens_b, spec_b
+
+
+def _site_balanced(
+    rule: SiteRule,
+    classes: list[ClassResult],
+    sens_samples: list[np.ndarray],
+    spec_samples: list[np.ndarray],
+    settings: EvaluationSettings,
+) -> Interval:
+    """Balanced accuracy at the site's decisions (see :attr:`SiteRule.mean_recall`), with its interval."""
+    pairs = [
+        (c.site_sensitivity.value, c.site_specificity.value)
+        for c in classes
+        if c.site_sensitivity is not None and c.site_specificity is not None
+    ]
+    if rule.mean_recall:
+        values, rows = [sens for sens, _ in pairs], sens_samples
+    else:
+        values = [(sens + spec) / 2 for sens, spec in pairs]
+        rows = [(a + b) / 2 for a, b in zip(sens_samples, spec_samples, strict=True)]
+    samples = _nanmean_rows(rows, settings.n_bootstrap)
+    return percentile_interval(_nanmean(values), samples, settings.level)
 
 
 def _ratio(num: int, den: int) -> float:
@@ -651,7 +735,7 @@ def _markdown(report: Mapping[str, Any], result: EvaluationResult) -> str:
         f"| {format_value(result.ece)} |",
     ]
     if result.site_balanced_accuracy is not None:
-        lines.append(f"| balanced accuracy (site thresholds) | {ci(result.site_balanced_accuracy)} |")
+        lines.append(f"| balanced accuracy ({_site_label(result)}) | {ci(result.site_balanced_accuracy)} |")
     lines += [
         "",
         f"## Per {unit} (operating point: {result.operating_point})",
@@ -664,22 +748,7 @@ def _markdown(report: Mapping[str, Any], result: EvaluationResult) -> str:
             f"| {c.name} | {c.positives} | {c.negatives} | {ci(c.auroc)} | {ci(c.sensitivity)} | "
             f"{ci(c.specificity)} | {format_value(c.ece)} |"
         )
-    if result.site_balanced_accuracy is not None:
-        lines += [
-            "",
-            "## Site-chosen thresholds",
-            "",
-            f"| {unit} | threshold | sensitivity | specificity | TN / FP / FN / TP |",
-            "|---|---:|---|---|---|",
-        ]
-        for c in result.classes:
-            if c.site_threshold is None or c.site_confusion is None:
-                continue
-            (tn, fp), (fn, tp) = c.site_confusion
-            lines.append(
-                f"| {c.name} | {c.site_threshold:g} | {ci(c.site_sensitivity)} | {ci(c.site_specificity)} | "
-                f"{tn} / {fp} / {fn} / {tp} |"
-            )
+    lines += _markdown_site(result, unit)
     lines += [
         "",
         "## Figures",
@@ -698,6 +767,40 @@ def _markdown(report: Mapping[str, Any], result: EvaluationResult) -> str:
         f"{unit} without positive or without negative images.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _site_label(result: EvaluationResult) -> str:
+    return "site thresholds" if result.settings.thresholds else "site operating point"
+
+
+def _markdown_site(result: EvaluationResult, unit: str) -> list[str]:
+    """The report's section on the site's decisions (its thresholds, or its operating point)."""
+    if result.site_balanced_accuracy is None:
+        return []
+    ci = format_interval
+    shifts = "log_prior_shift" in result.site_values
+    title = "Site-chosen thresholds" if result.settings.thresholds else "Site operating point"
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        f"Decisions at the {result.site_rule}.",
+        "",
+        f"| {unit} | {'log-prior shift' if shifts else 'threshold'} | sensitivity | specificity "
+        "| TN / FP / FN / TP |",
+        "|---|---:|---|---|---|",
+    ]
+    for c in result.classes:
+        value = c.site_log_prior_shift if shifts else c.site_threshold
+        if value is None or c.site_confusion is None:
+            continue
+        (tn, fp), (fn, tp) = c.site_confusion
+        shown = f"{value:+.2f}" if shifts else f"{value:g}"
+        lines.append(
+            f"| {c.name} | {shown} | {ci(c.site_sensitivity)} | {ci(c.site_specificity)} | "
+            f"{tn} / {fp} / {fn} / {tp} |"
+        )
+    return lines
 
 
 def _save_figure(fig: Any, path: Path) -> None:

@@ -12,10 +12,13 @@ What a hospital deploys is an ONNX file plus ``<name>.preprocessing.json`` besid
   resize the shorter side to ``image_size`` and centre-crop (:func:`common.data.cache.resize_square`),
   scale to [0, 1], ``(x - mean) / std`` with :data:`common.data.dataset.NORMALISATION` -- plus the
   class names and how logits become probabilities (softmax for multi-class, sigmoid per finding
-  for multi-label).
+  for multi-label), and the site's operating point (``operating_point``, optional: the decision
+  rule the site fitted on its validation split, :mod:`common.operating_point`; an export without
+  one decides by argmax / 0.5 per finding).
 
 :class:`OnnxPredictor` is the deployed side: it reads the JSON beside the model (a clear error
-if it is missing), preprocesses image files exactly like the cache, and runs ONNX Runtime.
+if it is missing), preprocesses image files exactly like the cache, runs ONNX Runtime and decides
+at the export's operating point.
 :func:`measure_latency` gives the median latency of batch-1 inference on this machine.
 """
 
@@ -41,6 +44,7 @@ from common.data.cache import PREPROCESS_VERSION, resize_square
 from common.data.dataset import NORMALISATION
 from common.data.readers import IMAGE_SUFFIXES, decode_image_file
 from common.errors import DataError, ModelError
+from common.operating_point import OperatingPoint
 from common.run_settings import from_mapping, to_mapping
 from common.tasks import Task, get_task
 
@@ -67,7 +71,8 @@ class Preprocessing:
     ``input = (pixel / 255 - mean) / std`` on the greyscale image resized as described in
     ``resize`` (then histogram-equalised when ``equalize`` is true, as the model was trained:
     run setting ``preprocess-equalize``); ``activation`` is ``softmax`` (multi-class) or
-    ``sigmoid`` (multi-label).
+    ``sigmoid`` (multi-label). ``operating_point``: the site's decision rule, fitted on its
+    validation split (common/operating_point.py); None (an export without one): the argmax.
     """
 
     image_size: int
@@ -87,6 +92,7 @@ class Preprocessing:
     format: str = PREPROCESSING_FORMAT
     equalize: bool = False
     equalize_method: str = ""
+    operating_point: OperatingPoint | None = None
 
     @property
     def activation(self) -> str:
@@ -94,7 +100,13 @@ class Preprocessing:
 
     @classmethod
     def for_task(
-        cls, task: Task, image_size: int, in_channels: int = 1, *, equalize: bool = False
+        cls,
+        task: Task,
+        image_size: int,
+        in_channels: int = 1,
+        *,
+        equalize: bool = False,
+        operating_point: OperatingPoint | None = None,
     ) -> Preprocessing:
         from common.data.preprocess import EQUALIZE_METHOD
 
@@ -106,12 +118,22 @@ class Preprocessing:
             in_channels=in_channels,
             equalize=equalize,
             equalize_method=EQUALIZE_METHOD if equalize else "",
+            operating_point=operating_point,
         )
+
+    @property
+    def decision_rule(self) -> OperatingPoint:
+        """The site's operating point, or the model's own rule (argmax / 0.5) without one."""
+        return self.operating_point or OperatingPoint.model_rule(self.task_kind, self.classes)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["classes"] = list(self.classes)
         out["activation"] = self.activation
+        if self.operating_point is None:
+            del out["operating_point"]
+        else:
+            out["operating_point"] = self.operating_point.to_dict()
         return out
 
     @classmethod
@@ -138,6 +160,9 @@ class Preprocessing:
                 output_name=str(data.get("output_name", OUTPUT_NAME)),
                 equalize=_json_bool(data.get("equalize", False), "equalize"),
                 equalize_method=str(data.get("equalize_method", "")),
+                operating_point=read_operating_point(
+                    data.get("operating_point"), data["classes"], str(data["task_kind"]), source
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source} is missing or has a bad field ({exc}); re-export the model") from None
@@ -177,6 +202,22 @@ class Preprocessing:
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def read_operating_point(
+    data: Any, classes: Sequence[Any], task_kind: str, source: str
+) -> OperatingPoint | None:
+    """The ``operating_point`` of a model file (None when absent: an older export, the argmax),
+    checked and matched against the model's classes and task kind (ModelError otherwise)."""
+    if data is None:
+        return None
+    point = OperatingPoint.from_dict(data, f"{source}: operating_point")
+    if point.classes != tuple(str(c) for c in classes) or point.task_kind != task_kind:
+        raise ModelError(
+            f"{source}: its operating_point is for {point.task_kind} classes {', '.join(point.classes)}, "
+            "not the model's; re-export the model"
+        )
+    return point
 
 
 def _json_bool(value: Any, name: str) -> bool:
@@ -405,6 +446,8 @@ class Prediction:
     path: Path
     probabilities: dict[str, float] | None
     error: str | None = None
+    decided: str | None = None
+    """The decision at the predictor's rule (:attr:`OnnxPredictor.decision_rule`)."""
 
     @property
     def top_class(self) -> str | None:
@@ -414,10 +457,15 @@ class Prediction:
 
 
 class OnnxPredictor:
-    """An exported model and its preprocessing, ready to score image files with ONNX Runtime."""
+    """An exported model and its preprocessing, ready to score image files with ONNX Runtime.
 
-    def __init__(self, model_path: Path, *, num_threads: int = 2) -> None:
+    Decisions are taken at the site's operating point the export carries, unless
+    ``use_operating_point`` is False (then, as for an export without one, the model's own rule).
+    """
+
+    def __init__(self, model_path: Path, *, num_threads: int = 2, use_operating_point: bool = True) -> None:
         self.model_path = Path(model_path)
+        self.use_operating_point = use_operating_point
         if not self.model_path.is_file():
             raise ModelError(
                 f"model file '{self.model_path}' not found; give the path of the exported .onnx file"
@@ -431,6 +479,13 @@ class OnnxPredictor:
                 f"model '{self.model_path}' has {width} outputs but its preprocessing file lists "
                 f"{len(self.preprocessing.classes)} classes; the two files do not belong together"
             )
+
+    @property
+    def decision_rule(self) -> OperatingPoint:
+        prep = self.preprocessing
+        if self.use_operating_point:
+            return prep.decision_rule
+        return OperatingPoint.model_rule(prep.task_kind, prep.classes)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, C]`` for preprocessed ``images`` ``[N, C, S, S]``."""
@@ -449,17 +504,26 @@ class OnnxPredictor:
         if loaded:
             probs = self.predict_arrays(np.stack([x for _, x in loaded]))
             classes = self.preprocessing.classes
-            for (path, _), row in zip(loaded, probs, strict=True):
-                results.append(Prediction(path, {c: float(p) for c, p in zip(classes, row, strict=True)}))
+            decided = self.decision_rule.decided_names(probs)
+            for (path, _), row, decision in zip(loaded, probs, decided, strict=True):
+                scores = {c: float(p) for c, p in zip(classes, row, strict=True)}
+                results.append(Prediction(path, scores, decided=decision))
         order = {Path(p): i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order.get(r.path, 0))
 
 
 def model_metadata(
-    config: ModelConfig, task: Task, image_size: int, role: str, *, equalize: bool = False
+    config: ModelConfig,
+    task: Task,
+    image_size: int,
+    role: str,
+    *,
+    equalize: bool = False,
+    operating_point: OperatingPoint | None = None,
 ) -> dict[str, Any]:
-    """The ``<weights>.json`` beside a state_dict, so it can be rebuilt (see :func:`load_torch_model`)."""
-    return {
+    """The ``<weights>.json`` beside a state_dict, so it can be rebuilt (see :func:`load_torch_model`),
+    with the site's operating point of the model when it has one."""
+    meta = {
         "format": MODEL_METADATA_FORMAT,
         "role": role,
         "model": to_mapping(config),
@@ -468,6 +532,9 @@ def model_metadata(
         "image_size": image_size,
         "equalize": equalize,
     }
+    if operating_point is not None:
+        meta["operating_point"] = operating_point.to_dict()
+    return meta
 
 
 @dataclass
@@ -480,11 +547,16 @@ class LoadedModel:
     image_size: int
     path: Path
     equalize: bool = False
+    operating_point: OperatingPoint | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.for_task(
-            self.task, self.image_size, self.config.in_channels, equalize=self.equalize
+            self.task,
+            self.image_size,
+            self.config.in_channels,
+            equalize=self.equalize,
+            operating_point=self.operating_point,
         )
 
 
@@ -518,6 +590,9 @@ def load_torch_model(path: Path) -> LoadedModel:
         task = get_task(str(meta["task"]))
         image_size = int(meta["image_size"])
         equalize = _json_bool(meta.get("equalize", False), "equalize")
+        point = read_operating_point(
+            meta.get("operating_point"), task.classes, task.kind, f"metadata '{weights.name}.json'"
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(
             f"metadata '{weights.name}.json' is incomplete ({exc}); re-export the model"
@@ -525,4 +600,4 @@ def load_torch_model(path: Path) -> LoadedModel:
     model = build_model(config, task.num_classes)
     model.load_state_dict(load_model_state(weights))
     model.eval()
-    return LoadedModel(model, config, task, image_size, weights, equalize)
+    return LoadedModel(model, config, task, image_size, weights, equalize, point)

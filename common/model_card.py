@@ -2,7 +2,8 @@
 
 A card records what a hospital needs before deploying the student: where and on what it was
 trained (site, split counts per class, whether the data was synthetic), its classes and task
-kind, test metrics of teacher and student on the site's test split, the DP epsilon of the
+kind, its decision rule (the site's operating point, in one line: common/operating_point.py),
+test metrics of teacher and student on the site's test split, the DP epsilon of the
 teacher it learnt from (or "not DP"), its size, parameters, FLOPs (with the counting convention),
 median latency on the exporting machine, the KD settings, the SHA-256 of every exported file,
 the creation date and an intended-use / limitations paragraph.
@@ -39,6 +40,7 @@ CARD_FIELDS: tuple[str, ...] = (
     "synthetic_data",
     "data_counts",
     "class_counts",
+    "operating_point",
     "metrics",
     "teacher",
     "teacher_dp_epsilon",
@@ -78,6 +80,8 @@ class ModelCard:
     latency: dict[str, Any]
     onnx_max_abs_diff: float
     files: dict[str, str]
+    operating_point: str = "argmax (the model's own rule)"
+    """The decision rule in one line (:meth:`common.operating_point.OperatingPoint.describe`)."""
     created: str = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0).isoformat())
     flops_convention: str = FLOPS_CONVENTION
     format: str = CARD_FORMAT
@@ -153,7 +157,16 @@ def render_markdown(card: ModelCard) -> str:
         per_class = card.class_counts.get(part, {})
         cells = " | ".join(str(per_class.get(c, "")) for c in card.classes)
         lines.append(f"| {part} | {n} | {cells} |")
-    lines += ["", "## Test metrics (site test split)", ""]
+    lines += [
+        "",
+        "## Decision rule",
+        "",
+        f"Operating point: {card.operating_point}. `cxr-fl-client predict`, `evaluate` and `explain` "
+        "decide with it (`--ignore-operating-point`: the plain argmax).",
+        "",
+        "## Test metrics (site test split)",
+        "",
+    ]
     columns = list(card.metrics)
     names = sorted({k for m in card.metrics.values() for k in m if "/" not in k})
     per_class_names = sorted({k for m in card.metrics.values() for k in m if "/" in k})

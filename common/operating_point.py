@@ -73,7 +73,8 @@ def parse_criterion(text: str, task: Task, option: str = "--operating-point") ->
             raise ConfigError(option, text, expected) from None
         if not sep or not 0.0 < target <= 1.0:
             raise ConfigError(option, text, expected)
-        task.index(cls.strip())  # ConfigError listing the task's classes
+        if cls.strip() not in task.classes:
+            raise ConfigError(option, text, f"{expected}; CLASS one of {', '.join(task.classes)}")
         targets.append((cls.strip(), target))
     return Criterion("sensitivity", tuple(targets))
 
@@ -94,10 +95,20 @@ class OperatingPoint:
     @classmethod
     def argmax(cls, task: Task) -> OperatingPoint:
         """The model's own rule: argmax (multi-class) or 0.5 per finding (multi-label)."""
-        c = task.num_classes
-        if task.is_multilabel:
-            return cls("argmax", task.kind, tuple(task.classes), thresholds=(0.5,) * c)
-        return cls("argmax", task.kind, tuple(task.classes), log_prior_shift=(0.0,) * c)
+        return cls.model_rule(task.kind, tuple(task.classes))
+
+    @classmethod
+    def model_rule(cls, task_kind: str, classes: tuple[str, ...]) -> OperatingPoint:
+        """:meth:`argmax` from a task's kind and classes (a model file names them, not its task)."""
+        c = len(classes)
+        if task_kind == "multilabel":
+            return cls("argmax", task_kind, tuple(classes), thresholds=(0.5,) * c)
+        return cls("argmax", task_kind, tuple(classes), log_prior_shift=(0.0,) * c)
+
+    @property
+    def is_model_rule(self) -> bool:
+        """True for the model's own rule (nothing fitted): decisions are the plain argmax / 0.5."""
+        return self.criterion == "argmax"
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Multi-class: class index per image ``[N]``; multi-label: 0/1 matrix ``[N, C]``."""
@@ -105,6 +116,17 @@ class OperatingPoint:
         if self.task_kind == "multilabel":
             return (p >= np.asarray(self.thresholds)[None, :]).astype(np.int64)
         return _decide_multiclass(np.log(np.clip(p, _EPS, 1.0)), np.asarray(self.log_prior_shift))
+
+    def decided_names(self, probabilities: np.ndarray) -> list[str]:
+        """The decision of each image as text: its class (multi-class), or the findings decided
+        positive joined by ``"; "`` (multi-label; ``"no finding"`` when none)."""
+        decided = self.decide(probabilities)
+        if self.task_kind != "multilabel":
+            return [self.classes[int(k)] for k in decided]
+        return [
+            "; ".join(c for c, d in zip(self.classes, row, strict=True) if d) or "no finding"
+            for row in decided
+        ]
 
     def describe(self) -> str:
         """One line for reports and model cards (no class counts)."""
@@ -157,6 +179,11 @@ class OperatingPoint:
         return point
 
     def check(self, source: str) -> None:
+        """ModelError naming ``source`` unless every value is finite and in range, one per class."""
+        if self.task_kind not in ("multiclass", "multilabel") or not self.classes:
+            raise ModelError(
+                f"{source}: task_kind must be multiclass or multilabel, with classes; re-export the model"
+            )
         values = self.thresholds if self.task_kind == "multilabel" else self.log_prior_shift
         if len(values) != len(self.classes) or not all(math.isfinite(v) for v in values):
             raise ModelError(f"{source}: one finite value per class expected; re-export the model")
@@ -164,6 +191,9 @@ class OperatingPoint:
             raise ModelError(f"{source}: thresholds must be probabilities; re-export the model")
         if self.task_kind != "multilabel" and not all(abs(v) <= BIAS_LIMIT for v in values):
             raise ModelError(f"{source}: log-prior shifts beyond +-{BIAS_LIMIT:g}; re-export the model")
+        score = self.validation_balanced_accuracy
+        if not (math.isnan(score) or 0.0 <= score <= 1.0):
+            raise ModelError(f"{source}: validation_balanced_accuracy must be in [0, 1]; re-export the model")
 
 
 def _decide_multiclass(log_p: np.ndarray, shift: np.ndarray) -> np.ndarray:
