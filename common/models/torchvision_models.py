@@ -7,7 +7,12 @@ Adaptations, all made at construction time:
 - no in-place activations, and an out-of-place residual add in ResNet's BasicBlock, so Opacus'
   per-sample-gradient hooks work (see DESIGN.md, "Other dependency facts");
 - dropout before the classifier, applied in ``forward`` so that parameter names stay those of
-  torchvision (a local torchvision checkpoint then loads by name, see ``common.models.weights``).
+  torchvision (a local torchvision checkpoint then loads by name, see ``common.models.weights``);
+- MobileNetV2: the last norm layer of every residual block starts with zero scale ("zero-gamma",
+  Goyal et al. 2017), so each block starts as the identity. From scratch on the demo's images
+  (626 training images at 64 px, Adam 0.002, batch 32, no KD) its test macro-AUROC passed 0.95
+  after 3 epochs instead of 5 and 0.99 after 4 instead of 8 (issue 25): a site's few hundred
+  images give only a few hundred optimiser steps.
 
 No pretrained weights are downloaded; torchvision's ``weights=`` arguments are never used.
 """
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.densenet import DenseNet
-from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from common.models.norms import disable_inplace, norm_factory, replace_batchnorm
@@ -109,4 +114,7 @@ def build_mobilenetv2(
     first = model.features[0][0]
     model.features[0][0] = _first_conv(first, in_channels)
     nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
+    for block in model.modules():
+        if isinstance(block, InvertedResidual) and block.use_res_connect:
+            nn.init.zeros_(block.conv[-1].weight)  # zero-gamma: the block starts as the identity
     return disable_inplace(model)

@@ -192,3 +192,16 @@ def test_stock_torchvision_resnet_fails_under_opacus_hooks() -> None:
 
 def test_every_registered_model_is_tested() -> None:
     assert set(MODELS) == set(EXPECTED_PARAMETERS)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_mobilenetv2_residual_blocks_start_as_the_identity(norm: str) -> None:
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    model = _build("mobilenetv2", norm=norm).eval()
+    residual = [m for m in model.modules() if isinstance(m, InvertedResidual) and m.use_res_connect]
+    assert len(residual) == 10
+    for block in residual:  # zero-gamma: each residual block adds nothing until it is trained
+        channels = block.conv[0][0].in_channels
+        x = torch.randn(2, channels, 8, 8)
+        assert torch.equal(block(x), x)
