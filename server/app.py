@@ -38,12 +38,21 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.aggregation import aggregate_train, screen_train_replies
+from server.batchnorm import FederatedBatchNorm
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, mark_dropped, wait_for_sites
+from server.rounds import (
+    RoundFailedError,
+    SiteOutcome,
+    TeacherRounds,
+    aggregated_counts,
+    collect,
+    mark_dropped,
+    wait_for_sites,
+)
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
@@ -121,6 +130,46 @@ def distillation_round(
     return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
 
 
+def federated_batchnorm(
+    grid: Grid, settings: FederatedRunConfig, role: str, names: dict[int, str]
+) -> FederatedBatchNorm | None:
+    """The federated BatchNorm statistics phase of the run's teacher or student (None with
+    ``bn-statistics = "averaged"`` or a model without BatchNorm)."""
+    if settings.run.bn_statistics != "federated":
+        return None
+    config = (
+        settings.teacher
+        if role == "teacher"
+        else student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    )
+    return FederatedBatchNorm.for_model(
+        grid,
+        role,
+        config,
+        settings.task.num_classes,
+        settings.run.image_size,
+        timeout=settings.run.round_timeout,
+        names=names,
+    )
+
+
+def student_statistics(
+    grid: Grid,
+    settings: FederatedRunConfig,
+    names: dict[int, str],
+    student: ArrayRecord,
+    last_round: tuple[int, list[SiteOutcome]],
+) -> tuple[ArrayRecord, list[dict[str, object]]]:
+    """The final global student with BatchNorm statistics pooled from the sites of its last
+    round (``bn-statistics = "federated"``), and the sites' rows; as it was otherwise."""
+    phase = federated_batchnorm(grid, settings, "student", names)
+    if phase is None:
+        return student, []
+    server_round, outcomes = last_round
+    update = phase.update(server_round, student, aggregated_counts(outcomes))
+    return update.arrays, [o.row(server_round, "student-bn-statistics") for o in update.outcomes]
+
+
 def federated_student(
     grid: Grid,
     folder: RunFolder,
@@ -177,6 +226,10 @@ def federated_student(
             settings.kd_federated_student_rounds,
             len(screened.replies),
         )
+    student, bn_rows = student_statistics(
+        grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
+    )
+    rows += bn_rows
     save_model(
         student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
     )
@@ -299,6 +352,8 @@ def main(grid: Grid, context: Context) -> None:
         central_evaluate=central_evaluator(settings),
         validation_mode=settings.run.validation_mode,
     )
+    teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
+    rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
     if resume is not None and resume.validated_round >= settings.run.num_rounds:
         logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
         best_round = resume.best_round
