@@ -101,6 +101,14 @@ class FederatedBatchNorm:
     def update(self, server_round: int, arrays: ArrayRecord, counts: Mapping[int, float]) -> BatchNormUpdate:
         """``arrays`` with statistics pooled from the sites in ``counts`` (node id -> the example
         count each reported for training this round)."""
+        if not counts:
+            logger.warning(
+                "BatchNorm statistics of the %s, round %d: no aggregated site to ask; the model keeps the "
+                "averaged ones",
+                self.role,
+                server_round,
+            )
+            return BatchNormUpdate(arrays, [], {"bn_statistics_sites": 0.0})
         started = time.monotonic()
         config = ConfigRecord({"server-round": server_round, BN_MODEL_KEY: self.role})
         messages = [
