@@ -167,7 +167,7 @@ def student_statistics(
         return student, []
     server_round, outcomes = last_round
     update = phase.update(server_round, student, aggregated_counts(outcomes))
-    return update.arrays, [o.row(server_round, "student-bn-statistics") for o in update.outcomes]
+    return update.arrays, [o.row(server_round, "bn-statistics-student") for o in update.outcomes]
 
 
 def federated_student(
