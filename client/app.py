@@ -1,5 +1,8 @@
 """The Flower ClientApp of a hospital site: teacher rounds, federated validation, distillation.
 
+Also the BatchNorm statistics of a global model over the site's train split (``query.bn_statistics``,
+run setting ``bn-statistics``): per-layer moments and the image count, declined under DP.
+
 Wiring only: Context -> typed settings on the first lines, then common/local.py does the work.
 Replies carry the model weights (teacher rounds only), the number of examples and scalar
 metrics, plus the site's self-chosen name; never images, labels or per-image outputs. By

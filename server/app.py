@@ -1,5 +1,8 @@
 """The Flower ServerApp: teacher rounds, then the distillation round, then the run summary.
 
+With ``bn-statistics = "federated"`` the teacher's aggregate of every round and the federated
+student's last aggregate get BatchNorm statistics pooled from the sites (server/batchnorm.py).
+
 Wiring only: settings come from ``context.run_config`` (typed on the first lines), the round
 loop lives in server/rounds.py, the run folder in server/run_folder.py, the ML in common/.
 """

@@ -13,6 +13,10 @@ and adds what a multi-day hospital federation needs:
   finite real numbers, no usable example count) is left out of the round with its reason, and
   each metric is averaged over the sites that send it (server/aggregation.py): sites with
   and without their own DP, or sharing per-class metrics or not, send different keys;
+- with a ``batchnorm`` hook (run setting ``bn-statistics = "federated"``, server/batchnorm.py),
+  the aggregate's BatchNorm statistics are recomputed with the sites it averaged before anything
+  validates, checkpoints or sends it; a resume starts from the checkpoint, whose statistics are
+  already pooled, and never pools them twice;
 - after every round the global teacher, the strategy state and the seeds are checkpointed, the
   best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
 - node sampling is seeded per round, so a resumed run samples what the straight run sampled.
@@ -296,27 +300,8 @@ class TeacherRounds:
         self.best_metric = float("nan")
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
-        arrays = initial
-        start_round = 1
-        # The aggregate row of the last trained round while its model waits for validation.
-        pending: dict[str, Any] | None = None
-        if resume is not None:
-            arrays = ArrayRecord(self.folder.load_model("last"))
-            load_strategy_state(self.strategy, self.folder.load_strategy_state())
-            start_round = resume.completed_round + 1
-            self.best_round, self.best_metric = resume.best_round, resume.best_metric
-            pending = resume.pending_row
-            logger.info(
-                "%s",
-                resume_line(
-                    self.folder.root,
-                    resume.completed_round,
-                    self.num_rounds,
-                    self.best_round,
-                    self.selection_metric,
-                    self.best_metric,
-                ),
-            )
+        # pending: the aggregate row of the last trained round while its model waits for validation
+        arrays, start_round, pending = (initial, 1, None) if resume is None else self._resume(resume)
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
             received = arrays
@@ -381,6 +366,25 @@ class TeacherRounds:
         if pending is not None:
             self._final_validation(pending, arrays)
         return TeacherResult(arrays, self.num_rounds, self.best_round, self.best_metric)
+
+    def _resume(self, resume: ResumeState) -> tuple[ArrayRecord, int, dict[str, Any] | None]:
+        """The last checkpointed model (its statistics already pooled: they are not pooled
+        again), the next round and the pending aggregate row of a resumed run."""
+        arrays = ArrayRecord(self.folder.load_model("last"))
+        load_strategy_state(self.strategy, self.folder.load_strategy_state())
+        self.best_round, self.best_metric = resume.best_round, resume.best_metric
+        logger.info(
+            "%s",
+            resume_line(
+                self.folder.root,
+                resume.completed_round,
+                self.num_rounds,
+                self.best_round,
+                self.selection_metric,
+                self.best_metric,
+            ),
+        )
+        return arrays, resume.completed_round + 1, resume.pending_row
 
     def _final_validation(self, pending: dict[str, Any], arrays: ArrayRecord) -> None:
         """Validate the last model with one evaluate message (in-train mode) and close its row."""
