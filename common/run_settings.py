@@ -45,9 +45,11 @@ SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro",
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 AUGMENT_CHOICES = ("default", "strong")
 """The ``augment`` presets (common.data.dataset.AUGMENT_PRESETS)."""
-BN_STATISTICS_MODES = ("federated", "averaged")
-"""How the global model's BatchNorm statistics are set after each aggregate: recomputed with the
-sites for the aggregated weights (common/batchnorm_stats.py), or FedAvg's average of the buffers."""
+BN_STATISTICS_MODES = ("federated", "every-round", "averaged")
+"""How the global models' BatchNorm statistics are set: recomputed with the sites for the
+aggregated weights (common/batchnorm_stats.py) for the delivered teacher and the final federated
+student (``federated``), also after every teacher round (``every-round``), or FedAvg's average of
+the buffers (``averaged``)."""
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -80,7 +82,7 @@ class RunSettings:
     augment: str = "default"
     """Training augmentation preset: ``default`` or ``strong`` (common/data/dataset.py)."""
     bn_statistics: str = "federated"
-    """``federated``: BatchNorm statistics recomputed with the sites after each aggregate; ``averaged``."""
+    """``federated``, ``every-round`` or ``averaged`` (see :data:`BN_STATISTICS_MODES`)."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:

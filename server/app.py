@@ -41,7 +41,7 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.aggregation import aggregate_train, screen_train_replies
-from server.batchnorm import FederatedBatchNorm
+from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
@@ -131,29 +131,6 @@ def distillation_round(
         grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites, names
     )
     return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
-
-
-def federated_batchnorm(
-    grid: Grid, settings: FederatedRunConfig, role: str, names: dict[int, str]
-) -> FederatedBatchNorm | None:
-    """The federated BatchNorm statistics phase of the run's teacher or student (None with
-    ``bn-statistics = "averaged"`` or a model without BatchNorm)."""
-    if settings.run.bn_statistics != "federated":
-        return None
-    config = (
-        settings.teacher
-        if role == "teacher"
-        else student_config(settings.distill, settings.teacher, settings.teacher.norm)
-    )
-    return FederatedBatchNorm.for_model(
-        grid,
-        role,
-        config,
-        settings.task.num_classes,
-        settings.run.image_size,
-        timeout=settings.run.round_timeout,
-        names=names,
-    )
 
 
 def student_statistics(
@@ -355,8 +332,9 @@ def main(grid: Grid, context: Context) -> None:
         central_evaluate=central_evaluator(settings),
         validation_mode=settings.run.validation_mode,
     )
-    teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
-    rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
+    if settings.run.bn_statistics == "every-round":
+        teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
+        rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
     if resume is not None and resume.validated_round >= settings.run.num_rounds:
         logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
         best_round = resume.best_round
@@ -364,6 +342,7 @@ def main(grid: Grid, context: Context) -> None:
         result = rounds.run(initial_teacher(settings), resume)
         best_round = result.best_round
     write_learning_curves(folder, settings.run.selection_metric)
+    pool_delivered_teacher(grid, folder, settings, rounds.site_names)
 
     distill_rows: list[dict[str, object]] = []
     student_note = "off (kd-enabled = false)"

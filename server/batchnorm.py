@@ -1,13 +1,18 @@
 """The coordinator's side of federated BatchNorm statistics (run setting ``bn-statistics``).
 
-With ``federated`` (the default), after each teacher round's aggregate (server/rounds.py) and
-after the federated student's last aggregate (server/app.py), the server sends the aggregated
-model to the sites whose replies it just aggregated (a ``query.bn_statistics`` message); each
+With ``federated`` (the default), once the teacher rounds are over, for the teacher the run
+delivers (``distill-teacher``: best.pt or last.pt, rewritten before distillation), and after the
+federated student's last aggregate (server/app.py); with ``every-round``, also after every
+teacher round's aggregate (server/rounds.py), so that validation and the best-round choice see
+pooled statistics, at the cost of one more message per round (in the demo a site's pass over
+its train split is about a fifth of its local training). The server sends the aggregated
+model to the sites whose replies it aggregated (a ``query.bn_statistics`` message); each
 site answers with the exact per-channel moments of every BatchNorm layer's input over its train
 split (common/batchnorm_stats.py) and its image count, and the server writes the pooled
-statistics into the model's running_mean / running_var. So validation, the best-round choice,
-the checkpoints and the teacher the sites distil from all see statistics that match the
-weights, instead of FedAvg's average of the sites' moving averages (``averaged``).
+statistics into the model's running_mean / running_var. So the teacher the sites distil from
+(and, with ``every-round``, validation and every checkpoint) has statistics that match its
+weights, instead of FedAvg's average of the sites' moving averages (``averaged``). The statistics
+do not change training (sites train with batch statistics), only what the model predicts.
 
 A reply is untrusted: it is dropped, with its reason logged, unless its arrays are exactly
 the model's layers (shape, floating point, finite, variance >= 0) and its image count is a
@@ -37,11 +42,15 @@ from common.batchnorm_stats import (
     positions_per_image,
     with_statistics,
 )
+from common.checkpoint import load_metadata, save_model
 from common.config import ModelConfig
+from common.local import student_config
 from common.models import build_model
 from common.protocol import BN_MODEL_KEY, BN_STATISTICS_MESSAGE_TYPE, BN_STATISTICS_RECORD, WEIGHT_KEY
+from common.run_settings import FederatedRunConfig
 from server.aggregation import reply_metrics
 from server.rounds import SiteOutcome, collect, mark_dropped
+from server.run_folder import BN_STATISTICS_PHASE, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -190,3 +199,68 @@ def statistics_problem(
         return f"its statistics cannot be read ({type(exc).__name__})", empty
     problem = moments_problem(arrays, channels)
     return (problem, empty) if problem is not None else (None, (float(count), arrays))
+
+
+def federated_batchnorm(
+    grid: Grid, settings: FederatedRunConfig, role: str, names: dict[int, str]
+) -> FederatedBatchNorm | None:
+    """The federated BatchNorm statistics phase of the run's teacher or student (None with
+    ``bn-statistics = "averaged"`` or a model without BatchNorm)."""
+    if settings.run.bn_statistics == "averaged":
+        return None
+    config = (
+        settings.teacher
+        if role == "teacher"
+        else student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    )
+    return FederatedBatchNorm.for_model(
+        grid,
+        role,
+        config,
+        settings.task.num_classes,
+        settings.run.image_size,
+        timeout=settings.run.round_timeout,
+        names=names,
+    )
+
+
+POOLED_MARK = "bn_statistics"
+"""Checkpoint metadata key: the model's BatchNorm statistics were pooled from the sites."""
+
+
+def pool_delivered_teacher(
+    grid: Grid, folder: RunFolder, settings: FederatedRunConfig, names: dict[int, str]
+) -> None:
+    """Give the teacher the run delivers (``distill-teacher``: best.pt or last.pt) BatchNorm
+    statistics pooled from the sites that trained its round (``bn-statistics = "federated"``),
+    in its checkpoint, before distillation. A checkpoint already pooled (a resumed run, or
+    ``every-round``) is left as it is."""
+    which = settings.run.distill_teacher
+    path = folder.checkpoints / f"{which}.pt"
+    metadata = load_metadata(path) or {}
+    if settings.run.bn_statistics != "federated" or metadata.get(POOLED_MARK) == "pooled":
+        return
+    phase = federated_batchnorm(grid, settings, "teacher", names)
+    if phase is None:
+        return
+    server_round = int(metadata.get("round", settings.run.num_rounds))
+    connected = set(grid.get_node_ids())
+    counts = {  # the sites whose replies made this model, with the counts FedAvg weighted them by
+        int(row["node_id"]): float(row[WEIGHT_KEY])
+        for row in folder.read_metrics()
+        if row.get("phase") == "train"
+        and row.get("round") == server_round
+        and row.get("status") == "ok"
+        and WEIGHT_KEY in row
+        and int(row["node_id"]) in connected
+    }
+    update = phase.update(server_round, ArrayRecord(folder.load_model(which)), counts)
+    if update.metrics.get("bn_statistics_sites", 0) > 0:
+        pooled = update.arrays.to_torch_state_dict()
+        other = "last" if which == "best" else "best"
+        same_model = (load_metadata(folder.checkpoints / f"{other}.pt") or {}).get("round") == server_round
+        for name in (which, other) if same_model else (which,):
+            save_model(
+                pooled, folder.checkpoints / f"{name}.pt", metadata={**metadata, POOLED_MARK: "pooled"}
+            )
+        folder.append_metrics([o.row(server_round, BN_STATISTICS_PHASE) for o in update.outcomes])
