@@ -4,8 +4,11 @@ With ``federated`` (the default), once the teacher rounds are over, for the teac
 delivers (``distill-teacher``: best.pt or last.pt, rewritten before distillation), and after the
 federated student's last aggregate (server/app.py); with ``every-round``, also after every
 teacher round's aggregate (server/rounds.py), so that validation and the best-round choice see
-pooled statistics, at the cost of one more message per round (in the demo a site's pass over
-its train split is about a fifth of its local training). The server sends the aggregated
+pooled statistics, at the cost of one more message per round (in the demo 6-10 s on rounds of
+38-63 s: a site's pass over its train split costs a fifth to a third of its local training;
+benchmarks/results/bn_statistics.md). The statistics change neither training nor, since a
+site's pass does not read the statistics the model arrives with, the delivered teacher: only
+the per-round validation scores. The server sends the aggregated
 model to the sites whose replies it aggregated (a ``query.bn_statistics`` message); each
 site answers with the exact per-channel moments of every BatchNorm layer's input over its train
 split (common/batchnorm_stats.py) and its image count, and the server writes the pooled
