@@ -4,6 +4,7 @@ dropped with their reason, the others pooled into the model; no usable reply kee
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.batchnorm_stats import MEAN_SQ_SUFFIX, MEAN_SUFFIX, expected_channels
+from common.checkpoint import load_metadata
 from common.config import ModelConfig
 from common.models import build_model
 from common.protocol import BN_STATISTICS_MESSAGE_TYPE, BN_STATISTICS_RECORD, SITE_RECORD, WEIGHT_KEY
-from server.batchnorm import FederatedBatchNorm, statistics_problem
+from common.run_settings import run_settings_from_config
+from server.batchnorm import FederatedBatchNorm, pool_delivered_teacher, statistics_problem
+from server.run_folder import RunFolder
+from tests.conftest import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -58,6 +63,9 @@ class StatisticsSites:
 
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
         return [self.outbox.pop(i) for i in message_ids if i in self.outbox]
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.answers)
 
 
 def _phase(grid: StatisticsSites) -> FederatedBatchNorm:
@@ -144,3 +152,49 @@ def test_a_count_must_be_a_whole_number_within_the_training_count(
 def test_a_model_without_batchnorm_has_no_phase() -> None:
     group = ModelConfig(name="tiny-cnn", norm="group")
     assert FederatedBatchNorm.for_model(None, "teacher", group, 3, 32, timeout=5.0, names={}) is None  # type: ignore[arg-type]
+
+
+def test_the_delivered_teacher_is_pooled_once_and_a_resumed_run_does_not_pool_it_again(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a finished 2-round run whose best round is 1 (best.pt) and last round 2
+    settings = run_settings_from_config(
+        flower_run_config(teacher_name="tiny-cnn", image_size=32, num_rounds=2)
+    )
+    folder = RunFolder(tmp_path)
+    model = build_model(TINY, 3).state_dict()
+    folder.save_round(
+        server_round=2,
+        state_dict=model,
+        strategy_state={},
+        is_best=False,
+        best_round=1,
+        best_metric=0.5,
+        seed=0,
+    )
+    folder.save_best(1, model, seed=0)
+    folder.append_metrics(
+        [
+            {"phase": "train", "round": r, "node_id": n, "status": "ok", WEIGHT_KEY: 100}
+            for r in (1, 2)
+            for n in (10, 20)
+        ]
+    )
+    grid = StatisticsSites({10: (_moments(1.0, 1.0), 100), 20: (_moments(3.0, 1.0), 100)})
+
+    # Execute: the run ends, then it is resumed (the same call again)
+    pool_delivered_teacher(grid, folder, settings, {})  # type: ignore[arg-type]
+    pool_delivered_teacher(grid, folder, settings, {})  # type: ignore[arg-type]
+
+    # Assert: one message per site, for round 1's model; best.pt pooled and marked, last.pt not
+    assert [(m.metadata.dst_node_id, m.content["config"]["server-round"]) for m in grid.sent] == [
+        (10, 1),
+        (20, 1),
+    ]
+    assert load_metadata(folder.checkpoints / "best.pt") == {"round": 1, "seed": 0, "bn_statistics": "pooled"}
+    torch.testing.assert_close(folder.load_model("best")["features.0.1.running_mean"], torch.full((8,), 2.0))
+    assert "bn_statistics" not in (load_metadata(folder.checkpoints / "last.pt") or {})
+    assert [r["site"] for r in folder.read_metrics() if r["phase"] == "bn-statistics"] == [
+        "site_10",
+        "site_20",
+    ]
