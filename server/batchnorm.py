@@ -236,8 +236,9 @@ def pool_delivered_teacher(
 ) -> None:
     """Give the teacher the run delivers (``distill-teacher``: best.pt or last.pt) BatchNorm
     statistics pooled from the sites that trained its round (``bn-statistics = "federated"``),
-    in its checkpoint, before distillation. A checkpoint already pooled (a resumed run, or
-    ``every-round``) is left as it is."""
+    in that checkpoint only, before distillation: a run resumed for more rounds trains on from
+    last.pt as the straight run would. A checkpoint already pooled (marked in its metadata: a
+    resumed run) is left as it is."""
     which = settings.run.distill_teacher
     path = folder.checkpoints / f"{which}.pt"
     metadata = load_metadata(path) or {}
@@ -259,11 +260,5 @@ def pool_delivered_teacher(
     }
     update = phase.update(server_round, ArrayRecord(folder.load_model(which)), counts)
     if update.metrics.get("bn_statistics_sites", 0) > 0:
-        pooled = update.arrays.to_torch_state_dict()
-        other = "last" if which == "best" else "best"
-        same_model = (load_metadata(folder.checkpoints / f"{other}.pt") or {}).get("round") == server_round
-        for name in (which, other) if same_model else (which,):
-            save_model(
-                pooled, folder.checkpoints / f"{name}.pt", metadata={**metadata, POOLED_MARK: "pooled"}
-            )
+        save_model(update.arrays.to_torch_state_dict(), path, metadata={**metadata, POOLED_MARK: "pooled"})
         folder.append_metrics([o.row(server_round, BN_STATISTICS_PHASE) for o in update.outcomes])

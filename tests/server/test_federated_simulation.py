@@ -226,15 +226,15 @@ def _central_statistics(
 def test_federated_batchnorm_statistics_are_those_of_one_pass_over_both_sites(
     simulation: FlowerSimulation, manifests: Path, workspace: Path
 ) -> None:
-    # Execute: one round each (bn-statistics = "federated" pools the delivered teacher, here
-    # best.pt = last.pt); the same training, only the statistics differ
+    # Execute: one round each (bn-statistics = "federated" pools the delivered teacher, best.pt);
+    # the same training, only the statistics differ
     federated, averaged = workspace / "bn_federated", workspace / "bn_averaged"
     simulation.run(_config(federated, manifests, num_rounds=1), num_sites=2)
     simulation.run(_config(averaged, manifests, num_rounds=1, bn_statistics="averaged"), num_sites=2)
 
     # Assert
-    with_pooled = load_model_state(federated / "checkpoints" / "last.pt")
-    with_average = load_model_state(averaged / "checkpoints" / "last.pt")
+    with_pooled = load_model_state(federated / "checkpoints" / "best.pt")
+    with_average = load_model_state(averaged / "checkpoints" / "best.pt")
     central = _central_statistics(with_average, manifests, federated)  # the aggregate's weights
     assert central, "tiny-cnn has BatchNorm layers"
     for key, value in with_pooled.items():
@@ -249,4 +249,7 @@ def test_federated_batchnorm_statistics_are_those_of_one_pass_over_both_sites(
         ("site_01", "ok"),
     }
     assert load_metadata(federated / "checkpoints" / "best.pt")["bn_statistics"] == "pooled"
+    assert "bn_statistics" not in load_metadata(
+        federated / "checkpoints" / "last.pt"
+    )  # training goes on from it
     assert not [r for r in _rows(averaged) if r["phase"] == "bn-statistics"]
