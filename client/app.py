@@ -1,5 +1,8 @@
 """The Flower ClientApp of a hospital site: teacher rounds, federated validation, distillation.
 
+Also the BatchNorm statistics of a global model over the site's train split (``query.bn_statistics``,
+run setting ``bn-statistics``): per-layer moments and the image count, declined under DP.
+
 Wiring only: Context -> typed settings on the first lines, then common/local.py does the work.
 Replies carry the model weights (teacher rounds only), the number of examples and scalar
 metrics, plus the site's self-chosen name; never images, labels or per-image outputs. By
@@ -25,8 +28,9 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
 
 from client.admission import admit
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
@@ -43,12 +47,14 @@ from client.site_operating_point import (
     score_at_site,
 )
 from client.site_policy import SitePolicyError
+from common.batchnorm_stats import site_moments
 from common.checkpoint import load_model_state, save_model
 from common.config import ModelConfig, PrivacyConfig
 from common.errors import CxrFlError, DataError
 from common.export import model_metadata
 from common.jsonio import write_json
 from common.local import (
+    EVAL_BATCH_SIZE,
     DataRequest,
     DeliveredStudent,
     DistillOutcome,
@@ -68,6 +74,9 @@ from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
+    BN_MODEL_KEY,
+    BN_MODELS,
+    BN_STATISTICS_RECORD,
     RUN_FINISHED_MARKER,
     SITE_BAD_INPUT,
     SITE_DECLINED,
@@ -447,6 +456,41 @@ def _student_at_site(
     )
 
 
+def _bn_statistics(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+) -> RecordDict:
+    """The moments of every BatchNorm layer's input over this site's un-augmented train split,
+    under the model the server sent (run setting ``bn-statistics``, common/batchnorm_stats.py).
+
+    The model is untrusted like any the server sends: it was admitted like a train message
+    (policy, pin) and must load into the run's architecture exactly. A site under DP declines:
+    these statistics are computed on its training images, and DP-SGD's guarantee covers only
+    the noised weights."""
+    if _privacy(settings, site, data).enabled:
+        raise SitePolicyError(
+            "a site under DP does not send BatchNorm statistics of its training images: DP-SGD's "
+            "guarantee covers only its noised weights"
+        )
+    role = msg.content["config"].get(BN_MODEL_KEY, "teacher")
+    if role not in BN_MODELS:
+        raise DataError(
+            f"the server asks for BatchNorm statistics of a {role!r} model: expected one of {BN_MODELS}"
+        )
+    config = settings.teacher if role == "teacher" else _student_config(settings)
+    try:
+        model = build_loaded_model(config, settings.task, msg.content["arrays"].to_torch_state_dict())
+    except RuntimeError as exc:  # load_state_dict: other tensors or shapes than the run's model
+        raise DataError(f"the model sent for BatchNorm statistics is not the run's {role}: {exc}") from None
+    compute = site.resolve_compute()
+    loader = DataLoader(data.dataset("train"), batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
+    torch.set_num_threads(site.num_threads)
+    moments = site_moments(model.to(compute.device), loader, device=compute.device)
+    record = ArrayRecord({key: Array(values) for key, values in moments.arrays().items()})
+    return RecordDict(
+        {BN_STATISTICS_RECORD: record, "metrics": MetricRecord({WEIGHT_KEY: len(data.split.train)})}
+    )
+
+
 def _global_teacher(site: SiteConfig) -> dict[str, torch.Tensor]:
     path = site.out_dir / GLOBAL_TEACHER_FILE
     if not path.is_file():
@@ -681,6 +725,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, context, _evaluate)
+
+
+@app.query("bn_statistics")
+def bn_statistics(msg: Message, context: Context) -> Message:
+    return _reply(msg, context, _bn_statistics)
 
 
 @app.train("distill")

@@ -26,6 +26,14 @@ SITE_APP_REFUSED = 1004
 DISTILL_MESSAGE_TYPE = "train.distill"
 STUDENT_ROUND_MESSAGE_TYPE = "train.student"
 STUDENT_FINAL_MESSAGE_TYPE = "evaluate.student"
+BN_STATISTICS_MESSAGE_TYPE = "query.bn_statistics"
+"""The server asks for the moments of every BatchNorm layer's input over the site's train split
+under the model it sends (common/batchnorm_stats.py, run setting ``bn-statistics``)."""
+BN_STATISTICS_RECORD = "bn-statistics"
+"""The ArrayRecord of a statistics reply (per layer: mean and mean of squares)."""
+BN_MODEL_KEY = "model"
+"""Config key of a statistics message: which of the run's models it brings, "teacher" or "student"."""
+BN_MODELS = ("teacher", "student")
 FINISH_MESSAGE_TYPE = "query.finish"
 """The server's last message of a run: a site writes RUN_FINISHED_MARKER and may stop."""
 RUN_FINISHED_MARKER = "run_finished.json"

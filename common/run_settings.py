@@ -45,6 +45,11 @@ SELECTION_METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro",
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 AUGMENT_CHOICES = ("default", "strong")
 """The ``augment`` presets (common.data.dataset.AUGMENT_PRESETS)."""
+BN_STATISTICS_MODES = ("federated", "every-round", "averaged")
+"""How the global models' BatchNorm statistics are set: recomputed with the sites for the
+aggregated weights (common/batchnorm_stats.py) for the delivered teacher and the final federated
+student (``federated``), also after every teacher round (``every-round``), or FedAvg's average of
+the buffers (``averaged``)."""
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -76,6 +81,8 @@ class RunSettings:
     """Histogram equalisation of every image, at training, evaluation and in the export."""
     augment: str = "default"
     """Training augmentation preset: ``default`` or ``strong`` (common/data/dataset.py)."""
+    bn_statistics: str = "federated"
+    """``federated``, ``every-round`` or ``averaged`` (see :data:`BN_STATISTICS_MODES`)."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -104,6 +111,8 @@ class RunSettings:
             raise ConfigError(
                 "validation-mode", self.validation_mode, "one of " + ", ".join(VALIDATION_MODES)
             )
+        if self.bn_statistics not in BN_STATISTICS_MODES:
+            raise ConfigError("bn-statistics", self.bn_statistics, "one of " + ", ".join(BN_STATISTICS_MODES))
         if self.augment not in AUGMENT_CHOICES:
             raise ConfigError("augment", self.augment, "one of " + ", ".join(AUGMENT_CHOICES))
         if self.distill_teacher not in ("best", "last"):

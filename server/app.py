@@ -1,5 +1,8 @@
 """The Flower ServerApp: teacher rounds, then the distillation round, then the run summary.
 
+With ``bn-statistics = "federated"`` the teacher's aggregate of every round and the federated
+student's last aggregate get BatchNorm statistics pooled from the sites (server/batchnorm.py).
+
 Wiring only: settings come from ``context.run_config`` (typed on the first lines), the round
 loop lives in server/rounds.py, the run folder in server/run_folder.py, the ML in common/.
 """
@@ -38,12 +41,21 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
 from server.aggregation import aggregate_train, screen_train_replies
+from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line, student_round_line
 from server.reporting import write_learning_curves, write_summary
-from server.rounds import RoundFailedError, SiteOutcome, TeacherRounds, collect, mark_dropped, wait_for_sites
+from server.rounds import (
+    RoundFailedError,
+    SiteOutcome,
+    TeacherRounds,
+    aggregated_counts,
+    collect,
+    mark_dropped,
+    wait_for_sites,
+)
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
@@ -121,6 +133,23 @@ def distillation_round(
     return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
 
 
+def student_statistics(
+    grid: Grid,
+    settings: FederatedRunConfig,
+    names: dict[int, str],
+    student: ArrayRecord,
+    last_round: tuple[int, list[SiteOutcome]],
+) -> tuple[ArrayRecord, list[dict[str, object]]]:
+    """The final global student with BatchNorm statistics pooled from the sites of its last
+    round (``bn-statistics = "federated"``), and the sites' rows; as it was otherwise."""
+    phase = federated_batchnorm(grid, settings, "student", names)
+    if phase is None:
+        return student, []
+    server_round, outcomes = last_round
+    update = phase.update(server_round, student, aggregated_counts(outcomes))
+    return update.arrays, [o.row(server_round, "bn-statistics-student") for o in update.outcomes]
+
+
 def federated_student(
     grid: Grid,
     folder: RunFolder,
@@ -181,6 +210,10 @@ def federated_student(
                 time.monotonic() - round_started,
             ),
         )
+    student, bn_rows = student_statistics(
+        grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
+    )
+    rows += bn_rows
     save_model(
         student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
     )
@@ -303,6 +336,9 @@ def main(grid: Grid, context: Context) -> None:
         central_evaluate=central_evaluator(settings),
         validation_mode=settings.run.validation_mode,
     )
+    if settings.run.bn_statistics == "every-round":
+        teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
+        rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
     if resume is not None and resume.validated_round >= settings.run.num_rounds:
         logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
         best_round = resume.best_round
@@ -310,6 +346,7 @@ def main(grid: Grid, context: Context) -> None:
         result = rounds.run(initial_teacher(settings), resume)
         best_round = result.best_round
     write_learning_curves(folder, settings.run.selection_metric)
+    pool_delivered_teacher(grid, folder, settings, rounds.site_names)
 
     distill_rows: list[dict[str, object]] = []
     student_note = "off (kd-enabled = false)"

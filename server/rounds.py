@@ -13,6 +13,10 @@ and adds what a multi-day hospital federation needs:
   finite real numbers, no usable example count) is left out of the round with its reason, and
   each metric is averaged over the sites that send it (server/aggregation.py): sites with
   and without their own DP, or sharing per-class metrics or not, send different keys;
+- with a ``batchnorm`` hook (run setting ``bn-statistics = "federated"``, server/batchnorm.py),
+  the aggregate's BatchNorm statistics are recomputed with the sites it averaged before anything
+  validates, checkpoints or sends it; a resume starts from the checkpoint, whose statistics are
+  already pooled, and never pools them twice;
 - after every round the global teacher, the strategy state and the seeds are checkpointed, the
   best teacher by federated validation is kept, and every site's metrics go to metrics.jsonl;
 - node sampling is seeded per round, so a resumed run samples what the straight run sampled.
@@ -42,7 +46,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -54,17 +58,24 @@ from common.protocol import (
     SITE_RECORD,
     VALIDATE_INCOMING_KEY,
     VALIDATION_RECORD,
+    WEIGHT_KEY,
     parse_error_reason,
 )
 from common.run_settings import VALIDATION_MODES
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
 from server.grid import wait_for_replies
 from server.progress_lines import RESUME_ADVICE, resume_line, round_line, validation_line
-from server.run_folder import ResumeState, RunFolder
+from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
 
+if TYPE_CHECKING:
+    from server.batchnorm import BatchNormUpdate
+
 logger = logging.getLogger(__name__)
+
+BatchNormHook = Callable[[int, ArrayRecord, dict[int, float]], "BatchNormUpdate"]
+"""(round, aggregate, node id -> example count) -> the aggregate with pooled BatchNorm statistics."""
 
 
 class RoundFailedError(CxrFlError):
@@ -224,6 +235,13 @@ def validation_outcomes(records: dict[int, MetricRecord], train: list[SiteOutcom
     return scores, outcomes
 
 
+def aggregated_counts(outcomes: Iterable[SiteOutcome]) -> dict[int, float]:
+    """Node id -> example count of every site whose reply was aggregated (its FedAvg weight)."""
+    return {
+        o.node_id: o.metrics[WEIGHT_KEY] for o in outcomes if o.status == "ok" and WEIGHT_KEY in o.metrics
+    }
+
+
 def mark_dropped(outcomes: list[SiteOutcome], dropped: dict[int, str]) -> None:
     """Report (in place) the sites whose replies were left out of an aggregate, with why."""
     for outcome in outcomes:
@@ -259,6 +277,7 @@ class TeacherRounds:
         min_evaluate_sites: int,
         central_evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None,
         validation_mode: str = "in-train",
+        batchnorm: BatchNormHook | None = None,
     ) -> None:
         if validation_mode not in VALIDATION_MODES:
             raise ValueError(f"validation_mode={validation_mode!r}: expected one of {VALIDATION_MODES}")
@@ -276,31 +295,13 @@ class TeacherRounds:
         # Registered names (RUN_DIR/sites.json) are who a reply is from, not what it claims.
         self.site_names: dict[int, str] = SiteDirectory(folder.root / "sites.json")
         self.in_train = validation_mode == "in-train"
+        self.batchnorm = batchnorm
         self.best_round = 0
         self.best_metric = float("nan")
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
-        arrays = initial
-        start_round = 1
-        # The aggregate row of the last trained round while its model waits for validation.
-        pending: dict[str, Any] | None = None
-        if resume is not None:
-            arrays = ArrayRecord(self.folder.load_model("last"))
-            load_strategy_state(self.strategy, self.folder.load_strategy_state())
-            start_round = resume.completed_round + 1
-            self.best_round, self.best_metric = resume.best_round, resume.best_metric
-            pending = resume.pending_row
-            logger.info(
-                "%s",
-                resume_line(
-                    self.folder.root,
-                    resume.completed_round,
-                    self.num_rounds,
-                    self.best_round,
-                    self.selection_metric,
-                    self.best_metric,
-                ),
-            )
+        # pending: the aggregate row of the last trained round while its model waits for validation
+        arrays, start_round, pending = (initial, 1, None) if resume is None else self._resume(resume)
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
             received = arrays
@@ -308,6 +309,7 @@ class TeacherRounds:
             arrays, train_metrics, train_outcomes, validation = self._train_round(
                 server_round, arrays, validate=validate
             )
+            arrays, bn_rows, bn_metrics = self._pooled_batchnorm(server_round, arrays, train_outcomes)
             rows: list[dict[str, Any]] = []
             best_state = None
             if pending is not None and validation is not None:
@@ -315,8 +317,8 @@ class TeacherRounds:
                 closed, is_best = self._close_round(pending, val_metrics, eval_outcomes)
                 rows += closed
                 best_state = received.to_torch_state_dict() if is_best else None
-            rows += [o.row(server_round, "train") for o in train_outcomes]
-            row = self._aggregate_row(server_round, train_metrics, train_outcomes)
+            rows += [o.row(server_round, "train") for o in train_outcomes] + bn_rows
+            row = self._aggregate_row(server_round, train_metrics, train_outcomes) | bn_metrics
             if self.central_evaluate is not None:
                 central = self.central_evaluate(arrays.to_torch_state_dict())
                 row.update({f"central_{k}": v for k, v in central.items()})
@@ -364,6 +366,25 @@ class TeacherRounds:
         if pending is not None:
             self._final_validation(pending, arrays)
         return TeacherResult(arrays, self.num_rounds, self.best_round, self.best_metric)
+
+    def _resume(self, resume: ResumeState) -> tuple[ArrayRecord, int, dict[str, Any] | None]:
+        """The last checkpointed model (its statistics already pooled: they are not pooled
+        again), the next round and the pending aggregate row of a resumed run."""
+        arrays = ArrayRecord(self.folder.load_model("last"))
+        load_strategy_state(self.strategy, self.folder.load_strategy_state())
+        self.best_round, self.best_metric = resume.best_round, resume.best_metric
+        logger.info(
+            "%s",
+            resume_line(
+                self.folder.root,
+                resume.completed_round,
+                self.num_rounds,
+                self.best_round,
+                self.selection_metric,
+                self.best_metric,
+            ),
+        )
+        return arrays, resume.completed_round + 1, resume.pending_row
 
     def _final_validation(self, pending: dict[str, Any], arrays: ArrayRecord) -> None:
         """Validate the last model with one evaluate message (in-train mode) and close its row."""
@@ -458,6 +479,24 @@ class TeacherRounds:
         if new_arrays is None:
             raise RoundFailedError(f"round {server_round}: aggregation produced no model")
         return new_arrays, metrics, outcomes, validation
+
+    def _pooled_batchnorm(
+        self, server_round: int, arrays: ArrayRecord, outcomes: list[SiteOutcome]
+    ) -> tuple[ArrayRecord, list[dict[str, Any]], dict[str, float]]:
+        """The aggregate with BatchNorm statistics recomputed by the sites whose replies it
+        averages (``batchnorm``, server/batchnorm.py), before anything validates or saves it;
+        its rows and aggregate figures. As it was without ``batchnorm``."""
+        if self.batchnorm is None:
+            return arrays, [], {}
+        counts = {
+            o.node_id: o.metrics[WEIGHT_KEY] for o in outcomes if o.status == "ok" and WEIGHT_KEY in o.metrics
+        }
+        update = self.batchnorm(server_round, arrays, counts)
+        return (
+            update.arrays,
+            [o.row(server_round, BN_STATISTICS_PHASE) for o in update.outcomes],
+            update.metrics,
+        )
 
     def _aggregate_validation(
         self, server_round: int, scores: dict[int, dict[str, float]], outcomes: list[SiteOutcome]

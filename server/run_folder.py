@@ -45,6 +45,8 @@ from common.jsonio import json_safe, write_json, write_text_atomic
 logger = logging.getLogger(__name__)
 
 TEACHER_PHASES = frozenset({"train", "evaluate", "aggregate"})
+BN_STATISTICS_PHASE = "bn-statistics"
+"""The sites' rows of a teacher round's federated BatchNorm statistics (server/batchnorm.py)."""
 
 # Settings that may differ between the first start and a resume of the same run folder.
 RESUMABLE_CHANGES = frozenset({"num-rounds", "round-timeout", "track"})
@@ -153,7 +155,7 @@ class RunFolder:
 
         def keep(row: dict[str, Any]) -> bool:
             phase, server_round = row.get("phase"), int(row.get("round", 0))
-            if phase == "train":
+            if phase in ("train", BN_STATISTICS_PHASE):
                 return server_round <= completed_round
             return phase in TEACHER_PHASES and server_round <= validated
 

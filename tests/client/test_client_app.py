@@ -9,7 +9,10 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
+from common.batchnorm_stats import expected_channels, moments_problem
+from common.models import build_model
 from common.protocol import (
+    BN_STATISTICS_RECORD,
     SITE_BAD_INPUT,
     SITE_RECORD,
     VALIDATE_INCOMING_KEY,
@@ -66,6 +69,37 @@ def test_train_reply_holds_only_model_arrays_scalar_metrics_and_the_site_name(tm
     assert metrics[WEIGHT_KEY] % 10 == 0  # bucketed: no exact count leaves a deployed site
     assert np.isfinite(metrics["loss"])
     assert not [k for k in metrics if "accuracy" in k or "f1" in k or "/" in k]
+
+
+def test_batchnorm_statistics_reply_holds_per_layer_moments_and_a_coarse_count(tmp_path: Path) -> None:
+    # Prepare: a deployed site, the run's BatchNorm teacher
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    message, _ = _message(context, "query.bn_statistics", {"server-round": 1, "model": "teacher"})
+    channels = expected_channels(build_model(run_settings_from_config(context.run_config).teacher, 3))
+
+    # Execute
+    reply = app(message, context)
+
+    # Assert: the moments of every layer, nothing else but the bucketed count and the name
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.array_records) == {BN_STATISTICS_RECORD}
+    arrays = {k: v.numpy() for k, v in content.array_records[BN_STATISTICS_RECORD].items()}
+    assert moments_problem(arrays, channels) is None
+    assert dict(content.metric_records["metrics"]).keys() == {WEIGHT_KEY}
+    assert content.metric_records["metrics"][WEIGHT_KEY] % 10 == 0
+    assert set(content.config_records) == {SITE_RECORD}
+
+
+def test_batchnorm_statistics_of_another_model_are_refused(tmp_path: Path) -> None:
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    message, _ = _message(context, "query.bn_statistics", {"server-round": 1, "model": "student"})
+
+    reply = app(message, context)  # a teacher's weights sent as the student
+
+    assert reply.has_error()
+    assert reply.error.code == SITE_BAD_INPUT
+    assert "not the run's student" in reply.error.reason
 
 
 def test_evaluate_reply_holds_no_arrays(tmp_path: Path) -> None:

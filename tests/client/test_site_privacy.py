@@ -206,6 +206,13 @@ def test_a_site_under_dp_declines_federated_student_rounds(tmp_path: Path) -> No
     _declined(_ask(context, "train.student", **{"server-round": 1}), "without DP")
 
 
+def test_a_site_under_dp_declines_to_send_batchnorm_statistics(tmp_path: Path) -> None:
+    # (a site under DP refuses a BatchNorm run outright; a server that asks anyway is declined)
+    context = _context(tmp_path, _site(tmp_path))
+    reason = _declined(_ask(context, "query.bn_statistics", **{"server-round": 1, "model": "teacher"}), "DP")
+    assert "BatchNorm statistics" in reason
+
+
 # item 5: delta and accountant are the site's
 
 

@@ -3,6 +3,7 @@ resume, and differential privacy at the sites. Two synthetic sites, tiny CNN at 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from common.checkpoint import load_model_state
+from common.checkpoint import load_metadata, load_model_state
 from common.data.sources import load_catalog
 from common.export import load_torch_model
 from common.run_settings import run_settings_from_config
@@ -189,3 +190,66 @@ def test_dp_epsilon_grows_per_round_within_target_and_a_spent_site_declines(
     assert log.count("declined") >= 2
     assert "privacy budget spent" in log
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["completed_round"] == 2
+
+
+def _central_statistics(
+    state: dict[str, torch.Tensor], manifests: Path, run_dir: Path
+) -> dict[str, np.ndarray]:
+    """One pass over both sites' train splits at one party, in the sites' batches: the
+    running_var (and mean) of every BatchNorm layer for ``state``'s weights."""
+    from client.app import data_request
+    from client.site import site_from_node_config
+    from common.batchnorm_stats import pooled_statistics, positions_per_image, site_moments
+    from common.local import EVAL_BATCH_SIZE, build_loaded_model, load_site_data
+
+    settings = run_settings_from_config(_config(run_dir, manifests))
+    datasets = []
+    for partition in (0, 1):
+        site = site_from_node_config({"partition-id": partition, "num-partitions": 2}, settings)
+        datasets.append(load_site_data(data_request(settings, site)).dataset("train"))
+    union = torch.utils.data.ConcatDataset(datasets)
+    offsets = np.cumsum([0, *(len(d) for d in datasets)])
+    batches = [  # a batch never mixes sites, as at the sites
+        list(range(start, min(start + EVAL_BATCH_SIZE, end)))
+        for begin, end in itertools.pairwise(offsets)
+        for start in range(begin, end, EVAL_BATCH_SIZE)
+    ]
+    model = build_loaded_model(settings.teacher, settings.task, state)
+    moments = site_moments(model, torch.utils.data.DataLoader(union, batch_sampler=batches))
+    positions = positions_per_image(model, settings.teacher.in_channels, settings.run.image_size)
+    pooled = pooled_statistics([(moments.images, moments.arrays())], positions)
+    out = {f"{layer}.running_mean": mean for layer, (mean, _) in pooled.items()}
+    out.update({f"{layer}.running_var": var for layer, (_, var) in pooled.items()})
+    return out
+
+
+def test_federated_batchnorm_statistics_are_those_of_one_pass_over_both_sites(
+    simulation: FlowerSimulation, manifests: Path, workspace: Path
+) -> None:
+    # Execute: one round each (bn-statistics = "federated" pools the delivered teacher, best.pt);
+    # the same training, only the statistics differ
+    federated, averaged = workspace / "bn_federated", workspace / "bn_averaged"
+    simulation.run(_config(federated, manifests, num_rounds=1), num_sites=2)
+    simulation.run(_config(averaged, manifests, num_rounds=1, bn_statistics="averaged"), num_sites=2)
+
+    # Assert
+    with_pooled = load_model_state(federated / "checkpoints" / "best.pt")
+    with_average = load_model_state(averaged / "checkpoints" / "best.pt")
+    central = _central_statistics(with_average, manifests, federated)  # the aggregate's weights
+    assert central, "tiny-cnn has BatchNorm layers"
+    for key, value in with_pooled.items():
+        if key in central:
+            np.testing.assert_allclose(value.numpy(), central[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        else:  # weights and num_batches_tracked: the aggregate's
+            torch.testing.assert_close(value, with_average[key], rtol=0, atol=1e-6, msg=key)
+    assert any(not np.allclose(with_average[k].numpy(), v, rtol=1e-2, atol=1e-3) for k, v in central.items())
+    rows = _rows(federated)
+    assert {(r["site"], r["status"]) for r in rows if r["phase"] == "bn-statistics"} == {
+        ("site_00", "ok"),
+        ("site_01", "ok"),
+    }
+    assert load_metadata(federated / "checkpoints" / "best.pt")["bn_statistics"] == "pooled"
+    assert "bn_statistics" not in load_metadata(
+        federated / "checkpoints" / "last.pt"
+    )  # training goes on from it
+    assert not [r for r in _rows(averaged) if r["phase"] == "bn-statistics"]

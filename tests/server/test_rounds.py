@@ -280,3 +280,36 @@ def test_a_site_that_sends_no_validation_is_reported_and_left_out_of_the_average
     assert "no validation" in evaluate[1]["reason"]
     aggregate = next(r for r in folder.read_metrics() if r["phase"] == "aggregate" and r["round"] == 1)
     assert aggregate["val_auroc_macro"] == pytest.approx(0.6)
+
+
+def test_every_round_statistics_reach_validation_the_next_round_and_the_checkpoints(tmp_path: Path) -> None:
+    # Prepare: a hook standing in for the sites' pooled BatchNorm statistics (bn-statistics =
+    # "every-round"): it moves w by 0.25, which the sites' int(w) scoring ignores
+    from server.batchnorm import BatchNormUpdate
+
+    calls: list[tuple[int, float, dict[int, float]]] = []
+
+    def pooled(server_round: int, arrays: ArrayRecord, counts: dict[int, float]) -> BatchNormUpdate:
+        w = float(arrays.to_torch_state_dict()["w"].item())
+        calls.append((server_round, w, dict(counts)))
+        return BatchNormUpdate(ArrayRecord({"w": torch.tensor(w + 0.25)}), [], {"bn_statistics_sites": 2.0})
+
+    grid, folder = ScoredSites(SCORES), RunFolder(tmp_path)
+    rounds = _rounds(grid, folder, "in-train")
+    rounds.batchnorm = pooled
+
+    # Execute
+    rounds.run(_initial(), None)
+
+    # Assert: each aggregate went through the hook before it was sent, validated or saved
+    assert calls == [
+        (1, 1.0, {10: 10.0, 20: 10.0}),
+        (2, 2.0, {10: 10.0, 20: 10.0}),
+        (3, 3.0, {10: 10.0, 20: 10.0}),
+    ]
+    sent = [float(m.content["arrays"].to_torch_state_dict()["w"].item()) for m in grid.sent]
+    assert sent == [0.0, 0.0, 1.25, 1.25, 2.25, 2.25, 3.25, 3.25]
+    assert folder.load_model("last")["w"].item() == 3.25
+    assert folder.load_model("best")["w"].item() == 2.25
+    aggregates = [r for r in folder.read_metrics() if r["phase"] == "aggregate"]
+    assert [r["bn_statistics_sites"] for r in aggregates] == [2.0, 2.0, 2.0]
