@@ -17,8 +17,9 @@ Criteria (the site's choice, ``--operating-point``): ``argmax`` (no fit: bias 0 
 ``balanced-accuracy`` (the default: maximise it on the validation split), or
 ``sensitivity:CLASS=X[,CLASS=Y]``: balanced accuracy first, then the smallest shift of each named
 class that reaches the target sensitivity on the validation split. A class (or finding) the
-validation split lacks keeps no fitted value of its own: multi-class, it is never predicted there
-when the search says so (bias at the floor); multi-label, its threshold stays 0.5.
+validation split lacks is not searched: multi-class, it keeps its balancing shift (a search on a
+split without it would push it to the floor, so the site would never again choose a class it has
+not seen yet); multi-label, its threshold stays 0.5.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def _fit_multiclass(
     shift = _balancing_shift(log_p)
     for _ in range(_SWEEPS):
         before = shift.copy()
-        for c in range(task.num_classes):
+        for c in present:  # a class the split lacks keeps its balancing shift (see the docstring)
             shift[c] = _best_shift(log_p, true, shift, c, present)
         if np.allclose(before, shift):
             break

@@ -173,3 +173,15 @@ def test_the_site_evaluation_reports_the_figures_of_the_operating_point(task: Ta
     assert set(site) >= {"rule", "balanced_accuracy", "thresholds"}
     plain = evaluate_scores(task, labels, probabilities, EvaluationSettings(n_bootstrap=20))
     assert plain.site_balanced_accuracy is None
+
+
+def test_a_class_the_validation_split_lacks_keeps_its_balancing_shift() -> None:
+    task = get_task("normal-pneumonia-covid")
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 2, 200)  # no covid-19 image at this site
+    logits = rng.normal(size=(200, 3)) + 2.0 * np.eye(3)[true]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    point = fit_operating_point(probabilities, np.eye(3)[true], task, Criterion())
+    # a search would lower covid-19 until no image here is called covid-19 (every such call is an
+    # error on this split); unsearched, it is still chosen for the images that look most like it
+    assert (point.decide(probabilities) == 2).any()
