@@ -311,9 +311,13 @@ def students_claim(
 def _kd_pair(
     row: Mapping[str, Any], distill: Mapping[str, Any], key: str
 ) -> tuple[float | None, float | None]:
-    if key == "op_balanced_accuracy":
-        source = row if figure(row, "nokd_op_balanced_accuracy") is not None else distill
-        return figure(source, "kd_op_balanced_accuracy"), figure(source, "nokd_op_balanced_accuracy")
+    if key == "op_balanced_accuracy":  # each from the checked row, else from the distillation row
+
+        def first(name: str) -> float | None:
+            value = figure(row, name)
+            return value if value is not None else figure(distill, name)
+
+        return first("kd_op_balanced_accuracy"), first("nokd_op_balanced_accuracy")
     if figure(row, "kd_auroc_macro") is not None:
         return figure(row, "kd_auroc_macro"), figure(row, "nokd_auroc_macro")
     return figure(distill, "student_auroc_macro"), figure(distill, "nokd_auroc_macro")

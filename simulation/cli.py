@@ -48,6 +48,9 @@ default_action: Callable[[typer.Context], None] = _print_help
 def _main(
     ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (INFO level).")] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the default federation's partition and training.")
+    ] = 0,
 ) -> None:
     _setup_logging(logging.INFO if verbose else logging.WARNING)
     if ctx.invoked_subcommand is None:
@@ -177,27 +180,40 @@ def _print_table(title: str, header: list[str], rows: list[list[str]], folder: P
 DEMO_RUN_CONFIG: dict[str, object] = {
     "teacher-name": "resnet18",
     "image-size": 64,
-    "num-rounds": 3,
-    "local-epochs": 2,
+    "num-rounds": 6,
+    "local-epochs": 1,
     "batch-size": 32,
     "optimizer": "adam",
     "lr": 0.001,
-    "kd-epochs": 20,
+    "test-fraction": 0.45,
+    "kd-epochs": 8,
+    "kd-batch-size": 16,
     "kd-optimizer": "adam",
     "kd-lr": 0.002,
     "kd-alpha": 0.9,
+    "kd-federated-student-rounds": 0,
     "min-train-sites": 3,
     "min-evaluate-sites": 3,
     "min-available-sites": 3,
 }
+"""The demo's run settings (issue 25), chosen to finish in under 5 minutes on 2 cores: six
+one-epoch rounds (FedAvg under label skew gains more from frequent averaging than from longer
+local training), a test split of 45% so that every site tests on at least 200 images, and each
+site delivers the student it distilled itself, in batches of 16 (a site's few hundred images give
+MobileNetV2 only a few dozen optimiser steps per epoch). The federated student is off here: six
+rounds of it added half a minute and delivered macro-AUROC 0.47-0.58 at the sites."""
 
 
 DEMO_SOURCES: tuple[Any, ...] | None = None
-"""Sources of the default run (None: 900 built-in synthetic images at 64 px, see below)."""
+"""Sources of the default run (None: 1800 built-in synthetic images at 64 px, see below)."""
 
-DEMO_SYNTHETIC_OPTIONS: dict[str, str] = {"n-images": "900", "image-size": "64", "difficulty": "0.7"}
+DEMO_SYNTHETIC_OPTIONS: dict[str, str] = {"n-images": "1800", "image-size": "64", "difficulty": "0.7"}
 """The demo's synthetic images: hard enough (faint lesions, look-alike shadows, noise) that the
 teachers and students do not all score 1.000 and the comparisons in the report mean something."""
+
+DEMO_MIN_SITE_SIZE = 220
+"""Patients (two images each) every demo site gets at least: with the 45% test split, at least 200
+test images per site, so that a difference of 0.02 is more than one image."""
 
 
 def _default_out() -> Path:
@@ -491,11 +507,14 @@ def _demo(ctx: typer.Context) -> None:
     from simulation.experiment import SourceSpec
 
     sources = DEMO_SOURCES or (SourceSpec("synthetic", None, DEMO_SYNTHETIC_OPTIONS),)
+    seed = int(ctx.params.get("seed") or 0)
     config = ExperimentConfig(
         out=_default_out(),
         sources=sources,
-        partition=PartitionSpec(name="dirichlet", sites=3, alpha=1.0, seed=0),
-        run_config=dict(DEMO_RUN_CONFIG),
+        partition=PartitionSpec(
+            name="dirichlet", sites=3, alpha=1.0, min_site_size=DEMO_MIN_SITE_SIZE, seed=seed
+        ),
+        run_config={**DEMO_RUN_CONFIG, "seed": seed},
         baselines=True,
     )
     report_path = run_experiment_with_progress(config)

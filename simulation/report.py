@@ -214,15 +214,15 @@ def _delivered_lines(results: dict[str, Any]) -> list[str]:
     for m in DELIVERED_COLUMNS:
         header += [f"teacher {m}", f"delivered {m}", f"KD site student {m}", f"no-KD {m}"]
     table_rows = []
+    own = results.get("delivered_phase") == "distill"  # no federated student: the site's own
     for r in delivered:
         site = by_site.get(str(r.get("site")), {})
-        cells = [
-            str(r.get("site")),
-            str(r.get("status")),
-            "personalised" if _num(r.get("student_personalised")) == 1.0 else "federated",
-        ]
+        kind = "personalised" if _num(r.get("student_personalised")) == 1.0 else "federated"
+        cells = [str(r.get("site")), str(r.get("status")), "site's own" if own else kind]
         for m in DELIVERED_COLUMNS:
-            kd = r.get("kd_op_balanced_accuracy") if m == "op_balanced_accuracy" else site.get(f"student_{m}")
+            kd = site.get(f"student_{m}")
+            if m == "op_balanced_accuracy":
+                kd = r.get("kd_op_balanced_accuracy", site.get("kd_op_balanced_accuracy"))
             cells += [
                 _fmt(r.get(f"teacher_{m}")),
                 _fmt(r.get(f"student_{m}")),

@@ -187,3 +187,22 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
 
     rebuilt = CliRunner().invoke(cli.app, ["report", str(out)])
     assert rebuilt.exit_code == 0, rebuilt.output
+
+
+def test_the_default_federation_takes_a_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[ExperimentConfig] = []
+
+    def capture(config: ExperimentConfig) -> Path:
+        seen.append(config)
+        return tmp_path / "report.md"
+
+    monkeypatch.setattr(cli, "run_experiment_with_progress", capture)
+    monkeypatch.setattr(cli, "_default_out", lambda: tmp_path / "demo")
+
+    result = CliRunner().invoke(cli.app, ["--seed", "7"])
+
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert config.partition.seed == 7 and config.run_config["seed"] == 7
+    assert config.partition.min_site_size == cli.DEMO_MIN_SITE_SIZE
+    assert cli.DEMO_RUN_CONFIG["test-fraction"] == 0.45  # >= 200 test images at every site
