@@ -205,4 +205,4 @@ def test_the_default_federation_takes_a_seed(tmp_path: Path, monkeypatch: pytest
     (config,) = seen
     assert config.partition.seed == 7 and config.run_config["seed"] == 7
     assert config.partition.min_site_size == cli.DEMO_MIN_SITE_SIZE
-    assert cli.DEMO_RUN_CONFIG["test-fraction"] == 0.45  # >= 200 test images at every site
+    assert cli.DEMO_RUN_CONFIG["test-fraction"] == 0.55  # >= 200 test images at every site
