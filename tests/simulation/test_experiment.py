@@ -203,6 +203,7 @@ def test_the_default_federation_takes_a_seed(tmp_path: Path, monkeypatch: pytest
 
     assert result.exit_code == 0, result.output
     (config,) = seen
-    assert config.partition.seed == 7 and config.run_config["seed"] == 7
+    assert config.partition.seed == 7
+    assert config.run_config["seed"] == 7
     assert config.partition.min_site_size == cli.DEMO_MIN_SITE_SIZE
     assert cli.DEMO_RUN_CONFIG["test-fraction"] == 0.55  # >= 200 test images at every site
