@@ -138,12 +138,51 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+def unshare_initializers(source: Path, target: Path) -> Path:
+    """A copy of the ONNX model in which every weight is its own initializer.
+
+    The exporter stores identical tensors once (e.g. the all-zero folded weights of an untrained
+    MobileNetV2's zero-gamma blocks) and feeds the other users through ``Identity`` nodes, or
+    shares the initializer; ONNX Runtime's quantiser, which rewrites each node's weights in place,
+    then fails ("Expected ... to be an initializer"). Each ``Identity`` of an initializer becomes a
+    copy of it, and a second reader of an initializer gets its own copy."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+
+    def add_copy(of: str, name: str) -> None:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[of])
+        copy.name = name
+        graph.initializer.append(copy)
+        initializers[name] = copy
+
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]:
+        add_copy(node.input[0], node.output[0])
+        graph.node.remove(node)
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        for position, name in enumerate(node.input):
+            if name in initializers and name in seen:
+                add_copy(name, f"{name}__copy{index}_{position}")
+                node.input[position] = f"{name}__copy{index}_{position}"
+            seen.add(name)
+    onnx.save(model, str(target))
+    return target
+
+
 def quantize_dynamic_int8(source: Path, target: Path) -> Path:
     """Dynamic int8 quantisation (uint8 weights: ORT's CPU ConvInteger has no int8-weight kernel)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_quantizer():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8)
+    unshared = unshare_initializers(source, target.with_suffix(".unshared.onnx"))
+    try:
+        with _quiet_quantizer():
+            quantize_dynamic(str(unshared), str(target), weight_type=QuantType.QUInt8)
+    finally:
+        unshared.unlink(missing_ok=True)
     return target
 
 
@@ -163,15 +202,19 @@ def quantize_static_int8(source: Path, target: Path, calibration: np.ndarray) ->
     class _Reader(ImageCalibrationReader, CalibrationDataReader):
         pass
 
-    with _quiet_quantizer():
-        quantize_static(
-            str(source),
-            str(target),
-            _Reader(calibration, name),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-        )
+    unshared = unshare_initializers(source, target.with_suffix(".unshared.onnx"))
+    try:
+        with _quiet_quantizer():
+            quantize_static(
+                str(unshared),
+                str(target),
+                _Reader(calibration, name),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+            )
+    finally:
+        unshared.unlink(missing_ok=True)
     return target
 
 

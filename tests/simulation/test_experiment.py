@@ -140,6 +140,7 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     out = tmp_path / "demo"
     monkeypatch.setattr(cli, "DEMO_RUN_CONFIG", dict(TINY_RUN))
     monkeypatch.setattr(cli, "DEMO_SOURCES", TINY_SOURCE)
+    monkeypatch.setattr(cli, "DEMO_MIN_SITE_SIZE", 5)  # the tiny source has 60 patients
     monkeypatch.setattr(cli, "_default_out", lambda: out)
 
     result = CliRunner().invoke(cli.app, [])
