@@ -442,7 +442,9 @@ class StudyReport:
                 continue
             kd = [float(v["kd"][METRIC]) for v in result["students"].values()]
             nokd = [float(v["no_kd"][METRIC]) for v in result["students"].values()]
-            delivered = [float(v[METRIC]) for v in result.get("delivered", {}).values()]
+            delivered = [
+                0.0 if v.get("failed") else float(v[METRIC]) for v in result.get("delivered", {}).values()
+            ]
             teacher = _teacher(result, "federated")
             per_seed.append(
                 [
@@ -501,7 +503,11 @@ class StudyReport:
                         _fmt(kd_auc),
                         _fmt(nokd_auc),
                         _fmt(kd_auc - nokd_auc),
-                        "–" if chosen is None else f"{float(chosen[METRIC]):.3f} ({chosen['delivered']})",
+                        "–"
+                        if chosen is None
+                        else "failed"
+                        if chosen.get("failed")
+                        else f"{float(chosen[METRIC]):.3f} ({chosen['delivered']})",
                     ]
                 )
                 plot.append((site, kd_auc, nokd_auc))

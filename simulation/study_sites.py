@@ -21,6 +21,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from client.app import GLOBAL_TEACHER_FILE as TEACHER_FILE  # the teacher of the distillation message
+from client.export import DELIVERED_FILE
+from client.site_operating_point import TEACHER_OPERATING_POINT_FILE as TEACHER_POINT_FILE
 from common.checkpoint import load_metadata, load_model_state
 from common.config import ModelConfig
 from common.export import preprocessing_path, read_operating_point, read_preprocessing
@@ -29,9 +32,6 @@ from common.operating_point import OperatingPoint, metrics_at
 from common.tasks import Task
 from common.training import EvalResult, evaluate
 
-DELIVERED_FILE = "delivered.json"  # client/export.py
-TEACHER_FILE = "global_teacher.pt"  # client/app.py: the teacher of the distillation message
-TEACHER_POINT_FILE = "teacher_operating_point.json"  # client/site_operating_point.py
 OP_PREFIX = "op_"
 
 

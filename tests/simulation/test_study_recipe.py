@@ -310,3 +310,41 @@ def test_a_target_over_fewer_seeds_than_the_study_is_not_judged(tmp_path: Path) 
     assert targets["natural_covid_sensitivity"]["derived_mean"] == pytest.approx(0.9)
     assert targets["natural_covid_sensitivity"]["met"] is None
     assert "| met on 1 of 2 seeds |" in text
+
+
+def test_real_weights_are_scored_at_the_site_point_as_the_site_decides(tmp_path: Path) -> None:
+    """Untrained tiny models saved as a site saves them (no monkeypatching): the held-out
+    figures at the site's point are those of the rule applied to the model's own outputs."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from common.checkpoint import save_model
+    from common.export import model_metadata
+    from common.models import build_model
+    from common.operating_point import metrics_at
+
+    config = ModelConfig(name="tiny-cnn")
+    site = _site(tmp_path / "site_00", teacher_point=_point((0.0, 0.5, -0.5)))
+    student, teacher = build_model(config, 3), build_model(config, 3)
+    meta = model_metadata(config, TASK, 32, "student", operating_point=_point(STUDENT_SHIFT))
+    save_model(student, site / "global_student" / "student.pt", metadata=meta)
+    save_model(teacher, site / "global_teacher.pt")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 1, 32, 32, generator=generator)
+    labels = torch.eye(3)[torch.arange(12) % 3]
+    test = TensorDataset(images, labels)
+
+    record = study_sites.score_site(site, config, config, test, TASK)
+
+    outputs = study_sites.evaluate_state(config, student.state_dict(), test, TASK)
+    expected = metrics_at(_point(STUDENT_SHIFT), outputs.scores, outputs.targets, TASK)
+    assert record["op_balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert record["op_sensitivity/covid-19"] == pytest.approx(expected["sensitivity/covid-19"])
+    assert record["auroc_macro"] == pytest.approx(float(outputs.metrics.auroc_macro))
+    teacher_outputs = study_sites.evaluate_state(config, teacher.state_dict(), test, TASK)
+    teacher_expected = metrics_at(
+        _point((0.0, 0.5, -0.5)), teacher_outputs.scores, teacher_outputs.targets, TASK
+    )
+    assert record["teacher_at_site"]["op_balanced_accuracy"] == pytest.approx(
+        teacher_expected["balanced_accuracy"]
+    )
