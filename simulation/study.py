@@ -23,7 +23,9 @@ several seeds, with KD and no-KD students), ``privacy`` (DP-SGD at every site at
 the same GroupNorm teacher without DP), ``students`` (the federated student: the sites' KD
 students averaged over extra rounds), ``nih`` (NIH ChestX-ray14, 14 findings, a small-sample
 multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: cells with some run
-settings changed, tried for the targets the study's settings miss, on their own seeds or the first)
+settings changed, tried for the targets the study's settings miss, on their own seeds or the first
+and on their ``split`` or ``splits``; the ``[recipe]`` table names the two attempts that set the
+product's recipe beside the old one, scored at each site's operating point: simulation/study_recipe.py)
 and ``external`` (leave one source out: the ``[external]`` holdouts of the TOML file, each cell
 trained without one source and scored on it with bootstrap intervals; simulation/study_external.py).
 """
@@ -89,6 +91,7 @@ from simulation.study_privacy import (
     public_weights,
     variant_overrides,
 )
+from simulation.study_sites import score_site
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +124,21 @@ class Attempt:
 
     name: str
     about: str
-    split: str = "dirichlet-0.5"
+    splits: tuple[str, ...] = ("dirichlet-0.5",)
     kd: bool = False
     pooled: bool = False
     federated_student: bool = False
     run: tuple[tuple[str, Any], ...] = ()
     seeds: tuple[int, ...] | None = None  # None: the study's first seed
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The ``[recipe]`` table: the attempts that hold the product's recipe (``new``) and the old one
+    it replaced (``old``), set side by side under label skew (study_report.py's recipe section)."""
+
+    new: str = ""
+    old: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class StudySettings:
     dp_headline_variant: str = ""  # the [[privacy.variants]] whose DP row targets.dp_cost judges
     federated_student_rounds: int = 5
     attempts: tuple[Attempt, ...] = ()
+    recipe: Recipe = field(default_factory=Recipe)
     external: ExternalSettings = field(default_factory=ExternalSettings)
     # where the cells' simulated sites run (command line only; they do not change results)
     gpus_per_site: float = 0.0
@@ -175,8 +188,9 @@ TOP_KEYS = {
     "data",
     "attempts",
     "external",
+    "recipe",
 }
-ATTEMPT_KEYS = {"name", "about", "split", "kd", "pooled", "federated-student", "run", "seeds"}
+ATTEMPT_KEYS = {"name", "about", "split", "splits", "kd", "pooled", "federated-student", "run", "seeds"}
 PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run", "pretrain", "variants", "headline-variant"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
@@ -246,6 +260,7 @@ def load_settings(config_file: Path) -> StudySettings:
         privacy_variants=parse_variants(privacy.get("variants"), run, path, check_run_config),
         dp_headline_variant=str(privacy.get("headline-variant", "")),
         attempts=_attempts(raw.get("attempts", []), run, path),
+        recipe=_recipe(raw.get("recipe"), raw.get("attempts", []), path),
         external=parse_external(raw.get("external"), str(datasets["cxr"].task), run, path, check_run_config),
     )
     # every table that names its own seeds names some of the study's
@@ -288,9 +303,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
         name = check_name(table.get("name"), f"{where}name in {path}")
         if name in {a.name for a in attempts}:
             raise ConfigError(f"{where}name in {path}", name, "a name no other attempt has")
-        split = str(table.get("split", "dirichlet-0.5"))
-        if split not in SPLITS:
-            raise ConfigError(f"{where}split in {path}", split, "one of " + ", ".join(SPLITS))
+        splits = _attempt_splits(table, where, path)
         changed = dict(table.get("run", {}))
         if not changed:
             raise ConfigError(f"{where}run in {path}", "{}", "the run settings the attempt changes")
@@ -300,7 +313,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
             Attempt(
                 name=name,
                 about=str(table.get("about", "")),
-                split=split,
+                splits=splits,
                 kd=parse_bool(f"key 'kd' in {path}", table.get("kd", False)),
                 pooled=parse_bool(f"key 'pooled' in {path}", table.get("pooled", False)),
                 federated_student=parse_bool(
@@ -311,6 +324,33 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
             )
         )
     return tuple(attempts)
+
+
+def _attempt_splits(table: Mapping[str, Any], where: str, path: Path) -> tuple[str, ...]:
+    """An attempt's ``split`` (one) or ``splits`` (several; the cells run split by split)."""
+    if "split" in table and "splits" in table:
+        raise ConfigError(f"{where}splits in {path}", table["splits"], "either split or splits, not both")
+    key = "splits" if "splits" in table else "split"
+    raw = table.get(key, "dirichlet-0.5")
+    splits = tuple(str(s) for s in raw) if key == "splits" and isinstance(raw, list) else (str(raw),)
+    if not splits or len(set(splits)) != len(splits) or any(s not in SPLITS for s in splits):
+        raise ConfigError(f"{where}{key} in {path}", raw, "one or more distinct of " + ", ".join(SPLITS))
+    return splits
+
+
+def _recipe(raw: Any, attempts: Any, path: Path) -> Recipe:
+    """The ``[recipe]`` table: ``new`` and ``old`` name attempts of the file (checked)."""
+    if raw is None:
+        return Recipe()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'recipe' in {path}", raw, "a table with keys new and old")
+    check_keys(raw, {"new", "old"}, "recipe.", path)
+    names = [str(a.get("name")) for a in attempts if isinstance(a, dict)]
+    recipe = Recipe(new=str(raw.get("new", "")), old=str(raw.get("old", "")))
+    for key, name in (("new", recipe.new), ("old", recipe.old)):
+        if name not in names:
+            raise ConfigError(f"recipe.{key} in {path}", name, "the name of one of the [[attempts]]")
+    return recipe
 
 
 # ----------------------------------------------------------------------------- held-out test + pool
@@ -508,7 +548,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
             Cell(
                 table,
                 "cxr",
-                a.split,
+                split,
                 "fedavg",
                 seed,
                 kd=a.kd,
@@ -518,6 +558,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 overrides=a.run,
             )
             for a in settings.attempts
+            for split in a.splits
             for seed in ((first,) if a.seeds is None else [s for s in a.seeds if s in settings.seeds])
         ]
     if table == "external":  # each holdout with the study's settings, then with each variant's
@@ -808,26 +849,23 @@ def score_cell(cell: Cell, experiment_dir: Path, data: PreparedData) -> dict[str
             record["students"][name] = {
                 "kd": _scores(
                     student, load_model_state(folder / "student" / "student.pt"), test, settings.task
-                ),
-                "no_kd": _scores(student, load_model_state(folder / "nokd_student.pt"), test, settings.task),
+                )
             }
+            if settings.kd_no_kd_baseline:  # an attempt may leave the baseline out
+                nokd = load_model_state(folder / "nokd_student.pt")
+                record["students"][name]["no_kd"] = _scores(student, nokd, test, settings.task)
     if cell.federated_student:
         student = student_config(settings.distill, teacher, teacher.norm)
         # the consortium's global student, as the server aggregated it
         global_student = load_model_state(run_dir / "checkpoints" / "student.pt")
         record["federated_student"] = _scores(student, global_student, test, settings.task)
         # what each site deploys by default (its delivered.json): the global student, or its
-        # local fine-tune where that won on the site's validation split
-        record["delivered"] = {}
-        for name in sites:
-            folder = run_dir / "sites" / name
-            delivered = json.loads((folder / "delivered.json").read_text(encoding="utf-8"))
-            state = load_model_state(folder / delivered["folder"] / "student.pt")
-            record["delivered"][name] = {
-                "folder": delivered["folder"],
-                "delivered": delivered["delivered"],
-                **_scores(student, state, test, settings.task),
-            }
+        # local fine-tune where that won on the site's validation split; at the argmax and at the
+        # site's own operating point, beside the teacher at its operating point there
+        record["delivered"] = {
+            name: score_site(run_dir / "sites" / name, student, teacher, test, settings.task)
+            for name in sites
+        }
     seed = settings.train.seed
     if cell.pooled:
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from common.checkpoint import metadata_path
 from common.jsonio import write_json
 from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
 from simulation.study_privacy import PUBLIC_SCORES_FILE, public_weights
+from simulation.study_recipe import add_recipe_targets, recipe_section
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
@@ -78,6 +79,8 @@ def _students(result: dict[str, Any] | None, kind: str, metric: str = METRIC) ->
     """The mean over sites of the students' held-out metric (``kind`` is ``kd`` or ``no_kd``)."""
     if result is None or "students" not in result:
         return None
+    if any(kind not in s for s in result["students"].values()):  # e.g. no no-KD baseline in the cell
+        return None
     return statistics.fmean(float(s[kind][metric]) for s in result["students"].values())
 
 
@@ -93,8 +96,10 @@ def _delivered(result: dict[str, Any] | None, metric: str = METRIC) -> float | N
     """
     if result is None:
         return None
-    if "delivered" in result:
-        return statistics.fmean(float(s[metric]) for s in result["delivered"].values())
+    if "delivered" in result:  # a site without a delivered student counts 0 (study_sites.py)
+        return statistics.fmean(
+            0.0 if s.get("failed") else float(s[metric]) for s in result["delivered"].values()
+        )
     if "federated_student" in result:
         return float(result["federated_student"][metric])
     return None
@@ -353,6 +358,11 @@ class StudyReport:
             "<= 0.05",
             None if not cost.values else cost.mean <= 0.05,
         )
+        add_recipe_targets(
+            s,
+            self.cells,
+            lambda key, what, m, r, d, target, ok: add(key, what, _stat(m), _stat(r), _stat(d), target, ok),
+        )
         return [
             "## Headline: the targets",
             "",
@@ -432,7 +442,9 @@ class StudyReport:
                 continue
             kd = [float(v["kd"][METRIC]) for v in result["students"].values()]
             nokd = [float(v["no_kd"][METRIC]) for v in result["students"].values()]
-            delivered = [float(v[METRIC]) for v in result.get("delivered", {}).values()]
+            delivered = [
+                0.0 if v.get("failed") else float(v[METRIC]) for v in result.get("delivered", {}).values()
+            ]
             teacher = _teacher(result, "federated")
             per_seed.append(
                 [
@@ -491,7 +503,11 @@ class StudyReport:
                         _fmt(kd_auc),
                         _fmt(nokd_auc),
                         _fmt(kd_auc - nokd_auc),
-                        "–" if chosen is None else f"{float(chosen[METRIC]):.3f} ({chosen['delivered']})",
+                        "–"
+                        if chosen is None
+                        else "failed"
+                        if chosen.get("failed")
+                        else f"{float(chosen[METRIC]):.3f} ({chosen['delivered']})",
                     ]
                 )
                 plot.append((site, kd_auc, nokd_auc))
@@ -720,7 +736,10 @@ class StudyReport:
     def attempts(self) -> list[str]:
         """Each attempt beside the cells it varies (same seeds, the study's settings)."""
         rows = []
+        recipe = {self.settings.recipe.new, self.settings.recipe.old}
         for attempt in self.settings.attempts:
+            if attempt.name in recipe:  # their own section (study_recipe.py)
+                continue
             cells = [c for c in table_cells("attempts", self.settings) if c.variant == attempt.name]
             ran = [c for c in cells if c.name in self.cells]
             if not ran:
@@ -750,7 +769,8 @@ class StudyReport:
             "",
         ]
         for a in self.settings.attempts:
-            lines.append(f"- **{a.name}**: {a.about}")
+            if a.name not in recipe:
+                lines.append(f"- **{a.name}**: {a.about}")
         lines.append("")
         lines += _table(
             [
@@ -807,6 +827,7 @@ class StudyReport:
             self.privacy(),
             self.nih(),
             self.attempts(),
+            recipe_section(self.settings, self.cells, self.summary),
             self.external(),
         ]
         notes_path = results / NOTES_FILE
