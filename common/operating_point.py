@@ -314,11 +314,16 @@ def fit_operating_point(
 ) -> OperatingPoint:
     """Fit the site's decision rule on its validation split's model outputs and labels (``[N, C]`` each).
 
-    With no validation images or the ``argmax`` criterion, the model's own rule."""
+    With no validation images, the ``argmax`` criterion, or (multi-class) a validation split of
+    one class, the model's own rule: on one class, balanced accuracy is that class's sensitivity,
+    and a search would shift the decisions towards it until every image is called that class
+    (the real-data study's COVID-19-only sites did: specificity 0.15-0.23)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
     if criterion.name == "argmax" or len(labels) == 0:
         return OperatingPoint.argmax(task)
+    if not task.is_multilabel and len(np.unique(np.argmax(labels, axis=1))) < 2:
+        return OperatingPoint.argmax(task)  # one class only: any search would just favour it
     if task.is_multilabel:
         return _fit_multilabel(probabilities, labels, task, criterion)
     return _fit_multiclass(probabilities, labels, task, criterion)

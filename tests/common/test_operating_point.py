@@ -185,3 +185,13 @@ def test_a_class_the_validation_split_lacks_keeps_its_balancing_shift() -> None:
     # a search would lower covid-19 until no image here is called covid-19 (every such call is an
     # error on this split); unsearched, it is still chosen for the images that look most like it
     assert (point.decide(probabilities) == 2).any()
+
+
+def test_a_validation_split_of_one_class_keeps_the_models_own_rule() -> None:
+    task = get_task("normal-pneumonia-covid")
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(80, 3))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    covid_only = np.tile([0.0, 0.0, 1.0], (80, 1))
+    point = fit_operating_point(probabilities, covid_only, task, Criterion())
+    assert point.log_prior_shift == (0.0, 0.0, 0.0)  # a search would call every image covid-19
