@@ -31,6 +31,8 @@ from typing import Any
 
 from simulation.study import Cell, StudySettings
 from simulation.study_sites import mean_over_sites
+from simulation.study_tables import markdown_table as _table
+from simulation.study_tables import stat as _stat
 
 COVID = "covid-19"
 OP_GAP_TARGET = -0.02
@@ -148,7 +150,6 @@ def _rows(settings: StudySettings) -> list[tuple[str, str, list[str]]]:
 
 def recipe_section(settings: StudySettings, cells: Mapping[str, Any], summary: dict[str, Any]) -> list[str]:
     """The table of the recipe cells (mean ± sd over the seeds that ran; – where none did)."""
-    from simulation.study_report import _stat, _table
 
     if not settings.recipe.new:
         return []

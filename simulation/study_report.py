@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +19,12 @@ from common.jsonio import write_json
 from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
 from simulation.study_privacy import PUBLIC_SCORES_FILE, public_weights
 from simulation.study_recipe import add_recipe_targets, recipe_section
+from simulation.study_tables import Stat
+from simulation.study_tables import markdown_table as _table
+from simulation.study_tables import stat as _stat
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
-
-
-@dataclass(frozen=True)
-class Stat:
-    values: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
-
-    @property
-    def sd(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
-
-    def text(self, digits: int = 3) -> str:
-        if not self.values:
-            return "–"
-        if len(self.values) == 1:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} (n={len(self.values)})"
-
-
-def _stat(values: Iterable[float | None]) -> Stat:
-    return Stat(tuple(v for v in values if v is not None and not math.isnan(v)))
 
 
 def load_cells(out: Path) -> dict[str, dict[str, Any]]:
@@ -115,16 +92,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
-    spec = align or "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + spec + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
-        "",
-    ]
 
 
 class StudyReport:
