@@ -2,7 +2,8 @@
 
 Commands: ``certs`` (CA + server certificate), ``site-key`` (a site's key pair), ``register-site``,
 ``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status``,
-``stop``, ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
+``stop``, ``console`` (the read-only web page of a run folder, server/console/; ``start`` serves
+it too), ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
 ``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
 thin: they check options and hand off to server/security.py and
 server/deploy.py; a :class:`~common.errors.CxrFlError` becomes a one-line message and exit
@@ -172,6 +173,17 @@ def start(
             "the run carries the initial teacher's weights hash and sites can pin it.",
         ),
     ] = None,
+    with_console: Annotated[
+        bool,
+        typer.Option(
+            "--console/--no-console",
+            help="Serve the run's read-only console on 127.0.0.1 while the run goes on (its address, "
+            "with a token, is printed here; never on the sites' address).",
+        ),
+    ] = True,
+    console_port: Annotated[
+        int, typer.Option("--console-port", help="The console's port on 127.0.0.1 (default: any free port).")
+    ] = 0,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
@@ -227,6 +239,7 @@ def start(
             tls = TlsFiles.from_dir(certs_dir)
         if site_key_files and tls is None:
             raise fail("--site-key needs TLS: site authentication is off with --insecure")
+        web = _open_console(run_dir, console_port, port or DEFAULT_PORT) if with_console else None
     except CxrFlError as exc:
         raise fail(str(exc)) from None
 
@@ -243,6 +256,9 @@ def start(
     num_rounds = int(settings["num-rounds"])
     started = time.time()
     exit_on_sigterm()
+    if web is not None:
+        web.start_background()
+        _announce_console(web, "while this command runs")
     try:
         coordinator.start_superlink(port=port or DEFAULT_PORT, host=host, tls=tls, database=not in_memory)
     except CxrFlError as exc:
@@ -283,6 +299,8 @@ def start(
         if not _finished(run_dir, started):
             _tell_sites_the_run_stopped(coordinator)
         coordinator.stop(recorded=False)
+        if web is not None:
+            web.stop()
     if _finished(run_dir, started):
         markdown = run_dir / "summary.md"
         if markdown.is_file():
@@ -295,6 +313,48 @@ def start(
         f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
         RUN_FAILED_EXIT,
     )
+
+
+def _open_console(run_dir: Path, port: int, sites_port: int) -> Any:
+    """The console's server, its socket bound (not serving yet): port errors before anything starts."""
+    from server.console.web import ConsoleServer
+
+    if port and port == sites_port:
+        raise fail(f"--console-port {port}: that is the sites' port; choose another, or 0 for any free port")
+    if not 0 <= port <= 65535:
+        raise fail(f"--console-port {port}: pass a port number 1-65535, or 0 for any free port")
+    return ConsoleServer(run_dir, port, option="--console-port")
+
+
+def _announce_console(web: Any, how_long: str) -> None:
+    """The console's address, token included, to the owner's terminal only."""
+    console.print(f"console ({how_long}, this machine only): {web.url}", highlight=False, soft_wrap=True)
+    console.print(
+        f"  from another machine: ssh -N -L {web.port}:127.0.0.1:{web.port} USER@THIS-HOST, then open the "
+        "same address there (docs/console.md)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("console")
+def console_command(
+    run_dir: RunDirOption = Path("runs/federation"),
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (default: any free port).")] = 0,
+) -> None:
+    """Serve the read-only console of a run folder on 127.0.0.1, live while its run goes on."""
+    from server.console.web import ConsoleServer
+
+    if not run_dir.is_dir():
+        raise fail(f"--run-dir {run_dir}: no such folder; pass the run folder of `cxr-fl-server start`")
+    if not 0 <= port <= 65535:
+        raise fail(f"--port {port}: pass a port number 1-65535, or 0 for any free port")
+    try:
+        web = ConsoleServer(run_dir.resolve(), port)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    _announce_console(web, "until Ctrl-C")
+    web.serve()
 
 
 def _finished(run_dir: Path, started: float) -> bool:
