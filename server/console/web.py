@@ -115,11 +115,12 @@ def create_app(reader: RunReader, token: str) -> Starlette:
 
 
 def bind_loopback(port: int, option: str = "--port") -> socket.socket:
-    """A socket bound to 127.0.0.1:``port`` (0: any free port); ConfigError naming ``option``."""
+    """A socket listening on 127.0.0.1:``port`` (0: any free port); ConfigError naming ``option``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((LOOPBACK, port))
+        sock.listen(128)  # the port is this console's from now on, before it serves
     except OSError as exc:
         sock.close()
         raise ConfigError(option, str(port), f"a free port on {LOOPBACK}, or 0 for any ({exc})") from None
