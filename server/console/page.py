@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from html import escape
 from typing import Any
 
@@ -37,6 +38,14 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
+def _moment(iso: str) -> str:
+    """An ISO 8601 time from the SuperLink, to the second, in this machine's time zone."""
+    try:
+        return _when(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return iso
+
+
 def run_section(snap: Snapshot) -> str:
     total = "?" if snap.rounds_total is None else str(snap.rounds_total)
     seconds = [s for _, s in snap.round_seconds]
@@ -58,9 +67,9 @@ def run_section(snap: Snapshot) -> str:
 def sites_section(snap: Snapshot) -> str:
     rows = []
     for site in snap.sites:
-        since = f" since {escape(site.since)}" if site.online == "online" and site.since else ""
+        since = f" since {escape(_moment(site.since))}" if site.online == "online" and site.since else ""
         if site.online != "online" and site.since:
-            since = f", last seen {escape(site.since)}"
+            since = f", last seen {escape(_moment(site.since))}"
         status = escape(site.status) + (f": {escape(site.reason)}" if site.reason else "")
         rows.append(
             [
@@ -93,7 +102,14 @@ def curves_section(snap: Snapshot) -> str:
         for n in [GLOBAL, *[n for n in names if n != GLOBAL]]
     )
     charts = "".join(
-        f"<figure><figcaption>{escape(c.title)}</figcaption>{svg_chart(c, colours)}</figure>"
+        f"<figure><figcaption>{escape(c.title)}</figcaption>"
+        + (
+            svg_chart(c, colours)
+            if any(c.series.values())
+            else f'<p class="empty" data-curve="{escape(c.title)}">not reported yet (deployed sites send it '
+            "only with their opt-in to share more figures)</p>"
+        )
+        + "</figure>"
         for c in snap.curves
     )
     return (

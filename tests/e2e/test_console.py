@@ -92,10 +92,9 @@ def assert_sites_address_serves_no_console(federation: Federation) -> None:
             assert "console" not in reply.text.lower()
 
 
-def follow_live_run(
-    federation: Federation, server: subprocess.Popen[bytes], browser: Any
-) -> list[dict[str, Any]]:
-    """Read the page every second until the coordinator ends; every read must be consistent."""
+def follow_live_run(server: subprocess.Popen[bytes], browser: Any, shot: Path) -> list[dict[str, Any]]:
+    """Read the page every second until the coordinator ends; every read must be consistent.
+    The page is saved as ``shot`` once the last teacher round is done (while the run goes on)."""
     reads = []
     deadline = time.monotonic() + 900
     while server.poll() is None and time.monotonic() < deadline:
@@ -104,6 +103,8 @@ def follow_live_run(
             # as many points on the global train-loss curve as finished rounds, at every moment
             assert seen["points"] == int(seen["done"]), seen
             reads.append(seen)
+            if seen["done"] == str(ROUNDS) and not shot.exists():
+                browser.save_screenshot(str(shot))
         time.sleep(1.0)
     return reads
 
@@ -129,7 +130,7 @@ def test_the_console_shows_a_two_site_federation_live_and_after_it(
         300,
         lambda: browser.execute_script(READ_PAGE)["online"] == {"site-a": "online", "site-b": "online"},
     )
-    reads = follow_live_run(federation, server, browser)
+    reads = follow_live_run(server, browser, tmp_path / "console-live.png")
 
     # Assert: the counter advanced to the last round, never backwards.
     assert federation.wait(server, "server", 60) == 0, federation.output("server")
