@@ -48,6 +48,9 @@ SITE_PHASES = {
     "bn-statistics-student": "student BatchNorm statistics",
     "student-final": "delivery check",
 }
+PHASE_ORDER = {"distill": 1, "student": 2, "bn-statistics-student": 2, "student-final": 2}
+"""How far along the run a site's row is (teacher phases: 0)."""
+RUN_PHASE_ORDER = {"distillation": 1, "federated student": 2}
 AUDIT_LINES = 10
 OTHER_RUNS = 20
 
@@ -203,10 +206,26 @@ def privacy(rows: list[dict[str, Any]]) -> tuple[dict[str, tuple[float, int, str
     return spent, declines
 
 
+def phase_label(row: dict[str, Any], run_phase: str) -> str:
+    """What a site is at: what its last reply answered, or the run's later phase it works on now
+    (the distillation's and the federated student's rows are written when their phase ends)."""
+    phase = str(row.get("phase", ""))
+    label = SITE_PHASES.get(phase, phase)
+    if phase in ("train", "evaluate", "student", "bn-statistics") and "round" in row:
+        label = f"{label} {row['round']}"
+    if label and PHASE_ORDER.get(phase, 0) < RUN_PHASE_ORDER.get(run_phase, 0):
+        return f"{run_phase} (last answered: {label})"
+    return label or "no reply yet"
+
+
 def site_views(
-    rows: list[dict[str, Any]], registered: list[dict[str, Any]], nodes: dict[int, NodeStatus]
+    rows: list[dict[str, Any]],
+    registered: list[dict[str, Any]],
+    nodes: dict[int, NodeStatus],
+    current: str = "",
 ) -> list[SiteView]:
-    """Every site: registered ones first (sites.json), then any other that replied."""
+    """Every site: registered ones first (sites.json), then any other that replied; ``current``
+    is the run's phase (:func:`run_phase`)."""
     last: dict[str, dict[str, Any]] = {}
     node_of: dict[str, int | None] = {}
     for site in registered:
@@ -222,10 +241,6 @@ def site_views(
     for name, node_id in node_of.items():
         node = nodes.get(node_id) if node_id is not None else None
         row = last.get(name, {})
-        phase = str(row.get("phase", ""))
-        label = SITE_PHASES.get(phase, phase)
-        if phase in ("train", "evaluate", "student", "bn-statistics") and "round" in row:
-            label = f"{label} {row['round']}"
         since = (
             ""
             if node is None
@@ -237,7 +252,7 @@ def site_views(
                 node_id=node_id,
                 online="unknown" if node is None else node.status,
                 since=since,
-                phase=label or "no reply yet",
+                phase=phase_label(row, current),
                 status=str(row.get("status", "-")),
                 reason=str(row.get("reason", "")),
             )
@@ -354,7 +369,7 @@ class RunReader:
             rounds_done=int(done) if done is not None else len(aggregates),
             rounds_total=int(total) if total is not None else None,
             round_seconds=[(int(r["round"]), s) for r in aggregates if (s := number(r.get("seconds")))],
-            sites=site_views(rows, registered, self.watch.nodes(state)),
+            sites=site_views(rows, registered, self.watch.nodes(state), phase),
             curves=curves(rows, aggregates),
             epsilon=spent,
             dp_target=number(config.get("dp-target-epsilon")) if config.get("dp-enabled") is True else None,

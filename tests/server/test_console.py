@@ -20,7 +20,7 @@ from server.console.gateway_log import GatewayLog, classify
 from server.console.nodes import NodeStatus, NodeWatch
 from server.console.page import live
 from server.console.prometheus import metrics_text
-from server.console.run_state import GLOBAL, RunReader
+from server.console.run_state import GLOBAL, RunReader, phase_label
 from server.console.web import ConsoleServer, create_app, loopback_host
 from server.fleet_gateway import REFUSED_TEXT
 from server.fleet_gateway import create_app as create_gateway
@@ -302,3 +302,22 @@ def test_console_command_errors_are_one_line(tmp_path: Path) -> None:
     assert same.exit_code == 2
     assert "sites' port" in same.output
     assert not (tmp_path / "run" / "deploy.json").exists()
+
+
+def test_a_site_working_on_a_later_phase_says_so_until_its_rows_arrive(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()[:-1])]
+    teacher_rows = [r for r in rows if r["phase"] in ("train", "evaluate", "aggregate")]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in teacher_rows))
+    with (run / "server.log").open("a") as log:
+        log.write("INFO server.app: Distillation round: sending the best global teacher to every site\n")
+
+    snap = RunReader(run, NodeWatch(run, ask=online)).snapshot()
+
+    assert snap.phase == "distillation"
+    assert [s.phase for s in snap.sites] == ["distillation (last answered: validation of round 2)"] * 2
+    assert phase_label({"phase": "distill", "status": "ok"}, "federated student") == (
+        "federated student (last answered: distillation)"
+    )
+    assert phase_label({"phase": "student-final"}, "finished") == "delivery check"
+    assert phase_label({}, "teacher rounds") == "no reply yet"
