@@ -330,8 +330,8 @@ def _announce_console(web: Any, how_long: str) -> None:
     """The console's address, token included, to the owner's terminal only."""
     console.print(f"console ({how_long}, this machine only): {web.url}", highlight=False, soft_wrap=True)
     console.print(
-        f"  from another machine: ssh -N -L {web.port}:127.0.0.1:{web.port} USER@THIS-HOST, then open the "
-        "same address there (docs/console.md)",
+        f"  from another machine: ssh -N -L 127.0.0.1:{web.port}:127.0.0.1:{web.port} USER@THIS-HOST, "
+        "then open the same address there (docs/console.md)",
         highlight=False,
         soft_wrap=True,
     )
