@@ -70,6 +70,7 @@ from common.local import (
     student_config,
     train_round,
 )
+from common.models import build_model
 from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
@@ -82,6 +83,7 @@ from common.protocol import (
     SITE_DECLINED,
     SITE_FAILED,
     SITE_RECORD,
+    STUDENT_START_KEY,
     VALIDATE_INCOMING_KEY,
     VALIDATION_RECORD,
     WEIGHT_KEY,
@@ -329,7 +331,8 @@ def _distill(
     )
     site.out_dir.mkdir(parents=True, exist_ok=True)
     save_teacher_point(site.out_dir, teacher_point)
-    outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed)
+    student_start = _coordinator_student(msg, settings)
+    outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed, student_state=student_start)
     metrics = dict(outcome.metrics)
     nokd = _no_kd_baseline(settings, site, data, teacher_state, seed, metrics)
     kd = _student_at_site(settings, site, data, outcome.student.state_dict())
@@ -434,6 +437,35 @@ def _keep_teacher(site: SiteConfig, teacher_state: dict[str, torch.Tensor], outc
 
 def _student_config(settings: FederatedRunConfig) -> ModelConfig:
     return student_config(settings.distill, settings.teacher, settings.teacher.norm)
+
+
+def _coordinator_student(msg: Message, settings: FederatedRunConfig) -> dict[str, torch.Tensor] | None:
+    """The students' start the coordinator distilled on public images, if it sent one.
+
+    Untrusted weights: they must be exactly this run's student (same tensor names, shapes and
+    dtypes as the student this site builds) with finite values; anything else is refused with
+    a one-line reason. They carry no code and are only a starting point: the site fine-tunes
+    them on its own images, fits its own operating point, and checks the result before delivery.
+    """
+    if STUDENT_START_KEY not in msg.content.array_records:
+        return None
+    state = msg.content.array_records[STUDENT_START_KEY].to_torch_state_dict()
+    expected = build_model(_student_config(settings), settings.task.num_classes).state_dict()
+    if set(state) != set(expected):
+        raise DataError(
+            f"the coordinator's student start is not this run's {settings.distill.student} "
+            f"({len(state)} tensors, {len(set(state) ^ set(expected))} names differ): refused"
+        )
+    for name, tensor in state.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise DataError(
+                f"the coordinator's student start: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"this run's {settings.distill.student} has {tuple(want.shape)} {want.dtype}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DataError(f"the coordinator's student start: {name} has non-finite values: refused")
+    return state
 
 
 def _student_at_site(

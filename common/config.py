@@ -165,6 +165,11 @@ class DistillConfig:
     # after a federated student: fine-tune it locally by KD for this many epochs and deliver the
     # fine-tuned student only if it beats the global one on the site's validation split (0: never)
     personalise_epochs: int = 0
+    # the coordinator distils the student's start from the teacher on these public images (a
+    # manifest CSV at the coordinator; "" = each site starts from random weights), for this many
+    # epochs (common/public_distillation.py)
+    public_manifest: str = ""
+    public_epochs: int = 4
 
     def __post_init__(self) -> None:
         from common.models import MODELS  # lazy for the same reason as in ModelConfig
@@ -197,6 +202,14 @@ class DistillConfig:
             raise ConfigError("kd-patience", self.patience, "an integer >= 0 (0: no early stopping)")
         if self.personalise_epochs < 0:
             raise ConfigError("kd-personalise-epochs", self.personalise_epochs, "an integer >= 0 (0: off)")
+        if self.public_epochs < 1:
+            raise ConfigError("kd-public-epochs", self.public_epochs, "an integer >= 1")
+        if self.public_manifest and not Path(self.public_manifest).is_absolute():
+            raise ConfigError(
+                "kd-public-manifest",
+                self.public_manifest,
+                'an absolute path to a manifest CSV on the coordinator\'s machine, or ""',
+            )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ SITE_APP_REFUSED = 1004
 """The site refuses the run's app: not its installed cxr-fl app nor one it allows (--allow-app)."""
 
 DISTILL_MESSAGE_TYPE = "train.distill"
+STUDENT_START_KEY = "student-start"
+"""ArrayRecord of a distillation message beside the teacher: the student the coordinator distilled
+on public images (run setting ``kd-public-manifest``), from which every site fine-tunes its own."""
 STUDENT_ROUND_MESSAGE_TYPE = "train.student"
 STUDENT_FINAL_MESSAGE_TYPE = "evaluate.student"
 BN_STATISTICS_MESSAGE_TYPE = "query.bn_statistics"

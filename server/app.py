@@ -37,6 +37,7 @@ from common.protocol import (
     FINISH_MESSAGE_TYPE,
     STUDENT_FINAL_MESSAGE_TYPE,
     STUDENT_ROUND_MESSAGE_TYPE,
+    STUDENT_START_KEY,
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
@@ -46,6 +47,7 @@ from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, wi
 from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line, student_round_line
+from server.public_student import distil_public_student, load_public_images
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import (
     RoundFailedError,
@@ -104,13 +106,14 @@ def broadcast(
     settings: FederatedRunConfig,
     min_sites: int,
     names: dict[int, str],
+    extra: dict[str, ArrayRecord] | None = None,
 ) -> tuple[list[Message], list[SiteOutcome]]:
-    """Send the same arrays to every connected site (a distillation phase, waiting up to
-    ``distill-round-timeout``); return the replies and each site's outcome."""
+    """Send the same arrays (and ``extra`` named arrays) to every connected site (a distillation
+    phase, waiting up to ``distill-round-timeout``); return the replies and each site's outcome."""
     nodes = wait_for_sites(grid, min_sites, settings.run.site_wait_timeout)
     messages = [
         Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+            RecordDict({"arrays": arrays, **(extra or {}), "config": ConfigRecord(config)}),
             dst_node_id=node,
             message_type=message_type,
         )
@@ -124,11 +127,18 @@ def broadcast(
 
 
 def distillation_round(
-    grid: Grid, teacher: ArrayRecord, settings: FederatedRunConfig, min_sites: int, names: dict[int, str]
+    grid: Grid,
+    teacher: ArrayRecord,
+    settings: FederatedRunConfig,
+    min_sites: int,
+    names: dict[int, str],
+    student: ArrayRecord | None = None,
 ) -> list[dict[str, object]]:
-    """Send the chosen global teacher to every connected site; collect their metrics."""
+    """Send the chosen global teacher (and the students' start, when the coordinator distilled one
+    on public images) to every connected site; collect their metrics."""
+    extra = {STUDENT_START_KEY: student} if student is not None else None
     _, outcomes = broadcast(
-        grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites, names
+        grid, teacher, DISTILL_MESSAGE_TYPE, {"phase": "distill"}, settings, min_sites, names, extra
     )
     return [o.row(settings.run.num_rounds, "distill") for o in outcomes]
 
@@ -156,8 +166,10 @@ def federated_student(
     settings: FederatedRunConfig,
     strategy_settings: StrategySettings,
     names: dict[int, str],
+    start: ArrayRecord | None = None,
 ) -> list[dict[str, object]]:
-    """Aggregate the sites' distilled students into one global student over a few extra rounds.
+    """Aggregate the sites' distilled students into one global student over a few extra rounds,
+    from the coordinator's public-image student when there is one (``start``).
 
     The rounds go through the run's configured strategy, a fresh instance of it (the teacher's
     server-side optimiser state is not the student's): FedAvg/FedProx average the students,
@@ -168,7 +180,7 @@ def federated_student(
     min_sites = strategy_settings.min_train_sites
     seed_everything(settings.distill.seed)
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
-    student = ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
+    student = start or ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
     rows: list[dict[str, object]] = []
     for student_round in range(1, settings.kd_federated_student_rounds + 1):
         round_started = time.monotonic()
@@ -232,6 +244,7 @@ def federated_student_phase(
     names: dict[int, str],
     *,
     central_dp: bool = False,
+    start: ArrayRecord | None = None,
 ) -> str:
     """Run the federated student when the run asks for it; say what became of it (summary.json).
 
@@ -251,7 +264,7 @@ def federated_student_phase(
         )
         return "skipped under DP: each site delivers its own student"
     try:
-        student_rows = federated_student(grid, folder, settings, strategy_settings, names)
+        student_rows = federated_student(grid, folder, settings, strategy_settings, names, start)
     except RoundFailedError as exc:
         logger.warning("Federated student not completed (%s): each site keeps its own student.", exc)
         return f"not completed ({exc}): each site delivers its own student"
@@ -314,6 +327,7 @@ def main(grid: Grid, context: Context) -> None:
     logger.info("Run folder: %s", run_dir)
     tracker = start_tracking(folder, context.run_config)
     torch.set_num_threads(settings.train.num_threads)
+    public = load_public_images(settings, run_dir) if settings.kd_enabled else None
 
     strategy = build_strategy(strategy_settings)
     central = from_mapping(CentralDPSettings, context.run_config, "central-dp-")
@@ -349,12 +363,16 @@ def main(grid: Grid, context: Context) -> None:
     pool_delivered_teacher(grid, folder, settings, rounds.site_names)
 
     distill_rows: list[dict[str, object]] = []
+    start_record: dict[str, object] | None = None
     student_note = "off (kd-enabled = false)"
     if settings.kd_enabled:
         teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
+        student_start, start_record = (
+            distil_public_student(folder, settings, teacher, public) if public is not None else (None, None)
+        )
         logger.info("%s", distill_line(settings.run.distill_teacher))
         distill_rows = distillation_round(
-            grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names
+            grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names, student_start
         )
         folder.append_metrics(distill_rows)
         write_json(run_dir / "distillation.json", distill_rows)
@@ -365,6 +383,7 @@ def main(grid: Grid, context: Context) -> None:
             strategy_settings,
             rounds.site_names,
             central_dp=isinstance(strategy, CentralDP),
+            start=student_start,
         )
 
     announce_finish(grid, settings, rounds.site_names)
@@ -376,6 +395,7 @@ def main(grid: Grid, context: Context) -> None:
         distill_rows=distill_rows,
         seconds=time.monotonic() - started,
         federated_student=student_note,
+        students_start=start_record,
     )
     finish_tracking(tracker, folder)
     logger.info("Run finished; summary in %s", run_dir / "summary.json")

@@ -80,6 +80,7 @@ def write_summary(
     distill_rows: list[dict[str, Any]],
     seconds: float,
     federated_student: str = "",
+    students_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows = folder.read_metrics()
     aggregates = global_rows(rows)
@@ -101,6 +102,7 @@ def write_summary(
         "dp_epsilon_spent": epsilon,
         "distillation": distill_rows,
         "federated_student": federated_student,
+        "students_start": students_start,
         "delivery_check": delivery_check(rows),
         "seconds": seconds,
     }
@@ -132,6 +134,13 @@ def write_summary(
                 f"{_fmt(row.get('teacher_' + c))} | {_fmt(row.get('student_' + c))}" for c in DISTILL_COLUMNS
             )
             lines.append(f"| {row.get('site')} | {row.get('status')} | {cells} |")
+    if students_start:
+        lines += [
+            "",
+            f"Students' start: distilled at the coordinator on {students_start['images']} public images "
+            f"({students_start['epochs']} epochs, {students_start['seconds']:.0f} s); its top class is the "
+            f"teacher's on {100 * students_start['agreement_with_teacher']:.1f}% of held-out public images.",
+        ]
     if federated_student:
         lines += ["", f"Federated student: {federated_student}."]
     check = check_markdown(summary["delivery_check"])

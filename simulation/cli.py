@@ -212,6 +212,13 @@ DEMO_SYNTHETIC_OPTIONS: dict[str, str] = {"n-images": "2400", "image-size": "64"
 """The demo's synthetic images: hard enough (faint lesions, look-alike shadows, noise) that the
 teachers and students do not all score 1.000 and the comparisons in the report mean something."""
 
+DEMO_PUBLIC_OPTIONS: dict[str, str] = {**DEMO_SYNTHETIC_OPTIONS, "seed": "1"}
+"""The coordinator's "public" images of the demo, from which it distils the students' start: the
+same generator with another seed (none of the sites' images), standing in for a public CXR set."""
+
+DEMO_PUBLIC_SOURCES: tuple[Any, ...] | None = None
+"""Sources of the coordinator's public images (None: :data:`DEMO_PUBLIC_OPTIONS`)."""
+
 DEMO_MIN_SITE_SIZE = 185
 """Patients (two images each) every demo site gets at least: with the 55% test split, at least 200
 test images per site, so that a difference of 0.02 is more than one image (seeds 0-9 partition at
@@ -518,6 +525,7 @@ def _demo(ctx: typer.Context) -> None:
         ),
         run_config={**DEMO_RUN_CONFIG, "seed": seed},
         baselines=True,
+        public_sources=DEMO_PUBLIC_SOURCES or (SourceSpec("synthetic", None, DEMO_PUBLIC_OPTIONS),),
     )
     report_path = run_experiment_with_progress(config)
     stdout.print(f"report: {report_path.resolve()}", markup=False, highlight=False, soft_wrap=True)

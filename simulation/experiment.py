@@ -92,6 +92,9 @@ class ExperimentConfig:
     drop_duplicates: bool = False
     require_all_classes: bool = True
     """Refuse a data set in which a class has no image (off for small multi-label checks)."""
+    public_sources: tuple[SourceSpec, ...] = ()
+    """The coordinator's public images for the students' start (run setting ``kd-public-manifest``,
+    written to ``public/site_00.csv``); none: each site's student starts from random weights."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpus_per_site", check_gpus_per_site(self.gpus_per_site))
@@ -122,6 +125,7 @@ class Experiment:
         self.out = Path(config.out).expanduser().resolve()
         self.run_dir = self.out / "run"
         self.partition_dir = self.out / "partition"
+        self.public_dir = self.out / "public"
 
     def resolve_run_config(self) -> dict[str, Any]:
         overrides = dict(self.config.run_config)
@@ -129,6 +133,8 @@ class Experiment:
         overrides["run-dir"] = str(self.run_dir)
         overrides["simulation-manifest-dir"] = str(self.partition_dir)
         overrides.setdefault("cache-dir", str(self.out / "cache"))
+        if self.config.public_sources:
+            overrides["kd-public-manifest"] = str(self.public_dir / "site_00.csv")
         if self.config.baselines:
             overrides["kd-no-kd-baseline"] = True
         return check_run_config(overrides)
@@ -175,12 +181,34 @@ class Experiment:
             source_options=source_options,
             overwrite=True,
         )
+        if self.config.public_sources:
+            self.write_public_images()
         (self.out / "experiment.json").write_text(
             json.dumps({**self.config.to_dict(), "resolved_run_config": run_config}, indent=2, default=str)
             + "\n",
             encoding="utf-8",
         )
         return run_config, partition.num_sites
+
+    def write_public_images(self) -> None:
+        """The coordinator's public images as one manifest (``public/site_00.csv``)."""
+        sources = self.config.public_sources
+        catalog, source_paths, source_options = load_sources(
+            [s.fmt for s in sources],
+            [Path(s.path) if s.path else None for s in sources],
+            self.config.task,
+            option_pairs=[f"{s.fmt}.{k}={v}" for s in sources for k, v in s.options.items()],
+            strict=self.config.strict,
+        )
+        whole = partition_catalog(catalog, "iid", 1, seed=0, require_all_classes=False)
+        write_partition(
+            self.public_dir,
+            catalog,
+            whole,
+            source_paths=source_paths,
+            source_options=source_options,
+            overwrite=True,
+        )
 
     def run(
         self,

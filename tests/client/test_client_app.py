@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
 from common.batchnorm_stats import expected_channels, moments_problem
+from common.errors import DataError
 from common.models import build_model
 from common.protocol import (
     BN_STATISTICS_RECORD,
     SITE_BAD_INPUT,
     SITE_RECORD,
+    STUDENT_START_KEY,
     VALIDATE_INCOMING_KEY,
     VALIDATION_RECORD,
     WEIGHT_KEY,
@@ -371,3 +375,76 @@ def test_the_delivered_student_is_the_global_one_unless_its_fine_tune_wins_on_va
         assert all(torch.equal(state[k], global_state[k]) for k in global_state)
         assert metrics["student_personalised"] == 0.0
     assert "validation" in delivered.reason
+
+
+def _distill_message_with_student_start(context: Context, student: dict[str, torch.Tensor]) -> Message:
+    message, _ = _message(context, "train.distill", {"server-round": 1})
+    message.content[STUDENT_START_KEY] = ArrayRecord(student)
+    return message
+
+
+def _run_student(context: Context) -> dict[str, torch.Tensor]:
+    from common.local import student_config
+
+    settings = run_settings_from_config(context.run_config)
+    config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    return build_model(config, settings.task.num_classes).state_dict()
+
+
+def test_the_site_student_starts_from_the_coordinators_student_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.app
+
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    start = {
+        name: tensor + 0.5 if tensor.is_floating_point() else tensor
+        for name, tensor in _run_student(context).items()
+    }
+    started_from: list[object] = []
+
+    def record_start(*_args: object, **kwargs: object) -> None:
+        started_from.append(kwargs.get("student_state"))
+        raise DataError("stop after the first distillation")
+
+    monkeypatch.setattr(client.app, "distill_student", record_start)
+    reply = app(_distill_message_with_student_start(context, start), context)
+
+    assert reply.has_error()
+    assert "stop after" in reply.error.reason
+    received = started_from[0]
+    assert isinstance(received, dict)
+    assert all(torch.equal(received[name], tensor) for name, tensor in start.items())
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda state: {k: v for k, v in list(state.items())[1:]}, "not this run's"),
+        (
+            lambda state: {**state, "features.0.0.weight": state["features.0.0.weight"][:1]},
+            "features.0.0.weight",
+        ),
+        (
+            lambda state: {
+                **state,
+                "classifier.1.bias": torch.full_like(state["classifier.1.bias"], float("nan")),
+            },
+            "non-finite",
+        ),
+    ],
+)
+def test_a_student_start_that_is_not_this_runs_student_is_refused(
+    tmp_path: Path, spoil: Any, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.app
+
+    context = _context(tmp_path, _synthetic_site(tmp_path))
+    monkeypatch.setattr(client.app, "distill_student", lambda *_a, **_k: pytest.fail("distilled anyway"))
+
+    reply = app(_distill_message_with_student_start(context, spoil(_run_student(context))), context)
+
+    assert reply.has_error()
+    assert reply.error.code == SITE_BAD_INPUT
+    assert "student start" in reply.error.reason
+    assert expected in reply.error.reason

@@ -140,6 +140,8 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     out = tmp_path / "demo"
     monkeypatch.setattr(cli, "DEMO_RUN_CONFIG", dict(TINY_RUN))
     monkeypatch.setattr(cli, "DEMO_SOURCES", TINY_SOURCE)
+    public = {"n-images": "40", "image-size": "32", "seed": "1"}
+    monkeypatch.setattr(cli, "DEMO_PUBLIC_SOURCES", (SourceSpec("synthetic", None, public),))
     monkeypatch.setattr(cli, "DEMO_MIN_SITE_SIZE", 5)  # the tiny source has 60 patients
     monkeypatch.setattr(cli, "_default_out", lambda: out)
 
@@ -184,6 +186,12 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
         assert (report / name).stat().st_size > 1000, name
     assert list((report / "gradcam").glob("*.png"))
     assert (out / "experiment.json").is_file()
+    # the students started from the coordinator's student, distilled on the "public" images
+    start = json.loads((out / "run" / "summary.json").read_text())["students_start"]
+    public_images = len((out / "public" / "site_00.csv").read_text().splitlines()) - 1
+    assert 0 < start["images"] < public_images == 40  # a tenth held out to measure the agreement
+    assert 0.0 <= start["agreement_with_teacher"] <= 1.0
+    assert (out / "run" / "checkpoints" / "public_student.pt").is_file()
     assert _alive_with_env(str(out / "flower" / "flwr-home")) == []
 
     rebuilt = CliRunner().invoke(cli.app, ["report", str(out)])
