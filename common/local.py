@@ -211,6 +211,13 @@ def load_eval_dataset(request: DataRequest) -> CxrDataset:
     return CxrDataset(cached, np.arange(len(cached)), equalize=request.equalize)
 
 
+def lone_last_batch(images: int, batch_size: int) -> bool:
+    """Would an epoch end on a batch of one image? BatchNorm cannot train on one image whose
+    feature maps are 1x1 (small images, e.g. 32 px through a ResNet), so such a batch is dropped;
+    the shuffle puts another image last in the next epoch."""
+    return images > 1 and images % batch_size == 1
+
+
 def build_loaded_model(
     config: ModelConfig, task: Task, state: Mapping[str, torch.Tensor] | None
 ) -> nn.Module:
@@ -277,6 +284,7 @@ def train_round(
         shuffle=True,
         generator=generator,
         pin_memory=compute.pin_memory,
+        drop_last=lone_last_batch(len(dataset), train.batch_size),
     )
     dp_on = privacy is not None and privacy.enabled
     adjustment = site_logit_adjustment(train.local_loss, task, dataset, dp_enabled=dp_on)
@@ -491,10 +499,16 @@ def distill_student(
             shuffle=True,
             generator=generator,
             pin_memory=pin,
+            drop_last=lone_last_batch(len(train_set), distill.batch_size),
         )
     else:
         loader = DataLoader(
-            train_set, batch_size=distill.batch_size, shuffle=True, generator=generator, pin_memory=pin
+            train_set,
+            batch_size=distill.batch_size,
+            shuffle=True,
+            generator=generator,
+            pin_memory=pin,
+            drop_last=lone_last_batch(len(train_set), distill.batch_size),
         )
     total_epochs = distill.epochs if epochs is None else epochs
     steps_per_epoch = len(loader)

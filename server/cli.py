@@ -411,6 +411,8 @@ def _follow(
             if progress is not None:
                 if progress.phase == "distill":
                     bar.update(job, description="distillation", detail="students training at the sites")
+                elif progress.phase == "start":
+                    bar.update(job, description="students' start", detail=f"{progress.replied} public images")
                 else:
                     detail = ""
                     if progress.replied is not None:

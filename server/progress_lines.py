@@ -27,6 +27,7 @@ STUDENT_LINE = re.compile(
 )
 RESUME_LINE = re.compile(r"Resuming run in .* after round (?P<round>\d+) of (?P<rounds>\d+)")
 DISTILL_MARKER = "Distillation round:"
+START_LINE = re.compile(r"Students' start: distilling the teacher on (?P<images>\d+) public images")
 RESUME_ADVICE = (
     "The last completed round is checkpointed; start the server again with --resume once sites are back."
 )
@@ -71,6 +72,11 @@ def resume_line(
     )
 
 
+def start_line(images: int, epochs: int) -> str:
+    """The coordinator starts distilling the students' start (its images count as ``replied``)."""
+    return f"Students' start: distilling the teacher on {images} public images ({epochs} epochs)"
+
+
 def distill_line(which: str) -> str:
     return f"{DISTILL_MARKER} sending the {which} global teacher to every site"
 
@@ -91,7 +97,8 @@ class Progress:
     metric_name: str = ""
     metric: float | None = None
     phase: str = "teacher"
-    """teacher | validation (of a teacher round) | distill | student (a federated-student round)"""
+    """teacher | validation (of a teacher round) | start (the coordinator distils the students'
+    start) | distill | student (a federated-student round)"""
     seconds: float | None = None
     """How long the round took, where the line says."""
 
@@ -129,6 +136,8 @@ def parse_progress(line: str) -> Progress | None:
         return Progress(int(match["round"]), int(match["rounds"]))
     if DISTILL_MARKER in line:
         return Progress(-1, -1, phase="distill")
+    if match := START_LINE.search(line):
+        return Progress(-1, -1, replied=int(match["images"]), phase="start")
     return None
 
 

@@ -20,6 +20,7 @@ from common.jsonio import write_json
 from common.local import SiteData
 from common.public_distillation import PublicStudent, distill_on_public_images, public_images
 from common.run_settings import FederatedRunConfig
+from server.progress_lines import start_line
 from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,7 @@ def distil_public_student(
 ) -> tuple[ArrayRecord, dict[str, object]]:
     """Distil the teacher into the student on the public images; keep it in the run folder.
     Returns the student and its record (``public_student.json``, the summary's ``students_start``)."""
-    logger.info(
-        "Students' start: distilling the teacher on %d public images (%d epochs)",
-        len(images.split.train),
-        settings.distill.public_epochs,
-    )
+    logger.info("%s", start_line(len(images.split.train), settings.distill.public_epochs))
     student = distill_on_public_images(
         settings, teacher.to_torch_state_dict(), images, num_threads=settings.train.num_threads
     )

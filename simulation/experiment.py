@@ -259,7 +259,9 @@ def progress_follower(
         progress = parse_progress(line)
         if progress is None:
             return
-        if progress.phase == "distill":
+        if progress.phase == "start":
+            stage(f"distilling the students' start at the coordinator on {progress.replied} public images")
+        elif progress.phase == "distill":
             stage("distilling students at the sites")
         elif progress.phase == "student":
             if progress.completed_round == 1:

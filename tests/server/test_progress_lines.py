@@ -12,6 +12,7 @@ from server.progress_lines import (
     parse_progress,
     resume_line,
     round_line,
+    start_line,
     student_round_line,
     validation_line,
     without_resume_advice,
@@ -50,6 +51,9 @@ def test_the_lines_the_server_writes_are_the_lines_the_parser_reads() -> None:
     distill = parse_progress(distill_line("best"))
     assert distill is not None
     assert distill.phase == "distill"
+    start = parse_progress("INFO server.public_student: " + start_line(2160, 6))
+    assert start is not None
+    assert (start.phase, start.replied) == ("start", 2160)
 
 
 def test_a_round_validated_later_has_a_line_without_its_metric() -> None:
