@@ -38,6 +38,7 @@ from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.site_audit import record_site_event
 from client.site_operating_point import (
     AtOperatingPoint,
     check_before_delivery,
@@ -171,6 +172,7 @@ def _outgoing(msg: Message, context: Context, reply: RecordDict | Error, *, dp: 
 
 def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     """Run a handler; turn known failures into error replies with a reason."""
+    site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
@@ -184,13 +186,22 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         return _outgoing(msg, context, content, dp=_privacy(settings, site, data).enabled)
     except (BudgetExhaustedError, LedgerIntegrityError, SitePolicyError) as exc:
         logger.warning("Declining: %s", exc)
+        _audit_declined(site, context, str(exc))
         return _outgoing(msg, context, Error(SITE_DECLINED, str(exc)))
     except CxrFlError as exc:
         logger.error("Site cannot take part: %s", exc)
+        _audit_declined(site, context, str(exc))
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
     except Exception as exc:  # a bug at one site must not hang the federation
         logger.exception("Site failed")
         return _outgoing(msg, context, Error(SITE_FAILED, f"{type(exc).__name__}: {exc}"))
+
+
+def _audit_declined(site: SiteConfig | None, context: Context, reason: str) -> None:
+    """The decline in the site's audit trail, with the reason exactly as its reply carries it."""
+    if site is not None and not site.simulated:
+        text = site_disclosure(context.node_config).text(reason)
+        record_site_event(site.state_dir, "run-declined", run_id=context.run_id, reason=text)
 
 
 def _train(
@@ -225,7 +236,7 @@ def _train(
         compute=site.resolve_compute(dp=privacy.enabled),
     )
     if ledger is not None and entry is not None:
-        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round)
+        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round, site)
         if entry.epsilon > privacy.target_epsilon + 1e-9:  # never send what went over budget
             raise BudgetExhaustedError(
                 f"this round spent epsilon {entry.epsilon:.3f} > target {privacy.target_epsilon}; "
@@ -274,6 +285,7 @@ def _record_spent(
     history: AccountantHistory,
     context: Context,
     server_round: int,
+    site: SiteConfig,
 ) -> None:
     """Write what the round actually spent (from the accountant's history) to the site's ledger."""
     entry.plan, entry.history = plan, history
@@ -281,6 +293,10 @@ def _record_spent(
         {"run_id": context.run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
     )
     ledger.save()
+    if not site.simulated:
+        record_site_event(
+            site.state_dir, "dp-spent", run_id=context.run_id, round=server_round, epsilon=entry.epsilon
+        )
 
 
 def _evaluate(
@@ -740,6 +756,7 @@ def distill(msg: Message, context: Context) -> Message:
 @app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: leave a marker in the site's output folder (the site CLI then stops)."""
+    site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)

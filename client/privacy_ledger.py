@@ -438,6 +438,9 @@ def reset_ledger(path: Path, state_dir: Path, reason: str) -> Path:
     log = path.parent / RESET_LOG
     _append_log(log, {**record, "kept": kept, "counter": str(counter), "seq": last})
     logger.warning("privacy ledger %s reset by %s: %s", path, record["user"], reason)
+    from client.site_audit import record_site_event
+
+    record_site_event(state_dir, "ledger-reset", reason=reason)
     return log
 
 

@@ -16,19 +16,23 @@ The defaults sit above everything the README and the benchmarks run (224 px, 5 l
 policy is declined (SitePolicyError, an error reply with SITE_DECLINED and the reason) before
 the site loads its data or builds a cache. No run setting can change the policy. Simulated
 sites (Flower's simulation runtime) are the coordinator's own partitions: no policy applies.
+
+The policy itself (:class:`~common.site_limits.SitePolicy`) and its file (``--policy FILE``, the
+site policy an onboarding kit proposes) live in common/site_limits.py; this module checks runs
+against it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from typing import Any
 
 from common.config import ModelConfig
-from common.errors import ConfigError, CxrFlError
+from common.errors import CxrFlError
 from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
-from common.run_settings import FederatedRunConfig, check_image_size
+from common.run_settings import FederatedRunConfig
+from common.site_limits import SitePolicy
 
 KD_KINDS = (DISTILL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE)
 """Message types of the distillation phases."""
@@ -36,45 +40,6 @@ KD_KINDS = (DISTILL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE, STUDENT_FINAL_MESS
 
 class SitePolicyError(CxrFlError):
     """The coordinator asks for more than this site's policy allows: the site declines."""
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """The most one run may ask of this site."""
-
-    max_image_size: int = 256
-    max_local_epochs: int = 10
-    max_kd_epochs: int = 20
-    max_rounds: int = 100
-    max_teacher_parameters: int = 60_000_000
-
-    @staticmethod
-    def keys() -> tuple[str, ...]:
-        """The node config keys of the policy (the ``cxr-fl-client start`` options without ``--``)."""
-        return tuple(f.name.replace("_", "-") for f in fields(SitePolicy))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], name: Callable[[str], str]) -> SitePolicy:
-        """The policy in ``values`` (node config keys; missing ones keep the defaults), checked;
-        ``name(key)`` names a key in errors (``--max-rounds`` at the CLI)."""
-        kwargs: dict[str, int] = {}
-        for field in fields(cls):
-            key = field.name.replace("_", "-")
-            if key in values and values[key] is not None:
-                kwargs[field.name] = _positive_int(name(key), values[key])
-        policy = cls(**kwargs)
-        check_image_size(name("max-image-size"), policy.max_image_size)
-        return policy
-
-    def node_config(self) -> dict[str, int]:
-        """The policy as node config values (``--node-config`` of the site's SuperNode)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-
-def _positive_int(option: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(option, value, "a whole number >= 1")
-    return value
 
 
 def check_request(
