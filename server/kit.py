@@ -15,6 +15,7 @@ No private key is made for a site: the site makes its own key pair with ``cxr-fl
 and sends only ``SITE.pub`` back (``cxr-fl-server register-site``). The app hash is information
 for the site's reviewer; ``init`` never adds it to the site's allow-list. The kit is refused
 (ConfigError) when the certificates do not belong together or do not name the address's host.
+The format is common/kit.py's, which also reads and checks a kit at the site.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, CxrFlError
+from common.kit import KIT_FILE, KIT_FORMAT, POLICY_TEMPLATE, split_address
 from common.pki import (
     CertificateError,
     certificate_fingerprint,
@@ -39,9 +41,7 @@ from common.pki import (
 from common.processes import console_script, flower_env
 from common.site_limits import PolicyFile
 
-KIT_FORMAT = "cxr-fl-kit/1"
-KIT_FILE = "kit.json"
-POLICY_TEMPLATE = "site-policy.toml"
+__all__ = ["Kit", "app_bundle_hash", "site_readme", "split_address", "write_kit"]
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,6 @@ def app_bundle_hash(project_root: Path) -> str:
             tail = (result.stdout + result.stderr).strip().splitlines()[-1:]
             raise CxrFlError(f"`flwr build --app {project_root}` failed: {' '.join(tail)}")
         return hashlib.sha256(fabs[0].read_bytes()).hexdigest()
-
-
-def split_address(address: str, option: str = "--server") -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(option, address, "HOST:PORT, e.g. coordinator.example.org:9092")
-    return host.strip("[]"), int(port)
 
 
 def write_kit(site: str, out: Path, certs: Path, address: str, app_hash: str, policy: PolicyFile) -> Kit:
