@@ -360,9 +360,12 @@ class WarmClientAppRunner:
         poll_seconds: float = POLL_SECONDS,
         run_probe: RunStatusProbe | None = None,
         watch_seconds: float = RUN_WATCH_SECONDS,
+        audit_state_dir: Path | None = None,
     ) -> None:
         require_supported_flwr()
         self.client_app = client_app  # None: the installed client.app, imported by serve()
+        # the site's state folder: a refused app is a declined run in its audit trail (client/site_audit.py)
+        self.audit_state_dir = audit_state_dir
         self.secret = secret
         self.allow = allow
         self.site = site
@@ -514,6 +517,9 @@ class WarmClientAppRunner:
             if reason is not None:
                 self.tasks_refused += 1
                 self.report(reason)
+                from client.site_audit import record_site_event
+
+                record_site_event(self.audit_state_dir, "run-declined", run_id=int(run.run_id), reason=reason)
                 reply = Message(Error(SITE_APP_REFUSED, error_reason(self.site, reason)), reply_to=message)
                 details = reason
             else:

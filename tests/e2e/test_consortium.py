@@ -128,3 +128,27 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
     code, output = _verify_site(federation, site_dirs["site-a"])
     assert code == 1
     assert "NOT intact" in output
+
+
+def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
+    federation.prepare("site-a", "site-b")
+    federation.start_server("--config", str(federation.write_config("num-rounds = 1\n")))
+    federation.wait_listening()
+    revoked = federation.command(SERVER, "revoke-site", "site-a", "--run-dir", str(federation.run_dir))
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    client = federation.start_client("site-a", "--activate-timeout", "1", "--skip-check")
+    assert federation.wait(client, "site-a", 120) == 1, federation.output("site-a")
+    assert "refused this site's key: it is not registered" in federation.output("site-a")
+    again = federation.command(
+        SERVER,
+        "register-site",
+        str(federation.keys / "site-a.pub"),
+        "--name",
+        "site-a",
+        "--run-dir",
+        str(federation.run_dir),
+    )
+    assert again.returncode == 2
+    assert "was, for site 'site-a'" in again.stderr
+    events = _events(federation.run_dir / "audit.jsonl")
+    assert events[-1] == "site-unregistered"
