@@ -70,6 +70,14 @@ MaxTeacherParameters = Annotated[
         help="Site policy: largest teacher or student, in parameters (default 60M).",
     ),
 ]
+Phases = Annotated[
+    str | None,
+    typer.Option(
+        "--phases",
+        help="Site policy: the run phases this site takes part in, of teacher, distill, federated-student "
+        "(default all; a run with another phase is declined).",
+    ),
+]
 SharePerClassMetrics = Annotated[
     bool,
     typer.Option(
@@ -129,7 +137,15 @@ def _policy_file(path: Path | None) -> PolicyFile | None:
     return None if path is None else read_policy_file(path)
 
 
-def _site_policy(image_size: int, policy_file: PolicyFile | None = None, **limits: int | None) -> SitePolicy:
+def _policy_text(policy: SitePolicy) -> str:
+    return ", ".join(
+        f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in policy.node_config().items()
+    )
+
+
+def _site_policy(
+    image_size: int, policy_file: PolicyFile | None = None, **limits: int | str | None
+) -> SitePolicy:
     """The site policy of the CLI options (``max_image_size=...``), tightened by ``policy_file``,
     checked against the image size the command decodes: a run at a size beyond the policy would be
     declined."""
@@ -206,6 +222,7 @@ def check(
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
     policy_path: PolicyOption = None,
 ) -> None:
     """Read every image of a site's data set and print counts per class, view and patient."""
@@ -225,6 +242,7 @@ def check(
             max_kd_epochs=max_kd_epochs,
             max_rounds=max_rounds,
             max_teacher_parameters=max_teacher_parameters,
+            phases=phases,
         )
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
@@ -271,7 +289,7 @@ def check(
     if sites:
         facts.add_row("sources/sites", ", ".join(f"{s} {n}" for s, n in sites.most_common(5)))
     facts.add_row("unreadable files", str(len(cached.skipped)))
-    facts.add_row("site policy", ", ".join(f"{k} {v:,}" for k, v in policy.node_config().items()))
+    facts.add_row("site policy", _policy_text(policy))
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
     console.print(facts)
     if catalog.left_out:
@@ -758,6 +776,7 @@ def start(
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
     policy_path: PolicyOption = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
@@ -777,6 +796,7 @@ def start(
         "max_kd_epochs": max_kd_epochs,
         "max_rounds": max_rounds,
         "max_teacher_parameters": max_teacher_parameters,
+        "phases": phases,
     }
     try:
         policy_file = _policy_file(policy_path)
@@ -892,6 +912,7 @@ def init(
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
     cache_max_age_days: Annotated[
         int | None, typer.Option("--cache-max-age-days", help="Keep decoded images at most this many days.")
     ] = None,
@@ -911,6 +932,7 @@ def init(
         "max-kd-epochs": max_kd_epochs,
         "max-rounds": max_rounds,
         "max-teacher-parameters": max_teacher_parameters,
+        "phases": phases,
         "cache-max-age-days": cache_max_age_days,
         "dp-target-epsilon": epsilon,
     }
@@ -926,9 +948,7 @@ def init(
         + ("" if setup.new_key else " (kept from before)"),
         highlight=False,
     )
-    console.print(
-        f"  policy: {', '.join(f'{k} {v:,}' for k, v in setup.policy.limits.node_config().items())}"
-    )
+    console.print(f"  policy: {_policy_text(setup.policy.limits)}")
     console.print(
         f"  the coordinator's runs carry app hash {facts.app_hash} (review it; see the kit's README)"
     )

@@ -9,7 +9,10 @@ the site's decision. ``cxr-fl-client start`` options (node config keys without t
 - ``--max-rounds`` (100): rounds per run (``num-rounds``, ``kd-federated-student-rounds``), and
   messages of each kind the site accepts in one run, whatever the coordinator says they are;
 - ``--max-teacher-parameters`` (60,000,000): the size of the teacher (and of the student) the
-  run builds, counted on PyTorch's meta device (no memory, no weights).
+  run builds, counted on PyTorch's meta device (no memory, no weights);
+- ``--phases`` (``teacher,distill,federated-student``): the phases of a run the site takes part
+  in; a run whose settings include another phase (``kd-enabled``, ``kd-federated-student-rounds``)
+  is declined at its first message.
 
 The defaults sit above everything the README and the benchmarks run (224 px, 5 local epochs,
 6 KD epochs, 10 rounds, the 43.5 M-parameter ResNet50 V2 + VGG19 teacher). A request beyond the
@@ -90,6 +93,26 @@ def check_request(
                 f"{unit} (--{option}): declined before any work"
             )
     _check_model_sizes(policy, settings, kd)
+    _check_phases(policy, settings, kind)
+
+
+def run_phases(settings: FederatedRunConfig, kind: str) -> list[str]:
+    """The phases a run asks of a site (its settings), and the phase of the message ``kind``."""
+    needed = ["teacher"]
+    if settings.kd_enabled or kind == DISTILL_MESSAGE_TYPE:
+        needed.append("distill")
+    if (settings.kd_enabled and settings.kd_federated_student_rounds > 0) or kind in KD_KINDS[1:]:
+        needed.append("federated-student")
+    return needed
+
+
+def _check_phases(policy: SitePolicy, settings: FederatedRunConfig, kind: str) -> None:
+    refused = [phase for phase in run_phases(settings, kind) if phase not in policy.phases]
+    if refused:
+        raise SitePolicyError(
+            f"the run has a {refused[0]} phase, but this site's policy takes part only in "
+            f"{', '.join(policy.phases)} (--phases): declined before any work"
+        )
 
 
 def _int(config: Mapping[str, Any], key: str) -> int:

@@ -9,6 +9,7 @@ same limits plus the site's retention of decoded images and, optionally, its DP 
     max-kd-epochs = 10
     max-rounds = 20
     max-teacher-parameters = 30000000
+    phases = ["teacher", "distill"]   # of teacher, distill, federated-student
     cache-max-age-days = 30     # decoded images older than this are removed when the site starts
     dp-target-epsilon = 3.0     # optional: the site trains under DP with at most this budget
 
@@ -16,11 +17,13 @@ An onboarding kit (``cxr-fl-server kit``) carries such a file as a template of t
 coordinator's runs need; ``cxr-fl-client init`` writes the site's own file from it with
 :meth:`PolicyFile.tightened_by`: every limit the smaller of the site's and the template's, so a
 kit can only tighten a site's limits, never loosen them. Unknown keys and impossible values are
-refused with the file and key named. No Flower imports: the coordinator writes templates with it.
+refused with the file and key named. ``phases`` lists the run phases the site takes part in
+(tightened: the phases both accept). No Flower imports: the coordinator writes templates with it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -33,6 +36,9 @@ from common.run_settings import check_image_size
 
 CACHE_MAX_AGE_KEY = "cache-max-age-days"
 DP_EPSILON_KEY = "dp-target-epsilon"
+PHASES = ("teacher", "distill", "federated-student")
+"""The phases of a run a site may take part in: teacher rounds, the distillation of its student,
+the federated-student rounds (client/site_policy.py maps messages and run settings onto them)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class SitePolicy:
     max_kd_epochs: int = 20
     max_rounds: int = 100
     max_teacher_parameters: int = 60_000_000
+    phases: tuple[str, ...] = PHASES
 
     @staticmethod
     def keys() -> tuple[str, ...]:
@@ -54,24 +61,52 @@ class SitePolicy:
     def from_mapping(cls, values: Mapping[str, Any], name: Callable[[str], str]) -> SitePolicy:
         """The policy in ``values`` (node config keys; missing ones keep the defaults), checked;
         ``name(key)`` names a key in errors (``--max-rounds`` at the CLI)."""
-        kwargs: dict[str, int] = {}
+        kwargs: dict[str, Any] = {}
         for item in fields(cls):
             key = item.name.replace("_", "-")
             if key in values and values[key] is not None:
-                kwargs[item.name] = _positive_int(name(key), values[key])
+                check = _phases if key == "phases" else _positive_int
+                kwargs[item.name] = check(name(key), values[key])
         policy = cls(**kwargs)
         check_image_size(name("max-image-size"), policy.max_image_size)
         return policy
 
-    def node_config(self) -> dict[str, int]:
-        """The policy as node config values (``--node-config`` of the site's SuperNode)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+    def node_config(self) -> dict[str, int | str]:
+        """The policy as node config values (``--node-config`` of the site's SuperNode; the
+        phases as comma-separated text)."""
+        values: dict[str, int | str] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            values[item.name.replace("_", "-")] = ",".join(value) if item.name == "phases" else value
+        return values
 
     def tightened_by(self, other: SitePolicy) -> SitePolicy:
-        """Every limit the smaller of the two."""
-        return SitePolicy(
-            **{f.name: min(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
-        )
+        """Every limit the smaller of the two; the phases both accept."""
+        limits: dict[str, Any] = {
+            f.name: min(getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if f.name != "phases"
+        }
+        both = tuple(phase for phase in self.phases if phase in other.phases)
+        if not both:
+            raise ConfigError(
+                "phases",
+                f"{','.join(self.phases)} and {','.join(other.phases)}",
+                "at least one phase in common",
+            )
+        return SitePolicy(**limits, phases=both)
+
+
+def _phases(option: str, value: object) -> tuple[str, ...]:
+    """Phases as a list (TOML) or comma-separated text (node config, CLI), checked."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(option, value, "a list of phases, e.g. teacher,distill")
+    chosen = {item.strip() for item in items if item.strip()}
+    unknown = sorted(chosen - set(PHASES))
+    if unknown or not chosen:
+        raise ConfigError(option, value, "one or more of " + ", ".join(PHASES))
+    return tuple(phase for phase in PHASES if phase in chosen)
 
 
 def _positive_int(option: str, value: object) -> int:
@@ -125,7 +160,8 @@ class PolicyFile:
 
     def to_toml(self, comment: str = "") -> str:
         lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
-        lines += [f"{key} = {value}" for key, value in self.limits.node_config().items()]
+        for key, value in self.limits.node_config().items():
+            lines.append(f"{key} = {json.dumps(str(value).split(',')) if key == 'phases' else value}")
         if self.cache_max_age_days is not None:
             lines.append(f"{CACHE_MAX_AGE_KEY} = {self.cache_max_age_days}")
         if self.dp_target_epsilon is not None:

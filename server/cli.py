@@ -159,6 +159,12 @@ def kit(
     cache_max_age_days: Annotated[
         int | None, typer.Option("--cache-max-age-days", help="Suggested retention of decoded images (days).")
     ] = None,
+    phases: Annotated[
+        str | None,
+        typer.Option(
+            "--phases", help="Run phases the sites take part in (teacher, distill, federated-student)."
+        ),
+    ] = None,
 ) -> None:
     """Write a site's onboarding kit: ca.crt, address, app hash, a policy template, a README."""
     from common.site_limits import PolicyFile
@@ -172,6 +178,7 @@ def kit(
         "max-rounds": max_rounds,
         "max-teacher-parameters": max_teacher_parameters,
         "cache-max-age-days": cache_max_age_days,
+        "phases": phases,
     }
     try:
         policy = PolicyFile.from_mapping({k: v for k, v in values.items() if v is not None}, "kit option")

@@ -190,3 +190,31 @@ def test_start_reads_the_policy_file_and_refuses_a_bad_one(tmp_path: Path) -> No
     assert result.exit_code == 2
     assert "max-teleport" in result.output
     assert "Traceback" not in result.output
+
+
+def test_phases_a_site_takes_part_in_are_tightened_and_checked(tmp_path: Path) -> None:
+    from client.site_policy import SitePolicyError, check_request
+    from common.run_settings import run_settings_from_config
+    from tests.conftest import flower_run_config
+
+    path = tmp_path / "site-policy.toml"
+    path.write_text('phases = ["teacher", "distill"]\n')
+    own = read_policy_file(path)
+    assert own.limits.phases == ("teacher", "distill")
+    assert SitePolicy.from_mapping(own.limits.node_config(), str) == own.limits  # node config text
+    kit = PolicyFile(SitePolicy(phases=("teacher", "federated-student")))
+    assert own.tightened_by(kit).limits.phases == ("teacher",)
+    with pytest.raises(ConfigError, match="at least one phase in common"):
+        PolicyFile(SitePolicy(phases=("distill",))).tightened_by(PolicyFile(SitePolicy(phases=("teacher",))))
+    path.write_text('phases = ["teacher", "evaluation"]\n')
+    with pytest.raises(ConfigError, match="one or more of teacher, distill, federated-student"):
+        read_policy_file(path)
+
+    base = {"teacher_name": "tiny-cnn", "image_size": 32}
+    federated = run_settings_from_config(flower_run_config(**base))  # KD and 5 federated-student rounds
+    teacher_only = run_settings_from_config(flower_run_config(**base, kd_enabled=False))
+    check_request(own.limits, teacher_only, "train", {})
+    with pytest.raises(SitePolicyError, match="federated-student phase"):
+        check_request(own.limits, federated, "train", {})
+    with pytest.raises(SitePolicyError, match="distill phase"):
+        check_request(SitePolicy(phases=("teacher",)), federated, "train", {})
