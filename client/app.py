@@ -12,7 +12,9 @@ default a deployed site rounds its counts and keeps class-revealing metrics at h
 message is first admitted by the site's policy and teacher pin (client/admission.py), before
 the site loads its data. Every model the site keeps or exports gets the site's own operating
 point, fitted on its validation split, and the student it delivers is first checked against the
-global teacher on its test split (client/site_operating_point.py).
+global teacher on its test split (client/site_operating_point.py). A deployed site's audit trail
+(client/site_audit.py) records the runs it declines (with the reason the reply carries) and the
+privacy each DP round spent.
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.

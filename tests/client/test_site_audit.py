@@ -52,3 +52,23 @@ def test_without_a_state_folder_nothing_is_recorded(tmp_path: Path) -> None:
     record_site_event(None, "run-accepted", run_id=1)
     record_site_event(tmp_path, "run-accepted", run_id=1)
     assert [e["event"] for e in _entries(tmp_path)] == ["run-accepted"]
+
+
+def test_dp_spend_and_a_ledger_reset_are_audited(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from client.cli import app as cli_app
+    from client.privacy_ledger import default_state_dir
+    from tests.client.test_site_privacy import _context, _ok, _train
+    from tests.client.test_site_privacy import _site as dp_site
+
+    _ok(_train(_context(tmp_path, dp_site(tmp_path)), 1, 2))
+    reset = CliRunner().invoke(cli_app, ["privacy-ledger", "reset", "--reason", "audit 42", "--yes"])
+    assert reset.exit_code == 0, reset.output
+    entries = _entries(default_state_dir())
+    assert [e["event"] for e in entries] == ["run-accepted", "dp-spent", "ledger-reset"]
+    spent = entries[1]["fields"]
+    assert isinstance(spent, dict)
+    assert spent["round"] == 1
+    assert 0 < float(spent["epsilon"]) <= 2.0
+    assert entries[2]["fields"] == {"reason": "audit 42"}
