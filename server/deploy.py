@@ -591,7 +591,7 @@ class Coordinator:
         with self.gateway_log.open("rb") as log:
             log.seek(since_offset)
             text = log.read().decode(errors="replace")
-        statuses = re.findall(r" Refused \S+ \S+ from \S+: (\d+) ", text)
+        statuses = re.findall(r" Refused \S+ \S+ from .*?: (\d{3}) \(", text)
         if statuses:
             counts = {status: statuses.count(status) for status in sorted(set(statuses))}
             self.record(

@@ -87,3 +87,23 @@ def test_audit_verify_passes_then_fails_after_an_edit(tmp_path: Path) -> None:
     assert "line 2" in broken.output
     bad_anchor = runner.invoke(app, [*args, "--anchor", "nonsense"])
     assert bad_anchor.exit_code == 2
+
+
+def test_the_calls_the_gateway_refused_are_summarised_in_the_audit_log(tmp_path: Path) -> None:
+    coordinator = Coordinator(tmp_path / "run")
+    coordinator.run_dir.mkdir()
+    coordinator.gateway_log.write_text(
+        "12:00:00 WARNING x: Refused POST /v1/fleet/old from 10.0.0.9:5: 403 (old)\n"
+    )
+    offset = coordinator.gateway_log.stat().st_size
+    with coordinator.gateway_log.open("a") as log:
+        log.write("12:00:01 WARNING x: Refused POST /v1/control/start-run from 10.0.0.9:5: 404 (not Fleet)\n")
+        log.write("12:00:02 WARNING x: Refused POST /v1/fleet/x from an unknown peer: 413 (too large)\n")
+        log.write("12:00:03 WARNING x: Refused POST /v1/control/list-runs from [::1]:7: 404 (not Fleet)\n")
+        log.write("12:00:04 WARNING x: Failed POST /v1/fleet/y from 10.0.0.9:5: 502 (upstream)\n")
+    coordinator.audit_refused_calls(offset)
+    (entry,) = verify_chain(coordinator.audit.path).entries
+    assert entry["event"] == "refused-calls"
+    assert entry["fields"] == {"count": 3, "by_status": "404: 2, 413: 1"}
+    coordinator.audit_refused_calls(coordinator.gateway_log.stat().st_size)  # none since: no entry
+    assert len(verify_chain(coordinator.audit.path).entries) == 1
