@@ -40,7 +40,7 @@ from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
-from client.site_audit import record_site_event
+from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
     check_before_delivery,
@@ -77,6 +77,7 @@ from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
+    AUDIT_RECORD,
     BN_MODEL_KEY,
     BN_MODELS,
     BN_STATISTICS_RECORD,
@@ -765,7 +766,11 @@ def finish(msg: Message, context: Context) -> Message:
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
-    return _outgoing(msg, context, RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})}))
+    reply = RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})})
+    head = None if site is None or site.simulated else site_audit_head(site.state_dir)
+    if head is not None:  # the hash alone: the coordinator keeps it as this site's anchor
+        reply[AUDIT_RECORD] = ConfigRecord({"head": head})
+    return _outgoing(msg, context, reply)
 
 
 @app.train("student")

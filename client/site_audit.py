@@ -10,7 +10,11 @@ folder: ``<state-dir>/audit/audit.jsonl``, across every run and output folder. E
 - ``ledger-reset`` (reason): the privacy ledger was set aside (``privacy-ledger reset``);
 - ``model-exported`` (run id, model, format): a student left the training code as a file.
 
-An entry holds only what a reply may carry: no paths, image counts or labels. Simulated sites
+An entry holds only what a reply may carry: no paths, image counts or labels. At the end of every
+run the site's reply to the coordinator's "finish" message carries the hash of its last entry
+(:func:`site_audit_head`; the hash alone, not how many entries there are), which the coordinator
+records in its own audit log: an anchor kept elsewhere, against which ``cxr-fl-client audit
+verify --anchor HASH`` finds a cut tail or a rewrite of the site's log. Simulated sites
 (the coordinator's own partitions) keep no audit trail. Writing never stops the site's work: a
 failure is logged and ``cxr-fl-client audit verify`` then reports the broken chain.
 """
@@ -28,6 +32,21 @@ logger = logging.getLogger(__name__)
 
 def site_audit_path(state_dir: Path) -> Path:
     return Path(state_dir) / "audit" / AUDIT_FILE
+
+
+def site_audit_head(state_dir: Path) -> str | None:
+    """The hash of the site's last audit entry (None: no log yet, or a log that does not verify)."""
+    from common.audit import AuditChainError, verify_chain
+
+    path = site_audit_path(state_dir)
+    if not path.is_file():
+        return None
+    try:
+        head = verify_chain(path).head
+    except AuditChainError as exc:
+        logger.error("this site's audit log does not verify: %s", exc)
+        return None
+    return None if head is None else head.hash
 
 
 def record_site_event(state_dir: Path | None, event: str, **fields: Scalar) -> None:

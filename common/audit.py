@@ -11,8 +11,9 @@ longer matches its hash, a removed or reordered one breaks the chain (``seq`` an
 :func:`verify_chain` says which line. What the chain alone cannot show is a truncated tail or a
 whole rewrite: for those, keep the *head* (``SEQ:HASH``, :meth:`AuditLog.head`) somewhere else
 (the coordinator's is printed by ``cxr-fl-server status``; a site's by ``cxr-fl-client audit
-head``) and verify against it as an *anchor*: the entry of that sequence number must still be
-there with that hash.
+head``, and its hash alone is recorded in the coordinator's log at the end of every run) and
+verify against it as an *anchor*: the entry of that sequence number (or, for a hash alone, some
+entry) must still be there with that hash.
 
 Fields are plain JSON scalars (text, numbers, booleans, None): an audit entry records facts about
 an event, never data. Appends take an exclusive ``flock`` on the file, so processes that share a
@@ -47,25 +48,27 @@ class AuditChainError(CxrFlError):
 
 @dataclass(frozen=True)
 class AuditHead:
-    """The last entry of a chain: its sequence number and hash (``SEQ:HASH`` as text)."""
+    """An entry of a chain kept as an anchor: its sequence number and hash (``SEQ:HASH``), or its
+    hash alone (``seq`` -1: the entry may be anywhere in the chain)."""
 
     seq: int
     hash: str
 
     def __str__(self) -> str:
-        return f"{self.seq}:{self.hash}"
+        return self.hash if self.seq < 0 else f"{self.seq}:{self.hash}"
 
     @classmethod
     def parse(cls, text: str, option: str = "--anchor") -> AuditHead:
-        seq, sep, digest = text.strip().partition(":")
-        if (
-            not sep
-            or not seq.isdigit()
-            or len(digest) != 64
-            or any(c not in "0123456789abcdef" for c in digest)
-        ):
-            raise ConfigError(option, text, "SEQ:HASH as printed by `audit head` or `status`, e.g. 7:3f2a...")
-        return cls(int(seq), digest)
+        seq, sep, digest = text.strip().rpartition(":")
+        if _is_sha256(digest) and (not sep or seq.isdigit()):
+            return cls(int(seq) if sep else -1, digest)
+        raise ConfigError(
+            option, text, "SEQ:HASH as `audit head` or `status` print it, or a HASH the coordinator recorded"
+        )
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -178,7 +181,12 @@ def verify_chain(path: Path, anchor: AuditHead | None = None) -> ChainReport:
         prev = entry["hash"]
         entries.append(entry)
     head = AuditHead(len(entries) - 1, prev) if entries else None
-    if anchor is not None:
+    if anchor is not None and anchor.seq < 0:
+        if not any(entry["hash"] == anchor.hash for entry in entries):
+            raise AuditChainError(
+                f"{path}: no entry has the anchor's hash {anchor.hash} (the log was cut off or rewritten)"
+            )
+    elif anchor is not None:
         if anchor.seq >= len(entries):
             raise AuditChainError(
                 f"{path}: the anchor {anchor} names entry {anchor.seq}, but the log ends at entry "

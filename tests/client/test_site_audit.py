@@ -72,3 +72,18 @@ def test_dp_spend_and_a_ledger_reset_are_audited(tmp_path: Path) -> None:
     assert spent["round"] == 1
     assert 0 < float(spent["epsilon"]) <= 2.0
     assert entries[2]["fields"] == {"reason": "audit 42"}
+
+
+def test_the_finish_reply_carries_the_hash_of_the_sites_last_audit_entry(tmp_path: Path) -> None:
+    from common.protocol import AUDIT_RECORD, FINISH_MESSAGE_TYPE
+
+    state = tmp_path / "state"
+    node = _site(tmp_path, **{"state-dir": str(state)})
+    assert not _send(tmp_path, node, _run_config(tmp_path), FINISH_MESSAGE_TYPE).content.config_records.get(
+        AUDIT_RECORD
+    )  # no log yet: nothing
+    record_site_event(state, "run-accepted", run_id=7)
+    reply = _send(tmp_path, node, _run_config(tmp_path), FINISH_MESSAGE_TYPE)
+    head = verify_chain(site_audit_path(state)).head
+    assert head is not None
+    assert dict(reply.content.config_records[AUDIT_RECORD]) == {"head": head.hash}

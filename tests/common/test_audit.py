@@ -133,3 +133,17 @@ def test_a_damaged_last_line_refuses_an_append(tmp_path: Path) -> None:
 def test_a_malformed_anchor_is_a_config_error(text: str) -> None:
     with pytest.raises(ConfigError, match="--anchor"):
         AuditHead.parse(text)
+
+
+def test_a_hash_alone_anchors_an_entry_anywhere_in_the_chain(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    head = log.head()
+    assert head is not None
+    anchor = AuditHead.parse(head.hash)
+    assert anchor.seq == -1
+    assert str(anchor) == head.hash
+    log.append("run-accepted", run_id=9)
+    verify_chain(log.path, anchor)
+    _write(log, _lines(log)[:2])
+    with pytest.raises(AuditChainError, match="no entry has the anchor's hash"):
+        verify_chain(log.path, anchor)

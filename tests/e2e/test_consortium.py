@@ -59,8 +59,8 @@ def _kit_and_init(federation: Federation, site: str) -> Path:
     return site_dir
 
 
-def _verify_site(federation: Federation, site_dir: Path) -> tuple[int, str]:
-    result = federation.command(CLIENT, "audit", "verify", "--state-dir", str(site_dir / "state"))
+def _verify_site(federation: Federation, site_dir: Path, *extra: str) -> tuple[int, str]:
+    result = federation.command(CLIENT, "audit", "verify", "--state-dir", str(site_dir / "state"), *extra)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -103,16 +103,23 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
         "site-registered",
         "site-registered",
         "run-submitted",
+        "site-audit-head",
+        "site-audit-head",
         "run-finished",
     ]
+    heads = {
+        entry["fields"]["site"]: entry["fields"]["head"]
+        for entry in map(json.loads, (federation.run_dir / "audit.jsonl").read_text().splitlines())
+        if entry["event"] == "site-audit-head"
+    }
     for site in SITES:
-        code, output = _verify_site(federation, site_dirs[site])
+        code, output = _verify_site(federation, site_dirs[site], "--anchor", heads[site])
         assert code == 0, output
         events = _events(site_dirs[site] / "state" / "audit" / "audit.jsonl")
         assert events[0] == "run-accepted"
         assert "model-exported" in events
     status = federation.command(SERVER, "status", *run_dir)
-    assert "audit head: 3:" in status.stdout
+    assert "audit head: 5:" in status.stdout
     assert "server certificate: expires" in status.stdout
     anchor = status.stdout.split("audit head: ", 1)[1].split()[0]
     server_verify = federation.command(SERVER, "audit", "verify", *run_dir, "--anchor", anchor)
@@ -124,10 +131,16 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
     assert edited.returncode == 1
     assert "NOT intact" in edited.stderr
     site_log = site_dirs["site-a"] / "state" / "audit" / "audit.jsonl"
-    site_log.write_text("".join(site_log.read_text().splitlines(keepends=True)[1:]))  # first entry removed
+    lines = site_log.read_text().splitlines(keepends=True)
+    site_log.write_text("".join(lines[1:]))  # first entry removed
     code, output = _verify_site(federation, site_dirs["site-a"])
     assert code == 1
     assert "NOT intact" in output
+    site_log.write_text("".join(lines[:-1]))  # the tail cut: a consistent chain, but not the anchor's
+    assert _verify_site(federation, site_dirs["site-a"])[0] == 0
+    code, output = _verify_site(federation, site_dirs["site-a"], "--anchor", heads["site-a"])
+    assert code == 1
+    assert "cut off or rewritten" in output
 
 
 def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
