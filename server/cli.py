@@ -169,7 +169,7 @@ def kit(
     """Write a site's onboarding kit: ca.crt, address, app hash, a policy template, a README."""
     from common.site_limits import PolicyFile
     from server.deploy import PROJECT_ROOT
-    from server.kit import app_bundle_hash, write_kit
+    from server.kit import app_bundle_hash, split_address, write_kit
 
     values = {
         "max-image-size": max_image_size,
@@ -182,8 +182,6 @@ def kit(
     }
     try:
         policy = PolicyFile.from_mapping({k: v for k, v in values.items() if v is not None}, "kit option")
-        from server.kit import split_address
-
         split_address(server)
         if app_hash_value is not None:
             from common.initial_teacher import check_sha256_hex

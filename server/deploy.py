@@ -586,11 +586,12 @@ class Coordinator:
     def audit_refused_calls(self, since_offset: int) -> None:
         """One audit entry summarising the calls the gateway refused since ``since_offset`` of its
         log (how many, by HTTP status); nothing when there were none."""
-        if not self.gateway_log.is_file():
+        try:
+            with self.gateway_log.open("rb") as log:
+                log.seek(since_offset)
+                text = log.read().decode(errors="replace")
+        except OSError:  # no gateway log: nothing was refused through it
             return
-        with self.gateway_log.open("rb") as log:
-            log.seek(since_offset)
-            text = log.read().decode(errors="replace")
         statuses = re.findall(r" Refused \S+ \S+ from .*?: (\d{3}) \(", text)
         if statuses:
             counts = {status: statuses.count(status) for status in sorted(set(statuses))}

@@ -188,6 +188,9 @@ def test_start_reads_the_policy_file_and_refuses_a_bad_one(tmp_path: Path) -> No
     ]
     result = runner.invoke(client_app, [*args, "--insecure", "--policy", str(policy)])
     assert result.exit_code == 2
+    phases = runner.invoke(client_app, [*args, "--insecure", "--phases", "teacher,evaluation"])
+    assert phases.exit_code == 2
+    assert "--phases" in phases.output
     assert "max-teleport" in result.output
     assert "Traceback" not in result.output
 
