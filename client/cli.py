@@ -879,6 +879,22 @@ def start(
     console.print(f"[bold green]{outcome}[/]", highlight=False)
 
 
+def _expiry_note(expires: Any) -> None:
+    """When the coordinator's certificate expires; a warning within EXPIRY_WARNING_DAYS."""
+    import datetime
+
+    from common.pki import EXPIRY_WARNING_DAYS
+
+    left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400.0
+    line = f"the coordinator's certificate expires {expires:%Y-%m-%d} ({left:.0f} days)"
+    if left < EXPIRY_WARNING_DAYS:
+        err_console.print(
+            f"[bold yellow]warning:[/] {line}: ask the coordinator for a new kit", highlight=False
+        )
+    else:
+        console.print(f"  {line}", highlight=False)
+
+
 def _expire_cache(cache_dir: Path, days: int) -> None:
     """Remove decoded images older than the site policy's ``cache-max-age-days``."""
     from common.data.cache import clear_cache
@@ -952,6 +968,7 @@ def init(
     console.print(
         f"  the coordinator's runs carry app hash {facts.app_hash} (review it; see the kit's README)"
     )
+    _expiry_note(facts.expires)
     check(
         fmt=fmt,
         data=data,

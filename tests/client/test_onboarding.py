@@ -143,6 +143,7 @@ def test_init_makes_a_private_key_pair_and_refuses_another_coordinators_kit(tmp_
     assert (site / "st-marys.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert "readable images" in result.output  # the data check ran
     assert "register-site st-marys.pub --name st-marys" in result.output
+    assert "the coordinator's certificate expires" in result.output
     start = (site / "start.sh").read_text()
     assert "--policy" in start
     assert str(site / "st-marys.key") in start
