@@ -4,7 +4,8 @@ First its policy (client/site_policy.py): a run that asks for more than the site
 declined. Then its teacher pin (client/teacher_pin.py): a run that did not start from the
 pinned teacher at this site is refused. Both are recorded in the run's journal
 (client/run_journal.py), which also counts the messages of each kind, so that a coordinator
-cannot ask for more rounds than the policy allows by numbering them as it likes. Simulated
+cannot ask for more rounds than the policy allows by numbering them as it likes. The first
+admitted message of a run is recorded in the site's audit trail (client/site_audit.py). Simulated
 sites (the coordinator's own partitions) are admitted as they are.
 """
 
@@ -17,6 +18,7 @@ from flwr.app import Context, Message
 
 from client.run_journal import RunJournal
 from client.site import SiteConfig
+from client.site_audit import record_site_event
 from client.site_policy import check_message_count, check_request
 from client.teacher_pin import check_run_start
 from common.run_settings import FederatedRunConfig
@@ -34,7 +36,10 @@ def admit(
     check_request(site.policy, settings, kind, config)
     journal = RunJournal.open(site.out_dir, context.run_id)
     check_run_start(context.node_config, settings, journal, kind, config, lambda: _arrays(msg))
+    first = journal.is_new
     check_message_count(site.policy, kind, journal.count(kind), context.run_id)
+    if first:
+        record_site_event(site.state_dir, "run-accepted", run_id=context.run_id)
     return journal
 
 

@@ -12,7 +12,9 @@ default a deployed site rounds its counts and keeps class-revealing metrics at h
 message is first admitted by the site's policy and teacher pin (client/admission.py), before
 the site loads its data. Every model the site keeps or exports gets the site's own operating
 point, fitted on its validation split, and the student it delivers is first checked against the
-global teacher on its test split (client/site_operating_point.py).
+global teacher on its test split (client/site_operating_point.py). A deployed site's audit trail
+(client/site_audit.py) records the runs it declines (with the reason the reply carries) and the
+privacy each DP round spent.
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -38,6 +40,7 @@ from client.disclosure import site_disclosure
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
     check_before_delivery,
@@ -75,6 +78,7 @@ from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
 from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
 from common.protocol import (
+    AUDIT_RECORD,
     BN_MODEL_KEY,
     BN_MODELS,
     BN_STATISTICS_RECORD,
@@ -173,6 +177,7 @@ def _outgoing(msg: Message, context: Context, reply: RecordDict | Error, *, dp: 
 
 def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     """Run a handler; turn known failures into error replies with a reason."""
+    site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
@@ -186,13 +191,22 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         return _outgoing(msg, context, content, dp=_privacy(settings, site, data).enabled)
     except (BudgetExhaustedError, LedgerIntegrityError, SitePolicyError) as exc:
         logger.warning("Declining: %s", exc)
+        _audit_declined(site, context, str(exc))
         return _outgoing(msg, context, Error(SITE_DECLINED, str(exc)))
     except CxrFlError as exc:
         logger.error("Site cannot take part: %s", exc)
+        _audit_declined(site, context, str(exc))
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
     except Exception as exc:  # a bug at one site must not hang the federation
         logger.exception("Site failed")
         return _outgoing(msg, context, Error(SITE_FAILED, f"{type(exc).__name__}: {exc}"))
+
+
+def _audit_declined(site: SiteConfig | None, context: Context, reason: str) -> None:
+    """The decline in the site's audit trail, with the reason exactly as its reply carries it."""
+    if site is not None and not site.simulated:
+        text = site_disclosure(context.node_config).text(reason)
+        record_site_event(site.state_dir, "run-declined", run_id=context.run_id, reason=text)
 
 
 def _train(
@@ -227,7 +241,7 @@ def _train(
         compute=site.resolve_compute(dp=privacy.enabled),
     )
     if ledger is not None and entry is not None:
-        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round)
+        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round, site)
         if entry.epsilon > privacy.target_epsilon + 1e-9:  # never send what went over budget
             raise BudgetExhaustedError(
                 f"this round spent epsilon {entry.epsilon:.3f} > target {privacy.target_epsilon}; "
@@ -276,6 +290,7 @@ def _record_spent(
     history: AccountantHistory,
     context: Context,
     server_round: int,
+    site: SiteConfig,
 ) -> None:
     """Write what the round actually spent (from the accountant's history) to the site's ledger."""
     entry.plan, entry.history = plan, history
@@ -283,6 +298,10 @@ def _record_spent(
         {"run_id": context.run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
     )
     ledger.save()
+    if not site.simulated:
+        record_site_event(
+            site.state_dir, "dp-spent", run_id=context.run_id, round=server_round, epsilon=entry.epsilon
+        )
 
 
 def _evaluate(
@@ -772,13 +791,18 @@ def distill(msg: Message, context: Context) -> Message:
 @app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: leave a marker in the site's output folder (the site CLI then stops)."""
+    site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
         site = site_from_node_config(context.node_config, settings)
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
-    return _outgoing(msg, context, RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})}))
+    reply = RecordDict({"metrics": MetricRecord({WEIGHT_KEY: 0})})
+    head = None if site is None or site.simulated else site_audit_head(site.state_dir)
+    if head is not None:  # the hash alone: the coordinator keeps it as this site's anchor
+        reply[AUDIT_RECORD] = ConfigRecord({"head": head})
+    return _outgoing(msg, context, reply)
 
 
 @app.train("student")

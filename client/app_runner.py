@@ -54,7 +54,9 @@ An app is identified by Flower's FAB hash: the SHA-256 of the bundle that ``flwr
 (``flwr.cli.build.build_fab_from_disk``: the project's files after ``.gitignore`` and the
 ``fab-include``/``fab-exclude`` rules of ``[tool.flwr.app]``, in a zip with fixed dates). By
 default a site accepts exactly the FAB that its own installed cxr-fl project builds, i.e. the same
-files with the same contents packed by the same Flower; ``--allow-app SHA256`` adds others.
+files with the same contents packed by the same Flower; ``--allow-app SHA256`` adds others. A
+site installed from a wheel (no project folder) builds it from its installed packages and the
+``pyproject.toml`` the wheel ships (setup.py): the same bundle, the same hash.
 ``cxr-fl-client app-hash`` prints the hash a site accepts by default.
 
 Version guard and fallback
@@ -93,6 +95,8 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_FLWR_VERSION = FLWR_VERSION
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+APP_IDENTITY_DIR = Path(__file__).resolve().parent / "app_identity"
+"""Where a wheel ships the project's pyproject.toml and .gitignore (setup.py)."""
 CLIENTAPP_REF = "client.app:app"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 POLL_SECONDS = 0.2
@@ -131,30 +135,69 @@ def normalise_app_hash(value: str, option: str = "--allow-app") -> str:
     return text
 
 
-def installed_app_hash(project_root: Path = PROJECT_ROOT) -> str:
-    """The FAB hash of the app that this installation's own project files build (as ``flwr run``)."""
+def installed_app_hash(project_root: Path = PROJECT_ROOT, identity_dir: Path = APP_IDENTITY_DIR) -> str:
+    """The FAB hash of the app that this installation's own files build (as ``flwr run``).
+
+    From the project folder when cxr-fl runs from one; from a wheel's installed packages and the
+    ``pyproject.toml`` (and ``.gitignore``) the wheel ships in ``client/app_identity/``
+    (setup.py) otherwise: the same files, so the same bundle and hash.
+    """
     require_supported_flwr()
     pyproject = project_root / "pyproject.toml"
-    if not pyproject.is_file():
-        raise CxrFlError(
-            f"cannot compute this installation's app hash: no pyproject.toml in {project_root} (cxr-fl "
-            "is not installed from its project folder); pass the coordinator's app hash with --allow-app"
-        )
-    import tomllib
+    if pyproject.is_file():
+        _check_project(pyproject)
+        from flwr.cli.build import build_fab_from_disk
 
-    from flwr.cli.build import build_fab_from_disk
+        try:
+            fab = build_fab_from_disk(project_root)
+        except ValueError as exc:
+            raise CxrFlError(
+                f"cannot build this installation's app bundle from {project_root}: {exc}"
+            ) from None
+        return hashlib.sha256(fab).hexdigest()
+    shipped = identity_dir / "pyproject.toml"
+    if not shipped.is_file():
+        raise CxrFlError(
+            f"cannot compute this installation's app hash: no pyproject.toml in {project_root} nor in "
+            f"{identity_dir} (cxr-fl is neither a project folder nor a wheel built from one); pass the "
+            "coordinator's app hash with --allow-app"
+        )
+    return _installed_wheel_hash(project_root, shipped, _check_project(shipped))
+
+
+def _check_project(pyproject: Path) -> dict[str, Any]:
+    """The parsed ``pyproject.toml`` of cxr-fl (CxrFlError for any other project's)."""
+    import tomllib
 
     try:
         with pyproject.open("rb") as handle:
-            components = tomllib.load(handle)["tool"]["flwr"]["app"]["components"]
+            config = tomllib.load(handle)
+        components = config["tool"]["flwr"]["app"]["components"]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
         raise CxrFlError(f"{pyproject}: no [tool.flwr.app.components] ({exc})") from None
     if components.get("clientapp") != CLIENTAPP_REF:
         raise CxrFlError(f"{pyproject} is not cxr-fl's project (its clientapp is not {CLIENTAPP_REF})")
+    return config
+
+
+def _installed_wheel_hash(packages_root: Path, pyproject: Path, config: dict[str, Any]) -> str:
+    """The FAB built, as ``flwr run`` builds it from the project folder, from the installed
+    packages that ``fab-include`` names and the shipped ``pyproject.toml`` and ``.gitignore``."""
+    from flwr.cli.build import build_fab_from_files
+
+    files: dict[str, bytes | Path] = {"pyproject.toml": pyproject.read_bytes()}
+    gitignore = pyproject.parent / "gitignore"
+    if gitignore.is_file():
+        files[".gitignore"] = gitignore.read_bytes()
+    patterns = config["tool"]["flwr"]["app"].get("fab-include", [])
+    for package in sorted({str(p).split("/", 1)[0] for p in patterns}):
+        for path in sorted((packages_root / package).rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                files[path.relative_to(packages_root).as_posix()] = path
     try:
-        fab = build_fab_from_disk(project_root)
+        fab, _ = build_fab_from_files(files)
     except ValueError as exc:
-        raise CxrFlError(f"cannot build this installation's app bundle from {project_root}: {exc}") from None
+        raise CxrFlError(f"cannot build this installation's app bundle from {packages_root}: {exc}") from None
     return hashlib.sha256(fab).hexdigest()
 
 
@@ -317,9 +360,12 @@ class WarmClientAppRunner:
         poll_seconds: float = POLL_SECONDS,
         run_probe: RunStatusProbe | None = None,
         watch_seconds: float = RUN_WATCH_SECONDS,
+        audit_state_dir: Path | None = None,
     ) -> None:
         require_supported_flwr()
         self.client_app = client_app  # None: the installed client.app, imported by serve()
+        # the site's state folder: a refused app is a declined run in its audit trail (client/site_audit.py)
+        self.audit_state_dir = audit_state_dir
         self.secret = secret
         self.allow = allow
         self.site = site
@@ -471,6 +517,9 @@ class WarmClientAppRunner:
             if reason is not None:
                 self.tasks_refused += 1
                 self.report(reason)
+                from client.site_audit import record_site_event
+
+                record_site_event(self.audit_state_dir, "run-declined", run_id=int(run.run_id), reason=reason)
                 reply = Message(Error(SITE_APP_REFUSED, error_reason(self.site, reason)), reply_to=message)
                 details = reason
             else:

@@ -2,7 +2,8 @@
 
 This module holds the typer app and the ``check`` command (read a site's data through its
 source adapter, decode every image into the cache, print what the site has). Other commands
-(``start``, ``predict``, ``explain``) are added to the same ``app``. Commands stay thin: they
+(``init`` from an onboarding kit, ``start``, ``predict``, ``explain``; ``audit`` and ``cache`` in
+client/site_cli.py) are added to the same ``app``. Commands stay thin: they
 check options, call library code in ``common/``, and turn a :class:`~common.errors.CxrFlError`
 into a one-line message and exit code 2 (no traceback).
 """
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from client.ledger_cli import ledger_app
+from client.site_cli import audit_app, cache_app
 from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import ConfigError, CxrFlError
 from common.processes import exit_on_sigterm
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from common.evaluation import EvaluationResult
     from common.export import LoadedModel
     from common.operating_point import OperatingPoint
+    from common.site_limits import PolicyFile
 
 app = typer_app(
     "cxr-fl-client",
@@ -38,6 +41,8 @@ app = typer_app(
 console = stdout
 err_console = stderr
 app.add_typer(ledger_app, name="privacy-ledger")
+app.add_typer(audit_app, name="audit")
+app.add_typer(cache_app, name="cache")
 
 
 MaxImageSize = Annotated[
@@ -63,6 +68,14 @@ MaxTeacherParameters = Annotated[
     typer.Option(
         "--max-teacher-parameters",
         help="Site policy: largest teacher or student, in parameters (default 60M).",
+    ),
+]
+Phases = Annotated[
+    str | None,
+    typer.Option(
+        "--phases",
+        help="Site policy: the run phases this site takes part in, of teacher, distill, federated-student "
+        "(default all; a run with another phase is declined).",
     ),
 ]
 SharePerClassMetrics = Annotated[
@@ -108,13 +121,40 @@ def _criterion_option(text: str, task: str) -> str:
     return str(parse_criterion(text, get_task(task), "--operating-point"))
 
 
-def _site_policy(image_size: int, **limits: int | None) -> SitePolicy:
-    """The site policy of the CLI options (``max_image_size=...``), checked against the image size
-    the command decodes: a run at a size beyond the policy would be declined."""
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="The site's policy file (written by `init`): its limits tighten the --max-* options, and "
+        "its cache-max-age-days and dp-target-epsilon apply.",
+    ),
+]
+
+
+def _policy_file(path: Path | None) -> PolicyFile | None:
+    from common.site_limits import read_policy_file
+
+    return None if path is None else read_policy_file(path)
+
+
+def _policy_text(policy: SitePolicy) -> str:
+    return ", ".join(
+        f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in policy.node_config().items()
+    )
+
+
+def _site_policy(
+    image_size: int, policy_file: PolicyFile | None = None, **limits: int | str | None
+) -> SitePolicy:
+    """The site policy of the CLI options (``max_image_size=...``), tightened by ``policy_file``,
+    checked against the image size the command decodes: a run at a size beyond the policy would be
+    declined."""
     from client.site_policy import SitePolicy
 
     values = {key.replace("_", "-"): value for key, value in limits.items()}
     policy = SitePolicy.from_mapping(values, lambda key: f"--{key}")
+    if policy_file is not None:
+        policy = policy.tightened_by(policy_file.limits)
     if image_size > policy.max_image_size:
         raise ConfigError(
             "--image-size",
@@ -182,6 +222,8 @@ def check(
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
+    policy_path: PolicyOption = None,
 ) -> None:
     """Read every image of a site's data set and print counts per class, view and patient."""
     from common.data.cache import build_cache
@@ -194,11 +236,13 @@ def check(
         check_image_size("--image-size", image_size)
         policy = _site_policy(
             image_size,
+            _policy_file(policy_path),
             max_image_size=max_image_size,
             max_local_epochs=max_local_epochs,
             max_kd_epochs=max_kd_epochs,
             max_rounds=max_rounds,
             max_teacher_parameters=max_teacher_parameters,
+            phases=phases,
         )
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
@@ -245,7 +289,7 @@ def check(
     if sites:
         facts.add_row("sources/sites", ", ".join(f"{s} {n}" for s, n in sites.most_common(5)))
     facts.add_row("unreadable files", str(len(cached.skipped)))
-    facts.add_row("site policy", ", ".join(f"{k} {v:,}" for k, v in policy.node_config().items()))
+    facts.add_row("site policy", _policy_text(policy))
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
     console.print(facts)
     if catalog.left_out:
@@ -732,6 +776,8 @@ def start(
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
+    policy_path: PolicyOption = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
     from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
@@ -750,8 +796,12 @@ def start(
         "max_kd_epochs": max_kd_epochs,
         "max_rounds": max_rounds,
         "max_teacher_parameters": max_teacher_parameters,
+        "phases": phases,
     }
     try:
+        policy_file = _policy_file(policy_path)
+        if policy_file is not None and policy_file.dp_target_epsilon is not None:
+            epsilon = min(epsilon or math.inf, policy_file.dp_target_epsilon)
         settings = SiteNodeSettings(
             server=server,
             site=site,
@@ -779,7 +829,7 @@ def start(
             allowed_apps=tuple(allow_app or ()),
             initial_teacher_sha256=initial_teacher_sha256,
             initial_teacher=initial_teacher,
-            policy=_site_policy(image_size, **limits),
+            policy=_site_policy(image_size, policy_file, **limits),
             operating_point=_criterion_option(operating_point, task),
         )
         if runtime == "warm":
@@ -795,8 +845,18 @@ def start(
             "(no app allow-list)",
             highlight=False,
         )
+    if policy_file is not None and policy_file.cache_max_age_days is not None:
+        _expire_cache(out / "cache", policy_file.cache_max_age_days)
     if not skip_check:
-        check(fmt=fmt, data=data, task=task, image_size=image_size, cache_dir=out / "cache", **limits)
+        check(
+            fmt=fmt,
+            data=data,
+            task=task,
+            image_size=image_size,
+            cache_dir=out / "cache",
+            policy_path=policy_path,
+            **limits,
+        )
     console.print(
         f"[bold]{site}[/]: joining {server}, training on {used}; logs in {out / 'supernode.log'}",
         highlight=False,
@@ -819,6 +879,113 @@ def start(
     console.print(f"[bold green]{outcome}[/]", highlight=False)
 
 
+def _expiry_note(expires: Any) -> None:
+    """When the coordinator's certificate expires; a warning within EXPIRY_WARNING_DAYS."""
+    import datetime
+
+    from common.pki import EXPIRY_WARNING_DAYS
+
+    left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400.0
+    line = f"the coordinator's certificate expires {expires:%Y-%m-%d} ({left:.0f} days)"
+    if left < EXPIRY_WARNING_DAYS:
+        err_console.print(
+            f"[bold yellow]warning:[/] {line}: ask the coordinator for a new kit", highlight=False
+        )
+    else:
+        console.print(f"  {line}", highlight=False)
+
+
+def _expire_cache(cache_dir: Path, days: int) -> None:
+    """Remove decoded images older than the site policy's ``cache-max-age-days``."""
+    from common.data.cache import clear_cache
+
+    cleared = clear_cache(cache_dir, float(days))
+    if cleared.files:
+        console.print(
+            f"removed {cleared.files} cache file(s) decoded over {days} days ago (site policy)",
+            highlight=False,
+        )
+
+
+@app.command()
+def init(
+    kit: Annotated[Path, typer.Argument(help="The kit folder from the coordinator (`cxr-fl-server kit`).")],
+    site_dir: Annotated[
+        Path, typer.Option("--site-dir", help="This site's folder: its key pair, policy, state and outputs.")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
+    ] = None,
+    task: Annotated[str, typer.Option("--task", help="Task whose classes the labels map onto.")] = (
+        "normal-pneumonia-covid"
+    ),
+    image_size: Annotated[
+        int, typer.Option("--image-size", help="Image size of the data check (the runs' image-size).")
+    ] = 64,
+    max_image_size: MaxImageSize = None,
+    max_local_epochs: MaxLocalEpochs = None,
+    max_kd_epochs: MaxKdEpochs = None,
+    max_rounds: MaxRounds = None,
+    max_teacher_parameters: MaxTeacherParameters = None,
+    phases: Phases = None,
+    cache_max_age_days: Annotated[
+        int | None, typer.Option("--cache-max-age-days", help="Keep decoded images at most this many days.")
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option("--epsilon", help="This site's DP budget (the policy's dp-target-epsilon)."),
+    ] = None,
+) -> None:
+    """Set this site up from a kit: its own key pair (0600), its policy, a data check."""
+    from client.onboarding import set_up_site
+    from common.kit import read_kit
+    from common.site_limits import PolicyFile
+
+    own = {
+        "max-image-size": max_image_size,
+        "max-local-epochs": max_local_epochs,
+        "max-kd-epochs": max_kd_epochs,
+        "max-rounds": max_rounds,
+        "max-teacher-parameters": max_teacher_parameters,
+        "phases": phases,
+        "cache-max-age-days": cache_max_age_days,
+        "dp-target-epsilon": epsilon,
+    }
+    try:
+        facts = read_kit(kit)
+        policy = PolicyFile.from_mapping({k: v for k, v in own.items() if v is not None}, "option")
+        setup = set_up_site(facts, site_dir, policy, data=data, fmt=fmt, task=task, image_size=image_size)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[bold]{facts.site}[/]: set up in {setup.folder} for {facts.server}", highlight=False)
+    console.print(
+        f"  key pair: {setup.public_key.with_suffix('.key')} (private, 0600; stays here)"
+        + ("" if setup.new_key else " (kept from before)"),
+        highlight=False,
+    )
+    console.print(f"  policy: {_policy_text(setup.policy.limits)}")
+    console.print(
+        f"  the coordinator's runs carry app hash {facts.app_hash} (review it; see the kit's README)"
+    )
+    _expiry_note(facts.expires)
+    check(
+        fmt=fmt,
+        data=data,
+        task=task,
+        image_size=image_size,
+        cache_dir=setup.folder / "out" / "cache",
+        policy_path=setup.folder / "site-policy.toml",
+    )
+    console.print(
+        f"send only {setup.public_key} to the coordinator (cxr-fl-server register-site "
+        f"{setup.public_key.name} --name {facts.site})",
+        highlight=False,
+    )
+    console.print(f"then join with {setup.folder / 'start.sh'}:", highlight=False)
+    console.print(" ".join(setup.start_command), highlight=False, soft_wrap=True)
+
+
 @app.command("app-hash")
 def app_hash() -> None:
     """Print the app hash (FAB SHA-256) that this site accepts by default: its installed cxr-fl's."""
@@ -828,7 +995,7 @@ def app_hash() -> None:
         value = installed_app_hash()
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    err_console.print(f"app bundle of the cxr-fl project at {PROJECT_ROOT}:", highlight=False)
+    err_console.print(f"app bundle of the cxr-fl installed at {PROJECT_ROOT}:", highlight=False)
     console.print(value, highlight=False)
 
 

@@ -403,7 +403,12 @@ class SiteNode:
             notify(text)
 
         self.runner = WarmClientAppRunner(
-            secret, allow, self.settings.site, report, run_probe=self._run_probe()
+            secret,
+            allow,
+            self.settings.site,
+            report,
+            run_probe=self._run_probe(),
+            audit_state_dir=self.settings.resolved_state_dir,
         )
         hashes = ", ".join(sorted(allow.hashes))
         self.write_log(f"# warm ClientApp runner; apps allowed (FAB sha256): {hashes}")

@@ -22,6 +22,7 @@ FLOPs) may travel to the server; files stay at the site.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,16 @@ def export_site_student(
         ),
     )
     files = [onnx_path, prep_path, script_path, weights_path]
+    if not site.simulated:
+        from client.site_audit import record_site_event
+
+        record_site_event(
+            site.state_dir,
+            "model-exported",
+            model=subdir,
+            formats="onnx, torchscript, weights",
+            onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        )
     if opts.save_teacher:
         teacher_path = out / "teacher.pt"
         teacher_meta = model_metadata(

@@ -30,7 +30,8 @@ location (``ledger-counters/``). A ledger older than its counter (a restored cop
 ledger or key while the other or the counter says budget was spent, and an edited or emptied
 ledger are refused (:class:`LedgerIntegrityError`): the site declines DP rounds until its
 operator runs ``cxr-fl-client privacy-ledger reset``, which keeps the old files, marks the reset
-in the counter and appends who, when and why to ``ledger-resets.log`` beside the ledger. Writes
+in the counter and appends who, when and why to ``ledger-resets.log`` beside the ledger (and a
+``ledger-reset`` entry to the site's audit trail, client/site_audit.py). Writes
 take a lock; co-located sites sharing the ledger merge their rounds instead of losing one.
 
 What a site operator can and cannot undo on their own machine: the ledger protects a site's
@@ -438,6 +439,9 @@ def reset_ledger(path: Path, state_dir: Path, reason: str) -> Path:
     log = path.parent / RESET_LOG
     _append_log(log, {**record, "kept": kept, "counter": str(counter), "seq": last})
     logger.warning("privacy ledger %s reset by %s: %s", path, record["user"], reason)
+    from client.site_audit import record_site_event
+
+    record_site_event(state_dir, "ledger-reset", reason=reason)
     return log
 
 

@@ -9,26 +9,33 @@ the site's decision. ``cxr-fl-client start`` options (node config keys without t
 - ``--max-rounds`` (100): rounds per run (``num-rounds``, ``kd-federated-student-rounds``), and
   messages of each kind the site accepts in one run, whatever the coordinator says they are;
 - ``--max-teacher-parameters`` (60,000,000): the size of the teacher (and of the student) the
-  run builds, counted on PyTorch's meta device (no memory, no weights).
+  run builds, counted on PyTorch's meta device (no memory, no weights);
+- ``--phases`` (``teacher,distill,federated-student``): the phases of a run the site takes part
+  in; a run whose settings include another phase (``kd-enabled``, ``kd-federated-student-rounds``)
+  is declined at its first message.
 
 The defaults sit above everything the README and the benchmarks run (224 px, 5 local epochs,
 6 KD epochs, 10 rounds, the 43.5 M-parameter ResNet50 V2 + VGG19 teacher). A request beyond the
 policy is declined (SitePolicyError, an error reply with SITE_DECLINED and the reason) before
 the site loads its data or builds a cache. No run setting can change the policy. Simulated
 sites (Flower's simulation runtime) are the coordinator's own partitions: no policy applies.
+
+The policy itself (:class:`~common.site_limits.SitePolicy`) and its file (``--policy FILE``, the
+site policy an onboarding kit proposes) live in common/site_limits.py; this module checks runs
+against it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from typing import Any
 
 from common.config import ModelConfig
-from common.errors import ConfigError, CxrFlError
+from common.errors import CxrFlError
 from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
-from common.run_settings import FederatedRunConfig, check_image_size
+from common.run_settings import FederatedRunConfig
+from common.site_limits import SitePolicy
 
 KD_KINDS = (DISTILL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE)
 """Message types of the distillation phases."""
@@ -36,45 +43,6 @@ KD_KINDS = (DISTILL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE, STUDENT_FINAL_MESS
 
 class SitePolicyError(CxrFlError):
     """The coordinator asks for more than this site's policy allows: the site declines."""
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """The most one run may ask of this site."""
-
-    max_image_size: int = 256
-    max_local_epochs: int = 10
-    max_kd_epochs: int = 20
-    max_rounds: int = 100
-    max_teacher_parameters: int = 60_000_000
-
-    @staticmethod
-    def keys() -> tuple[str, ...]:
-        """The node config keys of the policy (the ``cxr-fl-client start`` options without ``--``)."""
-        return tuple(f.name.replace("_", "-") for f in fields(SitePolicy))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], name: Callable[[str], str]) -> SitePolicy:
-        """The policy in ``values`` (node config keys; missing ones keep the defaults), checked;
-        ``name(key)`` names a key in errors (``--max-rounds`` at the CLI)."""
-        kwargs: dict[str, int] = {}
-        for field in fields(cls):
-            key = field.name.replace("_", "-")
-            if key in values and values[key] is not None:
-                kwargs[field.name] = _positive_int(name(key), values[key])
-        policy = cls(**kwargs)
-        check_image_size(name("max-image-size"), policy.max_image_size)
-        return policy
-
-    def node_config(self) -> dict[str, int]:
-        """The policy as node config values (``--node-config`` of the site's SuperNode)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-
-def _positive_int(option: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(option, value, "a whole number >= 1")
-    return value
 
 
 def check_request(
@@ -125,6 +93,26 @@ def check_request(
                 f"{unit} (--{option}): declined before any work"
             )
     _check_model_sizes(policy, settings, kd)
+    _check_phases(policy, settings, kind)
+
+
+def run_phases(settings: FederatedRunConfig, kind: str) -> list[str]:
+    """The phases a run asks of a site (its settings), and the phase of the message ``kind``."""
+    needed = ["teacher"]
+    if settings.kd_enabled or kind == DISTILL_MESSAGE_TYPE:
+        needed.append("distill")
+    if (settings.kd_enabled and settings.kd_federated_student_rounds > 0) or kind in KD_KINDS[1:]:
+        needed.append("federated-student")
+    return needed
+
+
+def _check_phases(policy: SitePolicy, settings: FederatedRunConfig, kind: str) -> None:
+    refused = [phase for phase in run_phases(settings, kind) if phase not in policy.phases]
+    if refused:
+        raise SitePolicyError(
+            f"the run has a {refused[0]} phase, but this site's policy takes part only in "
+            f"{', '.join(policy.phases)} (--phases): declined before any work"
+        )
 
 
 def _int(config: Mapping[str, Any], key: str) -> int:

@@ -40,6 +40,9 @@ BN_MODELS = ("teacher", "student")
 FINISH_MESSAGE_TYPE = "query.finish"
 """The server's last message of a run: a site writes RUN_FINISHED_MARKER and may stop."""
 RUN_FINISHED_MARKER = "run_finished.json"
+AUDIT_RECORD = "audit"
+"""ConfigRecord of a deployed site's finish reply: ``head``, the hash of its audit log's last entry
+(client/site_audit.py), which the coordinator records as the site's anchor (common/audit.py)."""
 WEIGHT_KEY = "num-examples"
 SITE_RECORD = "site"
 VALIDATE_INCOMING_KEY = "validate-incoming"

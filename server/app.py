@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
+from common.errors import CxrFlError
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
@@ -33,6 +34,7 @@ from common.local import (
 )
 from common.models import build_model
 from common.protocol import (
+    AUDIT_RECORD,
     DISTILL_MESSAGE_TYPE,
     FINISH_MESSAGE_TYPE,
     STUDENT_FINAL_MESSAGE_TYPE,
@@ -283,10 +285,33 @@ def announce_finish(grid: Grid, settings: FederatedRunConfig, names: dict[int, s
         )
         for node in sorted(grid.get_node_ids())
     ]
-    _, outcomes = collect(grid, messages, min(settings.run.round_timeout, FINISH_TIMEOUT), names)
+    replies, outcomes = collect(grid, messages, min(settings.run.round_timeout, FINISH_TIMEOUT), names)
     for outcome in outcomes:
         if outcome.status != "ok":
             logger.warning("Site %s did not acknowledge the end of the run: %s", outcome.site, outcome.reason)
+    if settings.run.run_dir:
+        record_site_audit_heads(Path(settings.run.run_dir), replies, names)
+
+
+def record_site_audit_heads(run_dir: Path, replies: list[Message], names: dict[int, str]) -> None:
+    """Each deployed site's audit head (its finish reply's hash) in the coordinator's audit log:
+    the anchor its log is verified against later. A value that is no hash is left out, logged."""
+    from common.audit import AUDIT_FILE, AuditLog
+
+    log = AuditLog(run_dir / AUDIT_FILE)
+    for reply in replies:
+        record = reply.content.config_records.get(AUDIT_RECORD) if reply.has_content() else None
+        if record is None:
+            continue
+        site = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        head = record.get("head")
+        if not (isinstance(head, str) and len(head) == 64 and all(c in "0123456789abcdef" for c in head)):
+            logger.warning("Site %s sent an audit head that is not a SHA-256; not recorded", site)
+            continue
+        try:
+            log.append("site-audit-head", site=site, head=head)
+        except (CxrFlError, OSError) as exc:
+            logger.error("could not record site %s's audit head in %s: %s", site, log.path, exc)
 
 
 def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]], dict[str, float]] | None:

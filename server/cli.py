@@ -1,9 +1,11 @@
 """``cxr-fl-server``: what a coordinating institution runs.
 
-Commands: ``certs`` (CA + server certificate), ``site-key`` (a site's key pair), ``register-site``,
-``start`` (SuperLink with TLS and site authentication, submit the run, follow it), ``status``,
-``stop``, ``console`` (the read-only web page of a run folder, server/console/; ``start`` serves
-it too), ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
+Commands: ``certs`` (CA + server certificate), ``kit`` (a site's onboarding kit, server/kit.py),
+``site-key`` (a site's key pair, for tests; a site onboarded with a kit makes its own),
+``register-site``, ``revoke-site``, ``start`` (SuperLink with TLS and site authentication, submit
+the run, follow it), ``status`` (also the certificate's expiry and the audit log's head),
+``stop``, ``audit verify``, ``console`` (the read-only web page of a run folder, server/console/;
+``start`` serves it too), ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
 ``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
 thin: they check options and hand off to server/security.py and
 server/deploy.py; a :class:`~common.errors.CxrFlError` becomes a one-line message and exit
@@ -104,6 +106,101 @@ def register_site(
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     console.print(f"registered site {name} (Flower node {node_id})", highlight=False)
+
+
+@app.command("revoke-site")
+def revoke_site(
+    name: Annotated[str, typer.Argument(help="The registered site's name.")],
+    run_dir: RunDirOption = Path("runs/federation"),
+) -> None:
+    """Revoke a site's key: unregistered from the SuperLink at once, refused from then on."""
+    from server.deploy import Coordinator
+
+    try:
+        node_id = Coordinator(run_dir).revoke_site(name)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"revoked site {name} (Flower node {node_id}); its key is refused from now on", highlight=False
+    )
+
+
+@app.command()
+def kit(
+    site: Annotated[str, typer.Argument(help="The site's name, e.g. st-marys.")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the kit.")],
+    server: Annotated[
+        str, typer.Option("--server", help="The address the sites connect to, HOST:PORT (as `start --port`).")
+    ],
+    certs_dir: Annotated[
+        Path,
+        typer.Option(
+            "--certs", help="Folder made by `cxr-fl-server certs` (only ca.crt and server.crt are read)."
+        ),
+    ],
+    app_hash_value: Annotated[
+        str | None,
+        typer.Option(
+            "--app-hash", help="The app hash the runs carry (default: this installation's app bundle)."
+        ),
+    ] = None,
+    max_image_size: Annotated[
+        int | None, typer.Option("--max-image-size", help="Largest image side the runs use.")
+    ] = None,
+    max_local_epochs: Annotated[
+        int | None, typer.Option("--max-local-epochs", help="Most local epochs per message.")
+    ] = None,
+    max_kd_epochs: Annotated[
+        int | None, typer.Option("--max-kd-epochs", help="Most KD epochs per message.")
+    ] = None,
+    max_rounds: Annotated[int | None, typer.Option("--max-rounds", help="Most rounds per run.")] = None,
+    max_teacher_parameters: Annotated[
+        int | None, typer.Option("--max-teacher-parameters", help="Largest model, in parameters.")
+    ] = None,
+    cache_max_age_days: Annotated[
+        int | None, typer.Option("--cache-max-age-days", help="Suggested retention of decoded images (days).")
+    ] = None,
+    phases: Annotated[
+        str | None,
+        typer.Option(
+            "--phases", help="Run phases the sites take part in (teacher, distill, federated-student)."
+        ),
+    ] = None,
+) -> None:
+    """Write a site's onboarding kit: ca.crt, address, app hash, a policy template, a README."""
+    from common.site_limits import PolicyFile
+    from server.deploy import PROJECT_ROOT
+    from server.kit import app_bundle_hash, split_address, write_kit
+
+    values = {
+        "max-image-size": max_image_size,
+        "max-local-epochs": max_local_epochs,
+        "max-kd-epochs": max_kd_epochs,
+        "max-rounds": max_rounds,
+        "max-teacher-parameters": max_teacher_parameters,
+        "cache-max-age-days": cache_max_age_days,
+        "phases": phases,
+    }
+    try:
+        policy = PolicyFile.from_mapping({k: v for k, v in values.items() if v is not None}, "kit option")
+        split_address(server)
+        if app_hash_value is not None:
+            from common.initial_teacher import check_sha256_hex
+
+            digest = check_sha256_hex("--app-hash", app_hash_value)
+        else:
+            digest = app_bundle_hash(PROJECT_ROOT)
+        made = write_kit(site, out, certs_dir, server, digest, policy)
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"kit for {site}: {made.folder}", highlight=False)
+    console.print(f"  app hash the runs carry: {made.app_hash}", highlight=False)
+    console.print(f"  server certificate expires {made.expires:%Y-%m-%d}", highlight=False)
+    console.print(
+        f"give the folder to the site; register the {site}.pub it sends back with "
+        f"`cxr-fl-server register-site {site}.pub --name {site} --run-dir RUN_DIR`",
+        highlight=False,
+    )
 
 
 def _previous_overrides(run_dir: Path) -> dict[str, Any]:
@@ -265,6 +362,7 @@ def start(
         # Only what this process started: another coordinator's SuperLink must survive.
         coordinator.stop(recorded=False)
         raise fail(str(exc)) from None
+    gateway_offset = coordinator.gateway_log.stat().st_size if coordinator.gateway_log.is_file() else 0
     try:
         if resume and in_memory and tls is not None:
             coordinator.reregister_sites()
@@ -285,6 +383,7 @@ def start(
                 "--site NAME --data PATH --format FORMAT --out DIR",
                 highlight=False,
             )
+        _audit_run_start(coordinator, overrides, resume)
         code = _follow(coordinator, overrides, num_rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
@@ -296,8 +395,14 @@ def start(
             130,
         ) from None
     finally:
-        if not _finished(run_dir, started):
+        finished = _finished(run_dir, started)
+        if not finished:
             _tell_sites_the_run_stopped(coordinator)
+        coordinator.audit_refused_calls(gateway_offset)
+        coordinator.record(
+            "run-finished" if finished else "run-stopped",
+            flower_run_id=coordinator.read_state().get("flower_run_id"),
+        )
         coordinator.stop(recorded=False)
         if web is not None:
             web.stop()
@@ -355,6 +460,24 @@ def console_command(
         raise fail(str(exc)) from None
     _announce_console(web, "until Ctrl-C")
     web.serve()
+
+
+def _audit_run_start(coordinator: Any, overrides: dict[str, Any], resume: bool) -> None:
+    """The run's settings and the app hash it carries, in the coordinator's audit log."""
+    from server.deploy import PROJECT_ROOT
+    from server.kit import app_bundle_hash
+
+    try:
+        app_hash: str | None = app_bundle_hash(PROJECT_ROOT)
+    except CxrFlError as exc:  # `flwr run` reports the same failure next
+        err_console.print(f"[bold yellow]warning:[/] {exc}", highlight=False)
+        app_hash = None
+    settings = {key: value for key, value in overrides.items() if key != "run-dir"}
+    coordinator.record(
+        "run-resumed" if resume else "run-submitted",
+        settings=json.dumps(settings, sort_keys=True, default=str),
+        app_hash=app_hash,
+    )
 
 
 def _finished(run_dir: Path, started: float) -> bool:
@@ -680,6 +803,47 @@ def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
     console.print(f"sites registered: {', '.join(s['name'] for s in coordinator.read_sites()) or '-'}")
     if (run_dir / "summary.json").is_file():
         console.print(f"finished: summary in {run_dir / 'summary.json'}", highlight=False)
+    _certificate_status(state)
+    _audit_status(coordinator)
+
+
+def _certificate_status(state: dict[str, Any]) -> None:
+    """When the sites' certificate expires; a warning within EXPIRY_WARNING_DAYS."""
+    from common.pki import EXPIRY_WARNING_DAYS, days_left, load_certificate
+
+    if not state.get("server_cert"):
+        return
+    try:
+        cert = load_certificate(Path(state["server_cert"]), "server certificate")
+    except CxrFlError as exc:
+        err_console.print(f"[bold yellow]warning:[/] {exc}", highlight=False)
+        return
+    left = days_left(cert)
+    line = f"server certificate: expires {cert.not_valid_after_utc:%Y-%m-%d} ({left:.0f} days)"
+    if left < EXPIRY_WARNING_DAYS:
+        err_console.print(
+            f"[bold yellow]warning:[/] {line}: make new ones with `cxr-fl-server certs` and send the sites "
+            "new kits before then"
+            if left > 0
+            else f"[bold red]error:[/] {line}: sites cannot connect",
+            highlight=False,
+        )
+    else:
+        console.print(line, highlight=False)
+
+
+def _audit_status(coordinator: Any) -> None:
+    """The audit log's head, to be kept elsewhere as an anchor (`audit verify --anchor`)."""
+    from common.audit import AuditChainError
+
+    try:
+        head = coordinator.audit.head()
+    except AuditChainError as exc:
+        err_console.print(f"[bold red]audit log broken:[/] {exc}", highlight=False)
+        return
+    console.print(
+        f"audit head: {head or '-'} (keep it: `cxr-fl-server audit verify --anchor ...`)", highlight=False
+    )
 
 
 def _cmdline(pid: int) -> str:
@@ -716,7 +880,39 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
         ):
             stop_pid_tree(int(pid))
             stopped = True
+    if stopped:
+        coordinator.record("run-stopped", flower_run_id=state.get("flower_run_id"), by="cxr-fl-server stop")
     console.print("stopped" if stopped else "nothing was running", highlight=False)
+
+
+audit_app = typer_app("audit", "The coordinator's hash-chained audit log.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    run_dir: RunDirOption = Path("runs/federation"),
+    anchor: Annotated[
+        str | None,
+        typer.Option(
+            "--anchor", help="A head kept elsewhere (SEQ:HASH, from `status`): finds a cut tail or a rewrite."
+        ),
+    ] = None,
+) -> None:
+    """Check every entry of RUN_DIR/audit.jsonl: edited, removed or reordered entries fail (exit 1)."""
+    from common.audit import AUDIT_FILE, AuditChainError, AuditHead, verify_chain
+
+    try:
+        report = verify_chain(run_dir / AUDIT_FILE, AuditHead.parse(anchor) if anchor else None)
+    except AuditChainError as exc:
+        raise fail(f"audit log NOT intact: {exc}", RUN_FAILED_EXIT) from None
+    except CxrFlError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"audit log intact: {len(report.entries)} entries, head {report.head or '-'}"
+        + (" (matches the anchor)" if anchor else ""),
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -6,6 +6,8 @@
     RUN_DIR/
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
       sites.json           registered sites: name, public key, Flower node id
+      revoked.json         revoked site keys (never registered again)
+      audit.jsonl          the coordinator's hash-chained audit log (common/audit.py)
       superlink.db         SuperLink state (registered sites, runs) with --database
       superlink.log        SuperLink output (connections it refused are logged here)
       gateway.log          the Fleet gateway's output (refused calls are logged here)
@@ -26,6 +28,12 @@ A run that ends without finishing (``cxr-fl-server stop``, Ctrl-C, ``flwr stop``
 first marked stopped in the SuperLink, which is then kept up for a moment
 (:meth:`Coordinator.stop_run_for_sites`): a site learns that the run of the task it works on is
 over by asking the SuperLink (client/app_runner.py), and stops that work.
+
+Audit trail: sites registered, keys rotated and revoked, runs submitted (settings and app hash),
+resumed and stopped, and a summary of the calls the gateway refused go to ``RUN_DIR/audit.jsonl``
+(an append-only hash chain; ``cxr-fl-server audit verify``). A revoked key
+(:meth:`Coordinator.revoke_site`) is unregistered from the SuperLink at once, dropped from
+``sites.json`` (its replies are refused: server/site_identity.py) and refused by ``register-site``.
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.audit import AUDIT_FILE, AuditLog
 from common.errors import ConfigError, CxrFlError
 from common.jsonio import write_json
+from common.pki import public_key_body, public_key_fingerprint
 from common.processes import (
     console_script,
     flower_env,
@@ -149,6 +159,8 @@ class Coordinator:
         self.flwr_home = self.run_dir / "flwr-home"
         self.state_path = self.run_dir / "deploy.json"
         self.sites_path = self.run_dir / "sites.json"
+        self.revoked_path = self.run_dir / "revoked.json"
+        self.audit = AuditLog(self.run_dir / AUDIT_FILE)
         self.superlink_log = self.run_dir / "superlink.log"
         self.flower_log = self.run_dir / "flower.log"
         self.gateway_log = self.run_dir / "gateway.log"
@@ -287,6 +299,7 @@ class Coordinator:
             coordinator_pid=os.getpid(),
             tls=tls is not None,
             ca_cert=str(tls.ca_cert.resolve()) if tls else None,
+            server_cert=str(tls.server_cert.resolve()) if tls else None,
             database=database,
             started=time.time(),
             flower_run_id=None,
@@ -437,9 +450,16 @@ class Coordinator:
 
         check_site_name(name)
         if not public_key.is_file():
-            raise ConfigError("KEY.pub", str(public_key), "a public key file (cxr-fl-server site-key)")
-        key_text = public_key.read_text(encoding="utf-8").split()
-        key_body = " ".join(key_text[:2])
+            raise ConfigError("KEY.pub", str(public_key), "a public key file (cxr-fl-client init makes one)")
+        key_body = public_key_body(public_key.read_text(encoding="utf-8"))
+        for revoked in self.read_revoked():
+            if revoked["public_key"] == key_body:
+                raise ConfigError(
+                    "KEY.pub",
+                    str(public_key),
+                    f"a key that was not revoked (this one was, for site '{revoked['name']}'): the site "
+                    "makes a new key pair (cxr-fl-client init) and sends its new .pub",
+                )
         sites = self.read_sites()
         state = self.read_state()
         for site in sites:
@@ -480,6 +500,8 @@ class Coordinator:
             detail = reply.get("error-message") or (result.stdout + result.stderr).strip().splitlines()[-1:]
             raise DeployError(f"`flwr supernode register` refused {public_key} for site '{name}': {detail}")
         node_id = int(reply["node-id"])
+        earlier = [s for s in sites if s["name"] == name]
+        rotated = bool(earlier) and earlier[0]["public_key"] != key_body
         sites = [s for s in sites if s["name"] != name]
         sites.append(
             {
@@ -491,8 +513,93 @@ class Coordinator:
             }
         )
         write_json(self.sites_path, sites)
+        self.record(
+            "site-key-rotated" if rotated else "site-registered",
+            site=name,
+            node_id=node_id,
+            key_sha256=public_key_fingerprint(key_body),
+        )
         logger.info("Registered site %s (node %d)", name, node_id)
         return node_id
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One entry in the audit log; a log that cannot be appended to is reported, never fatal
+        to the federation (``audit verify`` then fails)."""
+        try:
+            self.audit.append(event, **fields)
+        except (CxrFlError, OSError) as exc:
+            logger.error("could not write '%s' to the audit log %s: %s", event, self.audit.path, exc)
+
+    def read_revoked(self) -> list[dict[str, Any]]:
+        if not self.revoked_path.is_file():
+            return []
+        return list(json.loads(self.revoked_path.read_text(encoding="utf-8")))
+
+    def revoke_site(self, name: str) -> int:
+        """Unregister a site's key from the SuperLink (its node can no longer send or receive),
+        forget it in ``sites.json`` and refuse its key from now on; returns its node id."""
+        sites = self.read_sites()
+        found = [s for s in sites if s["name"] == name]
+        if not found:
+            known = ", ".join(s["name"] for s in sites) or "none"
+            raise ConfigError("SITE", name, f"a registered site of {self.run_dir} (registered: {known})")
+        site = found[0]
+        running = self.superlink_running()
+        if not running and self.read_state().get("database"):
+            raise DeployError(
+                f"the SuperLink of {self.run_dir} keeps registrations in its database and is not running: "
+                "start it, then revoke the site"
+            )
+        if running:
+            self._flwr_unregister(int(site["node_id"]), name)
+        write_json(self.sites_path, [s for s in sites if s["name"] != name])
+        revoked = self.read_revoked()
+        revoked.append(
+            {"name": name, "public_key": site["public_key"], "node_id": site["node_id"], "at": time.time()}
+        )
+        write_json(self.revoked_path, revoked)
+        self.record(
+            "site-unregistered",
+            site=name,
+            node_id=int(site["node_id"]),
+            key_sha256=public_key_fingerprint(site["public_key"]),
+        )
+        return int(site["node_id"])
+
+    def _flwr_unregister(self, node_id: int, name: str) -> None:
+        result = subprocess.run(
+            [console_script("flwr"), "supernode", "unregister", str(node_id), CONNECTION, "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        try:
+            reply = json.loads(result.stdout[result.stdout.index("{") :])
+        except ValueError:
+            reply = {}
+        if result.returncode != 0 or not reply.get("success"):
+            detail = reply.get("error-message") or (result.stdout + result.stderr).strip().splitlines()[-1:]
+            raise DeployError(f"`flwr supernode unregister` refused node {node_id} (site '{name}'): {detail}")
+
+    def audit_refused_calls(self, since_offset: int) -> None:
+        """One audit entry summarising the calls the gateway refused since ``since_offset`` of its
+        log (how many, by HTTP status); nothing when there were none."""
+        try:
+            with self.gateway_log.open("rb") as log:
+                log.seek(since_offset)
+                text = log.read().decode(errors="replace")
+        except OSError:  # no gateway log: nothing was refused through it
+            return
+        statuses = re.findall(r" Refused \S+ \S+ from .*?: (\d{3}) \(", text)
+        if statuses:
+            counts = {status: statuses.count(status) for status in sorted(set(statuses))}
+            self.record(
+                "refused-calls",
+                count=len(statuses),
+                by_status=", ".join(f"{status}: {n}" for status, n in counts.items()),
+            )
 
     def reregister_sites(self) -> None:
         """After a restart without a persistent database, register the known sites again."""

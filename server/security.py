@@ -3,9 +3,10 @@
 - :func:`make_certificates` writes a CA (``ca.crt``, ``ca.key``) and a server certificate
   (``server.crt``, ``server.key``) signed by it, with a subject alternative name for every host
   name or IP address the sites will use to reach the SuperLink. Sites get ``ca.crt`` only.
-- :func:`make_site_key` writes a site's ECDSA (NIST P-384) key pair in the OpenSSH formats
-  Flower reads: ``NAME.key`` for ``flower-supernode --auth-supernode-private-key`` (stays at the
-  site) and ``NAME.pub`` for ``flwr supernode register`` (goes to the coordinator).
+- :func:`make_site_key` (common/pki.py, shared with ``cxr-fl-client init``) writes a site's ECDSA
+  (NIST P-384) key pair in the OpenSSH formats Flower reads: ``NAME.key`` for ``flower-supernode
+  --auth-supernode-private-key`` (stays at the site) and ``NAME.pub`` for ``flwr supernode
+  register`` (goes to the coordinator). A site onboarded with a kit makes its own.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
+from common.pki import SiteKeyFiles, check_site_name, make_site_key, write_private
+
+__all__ = [
+    "CertificateFiles",
+    "SiteKeyFiles",
+    "check_site_name",
+    "make_certificates",
+    "make_site_key",
+]
 
 logger = logging.getLogger(__name__)
-
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -38,32 +44,11 @@ class CertificateFiles:
     server_key: Path
 
 
-@dataclass(frozen=True)
-class SiteKeyFiles:
-    private_key: Path
-    public_key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
 def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def check_site_name(name: str) -> str:
-    if not SITE_NAME.match(name):
-        raise ConfigError(
-            "--site", name, "letters, digits, '.', '_' or '-' (up to 63 characters, e.g. st-marys)"
-        )
-    return name
 
 
 def make_certificates(out_dir: Path, hosts: list[str], *, days: int = 825) -> CertificateFiles:
@@ -129,28 +114,9 @@ def make_certificates(out_dir: Path, hosts: list[str], *, days: int = 825) -> Ce
     files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
     files.server_cert.write_bytes(server_cert.public_bytes(pem))
     for key, path in ((ca_key, files.ca_key), (server_key, files.server_key)):
-        _write_private(
+        write_private(
             path,
             key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         )
     logger.info("Wrote a CA and a server certificate for %s in %s", ", ".join(hosts), out_dir)
-    return files
-
-
-def make_site_key(out_dir: Path, site: str) -> SiteKeyFiles:
-    """A site's authentication key pair (ECDSA P-384, OpenSSH formats)."""
-    check_site_name(site)
-    files = SiteKeyFiles(out_dir / f"{site}.key", out_dir / f"{site}.pub")
-    for path in (files.private_key, files.public_key):
-        if path.exists():
-            raise ConfigError("--out", str(out_dir), f"a folder without {path.name} (it already exists)")
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(
-        files.private_key,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    files.public_key.write_bytes(public + f" {site}\n".encode())
     return files

@@ -21,6 +21,11 @@ Unreadable images (missing, truncated, not an image) are skipped with a warning 
 :attr:`CachedImages.skipped`; with ``strict=True`` the first one raises DataError naming it.
 The cache also stores, per image, the SHA-1 of its decoded pixels at native resolution
 (exact-duplicate detection, :mod:`common.data.duplicates`).
+
+Privacy and retention: decoded images are patient data. The cache folder is made 0700 and its
+files 0600 (:func:`make_private`, also applied to an existing cache folder of this user);
+:func:`clear_cache` removes caches, all or those older than a maximum age (``cxr-fl-client cache
+clear``; a site policy's ``cache-max-age-days`` applies it when the site starts).
 """
 
 from __future__ import annotations
@@ -181,7 +186,9 @@ class ImageCache:
                 progress(len(catalog), len(catalog))
             return loaded
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.cache_dir.mkdir(mode=0o700, exist_ok=True)
+            make_private(self.cache_dir)
         except OSError as exc:
             raise DataError(
                 f"cannot make the cache folder {self.cache_dir}: {exc.strerror}; choose another --cache-dir"
@@ -317,6 +324,46 @@ class ImageCache:
             tuple(hashes[i] for i in kept),
             reused=False,
         )
+
+
+def make_private(cache_dir: Path) -> None:
+    """The cache folder 0700 and its files 0600 (decoded patient images are the site's alone);
+    only what this user owns is changed."""
+    uid = os.getuid()
+    if cache_dir.stat().st_uid == uid and cache_dir.stat().st_mode & 0o077:
+        cache_dir.chmod(0o700)
+    for path in cache_dir.iterdir():
+        info = path.lstat()
+        if path.is_file() and not path.is_symlink() and info.st_uid == uid and info.st_mode & 0o077:
+            path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class ClearedCache:
+    files: int
+    nbytes: int
+
+
+def clear_cache(cache_dir: Path, older_than_days: float | None = None) -> ClearedCache:
+    """Remove cached images (``<key>.npy`` with its ``<key>.json``, and leftovers of interrupted
+    builds) from ``cache_dir``; with ``older_than_days``, only caches decoded that long ago or
+    longer. Other files are left alone."""
+    import time
+
+    if not cache_dir.is_dir():
+        return ClearedCache(0, 0)
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400.0
+    files = nbytes = 0
+    for path in sorted(cache_dir.iterdir()):
+        if not path.is_file() or not (path.suffix in (".npy", ".json") or path.name.endswith(".tmp")):
+            continue
+        info = path.stat()
+        if cutoff is not None and info.st_mtime > cutoff:
+            continue
+        path.unlink(missing_ok=True)
+        files += 1
+        nbytes += info.st_size
+    return ClearedCache(files, nbytes)
 
 
 def build_cache(

@@ -1,0 +1,167 @@
+"""A consortium as docs/consortium.md runs it: kit -> init -> register -> start -> audit verify.
+
+The coordinator makes its certificates and one onboarding kit per site; each site is set up only
+from its kit (`cxr-fl-client init`: its own key pair, its policy, a data check) and joins with the
+`start.sh` that init wrote; only each site's `.pub` goes to the coordinator. Both sites train
+and distil over TLS with site authentication; then both audit logs verify, and fail after an
+edit. Every process is stopped by its PID tree in the fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_federation import CLIENT, SERVER, Federation
+
+pytestmark = pytest.mark.slow
+
+SITES = ("site-a", "site-b")
+
+
+def _kit_and_init(federation: Federation, site: str) -> Path:
+    kit = federation.root / f"kit-{site}"
+    made = federation.command(
+        SERVER,
+        "kit",
+        site,
+        "--out",
+        str(kit),
+        "--server",
+        f"127.0.0.1:{federation.port}",
+        "--certs",
+        str(federation.certs),
+        "--max-rounds",
+        "10",
+        "--max-image-size",
+        "64",
+    )
+    assert made.returncode == 0, made.stderr
+    site_dir = federation.root / f"{site}-site"
+    init = federation.command(
+        CLIENT,
+        "init",
+        str(kit),
+        "--site-dir",
+        str(site_dir),
+        "--format",
+        "synthetic",
+        "--image-size",
+        "32",
+        timeout=180,
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert stat.S_IMODE((site_dir / f"{site}.key").stat().st_mode) == 0o600
+    assert "max-rounds = 10" in (site_dir / "site-policy.toml").read_text()
+    return site_dir
+
+
+def _verify_site(federation: Federation, site_dir: Path, *extra: str) -> tuple[int, str]:
+    result = federation.command(CLIENT, "audit", "verify", "--state-dir", str(site_dir / "state"), *extra)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _events(log: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in log.read_text().splitlines()]
+
+
+def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Federation) -> None:
+    made = federation.command(SERVER, "certs", "--out", str(federation.certs), "--host", "127.0.0.1")
+    assert made.returncode == 0, made.stderr
+    site_dirs = {site: _kit_and_init(federation, site) for site in SITES}
+    config = federation.write_config("num-rounds = 1\n")
+    server = federation.spawn(
+        "server",
+        SERVER,
+        "start",
+        "--run-dir",
+        str(federation.run_dir),
+        "--certs",
+        str(federation.certs),
+        "--port",
+        str(federation.port),
+        "--config",
+        str(config),
+        *(arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))),
+    )
+    federation.wait_listening()
+    clients = [
+        federation.spawn(site, "sh", str(site_dirs[site] / "start.sh"), "--threads", "1") for site in SITES
+    ]
+    assert federation.wait(server, "server", 420) == 0, federation.output("server")
+    for site, client in zip(SITES, clients, strict=True):
+        assert federation.wait(client, site, 60) == 0, federation.output(site)
+        assert (site_dirs[site] / "out" / "global_student" / "student.onnx").is_file()
+    aggregates = [r for r in federation.metrics() if r["phase"] == "aggregate"]
+    assert [r["sites_trained"] for r in aggregates] == [2]
+
+    run_dir = ["--run-dir", str(federation.run_dir)]
+    assert _events(federation.run_dir / "audit.jsonl") == [
+        "site-registered",
+        "site-registered",
+        "run-submitted",
+        "site-audit-head",
+        "site-audit-head",
+        "run-finished",
+    ]
+    heads = {
+        entry["fields"]["site"]: entry["fields"]["head"]
+        for entry in map(json.loads, (federation.run_dir / "audit.jsonl").read_text().splitlines())
+        if entry["event"] == "site-audit-head"
+    }
+    for site in SITES:
+        code, output = _verify_site(federation, site_dirs[site], "--anchor", heads[site])
+        assert code == 0, output
+        events = _events(site_dirs[site] / "state" / "audit" / "audit.jsonl")
+        assert events[0] == "run-accepted"
+        assert "model-exported" in events
+    status = federation.command(SERVER, "status", *run_dir)
+    assert "audit head: 5:" in status.stdout
+    assert "server certificate: expires" in status.stdout
+    anchor = status.stdout.split("audit head: ", 1)[1].split()[0]
+    server_verify = federation.command(SERVER, "audit", "verify", *run_dir, "--anchor", anchor)
+    assert server_verify.returncode == 0, server_verify.stdout + server_verify.stderr
+
+    log = federation.run_dir / "audit.jsonl"
+    log.write_text(log.read_text().replace("site-b", "site-x"))
+    edited = federation.command(SERVER, "audit", "verify", *run_dir)
+    assert edited.returncode == 1
+    assert "NOT intact" in edited.stderr
+    site_log = site_dirs["site-a"] / "state" / "audit" / "audit.jsonl"
+    lines = site_log.read_text().splitlines(keepends=True)
+    site_log.write_text("".join(lines[1:]))  # first entry removed
+    code, output = _verify_site(federation, site_dirs["site-a"])
+    assert code == 1
+    assert "NOT intact" in output
+    site_log.write_text("".join(lines[:-1]))  # the tail cut: a consistent chain, but not the anchor's
+    assert _verify_site(federation, site_dirs["site-a"])[0] == 0
+    code, output = _verify_site(federation, site_dirs["site-a"], "--anchor", heads["site-a"])
+    assert code == 1
+    assert "cut off or rewritten" in output
+
+
+def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
+    federation.prepare("site-a", "site-b")
+    federation.start_server("--config", str(federation.write_config("num-rounds = 1\n")))
+    federation.wait_listening()
+    revoked = federation.command(SERVER, "revoke-site", "site-a", "--run-dir", str(federation.run_dir))
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    client = federation.start_client("site-a", "--activate-timeout", "1", "--skip-check")
+    assert federation.wait(client, "site-a", 120) == 1, federation.output("site-a")
+    assert "refused this site's key: it is not registered" in federation.output("site-a")
+    again = federation.command(
+        SERVER,
+        "register-site",
+        str(federation.keys / "site-a.pub"),
+        "--name",
+        "site-a",
+        "--run-dir",
+        str(federation.run_dir),
+    )
+    assert again.returncode == 2
+    assert "was, for site 'site-a'" in again.stderr
+    events = _events(federation.run_dir / "audit.jsonl")
+    assert events[-1] == "site-unregistered"
