@@ -13,7 +13,6 @@ from common.device import DeviceUnavailableError
 from common.errors import ConfigError
 from simulation.experiment import Experiment, ExperimentConfig, SourceSpec, experiment_config
 from simulation.runtime import FlowerSimulation, check_ray_address, federation_config
-from simulation.study import StudySettings, with_resources
 
 TINY_SOURCE = (SourceSpec("synthetic", None, {"n-images": "60", "image-size": "32"}),)
 TINY_RUN = {"teacher-name": "tiny-cnn", "image-size": 32, "num-rounds": 1}
@@ -130,32 +129,3 @@ def test_on_a_ray_cluster_the_sites_device_is_not_checked_here(tmp_path: Path) -
 
     assert run_config["device"] == "cuda"
     assert num_sites == 3
-
-
-def test_the_study_resource_options_are_checked(tmp_path: Path) -> None:
-    base = StudySettings(config_file=tmp_path / "s.toml", out=tmp_path, results=tmp_path, datasets={}, run={})
-
-    settings = with_resources(base, 0.25, "127.0.0.1:6379")
-
-    assert (settings.gpus_per_site, settings.ray_address) == (0.25, "127.0.0.1:6379")
-    with pytest.raises(ConfigError):
-        with_resources(base, -1, "")
-
-
-def test_the_study_cpus_per_site_reach_the_cells_and_are_checked(tmp_path: Path) -> None:
-    base = StudySettings(config_file=tmp_path / "s.toml", out=tmp_path, results=tmp_path, datasets={}, run={})
-
-    assert with_resources(base, 0.0, "", 2).cpus_per_site == 2
-    assert with_resources(base, 0.0, "").cpus_per_site == 1
-    with pytest.raises(ConfigError, match="cpus-per-site"):
-        with_resources(base, 0.0, "", 0)
-
-
-def test_a_site_with_two_cpus_trains_with_two_threads(tmp_path: Path) -> None:
-    from simulation.study import Cell, cell_run_config
-
-    base = StudySettings(config_file=tmp_path / "s.toml", out=tmp_path, results=tmp_path, datasets={}, run={})
-    cell = Cell("privacy", "cxr", "dirichlet-0.5", "fedavg", 0, dp_epsilon=8.0, norm="group")
-
-    assert "num-threads" not in cell_run_config(cell, base, 5)
-    assert cell_run_config(cell, with_resources(base, 0.0, "", 2), 5)["num-threads"] == 2

@@ -1,5 +1,5 @@
-"""The study's recipe cells: decisions at each site's own operating point (simulation/study_sites.py)
-and the recipe section and targets of the report (simulation/study_recipe.py), on fabricated cell
+"""The study's recipe cells: decisions at each site's own operating point (research/study/sites.py)
+and the recipe section and targets of the report (research/study/recipe.py), on fabricated cell
 folders and results (no training)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import simulation.study_sites as study_sites
+import research.study.sites as study_sites
 from common.config import ModelConfig
 from common.errors import ConfigError
 from common.export import Preprocessing, write_preprocessing
@@ -20,9 +20,9 @@ from common.metrics import compute_metrics
 from common.operating_point import OperatingPoint
 from common.tasks import get_task
 from common.training import EvalResult
-from simulation.study import load_settings, table_cells
-from simulation.study_report import build_study_report
-from tests.simulation.test_study import _fake_result, _write_config
+from research.study.cells import load_settings, table_cells
+from research.study.report import build_study_report
+from tests.study.test_study import _fake_result, _write_config
 
 TASK = get_task("normal-pneumonia-covid")
 COVID = TASK.classes.index("covid-19")
@@ -57,7 +57,7 @@ seeds = [0, 1]
 
 
 def test_recipe_attempts_run_on_each_of_their_splits_and_differ_only_in_bn_statistics(tmp_path: Path) -> None:
-    from simulation.study import cell_run_config
+    from research.study.cells import cell_run_config
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
 

@@ -4,7 +4,7 @@ The ``[recipe]`` table of the study's TOML file names two attempts whose run set
 only in how the global models' BatchNorm statistics are made: ``new`` (the product's recipe:
 statistics pooled by the federation, each site's own operating point) and ``old`` (FedAvg's
 average of the sites' buffers, read at the argmax). Their cells deliver the federated student;
-simulation/study_sites.py scores each site's delivered student on the held-out test set at the
+research/study/sites.py scores each site's delivered student on the held-out test set at the
 site's own operating point (read from its export) and at the argmax.
 
 Targets (study.json ``targets``, each in the ``derived_mean`` form of the others):
@@ -29,10 +29,10 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from simulation.study import Cell, StudySettings
-from simulation.study_sites import mean_over_sites
-from simulation.study_tables import markdown_table as _table
-from simulation.study_tables import stat as _stat
+from research.study.cells import Cell, StudySettings
+from research.study.markdown import markdown_table as _table
+from research.study.markdown import stat as _stat
+from research.study.sites import mean_over_sites
 
 COVID = "covid-19"
 OP_GAP_TARGET = -0.02

@@ -1,4 +1,4 @@
-"""The privacy table's product settings (simulation/study_privacy.py) on tiny synthetic data."""
+"""The privacy table's product settings (research/study/privacy.py) on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from simulation.study import load_settings, prepare, score_public_teacher, table_cells
-from simulation.study_privacy import ensure_public_teacher, public_weights
-from simulation.study_report import build_study_report
-from tests.simulation.test_study import _fake_result, _write_config, _write_pool
+from research.study.cells import load_settings, prepare, score_public_teacher, table_cells
+from research.study.privacy import ensure_public_teacher, public_weights
+from research.study.report import build_study_report
+from tests.study.test_study import _fake_result, _write_config, _write_pool
 
 VARIANTS = """
 [privacy.pretrain]

@@ -1,4 +1,4 @@
-"""The study's leave-one-source-out table (simulation/study_external.py) on tiny synthetic data."""
+"""The study's leave-one-source-out table (research/study/external.py) on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from common.bootstrap import percentile_interval, stratified_weights, weighted_auroc
 from common.errors import ConfigError, DataError
-from simulation.study import (
+from research.study.cells import (
     Cell,
     cell_run_config,
     load_settings,
@@ -20,8 +20,8 @@ from simulation.study import (
     run_cell,
     table_cells,
 )
-from simulation.study_external import Holdout, interval_scores, read_rows, split_external
-from simulation.study_report import build_study_report
+from research.study.external import Holdout, interval_scores, read_rows, split_external
+from research.study.report import build_study_report
 
 CLASSES = ("normal", "pneumonia", "covid-19")
 # (site, label of its patients): two one-class COVID sources, a one-class normal source and a
@@ -380,12 +380,12 @@ def test_an_external_cell_runs_end_to_end(prepared: tuple) -> None:
 def test_a_variant_with_a_bad_option_value_stops_the_command_in_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    import simulation.cli as cli
+    import research.study.__main__ as study_cli
 
     variant = '[[external.variants]]\nname = "v"\nrun = { augment = "wild" }'
     config = _write_config(tmp_path, tmp_path / "pool.csv", external=variant)
 
-    result = CliRunner().invoke(cli.app, ["study", "external", "--config", str(config)])
+    result = CliRunner().invoke(study_cli.app, ["external", "--config", str(config)])
 
     assert result.exit_code == 2
     assert "augment" in result.output
@@ -396,13 +396,13 @@ def test_a_variant_with_a_bad_option_value_stops_the_command_in_one_line(tmp_pat
 
 @pytest.mark.realdata
 def test_every_checked_in_holdout_splits_the_real_pool(shared_data: Path, tmp_path: Path) -> None:
-    """The holdouts of benchmarks/study.toml name real sources, and each leaves every class to train on."""
+    """The holdouts of research/study/study.toml name real sources; each leaves every class to train on."""
     from dataclasses import replace
 
     from common.tasks import get_task
 
     repo = Path(__file__).resolve().parents[2]
-    settings = load_settings(repo / "benchmarks" / "study.toml")
+    settings = load_settings(repo / "research" / "study" / "study.toml")
     small = replace(settings.datasets["cxr"], test_images=400, pool_images=800, drop_duplicates=False)
     settings = replace(settings, out=tmp_path / "out", datasets={**settings.datasets, "cxr": small})
     data = prepare(settings, "cxr")

@@ -16,12 +16,12 @@ from typing import Any
 
 from common.checkpoint import metadata_path
 from common.jsonio import write_json
-from simulation.study import SPLITS, TABLES, Cell, StudySettings, table_cells
-from simulation.study_privacy import PUBLIC_SCORES_FILE, public_weights
-from simulation.study_recipe import add_recipe_targets, recipe_section
-from simulation.study_tables import Stat
-from simulation.study_tables import markdown_table as _table
-from simulation.study_tables import stat as _stat
+from research.study.cells import SPLITS, TABLES, Cell, StudySettings, table_cells
+from research.study.markdown import Stat
+from research.study.markdown import markdown_table as _table
+from research.study.markdown import stat as _stat
+from research.study.privacy import PUBLIC_SCORES_FILE, public_weights
+from research.study.recipe import add_recipe_targets, recipe_section
 
 METRIC = "auroc_macro"
 NOTES_FILE = "study_notes.md"
@@ -180,7 +180,7 @@ class StudyReport:
                 [
                     [
                         t,
-                        f"`python -m simulation study {t} --config benchmarks/study.toml`",
+                        f"`python -m research.study {t} --config research/study/study.toml`",
                         f"{sec / 60:.1f} min",
                         self.cells_minutes(t),
                     ]
@@ -368,7 +368,7 @@ class StudyReport:
             plot_rows.append((split, pooled, _best_local(fedavg), fa, fp))
         self.summary["tables"]["splits"] = plot_rows
         if plot_rows:
-            from simulation.study_plots import plot_splits
+            from research.study.plots import plot_splits
 
             plot_splits(plot_rows, self.settings.results / "study_splits.png")
         return [
@@ -478,7 +478,7 @@ class StudyReport:
                     ]
                 )
                 plot.append((site, kd_auc, nokd_auc))
-            from simulation.study_plots import plot_students
+            from research.study.plots import plot_students
 
             plot_students(plot, _teacher(first, "federated") or math.nan, s.results / "study_students.png")
             lines += [
@@ -533,7 +533,7 @@ class StudyReport:
         rows += self._privacy_variant_rows(ref)
         if not rows:
             return []
-        from simulation.study_plots import plot_privacy
+        from research.study.plots import plot_privacy
 
         plot_privacy(points, self.settings.results / "study_privacy.png")
         return [
@@ -731,7 +731,7 @@ class StudyReport:
             "",
             "Each attempt runs cells of the study again with some run settings changed, set beside "
             "the cells of the same seeds with the study's settings (mean ± standard deviation over "
-            "the seeds named). The attempts are the `[[attempts]]` of `benchmarks/study.toml` "
+            "the seeds named). The attempts are the `[[attempts]]` of `research/study/study.toml` "
             "(table `attempts`).",
             "",
         ]
@@ -772,8 +772,8 @@ class StudyReport:
         ]
 
     def external(self) -> list[str]:
-        """The leave-one-source-out table (simulation/study_external.py)."""
-        from simulation.study_external import external_section
+        """The leave-one-source-out table (research/study/external.py)."""
+        from research.study.external import external_section
 
         return external_section(self.settings, self.cells, table_cells, self.summary)
 
@@ -804,8 +804,8 @@ class StudyReport:
         lines = [
             "# Real-data study: federation, differential privacy and distillation on public chest X-rays",
             "",
-            "Made by `python -m simulation study all --config benchmarks/study.toml` (each table is also "
-            "its own command, see Setup); settings in `benchmarks/study.toml`. "
+            "Made by `python -m research.study all --config research/study/study.toml` (each table is "
+            "also its own command, see Setup); settings in `research/study/study.toml`. "
             "Task: normal / pneumonia / COVID-19 on "
             "Kermany paediatric pneumonia + the COVID-19 Radiography subset in ../shared/data.",
             "",

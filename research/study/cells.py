@@ -1,6 +1,6 @@
 """The real-data study: federation vs pooling, the cost of DP, and distilled students, on public CXRs.
 
-``python -m simulation study TABLE --config benchmarks/study.toml`` runs one table of the study;
+``python -m research.study TABLE --config research/study/study.toml`` runs one table of the study;
 ``report`` turns the finished cells into ``benchmarks/results/study.md`` and its plots.
 
 How the data are used (settings in the TOML file, recorded with every result):
@@ -25,9 +25,9 @@ students averaged over extra rounds), ``nih`` (NIH ChestX-ray14, 14 findings, a 
 multi-label check) and ``attempts`` (the ``[[attempts]]`` of the TOML file: cells with some run
 settings changed, tried for the targets the study's settings miss, on their own seeds or the first
 and on their ``split`` or ``splits``; the ``[recipe]`` table names the two attempts that set the
-product's recipe beside the old one, scored at each site's operating point: simulation/study_recipe.py)
+product's recipe beside the old one, scored at each site's operating point: research/study/recipe.py)
 and ``external`` (leave one source out: the ``[external]`` holdouts of the TOML file, each cell
-trained without one source and scored on it with bootstrap intervals; simulation/study_external.py).
+trained without one source and scored on it with bootstrap intervals; research/study/external.py).
 """
 
 from __future__ import annotations
@@ -63,16 +63,7 @@ from common.local import (
 from common.run_settings import coerce, parse_bool, read_toml, run_settings_from_config
 from common.tasks import get_task
 from common.training import evaluate
-from simulation.baselines import PooledData, load_sites, train_baseline
-from simulation.experiment import (
-    Experiment,
-    ExperimentConfig,
-    PartitionSpec,
-    SourceSpec,
-    check_run_config,
-)
-from simulation.sources import drop_duplicate_images, load_sources
-from simulation.study_external import (
+from research.study.external import (
     ExternalSettings,
     check_keys,
     check_name,
@@ -81,7 +72,7 @@ from simulation.study_external import (
     score_external_cell,
     split_external,
 )
-from simulation.study_privacy import (
+from research.study.privacy import (
     PUBLIC_SCORES_FILE,
     PretrainSettings,
     PrivacyVariant,
@@ -91,7 +82,16 @@ from simulation.study_privacy import (
     public_weights,
     variant_overrides,
 )
-from simulation.study_sites import score_site
+from research.study.sites import score_site
+from simulation.baselines import PooledData, load_sites, train_baseline
+from simulation.experiment import (
+    Experiment,
+    ExperimentConfig,
+    PartitionSpec,
+    SourceSpec,
+    check_run_config,
+)
+from simulation.sources import drop_duplicate_images, load_sources
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def load_settings(config_file: Path) -> StudySettings:
     """Read and check the study's TOML file (paths are relative to the file's folder)."""
 
     path = Path(config_file).expanduser().resolve()
-    raw = read_toml(path, what="an existing TOML file (e.g. benchmarks/study.toml)")
+    raw = read_toml(path, what="an existing TOML file (e.g. research/study/study.toml)")
     check_keys(raw, TOP_KEYS, "", path)
     base = path.parent
     datasets: dict[str, DatasetSetting] = {}

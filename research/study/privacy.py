@@ -26,7 +26,7 @@ from typing import Any
 
 from common.errors import ConfigError, DataError
 from common.run_settings import parse_bool
-from simulation.study_external import check_keys, check_name, parse_seeds
+from research.study.external import check_keys, check_name, parse_seeds
 
 VARIANT_KEYS = {"name", "about", "pretrained", "run", "seeds"}
 PRETRAIN_KEYS = {"images", "epochs"}
@@ -161,7 +161,7 @@ def public_indices(catalog: Any, exclude: list[Path], images: int, seed: int) ->
 def ensure_public_teacher(settings: Any, pool: Path, test: Path) -> Path:
     """Write the public manifest and pretrain the coordinator's teacher once; return the weights file.
 
-    ``settings`` is the study's (:class:`simulation.study.StudySettings`); the teacher uses the
+    ``settings`` is the study's (:class:`research.study.cells.StudySettings`); the teacher uses the
     study's ``[run]`` settings with GroupNorm (DP sites fine-tune it), never DP.
     """
     from common.checkpoint import metadata_path

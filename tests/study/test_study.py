@@ -1,4 +1,4 @@
-"""The real-data study's machinery (simulation/study.py, study_report.py) on tiny synthetic data."""
+"""The real-data study's machinery (research/study/cells.py, study_report.py) on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import simulation.cli as cli
+import research.study.__main__ as study_cli
 from common.data.sources import load_catalog
 from common.errors import ConfigError, DataError
 from common.tasks import get_task
-from simulation.study import Cell, load_settings, prepare, run_cell, table_cells, with_overrides
-from simulation.study_report import build_study_report
+from research.study.cells import Cell, load_settings, prepare, run_cell, table_cells, with_overrides
+from research.study.report import build_study_report
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("normal", "pneumonia", "covid-19")
@@ -94,7 +94,7 @@ headline-epsilon = 8.0
 
 
 def test_the_checked_in_study_config_loads(shared_data: Path) -> None:
-    settings = load_settings(REPO / "benchmarks" / "study.toml")
+    settings = load_settings(REPO / "research" / "study" / "study.toml")
 
     assert settings.seeds == (0, 1, 2)
     assert settings.run["teacher-name"] == "resnet18"
@@ -165,7 +165,7 @@ def test_two_attempts_with_one_name_are_refused(tmp_path: Path) -> None:
 
 
 def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Path) -> None:
-    from simulation.study import cell_run_config
+    from research.study.cells import cell_run_config
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
 
@@ -378,7 +378,7 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
 def test_study_command_refuses_an_unknown_table(tmp_path: Path) -> None:
     config = _write_config(tmp_path, tmp_path / "pool.csv")
 
-    result = CliRunner().invoke(cli.app, ["study", "everything", "--config", str(config)])
+    result = CliRunner().invoke(study_cli.app, ["everything", "--config", str(config)])
 
     assert result.exit_code == 2
     assert "everything" in result.output
@@ -422,7 +422,7 @@ def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
 
 
 def test_a_cell_whose_federated_student_was_not_delivered_is_not_kept(tmp_path: Path) -> None:
-    from simulation.study import PreparedData, score_cell
+    from research.study.cells import PreparedData, score_cell
 
     run_dir = tmp_path / "experiment" / "run"
     run_dir.mkdir(parents=True)
@@ -457,7 +457,7 @@ def _finish_cell(
 def test_a_finished_cell_run_with_other_settings_is_refused_before_any_work(
     tmp_path: Path, in_experiment: bool
 ) -> None:
-    from simulation.study import cell_run_config, check_finished_cells
+    from research.study.cells import cell_run_config, check_finished_cells
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
     students = table_cells("students", settings)
@@ -474,7 +474,7 @@ def test_a_finished_cell_run_with_other_settings_is_refused_before_any_work(
 
 
 def test_how_a_finished_cell_ran_may_change_without_refusing_it(tmp_path: Path) -> None:
-    from simulation.study import cell_run_config, check_finished_cells
+    from research.study.cells import cell_run_config, check_finished_cells
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
     cells = table_cells("students", settings)
@@ -492,14 +492,14 @@ def test_how_a_finished_cell_ran_may_change_without_refusing_it(tmp_path: Path) 
 
 
 def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Path) -> None:
-    from simulation.study import cell_run_config
+    from research.study.cells import cell_run_config
 
     config = _write_config(tmp_path, tmp_path / "pool.csv")
     settings = load_settings(config)
     cell = table_cells("headline", settings)[0]
     _finish_cell(settings, cell, {**cell_run_config(cell, settings, 2), "num-rounds": 7})
 
-    result = CliRunner().invoke(cli.app, ["study", "report", "--config", str(config)])
+    result = CliRunner().invoke(study_cli.app, ["report", "--config", str(config)])
 
     assert result.exit_code == 2
     assert "num-rounds = 7 (now 2)" in result.output
@@ -508,7 +508,7 @@ def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Pat
 
 
 def test_a_corrupt_finished_cell_is_named_with_the_fix(tmp_path: Path) -> None:
-    from simulation.study import check_finished_cells
+    from research.study.cells import check_finished_cells
 
     settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
     cells = table_cells("students", settings)
