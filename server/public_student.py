@@ -11,6 +11,7 @@ fine-tunes it on its own images.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -49,7 +50,7 @@ def distil_public_student(
     Returns the student and its record (``public_student.json``, the summary's ``students_start``)."""
     logger.info("%s", start_line(len(images.split.train), settings.distill.public_epochs))
     student = distill_on_public_images(
-        settings, teacher.to_torch_state_dict(), images, num_threads=settings.train.num_threads
+        settings, teacher.to_torch_state_dict(), images, num_threads=coordinator_threads(settings)
     )
     save_model(
         student.state,
@@ -64,6 +65,12 @@ def distil_public_student(
         100 * student.agreement,
     )
     return ArrayRecord(student.state), record
+
+
+def coordinator_threads(settings: FederatedRunConfig) -> int:
+    """Every core of the coordinator's machine: the sites wait for this student (a simulation's
+    sites too: they are idle in this phase), and no site's CPU is involved."""
+    return max(settings.train.num_threads, os.cpu_count() or 1)
 
 
 def public_student_record(settings: FederatedRunConfig, student: PublicStudent) -> dict[str, object]:

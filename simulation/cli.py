@@ -185,7 +185,7 @@ DEMO_RUN_CONFIG: dict[str, object] = {
     "optimizer": "adam",
     "lr": 0.001,
     "test-fraction": 0.55,
-    "kd-epochs": 4,
+    "kd-epochs": 2,
     "kd-batch-size": 16,
     "kd-optimizer": "adam",
     "kd-lr": 0.002,
@@ -214,7 +214,7 @@ DEMO_SYNTHETIC_OPTIONS: dict[str, str] = {"n-images": "2400", "image-size": "64"
 """The demo's synthetic images: hard enough (faint lesions, look-alike shadows, noise) that the
 teachers and students do not all score 1.000 and the comparisons in the report mean something."""
 
-DEMO_PUBLIC_OPTIONS: dict[str, str] = {**DEMO_SYNTHETIC_OPTIONS, "n-images": "1200", "seed": "1"}
+DEMO_PUBLIC_OPTIONS: dict[str, str] = {**DEMO_SYNTHETIC_OPTIONS, "seed": "1"}
 """The coordinator's "public" images of the demo, from which it distils the students' start: the
 same generator with another seed (none of the sites' images), standing in for a public CXR set."""
 
