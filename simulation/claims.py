@@ -328,10 +328,19 @@ def kd_claim(
     distill_rows: list[dict[str, Any]],
     scores: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     task: Task | None = None,
+    *,
+    coordinator_start: bool = False,
 ) -> Claim:
     """Claim (c): each site's KD student vs its no-KD student (the checked phase's rows, with
-    the distillation rows for what they lack; ``scores`` as for :func:`students_claim`)."""
+    the distillation rows for what they lack; ``scores`` as for :func:`students_claim`).
+    ``coordinator_start``: the KD students started from the student the coordinator distilled
+    on public images, which a student without a teacher cannot have; the title says so."""
     title = "KD students vs students trained without KD at each site"
+    if coordinator_start:
+        title = (
+            "KD students (from the coordinator's start, distilled from the teacher on public images) vs "
+            "students trained without KD (no teacher, so from random weights; same epochs at the site)"
+        )
     distill = {str(r.get("site")): r for r in distill_rows}
     rows = {str(r.get("site")): r for r in checked_rows} or distill
     if not any(k.startswith("nokd_") for r in [*rows.values(), *distill.values()] for k in r):

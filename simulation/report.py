@@ -147,7 +147,9 @@ def _claims(
     claims = [
         teacher_claim(_read_json(out / "baselines.json"), _read_scores(out / SCORES_FILE), task),
         students_claim(check, site_scores, task),
-        kd_claim(delivered, distill, site_scores, task),
+        kd_claim(
+            delivered, distill, site_scores, task, coordinator_start=bool(summary.get("students_start"))
+        ),
     ]
     return [c.to_dict() for c in claims]
 

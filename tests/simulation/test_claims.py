@@ -135,6 +135,10 @@ def test_kd_vs_nokd_holds_when_kd_is_better_on_both_figures() -> None:
     assert "macro-AUROC: mean difference -0.100" in worse.sentence
     no_baseline = [{k: v for k, v in r.items() if not k.startswith("nokd")} for r in rows]
     assert kd_claim(no_baseline, [{"site": "a", "status": "ok"}]).held is None
+    assert "random weights" not in held.sentence
+    started = kd_claim(rows, [distill_row("a"), distill_row("b")], coordinator_start=True)
+    assert "from the coordinator's start" in started.sentence
+    assert "random weights" in started.sentence
 
 
 def _experiment(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
