@@ -185,7 +185,7 @@ DEMO_RUN_CONFIG: dict[str, object] = {
     "optimizer": "adam",
     "lr": 0.001,
     "test-fraction": 0.55,
-    "kd-epochs": 2,
+    "kd-epochs": 4,
     "kd-batch-size": 16,
     "kd-optimizer": "adam",
     "kd-lr": 0.002,
