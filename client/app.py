@@ -351,7 +351,15 @@ def _distill(
     site.out_dir.mkdir(parents=True, exist_ok=True)
     save_teacher_point(site.out_dir, teacher_point)
     student_start = _coordinator_student(msg, settings)
-    outcome = _distill_at_site(settings, site, data, teacher_state, seed=seed, student_state=student_start)
+    outcome = _distill_at_site(
+        settings,
+        site,
+        data,
+        teacher_state,
+        seed=seed,
+        student_state=student_start,
+        start_competes=student_start is not None,
+    )
     metrics = dict(outcome.metrics)
     nokd = _no_kd_baseline(settings, site, data, teacher_state, seed, metrics)
     kd = _student_at_site(settings, site, data, outcome.student.state_dict())

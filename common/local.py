@@ -437,6 +437,7 @@ def distill_student(
     recalibrate_bn: bool | None = None,
     progress: ProgressArg = None,
     compute: Compute = CPU,
+    start_competes: bool = False,
 ) -> DistillOutcome:
     """Distil a student from the teacher on the train split (or train it without KD).
 
@@ -452,6 +453,9 @@ def distill_student(
     warm-up + cosine schedule (a federated student's round ``r`` of ``R``).
     ``recalibrate_bn`` overrides ``distill.recalibrate_bn`` (False: a teacher already adapted
     to this site); the outcome's ``teacher_adapted`` says whether its statistics were re-estimated.
+    ``start_competes`` (with ``student_state`` and ``select_best``): the given student is scored
+    on the validation split before training and kept if no epoch beats it (``student_best_epoch``
+    0), e.g. the coordinator's start, which a few epochs on one site's images can make worse.
     Training and scoring run on ``compute``; both returned models are on the CPU (for export).
     """
     seed_everything(seed)
@@ -527,6 +531,8 @@ def distill_student(
     val_set = data.dataset("val")
     val_loader = DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=pin) if len(val_set) else None
     selection = BestStudent(patience=distill.patience) if distill.select_best and val_loader else None
+    if selection is not None and val_loader is not None and start_competes and student_state is not None:
+        selection.update(-1, student, evaluate(student, val_loader, task, device=device))
     scaler = compute.grad_scaler()
     started = time.perf_counter()
     epochs_run = 0

@@ -12,6 +12,7 @@ from common.errors import ConfigError
 from common.local import initial_teacher_state
 from common.public_distillation import distill_on_public_images, public_images, top_class_agreement
 from common.run_settings import run_settings_from_config
+from common.tasks import get_task
 from tests.common.data.helpers import write_csv, write_image
 from tests.conftest import flower_run_config
 
@@ -70,3 +71,38 @@ def test_agreement_counts_images_whose_top_class_is_the_same() -> None:
     student = np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
     assert top_class_agreement(teacher, student) == 0.5
     assert np.isnan(top_class_agreement(teacher[:0], student[:0]))
+
+
+@pytest.mark.parametrize("competes", [True, False])
+def test_a_start_that_fine_tuning_makes_worse_is_kept_when_it_competes(
+    tmp_path: Path, competes: bool
+) -> None:
+    from common.config import DistillConfig, ModelConfig
+    from common.local import DataRequest, distill_student, load_site_data, student_config
+    from common.models import build_model
+
+    task = get_task("normal-pneumonia-covid")
+    site = load_site_data(
+        DataRequest("synthetic", None, task, 32, tmp_path / "cache", 0.3, 0.2, 0, options=(("n-images", 60),))
+    )
+    teacher = ModelConfig(name="tiny-cnn", norm="batch")
+    ruinous = DistillConfig(epochs=1, width_mult=0.35, lr=1e6, optimizer="sgd", warmup_epochs=0)
+    start = build_model(student_config(ruinous, teacher, "batch"), task.num_classes).state_dict()
+
+    outcome = distill_student(
+        site,
+        task,
+        teacher,
+        None,
+        ruinous,
+        norm="batch",
+        seed=0,
+        num_threads=1,  # type: ignore[arg-type]
+        student_state=start,
+        start_competes=competes,
+    )
+
+    kept = all(torch.equal(outcome.student.state_dict()[k], v) for k, v in start.items())
+    assert kept is competes
+    if competes:
+        assert outcome.metrics["student_best_epoch"] == 0
