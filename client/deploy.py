@@ -8,17 +8,17 @@ line, why a site is refused: an unregistered key, a server certificate that cann
 (no or wrong CA), or nothing listening at the address given (wrong host or port).
 
 The SuperNode runs with ``--isolation process``: this process is its ClientApp runner (see
-client/app_runner.py), so torch, the data cache and the installed handlers stay warm across
+flower_adapter/app_runner.py), so torch, the data cache and the installed handlers stay warm across
 rounds, and a run of any app other than this installation's own (or one listed with
 ``--allow-app``) is refused with a one-line reason in ``supernode.log`` and an error reply.
 ``--runtime flower`` falls back to Flower's per-message ``flwr-clientapp`` (no allow-list).
 
-The SuperNode runs through client/supernode_main.py: its data memory is bounded
+The SuperNode runs through flower_adapter/supernode_main.py: its data memory is bounded
 (``--supernode-memory``, 4 GiB by default; a FAB whose ``pyproject.toml`` is a zip bomb makes it
 fail, not the machine), and a SuperNode that dies (killed by a signal, or its Fleet loop ended
 on an error such as that bound) is started again, as is one whose session a restarted server
 forgot: the site keeps serving. A task that its SuperNode handed out is stopped when that
-SuperNode goes away, and when the coordinator stops the task's run (client/app_runner.py).
+SuperNode goes away, and when the coordinator stops the task's run (flower_adapter/app_runner.py).
 
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
 once it has answered the server's "finish" message (the last message of every run, after the
@@ -41,9 +41,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from client.app_runner import (
+from client.site_policy import SitePolicy
+from common.device import check_device_setting
+from common.errors import ConfigError, CxrFlError
+from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
+from common.protocol import RUN_FINISHED_MARKER
+from flower_adapter.app_runner import (
     PROJECT_ROOT,
     AppAllowList,
     FleetAccess,
@@ -52,12 +57,7 @@ from client.app_runner import (
     normalise_app_hash,
     write_secret_file,
 )
-from client.site_policy import SitePolicy
-from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
-from common.device import check_device_setting
-from common.errors import ConfigError, CxrFlError
-from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
-from common.protocol import RUN_FINISHED_MARKER
+from flower_adapter.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 
 STUDENT_CARD = Path("student") / "model_card.json"
 # SuperExec (which starts each ClientApp process) polls for work every second by default.
@@ -67,7 +67,7 @@ FAST_POLL_ENV = {
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RUNTIMES = ("warm", "flower")
-"""``warm``: this process runs the installed ClientApp for its SuperNode (client/app_runner.py);
+"""``warm``: this process runs the installed ClientApp for its SuperNode (flower_adapter/app_runner.py);
 ``flower``: Flower's own ``flwr-clientapp`` process per message, from the FAB (the fallback)."""
 
 
@@ -245,11 +245,11 @@ class SiteNodeSettings:
         one) holds the per-start secret that signs the warm runner's task claims, so that no other
         local process can claim this site's tasks.
 
-        The SuperNode runs through client/supernode_main.py, which bounds its data memory
+        The SuperNode runs through flower_adapter/supernode_main.py, which bounds its data memory
         (``supernode_memory_gib``, warm runtime only: with ``--runtime flower`` the SuperNode's own
         training processes would inherit the bound) and ends it once its Fleet loop ends."""
         memory = int(self.supernode_memory_gib * 1024**3) if self.runtime == "warm" else 0
-        command = [sys.executable, "-m", "client.supernode_main", "--memory-limit", str(memory), "--"]
+        command = [sys.executable, "-m", "flower_adapter.supernode_main", "--memory-limit", str(memory), "--"]
         command += ["--superlink", self.server]
         if self.insecure:
             command.append("--insecure")
@@ -344,6 +344,15 @@ def connection_news(line: str) -> bool | None:
     return None
 
 
+def installed_client_app() -> Any:
+    """This installation's ClientApp, for the warm runner: torch, flwr and the handlers, imported once."""
+    from client.app import app
+    from common.metrics import preload_scorers
+
+    preload_scorers()  # else the first round that validates waits 2-3 s for scikit-learn
+    return app
+
+
 class SiteNode:
     """One site's flower-supernode, started, followed and stopped by its PID tree."""
 
@@ -403,7 +412,12 @@ class SiteNode:
             notify(text)
 
         self.runner = WarmClientAppRunner(
-            secret, allow, self.settings.site, report, run_probe=self._run_probe()
+            secret,
+            allow,
+            self.settings.site,
+            report,
+            run_probe=self._run_probe(),
+            load_app=installed_client_app,
         )
         hashes = ", ".join(sorted(allow.hashes))
         self.write_log(f"# warm ClientApp runner; apps allowed (FAB sha256): {hashes}")
@@ -448,7 +462,9 @@ class SiteNode:
         command = self.settings.command(port, self.secret_path if warm else None)
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
-        env = flower_env(self.flwr_home, FAST_POLL_ENV)  # client.supernode_main from this installation:
+        env = flower_env(
+            self.flwr_home, FAST_POLL_ENV
+        )  # flower_adapter.supernode_main from this installation:
         prepend_pythonpath(env, PROJECT_ROOT)
         self.process = subprocess.Popen(
             command,

@@ -704,8 +704,12 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     for key, programs in (
         ("coordinator_pid", ("cxr-fl-server",)),
         ("gateway_pid", ("server.fleet_gateway",)),
-        # server.superlink_owner_only runs the SuperLink; older run folders recorded flower-superlink
-        ("superlink_pid", ("server.superlink_owner_only", "flower-superlink")),
+        # flower_adapter.superlink_owner_only runs the SuperLink; older run folders recorded
+        # server.superlink_owner_only or flower-superlink
+        (
+            "superlink_pid",
+            ("flower_adapter.superlink_owner_only", "server.superlink_owner_only", "flower-superlink"),
+        ),
     ):
         pid = state.get(key)
         if (

@@ -54,6 +54,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flower_adapter.grid import PollSchedule
 from server.gateway_connections import (
     ConnectionLimits,
     GatewayConfig,
@@ -62,7 +63,6 @@ from server.gateway_connections import (
     format_peer,
     raise_open_file_limit,
 )
-from server.grid import PollSchedule
 
 logger = logging.getLogger("server.fleet_gateway")  # also when run with -m
 

@@ -1,6 +1,6 @@
 """Which local user holds the other end of a loopback TCP connection (Linux ``/proc/net/tcp{,6}``).
 
-Why: the coordinator's SuperLink must serve only the user who runs it (server/superlink_owner_only.py),
+Why: the coordinator's SuperLink must serve only the user who runs it (flower_adapter/superlink_owner_only.py),
 but everything that talks to it (the ``flwr`` CLI, Flower's SuperExec and ServerApp processes, the
 Fleet gateway) connects over TCP, and Linux answers ``SO_PEERCRED`` for Unix sockets only. On
 loopback both ends of a connection are sockets of this machine and network namespace, and the kernel

@@ -5,7 +5,7 @@ replies with a fixed 3 s poll. This loop calls the same strategy methods (``conf
 ``aggregate_train``, ``configure_evaluate``) itself, so the models' aggregation stays Flower's,
 and adds what a multi-day hospital federation needs:
 
-- replies are polled on a short, gently growing interval (server/grid.py); a site that fails or
+- replies are polled on a short, gently growing interval (flower_adapter/grid.py); a site that fails or
   does not answer within the round timeout is logged and left out of that round's aggregate,
   and the round completes when at least the minimum number of sites replied;
 - a site that declines a round (its DP budget is spent) is logged with its reason;
@@ -62,8 +62,8 @@ from common.protocol import (
     parse_error_reason,
 )
 from common.run_settings import VALIDATION_MODES
+from flower_adapter.grid import wait_for_replies
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
-from server.grid import wait_for_replies
 from server.progress_lines import RESUME_ADVICE, resume_line, round_line, validation_line
 from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name

@@ -1,6 +1,6 @@
 """Which sites are online: asked of the run's own loopback SuperLink (what ``flwr supernode list`` shows).
 
-Only the coordinator's user reaches that SuperLink (server/superlink_owner_only.py), over TLS with
+Only the coordinator's user reaches that SuperLink (flower_adapter/superlink_owner_only.py), over TLS with
 the run folder's loopback CA (``loopback-tls/ca.crt``) or in plain HTTP for ``--insecure`` runs;
 its port is in deploy.json. The call is Flower's Control API ``ListNodes`` through Flower's own
 HTTP client (``flwr.supercore.control``, flwr 1.42: the same client ``flwr supernode list``

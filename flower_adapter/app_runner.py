@@ -84,7 +84,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.cancellation import RunStoppedError, StopSignal, stoppable
 from common.errors import ConfigError, CxrFlError
-from common.protocol import FLWR_VERSION, SITE_APP_REFUSED, SITE_FAILED, error_reason
+from common.protocol import SITE_APP_REFUSED, SITE_FAILED, error_reason
+from flower_adapter import FLWR_VERSION
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -304,7 +305,9 @@ class WarmClientAppRunner:
 
     One runner lives as long as ``cxr-fl-client start``; :meth:`set_target` points it at the
     SuperNode of the moment (a restarted SuperNode listens on a new port). Tasks run one at a
-    time, in the thread that calls :meth:`serve`.
+    time, in the thread that calls :meth:`serve`. ``client_app`` is the ClientApp to call, or
+    None: :meth:`serve` then gets it from ``load_app`` (the site's installed ``client.app``,
+    passed in by client/deploy.py: this package never imports ``client``).
     """
 
     def __init__(
@@ -317,9 +320,11 @@ class WarmClientAppRunner:
         poll_seconds: float = POLL_SECONDS,
         run_probe: RunStatusProbe | None = None,
         watch_seconds: float = RUN_WATCH_SECONDS,
+        load_app: Callable[[], Any] | None = None,
     ) -> None:
         require_supported_flwr()
-        self.client_app = client_app  # None: the installed client.app, imported by serve()
+        self.client_app = client_app  # None: load_app() gives it, in serve()
+        self._load_app = load_app
         self.secret = secret
         self.allow = allow
         self.site = site
@@ -355,12 +360,10 @@ class WarmClientAppRunner:
         """Poll for tasks and run them until :meth:`stop`."""
         import httpx
 
-        if self.client_app is None:  # torch, flwr and the handlers, once (here: the site joins meanwhile)
-            from client.app import app as installed_app
-            from common.metrics import preload_scorers
-
-            self.client_app = installed_app
-            preload_scorers()  # else the first round that validates waits 2-3 s for scikit-learn
+        if self.client_app is None and self._load_app is not None:
+            self.client_app = (
+                self._load_app()
+            )  # torch, flwr and the handlers, once (the site joins meanwhile)
 
         clients = self._clients
         refused_claims = False

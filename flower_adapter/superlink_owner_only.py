@@ -8,7 +8,7 @@ registered that way received every global model). ``flower-superlink`` hands uvi
 certificate and key (no client certificates, no Unix socket), and the ``flwr`` CLI, Flower's
 SuperExec and ServerApp processes and the Fleet gateway must keep reaching it over TCP.
 
-So ``python -m server.superlink_owner_only ARGS`` runs Flower's own ``flower-superlink`` entry
+So ``python -m flower_adapter.superlink_owner_only ARGS`` runs Flower's own ``flower-superlink`` entry
 point (same arguments) in this process, with one change: uvicorn gets an HTTP protocol class that,
 when a connection is made (after the TLS handshake, before any byte of HTTP is read), looks up the
 uid that holds the peer's socket (server/loopback_peers.py) and closes the connection unless it is
@@ -80,11 +80,11 @@ def require_checked_flwr() -> None:
     import flwr
     import uvicorn
 
-    from common.protocol import FLWR_VERSION as SUPPORTED_FLWR_VERSION
+    from flower_adapter import FLWR_VERSION as SUPPORTED_FLWR_VERSION
 
     if flwr.__version__ != SUPPORTED_FLWR_VERSION:
         raise SuperLinkRefusedError(
-            f"the owner-only SuperLink (server/superlink_owner_only.py) supports flwr "
+            f"the owner-only SuperLink (flower_adapter/superlink_owner_only.py) supports flwr "
             f"{SUPPORTED_FLWR_VERSION} only, found flwr {flwr.__version__}: install "
             f"flwr=={SUPPORTED_FLWR_VERSION} (pyproject pins it). Not starting a SuperLink that "
             "any local user could control."
