@@ -11,7 +11,7 @@ SuperExec and ServerApp processes and the Fleet gateway must keep reaching it ov
 So ``python -m flower_adapter.superlink_owner_only ARGS`` runs Flower's own ``flower-superlink`` entry
 point (same arguments) in this process, with one change: uvicorn gets an HTTP protocol class that,
 when a connection is made (after the TLS handshake, before any byte of HTTP is read), looks up the
-uid that holds the peer's socket (server/loopback_peers.py) and closes the connection unless it is
+uid that holds the peer's socket (flower_adapter/loopback_peers.py) and closes the connection unless it is
 this process's uid, with a log line naming the peer, its uid and the reason. The SuperLink must
 listen on a loopback address (127/8 or ::1); HTTP (``--insecure``) and HTTPS alike. Flower's legacy
 gRPC servers, which would listen outside uvicorn, must not be switched on.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from server.loopback_peers import PROC_NET, check_peer, describe_endpoint
+from flower_adapter.loopback_peers import PROC_NET, check_peer, describe_endpoint
 
 logger = logging.getLogger(__name__)
 
