@@ -121,8 +121,8 @@ async def arriving(answer: bytes) -> AsyncIterator[bytes]:
 
 
 def held_gateway(answers: Answers, hold: float = 5.0) -> TestClient:
+    from flower_adapter.fleet_api import PULL_MESSAGES, PULL_OBJECT, no_message_yet, object_not_ready
     from flower_adapter.grid import PollSchedule
-    from server.fleet_gateway import PULL_MESSAGES, PULL_OBJECT, no_message_yet, object_not_ready
 
     app = create_app(
         "https://127.0.0.1:1",
