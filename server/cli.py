@@ -512,7 +512,7 @@ def pretrain(
             )
         if epochs < 1:
             raise fail(f"--epochs {epochs}: pass an integer >= 1")
-        from simulation.sources import load_sources
+        from common.data.source_pairs import load_sources
 
         catalog, paths, options = load_sources(
             source, list(data or []), settings.task.name, option_pairs=source_option, strict=strict

@@ -46,7 +46,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -68,9 +68,6 @@ from server.progress_lines import RESUME_ADVICE, resume_line, round_line, valida
 from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
-
-if TYPE_CHECKING:
-    from server.batchnorm import BatchNormUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +101,16 @@ class SiteOutcome:
             row["reason"] = self.reason
         row.update(self.metrics)
         return row
+
+
+@dataclass
+class BatchNormUpdate:
+    """What one federated statistics phase did (server/batchnorm.py): the model (with the pooled
+    statistics, or as it was), each site's outcome, and figures for the round's aggregate row."""
+
+    arrays: ArrayRecord
+    outcomes: list[SiteOutcome] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def site_name(message: Message) -> str:
