@@ -1,4 +1,4 @@
-"""The site's warm ClientApp runner and its app allow-list: the one module on Flower internals.
+"""The site's warm ClientApp runner and its app allow-list, on Flower's Runtime API (internals).
 
 Why this module exists
 ----------------------
