@@ -2,9 +2,10 @@
 
 Flower identifies an app by the hash of the bundle ``flwr run`` packs from the project folder
 (pyproject.toml and the files its ``fab-include`` names). A site installed from a wheel has the
-packages' files but no project folder; with these two files shipped inside the ``client``
-package (``client/app_identity/``) it builds the very same bundle from its installed files
-(client/app_runner.py ``installed_app_hash``), so its default allow-list is its own app's hash.
+packages' files but no project folder; with these two files shipped inside the
+``flower_adapter`` package (``flower_adapter/app_identity/``) it builds the very same bundle
+from its installed files (flower_adapter/app_runner.py ``installed_app_hash``), so its default
+allow-list is its own app's hash.
 Everything else is configured in pyproject.toml.
 """
 
@@ -19,11 +20,11 @@ IDENTITY_FILES = {"pyproject.toml": "pyproject.toml", ".gitignore": "gitignore"}
 
 
 class BuildPyWithAppIdentity(build_py):
-    """``build_py``, then the app's identity files into ``client/app_identity/``."""
+    """``build_py``, then the app's identity files into ``flower_adapter/app_identity/``."""
 
     def run(self) -> None:
         super().run()
-        target = Path(self.build_lib) / "client" / "app_identity"
+        target = Path(self.build_lib) / "flower_adapter" / "app_identity"
         target.mkdir(parents=True, exist_ok=True)
         for source, name in IDENTITY_FILES.items():
             if (ROOT / source).is_file():

@@ -29,7 +29,7 @@ started (the SuperLink, the Fleet gateway, the ServerApp, each SuperNode, each s
 rounds 2..N (``cpu_per_round_s`` in the JSON): where a round's work goes when the machine is
 CPU-bound.
 
-The app side polls replies on a 50 ms..0.5 s backoff in every setting (server/grid.py). With
+The app side polls replies on a 50 ms..0.5 s backoff in every setting (flower_adapter/grid.py). With
 in-train validation the last model is validated by one evaluate message after the last round:
 ``final_validation_s`` in the JSON (paid once per run, not per round).
 
@@ -81,7 +81,7 @@ def state_bytes(teacher: str) -> int:
 
 
 COMPONENTS = (
-    ("server.superlink_owner_only", "superlink"),
+    ("flower_adapter.superlink_owner_only", "superlink"),
     ("flower-superlink", "superlink"),
     ("fleet_gateway", "gateway"),
     ("flwr-serverapp", "serverapp"),

@@ -35,9 +35,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from client.admission import admit
-from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import site_disclosure
-from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
 from client.site_audit import record_site_event, site_audit_head
@@ -95,6 +93,8 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import EvalResult
+from flower_adapter.central_dp import KEY_CLIPPING_NORM, clip_update
+from flower_adapter.packed_arrays import is_packed, pack_content, unpack_content
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ logger = logging.getLogger(__name__)
 def packed_arrays_mod(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """Unpack the model of a packed message (client/packed_arrays.py) for the handlers, and pack
+    """Unpack the model of a packed message (flower_adapter/packed_arrays.py) for the handlers, and pack
     the model of their reply the same way. A packed model that does not unpack (its layout and
     buffers disagree, an unknown dtype...) is refused with an error reply saying why."""
     if not msg.has_content() or not is_packed(msg.content):

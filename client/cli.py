@@ -833,7 +833,7 @@ def start(
             operating_point=_criterion_option(operating_point, task),
         )
         if runtime == "warm":
-            from client.app_runner import require_supported_flwr
+            from flower_adapter.app_runner import require_supported_flwr
 
             require_supported_flwr()
         used = resolve_device(settings.device, option="--device")  # no CUDA for `cuda`: stop here
@@ -989,7 +989,7 @@ def init(
 @app.command("app-hash")
 def app_hash() -> None:
     """Print the app hash (FAB SHA-256) that this site accepts by default: its installed cxr-fl's."""
-    from client.app_runner import PROJECT_ROOT, installed_app_hash
+    from flower_adapter.app_runner import PROJECT_ROOT, installed_app_hash
 
     try:
         value = installed_app_hash()

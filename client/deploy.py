@@ -1,24 +1,24 @@
 """A hospital site's side of a real federation: Flower's SuperNode, watched and explained.
 
-``cxr-fl-client start`` is a thin front end over :class:`SiteNode`. It starts
-``flower-supernode`` with TLS (``--root-certificates``) and site authentication
-(``--auth-supernode-private-key``), passes the site's facts as node_config (see client/site.py),
-writes its output to ``OUT/supernode.log`` and reads it line by line to tell the user, in one
-line, why a site is refused: an unregistered key, a server certificate that cannot be verified
-(no or wrong CA), or nothing listening at the address given (wrong host or port).
+``cxr-fl-client start`` is a thin front end over :class:`SiteNode`. It starts ``flower-supernode``
+with TLS (``--root-certificates``) and site authentication (``--auth-supernode-private-key``),
+passes the site's facts as node_config (see client/site.py), writes its output to
+``OUT/supernode.log`` and reads it line by line (what a line says: flower_adapter/supernode_log.py)
+to tell the user, in one line, why a site is refused: an unregistered key, a server certificate that
+cannot be verified (no or wrong CA), or nothing listening at the address given (wrong host or port).
 
 The SuperNode runs with ``--isolation process``: this process is its ClientApp runner (see
-client/app_runner.py), so torch, the data cache and the installed handlers stay warm across
+flower_adapter/app_runner.py), so torch, the data cache and the installed handlers stay warm across
 rounds, and a run of any app other than this installation's own (or one listed with
 ``--allow-app``) is refused with a one-line reason in ``supernode.log`` and an error reply.
 ``--runtime flower`` falls back to Flower's per-message ``flwr-clientapp`` (no allow-list).
 
-The SuperNode runs through client/supernode_main.py: its data memory is bounded
+The SuperNode runs through flower_adapter/supernode_main.py: its data memory is bounded
 (``--supernode-memory``, 4 GiB by default; a FAB whose ``pyproject.toml`` is a zip bomb makes it
 fail, not the machine), and a SuperNode that dies (killed by a signal, or its Fleet loop ended
 on an error such as that bound) is started again, as is one whose session a restarted server
 forgot: the site keeps serving. A task that its SuperNode handed out is stopped when that
-SuperNode goes away, and when the coordinator stops the task's run (client/app_runner.py).
+SuperNode goes away, and when the coordinator stops the task's run (flower_adapter/app_runner.py).
 
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
 once it has answered the server's "finish" message (the last message of every run, after the
@@ -32,7 +32,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -41,9 +40,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from client.app_runner import (
+from client.site_audit import declined_run_recorder
+from client.site_policy import SitePolicy
+from common.device import check_device_setting
+from common.errors import ConfigError, CxrFlError
+from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
+from common.protocol import RUN_FINISHED_MARKER
+from flower_adapter import supernode_log
+from flower_adapter.app_runner import (
     PROJECT_ROOT,
     AppAllowList,
     FleetAccess,
@@ -52,12 +58,7 @@ from client.app_runner import (
     normalise_app_hash,
     write_secret_file,
 )
-from client.site_policy import SitePolicy
-from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
-from common.device import check_device_setting
-from common.errors import ConfigError, CxrFlError
-from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
-from common.protocol import RUN_FINISHED_MARKER
+from flower_adapter.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 
 STUDENT_CARD = Path("student") / "model_card.json"
 # SuperExec (which starts each ClientApp process) polls for work every second by default.
@@ -65,9 +66,8 @@ STUDENT_CARD = Path("student") / "model_card.json"
 FAST_POLL_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 }
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RUNTIMES = ("warm", "flower")
-"""``warm``: this process runs the installed ClientApp for its SuperNode (client/app_runner.py);
+"""``warm``: this process runs the installed ClientApp for its SuperNode (flower_adapter/app_runner.py);
 ``flower``: Flower's own ``flwr-clientapp`` process per message, from the FAB (the fallback)."""
 
 
@@ -245,11 +245,11 @@ class SiteNodeSettings:
         one) holds the per-start secret that signs the warm runner's task claims, so that no other
         local process can claim this site's tasks.
 
-        The SuperNode runs through client/supernode_main.py, which bounds its data memory
+        The SuperNode runs through flower_adapter/supernode_main.py, which bounds its data memory
         (``supernode_memory_gib``, warm runtime only: with ``--runtime flower`` the SuperNode's own
         training processes would inherit the bound) and ends it once its Fleet loop ends."""
         memory = int(self.supernode_memory_gib * 1024**3) if self.runtime == "warm" else 0
-        command = [sys.executable, "-m", "client.supernode_main", "--memory-limit", str(memory), "--"]
+        command = [sys.executable, "-m", "flower_adapter.supernode_main", "--memory-limit", str(memory), "--"]
         command += ["--superlink", self.server]
         if self.insecure:
             command.append("--insecure")
@@ -274,38 +274,26 @@ class SiteNodeSettings:
 
 def refusal_reason(line: str, settings: SiteNodeSettings) -> str | None:
     """A one-line reason if this SuperNode output line says the site was refused."""
-    if "CERTIFICATE_VERIFY_FAILED" in line or "SSL/TLS handshake error" in line:
+    kind = supernode_log.refusal(line)
+    if kind == "tls":
         return (
             f"TLS failure: the server certificate of {settings.server} could not be verified; pass the "
             "coordinator's CA certificate with --ca ca.crt (the one made by `cxr-fl-server certs`)"
         )
-    if "Failed to activate SuperNode" in line:
+    if kind == "unregistered":
         return (
             f"the server at {settings.server} refused this site's key: it is not registered. Send "
             f"{settings.site}.pub to the coordinator (`cxr-fl-server register-site {settings.site}.pub "
             f"--name {settings.site}`), or check --key"
         )
-    if "Unable to parse the private key" in line:
+    if kind == "bad-key":
         return (
             f"--key {settings.private_key}: not an OpenSSH EC private key "
             "(make one with cxr-fl-server site-key)"
         )
-    if "started without TLS but node auth" in line.lower() or "Exit Code: 303" in line:
+    if kind == "auth-needs-tls":
         return "site authentication (--key) needs TLS: drop --insecure and pass --ca"
     return None
-
-
-def forgotten_session(line: str) -> bool:
-    """Does this line of a joined SuperNode say the server no longer knows its session?
-
-    A coordinator restarted with its SuperLink state in memory (the default) no longer knows the
-    site's session, and until it has registered the sites' keys again it refuses them (HTTP 401):
-    Flower's SuperNode then sends itself SIGINT and stops (exit code 0), and the site starts a new
-    one, which joins again. The 401 traceback is printed by another thread and is often lost as the
-    process exits, so the SuperNode's own "terminated gracefully" counts too: nothing else signals
-    it (it runs in its own session; the site stops it only after it has stopped reading it).
-    """
-    return ("401 Unauthorized" in line and "/v1/fleet/" in line) or "SuperNode terminated gracefully" in line
 
 
 def died(returncode: int) -> str | None:
@@ -333,15 +321,13 @@ def unreachable_reason(settings: SiteNodeSettings) -> str:
     return f"{settings.server} accepts connections but the SuperNode could not join; see its log"
 
 
-def connection_news(line: str) -> bool | None:
-    """What a SuperNode log line says about its link to the SuperLink: False for a failed
-    attempt, True for a (re)established link, None for anything else."""
-    if "Connection attempt failed" in line:
-        return False
-    # "Connection successful after 4.41 seconds and 4 tries.", "Sent successfully", "SuperNode ID: ..."
-    if "Connection successful" in line or "successfully" in line or "SuperNode ID" in line:
-        return True
-    return None
+def installed_client_app() -> Any:
+    """This installation's ClientApp, for the warm runner: torch, flwr and the handlers, imported once."""
+    from client.app import app
+    from common.metrics import preload_scorers
+
+    preload_scorers()  # else the first round that validates waits 2-3 s for scikit-learn
+    return app
 
 
 class SiteNode:
@@ -408,7 +394,8 @@ class SiteNode:
             self.settings.site,
             report,
             run_probe=self._run_probe(),
-            audit_state_dir=self.settings.resolved_state_dir,
+            load_app=installed_client_app,
+            on_refused=declined_run_recorder(self.settings.resolved_state_dir),
         )
         hashes = ", ".join(sorted(allow.hashes))
         self.write_log(f"# warm ClientApp runner; apps allowed (FAB sha256): {hashes}")
@@ -453,7 +440,9 @@ class SiteNode:
         command = self.settings.command(port, self.secret_path if warm else None)
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
-        env = flower_env(self.flwr_home, FAST_POLL_ENV)  # client.supernode_main from this installation:
+        env = flower_env(
+            self.flwr_home, FAST_POLL_ENV
+        )  # flower_adapter.supernode_main from this installation:
         prepend_pythonpath(env, PROJECT_ROOT)
         self.process = subprocess.Popen(
             command,
@@ -502,24 +491,30 @@ class SiteNode:
                     )
             now = time.time()
             if line:
-                text = ANSI.sub("", line.rstrip("\n"))
+                text = supernode_log.plain(line)
                 self.write_log(text)
                 if reason := refusal_reason(text, self.settings):
-                    if "Failed to activate SuperNode" in text:
+                    if supernode_log.refusal(text) == "unregistered":
                         raise _ActivationRefusedError(reason)
                     raise SiteRefusedError(reason)
-                session_lost = session_lost or (self.node_id is not None and forgotten_session(text))
-                if match := re.search(r"SuperNode ID: (\d+)", text):
-                    self.node_id = int(match[1])
+                session_lost = session_lost or (
+                    self.node_id is not None and supernode_log.forgotten_session(text)
+                )
+                if (node_id := supernode_log.joined_node_id(text)) is not None:
+                    self.node_id = node_id
                     on_event(f"joined the federation as node {self.node_id}")
-                connected = connection_news(text)
+                connected = supernode_log.connection_news(text)
                 if connected is False:
                     failing_since = failing_since or now
                 elif connected:
                     failing_since = None
-                if "Receiving:" in text:
-                    on_event("received a " + text.split("Receiving:", 1)[1].strip().split(" (")[0])
-                if "Sent successfully" in text and finished.is_file() and finished.stat().st_mtime >= started:
+                if (received := supernode_log.received_message_type(text)) is not None:
+                    on_event("received a " + received)
+                if (
+                    supernode_log.reply_sent(text)
+                    and finished.is_file()
+                    and finished.stat().st_mtime >= started
+                ):
                     sent_after_finish = now
             if failing_since is not None:
                 limit = (

@@ -64,13 +64,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.errors import PrivacyError
 from common.privacy import AccountantHistory, DPPlan, epsilon_of
 
 if TYPE_CHECKING:
-    from client.site import SiteConfig
     from common.local import SiteData
 
 logger = logging.getLogger(__name__)
@@ -453,7 +452,25 @@ def _seq_in(ledger_copy: Path) -> int:
         return 0
 
 
-def open_site_ledger(site: SiteConfig, data: SiteData) -> tuple[PrivacyLedger, LedgerEntry]:
+class LedgerSite(Protocol):
+    """What :func:`open_site_ledger` reads of a site (client/site.py's SiteConfig is one: this
+    module never imports it, site.py imports this one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def data_format(self) -> str: ...
+    @property
+    def data_path(self) -> Path | None: ...
+    @property
+    def out_dir(self) -> Path: ...
+    @property
+    def ledger_path(self) -> Path: ...
+    @property
+    def state_dir(self) -> Path: ...
+
+
+def open_site_ledger(site: LedgerSite, data: SiteData) -> tuple[PrivacyLedger, LedgerEntry]:
     """The site's ledger and the entry of the data set it trains on (migrating a format-1 ledger).
 
     Raises LedgerIntegrityError before anything trains when a ledger cannot be verified.

@@ -22,6 +22,7 @@ failure is logged and ``cxr-fl-client audit verify`` then reports the broken cha
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from common.audit import AUDIT_FILE, AuditLog, Scalar
@@ -59,3 +60,12 @@ def record_site_event(state_dir: Path | None, event: str, **fields: Scalar) -> N
         log.append(event, **fields)
     except (CxrFlError, OSError) as exc:
         logger.error("could not write '%s' to this site's audit log %s: %s", event, log.path, exc)
+
+
+def declined_run_recorder(state_dir: Path | None) -> Callable[[int, str], None]:
+    """What the warm runner calls for an app it refuses: a declined run in this site's audit log."""
+
+    def record(run_id: int, reason: str) -> None:
+        record_site_event(state_dir, "run-declined", run_id=run_id, reason=reason)
+
+    return record

@@ -1,6 +1,6 @@
 """Stopping work that belongs to a run the coordinator has stopped, between two steps.
 
-A site runs the ClientApp in its own warm process (client/app_runner.py), so a stopped run
+A site runs the ClientApp in its own warm process (flower_adapter/app_runner.py), so a stopped run
 cannot be ended by killing a throw-away process: the work itself has to stop. Whoever learns
 that the run is over (the site's run watch, or the runner when its SuperNode goes away) calls
 :meth:`StopSignal.stop`; every training, distillation and evaluation loop passes a check point

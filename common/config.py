@@ -81,7 +81,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Imported here, not at the top, only because the models import torch (seconds): the
-        # command lines check settings without it. The models never import this module.
+        # command lines check settings without it. The models never import this module
+        # (build_model reads a ModelRecipe, which this class is; tests/test_import_graph.py).
         from common.models import MODELS, NORMS
 
         MODELS.get(self.name)

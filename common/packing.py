@@ -14,7 +14,7 @@ beside the buffers and is checked when a packed model is read: the buffers must 
 values the layout describes (no byte more or less), names must be unique, dtypes plain numeric
 ones, and the caller can compare it with the model it expects (:meth:`Layout.mismatch`).
 
-No Flower import here: ``client/packed_arrays.py`` puts this into Flower records.
+No Flower import here: ``flower_adapter/packed_arrays.py`` puts this into Flower records.
 """
 
 from __future__ import annotations

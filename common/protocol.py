@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import re
 
-FLWR_VERSION = "1.42.0"
-"""The one Flower version whose internals this project relies on (pyproject pins it): the warm
-site runtime (client/app_runner.py), the quick reply polling (server/grid.py) and the owner-only
-SuperLink (server/superlink_owner_only.py) refuse or fall back on any other."""
-
 SITE_DECLINED = 1001
 """The site declines the round (its differential-privacy budget would be exceeded, or the run asks
 for more work than the site's policy allows: client/site_policy.py)."""

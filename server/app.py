@@ -43,10 +43,10 @@ from common.protocol import (
 )
 from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
 from common.training import evaluate, seed_everything
+from flower_adapter.grid import quick_reply_grid
 from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
-from server.grid import quick_reply_grid
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line, student_round_line
 from server.public_student import distil_public_student, load_public_images

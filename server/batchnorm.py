@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -52,20 +52,10 @@ from common.models import build_model
 from common.protocol import BN_MODEL_KEY, BN_STATISTICS_MESSAGE_TYPE, BN_STATISTICS_RECORD, WEIGHT_KEY
 from common.run_settings import FederatedRunConfig
 from server.aggregation import reply_metrics
-from server.rounds import SiteOutcome, collect, mark_dropped
+from server.rounds import BatchNormUpdate, collect, mark_dropped
 from server.run_folder import BN_STATISTICS_PHASE, RunFolder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchNormUpdate:
-    """What one federated statistics phase did: the model (with the pooled statistics, or as it
-    was), each site's outcome, and figures for the round's aggregate row."""
-
-    arrays: ArrayRecord
-    outcomes: list[SiteOutcome] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class FederatedBatchNorm:

@@ -2,7 +2,7 @@
 
 With ``central-dp-noise-multiplier = z > 0`` every site clips its round update (its trained
 teacher minus the global teacher it received) to L2 norm ``central-dp-clipping-norm = C``
-(client/central_dp.py, Flower's own clipping function), and the server adds Gaussian noise of
+(flower_adapter/central_dp.py, Flower's own clipping function), and the server adds Gaussian noise of
 standard deviation ``z * C / n`` to the FedAvg average of the ``n`` updates (Flower's wrapper,
 with ``n = min-train-sites``: with more sites the noise is larger than needed, never smaller).
 

@@ -635,7 +635,7 @@ def pretrain(
             )
         if epochs < 1:
             raise fail(f"--epochs {epochs}: pass an integer >= 1")
-        from simulation.sources import load_sources
+        from common.data.source_pairs import load_sources
 
         catalog, paths, options = load_sources(
             source, list(data or []), settings.task.name, option_pairs=source_option, strict=strict
@@ -868,8 +868,12 @@ def stop(run_dir: RunDirOption = Path("runs/federation")) -> None:
     for key, programs in (
         ("coordinator_pid", ("cxr-fl-server",)),
         ("gateway_pid", ("server.fleet_gateway",)),
-        # server.superlink_owner_only runs the SuperLink; older run folders recorded flower-superlink
-        ("superlink_pid", ("server.superlink_owner_only", "flower-superlink")),
+        # flower_adapter.superlink_owner_only runs the SuperLink; older run folders recorded
+        # server.superlink_owner_only or flower-superlink
+        (
+            "superlink_pid",
+            ("flower_adapter.superlink_owner_only", "server.superlink_owner_only", "flower-superlink"),
+        ),
     ):
         pid = state.get(key)
         if (

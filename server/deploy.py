@@ -19,7 +19,7 @@
 Transport, TLS and site authentication are Flower's own (``flower-superlink`` with
 ``--ssl-*`` and ``--enable-supernode-auth``; ``flwr supernode register``); nothing here
 reimplements them. The SuperLink listens on 127.0.0.1 only, on a private port, and serves only
-connections of the user who runs the coordinator (server/superlink_owner_only.py closes any other
+connections of the user who runs the coordinator (flower_adapter/superlink_owner_only.py closes any other
 local user's): its Control API (submit, list, stop runs; register keys) is the coordinator's alone. The
 address sites connect to (``--host/--port``) is served by server/fleet_gateway.py, which forwards
 only the Fleet API. Every process started here is stopped by its PID tree.
@@ -27,7 +27,7 @@ only the Fleet API. Every process started here is stopped by its PID tree.
 A run that ends without finishing (``cxr-fl-server stop``, Ctrl-C, ``flwr stop``, a failure) is
 first marked stopped in the SuperLink, which is then kept up for a moment
 (:meth:`Coordinator.stop_run_for_sites`): a site learns that the run of the task it works on is
-over by asking the SuperLink (client/app_runner.py), and stops that work.
+over by asking the SuperLink (flower_adapter/app_runner.py), and stops that work.
 
 Audit trail: sites registered, keys rotated and revoked, runs submitted (settings and app hash),
 resumed and stopped, and a summary of the calls the gateway refused go to ``RUN_DIR/audit.jsonl``
@@ -68,7 +68,7 @@ from common.processes import (
     stop_process_tree,
     toml_value,
 )
-from server.superlink_owner_only import owner_only_announcement
+from flower_adapter.superlink_owner_only import owner_only_announcement
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ DEFAULT_PORT = 9092
 STARTUP_TIMEOUT = 60.0
 SITE_NOTICE_SECONDS = 10.0
 """How long a stopped run's SuperLink stays up for the sites to learn that the run is over
-(a site at work asks every 3 s: client/app_runner.py RUN_WATCH_SECONDS)."""
+(a site at work asks every 3 s: flower_adapter/app_runner.py RUN_WATCH_SECONDS)."""
 CONNECTION = "cxr-fl"
 LOOPBACK = "127.0.0.1"
 # SuperExec (which starts the ServerApp process) polls for work every second by default.
@@ -129,7 +129,7 @@ class TlsFiles:
 def make_private_folder(folder: Path) -> None:
     """Create ``folder`` readable by its owner only (it will hold checkpoints, logs, the
     Flower home and the loopback TLS key); warn, without changing it, when an existing one is
-    open to other users: only the SuperLink itself refuses them (server/superlink_owner_only.py)."""
+    open to other users: only the SuperLink itself refuses them (flower_adapter/superlink_owner_only.py)."""
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         folder.mkdir(mode=0o700)
@@ -231,7 +231,7 @@ class Coordinator:
     ) -> None:
         """Start Flower's SuperLink on loopback and the Fleet gateway on ``host:port``.
 
-        The SuperLink serves only connections of this process's user (server/superlink_owner_only.py).
+        The SuperLink serves only connections of this process's user (flower_adapter/superlink_owner_only.py).
         TLS and site authentication are on unless ``tls`` is None (``--insecure``). The SuperLink
         uses a CA of the run folder's own; the gateway presents ``tls``'s server certificate.
         """
@@ -253,9 +253,9 @@ class Coordinator:
         loopback = self.loopback_tls() if tls is not None else None
         connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         connection += f'address = "{LOOPBACK}:{private_port}"\n'
-        # Flower's flower-superlink, run by server/superlink_owner_only.py: connections of other
+        # Flower's flower-superlink, run by flower_adapter/superlink_owner_only.py: connections of other
         # local users are closed (Flower's Control API has no authentication of its own).
-        command = [sys.executable, "-m", "server.superlink_owner_only"]
+        command = [sys.executable, "-m", "flower_adapter.superlink_owner_only"]
         if loopback is None:
             connection += "insecure = true\n"
             command.append("--insecure")

@@ -43,10 +43,6 @@ from typing import Any
 
 import httpx
 import uvicorn
-from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
-from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
-from google.protobuf.message import DecodeError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
@@ -54,6 +50,15 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flower_adapter.fleet_api import (
+    FLEET_ROUTES,
+    MAX_ARRAY_CHUNK_SIZE,
+    PULL_MESSAGES,
+    PULL_OBJECT,
+    no_message_yet,
+    object_not_ready,
+)
+from flower_adapter.grid import PollSchedule
 from server.gateway_connections import (
     ConnectionLimits,
     GatewayConfig,
@@ -62,28 +67,8 @@ from server.gateway_connections import (
     format_peer,
     raise_open_file_limit,
 )
-from server.grid import PollSchedule
 
 logger = logging.getLogger("server.fleet_gateway")  # also when run with -m
-
-FLEET_ROUTES = frozenset(
-    f"/v1/fleet/{name}"
-    for name in (
-        "register-node",
-        "activate-node",
-        "deactivate-node",
-        "unregister-node",
-        "send-node-heartbeat",
-        "pull-messages",
-        "push-messages",
-        "get-run",
-        "get-fab",
-        "push-object",
-        "pull-object",
-        "confirm-message-received",
-    )
-)
-"""Every path a SuperNode calls (all POST). Nothing else is forwarded."""
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and Host belong to one connection, not to the request.
 HOP_BY_HOP = frozenset(
@@ -111,13 +96,11 @@ UPSTREAM_CONNECTIONS = 64
 RECORD_ALLOWANCE = 1024 * 1024
 """Room above one array chunk for the rest of a SuperNode's largest call: the object's own header,
 a reply's metrics and config records, a packed model's layout, a message's object tree."""
-DEFAULT_BODY_LIMIT = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + RECORD_ALLOWANCE
+DEFAULT_BODY_LIMIT = MAX_ARRAY_CHUNK_SIZE + RECORD_ALLOWANCE
 """The largest request body forwarded (6 MiB): a SuperNode's largest call is a push-object of one
-array chunk (Flower cuts arrays into chunks of ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``, 5 MiB)."""
+array chunk (Flower cuts arrays into chunks of ``MAX_ARRAY_CHUNK_SIZE``, 5 MiB)."""
 REFUSED_TEXT = "not found: this address serves only the Flower Fleet API for sites\n"
 
-PULL_MESSAGES = "/v1/fleet/pull-messages"
-PULL_OBJECT = "/v1/fleet/pull-object"
 PULL_MESSAGES_HOLD_SECONDS = 15.0
 """How long a site's empty pull-messages is held (its HTTP client waits 30 s for an answer)."""
 PULL_OBJECT_HOLD_SECONDS = 10.0
@@ -176,24 +159,6 @@ def refusal(status: int, text: str, why: str) -> Response:
     response = PlainTextResponse(text, status_code=status, headers={"connection": "close"})
     response.why = why  # type: ignore[attr-defined]
     return response
-
-
-def no_message_yet(content: bytes) -> bool:
-    """Is this pull-messages answer an empty one (no message, no reconnect instruction)?"""
-    try:
-        reply = PullMessagesResponse.FromString(content)
-    except DecodeError:
-        return False
-    return not reply.messages_list and not reply.HasField("reconnect")
-
-
-def object_not_ready(content: bytes) -> bool:
-    """Is this pull-object answer "found, but still being uploaded"?"""
-    try:
-        reply = PullObjectResponse.FromString(content)
-    except DecodeError:
-        return False
-    return reply.object_found and not reply.object_available
 
 
 HELD_CALLS: dict[str, tuple[float, Callable[[bytes], bool]]] = {

@@ -5,7 +5,7 @@ replies with a fixed 3 s poll. This loop calls the same strategy methods (``conf
 ``aggregate_train``, ``configure_evaluate``) itself, so the models' aggregation stays Flower's,
 and adds what a multi-day hospital federation needs:
 
-- replies are polled on a short, gently growing interval (server/grid.py); a site that fails or
+- replies are polled on a short, gently growing interval (flower_adapter/grid.py); a site that fails or
   does not answer within the round timeout is logged and left out of that round's aggregate,
   and the round completes when at least the minimum number of sites replied;
 - a site that declines a round (its DP budget is spent) is logged with its reason;
@@ -46,7 +46,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -62,15 +62,12 @@ from common.protocol import (
     parse_error_reason,
 )
 from common.run_settings import VALIDATION_MODES
+from flower_adapter.grid import wait_for_replies
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
-from server.grid import wait_for_replies
 from server.progress_lines import RESUME_ADVICE, resume_line, round_line, validation_line
 from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
-
-if TYPE_CHECKING:
-    from server.batchnorm import BatchNormUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +101,16 @@ class SiteOutcome:
             row["reason"] = self.reason
         row.update(self.metrics)
         return row
+
+
+@dataclass
+class BatchNormUpdate:
+    """What one federated statistics phase did (server/batchnorm.py): the model (with the pooled
+    statistics, or as it was), each site's outcome, and figures for the round's aggregate row."""
+
+    arrays: ArrayRecord
+    outcomes: list[SiteOutcome] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def site_name(message: Message) -> str:

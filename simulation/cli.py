@@ -120,8 +120,8 @@ def partition(
     ] = False,
 ) -> None:
     """Split data sets into non-IID sites: one manifest CSV per site, partition.json, table and plot."""
+    from common.data.source_pairs import drop_duplicate_images, load_sources
     from simulation.partition import label_skew, label_table_rows, partition_catalog, write_partition
-    from simulation.sources import drop_duplicate_images, load_sources
 
     formats = list(source or ["synthetic"])
     catalog, source_paths, source_options = load_sources(

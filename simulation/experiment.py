@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common import run_settings as settings_module
+from common.data.source_pairs import drop_duplicate_images, load_sources, parse_source_options
 from common.device import resolve_device
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
@@ -40,7 +41,6 @@ from simulation.partition import partition_catalog, write_partition
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
 from simulation.site_scores import score_site_models
-from simulation.sources import drop_duplicate_images, load_sources, parse_source_options
 
 logger = logging.getLogger(__name__)
 

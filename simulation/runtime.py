@@ -143,12 +143,12 @@ class FlowerSimulation:
             f'[superlink.cxr-fl-sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
             encoding="utf-8",
         )
-        # Flower's SuperLink, serving only this user's connections (server/superlink_owner_only.py):
+        # Flower's SuperLink, serving only this user's connections (flower_adapter/superlink_owner_only.py):
         # another local account could otherwise submit an app here and run code as the researcher
         command = [
             sys.executable,
             "-m",
-            "server.superlink_owner_only",
+            "flower_adapter.superlink_owner_only",
             "--insecure",
             "--simulation",
             "--isolation",

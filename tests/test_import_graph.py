@@ -1,18 +1,33 @@
-"""The project's modules import one another in one direction: no cycles, no library code importing a CLI.
+"""The project's modules import one another in one direction: layers, no cycles, no CLI imports.
 
-The graph is read from the source with ``ast`` and counts every import, also those inside
-functions (a function-level import that closes a cycle is still a cycle; it only hides it).
-Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+The graph is read from the source with ``ast`` and counts every import: module-level ones, those
+inside functions (a function-level import that closes a cycle is still a cycle; it only hides
+it) and those under ``if TYPE_CHECKING:`` (a type-only import is still a dependency: the types
+of one module are part of the other's meaning).
+
+The layers (issue 26): ``common`` imports nothing else of the project; the Flower adapter
+(``flower_adapter``) only ``common``; ``client`` never ``server`` nor ``simulation``; ``server``
+never ``client`` nor ``simulation``; no installed package imports ``benchmarks``.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import tomllib
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "server", "client", "simulation", "benchmarks")
+PACKAGES = ("common", "flower_adapter", "server", "client", "simulation", "benchmarks")
+ALLOWED = {
+    "common": {"common"},
+    "flower_adapter": {"common", "flower_adapter"},
+    "client": {"common", "flower_adapter", "client"},
+    "server": {"common", "flower_adapter", "server"},
+    "simulation": {"common", "flower_adapter", "client", "server", "simulation"},
+    "benchmarks": set(PACKAGES),
+}
+"""The project packages that the modules of each package may import."""
 
 
 def _module_name(path: Path) -> str:
@@ -30,24 +45,12 @@ def _project_modules() -> dict[str, Path]:
     }
 
 
-def _is_type_checking_block(node: ast.AST) -> bool:
-    if not isinstance(node, ast.If):
-        return False
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imported_names(tree: ast.AST, package: str) -> list[str]:
-    """Dotted names of every module an import statement may load (TYPE_CHECKING blocks skipped)."""
+    """Dotted names of every module an import statement anywhere in ``tree`` may load."""
     names: list[str] = []
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
-        if _is_type_checking_block(node):
-            stack.extend(node.orelse)  # type: ignore[attr-defined]
-            continue
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -130,16 +133,46 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_relative_and_function_level_imports_are_edges() -> None:
+def test_relative_function_level_and_type_only_imports_are_edges() -> None:
     source = (
         "from . import sibling\n"
         "from .other import thing\n"
         "def f():\n    import common.errors\n"
-        "if TYPE_CHECKING:\n    import common.never\n"
+        "if TYPE_CHECKING:\n    import common.typed\n"
     )
     names = _imported_names(ast.parse(source), "common.data")
-    assert {"common.data.sibling", "common.data.other", "common.errors"} <= set(names)
-    assert "common.never" not in names
+    assert {"common.data.sibling", "common.data.other", "common.errors", "common.typed"} <= set(names)
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every edge that :data:`ALLOWED` forbids."""
+    return sorted(
+        f"{name} -> {imported}"
+        for name, edges in graph.items()
+        for imported in edges
+        if imported.split(".")[0] not in ALLOWED[name.split(".")[0]]
+    )
+
+
+def test_the_layer_check_finds_a_forbidden_import() -> None:
+    graph = {"server.grid": {"client.packed_arrays", "common.packing"}, "common.config": {"common.models"}}
+    assert layer_violations(graph) == ["server.grid -> client.packed_arrays"]
+    assert layer_violations({"flower_adapter.grid": {"server.rounds"}}) == [
+        "flower_adapter.grid -> server.rounds"
+    ]
+
+
+def test_every_import_keeps_to_the_layers() -> None:
+    assert layer_violations(import_graph()) == []
+
+
+def test_every_package_is_seen() -> None:
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+        installed = tomllib.load(handle)["tool"]["setuptools"]["packages"]
+    assert {name.split(".")[0] for name in installed} <= set(PACKAGES)
+    graph = import_graph()
+    assert "flower_adapter.grid" in graph["server.rounds"]  # a module-level import
+    assert "common.models" in graph["common.config"]  # a function-level one
 
 
 def test_no_import_cycles_between_project_modules() -> None:

@@ -70,8 +70,6 @@ from common.errors import DataError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from common.data.sources.base import SourceRequest
-
 logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
@@ -199,18 +197,6 @@ class Selection:
     modalities: frozenset[str]
     body_parts: frozenset[str]
     views: frozenset[str] | None
-
-    @staticmethod
-    def from_request(req: SourceRequest) -> Selection:
-        def terms(name: str, default: tuple[str, ...] | None) -> frozenset[str] | None:
-            values = req.opt_list(name, default)
-            return frozenset(v.upper() for v in values) if values else None
-
-        return Selection(
-            terms("modalities", DEFAULT_MODALITIES) or frozenset(DEFAULT_MODALITIES),
-            terms("body_parts", DEFAULT_BODY_PARTS) or frozenset(DEFAULT_BODY_PARTS),
-            terms("views", None),
-        )
 
 
 @dataclass(frozen=True)

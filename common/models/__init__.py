@@ -1,9 +1,10 @@
 """Model registry: teachers, students and a tiny test network, all built the same way.
 
-``build_model(config, num_outputs)`` looks the name up in :data:`MODELS`, builds the network
-with the normalisation chosen up front (``batch`` or ``group``; see ModelConfig), and loads an
-optional local weights file. Every registered model avoids in-place operations on the outputs of
-parameterised layers so that Opacus can compute per-sample gradients through it.
+``build_model(config, num_outputs)`` looks the name up in :data:`MODELS`, builds the network with
+the normalisation chosen up front (``batch`` or ``group``; see common.config.ModelConfig, which
+checks a name against :data:`MODELS`), and loads an optional local weights file. Every registered
+model avoids in-place operations on the outputs of parameterised layers so that Opacus can compute
+per-sample gradients through it.
 
 Registered models (names are config values):
 
@@ -26,7 +27,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -40,10 +42,26 @@ from common.models.torchvision_models import build_densenet121, build_mobilenetv
 from common.models.weights import head_shapes_differ, load_state, load_weights, read_state_dict
 from common.registry import Registry
 
-if TYPE_CHECKING:
-    from common.config import ModelConfig
-
 logger = logging.getLogger(__name__)
+
+
+class ModelRecipe(Protocol):
+    """What :func:`build_model` reads of a network to build (common.config.ModelConfig is one; the
+    models never import the settings, which import them to check a name)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def norm(self) -> str: ...
+    @property
+    def weights(self) -> Path | None: ...
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def width_mult(self) -> float: ...
+    @property
+    def dropout(self) -> float: ...
+
 
 Role = Literal["teacher", "student", "test"]
 ROLES: tuple[str, ...] = ("teacher", "student", "test")
@@ -152,7 +170,7 @@ def list_models(role: str | None = None) -> list[str]:
     return [name for name in MODELS.names() if MODELS.get(name).role == role]
 
 
-def build_model(config: ModelConfig, num_outputs: int) -> nn.Module:
+def build_model(config: ModelRecipe, num_outputs: int) -> nn.Module:
     """Build ``config.name`` with ``num_outputs`` logits, its norm and input channels fixed now.
 
     When ``config.weights`` is set the local file is loaded (see :mod:`common.models.weights`):

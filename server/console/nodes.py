@@ -1,10 +1,10 @@
 """Which sites are online: asked of the run's own loopback SuperLink (what ``flwr supernode list`` shows).
 
-Only the coordinator's user reaches that SuperLink (server/superlink_owner_only.py), over TLS with
-the run folder's loopback CA (``loopback-tls/ca.crt``) or in plain HTTP for ``--insecure`` runs;
-its port is in deploy.json. The call is Flower's Control API ``ListNodes`` through Flower's own
-HTTP client (``flwr.supercore.control``, flwr 1.42: the same client ``flwr supernode list``
-uses); anything going wrong (no SuperLink, another flwr) means "unknown", never an error page.
+Only the coordinator's user reaches that SuperLink (flower_adapter/superlink_owner_only.py), over
+TLS with the run folder's loopback CA (``loopback-tls/ca.crt``) or in plain HTTP for ``--insecure``
+runs; its port is in deploy.json. The call is Flower's Control API ``ListNodes``
+(flower_adapter/control.py); anything going wrong (no SuperLink, another flwr) means "unknown",
+never an error page.
 Answers are kept for :data:`CACHE_SECONDS`, and the last answer is kept after the SuperLink
 stopped, so a finished run still shows when each site was last seen.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flower_adapter.control import NodeStatus, list_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -25,46 +26,22 @@ CACHE_SECONDS = 2.0
 ASK_TIMEOUT = 2.0
 
 
-@dataclass(frozen=True)
-class NodeStatus:
-    """One node as the SuperLink knows it (times as ISO 8601 text, "" when unknown)."""
-
-    node_id: int
-    status: str  # online | offline | registered | unregistered
-    last_activated: str = ""
-    last_deactivated: str = ""
-
-
 def ask_superlink(state: dict[str, Any], run_dir: Path) -> dict[int, NodeStatus] | None:
     """Node id -> status from the SuperLink recorded in ``state`` (deploy.json); None if not reachable."""
     port = state.get("superlink_port")
     if not port:
         return None
+    tls = bool(state.get("tls"))
     try:
-        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-
-        tls = bool(state.get("tls"))
-        client = ControlHttpClient(
+        nodes = list_nodes(
             f"{'https' if tls else 'http'}://{LOOPBACK}:{int(port)}",
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
-            verify=str(run_dir / "loopback-tls" / "ca.crt") if tls else False,
+            run_dir / "loopback-tls" / "ca.crt" if tls else None,
             timeout=ASK_TIMEOUT,
         )
-        try:
-            reply = client.ListNodes(ListNodesRequest())
-        finally:
-            client.close()
     except Exception as exc:  # a stopped SuperLink, a half-written deploy.json: just unknown
         logger.debug("no node list from the SuperLink: %s", exc)
         return None
-    return {
-        int(node.node_id): NodeStatus(
-            int(node.node_id), str(node.status), node.last_activated_at, node.last_deactivated_at
-        )
-        for node in reply.nodes_info
-    }
+    return {node.node_id: node for node in nodes}
 
 
 class NodeWatch:

@@ -79,7 +79,7 @@ def test_unreachable_reason_names_a_refused_port(tmp_path: Path) -> None:
 
 
 def test_a_reconnected_supernode_is_not_taken_for_a_stuck_one() -> None:
-    from client.deploy import connection_news
+    from flower_adapter.supernode_log import connection_news
 
     assert connection_news("WARNING :   Connection attempt failed, retrying in 0.80 seconds") is False
     assert connection_news("INFO :      Connection successful after 4.41 seconds and 4 tries.") is True
@@ -89,7 +89,7 @@ def test_a_reconnected_supernode_is_not_taken_for_a_stuck_one() -> None:
 
 
 def test_a_session_the_restarted_server_forgot_is_told_from_a_refusal() -> None:
-    from client.deploy import forgotten_session
+    from flower_adapter.supernode_log import forgotten_session
 
     assert forgotten_session(
         "httpx.HTTPStatusError: Client error '401 Unauthorized' for url "

@@ -8,9 +8,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import packed_arrays_mod
-from client.packed_arrays import is_packed, pack_content, unpack_content
 from common.packing import Layout, PackedModelError
 from common.protocol import SITE_BAD_INPUT
+from flower_adapter.packed_arrays import is_packed, pack_content, unpack_content
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
-from client.supernode_main import FLEET_LOOP_ENDED_EXIT
 from common.errors import ConfigError
 from common.processes import free_port
+from flower_adapter.supernode_main import FLEET_LOOP_ENDED_EXIT
 
 GiB = 1024**3
 
@@ -67,7 +67,7 @@ def test_the_supernode_is_started_under_the_sites_memory_bound(
         assert _supernode_started(node), (outcome, node.log_path.read_text())
         limits = _max_data_size(process.pid)
         assert re.split(r"\s{2,}", limits)[1:3] == [str(int(1.5 * GiB))] * 2, limits
-        assert "client.supernode_main" in Path(f"/proc/{process.pid}/cmdline").read_text()
+        assert "flower_adapter.supernode_main" in Path(f"/proc/{process.pid}/cmdline").read_text()
     finally:
         node.stop()
         worker.join(timeout=60)
@@ -157,7 +157,7 @@ LAUNCH_WITH_A_FAKE_FLOWER = textwrap.dedent(
         # else: the Fleet loop ended on an error that Flower logged, and returns
 
     flwr.supernode.cli.flower_supernode = fake_flower_supernode
-    from client.supernode_main import main
+    from flower_adapter.supernode_main import main
     main(["--memory-limit", "0", "--", *sys.argv[1:]])
     """
 )
@@ -209,7 +209,7 @@ READ_FAB_UNDER_A_BOUND = textwrap.dedent(
     import sys
     from pathlib import Path
     from flwr.common.config import get_fab_config  # what the SuperNode calls on a new run's FAB
-    from client.supernode_main import limit_memory
+    from flower_adapter.supernode_main import limit_memory
     used = int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) * 1024
     limit_memory(used + 256 * 1024 * 1024)
     get_fab_config(Path(sys.argv[1]).read_bytes())
@@ -245,7 +245,7 @@ def _supernode_started(node: SiteNode) -> bool:
 
 def _no_runner(node: SiteNode, _notify: object) -> threading.Thread:
     """No warm runner (no torch import): only the secret file the SuperNode is started with."""
-    from client.app_runner import write_secret_file
+    from flower_adapter.app_runner import write_secret_file
 
     write_secret_file(node.secret_path)
     thread = threading.Thread(target=lambda: None)

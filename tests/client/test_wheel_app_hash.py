@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from client.app_runner import installed_app_hash
+from flower_adapter.app_runner import installed_app_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGED = ("pyproject.toml", "setup.py", ".gitignore", "README.md")

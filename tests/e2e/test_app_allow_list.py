@@ -19,8 +19,8 @@ import pytest
 
 from common.processes import flower_env, free_port, stop_process_tree
 from common.protocol import SITE_APP_REFUSED
-from tests.client.test_app_runner import copy_project
 from tests.e2e.test_federation import _wait_for
+from tests.flower_adapter.test_app_runner import copy_project
 
 pytestmark = pytest.mark.slow
 

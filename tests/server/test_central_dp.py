@@ -9,13 +9,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from common.checkpoint import load_model_state
 from common.data.sources import load_catalog
 from common.errors import ConfigError
 from common.protocol import WEIGHT_KEY
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
+from flower_adapter.central_dp import KEY_CLIPPING_NORM, clip_update
 from server.app import initial_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, site_level_epsilon
 from server.strategies import StrategySettings, build_strategy

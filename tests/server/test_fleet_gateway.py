@@ -121,8 +121,8 @@ async def arriving(answer: bytes) -> AsyncIterator[bytes]:
 
 
 def held_gateway(answers: Answers, hold: float = 5.0) -> TestClient:
-    from server.fleet_gateway import PULL_MESSAGES, PULL_OBJECT, no_message_yet, object_not_ready
-    from server.grid import PollSchedule
+    from flower_adapter.fleet_api import PULL_MESSAGES, PULL_OBJECT, no_message_yet, object_not_ready
+    from flower_adapter.grid import PollSchedule
 
     app = create_app(
         "https://127.0.0.1:1",
@@ -315,7 +315,7 @@ def test_the_default_limit_holds_every_call_a_site_makes_with_a_large_model() ->
     from flwr.proto.node_pb2 import Node
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-    from client.packed_arrays import pack_content
+    from flower_adapter.packed_arrays import pack_content
     from server.fleet_gateway import DEFAULT_BODY_LIMIT
 
     name = "backbone.layer{}.block{}.conv_with_a_rather_long_name.weight"

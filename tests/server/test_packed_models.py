@@ -11,10 +11,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.packed_arrays import pack_content
 from common.protocol import SITE_BAD_INPUT, WEIGHT_KEY
+from flower_adapter.grid import QuickReplyGrid
+from flower_adapter.packed_arrays import pack_content
 from server.central_dp import CentralDP, CentralDPSettings
-from server.grid import QuickReplyGrid
 from server.rounds import describe
 from server.strategies import STRATEGIES, StrategySettings, build_strategy
 

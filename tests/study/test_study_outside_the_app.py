@@ -10,7 +10,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from client.app_runner import installed_app_hash
+from flower_adapter.app_runner import installed_app_hash
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from common.data.catalog import Catalog, ImageRecord
 from common.data.dicom import (
+    DEFAULT_BODY_PARTS,
+    DEFAULT_MODALITIES,
     DICOM_DESCRIPTION,
     DICOM_OPTIONS,
     LABELS_FILE,
@@ -91,6 +93,21 @@ def _label_rows(
     return labels_path, header, by_path
 
 
+def _selection(req: SourceRequest) -> Selection:
+    """Which DICOM objects the site keeps: the ``modalities``, ``body-parts`` and ``views`` options
+    (upper-cased defined terms; the defaults of common/data/dicom.py; no ``views``: all)."""
+
+    def terms(name: str, default: tuple[str, ...] | None) -> frozenset[str] | None:
+        values = req.opt_list(name, default)
+        return frozenset(v.upper() for v in values) if values else None
+
+    return Selection(
+        terms("modalities", DEFAULT_MODALITIES) or frozenset(DEFAULT_MODALITIES),
+        terms("body_parts", DEFAULT_BODY_PARTS) or frozenset(DEFAULT_BODY_PARTS),
+        terms("views", None),
+    )
+
+
 def load_dicom_catalog(req: SourceRequest) -> Catalog:
     """The ``dicom`` source: select, label and pseudonymise a DICOM folder (no pixel decoded)."""
     root = req.path
@@ -98,7 +115,7 @@ def load_dicom_catalog(req: SourceRequest) -> Catalog:
         raise DataError(
             f"{root} is not a folder; format 'dicom' expects a folder of DICOM files and a labels.csv"
         )
-    selection = Selection.from_request(req)
+    selection = _selection(req)
     labels_path, header, rows = _label_rows(req, root)
     files = find_dicom_files(root)
     if not files:

@@ -2,10 +2,10 @@
 
 Flower's SuperNode reads each new run's app bundle (FAB) from the coordinator and unzips its
 ``pyproject.toml`` to merge the run settings (``flwr.common.config.get_fab_config``) before any
-check of the site sees the task; the site's app allow-list (client/app_runner.py) comes after.
+check of the site sees the task; the site's app allow-list (flower_adapter/app_runner.py) comes after.
 A FAB whose ``pyproject.toml`` inflates to gigabytes (a zip bomb, a few MB on the wire) would
 grow the SuperNode until the machine runs out of memory. So ``cxr-fl-client start`` runs its
-SuperNode through this module (``python -m client.supernode_main --memory-limit BYTES --
+SuperNode through this module (``python -m flower_adapter.supernode_main --memory-limit BYTES --
 ARGS``), which bounds the process's data memory (``RLIMIT_DATA``: heap and private mappings,
 what such a read grows; children inherit it) and then calls Flower's own entry point with ARGS
 (``flwr.supernode.cli.flower_supernode``, what the ``flower-supernode`` command runs).
@@ -45,7 +45,7 @@ def limit_memory(limit_bytes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.supernode_main")
+    parser = argparse.ArgumentParser(prog="python -m flower_adapter.supernode_main")
     parser.add_argument("--memory-limit", type=int, default=DEFAULT_MEMORY_LIMIT, help="bytes; 0: none")
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's")
     args = parser.parse_args(argv)

@@ -1,12 +1,12 @@
 """Which local user holds the other end of a loopback TCP connection (Linux ``/proc/net/tcp{,6}``).
 
-Why: the coordinator's SuperLink must serve only the user who runs it (server/superlink_owner_only.py),
-but everything that talks to it (the ``flwr`` CLI, Flower's SuperExec and ServerApp processes, the
-Fleet gateway) connects over TCP, and Linux answers ``SO_PEERCRED`` for Unix sockets only. On
-loopback both ends of a connection are sockets of this machine and network namespace, and the kernel
-lists every TCP socket there, with the uid that created it, in ``/proc/net/tcp`` (IPv4) and
-``/proc/net/tcp6`` (IPv6). The peer's socket is the row whose *local* address is the peer's address
-and whose *remote* address is ours.
+Why: the coordinator's SuperLink must serve only the user who runs it
+(flower_adapter/superlink_owner_only.py), but everything that talks to it (the ``flwr`` CLI,
+Flower's SuperExec and ServerApp processes, the Fleet gateway) connects over TCP, and Linux answers
+``SO_PEERCRED`` for Unix sockets only. On loopback both ends of a connection are sockets of this
+machine and network namespace, and the kernel lists every TCP socket there, with the uid that
+created it, in ``/proc/net/tcp`` (IPv4) and ``/proc/net/tcp6`` (IPv6). The peer's socket is the row
+whose *local* address is the peer's address and whose *remote* address is ours.
 
 Row format (``get_tcp4_sock``/``get_tcp6_sock`` in the kernel)::
 

@@ -1,4 +1,4 @@
-"""The site's warm ClientApp runner and its app allow-list: the one module on Flower internals.
+"""The site's warm ClientApp runner and its app allow-list, on Flower's Runtime API (internals).
 
 Why this module exists
 ----------------------
@@ -86,7 +86,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.cancellation import RunStoppedError, StopSignal, stoppable
 from common.errors import ConfigError, CxrFlError
-from common.protocol import FLWR_VERSION, SITE_APP_REFUSED, SITE_FAILED, error_reason
+from common.protocol import SITE_APP_REFUSED, SITE_FAILED, error_reason
+from flower_adapter import FLWR_VERSION
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -139,7 +140,7 @@ def installed_app_hash(project_root: Path = PROJECT_ROOT, identity_dir: Path = A
     """The FAB hash of the app that this installation's own files build (as ``flwr run``).
 
     From the project folder when cxr-fl runs from one; from a wheel's installed packages and the
-    ``pyproject.toml`` (and ``.gitignore``) the wheel ships in ``client/app_identity/``
+    ``pyproject.toml`` (and ``.gitignore``) the wheel ships in ``flower_adapter/app_identity/``
     (setup.py) otherwise: the same files, so the same bundle and hash.
     """
     require_supported_flwr()
@@ -347,7 +348,9 @@ class WarmClientAppRunner:
 
     One runner lives as long as ``cxr-fl-client start``; :meth:`set_target` points it at the
     SuperNode of the moment (a restarted SuperNode listens on a new port). Tasks run one at a
-    time, in the thread that calls :meth:`serve`.
+    time, in the thread that calls :meth:`serve`. ``client_app`` is the ClientApp to call, or
+    None: :meth:`serve` then gets it from ``load_app`` (the site's installed ``client.app``,
+    passed in by client/deploy.py: this package never imports ``client``).
     """
 
     def __init__(
@@ -360,12 +363,14 @@ class WarmClientAppRunner:
         poll_seconds: float = POLL_SECONDS,
         run_probe: RunStatusProbe | None = None,
         watch_seconds: float = RUN_WATCH_SECONDS,
-        audit_state_dir: Path | None = None,
+        load_app: Callable[[], Any] | None = None,
+        on_refused: Callable[[int, str], None] | None = None,
     ) -> None:
         require_supported_flwr()
-        self.client_app = client_app  # None: the installed client.app, imported by serve()
-        # the site's state folder: a refused app is a declined run in its audit trail (client/site_audit.py)
-        self.audit_state_dir = audit_state_dir
+        self.client_app = client_app  # None: load_app() gives it, in serve()
+        self._load_app = load_app
+        # told of every refused app (run id, reason): the site's audit trail records a declined run
+        self.on_refused = on_refused
         self.secret = secret
         self.allow = allow
         self.site = site
@@ -401,12 +406,10 @@ class WarmClientAppRunner:
         """Poll for tasks and run them until :meth:`stop`."""
         import httpx
 
-        if self.client_app is None:  # torch, flwr and the handlers, once (here: the site joins meanwhile)
-            from client.app import app as installed_app
-            from common.metrics import preload_scorers
-
-            self.client_app = installed_app
-            preload_scorers()  # else the first round that validates waits 2-3 s for scikit-learn
+        if self.client_app is None and self._load_app is not None:
+            self.client_app = (
+                self._load_app()
+            )  # torch, flwr and the handlers, once (the site joins meanwhile)
 
         clients = self._clients
         refused_claims = False
@@ -517,9 +520,8 @@ class WarmClientAppRunner:
             if reason is not None:
                 self.tasks_refused += 1
                 self.report(reason)
-                from client.site_audit import record_site_event
-
-                record_site_event(self.audit_state_dir, "run-declined", run_id=int(run.run_id), reason=reason)
+                if self.on_refused is not None:
+                    self.on_refused(int(run.run_id), reason)
                 reply = Message(Error(SITE_APP_REFUSED, error_reason(self.site, reason)), reply_to=message)
                 details = reason
             else:

@@ -1,4 +1,4 @@
-"""Finding the uid behind a loopback peer in /proc/net/tcp{,6} (server/loopback_peers.py)."""
+"""Finding the uid behind a loopback peer in /proc/net/tcp{,6} (flower_adapter/loopback_peers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.loopback_peers import SocketRow, check_peer, matching_rows, proc_endpoint
+from flower_adapter.loopback_peers import SocketRow, check_peer, matching_rows, proc_endpoint
 
 # Rows as a little-endian kernel prints them (trailing columns shortened). 127.0.0.2:41000 ->
 # 127.0.0.1:8080 held by uid 65534, its server end held by uid 0, a listener, a TIME_WAIT entry.

@@ -8,10 +8,10 @@ registered that way received every global model). ``flower-superlink`` hands uvi
 certificate and key (no client certificates, no Unix socket), and the ``flwr`` CLI, Flower's
 SuperExec and ServerApp processes and the Fleet gateway must keep reaching it over TCP.
 
-So ``python -m server.superlink_owner_only ARGS`` runs Flower's own ``flower-superlink`` entry
+So ``python -m flower_adapter.superlink_owner_only ARGS`` runs Flower's own ``flower-superlink`` entry
 point (same arguments) in this process, with one change: uvicorn gets an HTTP protocol class that,
 when a connection is made (after the TLS handshake, before any byte of HTTP is read), looks up the
-uid that holds the peer's socket (server/loopback_peers.py) and closes the connection unless it is
+uid that holds the peer's socket (flower_adapter/loopback_peers.py) and closes the connection unless it is
 this process's uid, with a log line naming the peer, its uid and the reason. The SuperLink must
 listen on a loopback address (127/8 or ::1); HTTP (``--insecure``) and HTTPS alike. Flower's legacy
 gRPC servers, which would listen outside uvicorn, must not be switched on.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from server.loopback_peers import PROC_NET, check_peer, describe_endpoint
+from flower_adapter.loopback_peers import PROC_NET, check_peer, describe_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ def require_checked_flwr() -> None:
     import flwr
     import uvicorn
 
-    from common.protocol import FLWR_VERSION as SUPPORTED_FLWR_VERSION
+    from flower_adapter import FLWR_VERSION as SUPPORTED_FLWR_VERSION
 
     if flwr.__version__ != SUPPORTED_FLWR_VERSION:
         raise SuperLinkRefusedError(
-            f"the owner-only SuperLink (server/superlink_owner_only.py) supports flwr "
+            f"the owner-only SuperLink (flower_adapter/superlink_owner_only.py) supports flwr "
             f"{SUPPORTED_FLWR_VERSION} only, found flwr {flwr.__version__}: install "
             f"flwr=={SUPPORTED_FLWR_VERSION} (pyproject pins it). Not starting a SuperLink that "
             "any local user could control."

@@ -20,7 +20,7 @@ with :data:`REPLY_OBJECT_BACKOFF`); with any other grid or Flower version it cal
 own ``pull_messages``.
 
 :class:`QuickReplyGrid` also packs the model of every message it sends into one array per dtype
-(client/packed_arrays.py: a ResNet18 message is 16 Flower objects instead of 212) and
+(flower_adapter/packed_arrays.py: a ResNet18 message is 16 Flower objects instead of 212) and
 unpacks the replies; a reply whose model does not unpack, or is not the model its message
 carried (names, shapes, dtypes), becomes an error reply saying why, so the round loop logs it and
 leaves that site out like any failed site. Strategies and checkpoints see the usual records.
@@ -38,9 +38,10 @@ from flwr.app import Error, Message, Metadata, RecordDict
 from flwr.app.message import make_message
 from flwr.serverapp import Grid
 
-from client.packed_arrays import PackCache, pack_content, unpack_content
 from common.packing import Layout, PackedModelError
-from common.protocol import FLWR_VERSION, SITE_BAD_INPUT
+from common.protocol import SITE_BAD_INPUT
+from flower_adapter import FLWR_VERSION
+from flower_adapter.packed_arrays import PackCache, pack_content, unpack_content
 
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
@@ -170,7 +171,7 @@ class QuickReplyGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push ``messages`` with their models packed (see client/packed_arrays.py)."""
+        """Push ``messages`` with their models packed (see flower_adapter/packed_arrays.py)."""
         outgoing = list(messages)
         cache: PackCache = {}
         layouts: list[dict[str, Layout]] = []

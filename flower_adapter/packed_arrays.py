@@ -3,13 +3,14 @@
 An ``ArrayRecord`` named ``K`` in a message's content travels as an ``ArrayRecord`` named
 ``K.packed`` (one Array per dtype) and a ``ConfigRecord`` named ``K.layout`` (names, dtypes,
 shapes); everything else in the content travels as it is. The coordinator's grid packs what it
-sends and unpacks replies (server/grid.py), and the site's ClientApp unpacks what it receives
+sends and unpacks replies (flower_adapter/grid.py), and the site's ClientApp unpacks what it receives
 and packs its reply when the message came packed (``packed_arrays_mod`` in client/app.py), so
 strategies, checkpoints and handlers see the usual one-Array-per-tensor records on both sides,
 in deployment and in simulation alike.
 
 Why: see common/packing.py (a ResNet18 message: 212 Flower objects per-tensor, 16 packed).
-This module sits in ``client`` because the site needs it; the coordinator imports it too.
+Both sides import it, so it sits in the Flower adapter (it knows Flower's records, not only the
+app API's use of them).
 """
 
 from __future__ import annotations

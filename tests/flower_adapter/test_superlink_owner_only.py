@@ -1,4 +1,4 @@
-"""The owner-only HTTP server of the SuperLink (server/superlink_owner_only.py).
+"""The owner-only HTTP server of the SuperLink (flower_adapter/superlink_owner_only.py).
 
 The protocol class is tried on a real uvicorn server (a tiny ASGI app that records every request
 it gets) on 127.0.0.1 and ::1, in a subprocess; the other user's requests come from a child forked
@@ -21,8 +21,8 @@ import flwr
 import pytest
 
 from common.processes import free_port, stop_process_tree
-from server import superlink_owner_only
-from server.superlink_owner_only import (
+from flower_adapter import superlink_owner_only
+from flower_adapter.superlink_owner_only import (
     EXIT_REFUSED,
     SuperLinkRefusedError,
     main,
@@ -36,7 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RECORDING_SERVER = """\
 import os, sys
 import uvicorn
-from server.superlink_owner_only import configure_logging, owner_only_run
+from flower_adapter.superlink_owner_only import configure_logging, owner_only_run
 
 host, port, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 

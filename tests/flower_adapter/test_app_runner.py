@@ -14,13 +14,18 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import flwr
 import pytest
 from typer.testing import CliRunner
 
-from client.app_runner import (
+from client.cli import app
+from client.deploy import SiteNodeSettings
+from common.errors import ConfigError, CxrFlError
+from common.processes import OFFLINE_ENV
+from flower_adapter.app_runner import (
     PROJECT_ROOT,
     SUPPORTED_FLWR_VERSION,
     AppAllowList,
@@ -31,10 +36,6 @@ from client.app_runner import (
     require_supported_flwr,
     write_secret_file,
 )
-from client.cli import app
-from client.deploy import SiteNodeSettings
-from common.errors import ConfigError, CxrFlError
-from common.processes import OFFLINE_ENV
 
 runner = CliRunner()
 
@@ -43,7 +44,9 @@ def copy_project(target: Path) -> Path:
     """The files of this cxr-fl project that an app bundle can hold (code and pyproject.toml)."""
     target.mkdir(parents=True)
     shutil.copy2(PROJECT_ROOT / "pyproject.toml", target / "pyproject.toml")
-    for package in ("common", "server", "client", "simulation"):
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+        packages = tomllib.load(handle)["tool"]["setuptools"]["packages"]
+    for package in sorted({name.split(".")[0] for name in packages}):
         shutil.copytree(
             PROJECT_ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
@@ -220,7 +223,7 @@ class _SuperNode:
 
 
 def _runner(monkeypatch: pytest.MonkeyPatch, supernode: _SuperNode) -> WarmClientAppRunner:
-    import client.app_runner as app_runner
+    import flower_adapter.app_runner as app_runner
 
     monkeypatch.setattr(app_runner, "PULL_PATIENCE_SECONDS", 0.02)
     monkeypatch.setattr(app_runner, "SUPERSEDE_CHECK_SECONDS", 0.01)
@@ -312,7 +315,7 @@ def test_the_task_input_is_pulled_on_a_short_backoff(
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.inflatable import inflatable_utils
 
-    from client import app_runner
+    from flower_adapter import app_runner
 
     content = RecordDict(
         {"arrays": ArrayRecord([np.ones(4, dtype=np.float32)]), "config": ConfigRecord({"r": 2})}
@@ -411,7 +414,7 @@ def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from flwr.proto.run_pb2 import GetRunResponse  # pylint: disable=E0611
 
-    from client.app_runner import FleetAccess, RunStatusProbe
+    from flower_adapter.app_runner import FleetAccess, RunStatusProbe
 
     key = tmp_path / "site-a.key"
     key.write_bytes(
@@ -450,7 +453,7 @@ def test_the_run_probe_reads_the_superlinks_answers(tmp_path: Path) -> None:
 
 
 def test_a_key_the_run_watch_cannot_read_is_named(tmp_path: Path) -> None:
-    from client.app_runner import FleetAccess, RunStatusProbe
+    from flower_adapter.app_runner import FleetAccess, RunStatusProbe
 
     key = tmp_path / "site-a.key"
     key.write_text("not a key")

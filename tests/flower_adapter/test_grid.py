@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.grid import (
+from flower_adapter.grid import (
     PULL_ERRORS_TOLERATED,
     PollSchedule,
     QuickReplyGrid,
@@ -202,7 +202,7 @@ def test_replies_still_uploading_are_pulled_on_a_short_backoff(monkeypatch: pyte
     from flwr.proto.node_pb2 import Node
     from flwr.supercore.inflatable import inflatable_utils
 
-    from server import grid as grid_module
+    from flower_adapter import grid as grid_module
 
     content = RecordDict(
         {"arrays": ArrayRecord([np.arange(6, dtype=np.float32)]), "metrics": MetricRecord({"n": 3})}
@@ -233,7 +233,7 @@ def test_replies_still_uploading_are_pulled_on_a_short_backoff(monkeypatch: pyte
 def test_only_flowers_own_http_grid_is_pulled_by_hand() -> None:
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    from server.grid import quick_pull_supported
+    from flower_adapter.grid import quick_pull_supported
 
     assert quick_pull_supported(HttpGrid(token="not used: nothing connects"))
     assert not quick_pull_supported(SlowSites({}))  # type: ignore[arg-type]
