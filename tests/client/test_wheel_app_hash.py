@@ -16,13 +16,17 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 from flower_adapter.app_runner import installed_app_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGED = ("pyproject.toml", "setup.py", ".gitignore", "README.md")
-PACKAGES = ("common", "server", "client", "simulation")
+with (PROJECT_ROOT / "pyproject.toml").open("rb") as _handle:
+    PACKAGES = sorted(
+        {name.split(".")[0] for name in tomllib.load(_handle)["tool"]["setuptools"]["packages"]}
+    )
 
 
 def _run(*args: str, cwd: Path) -> str:
