@@ -14,7 +14,8 @@ the site loads its data. Every model the site keeps or exports gets the site's o
 point, fitted on its validation split, and the student it delivers is first checked against the
 global teacher on its test split (client/site_operating_point.py). A deployed site's audit trail
 (client/site_audit.py) records the runs it declines (with the reason the reply carries) and the
-privacy each DP round spent.
+privacy each DP round spent. An evaluation-only run's message (``evaluate.model``) scores a
+coordinator's model on the site's test split (client/model_evaluation.py).
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader
 from client.admission import admit
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import site_disclosure
+from client.model_evaluation import evaluate_model
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
@@ -803,6 +805,12 @@ def finish(msg: Message, context: Context) -> Message:
     if head is not None:  # the hash alone: the coordinator keeps it as this site's anchor
         reply[AUDIT_RECORD] = ConfigRecord({"head": head})
     return _outgoing(msg, context, reply)
+
+
+@app.evaluate("model")
+def model_evaluation(msg: Message, context: Context) -> Message:
+    """An evaluation-only run: score the coordinator's model on this site's test split."""
+    return _reply(msg, context, evaluate_model)
 
 
 @app.train("student")

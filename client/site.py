@@ -72,6 +72,7 @@ SERVER_PATH_SETTINGS = (
     "simulation-manifest-dir",
     "central-eval-manifest",
     "teacher-weights",
+    "evaluate-model",
 )
 """Run settings that name files: meaningful at the coordinator, never opened at a deployed site."""
 

@@ -33,7 +33,12 @@ from typing import Any
 
 from common.config import ModelConfig
 from common.errors import CxrFlError
-from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
+from common.protocol import (
+    DISTILL_MESSAGE_TYPE,
+    EVALUATE_MODEL_MESSAGE_TYPE,
+    STUDENT_FINAL_MESSAGE_TYPE,
+    STUDENT_ROUND_MESSAGE_TYPE,
+)
 from common.run_settings import FederatedRunConfig
 from common.site_limits import SitePolicy
 
@@ -97,7 +102,10 @@ def check_request(
 
 
 def run_phases(settings: FederatedRunConfig, kind: str) -> list[str]:
-    """The phases a run asks of a site (its settings), and the phase of the message ``kind``."""
+    """The phases a run asks of a site (its settings), and the phase of the message ``kind``;
+    an evaluation-only run's message asks for the evaluation phase alone (it trains nothing)."""
+    if kind == EVALUATE_MODEL_MESSAGE_TYPE:
+        return ["evaluation"]
     needed = ["teacher"]
     if settings.kd_enabled or kind == DISTILL_MESSAGE_TYPE:
         needed.append("distill")

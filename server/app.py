@@ -1,5 +1,8 @@
 """The Flower ServerApp: teacher rounds, then the distillation round, then the run summary.
 
+A run with ``evaluate-model`` is an evaluation-only run instead: every site scores that model
+and the coordinator writes the cross-site table (server/cross_site.py).
+
 With ``bn-statistics = "federated"`` the teacher's aggregate of every round and the federated
 student's last aggregate get BatchNorm statistics pooled from the sites (server/batchnorm.py).
 
@@ -61,6 +64,7 @@ from server.rounds import (
     wait_for_sites,
 )
 from server.run_folder import RunFolder
+from server.site_identity import SiteDirectory
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
 
@@ -338,14 +342,36 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
     return evaluate_state
 
 
+def evaluate_only(
+    grid: Grid,
+    context: Context,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    run_dir: Path,
+) -> None:
+    """Every site scores the run's ``evaluate-model``; the cross-site table goes to the run folder."""
+    from server.cross_site import evaluate_everywhere
+
+    torch.set_num_threads(settings.train.num_threads)
+    names = SiteDirectory(run_dir / "sites.json")
+    folder = evaluate_everywhere(
+        grid, settings, run_dir, context.run_id, strategy_settings.min_available_sites
+    )
+    announce_finish(grid, settings, names)
+    logger.info("Evaluation finished; cross-site table in %s", folder)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
     settings = run_settings_from_config(context.run_config)
     strategy_settings = from_mapping(StrategySettings, context.run_config)
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
-    folder = RunFolder(run_dir)
     attach_run_logging(run_dir)
+    if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
+        evaluate_only(grid, context, settings, strategy_settings, run_dir)
+        return
+    folder = RunFolder(run_dir)
     resume = folder.prepare(dict(context.run_config))
     if resume is not None:
         folder.drop_metrics_after(resume.completed_round, resume.validated_round)
