@@ -41,7 +41,7 @@ from client.disclosure import site_disclosure
 from client.model_evaluation import evaluate_model
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
-from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.site import SiteConfig, for_run, site_from_node_config, site_name_for_partition, site_run_config
 from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
@@ -182,7 +182,9 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
-        site = site_from_node_config(context.node_config, settings)
+        site = for_run(
+            site_from_node_config(context.node_config, settings), context.node_config, context.run_id
+        )
         site.out_dir.mkdir(parents=True, exist_ok=True)
         journal = admit(msg, context, settings, site)  # the site's policy and pin, before any work
         data = load_site_data(data_request(settings, site))
@@ -796,7 +798,9 @@ def finish(msg: Message, context: Context) -> Message:
     site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
-        site = site_from_node_config(context.node_config, settings)
+        site = for_run(
+            site_from_node_config(context.node_config, settings), context.node_config, context.run_id
+        )
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))

@@ -85,6 +85,9 @@ class RunSettings:
     """Training augmentation preset: ``default`` or ``strong`` (common/data/dataset.py)."""
     bn_statistics: str = "federated"
     """``federated``, ``every-round`` or ``averaged`` (see :data:`BN_STATISTICS_MODES`)."""
+    coordinator_dir: str = ""
+    """The folder of the coordinator that serves this run (``cxr-fl-server serve``: registered sites,
+    audit log) when the run's own folder is below it (``RUN_DIR/runs/<name>``); "" = ``run-dir``."""
     evaluate_model: str = ""
     """An evaluation-only run: the model file at the coordinator every site scores (server/cross_site.py)."""
     evaluate_sites: str = ""
@@ -142,6 +145,7 @@ class RunSettings:
             ("simulation-manifest-dir", self.simulation_manifest_dir),
             ("central-eval-manifest", self.central_eval_manifest),
             ("evaluate-model", self.evaluate_model),
+            ("coordinator-dir", self.coordinator_dir),
         ):
             if path and not Path(path).is_absolute():
                 raise ConfigError(

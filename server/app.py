@@ -294,7 +294,12 @@ def announce_finish(grid: Grid, settings: FederatedRunConfig, names: dict[int, s
         if outcome.status != "ok":
             logger.warning("Site %s did not acknowledge the end of the run: %s", outcome.site, outcome.reason)
     if settings.run.run_dir:
-        record_site_audit_heads(Path(settings.run.run_dir), replies, names)
+        record_site_audit_heads(coordinator_root(settings), replies, names)
+
+
+def coordinator_root(settings: FederatedRunConfig) -> Path:
+    """The coordinator's folder (registered sites, audit log): ``coordinator-dir``, else the run's."""
+    return Path(settings.run.coordinator_dir or settings.run.run_dir)
 
 
 def record_site_audit_heads(run_dir: Path, replies: list[Message], names: dict[int, str]) -> None:
@@ -401,6 +406,8 @@ def main(grid: Grid, context: Context) -> None:
         central_evaluate=central_evaluator(settings),
         validation_mode=settings.run.validation_mode,
     )
+    if settings.run.coordinator_dir:  # a run submitted to `serve`: the sites it registered
+        rounds.site_names = SiteDirectory(coordinator_root(settings) / "sites.json")
     if settings.run.bn_statistics == "every-round":
         teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
         rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None

@@ -4,7 +4,8 @@ Commands: ``certs`` (CA + server certificate), ``kit`` (a site's onboarding kit,
 ``site-key`` (a site's key pair, for tests; a site onboarded with a kit makes its own),
 ``register-site``, ``revoke-site``, ``start`` (SuperLink with TLS and site authentication, submit
 the run, follow it), ``status`` (also the certificate's expiry and the audit log's head),
-``stop``, ``audit verify``, ``evaluate`` (an evaluation-only run: every site scores one model,
+``stop``, ``serve`` and ``submit`` (a federation that stays up across runs, server/serve_cli.py),
+``audit verify``, ``evaluate`` (an evaluation-only run: every site scores one model,
 server/evaluate_cli.py), ``console`` (the read-only web page of a run folder, server/console/;
 ``start`` serves it too), ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
 ``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
@@ -32,6 +33,7 @@ from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
 from common.run_settings import read_toml
 from server.evaluate_cli import evaluate_command
+from server.serve_cli import serve_command, submit_command
 
 app = typer_app(
     "cxr-fl-server",
@@ -918,6 +920,8 @@ def audit_verify(
 
 
 app.command("evaluate")(evaluate_command)
+app.command("serve")(serve_command)
+app.command("submit")(submit_command)
 
 
 def main() -> None:

@@ -162,6 +162,11 @@ def _start_superlink(
         coordinator.start_superlink(port=port, host=host, tls=tls, database=False)
         if tls is not None:
             coordinator.reregister_sites()
+        stdout.print(
+            f"SuperLink listening on {host}:{coordinator.read_state()['port']} for this evaluation; "
+            "the sites join with their `start`",
+            highlight=False,
+        )
     except CxrFlError as exc:
         coordinator.stop(recorded=False)
         raise fail(str(exc)) from None

@@ -108,20 +108,23 @@ def test_weights_of_another_architecture_or_a_non_standard_onnx_are_refused(tmp_
         {EVALUATE_MODEL_FORMAT_KEY: "state-dict", EVALUATE_MODEL_ROLE_KEY: "student"}
     )
     reply = app(message, context)
-    assert reply.has_error() and reply.error.code == SITE_BAD_INPUT
+    assert reply.has_error()
+    assert reply.error.code == SITE_BAD_INPUT
     assert "not the run's student mobilenetv2" in reply.error.reason
 
     opset = b"\x0a\x0acustom.ops"  # OperatorSetIdProto with domain 'custom.ops'
     model = b"\x3a\x00" + b"\x42" + bytes([len(opset)]) + opset  # graph (empty) + that opset import
     reply = app(_onnx_message(model), context)
-    assert reply.has_error() and reply.error.code == SITE_BAD_INPUT
+    assert reply.has_error()
+    assert reply.error.code == SITE_BAD_INPUT
     assert "custom.ops" in reply.error.reason
 
 
 def test_a_site_whose_policy_leaves_out_evaluation_declines(tmp_path: Path, onnx_bytes: bytes) -> None:
     reply = app(_onnx_message(onnx_bytes), _context(tmp_path, phases="teacher,distill"))
 
-    assert reply.has_error() and reply.error.code == SITE_DECLINED
+    assert reply.has_error()
+    assert reply.error.code == SITE_DECLINED
     assert "evaluation phase" in reply.error.reason
 
 

@@ -140,8 +140,8 @@ def test_torchscript_a_missing_file_and_another_task_are_refused(exported: Path,
         read_evaluation_model(scripted)
     with pytest.raises(ModelError, match="not found"):
         read_evaluation_model(tmp_path / "missing.onnx")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pt")
     with pytest.raises(ModelError, match="no model metadata"):
-        torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pt")
         read_evaluation_model(tmp_path / "bare.pt")
     with pytest.raises(ModelError, match="trained for task 'normal-pneumonia-covid'"):
         check_model_task(read_evaluation_model(exported / "student.onnx"), "nih14")

@@ -47,7 +47,8 @@ def test_table_json_and_forest_plot_hold_each_sites_figures_and_the_declines(tmp
     assert "per_class" not in saved["sites"][1]
     assert saved["model"]["sha256"] == MODEL["sha256"]
     with Image.open(tmp_path / "eval" / "forest_plot.png") as png:
-        assert png.size[0] > 300 and png.size[1] > 100
+        assert png.size[0] > 300
+        assert png.size[1] > 100
 
 
 def test_values_a_site_cannot_have_are_not_drawn_or_tabled(tmp_path: Path) -> None:
@@ -55,7 +56,8 @@ def test_values_a_site_cannot_have_are_not_drawn_or_tabled(tmp_path: Path) -> No
         "site-x", "ok", "", {**_metrics(7.0, -1.0, float("inf")), "eval_op_site_rule": 0, WEIGHT_KEY: "x"}
     )
 
-    assert math.isnan(row["auroc_macro"]["value"]) and math.isnan(row["auroc_macro"]["low"])
+    assert math.isnan(row["auroc_macro"]["value"])
+    assert math.isnan(row["auroc_macro"]["low"])
     assert row["test_images"] is None
     text = write_cross_site_report(tmp_path / "eval", MODEL, [row]).read_text()
     assert "| site-x | ok |  | - | 0.61 (0.50-0.70) (argmax) |" in text

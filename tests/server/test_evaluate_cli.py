@@ -47,14 +47,16 @@ def test_torchscript_is_refused_before_anything_starts(tmp_path: Path) -> None:
 
 def test_a_missing_model_and_a_model_of_another_task_are_refused(tmp_path: Path, student: Path) -> None:
     code, output = _evaluate(tmp_path / "nothing.onnx", tmp_path / "run", "--insecure")
-    assert code == 2 and "not found" in output
+    assert code == 2
+    assert "not found" in output
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run_config.json").write_text(json.dumps({"task": "nih14"}))
     code, output = _evaluate(student, run_dir, "--insecure")
     assert code == 2
-    assert "trained for task 'normal-pneumonia-covid'" in output and "not 'nih14'" in output
+    assert "trained for task 'normal-pneumonia-covid'" in output
+    assert "not 'nih14'" in output
     assert not (run_dir / "deploy.json").exists()
 
 
