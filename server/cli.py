@@ -525,7 +525,12 @@ def _progress_bar() -> Progress:
 
 
 def _follow(
-    coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
+    coordinator: Any,
+    overrides: dict[str, Any],
+    num_rounds: int,
+    started: float,
+    timeout: float | None,
+    config_name: str = "run_overrides.toml",
 ) -> int:
     from server.deploy import FlwrRunTimeoutError
     from server.progress_lines import parse_progress
@@ -558,7 +563,7 @@ def _follow(
 
         remaining = None if timeout is None else max(1.0, timeout - (time.time() - started))
         try:
-            return coordinator.submit(overrides, on_line=on_line, timeout=remaining)
+            return coordinator.submit(overrides, on_line=on_line, timeout=remaining, config_name=config_name)
         except FlwrRunTimeoutError:
             return -1
 

@@ -141,7 +141,9 @@ def submit_command(
     started = time.time()
     _audit_run_start(coordinator, {**overrides, "run-name": name}, False)
     try:
-        code = _follow(coordinator, overrides, int({**schema, **overrides}["num-rounds"]), started, timeout)
+        rounds = int({**schema, **overrides}["num-rounds"])
+        config_name = f"{RUNS_DIR}/{name}/run_overrides.toml"
+        code = _follow(coordinator, overrides, rounds, started, timeout, config_name)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     finished = _finished(folder, started)
