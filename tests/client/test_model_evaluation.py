@@ -131,3 +131,15 @@ def test_a_site_whose_policy_leaves_out_evaluation_declines(tmp_path: Path, onnx
 def test_evaluation_scalars_are_means_of_within_class_rates_sent_without_opt_in() -> None:
     sent = Disclosure().metrics({"eval_op_balanced_accuracy": 0.71234, "eval_op_sensitivity/normal": 0.5})
     assert sent == {"eval_op_balanced_accuracy": 0.71}
+
+
+def test_training_limits_do_not_apply_to_an_evaluation(tmp_path: Path, onnx_bytes: bytes) -> None:
+    # the run's settings ask for kd-epochs = 2 and 3 rounds; an evaluation trains nothing
+    context = _context(tmp_path, **{"max-kd-epochs": 1, "max-rounds": 1})
+    reply = app(_onnx_message(onnx_bytes), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+
+    small = _context(tmp_path, **{"max-image-size": 16})  # the image size still counts
+    refused = app(_onnx_message(onnx_bytes), small)
+    assert refused.has_error()
+    assert "max-image-size" in refused.error.reason
