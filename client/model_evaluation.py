@@ -15,6 +15,7 @@ deployed site, per-class figures (``eval_.../<class>``) only with the site's opt
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,7 @@ def onnx_module(data: bytes, settings: FederatedRunConfig, num_threads: int) -> 
 
 def model_from_message(msg: Message, settings: FederatedRunConfig, site: SiteConfig) -> nn.Module:
     """The model the evaluation message brings, loaded without running any code it could carry."""
-    config = msg.content.config_records.get("config", {})
+    config: Mapping[str, Any] = msg.content.config_records.get("config", {})
     model_format, role = config.get(EVALUATE_MODEL_FORMAT_KEY), config.get(EVALUATE_MODEL_ROLE_KEY)
     if model_format not in MODEL_FORMATS or role not in ROLES:
         raise DataError(

@@ -224,6 +224,11 @@ def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: F
     assert "max-kd-epochs" in str(declined[0]["reason"])
     assert len(list((site_dirs["site-a"] / "out" / "runs").iterdir())) == 2  # each run's outputs apart
 
+    server.terminate()  # the coordinator restarts; the sites wait for it
+    assert federation.wait(server, "serve", 60) == 0, federation.output("serve")
+    again = ["--certs", str(federation.certs), "--port", str(federation.port)]
+    server = federation.spawn("serve-again", SERVER, "serve", *run_dir, *again)
+    _wait_for(lambda: "SuperLink listening" in federation.output("serve-again"), 90, "the SuperLink again")
     evaluation = federation.spawn(
         "evaluate", SERVER, "evaluate", str(delivered[0]), *run_dir, "--bootstrap", "200"
     )
@@ -237,10 +242,11 @@ def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: F
         process.terminate()  # SIGTERM: a clean stop
         assert federation.wait(process, site, 60) == 130, federation.output(site)
     server.terminate()
-    assert federation.wait(server, "serve", 60) == 0, federation.output("serve")
+    assert federation.wait(server, "serve-again", 60) == 0, federation.output("serve-again")
     events = _events(federation.run_dir / "audit.jsonl")
     assert events[-1] == "federation-stopped"
     assert {"run-submitted", "evaluation-submitted", "evaluation-finished"} <= set(events)
+    assert events.count("federation-served") == 2
     assert "run-declined" in _events(site_dirs["site-b"] / "state" / "audit" / "audit.jsonl")
     verified = federation.command(SERVER, "audit", "verify", *run_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
