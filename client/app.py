@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from client.admission import admit
 from client.central_dp import KEY_CLIPPING_NORM, clip_update
 from client.disclosure import site_disclosure
-from client.model_evaluation import evaluate_model
+from client.model_evaluation import delivered_student, evaluate_model
 from client.packed_arrays import is_packed, pack_content, unpack_content
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
 from client.site import SiteConfig, for_run, site_from_node_config, site_name_for_partition, site_run_config
@@ -815,6 +815,12 @@ def finish(msg: Message, context: Context) -> Message:
 def model_evaluation(msg: Message, context: Context) -> Message:
     """An evaluation-only run: score the coordinator's model on this site's test split."""
     return _reply(msg, context, evaluate_model)
+
+
+@app.query("delivered_student")
+def delivered_student_query(msg: Message, context: Context) -> Message:
+    """The cross-site matrix: this site's delivered student, if it opted in and is not under DP."""
+    return _reply(msg, context, delivered_student)
 
 
 @app.train("student")

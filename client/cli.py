@@ -693,6 +693,14 @@ def start(
     ] = None,
     share_per_class_metrics: SharePerClassMetrics = False,
     share_exact_metrics: ShareExactMetrics = False,
+    share_delivered_student: Annotated[
+        bool,
+        typer.Option(
+            "--share-delivered-student",
+            help="Send this site's delivered student (ONNX) when a run asks for the cross-site matrix "
+            "(cross-site-matrix), to be scored at the other sites; never under DP.",
+        ),
+    ] = False,
     operating_point: OperatingPointCriterion = "balanced-accuracy",
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
     device: Annotated[
@@ -821,6 +829,7 @@ def start(
             state_dir=state_dir,
             share_per_class_metrics=share_per_class_metrics,
             share_exact_metrics=share_exact_metrics,
+            share_delivered_student=share_delivered_student,
             num_threads=threads,
             device=device,
             connect_timeout=connect_timeout,

@@ -55,7 +55,7 @@ from client.app_runner import (
     normalise_app_hash,
     write_secret_file,
 )
-from client.site import PER_RUN_OUTPUTS_KEY
+from client.site import PER_RUN_OUTPUTS_KEY, SHARE_STUDENT_KEY
 from client.site_policy import SitePolicy
 from client.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 from common.device import check_device_setting
@@ -131,6 +131,8 @@ class SiteNodeSettings:
     state_dir: Path | None = None
     share_per_class_metrics: bool = False
     share_exact_metrics: bool = False
+    # the site's opt-in to the cross-site matrix (client/model_evaluation.py)
+    share_delivered_student: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
     device: str = "auto"
@@ -229,6 +231,7 @@ class SiteNodeSettings:
         values["state-dir"] = str(self.resolved_state_dir)
         values["share-per-class-metrics"] = self.share_per_class_metrics
         values["share-exact-metrics"] = self.share_exact_metrics
+        values[SHARE_STUDENT_KEY] = self.share_delivered_student
         values["operating-point"] = self.operating_point
         if self.stay:
             values[PER_RUN_OUTPUTS_KEY] = True
@@ -440,7 +443,7 @@ class SiteNode:
             try:
                 return self._run_once(started, notify)
             except _ActivationRefusedError as exc:
-                if time.time() - started >= self.settings.activate_timeout:
+                if time.time() - started >= self.settings.activate_timeout and not self.settings.stay:
                     raise SiteRefusedError(str(exc)) from None
                 notify(
                     "the server did not activate this site yet (an earlier session may still count as "

@@ -10,6 +10,10 @@ sensitivity and specificity at the site's own operating point, fitted on its val
 with its own criterion (the rule stays here). The reply carries those aggregates only
 (:func:`evaluation_metrics`), shaped by client/disclosure.py like every reply: coarse at a
 deployed site, per-class figures (``eval_.../<class>``) only with the site's opt-in.
+
+The cross-site matrix (run setting ``cross-site-matrix``, server/cross_site.py) asks each site
+for its delivered student (``query.delivered_student``, :func:`delivered_student`): only a site
+that opted in (``--share-delivered-student``) and does not train under DP sends it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app import Context as FlowerContext
-from flwr.app import Message, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.site import SiteConfig
+from client.site import SHARE_STUDENT_KEY, SiteConfig, node_flag
+from client.site_policy import SitePolicyError
 from common.errors import DataError
 from common.evaluation import EvaluationResult, EvaluationSettings, evaluate_scores
 from common.local import EVAL_BATCH_SIZE, SiteData, build_loaded_model, student_config
-from common.model_exchange import MODEL_FORMATS, ONNX, ROLES, check_onnx_bytes
+from common.model_exchange import MODEL_FORMATS, ONNX, ROLES, check_onnx_bytes, onnx_array
 from common.operating_point import OperatingPoint, fit_operating_point
 from common.protocol import EVALUATE_MODEL_FORMAT_KEY, EVALUATE_MODEL_ROLE_KEY, ONNX_MODEL_RECORD, WEIGHT_KEY
 from common.run_settings import FederatedRunConfig
@@ -168,6 +173,33 @@ def evaluation_metrics(result: EvaluationResult) -> dict[str, float]:
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+DELIVERED_STUDENT_FILES = ("global_student/student.onnx", "student/student.onnx")
+"""Where a run's delivered student is exported: after federated-student rounds, else the site's own."""
+
+
+def delivered_student(
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: FlowerContext
+) -> RecordDict:
+    """The ClientApp's handler of ``query.delivered_student`` (the cross-site matrix): the delivered
+    student's ONNX bytes, only from a site that opted in and does not train under DP (its
+    student was distilled from its images without DP: it never leaves)."""
+    if not node_flag(context.node_config, SHARE_STUDENT_KEY, site.simulated):
+        raise SitePolicyError(
+            "this site keeps its delivered student (no --share-delivered-student): not in the "
+            "cross-site matrix"
+        )
+    if site.effective_privacy(settings.privacy, len(data.split.train)).enabled:
+        raise SitePolicyError("a site under DP never sends its student (distilled without DP): declined")
+    for name in DELIVERED_STUDENT_FILES:
+        path = site.out_dir / name
+        if path.is_file():
+            model = path.read_bytes()
+            check_onnx_bytes(model)
+            record = ArrayRecord({"model": Array(onnx_array(model))})
+            return RecordDict({ONNX_MODEL_RECORD: record, "metrics": MetricRecord({WEIGHT_KEY: 0})})
+    raise DataError("this site has no delivered student in this run")
 
 
 def evaluate_model(

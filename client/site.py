@@ -268,6 +268,8 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
 
 
 OPERATING_POINT_KEY = "operating-point"
+SHARE_STUDENT_KEY = "share-delivered-student"
+"""node_config opt-in: the site sends its delivered student for the cross-site matrix (not under DP)."""
 PER_RUN_OUTPUTS_KEY = "per-run-outputs"
 """node_config flag of a long-running site (``cxr-fl-client serve``): each run's outputs apart."""
 RUN_OUTPUTS_DIR = "runs"

@@ -93,6 +93,8 @@ class RunSettings:
     evaluate_sites: str = ""
     """The sites (comma-separated names) an evaluation-only run asks; "" = every connected site."""
     evaluate_bootstrap: int = 1000
+    cross_site_matrix: bool = False
+    """At the end of a training run, score every opted-in site's delivered student at every other site."""
     """Bootstrap resamples of the sites' 95% intervals in an evaluation-only run."""
 
     def __post_init__(self) -> None:

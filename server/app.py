@@ -444,6 +444,10 @@ def main(grid: Grid, context: Context) -> None:
             start=student_start,
         )
 
+    if settings.run.cross_site_matrix and settings.kd_enabled and not settings.uses_dp:
+        from server.cross_site import cross_site_matrix
+
+        cross_site_matrix(grid, settings, run_dir, rounds.site_names)
     announce_finish(grid, settings, rounds.site_names)
     write_summary(
         folder,

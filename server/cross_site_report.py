@@ -136,3 +136,44 @@ def write_cross_site_report(out: Path, model: Mapping[str, Any], rows: Sequence[
     write_text_atomic(out / "cross_site.md", text)
     forest_plot(rows, out / "forest_plot.png", f"{model.get('name', 'model')} at every site")
     return out / "cross_site.md"
+
+
+def _matrix_markdown(rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[str, str]]) -> str:
+    lines = [
+        "# Cross-site matrix of the delivered students",
+        "",
+        "Each shared student scored at every other site on that site's test split: macro AUROC "
+        "(95% bootstrap interval). Only sites that opted in (`--share-delivered-student`) and do "
+        "not train under DP share their student.",
+        "",
+    ]
+    students = sorted({str(r["student_of"]) for r in rows})
+    sites = sorted({str(r["site"]) for r in rows})
+    if students:
+        lines += ["| student of \\ scored at | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
+        for student in students:
+            cells = []
+            for site in sites:
+                match = [r for r in rows if r["student_of"] == student and r["site"] == site]
+                if not match:
+                    cells.append("")
+                elif match[0]["status"] != "ok":
+                    cells.append(str(match[0]["status"]))
+                else:
+                    cells.append(_interval(match[0]["auroc_macro"]))
+            lines.append(f"| {student} | " + " | ".join(cells) + " |")
+    for keeper in kept:
+        lines.append(f"\n- {keeper['site']} kept its student: {keeper['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_matrix_report(
+    out: Path, rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[str, str]]
+) -> Path:
+    """``cross_site_matrix.json`` and ``.md`` in ``out``; returns the markdown's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out / "cross_site_matrix.json", {"scores": [dict(r) for r in rows], "kept": [dict(k) for k in kept]}
+    )
+    write_text_atomic(out / "cross_site_matrix.md", _matrix_markdown(rows, kept))
+    return out / "cross_site_matrix.md"

@@ -46,10 +46,11 @@ def serve_command(
         bool,
         typer.Option(
             "--database/--in-memory",
-            help="Keep the SuperLink's state in RUN_DIR/superlink.db (default) or in memory (the sites of "
-            "sites.json are registered again at every start).",
+            help="Keep the SuperLink's state in RUN_DIR/superlink.db, or in memory (default: the sites of "
+            "sites.json are registered again at every start, and a restarted coordinator counts no "
+            "site as connected before it is back).",
         ),
-    ] = True,
+    ] = False,
 ) -> None:
     """Keep the SuperLink and the sites' gateway up across runs until Ctrl-C or SIGTERM."""
     from common.processes import exit_on_sigterm

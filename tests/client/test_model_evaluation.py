@@ -15,6 +15,7 @@ from common.export import export_onnx
 from common.model_exchange import onnx_array
 from common.models import build_model
 from common.protocol import (
+    DELIVERED_STUDENT_MESSAGE_TYPE,
     EVALUATE_MODEL_FORMAT_KEY,
     EVALUATE_MODEL_MESSAGE_TYPE,
     EVALUATE_MODEL_ROLE_KEY,
@@ -143,3 +144,33 @@ def test_training_limits_do_not_apply_to_an_evaluation(tmp_path: Path, onnx_byte
     refused = app(_onnx_message(onnx_bytes), small)
     assert refused.has_error()
     assert "max-image-size" in refused.error.reason
+
+
+def _query(context: Context) -> Message:
+    content = RecordDict({"config": ConfigRecord({})})
+    return Message(content, dst_node_id=1, message_type=DELIVERED_STUDENT_MESSAGE_TYPE)
+
+
+def test_a_delivered_student_leaves_only_with_the_opt_in_and_never_under_dp(
+    tmp_path: Path, onnx_bytes: bytes
+) -> None:
+    student = tmp_path / "site" / "global_student" / "student.onnx"
+    student.parent.mkdir(parents=True)
+    student.write_bytes(onnx_bytes)
+
+    kept = app(_query(_context(tmp_path)), _context(tmp_path))
+    assert kept.has_error()
+    assert kept.error.code == SITE_DECLINED
+    assert "--share-delivered-student" in kept.error.reason
+
+    dp = {"share-delivered-student": True, "dp-target-epsilon": 8.0}
+    context = _context(tmp_path, **dp)
+    context.run_config["teacher-norm"] = "group"
+    under_dp = app(_query(context), context)
+    assert under_dp.has_error()
+    assert "under DP never sends its student" in under_dp.error.reason
+
+    shared = app(_query(_context(tmp_path)), _context(tmp_path, **{"share-delivered-student": True}))
+    assert not shared.has_error(), shared.error.reason if shared.has_error() else ""
+    (array,) = shared.content.array_records[ONNX_MODEL_RECORD].values()
+    assert array.numpy().tobytes() == onnx_bytes

@@ -2,7 +2,9 @@
 
 Two sites set up from kits train and distil over TLS (as in test_consortium.py); then the
 coordinator sends site-a's delivered student (its exported ONNX) to both sites in an
-evaluation-only run, each site joining again with its `start.sh`. The coordinator writes the
+evaluation-only run, each site joining again with its `start.sh`. The training run also asks
+for the cross-site matrix: site-a opted in, so its delivered student is scored at site-b;
+site-b kept its own. The coordinator writes the
 cross-site table (markdown + JSON) and the forest plot; both sites' rows hold an AUROC with its
 interval and nothing per class (no site opted in). Every process is stopped by its PID tree in
 the fixture's teardown.
@@ -35,12 +37,14 @@ def _train(federation: Federation, site_dirs: dict[str, Path]) -> None:
         "--port",
         str(federation.port),
         "--config",
-        str(federation.write_config("num-rounds = 1\n")),
+        str(federation.write_config("num-rounds = 1\ncross-site-matrix = true\n")),
         *(arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))),
     )
     federation.wait_listening()
+    shares = {"site-a": ("--share-delivered-student",), "site-b": ()}  # site-a opts in to the matrix
     clients = [
-        federation.spawn(site, "sh", str(site_dirs[site] / "start.sh"), "--threads", "1") for site in SITES
+        federation.spawn(site, "sh", str(site_dirs[site] / "start.sh"), "--threads", "1", *shares[site])
+        for site in SITES
     ]
     assert federation.wait(server, "server", 420) == 0, federation.output("server")
     for site, client in zip(SITES, clients, strict=True):
@@ -54,6 +58,12 @@ def test_a_delivered_student_is_evaluated_at_both_sites(federation: Federation) 
     _train(federation, site_dirs)
     student = site_dirs["site-a"] / "out" / "global_student" / "student.onnx"
     assert student.is_file()
+    matrix = json.loads((federation.run_dir / "cross_site_matrix.json").read_text())
+    assert [(r["student_of"], r["site"], r["status"]) for r in matrix["scores"]] == [
+        ("site-a", "site-b", "ok")
+    ]
+    assert [k["site"] for k in matrix["kept"]] == ["site-b"]  # it did not opt in
+    assert "--share-delivered-student" in matrix["kept"][0]["reason"]
 
     evaluation = federation.spawn(
         "evaluate",

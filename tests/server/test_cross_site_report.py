@@ -10,7 +10,7 @@ from PIL import Image
 
 from common.protocol import WEIGHT_KEY
 from server.cross_site import wanted_sites
-from server.cross_site_report import site_row, write_cross_site_report
+from server.cross_site_report import site_row, write_cross_site_report, write_matrix_report
 
 MODEL = {"name": "student.onnx", "description": "student.onnx: student (onnx)", "sha256": "ab" * 32}
 
@@ -66,3 +66,24 @@ def test_values_a_site_cannot_have_are_not_drawn_or_tabled(tmp_path: Path) -> No
 def test_site_selection_is_read_from_the_comma_separated_setting() -> None:
     assert wanted_sites(" site-a, ,site-b ") == ["site-a", "site-b"]
     assert wanted_sites("") == []
+
+
+def test_the_matrix_has_a_row_per_shared_student_and_names_the_sites_that_kept_theirs(tmp_path: Path) -> None:
+    rows = [
+        {"student_of": "site-a", **site_row("site-b", "ok", "", _metrics(0.7, 0.6, 0.8))},
+        {"student_of": "site-a", **site_row("site-c", "declined", "no evaluation phase", {})},
+        {"student_of": "site-b", **site_row("site-a", "ok", "", _metrics(0.9, 0.85, 0.95))},
+    ]
+    kept = [{"site": "site-c", "reason": "a site under DP never sends its student"}]
+
+    text = write_matrix_report(tmp_path, rows, kept).read_text()
+
+    assert "| site-a |  | 0.70 (0.60-0.80) | declined |" in text
+    assert "| site-b | 0.90 (0.85-0.95) |  |  |" in text
+    assert "site-c kept its student: a site under DP never sends its student" in text
+    saved = json.loads((tmp_path / "cross_site_matrix.json").read_text())
+    assert [(r["student_of"], r["site"]) for r in saved["scores"]] == [
+        ("site-a", "site-b"),
+        ("site-a", "site-c"),
+        ("site-b", "site-a"),
+    ]
