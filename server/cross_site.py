@@ -128,6 +128,8 @@ def _shared_students(
     kept: list[dict[str, str]] = [{"site": o.site, "reason": o.reason} for o in outcomes if o.status != "ok"]
     by_node = {o.node_id: o.site for o in outcomes}
     for reply in replies:
+        if reply.has_error():  # declined or failed: in ``kept`` with its reason already
+            continue
         site = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         record = reply.content.array_records.get(ONNX_MODEL_RECORD) if reply.has_content() else None
         try:

@@ -162,8 +162,10 @@ def _matrix_markdown(rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[s
                 else:
                     cells.append(_interval(match[0]["auroc_macro"]))
             lines.append(f"| {student} | " + " | ".join(cells) + " |")
+    if kept:
+        lines.append("")
     for keeper in kept:
-        lines.append(f"\n- {keeper['site']} kept its student: {keeper['reason']}")
+        lines.append(f"- {keeper['site']} kept its student: {keeper['reason']}")
     return "\n".join(lines) + "\n"
 
 
