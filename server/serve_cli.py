@@ -118,8 +118,8 @@ def submit_command(
     """Send a training run to the federation `serve` keeps up; follow it; print its summary."""
     from common.pki import check_site_name
     from common.run_settings import check_run_config, load_schema, resolve_run_config
-    from server.cli import _audit_run_start, _check_central_dp, _finished, _follow
     from server.deploy import Coordinator
+    from server.run_following import audit_run_start, check_central_dp_settings, follow_run, summary_written
     from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
@@ -135,19 +135,19 @@ def submit_command(
         overrides: dict[str, Any] = resolve_run_config(schema, config, set_)
         overrides.update({"run-dir": str(folder), "coordinator-dir": str(run_dir)})
         merged = check_run_config(overrides, also=(StrategySettings,))
-        _check_central_dp(merged)
+        check_central_dp_settings(merged)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _audit_run_start(coordinator, {**overrides, "run-name": name}, False)
+    audit_run_start(coordinator, {**overrides, "run-name": name}, False)
     try:
         rounds = int({**schema, **overrides}["num-rounds"])
         config_name = f"{RUNS_DIR}/{name}/run_overrides.toml"
-        code = _follow(coordinator, overrides, rounds, started, timeout, config_name)
+        code = follow_run(coordinator, overrides, rounds, started, timeout, config_name)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    finished = _finished(folder, started)
+    finished = summary_written(folder, started)
     coordinator.record("run-finished" if finished else "run-stopped", run=name)
     if not finished:
         raise fail(
