@@ -2,9 +2,11 @@
 
 First its policy (client/site_policy.py): a run that asks for more than the site allows is
 declined. Then its teacher pin (client/teacher_pin.py): a run that did not start from the
-pinned teacher at this site is refused. Both are recorded in the run's journal
-(client/run_journal.py), which also counts the messages of each kind, so that a coordinator
-cannot ask for more rounds than the policy allows by numbering them as it likes. The first
+pinned teacher at this site is refused (an evaluation-only run's message trains nothing and
+starts from no teacher: a later training message of the same run is then refused by a pin).
+Both are recorded in the run's journal (client/run_journal.py), which also counts the messages
+of each kind, so that a coordinator cannot ask for more rounds than the policy allows by
+numbering them as it likes. The first
 admitted message of a run is recorded in the site's audit trail (client/site_audit.py). Simulated
 sites (the coordinator's own partitions) are admitted as they are.
 """
@@ -21,6 +23,7 @@ from client.site import SiteConfig
 from client.site_audit import record_site_event
 from client.site_policy import check_message_count, check_request
 from client.teacher_pin import check_run_start
+from common.protocol import EVALUATE_MODEL_MESSAGE_TYPE
 from common.run_settings import FederatedRunConfig
 
 
@@ -35,7 +38,8 @@ def admit(
     config: dict[str, Any] = dict(msg.content.config_records.get("config", {})) if msg.has_content() else {}
     check_request(site.policy, settings, kind, config)
     journal = RunJournal.open(site.out_dir, context.run_id)
-    check_run_start(context.node_config, settings, journal, kind, config, lambda: _arrays(msg))
+    if kind != EVALUATE_MODEL_MESSAGE_TYPE:  # an evaluation-only run starts from no teacher
+        check_run_start(context.node_config, settings, journal, kind, config, lambda: _arrays(msg))
     first = journal.is_new
     check_message_count(site.policy, kind, journal.count(kind), context.run_id)
     if first:

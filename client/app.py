@@ -14,7 +14,8 @@ the site loads its data. Every model the site keeps or exports gets the site's o
 point, fitted on its validation split, and the student it delivers is first checked against the
 global teacher on its test split (client/site_operating_point.py). A deployed site's audit trail
 (client/site_audit.py) records the runs it declines (with the reason the reply carries) and the
-privacy each DP round spent.
+privacy each DP round spent. An evaluation-only run's message (``evaluate.model``) scores a
+coordinator's model on the site's test split (client/model_evaluation.py).
 
 A user's mistake (missing data path, classes that differ from the task, a DP budget that cannot
 be met) becomes an error reply whose reason the server logs, not a hang or a traceback.
@@ -36,8 +37,9 @@ from torch.utils.data import DataLoader
 
 from client.admission import admit
 from client.disclosure import site_disclosure
+from client.model_evaluation import delivered_student, evaluate_model
 from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
-from client.site import SiteConfig, site_from_node_config, site_name_for_partition, site_run_config
+from client.site import SiteConfig, for_run, site_from_node_config, site_name_for_partition, site_run_config
 from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
@@ -180,7 +182,9 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
     site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
-        site = site_from_node_config(context.node_config, settings)
+        site = for_run(
+            site_from_node_config(context.node_config, settings), context.node_config, context.run_id
+        )
         site.out_dir.mkdir(parents=True, exist_ok=True)
         journal = admit(msg, context, settings, site)  # the site's policy and pin, before any work
         data = load_site_data(data_request(settings, site))
@@ -802,7 +806,9 @@ def finish(msg: Message, context: Context) -> Message:
     site: SiteConfig | None = None
     try:
         settings = run_settings_from_config(site_run_config(context.node_config, context.run_config))
-        site = site_from_node_config(context.node_config, settings)
+        site = for_run(
+            site_from_node_config(context.node_config, settings), context.node_config, context.run_id
+        )
         write_json(site.out_dir / RUN_FINISHED_MARKER, {"run_id": context.run_id, "finished_at": time.time()})
     except CxrFlError as exc:
         return _outgoing(msg, context, Error(SITE_BAD_INPUT, str(exc)))
@@ -811,6 +817,18 @@ def finish(msg: Message, context: Context) -> Message:
     if head is not None:  # the hash alone: the coordinator keeps it as this site's anchor
         reply[AUDIT_RECORD] = ConfigRecord({"head": head})
     return _outgoing(msg, context, reply)
+
+
+@app.evaluate("model")
+def model_evaluation(msg: Message, context: Context) -> Message:
+    """An evaluation-only run: score the coordinator's model on this site's test split."""
+    return _reply(msg, context, evaluate_model)
+
+
+@app.query("delivered_student")
+def delivered_student_query(msg: Message, context: Context) -> Message:
+    """The cross-site matrix: this site's delivered student, if it opted in and is not under DP."""
+    return _reply(msg, context, delivered_student)
 
 
 @app.train("student")

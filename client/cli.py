@@ -2,14 +2,16 @@
 
 This module holds the typer app and the ``check`` command (read a site's data through its
 source adapter, decode every image into the cache, print what the site has). Other commands
-(``init`` from an onboarding kit, ``start``, ``predict``, ``explain``; ``audit`` and ``cache`` in
-client/site_cli.py) are added to the same ``app``. Commands stay thin: they
-check options, call library code in ``common/``, and turn a :class:`~common.errors.CxrFlError`
-into a one-line message and exit code 2 (no traceback).
+(``init`` from an onboarding kit, ``start``, ``serve`` (``start`` that stays up across runs),
+``predict``, ``explain``; ``audit`` and ``cache`` in client/site_cli.py) are added to the same
+``app``. Commands stay thin: they check options, call library code in ``common/``, and turn a
+:class:`~common.errors.CxrFlError` into a one-line message and exit code 2 (no traceback).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import math
 import time
@@ -691,6 +693,14 @@ def start(
     ] = None,
     share_per_class_metrics: SharePerClassMetrics = False,
     share_exact_metrics: ShareExactMetrics = False,
+    share_delivered_student: Annotated[
+        bool,
+        typer.Option(
+            "--share-delivered-student",
+            help="Send this site's delivered student (ONNX) when a run asks for the cross-site matrix "
+            "(cross-site-matrix), to be scored at the other sites; never under DP.",
+        ),
+    ] = False,
     operating_point: OperatingPointCriterion = "balanced-accuracy",
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
     device: Annotated[
@@ -819,6 +829,7 @@ def start(
             state_dir=state_dir,
             share_per_class_metrics=share_per_class_metrics,
             share_exact_metrics=share_exact_metrics,
+            share_delivered_student=share_delivered_student,
             num_threads=threads,
             device=device,
             connect_timeout=connect_timeout,
@@ -831,6 +842,7 @@ def start(
             initial_teacher=initial_teacher,
             policy=_site_policy(image_size, policy_file, **limits),
             operating_point=_criterion_option(operating_point, task),
+            stay=_SERVING.get(),
         )
         if runtime == "warm":
             from flower_adapter.app_runner import require_supported_flwr
@@ -877,6 +889,29 @@ def start(
         console.print(f"stopped ({how})")
         raise typer.Exit(130) from None
     console.print(f"[bold green]{outcome}[/]", highlight=False)
+
+
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)
+"""True while ``serve`` runs ``start``'s code: the site stays connected across runs."""
+
+
+@app.command("serve")
+@functools.wraps(start)
+def serve(*args: Any, **kwargs: Any) -> None:
+    token = _SERVING.set(True)
+    try:
+        start(*args, **kwargs)
+    finally:
+        _SERVING.reset(token)
+
+
+serve.__doc__ = (
+    "Check the site's data, then stay connected across runs (a long-running Flower SuperNode).\n\n"
+    "Takes part in each run its policy and allow-list accept and declines the others with the reason "
+    "the coordinator sees; each run's outputs go to OUT/runs/<run id>/, the privacy ledger and audit "
+    "trail (--state-dir) are one for all runs; a coordinator that restarts is waited for. Stops on "
+    "Ctrl-C or SIGTERM (exit code 130, a clean stop for the kit's systemd unit). Same options as start."
+)
 
 
 def _expiry_note(expires: Any) -> None:

@@ -23,7 +23,10 @@ SuperNode goes away, and when the coordinator stops the task's run (flower_adapt
 The ClientApp writes the student and its model card to ``OUT/student``; a site stops by itself
 once it has answered the server's "finish" message (the last message of every run, after the
 distillation and any federated-student rounds), on Ctrl-C, or when the server has been
-unreachable for ``reconnect_timeout`` seconds.
+unreachable for ``reconnect_timeout`` seconds. A long-running site (``stay``: ``cxr-fl-client
+serve``) does neither: it stays connected across runs, keeps each run's outputs in
+``OUT/runs/<run id>/`` (client/site.py ``for_run``) and starts its SuperNode again, as long as
+it takes, when the coordinator is away; it stops on Ctrl-C or SIGTERM only.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from client.site import PER_RUN_OUTPUTS_KEY, SHARE_STUDENT_KEY
 from client.site_audit import declined_run_recorder
 from client.site_policy import SitePolicy
 from common.device import check_device_setting
@@ -127,12 +131,16 @@ class SiteNodeSettings:
     state_dir: Path | None = None
     share_per_class_metrics: bool = False
     share_exact_metrics: bool = False
+    # the site's opt-in to the cross-site matrix (client/model_evaluation.py)
+    share_delivered_student: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
     device: str = "auto"
     connect_timeout: float = 120.0
     reconnect_timeout: float = 600.0
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
+    # `cxr-fl-client serve`: stay connected across runs, each run's outputs apart
+    stay: bool = False
     runtime: str = "warm"
     allowed_apps: tuple[str, ...] = ()
     supernode_memory_gib: float = DEFAULT_MEMORY_LIMIT / 1024**3
@@ -223,7 +231,10 @@ class SiteNodeSettings:
         values["state-dir"] = str(self.resolved_state_dir)
         values["share-per-class-metrics"] = self.share_per_class_metrics
         values["share-exact-metrics"] = self.share_exact_metrics
+        values[SHARE_STUDENT_KEY] = self.share_delivered_student
         values["operating-point"] = self.operating_point
+        if self.stay:
+            values[PER_RUN_OUTPUTS_KEY] = True
         for key, value in (
             ("dp-target-epsilon", self.dp_target_epsilon),
             ("dp-target-delta", self.dp_target_delta),
@@ -419,7 +430,7 @@ class SiteNode:
             try:
                 return self._run_once(started, notify)
             except _ActivationRefusedError as exc:
-                if time.time() - started >= self.settings.activate_timeout:
+                if time.time() - started >= self.settings.activate_timeout and not self.settings.stay:
                     raise SiteRefusedError(str(exc)) from None
                 notify(
                     "the server did not activate this site yet (an earlier session may still count as "
@@ -428,8 +439,10 @@ class SiteNode:
                 time.sleep(ACTIVATE_RETRY_SECONDS)
             except _RestartNodeError as exc:
                 restarts += 1
-                if restarts > MAX_RESTARTS:
+                if restarts > MAX_RESTARTS and not self.settings.stay:
                     raise SiteRefusedError(unreachable_reason(self.settings)) from None
+                if self.settings.stay:
+                    time.sleep(ACTIVATE_RETRY_SECONDS)
                 self.write_log(f"# {exc.why}; restarting the SuperNode")
                 notify(f"{exc.why}; restarting the SuperNode")
                 started = time.time()  # a restarted coordinator registers the sites again: the same grace
@@ -529,10 +542,12 @@ class SiteNode:
                 ):
                     raise _RestartNodeError
                 if now - failing_since > limit:
+                    if self.settings.stay:  # a long-running site waits for its coordinator
+                        raise _RestartNodeError(f"{unreachable_reason(self.settings)}; trying again")
                     raise SiteRefusedError(unreachable_reason(self.settings))
             # The distillation reply is the last message of a run.
             # The server's "finish" message is the last of a run; its reply has gone.
-            if sent_after_finish and now - sent_after_finish > 1.0:
+            if sent_after_finish and now - sent_after_finish > 1.0 and not self.settings.stay:
                 card = self.out_dir / STUDENT_CARD
                 where = f"; student and model card in {card.parent}" if card.is_file() else ""
                 return f"run finished{where}"

@@ -24,6 +24,11 @@ never chooses, the verdict) leave a deployed site coarse without an opt-in, as t
 summary needs them: a balanced accuracy is a mean of within-class rates, so no class share follows
 from it, even for a crafted model; they reveal at most how many classes the test split holds. Their
 per-class figures (``..._op_sensitivity/<class>``) are per-class figures like any other.
+The same holds for the scalars of an evaluation-only run (:data:`EVALUATION_SCALARS`,
+client/model_evaluation.py): balanced accuracy at the site's operating point with its interval
+and the mean sensitivity and specificity over the classes are means of within-class rates, sent
+coarse; the macro AUROC and its interval are sent like any macro AUROC; their per-class figures
+(``eval_auroc/<class>``, ``eval_op_sensitivity/<class>``...) only with the opt-in.
 
 Opt-ins, the site's own options (node_config, never a run setting): ``share-per-class-metrics``
 (``cxr-fl-client start --share-per-class-metrics``) adds the class-revealing metrics, still
@@ -69,6 +74,17 @@ DELIVERY_CHECK_SCALARS = frozenset(
 )
 """The check before delivery's scalars: sent coarse by every site (see the module docstring)."""
 
+EVALUATION_SCALARS = frozenset(
+    {
+        "eval_op_balanced_accuracy",
+        "eval_op_balanced_accuracy_low",
+        "eval_op_balanced_accuracy_high",
+        "eval_op_sensitivity_mean",
+        "eval_op_specificity_mean",
+    }
+)
+"""An evaluation-only run's means of within-class rates: sent coarse by every site."""
+
 SIGNIFICANT_DIGITS = 2
 
 _NUMBER = re.compile(r"(?<![\w.-])[-+]?(\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w])")
@@ -94,7 +110,7 @@ def bucket_count(n: int) -> int:
 
 
 def _reveals_classes(key: str) -> bool:
-    if key in DELIVERY_CHECK_SCALARS:
+    if key in DELIVERY_CHECK_SCALARS or key in EVALUATION_SCALARS:
         return False
     if "/" in key:  # per-class figures are named '<metric>/<class>'
         return True

@@ -9,6 +9,8 @@ The kit (common/kit.py) is checked first; then the site folder gets::
       site-policy.toml    the site's policy: its own limits, tightened by the kit's template
       site.json           the coordinator, its CA fingerprint, the kit's app hash (information)
       start.sh            the exact ``cxr-fl-client start`` command of this site (0700)
+      serve.sh            the same as ``cxr-fl-client serve`` (stays connected across runs; 0700)
+      cxr-fl-SITE.service a systemd unit that runs serve.sh as this account (common/kit.py)
       state/              privacy ledger and audit trail (``--state-dir``)
       out/                outputs and the decoded-image cache of the site's runs
 
@@ -20,6 +22,7 @@ it is never added to the site's allow-list (``start --allow-app`` is the site's 
 
 from __future__ import annotations
 
+import getpass
 import json
 import shlex
 import shutil
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
-from common.kit import KitFacts
+from common.kit import KitFacts, site_service_unit
 from common.pki import make_site_key
 from common.processes import console_script
 from common.site_limits import PolicyFile
@@ -150,4 +153,10 @@ def set_up_site(
     installed = [console_script("cxr-fl-client"), *command[1:]]
     script.write_text(f'#!/bin/sh\nexec {shlex.join(installed)} "$@"\n', encoding="utf-8")
     script.chmod(0o700)
+    serve = site_dir / "serve.sh"
+    serving = [installed[0], "serve", *installed[2:]]
+    serve.write_text(f'#!/bin/sh\nexec {shlex.join(serving)} "$@"\n', encoding="utf-8")
+    serve.chmod(0o700)
+    unit = site_service_unit(kit.site, site_dir, getpass.getuser())
+    (site_dir / f"cxr-fl-{kit.site}.service").write_text(unit, encoding="utf-8")
     return SiteSetup(site_dir, site_dir / f"{kit.site}.pub", policy, command, new_key)

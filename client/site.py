@@ -72,6 +72,8 @@ SERVER_PATH_SETTINGS = (
     "simulation-manifest-dir",
     "central-eval-manifest",
     "teacher-weights",
+    "evaluate-model",
+    "coordinator-dir",
 )
 """Run settings that name files: meaningful at the coordinator, never opened at a deployed site."""
 
@@ -266,6 +268,20 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
 
 
 OPERATING_POINT_KEY = "operating-point"
+SHARE_STUDENT_KEY = "share-delivered-student"
+"""node_config opt-in: the site sends its delivered student for the cross-site matrix (not under DP)."""
+PER_RUN_OUTPUTS_KEY = "per-run-outputs"
+"""node_config flag of a long-running site (``cxr-fl-client serve``): each run's outputs apart."""
+RUN_OUTPUTS_DIR = "runs"
+
+
+def for_run(site: SiteConfig, node_config: Mapping[str, Any], run_id: int) -> SiteConfig:
+    """The site as one run sees it: a long-running site (node_config ``per-run-outputs``) keeps
+    each run's outputs in ``OUT/runs/<run id>/``; its state (privacy ledger, audit trail) and
+    its image cache stay one for all runs."""
+    if site.simulated or not node_flag(node_config, PER_RUN_OUTPUTS_KEY, False):
+        return site
+    return replace(site, out_dir=site.out_dir / RUN_OUTPUTS_DIR / str(int(run_id)))
 
 
 def site_criterion(node_config: Mapping[str, Any], task: Task) -> Criterion:

@@ -33,7 +33,12 @@ from typing import Any
 
 from common.config import ModelConfig
 from common.errors import CxrFlError
-from common.protocol import DISTILL_MESSAGE_TYPE, STUDENT_FINAL_MESSAGE_TYPE, STUDENT_ROUND_MESSAGE_TYPE
+from common.protocol import (
+    DISTILL_MESSAGE_TYPE,
+    EVALUATE_MODEL_MESSAGE_TYPE,
+    STUDENT_FINAL_MESSAGE_TYPE,
+    STUDENT_ROUND_MESSAGE_TYPE,
+)
 from common.run_settings import FederatedRunConfig
 from common.site_limits import SitePolicy
 
@@ -52,9 +57,12 @@ def check_request(
 
     Checked on every message before any work: the run's settings (all of them, so that a run
     beyond the policy is declined at its first message, not after its teacher rounds), the
-    round numbers the message itself carries, and the size of the models the run builds.
+    round numbers the message itself carries, and the size of the models the run builds. An
+    evaluation-only run's message trains nothing: only its image size, the models' sizes and the
+    site's evaluation phase count.
     """
-    kd = settings.kd_enabled or kind in KD_KINDS
+    evaluation = kind == EVALUATE_MODEL_MESSAGE_TYPE  # trains nothing: image size, model sizes, phase
+    kd = settings.kd_enabled or kind in KD_KINDS or evaluation
     asked = [
         ("image-size", settings.run.image_size, policy.max_image_size, "max-image-size", "px images"),
         (
@@ -68,7 +76,9 @@ def check_request(
         ("num-rounds", _int(config, "num-rounds"), policy.max_rounds, "max-rounds", "rounds per run"),
         ("server-round", _int(config, "server-round"), policy.max_rounds, "max-rounds", "rounds per run"),
     ]
-    if kd:
+    if evaluation:
+        asked = asked[:1]
+    elif kd:
         asked += [
             ("kd-epochs", settings.distill.epochs, policy.max_kd_epochs, "max-kd-epochs", "KD epochs"),
             (
@@ -97,7 +107,10 @@ def check_request(
 
 
 def run_phases(settings: FederatedRunConfig, kind: str) -> list[str]:
-    """The phases a run asks of a site (its settings), and the phase of the message ``kind``."""
+    """The phases a run asks of a site (its settings), and the phase of the message ``kind``;
+    an evaluation-only run's message asks for the evaluation phase alone (it trains nothing)."""
+    if kind == EVALUATE_MODEL_MESSAGE_TYPE:
+        return ["evaluation"]
     needed = ["teacher"]
     if settings.kd_enabled or kind == DISTILL_MESSAGE_TYPE:
         needed.append("distill")

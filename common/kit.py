@@ -1,7 +1,8 @@
 """The onboarding kit's format: what ``cxr-fl-server kit`` writes and ``cxr-fl-client init`` reads.
 
 A kit is a folder of public files (server/kit.py writes it): ``kit.json``, ``ca.crt``,
-``server.crt``, ``site-policy.toml`` and ``README.md``. :func:`read_kit` checks it before a site
+``server.crt``, ``site-policy.toml``, ``README.md`` and ``cxr-fl-site.service`` (a systemd unit
+template for the long-running site: :func:`site_service_unit`). :func:`read_kit` checks it before a site
 uses any of it, each failure a ConfigError naming the file: the format, the site name, the
 address, the app hash, that ``ca.crt`` and ``server.crt`` are the ones ``kit.json`` names (a kit
 put together from two coordinators' files fails here), that ``ca.crt`` signed ``server.crt`` and
@@ -96,3 +97,38 @@ def read_kit(folder: Path) -> KitFacts:
         raise ConfigError(f"{where}: 'server'", server, f"an address its CA vouches for ({exc})") from None
     policy = read_policy_file(folder / POLICY_TEMPLATE, "KIT/" + POLICY_TEMPLATE)
     return KitFacts(folder, site, server, app_hash, certificate_fingerprint(ca), policy, expires)
+
+
+SERVICE_TEMPLATE = "cxr-fl-site.service"
+"""The kit's systemd unit template (``cxr-fl-client init`` writes the site's own, filled in)."""
+
+
+def site_service_unit(site: str, site_dir: Path, user: str | None = None) -> str:
+    """A systemd unit that keeps the site up across runs (``SITE_DIR/serve.sh``, i.e.
+    ``cxr-fl-client serve``), restarted after a failure, stopped by SIGTERM (its exit code 130
+    is a clean stop), its files private to the site's account (UMask 0077)."""
+    check_site_name(site, "SITE")
+    account = f"User={user}\n" if user else "# User=cxr-fl   (the account that owns the site folder)\n"
+    return f"""# cxr-fl site {site}: copy to /etc/systemd/system/cxr-fl-{site}.service, then
+#   systemctl daemon-reload && systemctl enable --now cxr-fl-{site}
+[Unit]
+Description=cxr-fl site {site} (federated chest X-ray learning, connected across runs)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+{account}WorkingDirectory={site_dir}
+ExecStart=/bin/sh {site_dir}/serve.sh
+Restart=on-failure
+RestartSec=30
+KillSignal=SIGTERM
+TimeoutStopSec=120
+SuccessExitStatus=130
+UMask=0077
+NoNewPrivileges=yes
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+"""

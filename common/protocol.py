@@ -35,6 +35,18 @@ BN_MODELS = ("teacher", "student")
 FINISH_MESSAGE_TYPE = "query.finish"
 """The server's last message of a run: a site writes RUN_FINISHED_MARKER and may stop."""
 RUN_FINISHED_MARKER = "run_finished.json"
+EVALUATE_MODEL_MESSAGE_TYPE = "evaluate.model"
+"""An evaluation-only run's message (run setting ``evaluate-model``): the site scores the model
+it brings on its test split and replies with aggregates only (client/model_evaluation.py)."""
+EVALUATE_MODEL_FORMAT_KEY = "model-format"
+"""Config key of an evaluation message: ``state-dict`` or ``onnx`` (common/model_exchange.py)."""
+EVALUATE_MODEL_ROLE_KEY = "model-role"
+"""Config key of an evaluation message: the run's ``teacher`` or ``student`` architecture."""
+ONNX_MODEL_RECORD = "onnx-model"
+"""ArrayRecord of an evaluation message with an ONNX model: one uint8 array, the file's bytes."""
+DELIVERED_STUDENT_MESSAGE_TYPE = "query.delivered_student"
+"""The end of a training run with ``cross-site-matrix``: a site that opted in (and is not under
+DP) replies with its delivered student's ONNX bytes (ONNX_MODEL_RECORD), scored at the others."""
 AUDIT_RECORD = "audit"
 """ConfigRecord of a deployed site's finish reply: ``head``, the hash of its audit log's last entry
 (client/site_audit.py), which the coordinator records as the site's anchor (common/audit.py)."""

@@ -50,6 +50,8 @@ BN_STATISTICS_MODES = ("federated", "every-round", "averaged")
 aggregated weights (common/batchnorm_stats.py) for the delivered teacher and the final federated
 student (``federated``), also after every teacher round (``every-round``), or FedAvg's average of
 the buffers (``averaged``)."""
+MAX_BOOTSTRAP = 10_000
+"""Most bootstrap resamples a run may ask of a site (``evaluate-bootstrap``)."""
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -83,6 +85,17 @@ class RunSettings:
     """Training augmentation preset: ``default`` or ``strong`` (common/data/dataset.py)."""
     bn_statistics: str = "federated"
     """``federated``, ``every-round`` or ``averaged`` (see :data:`BN_STATISTICS_MODES`)."""
+    coordinator_dir: str = ""
+    """The folder of the coordinator that serves this run (``cxr-fl-server serve``: registered sites,
+    audit log) when the run's own folder is below it (``RUN_DIR/runs/<name>``); "" = ``run-dir``."""
+    evaluate_model: str = ""
+    """An evaluation-only run: the model file at the coordinator every site scores (server/cross_site.py)."""
+    evaluate_sites: str = ""
+    """The sites (comma-separated names) an evaluation-only run asks; "" = every connected site."""
+    evaluate_bootstrap: int = 1000
+    cross_site_matrix: bool = False
+    """At the end of a training run, score every opted-in site's delivered student at every other site."""
+    """Bootstrap resamples of the sites' 95% intervals in an evaluation-only run."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -113,6 +126,10 @@ class RunSettings:
             )
         if self.bn_statistics not in BN_STATISTICS_MODES:
             raise ConfigError("bn-statistics", self.bn_statistics, "one of " + ", ".join(BN_STATISTICS_MODES))
+        if not 1 <= self.evaluate_bootstrap <= MAX_BOOTSTRAP:
+            raise ConfigError(
+                "evaluate-bootstrap", self.evaluate_bootstrap, f"an integer in [1, {MAX_BOOTSTRAP}]"
+            )
         if self.augment not in AUGMENT_CHOICES:
             raise ConfigError("augment", self.augment, "one of " + ", ".join(AUGMENT_CHOICES))
         if self.distill_teacher not in ("best", "last"):
@@ -129,6 +146,8 @@ class RunSettings:
             ("cache-dir", self.cache_dir),
             ("simulation-manifest-dir", self.simulation_manifest_dir),
             ("central-eval-manifest", self.central_eval_manifest),
+            ("evaluate-model", self.evaluate_model),
+            ("coordinator-dir", self.coordinator_dir),
         ):
             if path and not Path(path).is_absolute():
                 raise ConfigError(

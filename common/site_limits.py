@@ -9,7 +9,7 @@ same limits plus the site's retention of decoded images and, optionally, its DP 
     max-kd-epochs = 10
     max-rounds = 20
     max-teacher-parameters = 30000000
-    phases = ["teacher", "distill"]   # of teacher, distill, federated-student
+    phases = ["teacher", "distill"]   # of teacher, distill, federated-student, evaluation
     cache-max-age-days = 30     # decoded images older than this are removed when the site starts
     dp-target-epsilon = 3.0     # optional: the site trains under DP with at most this budget
 
@@ -36,9 +36,10 @@ from common.run_settings import check_image_size
 
 CACHE_MAX_AGE_KEY = "cache-max-age-days"
 DP_EPSILON_KEY = "dp-target-epsilon"
-PHASES = ("teacher", "distill", "federated-student")
+PHASES = ("teacher", "distill", "federated-student", "evaluation")
 """The phases of a run a site may take part in: teacher rounds, the distillation of its student,
-the federated-student rounds (client/site_policy.py maps messages and run settings onto them)."""
+the federated-student rounds, evaluation-only runs (scoring a coordinator's model on its test
+split: client/model_evaluation.py); client/site_policy.py maps messages and run settings onto them."""
 
 
 @dataclass(frozen=True)

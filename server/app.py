@@ -1,5 +1,8 @@
 """The Flower ServerApp: teacher rounds, then the distillation round, then the run summary.
 
+A run with ``evaluate-model`` is an evaluation-only run instead: every site scores that model
+and the coordinator writes the cross-site table (server/cross_site.py).
+
 With ``bn-statistics = "federated"`` the teacher's aggregate of every round and the federated
 student's last aggregate get BatchNorm statistics pooled from the sites (server/batchnorm.py).
 
@@ -61,6 +64,7 @@ from server.rounds import (
     wait_for_sites,
 )
 from server.run_folder import RunFolder
+from server.site_identity import SiteDirectory
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
 
@@ -290,7 +294,12 @@ def announce_finish(grid: Grid, settings: FederatedRunConfig, names: dict[int, s
         if outcome.status != "ok":
             logger.warning("Site %s did not acknowledge the end of the run: %s", outcome.site, outcome.reason)
     if settings.run.run_dir:
-        record_site_audit_heads(Path(settings.run.run_dir), replies, names)
+        record_site_audit_heads(coordinator_root(settings), replies, names)
+
+
+def coordinator_root(settings: FederatedRunConfig) -> Path:
+    """The coordinator's folder (registered sites, audit log): ``coordinator-dir``, else the run's."""
+    return Path(settings.run.coordinator_dir or settings.run.run_dir)
 
 
 def record_site_audit_heads(run_dir: Path, replies: list[Message], names: dict[int, str]) -> None:
@@ -338,14 +347,36 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
     return evaluate_state
 
 
+def evaluate_only(
+    grid: Grid,
+    context: Context,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    run_dir: Path,
+) -> None:
+    """Every site scores the run's ``evaluate-model``; the cross-site table goes to the run folder."""
+    from server.cross_site import evaluate_everywhere
+
+    torch.set_num_threads(settings.train.num_threads)
+    names = SiteDirectory(run_dir / "sites.json")
+    folder = evaluate_everywhere(
+        grid, settings, run_dir, context.run_id, strategy_settings.min_available_sites
+    )
+    announce_finish(grid, settings, names)
+    logger.info("Evaluation finished; cross-site table in %s", folder)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
     settings = run_settings_from_config(context.run_config)
     strategy_settings = from_mapping(StrategySettings, context.run_config)
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
-    folder = RunFolder(run_dir)
     attach_run_logging(run_dir)
+    if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
+        evaluate_only(grid, context, settings, strategy_settings, run_dir)
+        return
+    folder = RunFolder(run_dir)
     resume = folder.prepare(dict(context.run_config))
     if resume is not None:
         folder.drop_metrics_after(resume.completed_round, resume.validated_round)
@@ -375,6 +406,8 @@ def main(grid: Grid, context: Context) -> None:
         central_evaluate=central_evaluator(settings),
         validation_mode=settings.run.validation_mode,
     )
+    if settings.run.coordinator_dir:  # a run submitted to `serve`: the sites it registered
+        rounds.site_names = SiteDirectory(coordinator_root(settings) / "sites.json")
     if settings.run.bn_statistics == "every-round":
         teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
         rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
@@ -411,6 +444,10 @@ def main(grid: Grid, context: Context) -> None:
             start=student_start,
         )
 
+    if settings.run.cross_site_matrix and settings.kd_enabled and not settings.uses_dp:
+        from server.cross_site import cross_site_matrix
+
+        cross_site_matrix(grid, settings, run_dir, rounds.site_names)
     announce_finish(grid, settings, rounds.site_names)
     write_summary(
         folder,

@@ -4,7 +4,9 @@ Commands: ``certs`` (CA + server certificate), ``kit`` (a site's onboarding kit,
 ``site-key`` (a site's key pair, for tests; a site onboarded with a kit makes its own),
 ``register-site``, ``revoke-site``, ``start`` (SuperLink with TLS and site authentication, submit
 the run, follow it), ``status`` (also the certificate's expiry and the audit log's head),
-``stop``, ``audit verify``, ``console`` (the read-only web page of a run folder, server/console/;
+``stop``, ``serve`` and ``submit`` (a federation that stays up across runs, server/serve_cli.py),
+``audit verify``, ``evaluate`` (an evaluation-only run: every site scores one model,
+server/evaluate_cli.py), ``console`` (the read-only web page of a run folder, server/console/;
 ``start`` serves it too), ``pretrain`` (the initial teacher on public data, common/pretrain.py) and
 ``initial-teacher`` (the weights hash a run started from a file will carry). Commands stay
 thin: they check options and hand off to server/security.py and
@@ -24,12 +26,20 @@ from typing import Annotated, Any
 
 import typer
 from rich.markdown import Markdown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
 from common.run_settings import read_toml
+from server.evaluate_cli import evaluate_command
+from server.run_following import (
+    audit_run_start,
+    check_central_dp_settings,
+    follow_run,
+    progress_bar,
+    summary_written,
+)
+from server.serve_cli import serve_command, submit_command
 
 app = typer_app(
     "cxr-fl-server",
@@ -311,7 +321,7 @@ def start(
             overrides["track"] = track
         check_tracker(str(overrides.get("track", schema.get("track", ""))))
         merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
-        _check_central_dp(merged)
+        check_central_dp_settings(merged)
         prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(
@@ -383,8 +393,8 @@ def start(
                 "--site NAME --data PATH --format FORMAT --out DIR",
                 highlight=False,
             )
-        _audit_run_start(coordinator, overrides, resume)
-        code = _follow(coordinator, overrides, num_rounds, started, timeout)
+        audit_run_start(coordinator, overrides, resume)
+        code = follow_run(coordinator, overrides, num_rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -395,7 +405,7 @@ def start(
             130,
         ) from None
     finally:
-        finished = _finished(run_dir, started)
+        finished = summary_written(run_dir, started)
         if not finished:
             _tell_sites_the_run_stopped(coordinator)
         coordinator.audit_refused_calls(gateway_offset)
@@ -406,7 +416,7 @@ def start(
         coordinator.stop(recorded=False)
         if web is not None:
             web.stop()
-    if _finished(run_dir, started):
+    if summary_written(run_dir, started):
         markdown = run_dir / "summary.md"
         if markdown.is_file():
             console.print(Markdown(markdown.read_text(encoding="utf-8")))
@@ -462,29 +472,6 @@ def console_command(
     web.serve()
 
 
-def _audit_run_start(coordinator: Any, overrides: dict[str, Any], resume: bool) -> None:
-    """The run's settings and the app hash it carries, in the coordinator's audit log."""
-    from server.deploy import PROJECT_ROOT
-    from server.kit import app_bundle_hash
-
-    try:
-        app_hash: str | None = app_bundle_hash(PROJECT_ROOT)
-    except CxrFlError as exc:  # `flwr run` reports the same failure next
-        err_console.print(f"[bold yellow]warning:[/] {exc}", highlight=False)
-        app_hash = None
-    settings = {key: value for key, value in overrides.items() if key != "run-dir"}
-    coordinator.record(
-        "run-resumed" if resume else "run-submitted",
-        settings=json.dumps(settings, sort_keys=True, default=str),
-        app_hash=app_hash,
-    )
-
-
-def _finished(run_dir: Path, started: float) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.is_file() and summary.stat().st_mtime >= started
-
-
 def _tell_sites_the_run_stopped(coordinator: Any) -> None:
     """Mark the run stopped and give the sites a moment to learn it, so that they stop its work;
     a second Ctrl-C or SIGTERM skips the wait, never the teardown that follows."""
@@ -497,66 +484,6 @@ def _tell_sites_the_run_stopped(coordinator: Any) -> None:
         pass
     except Exception as exc:  # the processes must still be stopped
         err_console.print(f"could not tell the sites that the run stopped: {exc}", highlight=False)
-
-
-def _check_central_dp(merged: dict[str, Any]) -> None:
-    from common.run_settings import from_mapping
-    from server.central_dp import CentralDPSettings, check_central_dp
-
-    central = from_mapping(CentralDPSettings, merged, "central-dp-")
-    check_central_dp(central, str(merged["strategy"]), str(merged["teacher-norm"]))
-
-
-def _progress_bar() -> Progress:
-    """The coordinator's progress bar: description, bar, n/total, a detail field, elapsed time."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def _follow(
-    coordinator: Any, overrides: dict[str, Any], num_rounds: int, started: float, timeout: float | None
-) -> int:
-    from server.deploy import FlwrRunTimeoutError
-    from server.progress_lines import parse_progress
-
-    with _progress_bar() as bar:
-        job = bar.add_task("teacher rounds", total=num_rounds, detail="waiting for sites")
-
-        def on_line(line: str) -> None:
-            progress = parse_progress(line)
-            if progress is not None:
-                if progress.phase == "distill":
-                    bar.update(job, description="distillation", detail="students training at the sites")
-                elif progress.phase == "start":
-                    bar.update(job, description="students' start", detail=f"{progress.replied} public images")
-                else:
-                    detail = ""
-                    if progress.replied is not None:
-                        detail = f"{progress.replied}/{progress.sampled} sites replied"
-                    if progress.metric is not None:
-                        detail += f", val {progress.metric_name} {progress.metric:.4f}"
-                    bar.update(
-                        job,
-                        completed=progress.completed_round,
-                        total=progress.num_rounds,
-                        description=f"round {progress.completed_round}/{progress.num_rounds}",
-                        detail=detail,
-                    )
-            if " WARNING " in f" {line} " or "ERROR" in line:
-                bar.console.print(line, highlight=False, markup=False)
-
-        remaining = None if timeout is None else max(1.0, timeout - (time.time() - started))
-        try:
-            return coordinator.submit(overrides, on_line=on_line, timeout=remaining)
-        except FlwrRunTimeoutError:
-            return -1
 
 
 @app.command()
@@ -698,7 +625,7 @@ def _run_pretraining(catalog: Any, sources: dict[str, Any], settings: Any, out: 
     from common.pretrain import pretrain_teacher
     from common.progress import ProgressEvent
 
-    with _progress_bar() as bar:
+    with progress_bar() as bar:
         job = bar.add_task("decoding images", total=len(catalog), detail="(once; cached for later runs)")
         epochs = kwargs["epochs"]
 
@@ -917,6 +844,11 @@ def audit_verify(
         + (" (matches the anchor)" if anchor else ""),
         highlight=False,
     )
+
+
+app.command("evaluate")(evaluate_command)
+app.command("serve")(serve_command)
+app.command("submit")(submit_command)
 
 
 def main() -> None:

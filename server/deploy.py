@@ -616,12 +616,15 @@ class Coordinator:
         app_dir: Path = PROJECT_ROOT,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        config_name: str = "run_overrides.toml",
     ) -> int:
         """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code.
 
+        The run's settings are written to ``RUN_DIR/config_name`` (an evaluation-only run keeps
+        the training run's ``run_overrides.toml``, which ``--resume`` reads, as it was).
         Raises FlwrRunTimeoutError when ``timeout`` seconds pass first (``flwr run`` is stopped).
         """
-        config_path = self.run_dir / "run_overrides.toml"
+        config_path = self.run_dir / config_name
         write_run_config(config_path, overrides)
         command = [
             console_script("flwr"),

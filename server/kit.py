@@ -10,6 +10,8 @@
                           offline that ca.crt signed it and that it names the address's host
       site-policy.toml    a template of the limits the coordinator's runs need (common/site_limits.py)
       README.md           the exact commands for the site
+      cxr-fl-site.service a systemd unit template for the long-running site (``init`` writes the
+                          site's own, filled in: common/kit.py ``site_service_unit``)
 
 No private key is made for a site: the site makes its own key pair with ``cxr-fl-client init``
 and sends only ``SITE.pub`` back (``cxr-fl-server register-site``). The app hash is information
@@ -30,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, CxrFlError
-from common.kit import KIT_FILE, KIT_FORMAT, POLICY_TEMPLATE, split_address
+from common.kit import (
+    KIT_FILE,
+    KIT_FORMAT,
+    POLICY_TEMPLATE,
+    SERVICE_TEMPLATE,
+    site_service_unit,
+    split_address,
+)
 from common.pki import (
     CertificateError,
     certificate_fingerprint,
@@ -110,6 +119,7 @@ def write_kit(site: str, out: Path, certs: Path, address: str, app_hash: str, po
     }
     (out / KIT_FILE).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(site_readme(site, address, app_hash), encoding="utf-8")
+    (out / SERVICE_TEMPLATE).write_text(site_service_unit(site, Path("/srv/cxr-fl") / site), encoding="utf-8")
     return Kit(out, app_hash, expires)
 
 
@@ -134,6 +144,9 @@ runs need (`site-policy.toml`) and `kit.json`.
 4. Review the app: the coordinator's runs carry app hash `{app_hash}`.
    `cxr-fl-client app-hash` prints the hash of the cxr-fl you installed; the site runs only
    that one unless you add another with `--allow-app` after reviewing it.
-5. Join: `init` prints the exact `cxr-fl-client start ...` command (also in `SITE_DIR/start.sh`).
+5. Join: `init` prints the exact `cxr-fl-client start ...` command (also in `SITE_DIR/start.sh`)
+   for one run; `SITE_DIR/serve.sh` (`cxr-fl-client serve`) stays connected across runs, and
+   `SITE_DIR/cxr-fl-{site}.service` runs it as a systemd service (this kit's `cxr-fl-site.service`
+   is the same unit for `/srv/cxr-fl/{site}`).
 6. Check the site's audit trail at any time: `cxr-fl-client audit verify --site-dir SITE_DIR`.
 """

@@ -41,6 +41,7 @@ def test_a_kit_holds_public_files_only_and_reads_back(tmp_path: Path) -> None:
     assert sorted(p.name for p in kit.iterdir()) == [
         "README.md",
         "ca.crt",
+        "cxr-fl-site.service",
         "kit.json",
         "server.crt",
         "site-policy.toml",
@@ -189,7 +190,7 @@ def test_start_reads_the_policy_file_and_refuses_a_bad_one(tmp_path: Path) -> No
     ]
     result = runner.invoke(client_app, [*args, "--insecure", "--policy", str(policy)])
     assert result.exit_code == 2
-    phases = runner.invoke(client_app, [*args, "--insecure", "--phases", "teacher,evaluation"])
+    phases = runner.invoke(client_app, [*args, "--insecure", "--phases", "teacher,inference"])
     assert phases.exit_code == 2
     assert "--phases" in phases.output
     assert "max-teleport" in result.output
@@ -210,8 +211,8 @@ def test_phases_a_site_takes_part_in_are_tightened_and_checked(tmp_path: Path) -
     assert own.tightened_by(kit).limits.phases == ("teacher",)
     with pytest.raises(ConfigError, match="at least one phase in common"):
         PolicyFile(SitePolicy(phases=("distill",))).tightened_by(PolicyFile(SitePolicy(phases=("teacher",))))
-    path.write_text('phases = ["teacher", "evaluation"]\n')
-    with pytest.raises(ConfigError, match="one or more of teacher, distill, federated-student"):
+    path.write_text('phases = ["teacher", "inference"]\n')
+    with pytest.raises(ConfigError, match="one or more of teacher, distill, federated-student, evaluation"):
         read_policy_file(path)
 
     base = {"teacher_name": "tiny-cnn", "image_size": 32}

@@ -1,4 +1,5 @@
-"""A consortium as docs/consortium.md runs it: kit -> init -> register -> start -> audit verify.
+"""A consortium as docs/consortium.md runs it: kit -> init -> register -> start -> audit verify,
+and a federation that stays up: serve -> two runs in a row -> evaluate -> audit verify.
 
 The coordinator makes its certificates and one onboarding kit per site; each site is set up only
 from its kit (`cxr-fl-client init`: its own key pair, its policy, a data check) and joins with the
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_federation import CLIENT, SERVER, Federation
+from tests.e2e.test_federation import CLIENT, SERVER, Federation, _wait_for
 
 pytestmark = pytest.mark.slow
 
 SITES = ("site-a", "site-b")
 
 
-def _kit_and_init(federation: Federation, site: str) -> Path:
+def _kit_and_init(federation: Federation, site: str, *own_limits: str) -> Path:
     kit = federation.root / f"kit-{site}"
     made = federation.command(
         SERVER,
@@ -51,6 +52,7 @@ def _kit_and_init(federation: Federation, site: str) -> Path:
         "synthetic",
         "--image-size",
         "32",
+        *own_limits,
         timeout=180,
     )
     assert init.returncode == 0, init.stdout + init.stderr
@@ -165,3 +167,91 @@ def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
     assert "was, for site 'site-a'" in again.stderr
     events = _events(federation.run_dir / "audit.jsonl")
     assert events[-1] == "site-unregistered"
+
+
+def _submit(federation: Federation, name: str, *settings: str) -> None:
+    args = [
+        "--run-dir",
+        str(federation.run_dir),
+        "--config",
+        str(federation.write_config("num-rounds = 1\n")),
+    ]
+    submitted = federation.spawn(name, SERVER, "submit", name, *args, *(f"--set={s}" for s in settings))
+    assert federation.wait(submitted, name, 420) == 0, federation.output(name)
+
+
+def _rows(run: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: Federation) -> None:
+    made = federation.command(SERVER, "certs", "--out", str(federation.certs), "--host", "127.0.0.1")
+    assert made.returncode == 0, made.stderr
+    site_dirs = {"site-a": _kit_and_init(federation, "site-a")}
+    site_dirs["site-b"] = _kit_and_init(federation, "site-b", "--max-kd-epochs", "1")
+    keys = [arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))]
+    run_dir = ["--run-dir", str(federation.run_dir)]
+    server = federation.spawn(
+        "serve",
+        SERVER,
+        "serve",
+        *run_dir,
+        "--certs",
+        str(federation.certs),
+        "--port",
+        str(federation.port),
+        *keys,
+    )
+    _wait_for(lambda: "SuperLink listening" in federation.output("serve"), 90, "the served SuperLink")
+    sites = {
+        site: federation.spawn(site, "sh", str(site_dirs[site] / "serve.sh"), "--threads", "1")
+        for site in SITES
+    }
+
+    _submit(federation, "first")  # both sites train and distil
+    first = federation.run_dir / "runs" / "first"
+    assert (first / "summary.json").is_file()
+    assert [r["sites_trained"] for r in _rows(first) if r["phase"] == "aggregate"] == [2]
+    assert all(process.poll() is None for process in sites.values())  # the sites stay up
+    delivered = sorted((site_dirs["site-a"] / "out" / "runs").glob("*/global_student/student.onnx"))
+    assert len(delivered) == 1
+
+    _submit(federation, "second", "kd-epochs=2", "min-train-sites=1", "min-evaluate-sites=1")
+    second = _rows(federation.run_dir / "runs" / "second")
+    assert [r["sites_trained"] for r in second if r["phase"] == "aggregate"] == [1]
+    declined = [r for r in second if r.get("site") == "site-b" and r["status"] == "declined"]
+    assert declined
+    assert "max-kd-epochs" in str(declined[0]["reason"])
+    assert len(list((site_dirs["site-a"] / "out" / "runs").iterdir())) == 2  # each run's outputs apart
+
+    server.terminate()  # the coordinator restarts; the sites wait for it
+    assert federation.wait(server, "serve", 60) == 0, federation.output("serve")
+    again = ["--certs", str(federation.certs), "--port", str(federation.port)]
+    server = federation.spawn("serve-again", SERVER, "serve", *run_dir, *again)
+    _wait_for(lambda: "SuperLink listening" in federation.output("serve-again"), 90, "the SuperLink again")
+    evaluation = federation.spawn(
+        "evaluate", SERVER, "evaluate", str(delivered[0]), *run_dir, "--bootstrap", "200"
+    )
+    assert federation.wait(evaluation, "evaluate", 300) == 0, federation.output("evaluate")
+    (table,) = (federation.run_dir / "evaluations").glob("*/cross_site.json")
+    rows = {row["site"]: row for row in json.loads(table.read_text())["sites"]}
+    assert {site: row["status"] for site, row in rows.items()} == {"site-a": "ok", "site-b": "ok"}
+    assert (table.parent / "forest_plot.png").is_file()
+
+    for site, process in sites.items():
+        process.terminate()  # SIGTERM: a clean stop
+        assert federation.wait(process, site, 60) == 130, federation.output(site)
+    server.terminate()
+    assert federation.wait(server, "serve-again", 60) == 0, federation.output("serve-again")
+    events = _events(federation.run_dir / "audit.jsonl")
+    assert events[-1] == "federation-stopped"
+    assert {"run-submitted", "evaluation-submitted", "evaluation-finished"} <= set(events)
+    assert events.count("federation-served") == 2
+    assert "run-declined" in _events(site_dirs["site-b"] / "state" / "audit" / "audit.jsonl")
+    verified = federation.command(SERVER, "audit", "verify", *run_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    for site in SITES:
+        assert _verify_site(federation, site_dirs[site])[0] == 0
+    log = federation.run_dir / "audit.jsonl"
+    log.write_text(log.read_text().replace("evaluation-finished", "evaluation-started"))
+    assert federation.command(SERVER, "audit", "verify", *run_dir).returncode == 1
