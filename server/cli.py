@@ -31,6 +31,7 @@ from common.cli_support import fail, stderr, stdout, typer_app
 from common.errors import CxrFlError
 from common.processes import exit_on_sigterm
 from common.run_settings import read_toml
+from server.console.launch import ConsoleOption, ConsolePortOption, announce_console, open_console
 from server.evaluate_cli import evaluate_command
 from server.run_following import (
     audit_run_start,
@@ -280,17 +281,8 @@ def start(
             "the run carries the initial teacher's weights hash and sites can pin it.",
         ),
     ] = None,
-    with_console: Annotated[
-        bool,
-        typer.Option(
-            "--console/--no-console",
-            help="Serve the run's read-only console on 127.0.0.1 while the run goes on (its address, "
-            "with a token, is printed here; never on the sites' address).",
-        ),
-    ] = True,
-    console_port: Annotated[
-        int, typer.Option("--console-port", help="The console's port on 127.0.0.1 (default: any free port).")
-    ] = 0,
+    with_console: ConsoleOption = True,
+    console_port: ConsolePortOption = 0,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
@@ -346,7 +338,7 @@ def start(
             tls = TlsFiles.from_dir(certs_dir)
         if site_key_files and tls is None:
             raise fail("--site-key needs TLS: site authentication is off with --insecure")
-        web = _open_console(run_dir, console_port, port or DEFAULT_PORT) if with_console else None
+        web = open_console(run_dir, console_port, port or DEFAULT_PORT) if with_console else None
     except CxrFlError as exc:
         raise fail(str(exc)) from None
 
@@ -365,7 +357,7 @@ def start(
     exit_on_sigterm()
     if web is not None:
         web.start_background()
-        _announce_console(web, "while this command runs")
+        announce_console(web, "while this command runs")
     try:
         coordinator.start_superlink(port=port or DEFAULT_PORT, host=host, tls=tls, database=not in_memory)
     except CxrFlError as exc:
@@ -430,28 +422,6 @@ def start(
     )
 
 
-def _open_console(run_dir: Path, port: int, sites_port: int) -> Any:
-    """The console's server, its socket bound (not serving yet): port errors before anything starts."""
-    from server.console.web import ConsoleServer
-
-    if port and port == sites_port:
-        raise fail(f"--console-port {port}: that is the sites' port; choose another, or 0 for any free port")
-    if not 0 <= port <= 65535:
-        raise fail(f"--console-port {port}: pass a port number 1-65535, or 0 for any free port")
-    return ConsoleServer(run_dir, port, option="--console-port")
-
-
-def _announce_console(web: Any, how_long: str) -> None:
-    """The console's address, token included, to the owner's terminal only."""
-    console.print(f"console ({how_long}, this machine only): {web.url}", highlight=False, soft_wrap=True)
-    console.print(
-        f"  from another machine: ssh -N -L 127.0.0.1:{web.port}:127.0.0.1:{web.port} USER@THIS-HOST, "
-        "then open the same address there (docs/console.md)",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
 @app.command("console")
 def console_command(
     run_dir: RunDirOption = Path("runs/federation"),
@@ -468,7 +438,7 @@ def console_command(
         web = ConsoleServer(run_dir.resolve(), port)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    _announce_console(web, "until Ctrl-C")
+    announce_console(web, "until Ctrl-C")
     web.serve()
 
 

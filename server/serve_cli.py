@@ -20,6 +20,7 @@ import typer
 
 from common.cli_support import fail, stderr, stdout
 from common.errors import CxrFlError
+from server.console.launch import ConsoleOption, ConsolePortOption, announce_console, open_console
 
 RUNS_DIR = "runs"
 POLL_SECONDS = 1.0
@@ -51,8 +52,11 @@ def serve_command(
             "site as connected before it is back).",
         ),
     ] = False,
+    with_console: ConsoleOption = True,
+    console_port: ConsolePortOption = 0,
 ) -> None:
-    """Keep the SuperLink and the sites' gateway up across runs until Ctrl-C or SIGTERM."""
+    """Keep the SuperLink and the sites' gateway up across runs until Ctrl-C or SIGTERM; the
+    read-only console (server/console/) follows the run submitted last."""
     from common.processes import exit_on_sigterm
     from server.deploy import DEFAULT_PORT, Coordinator, TlsFiles
 
@@ -68,6 +72,7 @@ def serve_command(
             raise fail("--site-key needs TLS: site authentication is off with --insecure")
         exit_on_sigterm()
         port = port or coordinator.read_state().get("port") or DEFAULT_PORT
+        web = open_console(run_dir, console_port, port) if with_console else None
         coordinator.start_superlink(port=port, host=host, tls=tls, database=database)
     except CxrFlError as exc:
         coordinator.stop(recorded=False)
@@ -75,6 +80,9 @@ def serve_command(
     try:
         _register(coordinator, tls is not None, site_key_files or [])
         coordinator.record("federation-served", port=port, tls=tls is not None)
+        if web is not None:
+            web.start_background()
+            announce_console(web, "while the federation is served")
         stdout.print(
             f"SuperLink listening on {host}:{port} ({'TLS + site authentication' if tls else 'INSECURE'}); "
             f"serving {run_dir} until Ctrl-C or SIGTERM: send runs with `cxr-fl-server submit` or "
@@ -91,6 +99,8 @@ def serve_command(
             raise
         stdout.print("stopping the federation ...", highlight=False)
     finally:
+        if web is not None:
+            web.stop()
         coordinator.record("federation-stopped")
         coordinator.stop(recorded=False)
 

@@ -286,7 +286,7 @@ def run_phase(
 def other_runs(run_dir: Path) -> list[dict[str, Any]]:
     """Run folders beside this one, and inside it, that hold a summary.json: newest first."""
     candidates = [p for p in run_dir.parent.glob("*/summary.json") if p.parent != run_dir]
-    candidates += list(run_dir.glob("*/summary.json"))
+    candidates += list(run_dir.glob("*/summary.json")) + list(run_dir.glob("runs/*/summary.json"))
     found = []
     for path in candidates:
         summary = read_json(path)
@@ -338,31 +338,37 @@ class RunReader:
         self.gateway = GatewayLog(self.run_dir / "gateway.log")
         self.watch = watch or NodeWatch(self.run_dir)
 
-    def finished(self, state: dict[str, Any]) -> bool:
+    def current_run(self) -> Path:
+        """The run the page follows: this folder's own, or, in a folder that `cxr-fl-server serve`
+        serves, its newest run (``runs/NAME/``, the one submitted last)."""
+        served = [p.parent for p in (self.run_dir / "runs").glob("*/run_config.json")]
+        return max(served, key=lambda p: (p / "run_config.json").stat().st_mtime) if served else self.run_dir
+
+    def finished(self, state: dict[str, Any], run: Path | None = None) -> bool:
         """Is there a summary of this run (written after the coordinator's last start)?"""
         try:
-            written = (self.run_dir / "summary.json").stat().st_mtime
+            written = ((run or self.run_dir) / "summary.json").stat().st_mtime
         except OSError:
             return False
         started = number(state.get("started"))
         return started is None or written >= started
 
     def snapshot(self) -> Snapshot:
-        root = self.run_dir
+        root, run = self.run_dir, self.current_run()
         state = as_dict(read_json(root / "deploy.json"))
-        rows = read_rows(root / "metrics.jsonl")
-        saved = as_dict(read_json(root / "checkpoints" / "state.json"))
-        config = as_dict(read_json(root / "run_config.json"))
+        rows = read_rows(run / "metrics.jsonl")
+        saved = as_dict(read_json(run / "checkpoints" / "state.json"))
+        config = as_dict(read_json(run / "run_config.json"))
         registered = [s for s in read_json(root / "sites.json") or [] if isinstance(s, dict)]
-        finished = self.finished(state)
+        finished = self.finished(state, run)
         aggregates = aggregate_rows(rows, saved.get("pending_row"))
-        phase, detail = run_phase(state, finished, last_progress(root / "server.log"), rows)
+        phase, detail = run_phase(state, finished, last_progress(run / "server.log"), rows)
         spent, declines = privacy(rows)
         central = [number(r.get("train_central_dp_epsilon")) for r in aggregates]
         done = number(saved.get("completed_round"))
         total = number(config.get("num-rounds"))
         return Snapshot(
-            run_dir=root,
+            run_dir=run,
             phase=phase,
             detail=detail,
             finished=finished,
@@ -385,7 +391,7 @@ class RunReader:
                 }
                 for s in registered
             ],
-            other_runs=other_runs(root),
+            other_runs=[r for r in other_runs(root) if Path(str(r["path"])) != run],
             audit_tail=audit_tail(root),
             replies=Counter(
                 (str(r["site"]), str(r["status"]))

@@ -321,3 +321,27 @@ def test_a_site_working_on_a_later_phase_says_so_until_its_rows_arrive(tmp_path:
     )
     assert phase_label({"phase": "student-final"}, "finished") == "delivery check"
     assert phase_label({}, "teacher rounds") == "no reply yet"
+
+
+def test_a_served_federation_shows_its_newest_run_and_lists_the_earlier_ones(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    coordinator = write_run(tmp_path / "fed")  # the coordinator's files: sites, gateway, deploy.json
+    first, second = coordinator / "runs" / "first", coordinator / "runs" / "second"
+    for run in (first, second):
+        run.mkdir(parents=True)
+        for name in ("metrics.jsonl", "run_config.json", "server.log"):
+            shutil.copy(coordinator / name, run / name)
+        shutil.copytree(coordinator / "checkpoints", run / "checkpoints")
+    (first / "summary.json").write_text(json.dumps({"task": "t", "rounds_completed": 4}))
+    os.utime(first / "run_config.json", (1_000_000, 1_000_000))  # submitted before the second
+    (second / "run_config.json").write_text(json.dumps({"num-rounds": 6}))
+
+    snap = RunReader(coordinator, NodeWatch(coordinator, ask=online)).snapshot()
+
+    assert snap.run_dir == second.resolve()
+    assert (snap.rounds_done, snap.rounds_total) == (3, 6)
+    assert [s["name"] for s in snap.keys] == ["site-a", "site-b"]  # registered with the coordinator
+    assert "first" in [r["name"] for r in snap.other_runs]
+    assert "second" not in [r["name"] for r in snap.other_runs]

@@ -31,3 +31,14 @@ def test_serve_needs_certificates_or_insecure(tmp_path: Path) -> None:
 
     assert result.exit_code == 2
     assert "--certs DIR is required" in result.output
+
+
+def test_serve_refuses_a_console_on_the_sites_port_before_anything_starts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["serve", "--run-dir", str(run_dir), "--insecure", "--port", "9555", "--console-port", "9555"]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 2
+    assert "--console-port 9555: that is the sites' port" in result.output
+    assert not (run_dir / "deploy.json").exists()  # no SuperLink was started
