@@ -165,8 +165,8 @@ def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
     )
     assert again.returncode == 2
     assert "was, for site 'site-a'" in again.stderr
-    events = _events(federation.run_dir / "audit.jsonl")
-    assert events[-1] == "site-unregistered"
+    # (the run's own "run-submitted" may land before or after it: `start` submits concurrently)
+    assert "site-unregistered" in _events(federation.run_dir / "audit.jsonl")
 
 
 def _submit(federation: Federation, name: str, *settings: str) -> None:
