@@ -474,31 +474,10 @@ class Coordinator:
                 f"no SuperLink of {self.run_dir} is running: start it first "
                 f"(`cxr-fl-server start --run-dir {self.run_dir}`), or pass --site-key to start"
             )
-        result = subprocess.run(
-            [
-                console_script("flwr"),
-                "supernode",
-                "register",
-                str(public_key.resolve()),
-                CONNECTION,
-                "--name",
-                name,
-                "--format",
-                "json",
-            ],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        reply = self._flwr_supernode(
+            ["register", str(public_key.resolve()), CONNECTION, "--name", name],
+            f"{public_key} for site '{name}'",
         )
-        try:
-            reply = json.loads(result.stdout[result.stdout.index("{") :])
-        except ValueError:
-            reply = {}
-        if result.returncode != 0 or not reply.get("success"):
-            detail = reply.get("error-message") or (result.stdout + result.stderr).strip().splitlines()[-1:]
-            raise DeployError(f"`flwr supernode register` refused {public_key} for site '{name}': {detail}")
         node_id = int(reply["node-id"])
         earlier = [s for s in sites if s["name"] == name]
         rotated = bool(earlier) and earlier[0]["public_key"] != key_body
@@ -567,8 +546,13 @@ class Coordinator:
         return int(site["node_id"])
 
     def _flwr_unregister(self, node_id: int, name: str) -> None:
+        self._flwr_supernode(["unregister", str(node_id), CONNECTION], f"node {node_id} (site '{name}')")
+
+    def _flwr_supernode(self, args: list[str], what: str) -> dict[str, Any]:
+        """``flwr supernode ARGS --format json`` against the run's SuperLink; its JSON reply, or
+        DeployError saying that it refused ``what``."""
         result = subprocess.run(
-            [console_script("flwr"), "supernode", "unregister", str(node_id), CONNECTION, "--format", "json"],
+            [console_script("flwr"), "supernode", *args, "--format", "json"],
             env=self.env,
             capture_output=True,
             text=True,
@@ -581,7 +565,8 @@ class Coordinator:
             reply = {}
         if result.returncode != 0 or not reply.get("success"):
             detail = reply.get("error-message") or (result.stdout + result.stderr).strip().splitlines()[-1:]
-            raise DeployError(f"`flwr supernode unregister` refused node {node_id} (site '{name}'): {detail}")
+            raise DeployError(f"`flwr supernode {args[0]}` refused {what}: {detail}")
+        return reply
 
     def audit_refused_calls(self, since_offset: int) -> None:
         """One audit entry summarising the calls the gateway refused since ``since_offset`` of its
