@@ -301,6 +301,96 @@ def compute_teacher_logits(
     return cache
 
 
+def _check_epoch_options(
+    cfg: KDSettings,
+    teacher_or_logits: nn.Module | Tensor | np.ndarray | None,
+    max_steps: int | None,
+    mix: str,
+) -> None:
+    """Refuse what :func:`distill_one_epoch` cannot do, before any step."""
+    check_kd_settings(cfg.temperature, cfg.alpha)
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError("max-steps", max_steps, "an integer >= 1, or None for the whole loader")
+    if mix != "none" and teacher_or_logits is not None and not isinstance(teacher_or_logits, nn.Module):
+        raise ConfigError(
+            "kd-mix", mix, "none with kd-cache-teacher-logits = true (cached logits are of un-mixed images)"
+        )
+
+
+def _teacher_or_cache(
+    teacher_or_logits: nn.Module | Tensor | np.ndarray | None, task: Task
+) -> tuple[nn.Module | None, Tensor | None]:
+    """The live teacher, or the cached logits table (checked against the task), or neither."""
+    if teacher_or_logits is None:
+        return None, None
+    if isinstance(teacher_or_logits, nn.Module):
+        return teacher_or_logits, None
+    cache = torch.as_tensor(teacher_or_logits).detach().float().cpu()
+    if cache.ndim != 2 or cache.shape[1] != task.num_classes:
+        raise DataError(
+            f"cached teacher logits have shape {tuple(cache.shape)}; task '{task.name}' needs "
+            f"[num_items, {task.num_classes}]."
+        )
+    return None, cache
+
+
+def _batch_teacher_logits(
+    teacher: nn.Module | None,
+    cache: Tensor | None,
+    images: Tensor,
+    extra: Tensor | None,
+    device: str | torch.device,
+    amp: bool,
+) -> Tensor | None:
+    """The teacher's logits of a batch: run live, looked up in the cache, or None (no KD)."""
+    if teacher is not None:
+        with torch.no_grad(), autocast(device, amp):
+            return teacher(images).float()
+    if cache is not None:
+        indices = _indices_of(extra, "distillation from cached teacher logits")
+        return cache[indices].to(device)
+    return None
+
+
+def _distill_step(
+    student: nn.Module,
+    teacher_logits: Tensor | None,
+    images: Tensor,
+    targets: Tensor | None,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    cfg: KDSettings,
+    device: str | torch.device,
+    scaler: torch.amp.GradScaler | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> Tensor:
+    """One optimiser step of the student on a batch; returns the (unscaled) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, scaler is not None):
+        student_logits = student(images)
+    student_logits = student_logits.float()
+    if targets is not None:
+        check_targets(task, student_logits, targets)
+    loss = kd_loss(
+        student_logits,
+        student_logits.detach() if teacher_logits is None else teacher_logits,
+        targets,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha if teacher_logits is not None else 0.0,
+        multilabel=task.is_multilabel,
+    )
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss
+
+
 def distill_one_epoch(
     student: nn.Module,
     teacher_or_logits: nn.Module | Tensor | np.ndarray | None,
@@ -331,32 +421,13 @@ def distill_one_epoch(
     step. Returns ``loss`` (mean loss per example), ``num_examples``, ``steps`` and
     ``images_per_s``.
     """
-    check_kd_settings(cfg.temperature, cfg.alpha)
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError("max-steps", max_steps, "an integer >= 1, or None for the whole loader")
-    teacher: nn.Module | None = None
-    cache: Tensor | None = None
-    teacher_was_training = False
+    _check_epoch_options(cfg, teacher_or_logits, max_steps, mix)
     mixing = mix != "none"
-    if mixing and teacher_or_logits is not None and not isinstance(teacher_or_logits, nn.Module):
-        raise ConfigError(
-            "kd-mix", mix, "none with kd-cache-teacher-logits = true (cached logits are of un-mixed images)"
-        )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    if teacher_or_logits is None:
-        pass
-    elif isinstance(teacher_or_logits, nn.Module):
-        teacher = teacher_or_logits
-        teacher_was_training = teacher.training
+    teacher, cache = _teacher_or_cache(teacher_or_logits, task)
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:
         teacher.eval()
-    else:
-        cache = torch.as_tensor(teacher_or_logits).detach().float().cpu()
-        if cache.ndim != 2 or cache.shape[1] != task.num_classes:
-            raise DataError(
-                f"cached teacher logits have shape {tuple(cache.shape)}; task '{task.name}' needs "
-                f"[num_items, {task.num_classes}]."
-            )
-
     student.train()
     reporter = reporter_for(progress, "distill", loader_length(loader, max_steps))
     loss_sum = 0.0
@@ -373,37 +444,10 @@ def distill_one_epoch(
                 targets = targets.to(device, dtype=torch.float32)
             if mixing:
                 images, targets = mix_batch(images, targets, mix, mix_alpha, generator)
-            amp = scaler is not None
-            teacher_logits: Tensor | None = None
-            if teacher is not None:
-                with torch.no_grad(), autocast(device, amp):
-                    teacher_logits = teacher(images).float()
-            elif cache is not None:
-                indices = _indices_of(extra, "distillation from cached teacher logits")
-                teacher_logits = cache[indices].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp):
-                student_logits = student(images)
-            student_logits = student_logits.float()
-            if targets is not None:
-                check_targets(task, student_logits, targets)
-            loss = kd_loss(
-                student_logits,
-                student_logits.detach() if teacher_logits is None else teacher_logits,
-                targets,
-                temperature=cfg.temperature,
-                alpha=cfg.alpha if teacher_logits is not None else 0.0,
-                multilabel=task.is_multilabel,
+            teacher_logits = _batch_teacher_logits(teacher, cache, images, extra, device, scaler is not None)
+            loss = _distill_step(
+                student, teacher_logits, images, targets, task, optimizer, cfg, device, scaler, scheduler
             )
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(f"distillation loss became {value} at step {steps + 1}; lower 'kd-lr'.")

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from common.config import DistillConfig, ModelConfig, Norm, PrivacyConfig, TrainConfig
 from common.data.cache import CachedImages, build_cache
@@ -57,6 +57,7 @@ from common.models import build_model
 from common.privacy import (
     AccountantHistory,
     DPPlan,
+    PrivateTraining,
     check_budget_for_round,
     check_plan_matches,
     check_round_matches_plan,
@@ -218,6 +219,19 @@ def lone_last_batch(images: int, batch_size: int) -> bool:
     return images > 1 and images % batch_size == 1
 
 
+def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, pin_memory: bool) -> DataLoader:
+    """A training loader whose shuffle draws from its own generator seeded with ``seed`` (and that
+    drops a lone last image, :func:`lone_last_batch`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory,
+        drop_last=lone_last_batch(len(dataset), batch_size),  # type: ignore[arg-type]
+    )
+
+
 def build_loaded_model(
     config: ModelConfig, task: Task, state: Mapping[str, torch.Tensor] | None
 ) -> nn.Module:
@@ -277,47 +291,18 @@ def train_round(
     dataset = data.dataset("train", augment=True, seed=seed)
     if len(dataset) == 0:
         raise DataError("the site has no training images after the split")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=train.batch_size,
-        shuffle=True,
-        generator=generator,
-        pin_memory=compute.pin_memory,
-        drop_last=lone_last_batch(len(dataset), train.batch_size),
-    )
+    loader = shuffled_loader(dataset, train.batch_size, seed, pin_memory=compute.pin_memory)
     dp_on = privacy is not None and privacy.enabled
     adjustment = site_logit_adjustment(train.local_loss, task, dataset, dp_enabled=dp_on)
     optimizer = make_optimizer(model, train)
-    history = list(dp_history or [])
-    plan = dp_plan
-    metrics: dict[str, float] = {}
+    history, plan = list(dp_history or []), dp_plan
     trained_model: nn.Module = model
     private = None
     if privacy is not None and privacy.enabled:
-        if plan is None:
-            plan = plan_dp(
-                privacy,
-                num_examples=len(dataset),
-                batch_size=train.batch_size,
-                local_epochs=train.local_epochs,
-                num_rounds=num_rounds,
-            )
-        check_plan_matches(plan, privacy)
-        check_round_matches_plan(
-            plan, num_examples=len(dataset), batch_size=train.batch_size, local_epochs=train.local_epochs
+        private = _private_training(
+            model, optimizer, loader, train, privacy, plan, history, len(dataset), dp_seed, num_rounds
         )
-        check_budget_for_round(history, plan)
-        private = make_private(
-            model,
-            optimizer,
-            loader,
-            plan,
-            history,
-            dp_seed=dp_seed,
-            max_physical_batch_size=privacy.max_physical_batch_size,
-        )
-        trained_model, optimizer = private.model, private.optimizer
+        plan, trained_model, optimizer = private.plan, private.model, private.optimizer
     global_params = snapshot_params(model) if train.proximal_mu > 0 else None
     scaler = compute.grad_scaler() if private is None else None
     started = time.perf_counter()
@@ -339,15 +324,55 @@ def train_round(
                 scaler=scaler,
                 adjustment=adjustment,
             )
-    metrics["train_seconds"] = time.perf_counter() - started
-    metrics["loss"] = stats.get("loss", float("nan"))
-    metrics["images_per_s"] = stats.get("images_per_s", float("nan"))
+    metrics = {
+        "train_seconds": time.perf_counter() - started,
+        "loss": stats.get("loss", float("nan")),
+        "images_per_s": stats.get("images_per_s", float("nan")),
+    }
     if private is not None:
         history = private.history()
         metrics["dp_epsilon"] = private.epsilon()
         metrics["dp_noise_multiplier"] = private.plan.noise_multiplier
     state = {k: v.detach().cpu().clone() for k, v in unwrap_model(trained_model).state_dict().items()}
     return RoundOutcome(state, metrics, history, plan)
+
+
+def _private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    plan: DPPlan | None,
+    history: AccountantHistory,
+    num_examples: int,
+    dp_seed: int | None,
+    num_rounds: int,
+) -> PrivateTraining:
+    """DP-SGD for this round: the run's plan (made on first use) checked against the site's policy,
+    the round and the budget left, then the model, optimiser and loader made private."""
+    if plan is None:
+        plan = plan_dp(
+            privacy,
+            num_examples=num_examples,
+            batch_size=train.batch_size,
+            local_epochs=train.local_epochs,
+            num_rounds=num_rounds,
+        )
+    check_plan_matches(plan, privacy)
+    check_round_matches_plan(
+        plan, num_examples=num_examples, batch_size=train.batch_size, local_epochs=train.local_epochs
+    )
+    check_budget_for_round(history, plan)
+    return make_private(
+        model,
+        optimizer,
+        loader,
+        plan,
+        history,
+        dp_seed=dp_seed,
+        max_physical_batch_size=privacy.max_physical_batch_size,
+    )
 
 
 def site_logit_adjustment(
@@ -464,94 +489,208 @@ def distill_student(
     teacher = build_loaded_model(teacher_config, task, teacher_state).to(device)
     teacher.eval()
     test_loader = DataLoader(data.dataset("test"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
+    recalibrate = use_kd and (distill.recalibrate_bn if recalibrate_bn is None else recalibrate_bn)
+    metrics, adapted = _prepare_teacher(
+        teacher, data, task, test_loader, recalibrate, evaluate_teacher, compute
+    )
+    student_arch = student_config(distill, teacher_config, norm)
+    student = build_loaded_model(student_arch, task, student_state).to(device)
+    fit = _plan_epochs(
+        student,
+        teacher if use_kd else None,
+        data,
+        distill,
+        seed=seed,
+        epochs=distill.epochs if epochs is None else epochs,
+        schedule_part=schedule_part,
+        earlier_logits=teacher_logits,
+        num_threads=num_threads,
+        compute=compute,
+        progress=progress,
+    )
+    competes = start_competes and student_state is not None
+    selection, val_loader = _best_epoch_selection(student, data, task, distill, competes, compute)
+    started = time.perf_counter()
+    epochs_run = _fit_epochs(student, fit, task, distill, selection, val_loader, device, progress)
+    if selection is not None:
+        selection.restore(student)
+        metrics["student_best_epoch"] = float(selection.best_epoch + 1)
+    metrics["student_epochs_run"] = float(epochs_run)
+    metrics["distill_seconds"] = time.perf_counter() - started
+    metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
+    logits = fit.teacher_source if isinstance(fit.teacher_source, torch.Tensor) else None
+    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits, teacher_adapted=adapted)
+
+
+def _best_epoch_selection(
+    student: nn.Module,
+    data: SiteData,
+    task: Task,
+    distill: DistillConfig,
+    start_competes: bool,
+    compute: Compute,
+) -> tuple[BestStudent | None, DataLoader | None]:
+    """The validation loader (None without validation images) and, with ``select_best``, the
+    keeper of the best epoch; with ``start_competes`` the starting student is scored first and
+    kept (best epoch 0) unless an epoch beats it."""
+    val_set = data.dataset("val")
+    val_loader = (
+        DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
+        if len(val_set)
+        else None
+    )
+    selection = BestStudent(patience=distill.patience) if distill.select_best and val_loader else None
+    if selection is not None and val_loader is not None and start_competes:
+        selection.update(-1, student, evaluate(student, val_loader, task, device=compute.device))
+    return selection, val_loader
+
+
+def _prepare_teacher(
+    teacher: nn.Module,
+    data: SiteData,
+    task: Task,
+    test_loader: DataLoader,
+    recalibrate: bool,
+    evaluate_teacher: bool,
+    compute: Compute,
+) -> tuple[dict[str, float], bool]:
+    """Score the teacher as received (``teacher_*``), then, with ``recalibrate``, re-estimate its
+    BatchNorm statistics on the site's train split and score it again (``teacher_site_bn_*``).
+    Returns those metrics and whether the teacher was adapted."""
+    device = compute.device
     metrics: dict[str, float] = {}
     if evaluate_teacher:  # the federation's teacher as received, before any site adaptation
         metrics.update(scalar_metrics(evaluate(teacher, test_loader, task, device=device), "teacher_"))
-    adapted = False
-    if use_kd and (distill.recalibrate_bn if recalibrate_bn is None else recalibrate_bn):
-        plain_loader = DataLoader(data.dataset("train"), batch_size=EVAL_BATCH_SIZE, pin_memory=pin)
-        if recalibrate_batchnorm(teacher, plain_loader, device=device):
-            adapted = True
-            teacher.eval()
-            if evaluate_teacher:
-                at_site = evaluate(teacher, test_loader, task, device=device)
-                metrics.update(scalar_metrics(at_site, "teacher_site_bn_"))
-    student = build_loaded_model(student_config(distill, teacher_config, norm), task, student_state)
-    student = student.to(device)
+    if not recalibrate:
+        return metrics, False
+    plain_loader = DataLoader(
+        data.dataset("train"), batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory
+    )
+    if not recalibrate_batchnorm(teacher, plain_loader, device=device):
+        return metrics, False
+    teacher.eval()
+    if evaluate_teacher:
+        at_site = evaluate(teacher, test_loader, task, device=device)
+        metrics.update(scalar_metrics(at_site, "teacher_site_bn_"))
+    return metrics, True
+
+
+def _teacher_logits_of_train_split(
+    teacher: nn.Module, data: SiteData, compute: Compute, progress: ProgressArg
+) -> torch.Tensor:
+    """One pass of the teacher over the un-augmented train split (KD with cached logits)."""
+    plain = IndexedDataset(data.dataset("train"))
+    return compute_teacher_logits(
+        teacher,
+        DataLoader(plain, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory),
+        len(plain),
+        device=compute.device,
+        progress=progress,
+    )
+
+
+def _part_of_schedule(
+    optimizer: torch.optim.Optimizer,
+    distill: DistillConfig,
+    epochs: int,
+    steps_per_epoch: int,
+    schedule_part: tuple[int, int],
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Part ``r`` of ``R`` equal parts of one warm-up + cosine schedule (None: constant rate)."""
+    part, parts = schedule_part
+    if not 1 <= part <= parts:
+        raise ValueError(f"schedule part {part} of {parts}: the part must be between 1 and {parts}")
+    if distill.schedule != "cosine":
+        return None
+    part_steps = epochs * steps_per_epoch
+    return warmup_cosine(
+        optimizer,
+        parts * part_steps,
+        distill.warmup_epochs * steps_per_epoch,
+        start_step=(part - 1) * part_steps,
+    )
+
+
+@dataclass
+class _EpochPlan:
+    """What the epochs of a distillation run on: their number, the teacher (live, its cached
+    logits, or None without KD), data, optimiser, schedule and generators."""
+
+    epochs: int
+    teacher_source: nn.Module | torch.Tensor | None
+    loader: DataLoader
+    train_set: CxrDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    mix_generator: torch.Generator
+    scaler: torch.amp.GradScaler | None
+
+
+def _plan_epochs(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: SiteData,
+    distill: DistillConfig,
+    *,
+    seed: int,
+    epochs: int,
+    schedule_part: tuple[int, int],
+    earlier_logits: torch.Tensor | None,
+    num_threads: int,
+    compute: Compute,
+    progress: ProgressArg,
+) -> _EpochPlan:
+    """The augmented train split, its shuffled loader (indexed for cached logits), the student's
+    optimiser and schedule, and the teacher's part (``teacher`` None: no KD)."""
     train_set = data.dataset("train", augment=True, seed=seed)
     optimizer = make_optimizer(
         student, TrainConfig(lr=distill.lr, optimizer=distill.optimizer, num_threads=num_threads)
     )
-    generator = torch.Generator().manual_seed(seed)
     mix_generator = torch.Generator().manual_seed(derive_seed(seed, "mix"))
-    teacher_source: nn.Module | torch.Tensor | None = teacher if use_kd else None
-    if use_kd and distill.cache_teacher_logits:
-        if teacher_logits is not None and teacher_logits.shape[0] == len(train_set):
-            teacher_source = teacher_logits
-        else:
-            plain = IndexedDataset(data.dataset("train"))
-            teacher_source = compute_teacher_logits(
-                teacher,
-                DataLoader(plain, batch_size=EVAL_BATCH_SIZE, pin_memory=pin),
-                len(plain),
-                device=device,
-                progress=progress,
-            )
-        loader: DataLoader = DataLoader(
-            IndexedDataset(train_set),
-            batch_size=distill.batch_size,
-            shuffle=True,
-            generator=generator,
-            pin_memory=pin,
-            drop_last=lone_last_batch(len(train_set), distill.batch_size),
-        )
+    pin = compute.pin_memory
+    teacher_source: nn.Module | torch.Tensor | None = teacher
+    if teacher is not None and distill.cache_teacher_logits:
+        teacher_source = earlier_logits
+        if earlier_logits is None or earlier_logits.shape[0] != len(train_set):
+            teacher_source = _teacher_logits_of_train_split(teacher, data, compute, progress)
+        loader = shuffled_loader(IndexedDataset(train_set), distill.batch_size, seed, pin_memory=pin)
     else:
-        loader = DataLoader(
-            train_set,
-            batch_size=distill.batch_size,
-            shuffle=True,
-            generator=generator,
-            pin_memory=pin,
-            drop_last=lone_last_batch(len(train_set), distill.batch_size),
-        )
-    total_epochs = distill.epochs if epochs is None else epochs
-    steps_per_epoch = len(loader)
-    scheduler = None
-    part, parts = schedule_part
-    if not 1 <= part <= parts:
-        raise ValueError(f"schedule part {part} of {parts}: the part must be between 1 and {parts}")
-    if distill.schedule == "cosine":
-        part_steps = total_epochs * steps_per_epoch
-        scheduler = warmup_cosine(
-            optimizer,
-            parts * part_steps,
-            distill.warmup_epochs * steps_per_epoch,
-            start_step=(part - 1) * part_steps,
-        )
-    val_set = data.dataset("val")
-    val_loader = DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=pin) if len(val_set) else None
-    selection = BestStudent(patience=distill.patience) if distill.select_best and val_loader else None
-    if selection is not None and val_loader is not None and start_competes and student_state is not None:
-        selection.update(-1, student, evaluate(student, val_loader, task, device=device))
-    scaler = compute.grad_scaler()
-    started = time.perf_counter()
+        loader = shuffled_loader(train_set, distill.batch_size, seed, pin_memory=pin)
+    scheduler = _part_of_schedule(optimizer, distill, epochs, len(loader), schedule_part)
+    return _EpochPlan(
+        epochs, teacher_source, loader, train_set, optimizer, scheduler, mix_generator, compute.grad_scaler()
+    )
+
+
+def _fit_epochs(
+    student: nn.Module,
+    fit: _EpochPlan,
+    task: Task,
+    distill: DistillConfig,
+    selection: BestStudent | None,
+    val_loader: DataLoader | None,
+    device: torch.device | str,
+    progress: ProgressArg,
+) -> int:
+    """Distil epoch by epoch, scoring each on validation when a best epoch is selected; stops
+    early when ``selection`` says ``patience`` epochs brought nothing. Returns the epochs run."""
     epochs_run = 0
-    for epoch in range(total_epochs):
-        train_set.set_epoch(epoch)
+    for epoch in range(fit.epochs):
+        fit.train_set.set_epoch(epoch)
         distill_one_epoch(
             student,
-            teacher_source,
-            loader,
+            fit.teacher_source,
+            fit.loader,
             task,
-            optimizer,
+            fit.optimizer,
             distill,
             device=device,
             progress=progress,
-            scaler=scaler,
-            scheduler=scheduler,
+            scaler=fit.scaler,
+            scheduler=fit.scheduler,
             mix=distill.mix,
             mix_alpha=distill.mix_alpha,
-            generator=mix_generator,
+            generator=fit.mix_generator,
         )
         epochs_run = epoch + 1
         if (
@@ -560,14 +699,7 @@ def distill_student(
             and selection.update(epoch, student, evaluate(student, val_loader, task, device=device))
         ):
             break
-    if selection is not None:
-        selection.restore(student)
-        metrics["student_best_epoch"] = float(selection.best_epoch + 1)
-    metrics["student_epochs_run"] = float(epochs_run)
-    metrics["distill_seconds"] = time.perf_counter() - started
-    metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
-    logits = teacher_source if isinstance(teacher_source, torch.Tensor) else None
-    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits, teacher_adapted=adapted)
+    return epochs_run
 
 
 @dataclass(frozen=True)

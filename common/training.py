@@ -173,31 +173,16 @@ def loader_length(loader: Iterable[Any], max_steps: int | None) -> int | None:
     return total
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[Any],
-    task: Task,
+def check_epoch_options(
     optimizer: torch.optim.Optimizer,
     *,
-    device: str | torch.device = "cpu",
-    proximal_mu: float = 0.0,
-    global_params: Sequence[Tensor] | None = None,
-    progress: ProgressArg = None,
-    max_steps: int | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    adjustment: LogitAdjustment | None = None,
-) -> dict[str, float]:
-    """One pass over ``loader`` (or its first ``max_steps`` batches), updating ``model``.
-
-    The model must already be on ``device``; batches are moved there. With a ``scaler``
-    (CUDA only; see :mod:`common.device`) the forward pass runs under float16 autocast and the
-    loss is scaled before backward (mixed precision); keep one scaler for all epochs. Returns
-    ``loss`` (task loss, mean per example or per known label), ``proximal_term`` (mean over
-    steps, 0 without FedProx), ``num_examples``, ``steps`` and ``images_per_s`` (wall clock,
-    data loading included). ``adjustment``: the site's label-skew correction of the training
-    logits (common/label_skew.py); refused with an Opacus optimizer (it would put the site's class
-    counts into every per-sample gradient).
-    """
+    proximal_mu: float,
+    global_params: Sequence[Tensor] | None,
+    max_steps: int | None,
+    scaler: torch.amp.GradScaler | None,
+    adjustment: LogitAdjustment | None,
+) -> None:
+    """Refuse the options of :func:`train_one_epoch` that cannot go together (before any step)."""
     if adjustment is not None and _is_dp_optimizer(optimizer):
         raise ConfigError(
             "local-loss",
@@ -226,6 +211,73 @@ def train_one_epoch(
     if scaler is not None and _is_dp_optimizer(optimizer):
         raise ConfigError("amp", True, "false with DP-SGD (Opacus clips unscaled per-sample gradients)")
 
+
+def _optimizer_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    device: str | torch.device,
+    scaler: torch.amp.GradScaler | None,
+    adjustment: LogitAdjustment | None,
+    proximal_mu: float,
+    global_params: Sequence[Tensor] | None,
+) -> tuple[Tensor, int, float]:
+    """One forward/backward/update on a batch: the task loss, its weight and the proximal term."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, scaler is not None):
+        logits = model(images)
+        loss, weight = task_loss(logits.float(), targets, task, adjustment)
+    total = loss
+    prox_value = 0.0
+    if proximal_mu > 0 and global_params is not None:
+        prox = proximal_term(model, global_params, proximal_mu)
+        total = total + prox
+        prox_value = float(prox.detach())
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        optimizer.step()
+    return loss, weight, prox_value
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: str | torch.device = "cpu",
+    proximal_mu: float = 0.0,
+    global_params: Sequence[Tensor] | None = None,
+    progress: ProgressArg = None,
+    max_steps: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    adjustment: LogitAdjustment | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader`` (or its first ``max_steps`` batches), updating ``model``.
+
+    The model must already be on ``device``; batches are moved there. With a ``scaler``
+    (CUDA only; see :mod:`common.device`) the forward pass runs under float16 autocast and the
+    loss is scaled before backward (mixed precision); keep one scaler for all epochs. Returns
+    ``loss`` (task loss, mean per example or per known label), ``proximal_term`` (mean over
+    steps, 0 without FedProx), ``num_examples``, ``steps`` and ``images_per_s`` (wall clock,
+    data loading included). ``adjustment``: the site's label-skew correction of the training
+    logits (common/label_skew.py); refused with an Opacus optimizer (it would put the site's class
+    counts into every per-sample gradient).
+    """
+    check_epoch_options(
+        optimizer,
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+        max_steps=max_steps,
+        scaler=scaler,
+        adjustment=adjustment,
+    )
     model.train()
     reporter = reporter_for(progress, "train", loader_length(loader, max_steps))
     loss_sum = 0.0
@@ -243,22 +295,19 @@ def train_one_epoch(
                 raise DataError("training batches need targets: the loader must yield (images, targets).")
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, dtype=torch.float32, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, scaler is not None):
-                logits = model(images)
-                loss, weight = task_loss(logits.float(), targets, task, adjustment)
-            total = loss
-            if proximal_mu > 0 and global_params is not None:
-                prox = proximal_term(model, global_params, proximal_mu)
-                total = total + prox
-                prox_sum += float(prox.detach())
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                total.backward()
-                optimizer.step()
+            loss, weight, prox = _optimizer_step(
+                model,
+                images,
+                targets,
+                task,
+                optimizer,
+                device,
+                scaler,
+                adjustment,
+                proximal_mu,
+                global_params,
+            )
+            prox_sum += prox
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise ModelError(
