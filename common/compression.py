@@ -279,6 +279,78 @@ def _time_round_robin(
                 v.runs_ms.append((time.perf_counter() - start) * 1000.0)
 
 
+def _student_variants(
+    student: nn.Module, student_onnx: Path, calibration_images: np.ndarray, work_dir: Path
+) -> list[_Variant]:
+    """The fp32 KD student and its two int8 quantisations (dynamic and static)."""
+    student_params = nonzero_parameters(student)
+    dynamic_path = quantize_dynamic_int8(student_onnx, work_dir / "student-int8-dynamic.onnx")
+    static_path = quantize_static_int8(
+        student_onnx, work_dir / "student-int8-static.onnx", calibration_images
+    )
+    return [
+        _Variant(name, description, path, student_params, path.stat().st_size / 1e6, "ONNX file", False)
+        for name, description, path in (
+            ("student-kd", "KD student, ONNX fp32", student_onnx),
+            ("student-int8-dynamic", "KD student, ORT dynamic int8 (uint8 weights)", dynamic_path),
+            (
+                "student-int8-static",
+                f"KD student, ORT static int8 QDQ ({len(calibration_images)} calibration images)",
+                static_path,
+            ),
+        )
+    ]
+
+
+def _pruned_teachers(
+    teacher: nn.Module,
+    prune_amounts: Sequence[float],
+    work_dir: Path,
+    image_size: int,
+    in_channels: int,
+    temporary: list[Path],
+) -> list[_Variant]:
+    """The teacher pruned by each amount, exported as dense ONNX (files added to ``temporary``)."""
+    variants = []
+    for amount in prune_amounts:
+        pruned = prune_model(teacher, amount)
+        nonzero = nonzero_parameters(pruned)
+        label = f"teacher-pruned-{round(amount * 100)}"
+        path = export_onnx(pruned, work_dir / f"{label}.onnx", image_size, in_channels)
+        del pruned
+        temporary.append(path)
+        variants.append(
+            _Variant(
+                label,
+                f"teacher, global L1 unstructured pruning {amount:.0%} of conv/linear weights, "
+                "ONNX fp32 (dense)",
+                path,
+                nonzero,
+                nonzero * BYTES_PER_PARAMETER / 1e6,
+                "non-zero params x 4 B",
+                True,
+            )
+        )
+    return variants
+
+
+def _score(
+    v: _Variant, task: Task, test_images: np.ndarray, test_targets: np.ndarray, num_threads: int
+) -> tuple[float, float]:
+    """Accuracy and macro-AUROC of a variant on the test images (ONNX Runtime)."""
+    logits = run_session(make_session(v.path, num_threads), test_images, batch_size=16)
+    return _metrics(task, _probabilities(task, logits), test_targets)
+
+
+def _row(v: _Variant, accuracy: float, auroc: float) -> CompressionRow:
+    """A variant's table row (median latency of its timed runs)."""
+    latency = statistics.median(v.runs_ms)
+    logger.info("%s: %.2f MB, %.2f ms, accuracy %.3f", v.name, v.size_mb, latency, accuracy)
+    return CompressionRow(
+        v.name, v.description, v.size_mb, v.size_basis, v.parameters, latency, accuracy, auroc
+    )
+
+
 def compare_compression(
     teacher: nn.Module,
     student: nn.Module,
@@ -339,46 +411,9 @@ def compare_compression(
     if student_onnx is None:
         student_onnx = export_onnx(student, work_dir / "student-fp32.onnx", image_size, in_channels)
         temporary.append(student_onnx)
-    student_params = nonzero_parameters(student)
-    dynamic_path = quantize_dynamic_int8(student_onnx, work_dir / "student-int8-dynamic.onnx")
-    static_path = quantize_static_int8(
-        student_onnx, work_dir / "student-int8-static.onnx", calibration_images
-    )
-    for name, description, path in (
-        ("student-kd", "KD student, ONNX fp32", student_onnx),
-        ("student-int8-dynamic", "KD student, ORT dynamic int8 (uint8 weights)", dynamic_path),
-        (
-            "student-int8-static",
-            f"KD student, ORT static int8 QDQ ({len(calibration_images)} calibration images)",
-            static_path,
-        ),
-    ):
-        variants.append(
-            _Variant(name, description, path, student_params, path.stat().st_size / 1e6, "ONNX file", False)
-        )
-    for amount in prune_amounts:
-        pruned = prune_model(teacher, amount)
-        nonzero = nonzero_parameters(pruned)
-        label = f"teacher-pruned-{round(amount * 100)}"
-        path = export_onnx(pruned, work_dir / f"{label}.onnx", image_size, in_channels)
-        del pruned
-        temporary.append(path)
-        variants.append(
-            _Variant(
-                label,
-                f"teacher, global L1 unstructured pruning {amount:.0%} of conv/linear weights, "
-                "ONNX fp32 (dense)",
-                path,
-                nonzero,
-                nonzero * BYTES_PER_PARAMETER / 1e6,
-                "non-zero params x 4 B",
-                True,
-            )
-        )
-    scores: dict[str, tuple[float, float]] = {}
-    for v in variants:
-        logits = run_session(make_session(v.path, num_threads), test_images, batch_size=16)
-        scores[v.name] = _metrics(task, _probabilities(task, logits), test_targets)
+    variants += _student_variants(student, student_onnx, calibration_images, work_dir)
+    variants += _pruned_teachers(teacher, prune_amounts, work_dir, image_size, in_channels, temporary)
+    scores = {v.name: _score(v, task, test_images, test_targets, num_threads) for v in variants}
     _time_round_robin(
         variants,
         image_size,
@@ -388,16 +423,7 @@ def compare_compression(
         slow_repeats=slow_repeats,
         warmup=warmup,
     )
-    rows = []
-    for v in variants:
-        accuracy, auroc = scores[v.name]
-        latency = statistics.median(v.runs_ms)
-        logger.info("%s: %.2f MB, %.2f ms, accuracy %.3f", v.name, v.size_mb, latency, accuracy)
-        rows.append(
-            CompressionRow(
-                v.name, v.description, v.size_mb, v.size_basis, v.parameters, latency, accuracy, auroc
-            )
-        )
+    rows = [_row(v, *scores[v.name]) for v in variants]
     if not keep_files:
         for path in temporary:
             if path.parent == work_dir:

@@ -50,7 +50,7 @@ from common.checkpoint import load_metadata, sha256_file
 from common.data.cache import CachedImages, ProgressCallback, build_cache
 from common.errors import ConfigError, CxrFlError, DataError, ModelError
 from common.jsonio import json_safe, write_json, write_text_atomic
-from common.metrics import compute_metrics
+from common.metrics import Metrics, compute_metrics
 from common.operating_point import OperatingPoint
 from common.tasks import Task, get_task
 
@@ -476,42 +476,52 @@ def _ece(confidence: np.ndarray, outcome: np.ndarray, bins: int) -> tuple[float,
     return ece, CalibrationBins("", mean_conf.tolist(), observed.tolist(), counts[used].astype(int).tolist())
 
 
-def evaluate_scores(
-    task: Task, targets: np.ndarray, scores: np.ndarray, settings: EvaluationSettings | None = None
-) -> EvaluationResult:
-    """All figures of the report from labels ``[N, C]`` and probabilities ``[N, C]``.
+@dataclass
+class _PerClass:
+    """Each class's result, bootstrap samples, ROC curve and calibration bins."""
 
-    Multi-class targets are one-hot; multi-label ones 1 / 0 / NaN (unknown labels are left out
-    per finding). Raises DataError when shapes or labels do not fit the task.
-    """
-    from sklearn.metrics import roc_curve
+    results: list[ClassResult] = field(default_factory=list)
+    auroc: list[np.ndarray] = field(default_factory=list)
+    sensitivity: list[np.ndarray] = field(default_factory=list)
+    specificity: list[np.ndarray] = field(default_factory=list)
+    site_sensitivity: list[np.ndarray] = field(default_factory=list)
+    site_specificity: list[np.ndarray] = field(default_factory=list)
+    roc: list[tuple[str, list[float], list[float]]] = field(default_factory=list)
+    calibration: list[CalibrationBins] = field(default_factory=list)
 
-    settings = settings or EvaluationSettings()
-    point = compute_metrics(task, targets, scores, threshold=0.5)  # validates shapes and labels
-    targets = np.asarray(targets, dtype=np.float64)
-    scores = np.asarray(scores, dtype=np.float64)
-    multiclass = task.kind == "multiclass"
-    known = ~np.isnan(targets)
-    labels = np.nan_to_num(targets, nan=0.0) > 0.5
-    if multiclass:
+
+def _decisions(
+    task: Task, targets: np.ndarray, labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, str]:
+    """The true class (multi-class), the bootstrap strata, the default decisions and their name:
+    argmax for multi-class; threshold 0.5 per finding for multi-label, stratified by first finding."""
+    if task.kind == "multiclass":
         truth = targets.argmax(axis=1)
-        strata = truth
         predicted = np.zeros_like(labels)
         predicted[np.arange(len(scores)), scores.argmax(axis=1)] = True
-        operating_point = "argmax"
-    else:
-        has_positive = labels.any(axis=1)
-        strata = np.where(has_positive, labels.argmax(axis=1), task.num_classes)
-        predicted = scores >= 0.5
-        operating_point = "threshold 0.5"
-    weights = stratified_weights(strata, settings.n_bootstrap, settings.seed)
-    level = settings.level
-    rule = site_rule(task, scores, settings)
+        return truth, truth, predicted, "argmax"
+    has_positive = labels.any(axis=1)
+    strata = np.where(has_positive, labels.argmax(axis=1), task.num_classes)
+    return None, strata, scores >= 0.5, "threshold 0.5"
 
-    class_results: list[ClassResult] = []
-    auroc_samples, sens_samples, spec_samples, site_sens_samples, site_spec_samples = [], [], [], [], []
-    roc: list[tuple[str, list[float], list[float]]] = []
-    calibration: list[CalibrationBins] = []
+
+def _per_class(
+    task: Task,
+    point: Metrics,
+    labels: np.ndarray,
+    known: np.ndarray,
+    scores: np.ndarray,
+    predicted: np.ndarray,
+    weights: np.ndarray,
+    rule: SiteRule | None,
+    settings: EvaluationSettings,
+) -> _PerClass:
+    """Every class's figures with bootstrap intervals (unknown labels left out per class)."""
+    from sklearn.metrics import roc_curve
+
+    multiclass = task.kind == "multiclass"
+    level = settings.level
+    out = _PerClass()
     for k, name in enumerate(task.classes):
         mask = known[:, k]
         y = labels[:, k]
@@ -519,22 +529,22 @@ def evaluate_scores(
         auc_b = weighted_auroc(y[mask], s[mask], weights if mask.all() else weights[:, mask])
         sens_b = weighted_rate(predicted[:, k], y & mask, weights)
         spec_b = weighted_rate(~predicted[:, k], ~y & mask, weights)
-        auroc_samples.append(auc_b)
-        sens_samples.append(sens_b)
-        spec_samples.append(spec_b)
+        out.auroc.append(auc_b)
+        out.sensitivity.append(sens_b)
+        out.specificity.append(spec_b)
         ece_k, bins_k = _ece(s[mask], y[mask], settings.calibration_bins)
         if not multiclass:
-            calibration.append(CalibrationBins(name, bins_k.confidence, bins_k.observed, bins_k.counts))
+            out.calibration.append(CalibrationBins(name, bins_k.confidence, bins_k.observed, bins_k.counts))
         if 0 < y[mask].sum() < mask.sum():
             fpr, tpr, _ = roc_curve(y[mask].astype(int), s[mask])
-            roc.append((name, fpr.tolist(), tpr.tolist()))
+            out.roc.append((name, fpr.tolist(), tpr.tolist()))
         site: dict[str, Any] = {}
         chosen = rule.chosen[k] if rule is not None else None
         if rule is not None and chosen is not None:
             site, site_sens, site_spec = _site_class(rule, name, chosen, y & mask, ~y & mask, weights, level)
-            site_sens_samples.append(site_sens)
-            site_spec_samples.append(site_spec)
-        class_results.append(
+            out.site_sensitivity.append(site_sens)
+            out.site_specificity.append(site_spec)
+        out.results.append(
             ClassResult(
                 name=name,
                 positives=int(np.sum(y & mask)),
@@ -546,7 +556,31 @@ def evaluate_scores(
                 **site,
             )
         )
+    return out
 
+
+def evaluate_scores(
+    task: Task, targets: np.ndarray, scores: np.ndarray, settings: EvaluationSettings | None = None
+) -> EvaluationResult:
+    """All figures of the report from labels ``[N, C]`` and probabilities ``[N, C]``.
+
+    Multi-class targets are one-hot; multi-label ones 1 / 0 / NaN (unknown labels are left out
+    per finding). Raises DataError when shapes or labels do not fit the task.
+    """
+    settings = settings or EvaluationSettings()
+    point = compute_metrics(task, targets, scores, threshold=0.5)  # validates shapes and labels
+    targets = np.asarray(targets, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    multiclass = task.kind == "multiclass"
+    known = ~np.isnan(targets)
+    labels = np.nan_to_num(targets, nan=0.0) > 0.5
+    truth, strata, predicted, operating_point = _decisions(task, targets, labels, scores)
+    weights = stratified_weights(strata, settings.n_bootstrap, settings.seed)
+    level = settings.level
+    rule = site_rule(task, scores, settings)
+    per_class = _per_class(task, point, labels, known, scores, predicted, weights, rule, settings)
+    class_results, calibration = per_class.results, per_class.calibration
+    auroc_samples, sens_samples, spec_samples = per_class.auroc, per_class.sensitivity, per_class.specificity
     defined = [k for k in range(task.num_classes) if math.isfinite(point.auroc[k])]
     macro_b = _nanmean_rows([auroc_samples[k] for k in defined], settings.n_bootstrap)
     if multiclass:
@@ -565,7 +599,9 @@ def evaluate_scores(
         ece_kind = "mean over findings of each finding's ECE (probability vs observed rate)"
     site_balanced: Interval | None = None
     if rule is not None:
-        site_balanced = _site_balanced(rule, class_results, site_sens_samples, site_spec_samples, settings)
+        site_balanced = _site_balanced(
+            rule, class_results, per_class.site_sensitivity, per_class.site_specificity, settings
+        )
     return EvaluationResult(
         task=task,
         n_images=len(scores),
@@ -579,7 +615,7 @@ def evaluate_scores(
         confusion=point.confusion,
         site_balanced_accuracy=site_balanced,
         calibration=tuple(calibration),
-        roc=tuple(roc),
+        roc=tuple(per_class.roc),
         settings=settings,
         notes=point.notes,
         site_rule=rule.description if rule else "",

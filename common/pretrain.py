@@ -37,14 +37,14 @@ from common.checkpoint import metadata_path, save_model, sha256_file
 from common.data.cache import CachedImages, build_cache
 from common.data.catalog import Catalog
 from common.data.sources import load_catalog
-from common.data.splits import split_by_patient
-from common.device import resolve_compute
+from common.data.splits import Split, split_by_patient
+from common.device import Compute, resolve_compute
 from common.errors import ConfigError, DataError
 from common.initial_teacher import weights_sha256
 from common.jsonio import write_json
-from common.local import SiteData, derive_seed, evaluate_state, scalar_metrics, train_round
+from common.local import RoundOutcome, SiteData, derive_seed, evaluate_state, scalar_metrics, train_round
 from common.progress import ProgressArg
-from common.run_settings import FederatedRunConfig
+from common.run_settings import FederatedRunConfig, RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,96 @@ def find_overlap(
     return results
 
 
+def _pretraining_split(
+    cached: CachedImages,
+    overlaps: Sequence[Overlap],
+    overlapping: Sequence[int],
+    run: RunSettings,
+    *,
+    drop_overlap: bool,
+) -> Split:
+    """The patient-grouped train / validation split of the pretraining images, without the images
+    that copy an excluded set (refused unless ``drop_overlap``)."""
+    if overlapping and not drop_overlap:
+        worst = next(o for o in overlaps if o.rows)
+        raise DataError(
+            f"{len(overlapping)} pretraining image(s) are exact copies of images in {worst.manifest} "
+            f"(e.g. {worst.examples[0]}); pretraining on them would leak that set into the initial "
+            "teacher. Pass --drop-overlap to leave them out, or remove them from the sources"
+        )
+    split = split_by_patient(
+        cached.catalog, val_fraction=run.val_fraction, test_fraction=0.0, seed=run.split_seed
+    )
+    if overlapping:
+        split = replace(
+            split,
+            train=np.setdiff1d(split.train, overlapping),
+            val=np.setdiff1d(split.val, overlapping),
+        )
+    if len(split.train) == 0:
+        raise DataError("no pretraining images are left to train on; add images or lower val-fraction")
+    return split
+
+
+def _sidecar(
+    settings: FederatedRunConfig,
+    sources: Mapping[str, Mapping[str, Any]],
+    cached: CachedImages,
+    split: Split,
+    overlaps: Sequence[Overlap],
+    dropped_overlap: int,
+    outcome: RoundOutcome,
+    val_metrics: dict[str, float],
+    epochs: int,
+    seed: int,
+    compute: Compute,
+    seconds: float,
+) -> dict[str, Any]:
+    """The record written beside the pretrained weights (sources, split, training, validation)."""
+    task, run = settings.task, settings.run
+    records = cached.catalog.records
+    used = Counter(records[i].source for i in np.concatenate([split.train, split.val]))
+    metadata: dict[str, Any] = {
+        "kind": SIDECAR_KIND,
+        "weights_sha256": weights_sha256(outcome.state_dict),
+        "task": task.name,
+        "classes": list(task.classes),
+        "num_outputs": task.num_classes,
+        "teacher": {k: v for k, v in asdict(settings.teacher).items() if k != "weights"},
+        "initialised_from": str(settings.teacher.weights) if settings.teacher.weights else None,
+        "image_size": run.image_size,
+        "sources": [
+            {"id": source_id, **dict(info), "images": int(used.get(source_id, 0))}
+            for source_id, info in sources.items()
+        ],
+        "images": {
+            "train": len(split.train),
+            "val": len(split.val),
+            "skipped_unreadable": len(cached.skipped),
+            "dropped_overlap": dropped_overlap,
+        },
+        "split": {"val_fraction": run.val_fraction, "split_seed": run.split_seed, "by": "patient"},
+        "training": {
+            "epochs": epochs,
+            "batch_size": settings.train.batch_size,
+            "optimizer": settings.train.optimizer,
+            "lr": settings.train.lr,
+            "momentum": settings.train.momentum,
+            "weight_decay": settings.train.weight_decay,
+            "freeze_blocks": settings.train.freeze_blocks,
+            "seed": seed,
+            "device": str(compute.device),
+            "seconds": round(seconds, 1),
+            "loss": outcome.metrics.get("loss"),
+            "differential_privacy": False,
+        },
+        "val_metrics": val_metrics,
+        "overlap_checks": [o.record() for o in overlaps],
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return metadata
+
+
 def pretrain_teacher(
     catalog: Catalog,
     sources: Mapping[str, Mapping[str, Any]],
@@ -151,24 +241,7 @@ def pretrain_teacher(
         )
     overlaps = find_overlap(cached, exclude, cache_dir, strict=strict)
     overlapping = sorted({r for o in overlaps for r in o.rows})
-    if overlapping and not drop_overlap:
-        worst = next(o for o in overlaps if o.rows)
-        raise DataError(
-            f"{len(overlapping)} pretraining image(s) are exact copies of images in {worst.manifest} "
-            f"(e.g. {worst.examples[0]}); pretraining on them would leak that set into the initial "
-            "teacher. Pass --drop-overlap to leave them out, or remove them from the sources"
-        )
-    split = split_by_patient(
-        cached.catalog, val_fraction=run.val_fraction, test_fraction=0.0, seed=run.split_seed
-    )
-    if overlapping:
-        split = replace(
-            split,
-            train=np.setdiff1d(split.train, overlapping),
-            val=np.setdiff1d(split.val, overlapping),
-        )
-    if len(split.train) == 0:
-        raise DataError("no pretraining images are left to train on; add images or lower val-fraction")
+    split = _pretraining_split(cached, overlaps, overlapping, run, drop_overlap=drop_overlap)
     if on_cached is not None:
         on_cached(len(split.train), len(split.val))
     data = SiteData(cached, split, settings.run.preprocess_equalize, settings.run.augment)
@@ -190,46 +263,20 @@ def pretrain_teacher(
     if len(split.val):
         result = evaluate_state(data, "val", task, settings.teacher, outcome.state_dict, compute=compute)
         val_metrics = scalar_metrics(result, "val_")
-    records = cached.catalog.records
-    used = Counter(records[i].source for i in np.concatenate([split.train, split.val]))
-    metadata: dict[str, Any] = {
-        "kind": SIDECAR_KIND,
-        "weights_sha256": weights_sha256(outcome.state_dict),
-        "task": task.name,
-        "classes": list(task.classes),
-        "num_outputs": task.num_classes,
-        "teacher": {k: v for k, v in asdict(settings.teacher).items() if k != "weights"},
-        "initialised_from": str(settings.teacher.weights) if settings.teacher.weights else None,
-        "image_size": run.image_size,
-        "sources": [
-            {"id": source_id, **dict(info), "images": int(used.get(source_id, 0))}
-            for source_id, info in sources.items()
-        ],
-        "images": {
-            "train": len(split.train),
-            "val": len(split.val),
-            "skipped_unreadable": len(cached.skipped),
-            "dropped_overlap": len(overlapping),
-        },
-        "split": {"val_fraction": run.val_fraction, "split_seed": run.split_seed, "by": "patient"},
-        "training": {
-            "epochs": epochs,
-            "batch_size": settings.train.batch_size,
-            "optimizer": settings.train.optimizer,
-            "lr": settings.train.lr,
-            "momentum": settings.train.momentum,
-            "weight_decay": settings.train.weight_decay,
-            "freeze_blocks": settings.train.freeze_blocks,
-            "seed": seed,
-            "device": str(compute.device),
-            "seconds": round(seconds, 1),
-            "loss": outcome.metrics.get("loss"),
-            "differential_privacy": False,
-        },
-        "val_metrics": val_metrics,
-        "overlap_checks": [o.record() for o in overlaps],
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    metadata = _sidecar(
+        settings,
+        sources,
+        cached,
+        split,
+        overlaps,
+        len(overlapping),
+        outcome,
+        val_metrics,
+        epochs,
+        seed,
+        compute,
+        seconds,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(outcome.state_dict, out)
     metadata["file_sha256"] = sha256_file(out)

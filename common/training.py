@@ -175,7 +175,6 @@ def loader_length(loader: Iterable[Any], max_steps: int | None) -> int | None:
 
 def check_epoch_options(
     optimizer: torch.optim.Optimizer,
-    *,
     proximal_mu: float,
     global_params: Sequence[Tensor] | None,
     max_steps: int | None,
@@ -270,14 +269,7 @@ def train_one_epoch(
     logits (common/label_skew.py); refused with an Opacus optimizer (it would put the site's class
     counts into every per-sample gradient).
     """
-    check_epoch_options(
-        optimizer,
-        proximal_mu=proximal_mu,
-        global_params=global_params,
-        max_steps=max_steps,
-        scaler=scaler,
-        adjustment=adjustment,
-    )
+    check_epoch_options(optimizer, proximal_mu, global_params, max_steps, scaler, adjustment)
     model.train()
     reporter = reporter_for(progress, "train", loader_length(loader, max_steps))
     loss_sum = 0.0

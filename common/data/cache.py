@@ -238,6 +238,41 @@ class ImageCache:
                     if fut is not None:
                         fut.cancel()
 
+    def _temporary(self, stem: str, suffix: str) -> Path:
+        """A fresh hidden file in the cache folder (moved into place once complete)."""
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=self.cache_dir)
+        os.close(fd)
+        return Path(name)
+
+    def _decode_into(
+        self,
+        array: np.ndarray,
+        catalog: Catalog,
+        size: int,
+        strict: bool,
+        progress: ProgressCallback | None,
+    ) -> tuple[np.ndarray, list[str], list[SkippedImage]]:
+        """Decode every image into its row of ``array``; returns which rows were read, their pixel
+        hashes and the unreadable images (refused in ``strict`` mode)."""
+        n = len(catalog)
+        ok = np.zeros(n, dtype=bool)
+        hashes = [""] * n
+        skipped: list[SkippedImage] = []
+        for done, item in enumerate(self._decoded(catalog, size), start=1):
+            if item.image is None:
+                record = catalog.records[item.index]
+                if strict:
+                    raise DataError(f"{item.reason} (strict mode: no image may be unreadable)")
+                logger.warning("skipping unreadable image %s: %s", record.key, item.reason)
+                skipped.append(SkippedImage(item.index, record.source, record.key, item.reason))
+            else:
+                array[item.index] = item.image
+                ok[item.index] = True
+                hashes[item.index] = item.pixel_hash
+            if progress is not None:
+                progress(done, n)
+        return ok, hashes, skipped
+
     def _build(
         self,
         catalog: Catalog,
@@ -250,45 +285,21 @@ class ImageCache:
         n = len(catalog)
         tmp_files: list[Path] = []
         try:
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{npy_path.stem}.", suffix=".npy.tmp", dir=self.cache_dir
-            )
-            os.close(fd)
-            tmp_npy = Path(tmp_name)
+            tmp_npy = self._temporary(npy_path.stem, ".npy.tmp")
             tmp_files.append(tmp_npy)
             array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n, size, size))
-            ok = np.zeros(n, dtype=bool)
-            hashes = [""] * n
-            skipped: list[SkippedImage] = []
-            for done, item in enumerate(self._decoded(catalog, size), start=1):
-                if item.image is None:
-                    record = catalog.records[item.index]
-                    if strict:
-                        raise DataError(f"{item.reason} (strict mode: no image may be unreadable)")
-                    logger.warning("skipping unreadable image %s: %s", record.key, item.reason)
-                    skipped.append(SkippedImage(item.index, record.source, record.key, item.reason))
-                else:
-                    array[item.index] = item.image
-                    ok[item.index] = True
-                    hashes[item.index] = item.pixel_hash
-                if progress is not None:
-                    progress(done, n)
+            ok, hashes, skipped = self._decode_into(array, catalog, size, strict, progress)
             kept = np.flatnonzero(ok)
             if skipped:
                 logger.warning("%d of %d images could not be read and were skipped", len(skipped), n)
-                fd, compact_name = tempfile.mkstemp(
-                    prefix=f".{npy_path.stem}.", suffix=".npy.tmp", dir=self.cache_dir
-                )
-                os.close(fd)
-                compact_path = Path(compact_name)
-                tmp_files.append(compact_path)
+                tmp_npy = self._temporary(npy_path.stem, ".npy.tmp")
+                tmp_files.append(tmp_npy)
                 compact = np.lib.format.open_memmap(
-                    compact_path, mode="w+", dtype=np.uint8, shape=(len(kept), size, size)
+                    tmp_npy, mode="w+", dtype=np.uint8, shape=(len(kept), size, size)
                 )
                 compact[:] = array[kept]
                 compact.flush()
                 del compact
-                tmp_npy = compact_path
             array.flush()
             del array
             meta = {

@@ -108,18 +108,16 @@ def _selection(req: SourceRequest) -> Selection:
     )
 
 
-def load_dicom_catalog(req: SourceRequest) -> Catalog:
-    """The ``dicom`` source: select, label and pseudonymise a DICOM folder (no pixel decoded)."""
-    root = req.path
-    if root is None or not root.is_dir():
-        raise DataError(
-            f"{root} is not a folder; format 'dicom' expects a folder of DICOM files and a labels.csv"
-        )
-    selection = _selection(req)
-    labels_path, header, rows = _label_rows(req, root)
-    files = find_dicom_files(root)
-    if not files:
-        raise DataError(f"{root}: no DICOM files (*.dcm, or files with the DICM preamble) at any depth")
+def _select_listed(
+    req: SourceRequest,
+    root: Path,
+    files: list[Path],
+    rows: dict[str, tuple[int, dict[str, str]]],
+    labels_path: Path,
+    selection: Selection,
+) -> tuple[list[tuple[str, DicomObject, dict[str, str]]], Counter[str]]:
+    """The DICOM files that pass ``selection`` and have a row in the labels file, with their
+    rows; and how many were left out, by reason (unreadable files refused in strict mode)."""
     left_out: Counter[str] = Counter()
     kept: list[tuple[str, DicomObject, dict[str, str]]] = []
     seen: set[str] = set()
@@ -150,19 +148,13 @@ def load_dicom_catalog(req: SourceRequest) -> Catalog:
             )
         logger.warning("%s: %d listed file(s) not found and left out: %s", labels_path, len(missing), shown)
         left_out["listed file missing"] += len(missing)
-    if left_out:
-        logger.info(
-            "%s: %d DICOM files kept, left out: %s",
-            req.source_id,
-            len(kept),
-            "; ".join(f"{reason} {n}" for reason, n in sorted(left_out.items())),
-        )
-    if not kept:
-        reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(left_out.items()))
-        raise DataError(
-            f"{root}: no DICOM image left for task '{req.task.name}' ({reasons}). "
-            "Check labels.csv and the modalities / body-parts / views options"
-        )
+    return kept, left_out
+
+
+def _pseudonymised_records(
+    req: SourceRequest, kept: list[tuple[str, DicomObject, dict[str, str]]], labels_path: Path
+) -> list[ImageRecord]:
+    """One record per kept file; patient ids replaced by pseudonyms keyed to the labels file."""
     raw_ids = {(row.get("patient") or obj.patient or "") for _, obj, row in kept} - {""}
     pseudonym = _pseudonymiser(raw_ids, labels_path.read_bytes())
     records = []
@@ -180,6 +172,36 @@ def load_dicom_catalog(req: SourceRequest) -> Catalog:
                 meta={"modality": obj.modality},
             )
         )
+    return records
+
+
+def load_dicom_catalog(req: SourceRequest) -> Catalog:
+    """The ``dicom`` source: select, label and pseudonymise a DICOM folder (no pixel decoded)."""
+    root = req.path
+    if root is None or not root.is_dir():
+        raise DataError(
+            f"{root} is not a folder; format 'dicom' expects a folder of DICOM files and a labels.csv"
+        )
+    selection = _selection(req)
+    labels_path, header, rows = _label_rows(req, root)
+    files = find_dicom_files(root)
+    if not files:
+        raise DataError(f"{root}: no DICOM files (*.dcm, or files with the DICM preamble) at any depth")
+    kept, left_out = _select_listed(req, root, files, rows, labels_path, selection)
+    if left_out:
+        logger.info(
+            "%s: %d DICOM files kept, left out: %s",
+            req.source_id,
+            len(kept),
+            "; ".join(f"{reason} {n}" for reason, n in sorted(left_out.items())),
+        )
+    if not kept:
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(left_out.items()))
+        raise DataError(
+            f"{root}: no DICOM image left for task '{req.task.name}' ({reasons}). "
+            "Check labels.csv and the modalities / body-parts / views options"
+        )
+    records = _pseudonymised_records(req, kept, labels_path)
     reader = DicomReader(root)
     task = req.task
     if task.is_multilabel:
