@@ -67,57 +67,73 @@ def _setup_logging(level: int) -> None:
     root.setLevel(level)
 
 
+# The options of `partition`
+PartitionOut = Annotated[Path, typer.Option("--out", "-o", help="Folder for the manifests, table and plot.")]
+PartitionSources = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Data source format (repeatable; pairs in order with --data).",
+        show_default="synthetic",
+    ),
+]
+PartitionData = Annotated[
+    list[Path] | None, typer.Option(help="Data folder or file of each --source (omit for synthetic).")
+]
+PartitionTask = Annotated[str, typer.Option(help="Task whose classes the labels are mapped onto.")]
+PartitionerName = Annotated[
+    str,
+    typer.Option(
+        "--partition", help="iid, dirichlet, pathological, quantity-skew or natural (by site/source)."
+    ),
+]
+PartitionSites = Annotated[
+    int | None, typer.Option(help="Number of sites (default 3; natural: one per site/source value).")
+]
+PartitionAlpha = Annotated[
+    float | None,
+    typer.Option(help="Dirichlet alpha for dirichlet (labels) and quantity-skew (sizes); default 0.5."),
+]
+PartitionClassesPerSite = Annotated[
+    int | None, typer.Option(help="Classes per site for pathological (default 2).")
+]
+MinSiteSize = Annotated[
+    int, typer.Option(help="Smallest allowed site, in patients (images when ids are unknown).")
+]
+PartitionNaturalBy = Annotated[str, typer.Option(help="Field of the natural split: site or source.")]
+PatientSplit = Annotated[
+    bool, typer.Option(help="Keep all images of a patient in one site (when patient ids exist).")
+]
+PartitionSeed = Annotated[int, typer.Option(help="Seed of every random choice (recorded in partition.json).")]
+PartitionSourceOptions = Annotated[
+    list[str] | None,
+    typer.Option(help="Source option KEY=VALUE for every source, or FORMAT.KEY=VALUE (repeatable)."),
+]
+Strict = Annotated[bool, typer.Option(help="Treat missing listed images as errors.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")]
+PartitionDropDuplicates = Annotated[
+    bool, typer.Option(help="Leave out exact duplicate images (e.g. the same image in two sources).")
+]
+
+
 @app.command()
 @user_errors
 def partition(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the manifests, table and plot.")],
-    source: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Data source format (repeatable; pairs in order with --data).", show_default="synthetic"
-        ),
-    ] = None,
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(help="Data folder or file of each --source (omit for synthetic)."),
-    ] = None,
-    task: Annotated[str, typer.Option(help="Task whose classes the labels are mapped onto.")] = (
-        "normal-pneumonia-covid"
-    ),
-    partitioner: Annotated[
-        str,
-        typer.Option(
-            "--partition", help="iid, dirichlet, pathological, quantity-skew or natural (by site/source)."
-        ),
-    ] = "dirichlet",
-    sites: Annotated[
-        int | None,
-        typer.Option(help="Number of sites (default 3; natural: one per site/source value)."),
-    ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="Dirichlet alpha for dirichlet (labels) and quantity-skew (sizes); default 0.5."),
-    ] = None,
-    classes_per_site: Annotated[
-        int | None, typer.Option(help="Classes per site for pathological (default 2).")
-    ] = None,
-    min_site_size: Annotated[
-        int, typer.Option(help="Smallest allowed site, in patients (images when ids are unknown).")
-    ] = 10,
-    natural_by: Annotated[str, typer.Option(help="Field of the natural split: site or source.")] = "site",
-    patient_split: Annotated[
-        bool, typer.Option(help="Keep all images of a patient in one site (when patient ids exist).")
-    ] = True,
-    seed: Annotated[int, typer.Option(help="Seed of every random choice (recorded in partition.json).")] = 0,
-    source_option: Annotated[
-        list[str] | None,
-        typer.Option(help="Source option KEY=VALUE for every source, or FORMAT.KEY=VALUE (repeatable)."),
-    ] = None,
-    strict: Annotated[bool, typer.Option(help="Treat missing listed images as errors.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
-    drop_duplicates: Annotated[
-        bool, typer.Option(help="Leave out exact duplicate images (e.g. the same image in two sources).")
-    ] = False,
+    out: PartitionOut,
+    source: PartitionSources = None,
+    data: PartitionData = None,
+    task: PartitionTask = "normal-pneumonia-covid",
+    partitioner: PartitionerName = "dirichlet",
+    sites: PartitionSites = None,
+    alpha: PartitionAlpha = None,
+    classes_per_site: PartitionClassesPerSite = None,
+    min_site_size: MinSiteSize = 10,
+    natural_by: PartitionNaturalBy = "site",
+    patient_split: PatientSplit = True,
+    seed: PartitionSeed = 0,
+    source_option: PartitionSourceOptions = None,
+    strict: Strict = False,
+    overwrite: Overwrite = False,
+    drop_duplicates: PartitionDropDuplicates = False,
 ) -> None:
     """Split data sets into non-IID sites: one manifest CSV per site, partition.json, table and plot."""
     from common.data.source_pairs import drop_duplicate_images, load_sources
@@ -318,55 +334,77 @@ RAY_ADDRESS_OPTION = typer.Option(
     "or auto) instead of a local Ray; its nodes need this project and environment at the same paths."
 )
 
+# The options of `run` (None: the config file's value, else the default)
+RunOut = Annotated[Path | None, typer.Option("--out", "-o", help="Experiment folder (default runs/<time>).")]
+RunConfigFile = Annotated[
+    Path | None, typer.Option(help="TOML file with the same settings (options given here win).")
+]
+RunSources = Annotated[list[str] | None, typer.Option(help="Data source format (repeatable).")]
+RunData = Annotated[list[Path] | None, typer.Option(help="Data path of each --source.")]
+RunSourceOptions = Annotated[list[str] | None, typer.Option(help="KEY=VALUE or FORMAT.KEY=VALUE.")]
+RunTask = Annotated[str | None, typer.Option(help="Task (default normal-pneumonia-covid).")]
+RunPartitioner = Annotated[str | None, typer.Option("--partition", help="Partitioner name.")]
+RunAlpha = Annotated[float | None, typer.Option(help="Dirichlet alpha.")]
+RunSites = Annotated[int | None, typer.Option(help="Number of sites.")]
+RunClassesPerSite = Annotated[int | None, typer.Option(help="Classes per site (pathological).")]
+RunNaturalBy = Annotated[str | None, typer.Option(help="site or source (natural split).")]
+RunSeed = Annotated[int | None, typer.Option(help="Seed of the partition and of training.")]
+RunTeacher = Annotated[str | None, typer.Option(help="Teacher model name.")]
+RunImageSize = Annotated[int | None, typer.Option(help="Image size in pixels.")]
+RunRounds = Annotated[int | None, typer.Option(help="Teacher rounds.")]
+RunLocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per round.")]
+RunStrategy = Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedmedian, krum.")]
+RunDpEpsilon = Annotated[
+    float | None, typer.Option(help="DP-SGD at every site with this target epsilon (GroupNorm models).")
+]
+RunBaselines = Annotated[
+    bool | None, typer.Option(help="Also train pooled and local-only teachers and a no-KD student.")
+]
+RunDropDuplicates = Annotated[
+    bool | None, typer.Option(help="Leave out exact duplicate images before partitioning.")
+]
+RunSetItems = Annotated[
+    list[str] | None, typer.Option("--set", help="Any run setting KEY=VALUE (see pyproject.toml).")
+]
+RunDevice = Annotated[
+    str | None, typer.Option(help="Device of the simulated sites: auto (default), cpu, cuda or cuda:N.")
+]
+RunGpusPerSite = Annotated[float | None, GPUS_PER_SITE_OPTION]
+RunRayAddress = Annotated[str | None, RAY_ADDRESS_OPTION]
+RunTrack = Annotated[
+    str | None,
+    typer.Option(help="Local experiment tracker: tensorboard (event files in OUT/run/tensorboard)."),
+]
+
 
 @app.command()
 @user_errors
 def run(
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Experiment folder (default runs/<time>).")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML file with the same settings (options given here win).")
-    ] = None,
-    source: Annotated[list[str] | None, typer.Option(help="Data source format (repeatable).")] = None,
-    data: Annotated[list[Path] | None, typer.Option(help="Data path of each --source.")] = None,
-    source_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE or FORMAT.KEY=VALUE.")] = None,
-    task: Annotated[str | None, typer.Option(help="Task (default normal-pneumonia-covid).")] = None,
-    partitioner: Annotated[str | None, typer.Option("--partition", help="Partitioner name.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha.")] = None,
-    sites: Annotated[int | None, typer.Option(help="Number of sites.")] = None,
-    classes_per_site: Annotated[int | None, typer.Option(help="Classes per site (pathological).")] = None,
-    natural_by: Annotated[str | None, typer.Option(help="site or source (natural split).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the partition and of training.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher model name.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Teacher rounds.")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    strategy: Annotated[
-        str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedmedian, krum.")
-    ] = None,
-    dp_epsilon: Annotated[
-        float | None, typer.Option(help="DP-SGD at every site with this target epsilon (GroupNorm models).")
-    ] = None,
-    baselines: Annotated[
-        bool | None, typer.Option(help="Also train pooled and local-only teachers and a no-KD student.")
-    ] = None,
-    drop_duplicates: Annotated[
-        bool | None, typer.Option(help="Leave out exact duplicate images before partitioning.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any run setting KEY=VALUE (see pyproject.toml).")
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(help="Device of the simulated sites: auto (default), cpu, cuda or cuda:N."),
-    ] = None,
-    gpus_per_site: Annotated[float | None, GPUS_PER_SITE_OPTION] = None,
-    ray_address: Annotated[str | None, RAY_ADDRESS_OPTION] = None,
-    track: Annotated[
-        str | None,
-        typer.Option(help="Local experiment tracker: tensorboard (event files in OUT/run/tensorboard)."),
-    ] = None,
+    out: RunOut = None,
+    config: RunConfigFile = None,
+    source: RunSources = None,
+    data: RunData = None,
+    source_option: RunSourceOptions = None,
+    task: RunTask = None,
+    partitioner: RunPartitioner = None,
+    alpha: RunAlpha = None,
+    sites: RunSites = None,
+    classes_per_site: RunClassesPerSite = None,
+    natural_by: RunNaturalBy = None,
+    seed: RunSeed = None,
+    teacher: RunTeacher = None,
+    image_size: RunImageSize = None,
+    rounds: RunRounds = None,
+    local_epochs: RunLocalEpochs = None,
+    strategy: RunStrategy = None,
+    dp_epsilon: RunDpEpsilon = None,
+    baselines: RunBaselines = None,
+    drop_duplicates: RunDropDuplicates = None,
+    set_: RunSetItems = None,
+    device: RunDevice = None,
+    gpus_per_site: RunGpusPerSite = None,
+    ray_address: RunRayAddress = None,
+    track: RunTrack = None,
 ) -> None:
     """Run a whole simulated federation: partition, teacher rounds, distillation, baselines, report."""
     from simulation.experiment import experiment_config

@@ -364,6 +364,82 @@ def _check_settings(
             logger.warning("option '%s' is ignored by the '%s' partitioner", option, partitioner)
 
 
+def _check_classes_present(
+    catalog: Catalog, label_names: tuple[str, ...], record_labels: np.ndarray, require_all_classes: bool
+) -> None:
+    """Warn (or with ``require_all_classes`` refuse) when a class of the task has no image."""
+    if catalog.task.is_multilabel:  # a finding is present when any image has it, first or not
+        present_counts = np.sum(np.nan_to_num(catalog.targets, nan=0.0) == 1, axis=0)
+    else:
+        present_counts = np.bincount(record_labels, minlength=len(label_names))
+    missing = [label_names[c] for c in range(catalog.task.num_classes) if present_counts[c] == 0]
+    if missing:
+        message = (
+            f"class(es) {', '.join(missing)} of task '{catalog.task.name}' have no image in the data, "
+            "so every site would miss them"
+        )
+        if require_all_classes:
+            raise DataError(message + "; add a source that has them or choose a task without them")
+        logger.warning(message)
+
+
+def _natural_ids(
+    catalog: Catalog, members: list[list[int]], natural_by: NaturalBy, num_sites: int | None
+) -> tuple[np.ndarray, int]:
+    """Each unit's natural id (its majority site or source) and the number of sites (by default
+    one per natural id; never more than there are)."""
+    keys = [_natural_key(r, natural_by) for r in catalog.records]
+    unknown = sum(1 for k in keys if k is None or k == "")
+    if unknown:
+        without = sorted({r.source for r, k in zip(catalog.records, keys, strict=True) if not k})
+        raise DataError(
+            f"a natural split by {natural_by} needs every image's {natural_by}, but {unknown} of "
+            f"{len(keys)} images have none (sources: "
+            f"{', '.join(without)}); "
+            "use --natural-by source to make one site per data source, or another --partition"
+        )
+    unit_natural = [_majority([keys[i] for i in m]) for m in members]
+    split = sum(1 for m in members if len({keys[i] for i in m}) > 1)
+    if split:
+        logger.warning("%d patients span several %ss; each goes to its majority one", split, natural_by)
+    natural_ids = np.asarray(unit_natural, dtype=object)
+    num_natural = len(set(unit_natural))
+    if num_sites is None:
+        num_sites = num_natural
+    elif num_sites > num_natural:
+        raise DataError(
+            f"a natural split by {natural_by} found {num_natural} distinct value(s) "
+            f"({', '.join(sorted(set(unit_natural))[:10])}) but --sites is {num_sites}; use "
+            f"--sites {num_natural} or fewer (natural ids are merged into fewer sites)"
+        )
+    return natural_ids, num_sites
+
+
+def _check_room(
+    catalog: Catalog,
+    partitioner: str,
+    num_sites: int,
+    min_site_size: int,
+    by_patient: bool,
+    classes_per_site: int | None,
+    members: list[list[int]],
+    unit_labels: np.ndarray,
+) -> None:
+    """Refuse a split the data cannot fill: too few units for the sites, or more classes per site
+    than the data has (``pathological``)."""
+    if num_sites * min_site_size > len(members):
+        what = "patients" if by_patient and any(r.patient_id for r in catalog.records) else "images"
+        raise DataError(
+            f"{num_sites} sites of at least {min_site_size} {what} need {num_sites * min_site_size} "
+            f"{what}, but the data has {len(members)}; use fewer --sites or a smaller --min-site-size"
+        )
+    if partitioner == "pathological":
+        k = classes_per_site or DEFAULT_CLASSES_PER_SITE
+        num_present = int((np.bincount(unit_labels, minlength=len(_label_names(catalog))) > 0).sum())
+        if k > num_present:
+            raise ConfigError("classes-per-site", k, f"at most {num_present} (classes in the data)")
+
+
 def partition_catalog(
     catalog: Catalog,
     partitioner: str,
@@ -402,20 +478,7 @@ def partition_catalog(
     _check_settings(catalog, partitioner, num_sites, alpha, classes_per_site, min_site_size, natural_by)
     label_names = _label_names(catalog)
     record_labels = catalog.primary_labels().astype(np.int64)
-    if catalog.task.is_multilabel:  # a finding is present when any image has it, first or not
-        present_counts = np.sum(np.nan_to_num(catalog.targets, nan=0.0) == 1, axis=0)
-    else:
-        present_counts = np.bincount(record_labels, minlength=len(label_names))
-    missing = [label_names[c] for c in range(catalog.task.num_classes) if present_counts[c] == 0]
-    if missing:
-        message = (
-            f"class(es) {', '.join(missing)} of task '{catalog.task.name}' have no image in the data, "
-            "so every site would miss them"
-        )
-        if require_all_classes:
-            raise DataError(message + "; add a source that has them or choose a task without them")
-        logger.warning(message)
-
+    _check_classes_present(catalog, label_names, record_labels, require_all_classes)
     unit_of, members = _group_units(catalog, by_patient)
     unit_labels = np.asarray([_majority(record_labels[m].tolist()) for m in members], dtype=np.int64)
     if by_patient:
@@ -425,44 +488,12 @@ def partition_catalog(
 
     natural_ids: np.ndarray | None = None
     if partitioner == "natural":
-        keys = [_natural_key(r, natural_by) for r in catalog.records]
-        unknown = sum(1 for k in keys if k is None or k == "")
-        if unknown:
-            without = sorted({r.source for r, k in zip(catalog.records, keys, strict=True) if not k})
-            raise DataError(
-                f"a natural split by {natural_by} needs every image's {natural_by}, but {unknown} of "
-                f"{len(keys)} images have none (sources: "
-                f"{', '.join(without)}); "
-                "use --natural-by source to make one site per data source, or another --partition"
-            )
-        unit_natural = [_majority([keys[i] for i in m]) for m in members]
-        split = sum(1 for m in members if len({keys[i] for i in m}) > 1)
-        if split:
-            logger.warning("%d patients span several %ss; each goes to its majority one", split, natural_by)
-        natural_ids = np.asarray(unit_natural, dtype=object)
-        num_natural = len(set(unit_natural))
-        if num_sites is None:
-            num_sites = num_natural
-        elif num_sites > num_natural:
-            raise DataError(
-                f"a natural split by {natural_by} found {num_natural} distinct value(s) "
-                f"({', '.join(sorted(set(unit_natural))[:10])}) but --sites is {num_sites}; use "
-                f"--sites {num_natural} or fewer (natural ids are merged into fewer sites)"
-            )
+        natural_ids, num_sites = _natural_ids(catalog, members, natural_by, num_sites)
     assert num_sites is not None
 
-    if num_sites * min_site_size > len(members):
-        what = "patients" if by_patient and any(r.patient_id for r in catalog.records) else "images"
-        raise DataError(
-            f"{num_sites} sites of at least {min_site_size} {what} need {num_sites * min_site_size} "
-            f"{what}, but the data has {len(members)}; use fewer --sites or a smaller --min-site-size"
-        )
-    if partitioner == "pathological":
-        k = classes_per_site or DEFAULT_CLASSES_PER_SITE
-        num_present = int((np.bincount(unit_labels, minlength=len(label_names)) > 0).sum())
-        if k > num_present:
-            raise ConfigError("classes-per-site", k, f"at most {num_present} (classes in the data)")
-
+    _check_room(
+        catalog, partitioner, num_sites, min_site_size, by_patient, classes_per_site, members, unit_labels
+    )
     settings = PartitionSettings(
         partitioner=partitioner,
         num_sites=num_sites,
@@ -590,6 +621,80 @@ _MULTILABEL_NOTE = (
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def _checked_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    """The absolute output folder, refused when it holds anything but an earlier partition (or
+    that, without ``overwrite``)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output path {out_dir} exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError(f"output folder {out_dir} is not empty; choose another --out or pass --overwrite")
+        if not (out_dir / "partition.json").is_file():
+            raise DataError(
+                f"output folder {out_dir} is not empty and holds no partition.json, so it is not an "
+                "earlier partition; --overwrite only replaces those. Choose another --out"
+            )
+    return out_dir
+
+
+def _write_site_manifests(tmp: Path, out_dir: Path, catalog: Catalog, partition: Partition) -> int:
+    """One manifest per site under ``tmp`` (paths as they will be under ``out_dir``); images of
+    sources without files are written as PNG. Returns how many images were written."""
+    from PIL import Image
+
+    written_images = 0
+    for name, indices in zip(partition.site_names, partition.sites, strict=True):
+        rows = [MANIFEST_HEADER]
+        for i in indices.tolist():
+            record = catalog.records[i]
+            path = record_path(catalog, record)
+            if path is None:
+                relative = Path("images") / name / f"{i:06d}_{_UNSAFE.sub('_', record.key)[-80:]}.png"
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.asarray(catalog.read(i), dtype=np.uint8)).save(tmp / relative)
+                path = out_dir / relative
+                written_images += 1
+            site = record.site or ""
+            if partition.settings.partitioner == "natural" and partition.natural_ids is not None:
+                site = _natural_key(record, partition.settings.natural_by or "site") or site
+            rows.append(manifest_row(catalog, i, path, site))
+        (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return written_images
+
+
+def _summary(
+    catalog: Catalog,
+    partition: Partition,
+    counts: np.ndarray,
+    source_paths: Mapping[str, str | None],
+    source_options: Mapping[str, Mapping[str, str]] | None,
+    written_images: int,
+) -> dict[str, Any]:
+    """The content of ``partition.json``: settings, sources, sizes, label counts and skew."""
+    names = _label_names(catalog)
+    return {
+        "settings": partition.settings.to_dict(),
+        "task": catalog.task.name,
+        "labels": list(names),
+        "sources": dict(source_paths),
+        "source_options": {k: dict(v) for k, v in (source_options or {}).items()},
+        "num_images": len(catalog),
+        "sizes": dict(zip(partition.site_names, partition.sizes(), strict=True)),
+        "label_counts": {
+            site: dict(zip(names, map(int, row), strict=True))
+            for site, row in zip(partition.site_names, counts, strict=True)
+        },
+        "label_skew_tv": label_skew(partition, catalog),
+        "natural_ids": (
+            dict(zip(partition.site_names, map(list, partition.natural_ids), strict=True))
+            if partition.natural_ids is not None
+            else None
+        ),
+        "images_written": written_images,
+    }
+
+
 def write_partition(
     out_dir: Path,
     catalog: Catalog,
@@ -610,63 +715,16 @@ def write_partition(
     (``synthetic``) are written as PNG under ``images/``. Everything is written to a temporary
     sibling folder first and moved into place at the end, so a failure leaves nothing behind.
     """
-    from PIL import Image
-
     from simulation.plots import plot_label_distribution
 
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"output path {out_dir} exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise DataError(f"output folder {out_dir} is not empty; choose another --out or pass --overwrite")
-        if not (out_dir / "partition.json").is_file():
-            raise DataError(
-                f"output folder {out_dir} is not empty and holds no partition.json, so it is not an "
-                "earlier partition; --overwrite only replaces those. Choose another --out"
-            )
+    out_dir = _checked_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        written_images = 0
-        for name, indices in zip(partition.site_names, partition.sites, strict=True):
-            rows = [MANIFEST_HEADER]
-            for i in indices.tolist():
-                record = catalog.records[i]
-                path = record_path(catalog, record)
-                if path is None:
-                    relative = Path("images") / name / f"{i:06d}_{_UNSAFE.sub('_', record.key)[-80:]}.png"
-                    (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(np.asarray(catalog.read(i), dtype=np.uint8)).save(tmp / relative)
-                    path = out_dir / relative
-                    written_images += 1
-                site = record.site or ""
-                if partition.settings.partitioner == "natural" and partition.natural_ids is not None:
-                    site = _natural_key(record, partition.settings.natural_by or "site") or site
-                rows.append(manifest_row(catalog, i, path, site))
-            (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        written_images = _write_site_manifests(tmp, out_dir, catalog, partition)
         counts = label_counts(partition, catalog)
         names = _label_names(catalog)
-        summary = {
-            "settings": partition.settings.to_dict(),
-            "task": catalog.task.name,
-            "labels": list(names),
-            "sources": dict(source_paths),
-            "source_options": {k: dict(v) for k, v in (source_options or {}).items()},
-            "num_images": len(catalog),
-            "sizes": dict(zip(partition.site_names, partition.sizes(), strict=True)),
-            "label_counts": {
-                site: dict(zip(names, map(int, row), strict=True))
-                for site, row in zip(partition.site_names, counts, strict=True)
-            },
-            "label_skew_tv": label_skew(partition, catalog),
-            "natural_ids": (
-                dict(zip(partition.site_names, map(list, partition.natural_ids), strict=True))
-                if partition.natural_ids is not None
-                else None
-            ),
-            "images_written": written_images,
-        }
+        summary = _summary(catalog, partition, counts, source_paths, source_options, written_images)
         (tmp / "partition.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (tmp / "label_distribution.md").write_text(
             f"# Label distribution ({partition.settings.partitioner}, {partition.num_sites} sites, "
