@@ -45,12 +45,19 @@ from typing import Any
 
 import numpy as np
 
-from common.bootstrap import Interval, percentile_interval, stratified_weights, weighted_auroc, weighted_rate
+from common.bootstrap import (
+    Interval,
+    nanmean_rows,
+    percentile_interval,
+    stratified_weights,
+    weighted_auroc,
+    weighted_rate,
+)
 from common.checkpoint import load_metadata, sha256_file
 from common.data.cache import CachedImages, ProgressCallback, build_cache
 from common.errors import ConfigError, CxrFlError, DataError, ModelError
 from common.jsonio import json_safe, write_json, write_text_atomic
-from common.metrics import Metrics, compute_metrics
+from common.metrics import Metrics, binary_counts, compute_metrics, nanmean, ratio
 from common.operating_point import OperatingPoint
 from common.tasks import Task, get_task
 
@@ -582,20 +589,20 @@ def evaluate_scores(
     class_results, calibration = per_class.results, per_class.calibration
     auroc_samples, sens_samples, spec_samples = per_class.auroc, per_class.sensitivity, per_class.specificity
     defined = [k for k in range(task.num_classes) if math.isfinite(point.auroc[k])]
-    macro_b = _nanmean_rows([auroc_samples[k] for k in defined], settings.n_bootstrap)
+    macro_b = nanmean_rows([auroc_samples[k] for k in defined], settings.n_bootstrap)
     if multiclass:
         present = [k for k in range(task.num_classes) if labels[:, k].any()]
-        balanced_b = _nanmean_rows([sens_samples[k] for k in present], settings.n_bootstrap)
+        balanced_b = nanmean_rows([sens_samples[k] for k in present], settings.n_bootstrap)
         confidence = scores.max(axis=1)
         correct = scores.argmax(axis=1) == truth
         ece, top = _ece(confidence, correct, settings.calibration_bins)
         calibration.insert(0, CalibrationBins("top label", top.confidence, top.observed, top.counts))
         ece_kind = "top-label (confidence of the predicted class vs accuracy)"
     else:
-        balanced_b = _nanmean_rows(
+        balanced_b = nanmean_rows(
             [(a + b) / 2 for a, b in zip(sens_samples, spec_samples, strict=True)], settings.n_bootstrap
         )
-        ece = _nanmean([c.ece for c in class_results])
+        ece = nanmean([c.ece for c in class_results])
         ece_kind = "mean over findings of each finding's ECE (probability vs observed rate)"
     site_balanced: Interval | None = None
     if rule is not None:
@@ -673,13 +680,12 @@ def _site_class(
     """One class's figures at the site's decisions, and their bootstrap samples."""
     sens_b = weighted_rate(chosen, positive, weights)
     spec_b = weighted_rate(~chosen, negative, weights)
-    tp, fp = int(np.sum(chosen & positive)), int(np.sum(chosen & negative))
-    fn, tn = int(np.sum(~chosen & positive)), int(np.sum(~chosen & negative))
+    tn, fp, fn, tp = binary_counts(chosen, positive, negative)
     figures = {
         "site_threshold": rule.values.get("thresholds", {}).get(name),
         "site_log_prior_shift": rule.values.get("log_prior_shift", {}).get(name),
-        "site_sensitivity": percentile_interval(_ratio(tp, tp + fn), sens_b, level),
-        "site_specificity": percentile_interval(_ratio(tn, tn + fp), spec_b, level),
+        "site_sensitivity": percentile_interval(ratio(tp, tp + fn), sens_b, level),
+        "site_specificity": percentile_interval(ratio(tn, tn + fp), spec_b, level),
         "site_confusion": [[tn, fp], [fn, tp]],
     }
     return figures, sens_b, spec_b
@@ -703,28 +709,8 @@ def _site_balanced(
     else:
         values = [(sens + spec) / 2 for sens, spec in pairs]
         rows = [(a + b) / 2 for a, b in zip(sens_samples, spec_samples, strict=True)]
-    samples = _nanmean_rows(rows, settings.n_bootstrap)
-    return percentile_interval(_nanmean(values), samples, settings.level)
-
-
-def _ratio(num: int, den: int) -> float:
-    return num / den if den > 0 else math.nan
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _nanmean_rows(rows: list[np.ndarray], n: int) -> np.ndarray:
-    """Per resample, the mean of the defined values of ``rows`` (NaN where none is defined)."""
-    if not rows:
-        return np.full(n, math.nan)
-    stacked = np.vstack(rows)
-    count = np.isfinite(stacked).sum(axis=0)
-    total = np.nansum(stacked, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), math.nan)
+    samples = nanmean_rows(rows, settings.n_bootstrap)
+    return percentile_interval(nanmean(values), samples, settings.level)
 
 
 # ----------------------------------------------------------------------------- the report

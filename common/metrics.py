@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,12 +124,14 @@ def preload_scorers() -> None:
     import sklearn.metrics  # noqa: F401
 
 
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+def nanmean(values: Sequence[float]) -> float:
+    """The mean of the defined (finite) values; NaN when none is defined."""
+    finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
+def binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """AUROC of scores ``s`` for binary labels ``y`` (scikit-learn); NaN without both labels."""
     if y.size == 0 or np.all(y == y[0]):
         return math.nan
     from sklearn.metrics import roc_auc_score
@@ -136,8 +139,19 @@ def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
-def _ratio(num: int, den: int) -> float:
+def ratio(num: int, den: int) -> float:
+    """``num / den``, NaN for an empty denominator (a rate of a class with no member)."""
     return num / den if den > 0 else math.nan
+
+
+def binary_counts(
+    chosen: np.ndarray, positive: np.ndarray, negative: np.ndarray
+) -> tuple[int, int, int, int]:
+    """``(tn, fp, fn, tp)`` of boolean decisions ``chosen`` among the ``positive`` and ``negative``
+    images (boolean masks; an image in neither, e.g. an unknown label, is not counted)."""
+    tp, fp = int(np.sum(chosen & positive)), int(np.sum(chosen & negative))
+    fn, tn = int(np.sum(~chosen & positive)), int(np.sum(~chosen & negative))
+    return tn, fp, fn, tp
 
 
 def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
@@ -157,9 +171,9 @@ def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
         fn = int(cm[k, :].sum()) - tp
         fp = int(cm[:, k].sum()) - tp
         tn = total - tp - fn - fp
-        sens.append(_ratio(tp, tp + fn))
-        spec.append(_ratio(tn, tn + fp))
-        value = _binary_auroc((y_true == k).astype(int), scores[:, k])
+        sens.append(ratio(tp, tp + fn))
+        spec.append(ratio(tn, tn + fp))
+        value = binary_auroc((y_true == k).astype(int), scores[:, k])
         if math.isnan(value):
             if total == 0:
                 why = "no images were evaluated"
@@ -181,8 +195,8 @@ def _multiclass(task: Task, targets: np.ndarray, scores: np.ndarray) -> Metrics:
         n=int(targets.shape[0]),
         accuracy=float(np.trace(cm) / total) if total else math.nan,
         balanced_accuracy=balanced,
-        auroc_macro=_nanmean(auroc),
-        f1_macro=_nanmean(f1),
+        auroc_macro=nanmean(auroc),
+        f1_macro=nanmean(f1),
         auroc=tuple(auroc),
         sensitivity=tuple(sens),
         specificity=tuple(spec),
@@ -201,32 +215,28 @@ def _multilabel(task: Task, targets: np.ndarray, scores: np.ndarray, threshold: 
         mask = ~np.isnan(targets[:, k])
         y = targets[mask, k].astype(int)
         s = scores[mask, k]
-        pred = (s >= threshold).astype(int)
-        tp = int(np.sum((pred == 1) & (y == 1)))
-        fp = int(np.sum((pred == 1) & (y == 0)))
-        fn = int(np.sum((pred == 0) & (y == 1)))
-        tn = int(np.sum((pred == 0) & (y == 0)))
+        tn, fp, fn, tp = binary_counts(s >= threshold, y == 1, y == 0)
         confusion.append([[tn, fp], [fn, tp]])
         correct += tp + tn
         known_total += y.size
-        value = _binary_auroc(y, s)
+        value = binary_auroc(y, s)
         if math.isnan(value):
             kind = "positive" if y.size and y[0] == 1 else "negative"
             why = "no labelled image" if y.size == 0 else f"only {kind} labels"
             notes.append(f"finding '{name}': {why}; its AUROC is undefined (NaN).")
         auroc.append(value)
-        sens.append(_ratio(tp, tp + fn))
-        spec.append(_ratio(tn, tn + fp))
-        f1.append(_ratio(2 * tp, 2 * tp + fp + fn))
+        sens.append(ratio(tp, tp + fn))
+        spec.append(ratio(tn, tn + fp))
+        f1.append(ratio(2 * tp, 2 * tp + fp + fn))
     balanced = [(a + b) / 2 for a, b in zip(sens, spec, strict=True)]
     return Metrics(
         kind="multilabel",
         classes=task.classes,
         n=int(targets.shape[0]),
-        accuracy=_ratio(correct, known_total),
-        balanced_accuracy=_nanmean(balanced),
-        auroc_macro=_nanmean(auroc),
-        f1_macro=_nanmean(f1),
+        accuracy=ratio(correct, known_total),
+        balanced_accuracy=nanmean(balanced),
+        auroc_macro=nanmean(auroc),
+        f1_macro=nanmean(f1),
         auroc=tuple(auroc),
         sensitivity=tuple(sens),
         specificity=tuple(spec),

@@ -34,6 +34,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.jsonio import write_json
+from common.metrics import nanmean
 from common.tasks import get_task
 from server.delivery_check import check_markdown, check_rows, delivery_check
 from server.reporting import global_rows
@@ -183,9 +184,7 @@ def _teacher_rows(baselines: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
 
 
 def _mean_site(scores: dict[str, Any], metric: str) -> float:
-    values = [_num(s.get(metric)) for s in scores["sites"].values()]
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return nanmean([_num(s.get(metric)) for s in scores["sites"].values()])
 
 
 DELIVERED_COLUMNS = ("accuracy", "balanced_accuracy", "op_balanced_accuracy", "auroc_macro")

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from common.bootstrap import weighted_auroc, weighted_rate
+from common.bootstrap import nanmean_rows, weighted_auroc, weighted_rate
 from common.operating_point import Criterion, fit_operating_point
 from common.tasks import Task
 
@@ -78,9 +78,4 @@ def macro_auroc(
     for k in range(labels.shape[1]):
         known = ~np.isnan(labels[:, k])
         per_class.append(weighted_auroc(labels[known, k] > 0.5, probabilities[known, k], w[:, known]))
-    stacked = np.stack(per_class)
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(stacked)
-        counts = finite.sum(axis=0)
-        total = np.where(finite, stacked, 0.0).sum(axis=0)
-        return np.where(counts > 0, total / np.maximum(counts, 1), math.nan)
+    return nanmean_rows(per_class, w.shape[0])
