@@ -45,6 +45,7 @@ from torch.nn.utils import prune
 
 from common.errors import ModelError
 from common.export import export_onnx, make_session, run_session
+from common.markdown import table_lines
 from common.metrics import compute_metrics
 from common.tasks import Task
 
@@ -445,17 +446,32 @@ def rows_to_markdown(
         f"{settings.calibration_images} training images."
     )
     lines.append("")
-    lines.append(
-        "| model | size MB | size counted as | parameters (non-zero) | latency ms | speed-up vs teacher | "
-        "accuracy | AUROC (macro) |"
-    )
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    header = [
+        "model",
+        "size MB",
+        "size counted as",
+        "parameters (non-zero)",
+        "latency ms",
+        "speed-up vs teacher",
+        "accuracy",
+        "AUROC (macro)",
+    ]
+    cells = []
     for r in rows:
         speedup = teacher.latency_ms / r.latency_ms if teacher and r.latency_ms > 0 else math.nan
-        lines.append(
-            f"| {r.name} | {r.size_mb:.2f} | {r.size_basis} | {r.parameters:,} | {r.latency_ms:.2f} | "
-            f"{speedup:.1f}x | {_fmt(r.accuracy)} | {_fmt(r.auroc_macro)} |"
+        cells.append(
+            [
+                r.name,
+                f"{r.size_mb:.2f}",
+                r.size_basis,
+                f"{r.parameters:,}",
+                f"{r.latency_ms:.2f}",
+                f"{speedup:.1f}x",
+                _fmt(r.accuracy),
+                _fmt(r.auroc_macro),
+            ]
         )
+    lines += table_lines(header, cells, align="lrlrrrrr")
     lines.append("")
     lines.append(
         "Pruned rows: size = non-zero parameters x 4 bytes (a sparse fp32 store, index overhead not "

@@ -57,6 +57,7 @@ from common.checkpoint import load_metadata, sha256_file
 from common.data.cache import CachedImages, ProgressCallback, build_cache
 from common.errors import ConfigError, CxrFlError, DataError, ModelError
 from common.jsonio import json_safe, write_json, write_text_atomic
+from common.markdown import table_lines
 from common.metrics import Metrics, binary_counts, compute_metrics, nanmean, ratio
 from common.operating_point import OperatingPoint
 from common.tasks import Task, get_task
@@ -748,28 +749,36 @@ def _markdown(report: Mapping[str, Any], result: EvaluationResult) -> str:
         "",
         "## Summary",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| macro AUROC | {ci(result.auroc_macro)} |",
-        f"| balanced accuracy ({result.operating_point}) | {ci(result.balanced_accuracy)} |",
-        f"| accuracy | {format_value(result.accuracy)} |",
-        f"| expected calibration error ({result.settings.calibration_bins} bins, {result.ece_kind}) "
-        f"| {format_value(result.ece)} |",
+    ]
+    summary = [
+        ["macro AUROC", ci(result.auroc_macro)],
+        [f"balanced accuracy ({result.operating_point})", ci(result.balanced_accuracy)],
+        ["accuracy", format_value(result.accuracy)],
+        [
+            f"expected calibration error ({result.settings.calibration_bins} bins, {result.ece_kind})",
+            format_value(result.ece),
+        ],
     ]
     if result.site_balanced_accuracy is not None:
-        lines.append(f"| balanced accuracy ({_site_label(result)}) | {ci(result.site_balanced_accuracy)} |")
-    lines += [
-        "",
-        f"## Per {unit} (operating point: {result.operating_point})",
-        "",
-        f"| {unit} | positives | negatives | AUROC | sensitivity | specificity | ECE |",
-        "|---|---:|---:|---|---|---|---:|",
-    ]
-    for c in result.classes:
-        lines.append(
-            f"| {c.name} | {c.positives} | {c.negatives} | {ci(c.auroc)} | {ci(c.sensitivity)} | "
-            f"{ci(c.specificity)} | {format_value(c.ece)} |"
-        )
+        summary.append([f"balanced accuracy ({_site_label(result)})", ci(result.site_balanced_accuracy)])
+    lines += table_lines(["metric", "value"], summary)
+    lines += ["", f"## Per {unit} (operating point: {result.operating_point})", ""]
+    lines += table_lines(
+        [unit, "positives", "negatives", "AUROC", "sensitivity", "specificity", "ECE"],
+        [
+            [
+                c.name,
+                c.positives,
+                c.negatives,
+                ci(c.auroc),
+                ci(c.sensitivity),
+                ci(c.specificity),
+                format_value(c.ece),
+            ]
+            for c in result.classes
+        ],
+        align="lrrlllr",
+    )
     lines += _markdown_site(result, unit)
     lines += [
         "",
@@ -808,21 +817,25 @@ def _markdown_site(result: EvaluationResult, unit: str) -> list[str]:
         "",
         f"Decisions at the {result.site_rule}.",
         "",
-        f"| {unit} | {'log-prior shift' if shifts else 'threshold'} | sensitivity | specificity "
-        "| TN / FP / FN / TP |",
-        "|---|---:|---|---|---|",
     ]
+    rows = []
     for c in result.classes:
         value = c.site_log_prior_shift if shifts else c.site_threshold
         if value is None or c.site_confusion is None:
             continue
         (tn, fp), (fn, tp) = c.site_confusion
         shown = f"{value:+.2f}" if shifts else f"{value:g}"
-        lines.append(
-            f"| {c.name} | {shown} | {ci(c.site_sensitivity)} | {ci(c.site_specificity)} | "
-            f"{tn} / {fp} / {fn} / {tp} |"
+        rows.append(
+            [c.name, shown, ci(c.site_sensitivity), ci(c.site_specificity), f"{tn} / {fp} / {fn} / {tp}"]
         )
-    return lines
+    header = [
+        unit,
+        "log-prior shift" if shifts else "threshold",
+        "sensitivity",
+        "specificity",
+        "TN / FP / FN / TP",
+    ]
+    return lines + table_lines(header, rows, align="lr")
 
 
 def _save_figure(fig: Any, path: Path) -> None:

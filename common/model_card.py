@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.markdown import table_lines
+
 CARD_FORMAT = "cxr-fl-model-card-v1"
 FLOPS_CONVENTION = (
     "forward FLOPs for one image, 2 FLOPs per multiply-add of convolutions and matrix products "
@@ -150,13 +152,15 @@ def render_markdown(card: ModelCard) -> str:
         f"Source: {card.data_source}"
         + (" (synthetic images, not radiographs)." if card.synthetic_data else "."),
         "",
-        "| split | images | " + " | ".join(card.classes) + " |",
-        "|---|---:|" + "---:|" * len(card.classes),
     ]
-    for part, n in card.data_counts.items():
-        per_class = card.class_counts.get(part, {})
-        cells = " | ".join(str(per_class.get(c, "")) for c in card.classes)
-        lines.append(f"| {part} | {n} | {cells} |")
+    lines += table_lines(
+        ["split", "images", *card.classes],
+        [
+            [part, n, *(card.class_counts.get(part, {}).get(c, "") for c in card.classes)]
+            for part, n in card.data_counts.items()
+        ],
+        align="lr" + "r" * len(card.classes),
+    )
     lines += [
         "",
         "## Decision rule",
@@ -170,11 +174,11 @@ def render_markdown(card: ModelCard) -> str:
     columns = list(card.metrics)
     names = sorted({k for m in card.metrics.values() for k in m if "/" not in k})
     per_class_names = sorted({k for m in card.metrics.values() for k in m if "/" in k})
-    lines.append("| metric | " + " | ".join(columns) + " |")
-    lines.append("|---|" + "---:|" * len(columns))
-    for name in [*names, *per_class_names]:
-        cells = " | ".join(_cell(card.metrics[c].get(name)) for c in columns)
-        lines.append(f"| {name} | {cells} |")
+    lines += table_lines(
+        ["metric", *columns],
+        [[name, *(_cell(card.metrics[c].get(name)) for c in columns)] for name in [*names, *per_class_names]],
+        align="l" + "r" * len(columns),
+    )
     d = card.distillation
     lines += [
         "",
@@ -194,10 +198,8 @@ def render_markdown(card: ModelCard) -> str:
         "",
         "## Files (SHA-256)",
         "",
-        "| file | sha256 |",
-        "|---|---|",
     ]
-    lines += [f"| {name} | `{digest}` |" for name, digest in card.files.items()]
+    lines += table_lines(["file", "sha256"], [[name, f"`{digest}`"] for name, digest in card.files.items()])
     return "\n".join(lines) + "\n"
 
 

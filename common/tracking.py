@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ConfigError
+from common.markdown import table
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,8 @@ def row_scalars(row: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
 
 def settings_markdown(run_config: Mapping[str, Any]) -> str:
     """The run settings as a markdown table (what TensorBoard's text tab renders)."""
-    lines = ["| setting | value |", "|---|---|"]
-    for key in sorted(run_config):
-        value = str(run_config[key]).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {key} | {value} |")
-    return "\n".join(lines)
+    rows = [[key, str(run_config[key]).replace("|", "\\|").replace("\n", " ")] for key in sorted(run_config)]
+    return table(["setting", "value"], rows)
 
 
 class RunTracker:

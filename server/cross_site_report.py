@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonio import write_json, write_text_atomic
+from common.markdown import table_lines
 from common.protocol import WEIGHT_KEY
 
 REPORT_FILES = ("cross_site.json", "cross_site.md", "forest_plot.png")
@@ -79,23 +80,27 @@ def markdown(model: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str
         "point, fitted on its validation split). Figures as the sites sent them (deployed sites: "
         "two significant digits, test images in steps of at least 10).",
         "",
-        "| site | status | test images | AUROC (95% CI) | balanced accuracy (95% CI) "
-        "| sensitivity | specificity |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        if row["status"] != "ok":
-            lines.append(f"| {row['site']} | {row['status']}: {row['reason']} | | | | | |")
-            continue
-        images = "" if row["test_images"] is None else str(row["test_images"])
-        rule = "" if row["at_site_operating_point"] else " (argmax)"
-        lines.append(
-            f"| {row['site']} | ok | {images} | {_interval(row['auroc_macro'])} | "
-            f"{_interval(row['balanced_accuracy'])}{rule} | {_number(row['sensitivity_mean'])} | "
-            f"{_number(row['specificity_mean'])} |"
-        )
+    header = ["site", "status", "test images", "AUROC (95% CI)", "balanced accuracy (95% CI)"]
+    lines += table_lines([*header, "sensitivity", "specificity"], [_site_cells(row) for row in rows])
     lines += ["", "Forest plot: `forest_plot.png`.", ""]
     return "\n".join(lines)
+
+
+def _site_cells(row: Mapping[str, Any]) -> list[str]:
+    if row["status"] != "ok":
+        return [row["site"], f"{row['status']}: {row['reason']}", "", "", "", "", ""]
+    images = "" if row["test_images"] is None else str(row["test_images"])
+    rule = "" if row["at_site_operating_point"] else " (argmax)"
+    return [
+        row["site"],
+        "ok",
+        images,
+        _interval(row["auroc_macro"]),
+        f"{_interval(row['balanced_accuracy'])}{rule}",
+        _number(row["sensitivity_mean"]),
+        _number(row["specificity_mean"]),
+    ]
 
 
 def forest_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
@@ -150,9 +155,9 @@ def _matrix_markdown(rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[s
     students = sorted({str(r["student_of"]) for r in rows})
     sites = sorted({str(r["site"]) for r in rows})
     if students:
-        lines += ["| student of \\ scored at | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
+        matrix = []
         for student in students:
-            cells = []
+            cells = [student]
             for site in sites:
                 match = [r for r in rows if r["student_of"] == student and r["site"] == site]
                 if not match:
@@ -161,7 +166,8 @@ def _matrix_markdown(rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[s
                     cells.append(str(match[0]["status"]))
                 else:
                     cells.append(_interval(match[0]["auroc_macro"]))
-            lines.append(f"| {student} | " + " | ".join(cells) + " |")
+            matrix.append(cells)
+        lines += table_lines(["student of \\ scored at", *sites], matrix)
     if kept:
         lines.append("")
     for keeper in kept:

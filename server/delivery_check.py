@@ -20,6 +20,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from common.markdown import table_lines
+
 UNFIT_MARGIN = 0.05
 CHECK_PHASES = ("student-final", "distill")
 """Where the check is read: the federated student's final message if it ran, else distillation
@@ -177,13 +179,13 @@ def check_markdown(check: dict[str, Any]) -> list[str]:
         f"accuracy there is more than {check['unfit_margin']:g} below the teacher's, or it never "
         "predicts a class present in the test split. A failed site counts as a miss.",
         "",
-        "| site | teacher macro-AUROC | student macro-AUROC | teacher balanced acc. (op) | "
-        "student balanced acc. (op) | classes never predicted | check |",
-        "|---|---:|---:|---:|---:|---|---|",
     ]
-    for s in check["sites"]:
-        cells = [_cell(s[k]) for k in FIGURES]
-        lines.append(f"| {_text(s['site'])} | {' | '.join(cells)} | {_never_cell(s)} | {_flag(s)} |")
+    header = ["site", "teacher macro-AUROC", "student macro-AUROC", "teacher balanced acc. (op)"]
+    header += ["student balanced acc. (op)", "classes never predicted", "check"]
+    rows = [
+        [_text(s["site"]), *(_cell(s[k]) for k in FIGURES), _never_cell(s), _flag(s)] for s in check["sites"]
+    ]
+    lines += table_lines(header, rows, align="lrrrr")
     lines += [
         "",
         f"{check['fit']} of {len(check['sites'])} site(s) fit; {check['unfit']} unfit, {check['failed']} "

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.jsonio import write_json
+from common.markdown import table_lines
 from common.run_settings import FederatedRunConfig
 from server.delivery_check import check_markdown, delivery_check
 from server.run_folder import RunFolder
@@ -71,6 +72,51 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if _finite(value) else "-"
 
 
+def _summary_tables(
+    aggregates: list[dict[str, Any]],
+    epsilon: dict[str, float],
+    distill_rows: list[dict[str, Any]],
+    metric: str,
+) -> list[str]:
+    """The summary's tables: rounds, DP epsilon per site (if any), distillation per site (if any)."""
+    lines: list[str] = []
+    rounds = [
+        [
+            r["round"],
+            f"{r.get('sites_trained', '-')}/{r.get('sites_sampled', '-')}",
+            _fmt(r.get("train_loss")),
+            _fmt(r.get("val_loss")),
+            _fmt(r.get("val_" + metric)),
+            _fmt(r.get("seconds")),
+        ]
+        for r in aggregates
+    ]
+    lines += table_lines(
+        ["round", "sites trained", "train loss", "val loss", f"val {metric}", "s"], rounds, "rrrrrr"
+    )
+    if epsilon:
+        lines.append("")
+        lines += table_lines(
+            ["site", "DP epsilon spent"],
+            [[site, f"{eps:.3f}"] for site, eps in sorted(epsilon.items())],
+            "lr",
+        )
+    if distill_rows:
+        header = [
+            "site",
+            "status",
+            *(f"{who} {c}" for c in DISTILL_COLUMNS for who in ("teacher", "student")),
+        ]
+        distilled = [
+            [row.get("site"), row.get("status")]
+            + [_fmt(row.get(f"{who}_{c}")) for c in DISTILL_COLUMNS for who in ("teacher", "student")]
+            for row in distill_rows
+        ]
+        lines.append("")
+        lines += table_lines(header, distilled, "ll" + "r" * (2 * len(DISTILL_COLUMNS)))
+    return lines
+
+
 def write_summary(
     folder: RunFolder,
     *,
@@ -114,26 +160,8 @@ def write_summary(
         f"Rounds completed: {summary['rounds_completed']}; best round by federated validation "
         f"{settings.run.selection_metric}: {best_round}.",
         "",
-        "| round | sites trained | train loss | val loss | val " + settings.run.selection_metric + " | s |",
-        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in aggregates:
-        lines.append(
-            f"| {r['round']} | {r.get('sites_trained', '-')}/{r.get('sites_sampled', '-')} | "
-            f"{_fmt(r.get('train_loss'))} | {_fmt(r.get('val_loss'))} | "
-            f"{_fmt(r.get('val_' + settings.run.selection_metric))} | {_fmt(r.get('seconds'))} |"
-        )
-    if epsilon:
-        lines += ["", "| site | DP epsilon spent |", "|---|---:|"]
-        lines += [f"| {site} | {eps:.3f} |" for site, eps in sorted(epsilon.items())]
-    if distill_rows:
-        header = " | ".join(f"teacher {c} | student {c}" for c in DISTILL_COLUMNS)
-        lines += ["", f"| site | status | {header} |", "|---|---|" + "---:|" * (2 * len(DISTILL_COLUMNS))]
-        for row in distill_rows:
-            cells = " | ".join(
-                f"{_fmt(row.get('teacher_' + c))} | {_fmt(row.get('student_' + c))}" for c in DISTILL_COLUMNS
-            )
-            lines.append(f"| {row.get('site')} | {row.get('status')} | {cells} |")
+    lines += _summary_tables(aggregates, epsilon, distill_rows, settings.run.selection_metric)
     if students_start:
         lines += [
             "",

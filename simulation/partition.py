@@ -50,6 +50,7 @@ import numpy as np
 from common.data.catalog import Catalog, ImageRecord
 from common.data.sources.manifest import MANIFEST_HEADER, manifest_row, record_path
 from common.errors import ConfigError, DataError
+from common.markdown import table
 from common.registry import Registry
 
 if TYPE_CHECKING:
@@ -609,9 +610,7 @@ def label_table_markdown(partition: Partition, catalog: Catalog) -> str:
     """The label table as markdown (the totals row in bold)."""
     header, rows = label_table_rows(partition, catalog)
     rows[-1][0] = "**all**"
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return table(header, rows, align="l" + "r" * (len(header) - 1)) + "\n"
 
 
 _MULTILABEL_NOTE = (

@@ -34,6 +34,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.jsonio import write_json
+from common.markdown import table_lines
 from common.metrics import nanmean
 from common.tasks import get_task
 from server.delivery_check import check_markdown, check_rows, delivery_check
@@ -69,10 +70,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
+    return table_lines(header, rows, align="l" + "r" * (len(header) - 1))
 
 
 def collect_results(out: Path) -> dict[str, Any]:
