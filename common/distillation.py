@@ -47,7 +47,13 @@ from common.device import autocast
 from common.errors import ConfigError, DataError, ModelError
 from common.progress import ProgressArg, reporter_for
 from common.tasks import Task
-from common.training import check_targets, loader_length, masked_bce_with_logits, split_batch
+from common.training import (
+    backward_and_step,
+    check_targets,
+    loader_length,
+    masked_bce_with_logits,
+    split_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -379,13 +385,7 @@ def _distill_step(
         alpha=cfg.alpha if teacher_logits is not None else 0.0,
         multilabel=task.is_multilabel,
     )
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_and_step(loss, optimizer, scaler)
     if scheduler is not None:
         scheduler.step()
     return loss

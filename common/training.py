@@ -211,6 +211,20 @@ def check_epoch_options(
         raise ConfigError("amp", True, "false with DP-SGD (Opacus clips unscaled per-sample gradients)")
 
 
+def backward_and_step(
+    loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward of ``loss`` and one optimiser step; with a ``scaler`` (mixed precision) the loss
+    is scaled first and the step unscales (and skips a step with infinite gradients)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def _optimizer_step(
     model: nn.Module,
     images: Tensor,
@@ -234,13 +248,7 @@ def _optimizer_step(
         prox = proximal_term(model, global_params, proximal_mu)
         total = total + prox
         prox_value = float(prox.detach())
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        total.backward()
-        optimizer.step()
+    backward_and_step(total, optimizer, scaler)
     return loss, weight, prox_value
 
 
