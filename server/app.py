@@ -51,7 +51,7 @@ from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.initial_teacher import initial_global_teacher
-from server.progress_lines import distill_line, student_round_line
+from server.progress_events import Progress, announce
 from server.public_student import distil_public_student, load_public_images
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import (
@@ -219,15 +219,14 @@ def federated_student(
         if aggregated is None:
             raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
         student = aggregated
-        logger.info(
-            "%s",
-            student_round_line(
-                student_round,
-                settings.kd_federated_student_rounds,
-                len(screened.replies),
-                time.monotonic() - round_started,
-            ),
+        step = Progress(
+            student_round,
+            settings.kd_federated_student_rounds,
+            replied=len(screened.replies),
+            phase="student",
+            seconds=time.monotonic() - round_started,
         )
+        announce(folder, step, logger)
     student, bn_rows = student_statistics(
         grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
     )
@@ -380,6 +379,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = folder.prepare(dict(context.run_config))
     if resume is not None:
         folder.drop_metrics_after(resume.completed_round, resume.validated_round)
+    folder.drop_events_after(*((resume.completed_round, resume.validated_round) if resume else (0, 0)))
     logger.info("Run folder: %s", run_dir)
     tracker = start_tracking(folder, context.run_config)
     torch.set_num_threads(settings.train.num_threads)
@@ -428,7 +428,7 @@ def main(grid: Grid, context: Context) -> None:
         student_start, start_record = (
             distil_public_student(folder, settings, teacher, public) if public is not None else (None, None)
         )
-        logger.info("%s", distill_line(settings.run.distill_teacher))
+        announce(folder, Progress(-1, -1, phase="distill", teacher=settings.run.distill_teacher), logger)
         distill_rows = distillation_round(
             grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names, student_start
         )

@@ -21,7 +21,7 @@ from common.jsonio import write_json
 from common.local import SiteData
 from common.public_distillation import PublicStudent, distill_on_public_images, public_images
 from common.run_settings import FederatedRunConfig
-from server.progress_lines import start_line
+from server.progress_events import Progress, announce
 from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def distil_public_student(
 ) -> tuple[ArrayRecord, dict[str, object]]:
     """Distil the teacher into the student on the public images; keep it in the run folder.
     Returns the student and its record (``public_student.json``, the summary's ``students_start``)."""
-    logger.info("%s", start_line(len(images.split.train), settings.distill.public_epochs))
+    start = Progress(
+        -1, -1, replied=len(images.split.train), phase="start", epochs=settings.distill.public_epochs
+    )
+    announce(folder, start, logger)
     student = distill_on_public_images(
         settings, teacher.to_torch_state_dict(), images, num_threads=coordinator_threads(settings)
     )
