@@ -1,7 +1,7 @@
 """The coordinator's side of a real federation: Flower's SuperLink, run submission, progress.
 
 ``cxr-fl-server start`` is a thin front end over this module. What it keeps in the run folder
-(beside what server/run_folder.py keeps)::
+(beside what server/run_folder.py keeps; its CoordinatorFolder names these paths)::
 
     RUN_DIR/
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
@@ -69,6 +69,7 @@ from common.processes import (
     toml_value,
 )
 from flower_adapter.superlink_owner_only import owner_only_announcement
+from server.run_folder import CoordinatorFolder, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +157,15 @@ class Coordinator:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir).resolve()
-        self.flwr_home = self.run_dir / "flwr-home"
-        self.state_path = self.run_dir / "deploy.json"
-        self.sites_path = self.run_dir / "sites.json"
-        self.revoked_path = self.run_dir / "revoked.json"
+        self.folder = CoordinatorFolder(self.run_dir)
+        self.flwr_home = self.folder.flwr_home
+        self.state_path = self.folder.deploy_state_path
+        self.sites_path = self.folder.sites_path
+        self.revoked_path = self.folder.revoked_path
         self.audit = AuditLog(self.run_dir / AUDIT_FILE)
-        self.superlink_log = self.run_dir / "superlink.log"
-        self.flower_log = self.run_dir / "flower.log"
-        self.gateway_log = self.run_dir / "gateway.log"
+        self.superlink_log = self.folder.superlink_log
+        self.flower_log = self.folder.flower_log
+        self.gateway_log = self.folder.gateway_log
         self.process: subprocess.Popen[bytes] | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
 
@@ -210,7 +212,7 @@ class Coordinator:
         """
         from server.security import make_certificates
 
-        folder = self.run_dir / "loopback-tls"
+        folder = self.folder.loopback_tls
         files = TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
         if not all(p.is_file() for p in (files.ca_cert, files.server_cert, files.server_key)):
             for stale in folder.glob("*") if folder.is_dir() else []:
@@ -281,7 +283,7 @@ class Coordinator:
             "--disable-runtime-dependency-installation",
         ]
         if database:
-            command += ["--database", str(self.run_dir / "superlink.db")]
+            command += ["--database", str(self.folder.superlink_database)]
         # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
         # on addresses of their own, outside the gateway: never inherit them.
         env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
@@ -601,15 +603,17 @@ class Coordinator:
         app_dir: Path = PROJECT_ROOT,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
-        config_name: str = "run_overrides.toml",
+        config_name: str | None = None,
     ) -> int:
         """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code.
 
-        The run's settings are written to ``RUN_DIR/config_name`` (an evaluation-only run keeps
-        the training run's ``run_overrides.toml``, which ``--resume`` reads, as it was).
+        The run's settings are written to ``RUN_DIR/config_name``, by default to the run folder's
+        ``run_overrides.toml``, which ``--resume`` reads (an evaluation-only run names another
+        file, so that one stays as it was).
         Raises FlwrRunTimeoutError when ``timeout`` seconds pass first (``flwr run`` is stopped).
         """
-        config_path = self.run_dir / config_name
+        run = RunFolder(Path(overrides["run-dir"])) if "run-dir" in overrides else RunFolder(self.run_dir)
+        config_path = self.run_dir / config_name if config_name else run.overrides_path
         write_run_config(config_path, overrides)
         command = [
             console_script("flwr"),

@@ -20,9 +20,10 @@ Layout::
       public_student.json    the students' start distilled at the coordinator, when any
       sites/<site>/          in simulations: each site's output folder
 
-A folder that ``cxr-fl-server serve`` serves (:class:`ServedRuns`) holds each submitted run as
-``RUN_DIR/runs/NAME/``, a run folder of this layout. Every other module asks these two types for
-a path; none spells the file names (tests/server/test_run_folder_layout.py checks).
+The coordinator's own files beside them (server/deploy.py describes them) are named by
+:class:`CoordinatorFolder`; a folder that ``cxr-fl-server serve`` serves holds each submitted run
+as ``RUN_DIR/runs/NAME/``, a run folder of this layout. Every other module asks these two types
+for a path; none spells the file names (tests/server/test_run_folder_layout.py checks).
 
 Checkpoints, state.json and the JSON files are written atomically (temporary file, then rename),
 and state.json last, so a server killed at any moment leaves the previous consistent state
@@ -136,9 +137,17 @@ class RunFolder:
         return self.root / "public_student.json"
 
     @property
+    def overrides_path(self) -> Path:
+        """The settings submitted with ``flwr run`` (``run_overrides.toml``, read by ``--resume``)."""
+        return self.root / "run_overrides.toml"
+
+    @property
     def sites_dir(self) -> Path:
         """Each simulated site's output folder: ``sites/<site>/``."""
         return self.root / "sites"
+
+    def site_dir(self, site: str) -> Path:
+        return self.sites_dir / site
 
     def checkpoint(self, which: str) -> Path:
         """``checkpoints/<which>.pt``: last, best, student, or the students' start."""
@@ -329,25 +338,39 @@ class RunFolder:
             return {k: data[k] for k in data.files}
 
 
-class ServedRuns:
-    """The runs of a folder that ``cxr-fl-server serve`` serves: ``RUN_DIR/runs/NAME/``."""
+class CoordinatorFolder:
+    """The coordinator's own files in its folder (server/deploy.py describes them), and the runs
+    of a folder that ``cxr-fl-server serve`` serves: ``RUN_DIR/runs/NAME/``, each a run folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.runs_dir = self.root / "runs"
+        self.deploy_state_path = self.root / "deploy.json"
+        self.sites_path = self.root / "sites.json"
+        self.revoked_path = self.root / "revoked.json"
+        self.superlink_log = self.root / "superlink.log"
+        self.superlink_database = self.root / "superlink.db"
+        self.gateway_log = self.root / "gateway.log"
+        self.flower_log = self.root / "flower.log"
+        self.flwr_home = self.root / "flwr-home"
+        self.loopback_tls = self.root / "loopback-tls"
 
     def run(self, name: str) -> RunFolder:
         return RunFolder(self.runs_dir / name)
 
-    def started(self) -> list[RunFolder]:
+    def started_runs(self) -> list[RunFolder]:
         """Every submitted run (one whose settings are written)."""
         name = RunFolder(self.runs_dir).config_path.name
         return [RunFolder(p.parent) for p in self.runs_dir.glob(f"*/{name}")]
 
-    def newest(self) -> RunFolder | None:
+    def newest_run(self) -> RunFolder | None:
         """The run submitted last, None before the first."""
-        runs = self.started()
+        runs = self.started_runs()
         return max(runs, key=lambda r: r.config_path.stat().st_mtime) if runs else None
+
+    def evaluation_dir(self, flower_run_id: int) -> Path:
+        """Where the cross-site table of Flower run ``flower_run_id`` is written."""
+        return self.root / "evaluations" / f"run-{flower_run_id}"
 
 
 def finished_runs(root: Path) -> list[RunFolder]:
@@ -355,7 +378,7 @@ def finished_runs(root: Path) -> list[RunFolder]:
     name = RunFolder(root).summary_path.name
     found = [p.parent for p in root.parent.glob(f"*/{name}") if p.parent != root]
     found += [p.parent for p in root.glob(f"*/{name}")]
-    found += [p.parent for p in ServedRuns(root).runs_dir.glob(f"*/{name}")]
+    found += [p.parent for p in CoordinatorFolder(root).runs_dir.glob(f"*/{name}")]
     return [RunFolder(p) for p in found]
 
 

@@ -95,7 +95,7 @@ def follow_run(
     num_rounds: int,
     started: float,
     timeout: float | None,
-    config_name: str = "run_overrides.toml",
+    config_name: str | None = None,
 ) -> int:
     """Submit the run and show its progress, read from the run folder's events as its log
     streams in; the log's warnings and errors are shown as they come."""

@@ -31,7 +31,7 @@ from server.console.gateway_log import GatewayLog, Refusals
 from server.console.nodes import NodeStatus, NodeWatch
 from server.delivery_check import check_rows, delivery_check
 from server.progress_events import Progress, last_progress
-from server.run_folder import RunFolder, ServedRuns, finished_runs
+from server.run_folder import CoordinatorFolder, RunFolder, finished_runs
 
 GLOBAL = "_global"
 """The series of the global model (the aggregate rows' site name)."""
@@ -306,13 +306,14 @@ class RunReader:
 
     def __init__(self, run_dir: Path, watch: NodeWatch | None = None) -> None:
         self.run_dir = Path(run_dir).resolve()
-        self.gateway = GatewayLog(self.run_dir / "gateway.log")
+        self.coordinator = CoordinatorFolder(self.run_dir)
+        self.gateway = GatewayLog(self.coordinator.gateway_log)
         self.watch = watch or NodeWatch(self.run_dir)
 
     def current_run(self) -> Path:
         """The run the page follows: this folder's own, or, in a folder that `cxr-fl-server serve`
         serves, its newest run (``runs/NAME/``, the one submitted last)."""
-        newest = ServedRuns(self.run_dir).newest()
+        newest = CoordinatorFolder(self.run_dir).newest_run()
         return newest.root if newest is not None else self.run_dir
 
     def finished(self, state: dict[str, Any], run: Path | None = None) -> bool:
@@ -326,12 +327,12 @@ class RunReader:
 
     def snapshot(self) -> Snapshot:
         root, run = self.run_dir, self.current_run()
-        state = as_dict(read_json(root / "deploy.json"))
+        state = as_dict(read_json(self.coordinator.deploy_state_path))
         folder = RunFolder(run)
         rows = folder.read_metrics_while_written()
         saved = as_dict(read_json(folder.state_path))
         config = as_dict(read_json(folder.config_path))
-        registered = [s for s in read_json(root / "sites.json") or [] if isinstance(s, dict)]
+        registered = [s for s in read_json(self.coordinator.sites_path) or [] if isinstance(s, dict)]
         finished = self.finished(state, run)
         aggregates = aggregate_rows(rows, saved.get("pending_row"))
         phase, detail = run_phase(state, finished, last_progress(folder), rows)
