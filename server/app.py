@@ -63,7 +63,7 @@ from server.rounds import (
     mark_dropped,
     wait_for_sites,
 )
-from server.run_folder import RunFolder
+from server.run_folder import CoordinatorFolder, RunFolder
 from server.site_identity import SiteDirectory
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
@@ -80,7 +80,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def attach_run_logging(run_dir: Path) -> None:
     """Send the project's log lines to RUN_DIR/server.log and to the app's stdout (flwr log)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = str(run_dir / "server.log")
+    log_file = str(RunFolder(run_dir).log_path)
     for name in ("server", "common"):
         project_logger = logging.getLogger(name)
         project_logger.setLevel(logging.INFO)
@@ -232,7 +232,7 @@ def federated_student(
     )
     rows += bn_rows
     save_model(
-        student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
+        student.to_torch_state_dict(), folder.checkpoint("student"), metadata={"role": "global student"}
     )
     _, outcomes = broadcast(
         grid, student, STUDENT_FINAL_MESSAGE_TYPE, {"phase": "student"}, settings, min_sites, names
@@ -274,7 +274,7 @@ def federated_student_phase(
         logger.warning("Federated student not completed (%s): each site keeps its own student.", exc)
         return f"not completed ({exc}): each site delivers its own student"
     folder.append_metrics(student_rows)
-    write_json(folder.root / "federated_student.json", student_rows)
+    write_json(folder.federated_student_path, student_rows)
     return f"delivered after {rounds} round(s): see each site's delivered.json"
 
 
@@ -332,7 +332,7 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
         settings.task,
         "manifest",
         Path(settings.run.central_eval_manifest),
-        Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
+        Path(settings.run.cache_dir) if settings.run.cache_dir else RunFolder(run_dir).default_cache_dir,
         whole=True,
     )
     dataset = load_eval_dataset(request)
@@ -357,7 +357,7 @@ def evaluate_only(
     from server.cross_site import evaluate_everywhere
 
     torch.set_num_threads(settings.train.num_threads)
-    names = SiteDirectory(run_dir / "sites.json")
+    names = SiteDirectory(CoordinatorFolder(run_dir).sites_path)
     folder = evaluate_everywhere(
         grid, settings, run_dir, context.run_id, strategy_settings.min_available_sites
     )
@@ -407,7 +407,7 @@ def main(grid: Grid, context: Context) -> None:
         validation_mode=settings.run.validation_mode,
     )
     if settings.run.coordinator_dir:  # a run submitted to `serve`: the sites it registered
-        rounds.site_names = SiteDirectory(coordinator_root(settings) / "sites.json")
+        rounds.site_names = SiteDirectory(CoordinatorFolder(coordinator_root(settings)).sites_path)
     if settings.run.bn_statistics == "every-round":
         teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
         rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
@@ -433,7 +433,7 @@ def main(grid: Grid, context: Context) -> None:
             grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names, student_start
         )
         folder.append_metrics(distill_rows)
-        write_json(run_dir / "distillation.json", distill_rows)
+        write_json(folder.distillation_path, distill_rows)
         student_note = federated_student_phase(
             grid,
             folder,
@@ -460,4 +460,4 @@ def main(grid: Grid, context: Context) -> None:
         students_start=start_record,
     )
     finish_tracking(tracker, folder)
-    logger.info("Run finished; summary in %s", run_dir / "summary.json")
+    logger.info("Run finished; summary in %s", folder.summary_path)

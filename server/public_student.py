@@ -26,14 +26,17 @@ from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_STUDENT_FILE = "public_student.pt"
+PUBLIC_STUDENT = "public_student"
+"""The students' start's checkpoint (RunFolder.checkpoint)."""
 
 
 def load_public_images(settings: FederatedRunConfig, run_dir: Path) -> SiteData | None:
     """The coordinator's public images for the students' start, or None when the run has none."""
     if not settings.distill.public_manifest:
         return None
-    cache_dir = Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache"
+    cache_dir = (
+        Path(settings.run.cache_dir) if settings.run.cache_dir else RunFolder(run_dir).default_cache_dir
+    )
     data = public_images(settings, cache_dir)
     logger.info(
         "Students' start: the teacher will be distilled on %d public images of %s",
@@ -57,11 +60,11 @@ def distil_public_student(
     )
     save_model(
         student.state,
-        folder.checkpoints / PUBLIC_STUDENT_FILE,
+        folder.checkpoint(PUBLIC_STUDENT),
         metadata={"role": "students' start, distilled at the coordinator on public images"},
     )
     record = public_student_record(settings, student)
-    write_json(folder.root / "public_student.json", record)
+    write_json(folder.public_student_path, record)
     logger.info(
         "Students' start ready in %.0f s: its top class is the teacher's on %.1f%% of held-out public images",
         student.seconds,

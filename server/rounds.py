@@ -66,7 +66,7 @@ from flower_adapter.grid import wait_for_replies
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
 from server.progress_events import Progress, announce
 from server.progress_lines import RESUME_ADVICE
-from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
+from server.run_folder import BN_STATISTICS_PHASE, CoordinatorFolder, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
 
@@ -301,7 +301,7 @@ class TeacherRounds:
         self.min_evaluate_sites = min_evaluate_sites
         self.central_evaluate = central_evaluate
         # Registered names (RUN_DIR/sites.json) are who a reply is from, not what it claims.
-        self.site_names: dict[int, str] = SiteDirectory(folder.root / "sites.json")
+        self.site_names: dict[int, str] = SiteDirectory(CoordinatorFolder(folder.root).sites_path)
         self.in_train = validation_mode == "in-train"
         self.batchnorm = batchnorm
         self.best_round = 0

@@ -142,6 +142,11 @@ class RunFolder:
         return self.root / "run_overrides.toml"
 
     @property
+    def default_cache_dir(self) -> Path:
+        """The image cache when the run setting ``cache-dir`` names none."""
+        return self.root / "cache"
+
+    @property
     def sites_dir(self) -> Path:
         """Each simulated site's output folder: ``sites/<site>/``."""
         return self.root / "sites"

@@ -38,6 +38,7 @@ from server.progress_events import EventFollower, Progress
 from server.run_folder import RunFolder
 from server.strategies import StrategySettings
 from simulation.baselines import run_baselines
+from simulation.experiment_folder import experiment_run
 from simulation.partition import partition_catalog, write_partition
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
@@ -124,7 +125,7 @@ class Experiment:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.out = Path(config.out).expanduser().resolve()
-        self.run_dir = self.out / "run"
+        self.run_dir = experiment_run(self.out).root
         self.partition_dir = self.out / "partition"
         self.public_dir = self.out / "public"
 
