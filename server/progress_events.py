@@ -156,18 +156,6 @@ def announce(folder: RunFolder, progress: Progress, log: logging.Logger) -> None
     log.info("%s", stamped.line(folder.root))
 
 
-def kept_on_resume(event: Mapping[str, Any], completed_round: int, validated_round: int) -> bool:
-    """Does a resumed run keep this event of an earlier start? Like metrics.jsonl's rows: the
-    completed teacher rounds and their validations (and earlier resumes) stay, later phases go."""
-    server_round = _int(event.get("round"))
-    if server_round is None:
-        return False
-    phase = event.get("phase")
-    if phase in ("teacher", "resume"):
-        return server_round <= completed_round
-    return phase == "validation" and server_round <= validated_round
-
-
 class EventFollower:
     """Hands each new event of a run folder, as :class:`Progress`, to ``on_progress``.
 

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from common.jsonio import json_safe, write_json, write_text_atomic
-from server.progress_events import kept_on_resume
 
 if TYPE_CHECKING:  # torch and numpy load only where checkpoints are read or written
     import numpy as np
@@ -182,7 +181,7 @@ class RunFolder:
         """Before a resume: keep the events of what the resumed run does not do again."""
         if not self.events_path.is_file():
             return
-        kept = [e for e in self.read_events() if kept_on_resume(e, completed_round, validated_round)]
+        kept = [e for e in self.read_events() if _event_kept_on_resume(e, completed_round, validated_round)]
         write_text_atomic(self.events_path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
 
     def prepare(self, run_config: Mapping[str, Any]) -> ResumeState | None:
@@ -385,6 +384,18 @@ def finished_runs(root: Path) -> list[RunFolder]:
     found += [p.parent for p in root.glob(f"*/{name}")]
     found += [p.parent for p in CoordinatorFolder(root).runs_dir.glob(f"*/{name}")]
     return [RunFolder(p) for p in found]
+
+
+def _event_kept_on_resume(event: Mapping[str, Any], completed_round: int, validated_round: int) -> bool:
+    """Does a resumed run keep this progress event of an earlier start? Like metrics.jsonl's rows:
+    the completed teacher rounds and their validations (and earlier resumes) stay, later phases go."""
+    server_round = event.get("round")
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        return False
+    phase = event.get("phase")
+    if phase in ("teacher", "resume"):
+        return server_round <= completed_round
+    return phase == "validation" and server_round <= validated_round
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
