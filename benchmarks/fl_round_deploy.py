@@ -40,10 +40,8 @@ in-train validation the last model is validated by one evaluate message after th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -244,7 +242,7 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
     )
     wall_median = statistics.median(wall[n] for n in steady)
     train_median = statistics.median(training[n] for n in steady)
-    ends = round_ends(run_dir / "server.log")
+    ends = round_ends(run_dir)
     cycles = [ends[n] - ends[n - 1] for n in steady if n in ends and n - 1 in ends]
     cycle = statistics.median(cycles) if cycles else float("nan")
     cpu: dict[str, float] = {}
@@ -267,17 +265,13 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
     }
 
 
-ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*server\.rounds: Round (\d+)/\d+:")
+def round_ends(run_dir: Path) -> dict[int, float]:
+    """When each teacher round ended (its progress event, written after its checkpoint), in seconds."""
+    from server.progress_events import Progress
+    from server.run_folder import RunFolder
 
-
-def round_ends(server_log: Path) -> dict[int, float]:
-    """When each teacher round ended (its "Round N/M" line, written after its checkpoint), in seconds."""
-    ends: dict[int, float] = {}
-    for line in server_log.read_text(errors="replace").splitlines():
-        if match := ROUND_LINE.match(line):
-            stamp = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
-            ends[int(match[2])] = stamp.timestamp()
-    return ends
+    steps = [Progress.from_event(e) for e in RunFolder(run_dir).read_events()]
+    return {p.completed_round: p.time for p in steps if p is not None and p.phase == "teacher"}
 
 
 def main() -> None:

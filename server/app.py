@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
@@ -29,6 +31,7 @@ from common.errors import CxrFlError
 from common.jsonio import write_json
 from common.local import (
     EVAL_BATCH_SIZE,
+    SiteData,
     build_loaded_model,
     load_eval_dataset,
     scalar_metrics,
@@ -51,7 +54,7 @@ from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
 from server.initial_teacher import initial_global_teacher
-from server.progress_lines import distill_line, student_round_line
+from server.progress_events import Progress, announce
 from server.public_student import distil_public_student, load_public_images
 from server.reporting import write_learning_curves, write_summary
 from server.rounds import (
@@ -63,7 +66,7 @@ from server.rounds import (
     mark_dropped,
     wait_for_sites,
 )
-from server.run_folder import RunFolder
+from server.run_folder import CoordinatorFolder, ResumeState, RunFolder
 from server.site_identity import SiteDirectory
 from server.strategies import StrategySettings, build_strategy
 from server.tracking import finish_tracking, start_tracking
@@ -80,7 +83,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def attach_run_logging(run_dir: Path) -> None:
     """Send the project's log lines to RUN_DIR/server.log and to the app's stdout (flwr log)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = str(run_dir / "server.log")
+    log_file = str(RunFolder(run_dir).log_path)
     for name in ("server", "common"):
         project_logger = logging.getLogger(name)
         project_logger.setLevel(logging.INFO)
@@ -219,21 +222,20 @@ def federated_student(
         if aggregated is None:
             raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
         student = aggregated
-        logger.info(
-            "%s",
-            student_round_line(
-                student_round,
-                settings.kd_federated_student_rounds,
-                len(screened.replies),
-                time.monotonic() - round_started,
-            ),
+        step = Progress(
+            student_round,
+            settings.kd_federated_student_rounds,
+            replied=len(screened.replies),
+            phase="student",
+            seconds=time.monotonic() - round_started,
         )
+        announce(folder, step, logger)
     student, bn_rows = student_statistics(
         grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
     )
     rows += bn_rows
     save_model(
-        student.to_torch_state_dict(), folder.checkpoints / "student.pt", metadata={"role": "global student"}
+        student.to_torch_state_dict(), folder.checkpoint("student"), metadata={"role": "global student"}
     )
     _, outcomes = broadcast(
         grid, student, STUDENT_FINAL_MESSAGE_TYPE, {"phase": "student"}, settings, min_sites, names
@@ -275,7 +277,7 @@ def federated_student_phase(
         logger.warning("Federated student not completed (%s): each site keeps its own student.", exc)
         return f"not completed ({exc}): each site delivers its own student"
     folder.append_metrics(student_rows)
-    write_json(folder.root / "federated_student.json", student_rows)
+    write_json(folder.federated_student_path, student_rows)
     return f"delivered after {rounds} round(s): see each site's delivered.json"
 
 
@@ -333,7 +335,7 @@ def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]]
         settings.task,
         "manifest",
         Path(settings.run.central_eval_manifest),
-        Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache",
+        Path(settings.run.cache_dir) if settings.run.cache_dir else RunFolder(run_dir).default_cache_dir,
         whole=True,
     )
     dataset = load_eval_dataset(request)
@@ -358,7 +360,7 @@ def evaluate_only(
     from server.cross_site import evaluate_everywhere
 
     torch.set_num_threads(settings.train.num_threads)
-    names = SiteDirectory(run_dir / "sites.json")
+    names = SiteDirectory(CoordinatorFolder(run_dir).sites_path)
     folder = evaluate_everywhere(
         grid, settings, run_dir, context.run_id, strategy_settings.min_available_sites
     )
@@ -366,32 +368,44 @@ def evaluate_only(
     logger.info("Evaluation finished; cross-site table in %s", folder)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
-    settings = run_settings_from_config(context.run_config)
-    strategy_settings = from_mapping(StrategySettings, context.run_config)
-    run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
-    attach_run_logging(run_dir)
-    if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
-        evaluate_only(grid, context, settings, strategy_settings, run_dir)
-        return
+def open_run_folder(run_dir: Path, run_config: Mapping[str, Any]) -> tuple[RunFolder, ResumeState | None]:
+    """The run folder, checked against an earlier start's settings; on a resume, its metrics and
+    events trimmed to what the resumed run does not do again (a fresh start keeps no events)."""
     folder = RunFolder(run_dir)
-    resume = folder.prepare(dict(context.run_config))
+    resume = folder.prepare(dict(run_config))
     if resume is not None:
         folder.drop_metrics_after(resume.completed_round, resume.validated_round)
+    folder.drop_events_after(*((resume.completed_round, resume.validated_round) if resume else (0, 0)))
     logger.info("Run folder: %s", run_dir)
-    tracker = start_tracking(folder, context.run_config)
-    torch.set_num_threads(settings.train.num_threads)
-    public = load_public_images(settings, run_dir) if settings.kd_enabled else None
+    return folder, resume
 
+
+def coordinator_strategy(
+    run_config: Mapping[str, Any],
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    resume: ResumeState | None,
+) -> FedAvg:
+    """The run's strategy, wrapped in central DP when the run asks for it."""
     strategy = build_strategy(strategy_settings)
-    central = from_mapping(CentralDPSettings, context.run_config, "central-dp-")
+    central = from_mapping(CentralDPSettings, run_config, "central-dp-")
     check_central_dp(central, strategy_settings.strategy, settings.teacher.norm)
     strategy = with_central_dp(strategy, central, strategy_settings.min_train_sites)
     if isinstance(strategy, CentralDP) and resume is not None:  # epsilon counts every released round
         strategy.releases = resume.completed_round
-    started = time.monotonic()
+    return strategy
+
+
+def teacher_phase(
+    grid: Grid,
+    folder: RunFolder,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    strategy: FedAvg,
+    resume: ResumeState | None,
+) -> tuple[TeacherRounds, int]:
+    """The teacher rounds (those a resumed run has not completed), the learning curves and the
+    delivered teacher's pooled BatchNorm statistics; returns the rounds and the best round."""
     rounds = TeacherRounds(
         grid,
         strategy,
@@ -407,41 +421,80 @@ def main(grid: Grid, context: Context) -> None:
         validation_mode=settings.run.validation_mode,
     )
     if settings.run.coordinator_dir:  # a run submitted to `serve`: the sites it registered
-        rounds.site_names = SiteDirectory(coordinator_root(settings) / "sites.json")
+        rounds.site_names = SiteDirectory(CoordinatorFolder(coordinator_root(settings)).sites_path)
     if settings.run.bn_statistics == "every-round":
         teacher_statistics = federated_batchnorm(grid, settings, "teacher", rounds.site_names)
         rounds.batchnorm = teacher_statistics.update if teacher_statistics is not None else None
     if resume is not None and resume.validated_round >= settings.run.num_rounds:
-        logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, run_dir)
+        logger.info("All %d teacher rounds already completed in %s", settings.run.num_rounds, folder.root)
         best_round = resume.best_round
     else:
-        result = rounds.run(initial_teacher(settings), resume)
-        best_round = result.best_round
+        best_round = rounds.run(initial_teacher(settings), resume).best_round
     write_learning_curves(folder, settings.run.selection_metric)
     pool_delivered_teacher(grid, folder, settings, rounds.site_names)
+    return rounds, best_round
 
-    distill_rows: list[dict[str, object]] = []
+
+@dataclass(frozen=True)
+class StudentsOutcome:
+    """What the students' phases leave for the summary."""
+
+    distill_rows: list[dict[str, object]] = field(default_factory=list)
     start_record: dict[str, object] | None = None
-    student_note = "off (kd-enabled = false)"
+    federated_student: str = "off (kd-enabled = false)"
+
+
+def students_phase(
+    grid: Grid,
+    folder: RunFolder,
+    settings: FederatedRunConfig,
+    strategy_settings: StrategySettings,
+    names: dict[int, str],
+    public: SiteData | None,
+    *,
+    central_dp: bool,
+) -> StudentsOutcome:
+    """The students' start at the coordinator (with public images), the sites' distillation and
+    the federated student."""
+    teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
+    student_start, start_record = (
+        distil_public_student(folder, settings, teacher, public) if public is not None else (None, None)
+    )
+    announce(folder, Progress(-1, -1, phase="distill", teacher=settings.run.distill_teacher), logger)
+    distill_rows = distillation_round(
+        grid, teacher, settings, strategy_settings.min_available_sites, names, student_start
+    )
+    folder.append_metrics(distill_rows)
+    write_json(folder.distillation_path, distill_rows)
+    note = federated_student_phase(
+        grid, folder, settings, strategy_settings, names, central_dp=central_dp, start=student_start
+    )
+    return StudentsOutcome(distill_rows, start_record, note)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
+    settings = run_settings_from_config(context.run_config)
+    strategy_settings = from_mapping(StrategySettings, context.run_config)
+    run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
+    attach_run_logging(run_dir)
+    if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
+        evaluate_only(grid, context, settings, strategy_settings, run_dir)
+        return
+    folder, resume = open_run_folder(run_dir, context.run_config)
+    tracker = start_tracking(folder, context.run_config)
+    torch.set_num_threads(settings.train.num_threads)
+    public = load_public_images(settings, run_dir) if settings.kd_enabled else None
+
+    strategy = coordinator_strategy(context.run_config, settings, strategy_settings, resume)
+    started = time.monotonic()
+    rounds, best_round = teacher_phase(grid, folder, settings, strategy_settings, strategy, resume)
+    students = StudentsOutcome()
     if settings.kd_enabled:
-        teacher = ArrayRecord(folder.load_model(settings.run.distill_teacher))
-        student_start, start_record = (
-            distil_public_student(folder, settings, teacher, public) if public is not None else (None, None)
-        )
-        logger.info("%s", distill_line(settings.run.distill_teacher))
-        distill_rows = distillation_round(
-            grid, teacher, settings, strategy_settings.min_available_sites, rounds.site_names, student_start
-        )
-        folder.append_metrics(distill_rows)
-        write_json(run_dir / "distillation.json", distill_rows)
-        student_note = federated_student_phase(
-            grid,
-            folder,
-            settings,
-            strategy_settings,
-            rounds.site_names,
-            central_dp=isinstance(strategy, CentralDP),
-            start=student_start,
+        central_dp = isinstance(strategy, CentralDP)
+        students = students_phase(
+            grid, folder, settings, strategy_settings, rounds.site_names, public, central_dp=central_dp
         )
 
     if settings.run.cross_site_matrix and settings.kd_enabled and not settings.uses_dp:
@@ -454,10 +507,10 @@ def main(grid: Grid, context: Context) -> None:
         settings=settings,
         strategy=strategy_settings.strategy,
         best_round=best_round,
-        distill_rows=distill_rows,
+        distill_rows=students.distill_rows,
         seconds=time.monotonic() - started,
-        federated_student=student_note,
-        students_start=start_record,
+        federated_student=students.federated_student,
+        students_start=students.start_record,
     )
     finish_tracking(tracker, folder)
-    logger.info("Run finished; summary in %s", run_dir / "summary.json")
+    logger.info("Run finished; summary in %s", folder.summary_path)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from common.processes import exit_on_sigterm
 from common.run_settings import read_toml
 from server.console.launch import ConsoleOption, ConsolePortOption, announce_console, open_console
 from server.evaluate_cli import evaluate_command
+from server.run_folder import RunFolder
 from server.run_following import (
     audit_run_start,
     check_central_dp_settings,
@@ -215,144 +217,263 @@ def kit(
 
 
 def _previous_overrides(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run_overrides.toml"
+    path = RunFolder(run_dir).overrides_path
     if not path.is_file():
-        raise fail(
-            f"--resume: {run_dir} holds no earlier run (no run_overrides.toml); start it without --resume"
-        )
+        raise fail(f"--resume: {run_dir} holds no earlier run (no {path.name}); start it without --resume")
     return read_toml(path, "--resume")
+
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="TOML file of run settings (keys of pyproject's schema).")
+]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Run setting KEY=VALUE (repeatable).")]
+CertsOption = Annotated[
+    Path | None, typer.Option("--certs", help="Folder made by `cxr-fl-server certs` (TLS).")
+]
+SiteKeyOption = Annotated[
+    list[Path] | None,
+    typer.Option("--site-key", help="Register this site public key (NAME.pub) on start (repeatable)."),
+]
+PortOption = Annotated[
+    int | None, typer.Option("--port", help="Port the sites connect to (default 9092; Fleet API only).")
+]
+HostOption = Annotated[
+    str,
+    typer.Option(
+        "--host", help="Interface the sites connect to (the SuperLink itself listens on 127.0.0.1 only)."
+    ),
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="No TLS and no site authentication (testing only).")
+]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir.")]
+InMemoryOption = Annotated[
+    bool,
+    typer.Option(
+        "--in-memory/--database",
+        help="Keep the SuperLink's state (registered site keys, messages in transit) in memory "
+        "(default: each model travels without a SQLite transaction per object, and --resume "
+        "registers the known sites again), or in RUN_DIR/superlink.db (--database).",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None, typer.Option("--timeout", help="Give up after this many seconds (default: never).")
+]
+TrackOption = Annotated[
+    str | None,
+    typer.Option(
+        "--track",
+        help="Log rounds, DP epsilon, distillation and figures to a local tracker: 'tensorboard' "
+        "(event files in RUN_DIR/tensorboard; the run setting 'track').",
+    ),
+]
+InitialTeacherOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--initial-teacher",
+        help="Start from this weights file at the coordinator (e.g. from `cxr-fl-server pretrain`); "
+        "the run carries the initial teacher's weights hash and sites can pin it.",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``start`` will submit, checked before the SuperLink starts."""
+
+    overrides: dict[str, Any]
+    schema: dict[str, Any]
+    port: int | None
+    prepared: Any
+    """The initial teacher given with --initial-teacher, with its notes (None without one)."""
+
+    @property
+    def num_rounds(self) -> int:
+        return int({**self.schema, **self.overrides}["num-rounds"])
+
+
+def _run_request(
+    coordinator: Any,
+    *,
+    resume: bool,
+    port: int | None,
+    config: Path | None,
+    set_: list[str] | None,
+    track: str | None,
+    initial_teacher: Path | None,
+) -> RunRequest:
+    """The run's settings (a resumed run's earlier ones first), every check of them passed."""
+    from common.run_settings import check_run_config, load_schema, resolve_run_config
+    from common.tracking import check_tracker
+    from server.initial_teacher import prepare_initial_teacher
+    from server.strategies import StrategySettings
+
+    run_dir = coordinator.run_dir
+    schema = load_schema()
+    overrides: dict[str, Any] = {}
+    if resume:
+        overrides = _previous_overrides(run_dir)
+        if port is None:
+            port = coordinator.read_state().get("port")
+    elif RunFolder(run_dir).holds_run():
+        raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
+    overrides.update(resolve_run_config(schema, config, set_))
+    overrides["run-dir"] = str(run_dir)
+    if track is not None:
+        overrides["track"] = track
+    check_tracker(str(overrides.get("track", schema.get("track", ""))))
+    merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
+    check_central_dp_settings(merged)
+    prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
+    return RunRequest(overrides, schema, port, prepared)
+
+
+def _warn_inside_app_folder(run_dir: Path) -> None:
+    from server.deploy import PROJECT_ROOT
+
+    if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
+        err_console.print(
+            f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
+            "packs its .json/.toml/.md files into the app bundle (10 MB cap). Use runs/... "
+            "(git-ignored) or a folder outside the project.",
+            highlight=False,
+        )
+
+
+def _transport_security(insecure: bool, certs_dir: Path | None, site_key_files: list[Path] | None) -> Any:
+    """The SuperLink's TLS files (None with --insecure, after a warning)."""
+    from server.deploy import TlsFiles
+
+    tls = None
+    if insecure:
+        err_console.print(
+            "[bold yellow]warning:[/] --insecure: no TLS and no site authentication; anyone who can "
+            "reach the port can join. Use only for tests on a trusted machine.",
+            highlight=False,
+        )
+    elif certs_dir is None:
+        raise fail(
+            "--certs DIR is required for TLS (make it with `cxr-fl-server certs --out DIR --host HOST`), "
+            "or pass --insecure for a test on a trusted machine"
+        )
+    else:
+        tls = TlsFiles.from_dir(certs_dir)
+    if site_key_files and tls is None:
+        raise fail("--site-key needs TLS: site authentication is off with --insecure")
+    return tls
+
+
+def _show_initial_teacher(prepared: Any) -> None:
+    if prepared is None:
+        return
+    teacher, notes = prepared
+    console.print(teacher.describe(), highlight=False)
+    for note in notes:
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    console.print(
+        f"sites may pin it: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
+        highlight=False,
+    )
+
+
+def _open_federation(
+    coordinator: Any, key_files: list[Path], *, host: str, tls: Any, resume: bool, in_memory: bool
+) -> None:
+    """Register the sites' keys with the running SuperLink and say how sites join."""
+    if resume and in_memory and tls is not None:
+        coordinator.reregister_sites()
+    for key_file in key_files:
+        coordinator.register_site(key_file, key_file.stem)
+    state = coordinator.read_state()
+    console.print(
+        f"SuperLink listening on {host}:{state['port']} "
+        f"({'TLS + site authentication' if tls else 'INSECURE'}, Fleet API only; runs and site keys "
+        f"are managed from this machine, by this user only, on 127.0.0.1:{state['superlink_port']}); "
+        f"run folder {coordinator.run_dir}",
+        highlight=False,
+    )
+    if tls is not None:
+        console.print(
+            f"sites join with: cxr-fl-client start --server HOST:{state['port']} --ca ca.crt "
+            "--key SITE.key "
+            "--site NAME --data PATH --format FORMAT --out DIR",
+            highlight=False,
+        )
+
+
+def _close_run(coordinator: Any, started: float, gateway_offset: int, web: Any) -> None:
+    """Whatever became of the run: tell the sites when it stopped, audit it, stop every process."""
+    finished = summary_written(coordinator.run_dir, started)
+    if not finished:
+        _tell_sites_the_run_stopped(coordinator)
+    coordinator.audit_refused_calls(gateway_offset)
+    coordinator.record(
+        "run-finished" if finished else "run-stopped",
+        flower_run_id=coordinator.read_state().get("flower_run_id"),
+    )
+    coordinator.stop(recorded=False)
+    if web is not None:
+        web.stop()
+
+
+def _report_run_end(coordinator: Any, started: float, code: int) -> None:
+    """The summary of a finished run; otherwise why it ended, how to resume, exit code 1."""
+    run_dir = coordinator.run_dir
+    folder = RunFolder(run_dir)
+    if folder.summary_written_since(started):
+        if folder.summary_markdown_path.is_file():
+            console.print(Markdown(folder.summary_markdown_path.read_text(encoding="utf-8")))
+        console.print(f"[bold green]run finished[/]: {run_dir}", highlight=False)
+        return
+    reason = "timed out" if code == -1 else coordinator.failure_reason()
+    raise fail(
+        f"the run ended without a summary ({reason}); logs: {coordinator.flower_log}. "
+        f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
+        RUN_FAILED_EXIT,
+    )
 
 
 @app.command()
 def start(
     run_dir: RunDirOption = Path("runs/federation"),
-    config: Annotated[
-        Path | None, typer.Option("--config", help="TOML file of run settings (keys of pyproject's schema).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Run setting KEY=VALUE (repeatable)."),
-    ] = None,
-    certs_dir: Annotated[
-        Path | None, typer.Option("--certs", help="Folder made by `cxr-fl-server certs` (TLS).")
-    ] = None,
-    site_key_files: Annotated[
-        list[Path] | None,
-        typer.Option("--site-key", help="Register this site public key (NAME.pub) on start (repeatable)."),
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option("--port", help="Port the sites connect to (default 9092; Fleet API only).")
-    ] = None,
-    host: Annotated[
-        str,
-        typer.Option(
-            "--host", help="Interface the sites connect to (the SuperLink itself listens on 127.0.0.1 only)."
-        ),
-    ] = "127.0.0.1",
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="No TLS and no site authentication (testing only).")
-    ] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir.")] = False,
-    in_memory: Annotated[
-        bool,
-        typer.Option(
-            "--in-memory/--database",
-            help="Keep the SuperLink's state (registered site keys, messages in transit) in memory "
-            "(default: each model travels without a SQLite transaction per object, and --resume "
-            "registers the known sites again), or in RUN_DIR/superlink.db (--database).",
-        ),
-    ] = True,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Give up after this many seconds (default: never).")
-    ] = None,
-    track: Annotated[
-        str | None,
-        typer.Option(
-            "--track",
-            help="Log rounds, DP epsilon, distillation and figures to a local tracker: 'tensorboard' "
-            "(event files in RUN_DIR/tensorboard; the run setting 'track').",
-        ),
-    ] = None,
-    initial_teacher: Annotated[
-        Path | None,
-        typer.Option(
-            "--initial-teacher",
-            help="Start from this weights file at the coordinator (e.g. from `cxr-fl-server pretrain`); "
-            "the run carries the initial teacher's weights hash and sites can pin it.",
-        ),
-    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    certs_dir: CertsOption = None,
+    site_key_files: SiteKeyOption = None,
+    port: PortOption = None,
+    host: HostOption = "127.0.0.1",
+    insecure: InsecureOption = False,
+    resume: ResumeOption = False,
+    in_memory: InMemoryOption = True,
+    timeout: TimeoutOption = None,
+    track: TrackOption = None,
+    initial_teacher: InitialTeacherOption = None,
     with_console: ConsoleOption = True,
     console_port: ConsolePortOption = 0,
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
-    from common.run_settings import check_run_config, load_schema, resolve_run_config
-    from common.tracking import check_tracker
-    from server.deploy import (
-        DEFAULT_PORT,
-        PROJECT_ROOT,
-        Coordinator,
-        TlsFiles,
-    )
-    from server.initial_teacher import prepare_initial_teacher
-    from server.strategies import StrategySettings
+    from server.deploy import DEFAULT_PORT, Coordinator
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
     try:
-        schema = load_schema()
-        overrides: dict[str, Any] = {}
-        if resume:
-            overrides = _previous_overrides(run_dir)
-            if port is None:
-                port = coordinator.read_state().get("port")
-        elif (run_dir / "checkpoints" / "state.json").is_file() or (run_dir / "summary.json").is_file():
-            raise fail(f"{run_dir} already holds a run: continue it with --resume, or choose a new --run-dir")
-        overrides.update(resolve_run_config(schema, config, set_))
-        overrides["run-dir"] = str(run_dir)
-        if track is not None:
-            overrides["track"] = track
-        check_tracker(str(overrides.get("track", schema.get("track", ""))))
-        merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
-        check_central_dp_settings(merged)
-        prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
-        if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
-            err_console.print(
-                f"[bold yellow]warning:[/] {run_dir} is inside the app folder {PROJECT_ROOT}: `flwr run` "
-                "packs its .json/.toml/.md files into the app bundle (10 MB cap). Use runs/... "
-                "(git-ignored) or a folder outside the project.",
-                highlight=False,
-            )
-        tls = None
-        if insecure:
-            err_console.print(
-                "[bold yellow]warning:[/] --insecure: no TLS and no site authentication; anyone who can "
-                "reach the port can join. Use only for tests on a trusted machine.",
-                highlight=False,
-            )
-        elif certs_dir is None:
-            raise fail(
-                "--certs DIR is required for TLS (make it with `cxr-fl-server certs --out DIR --host HOST`), "
-                "or pass --insecure for a test on a trusted machine"
-            )
-        else:
-            tls = TlsFiles.from_dir(certs_dir)
-        if site_key_files and tls is None:
-            raise fail("--site-key needs TLS: site authentication is off with --insecure")
+        request = _run_request(
+            coordinator,
+            resume=resume,
+            port=port,
+            config=config,
+            set_=set_,
+            track=track,
+            initial_teacher=initial_teacher,
+        )
+        port = request.port
+        _warn_inside_app_folder(run_dir)
+        tls = _transport_security(insecure, certs_dir, site_key_files)
         web = open_console(run_dir, console_port, port or DEFAULT_PORT) if with_console else None
     except CxrFlError as exc:
         raise fail(str(exc)) from None
 
-    if prepared is not None:
-        teacher, notes = prepared
-        console.print(teacher.describe(), highlight=False)
-        for note in notes:
-            err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
-        console.print(
-            f"sites may pin it: cxr-fl-client start --initial-teacher-sha256 {teacher.sha256} ...",
-            highlight=False,
-        )
-    settings = {**schema, **overrides}
-    num_rounds = int(settings["num-rounds"])
+    _show_initial_teacher(request.prepared)
     started = time.time()
     exit_on_sigterm()
     if web is not None:
@@ -366,27 +487,11 @@ def start(
         raise fail(str(exc)) from None
     gateway_offset = coordinator.gateway_log.stat().st_size if coordinator.gateway_log.is_file() else 0
     try:
-        if resume and in_memory and tls is not None:
-            coordinator.reregister_sites()
-        for key_file in site_key_files or []:
-            coordinator.register_site(key_file, key_file.stem)
-        state = coordinator.read_state()
-        console.print(
-            f"SuperLink listening on {host}:{state['port']} "
-            f"({'TLS + site authentication' if tls else 'INSECURE'}, Fleet API only; runs and site keys "
-            f"are managed from this machine, by this user only, on 127.0.0.1:{state['superlink_port']}); "
-            f"run folder {run_dir}",
-            highlight=False,
+        _open_federation(
+            coordinator, site_key_files or [], host=host, tls=tls, resume=resume, in_memory=in_memory
         )
-        if tls is not None:
-            console.print(
-                f"sites join with: cxr-fl-client start --server HOST:{state['port']} --ca ca.crt "
-                "--key SITE.key "
-                "--site NAME --data PATH --format FORMAT --out DIR",
-                highlight=False,
-            )
-        audit_run_start(coordinator, overrides, resume)
-        code = follow_run(coordinator, overrides, num_rounds, started, timeout)
+        audit_run_start(coordinator, request.overrides, resume)
+        code = follow_run(coordinator, request.overrides, request.num_rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -397,29 +502,8 @@ def start(
             130,
         ) from None
     finally:
-        finished = summary_written(run_dir, started)
-        if not finished:
-            _tell_sites_the_run_stopped(coordinator)
-        coordinator.audit_refused_calls(gateway_offset)
-        coordinator.record(
-            "run-finished" if finished else "run-stopped",
-            flower_run_id=coordinator.read_state().get("flower_run_id"),
-        )
-        coordinator.stop(recorded=False)
-        if web is not None:
-            web.stop()
-    if summary_written(run_dir, started):
-        markdown = run_dir / "summary.md"
-        if markdown.is_file():
-            console.print(Markdown(markdown.read_text(encoding="utf-8")))
-        console.print(f"[bold green]run finished[/]: {run_dir}", highlight=False)
-        return
-    reason = "timed out" if code == -1 else coordinator.failure_reason()
-    raise fail(
-        f"the run ended without a summary ({reason}); logs: {coordinator.flower_log}. "
-        f"Checkpoints are kept: continue with `cxr-fl-server start --run-dir {run_dir} --resume ...`",
-        RUN_FAILED_EXIT,
-    )
+        _close_run(coordinator, started, gateway_offset, web)
+    _report_run_end(coordinator, started, code)
 
 
 @app.command("console")
@@ -456,58 +540,53 @@ def _tell_sites_the_run_stopped(coordinator: Any) -> None:
         err_console.print(f"could not tell the sites that the run stopped: {exc}", highlight=False)
 
 
-@app.command()
-def pretrain(
-    out: Annotated[
-        Path, typer.Option("--out", help="Weights file to write (FILE.json and FILE.sha256 beside).")
-    ],
-    source: Annotated[
-        list[str],
-        typer.Option("--source", help="Public data source format (repeatable; pairs in order with --data)."),
-    ],
-    data: Annotated[
-        list[Path] | None,
-        typer.Option("--data", help="Data folder or file of each --source (omit for synthetic)."),
-    ] = None,
-    source_option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--source-option", "-o", help="Source option KEY=VALUE, or FORMAT.KEY=VALUE (repeatable)."
-        ),
-    ] = None,
-    task: Annotated[
-        str | None, typer.Option("--task", help="Task to pretrain for (default: the run setting 'task').")
-    ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the pretraining images.")] = 5,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="TOML file of run settings (teacher, image size, optimiser...)."),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Run setting KEY=VALUE (repeatable), e.g. teacher-norm=group."),
-    ] = None,
-    exclude_manifest: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--exclude-manifest",
-            help="Manifest CSV of images that must not be pretrained on (a training pool, a held-out "
-            "test set); exact copies are an error (repeatable).",
-        ),
-    ] = None,
-    drop_overlap: Annotated[
-        bool, typer.Option("--drop-overlap", help="Leave exact copies of --exclude-manifest images out.")
-    ] = False,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Image cache (default: beside --out, in cache/).")
-    ] = None,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Unreadable or missing images are errors.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
-) -> None:
-    """Train the initial teacher on public data; start a federation from it with `start --initial-teacher`."""
-    from common.pretrain import check_output
+PretrainOutOption = Annotated[
+    Path, typer.Option("--out", help="Weights file to write (FILE.json and FILE.sha256 beside).")
+]
+PublicSourceOption = Annotated[
+    list[str],
+    typer.Option("--source", help="Public data source format (repeatable; pairs in order with --data)."),
+]
+PublicDataOption = Annotated[
+    list[Path] | None,
+    typer.Option("--data", help="Data folder or file of each --source (omit for synthetic)."),
+]
+SourceOptionOption = Annotated[
+    list[str] | None,
+    typer.Option("--source-option", "-o", help="Source option KEY=VALUE, or FORMAT.KEY=VALUE (repeatable)."),
+]
+PretrainTaskOption = Annotated[
+    str | None, typer.Option("--task", help="Task to pretrain for (default: the run setting 'task').")
+]
+PretrainEpochsOption = Annotated[int, typer.Option("--epochs", help="Passes over the pretraining images.")]
+PretrainConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML file of run settings (teacher, image size, optimiser...)."),
+]
+PretrainSetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Run setting KEY=VALUE (repeatable), e.g. teacher-norm=group."),
+]
+ExcludeManifestOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--exclude-manifest",
+        help="Manifest CSV of images that must not be pretrained on (a training pool, a held-out "
+        "test set); exact copies are an error (repeatable).",
+    ),
+]
+DropOverlapOption = Annotated[
+    bool, typer.Option("--drop-overlap", help="Leave exact copies of --exclude-manifest images out.")
+]
+PretrainCacheOption = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Image cache (default: beside --out, in cache/).")
+]
+StrictOption = Annotated[bool, typer.Option("--strict", help="Unreadable or missing images are errors.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+
+
+def _pretraining_settings(config: Path | None, set_: list[str] | None, task: str | None, epochs: int) -> Any:
+    """The run settings pretraining uses (no DP: the images are public), checked."""
     from common.run_settings import (
         check_run_config,
         load_schema,
@@ -515,23 +594,46 @@ def pretrain(
         run_settings_from_config,
     )
 
+    overrides = resolve_run_config(load_schema(), config, set_)
+    if task is not None:
+        overrides["task"] = task
+    settings = run_settings_from_config(check_run_config(overrides))
+    if settings.privacy.enabled:
+        raise fail(
+            "dp-enabled = true: pretraining is on public data and runs without DP; drop dp-enabled "
+            "from --config/--set (the federation's sites apply DP to their own data)"
+        )
+    if epochs < 1:
+        raise fail(f"--epochs {epochs}: pass an integer >= 1")
+    return settings
+
+
+@app.command()
+def pretrain(
+    out: PretrainOutOption,
+    source: PublicSourceOption,
+    data: PublicDataOption = None,
+    source_option: SourceOptionOption = None,
+    task: PretrainTaskOption = None,
+    epochs: PretrainEpochsOption = 5,
+    config: PretrainConfigOption = None,
+    set_: PretrainSetOption = None,
+    exclude_manifest: ExcludeManifestOption = None,
+    drop_overlap: DropOverlapOption = False,
+    cache_dir: PretrainCacheOption = None,
+    strict: StrictOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train the initial teacher on public data; start a federation from it with `start --initial-teacher`."""
+    from common.pretrain import check_output
+
     out = out.resolve()
     try:
         check_output(out, overwrite)
         for manifest in exclude_manifest or []:
             if not manifest.is_file():
                 raise fail(f"--exclude-manifest {manifest}: no such file; pass a manifest CSV (path,label)")
-        overrides = resolve_run_config(load_schema(), config, set_)
-        if task is not None:
-            overrides["task"] = task
-        settings = run_settings_from_config(check_run_config(overrides))
-        if settings.privacy.enabled:
-            raise fail(
-                "dp-enabled = true: pretraining is on public data and runs without DP; drop dp-enabled "
-                "from --config/--set (the federation's sites apply DP to their own data)"
-            )
-        if epochs < 1:
-            raise fail(f"--epochs {epochs}: pass an integer >= 1")
+        settings = _pretraining_settings(config, set_, task, epochs)
         from common.data.source_pairs import load_sources
 
         catalog, paths, options = load_sources(
@@ -688,7 +790,8 @@ def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
             highlight=False,
         )
     console.print(f"Flower run: {state.get('flower_run_id') or '-'}", highlight=False)
-    checkpoint = run_dir / "checkpoints" / "state.json"
+    folder = RunFolder(run_dir)
+    checkpoint = folder.state_path
     if checkpoint.is_file():
         saved = json.loads(checkpoint.read_text(encoding="utf-8"))
         console.print(
@@ -698,8 +801,8 @@ def status(run_dir: RunDirOption = Path("runs/federation")) -> None:
     else:
         console.print("last completed round: none yet", highlight=False)
     console.print(f"sites registered: {', '.join(s['name'] for s in coordinator.read_sites()) or '-'}")
-    if (run_dir / "summary.json").is_file():
-        console.print(f"finished: summary in {run_dir / 'summary.json'}", highlight=False)
+    if folder.summary_path.is_file():
+        console.print(f"finished: summary in {folder.summary_path}", highlight=False)
     _certificate_status(state)
     _audit_status(coordinator)
 

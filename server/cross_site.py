@@ -38,16 +38,15 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig
 from server.cross_site_report import site_row, write_cross_site_report, write_matrix_report
 from server.rounds import collect, wait_for_sites
+from server.run_folder import CoordinatorFolder
 from server.site_identity import SiteDirectory
 
 logger = logging.getLogger(__name__)
 
-EVALUATIONS_DIR = "evaluations"
-
 
 def evaluation_folder(run_dir: Path, flower_run_id: int) -> Path:
     """Where the cross-site table of Flower run ``flower_run_id`` is written."""
-    return run_dir / EVALUATIONS_DIR / f"run-{flower_run_id}"
+    return CoordinatorFolder(run_dir).evaluation_dir(flower_run_id)
 
 
 def wanted_sites(text: str) -> list[str]:
@@ -79,7 +78,7 @@ def evaluate_everywhere(
 ) -> Path:
     """Send the model to the sites, collect their figures, write the table; returns its folder."""
     model = read_evaluation_model(Path(settings.run.evaluate_model))
-    names = SiteDirectory(run_dir / "sites.json")
+    names = SiteDirectory(CoordinatorFolder(run_dir).sites_path)
     wanted = wanted_sites(settings.run.evaluate_sites)
     nodes = _destinations(grid, settings, names, len(wanted) or min_sites)
     logger.info("Evaluating %s at %d site(s)", model.describe(), len(nodes))

@@ -1,7 +1,7 @@
 """The coordinator's side of a real federation: Flower's SuperLink, run submission, progress.
 
 ``cxr-fl-server start`` is a thin front end over this module. What it keeps in the run folder
-(beside what server/run_folder.py keeps)::
+(beside what server/run_folder.py keeps; its CoordinatorFolder names these paths)::
 
     RUN_DIR/
       deploy.json          sites' address, SuperLink loopback port, PIDs, TLS files, Flower run id
@@ -69,6 +69,7 @@ from common.processes import (
     toml_value,
 )
 from flower_adapter.superlink_owner_only import owner_only_announcement
+from server.run_folder import CoordinatorFolder, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +157,15 @@ class Coordinator:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir).resolve()
-        self.flwr_home = self.run_dir / "flwr-home"
-        self.state_path = self.run_dir / "deploy.json"
-        self.sites_path = self.run_dir / "sites.json"
-        self.revoked_path = self.run_dir / "revoked.json"
+        self.folder = CoordinatorFolder(self.run_dir)
+        self.flwr_home = self.folder.flwr_home
+        self.state_path = self.folder.deploy_state_path
+        self.sites_path = self.folder.sites_path
+        self.revoked_path = self.folder.revoked_path
         self.audit = AuditLog(self.run_dir / AUDIT_FILE)
-        self.superlink_log = self.run_dir / "superlink.log"
-        self.flower_log = self.run_dir / "flower.log"
-        self.gateway_log = self.run_dir / "gateway.log"
+        self.superlink_log = self.folder.superlink_log
+        self.flower_log = self.folder.flower_log
+        self.gateway_log = self.folder.gateway_log
         self.process: subprocess.Popen[bytes] | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
 
@@ -210,7 +212,7 @@ class Coordinator:
         """
         from server.security import make_certificates
 
-        folder = self.run_dir / "loopback-tls"
+        folder = self.folder.loopback_tls
         files = TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
         if not all(p.is_file() for p in (files.ca_cert, files.server_cert, files.server_key)):
             for stale in folder.glob("*") if folder.is_dir() else []:
@@ -235,61 +237,17 @@ class Coordinator:
         TLS and site authentication are on unless ``tls`` is None (``--insecure``). The SuperLink
         uses a CA of the run folder's own; the gateway presents ``tls``'s server certificate.
         """
-        if self.superlink_running() or self.gateway_running():
-            state = self.read_state()
-            raise DeployError(
-                f"a SuperLink of {self.run_dir} is already running (PID "
-                f"{state.get('superlink_pid')}, gateway PID {state.get('gateway_pid')}); stop it with "
-                f"`cxr-fl-server stop --run-dir {self.run_dir}`"
-            )
-        connect_host = LOOPBACK if host in ("0.0.0.0", "::") else host
-        if port_open(connect_host, port):
-            raise DeployError(f"port {port} on {host} is already in use; choose another with --port")
+        connect_host = self._check_free(host, port)
         make_private_folder(self.run_dir)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         private_port = free_port()
         while private_port == port:
             private_port = free_port()
         loopback = self.loopback_tls() if tls is not None else None
-        connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        connection += f'address = "{LOOPBACK}:{private_port}"\n'
-        # Flower's flower-superlink, run by flower_adapter/superlink_owner_only.py: connections of other
-        # local users are closed (Flower's Control API has no authentication of its own).
-        command = [sys.executable, "-m", "flower_adapter.superlink_owner_only"]
-        if loopback is None:
-            connection += "insecure = true\n"
-            command.append("--insecure")
-        else:
-            connection += f"root-certificates = {toml_value(str(loopback.ca_cert))}\n"
-            command += [
-                "--ssl-ca-certfile",
-                str(loopback.ca_cert),
-                "--ssl-certfile",
-                str(loopback.server_cert),
-                "--ssl-keyfile",
-                str(loopback.server_key),
-                "--enable-supernode-auth",
-            ]
-        (self.flwr_home / "config.toml").write_text(connection, encoding="utf-8")
-        command += [
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(private_port),
-            "--isolation",
-            isolation,
-            "--disable-runtime-dependency-installation",
-        ]
-        if database:
-            command += ["--database", str(self.run_dir / "superlink.db")]
-        # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
-        # on addresses of their own, outside the gateway: never inherit them.
-        env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
-        prepend_pythonpath(env, PROJECT_ROOT)
-        with self.superlink_log.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self._write_flwr_connection(private_port, loopback)
+        self.process = self._spawn_superlink(
+            self._superlink_command(private_port, loopback, database, isolation)
+        )
         self._update_state(
             host=connect_host,
             port=port,
@@ -307,26 +265,104 @@ class Coordinator:
         # The gateway needs only the SuperLink's port: both start at once.
         self.gateway = self._start_gateway(host, port, private_port, tls, loopback)
         self._update_state(gateway_pid=self.gateway.pid)
+        self._wait_both_ready(self.process, self.gateway, private_port, (host, connect_host, port))
+
+    def _check_free(self, host: str, port: int) -> str:
+        """Refuse a second start of this folder's SuperLink, or a port in use; returns the
+        address to reach ``host`` at from this machine."""
+        if self.superlink_running() or self.gateway_running():
+            state = self.read_state()
+            raise DeployError(
+                f"a SuperLink of {self.run_dir} is already running (PID "
+                f"{state.get('superlink_pid')}, gateway PID {state.get('gateway_pid')}); stop it with "
+                f"`cxr-fl-server stop --run-dir {self.run_dir}`"
+            )
+        connect_host = LOOPBACK if host in ("0.0.0.0", "::") else host
+        if port_open(connect_host, port):
+            raise DeployError(f"port {port} on {host} is already in use; choose another with --port")
+        return connect_host
+
+    def _write_flwr_connection(self, private_port: int, loopback: TlsFiles | None) -> None:
+        """The flwr CLI's connection to the loopback SuperLink (FLWR_HOME/config.toml)."""
+        connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        connection += f'address = "{LOOPBACK}:{private_port}"\n'
+        if loopback is None:
+            connection += "insecure = true\n"
+        else:
+            connection += f"root-certificates = {toml_value(str(loopback.ca_cert))}\n"
+        (self.flwr_home / "config.toml").write_text(connection, encoding="utf-8")
+
+    def _superlink_command(
+        self, private_port: int, loopback: TlsFiles | None, database: bool, isolation: str
+    ) -> list[str]:
+        # Flower's flower-superlink, run by flower_adapter/superlink_owner_only.py: connections of other
+        # local users are closed (Flower's Control API has no authentication of its own).
+        command = [sys.executable, "-m", "flower_adapter.superlink_owner_only"]
+        if loopback is None:
+            command.append("--insecure")
+        else:
+            command += [
+                "--ssl-ca-certfile",
+                str(loopback.ca_cert),
+                "--ssl-certfile",
+                str(loopback.server_cert),
+                "--ssl-keyfile",
+                str(loopback.server_key),
+                "--enable-supernode-auth",
+            ]
+        command += [
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(private_port),
+            "--isolation",
+            isolation,
+            "--disable-runtime-dependency-installation",
+        ]
+        if database:
+            command += ["--database", str(self.folder.superlink_database)]
+        return command
+
+    def _spawn_superlink(self, command: list[str]) -> subprocess.Popen[bytes]:
+        # Flower's legacy gRPC Fleet/Control servers (switched on by these variables) would listen
+        # on addresses of their own, outside the gateway: never inherit them.
+        env = {k: v for k, v in self.env.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
+        prepend_pythonpath(env, PROJECT_ROOT)
+        with self.superlink_log.open("ab") as log:
+            return subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _wait_both_ready(
+        self,
+        superlink: subprocess.Popen[bytes],
+        gateway: subprocess.Popen[bytes],
+        private_port: int,
+        sites_address: tuple[str, str, int],
+    ) -> None:
+        """Wait until the SuperLink (with its owner-only check) and the gateway serve;
+        ``sites_address``: the host the sites connect to, the host to reach it at here, the port."""
+        host, connect_host, port = sites_address
         self._wait_ready(
-            self.process,
+            superlink,
             self.superlink_log,
             LOOPBACK,
             private_port,
             "the SuperLink",
             "Application startup complete",
         )
-        if owner_only_announcement(self.process.pid) not in self.superlink_log.read_text(errors="replace"):
+        if owner_only_announcement(superlink.pid) not in self.superlink_log.read_text(errors="replace"):
             raise DeployError(f"the SuperLink started without its owner-only check; see {self.superlink_log}")
         # uvicorn runs the app's startup before it binds: an open port means it serves.
-        self._wait_ready(self.gateway, self.gateway_log, connect_host, port, "the Fleet gateway", None)
+        self._wait_ready(gateway, self.gateway_log, connect_host, port, "the Fleet gateway", None)
         logger.info(
             "SuperLink up on %s:%d (PID %d); sites connect to %s:%d (Fleet gateway, PID %d)",
             LOOPBACK,
             private_port,
-            self.process.pid,
+            superlink.pid,
             host,
             port,
-            self.gateway.pid,
+            gateway.pid,
         )
 
     def _start_gateway(
@@ -601,15 +637,17 @@ class Coordinator:
         app_dir: Path = PROJECT_ROOT,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
-        config_name: str = "run_overrides.toml",
+        config_name: str | None = None,
     ) -> int:
         """Submit the run with ``flwr run --stream`` and follow its log; returns flwr's exit code.
 
-        The run's settings are written to ``RUN_DIR/config_name`` (an evaluation-only run keeps
-        the training run's ``run_overrides.toml``, which ``--resume`` reads, as it was).
+        The run's settings are written to ``RUN_DIR/config_name``, by default to the run folder's
+        ``run_overrides.toml``, which ``--resume`` reads (an evaluation-only run names another
+        file, so that one stays as it was).
         Raises FlwrRunTimeoutError when ``timeout`` seconds pass first (``flwr run`` is stopped).
         """
-        config_path = self.run_dir / config_name
+        run = RunFolder(Path(overrides["run-dir"])) if "run-dir" in overrides else RunFolder(self.run_dir)
+        config_path = self.run_dir / config_name if config_name else run.overrides_path
         write_run_config(config_path, overrides)
         command = [
             console_script("flwr"),

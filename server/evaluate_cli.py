@@ -27,7 +27,9 @@ EVALUATION_OVERRIDES = "evaluation_overrides.toml"
 
 def _federation_task(run_dir: Path) -> str | None:
     """The task of the run folder's training run (None when it holds none)."""
-    path = run_dir / "run_config.json"
+    from server.run_folder import RunFolder
+
+    path = RunFolder(run_dir).config_path
     if not path.is_file():
         return None
     try:

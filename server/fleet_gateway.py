@@ -168,6 +168,92 @@ HELD_CALLS: dict[str, tuple[float, Callable[[bytes], bool]]] = {
 """Calls answered only once there is something to answer: path -> (longest hold, still waiting?)."""
 
 
+class FleetForwarder:
+    """Forwards the Fleet API's calls to the SuperLink through one HTTP client; holds the calls
+    that have nothing to answer yet (``held``: path -> (longest hold, still waiting?))."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        held: dict[str, tuple[float, Callable[[bytes], bool]]],
+        schedule: PollSchedule,
+        body_limit: int,
+    ) -> None:
+        self.client = client
+        self.held = held
+        self.schedule = schedule
+        self.body_limit = body_limit
+        self.too_large = f"request body over {body_limit} bytes, more than any Fleet call carries"
+
+    async def forward(self, request: Request) -> Response:
+        path = request.url.path
+        if not allowed(request.method, path):
+            return refusal(404, REFUSED_TEXT, "not a Fleet API call")
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return refusal(400, "bad Content-Length\n", "bad Content-Length")
+        if length is not None and int(length) > self.body_limit:
+            return refusal(413, self.too_large + "\n", self.too_large)  # the body is never read
+        headers = request_headers(request.headers.raw, request.client.host if request.client else "unknown")
+        try:
+            if path not in self.held:
+                return await self.send_upstream(path, headers, capped(request.stream(), self.body_limit))
+            body = await read_capped(request.stream(), self.body_limit)  # a small request: a node id
+            return await self.hold(request, path, headers, body)
+        except BodyTooLargeError:
+            return refusal(413, self.too_large + "\n", self.too_large)
+        except ClientDisconnect:
+            return refusal(400, "request not received\n", "the client went away before its request was read")
+
+    async def hold(
+        self, request: Request, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        """Ask the SuperLink again (for up to the call's hold) while its answer is "nothing yet"."""
+        longest, waiting = self.held[path]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + longest
+        pauses = self.schedule.intervals()
+        while True:
+            response = await self.send_upstream(path, headers, body)
+            if not isinstance(response, HeldReply) or not waiting(bytes(response.body)):
+                return response
+            pause = min(next(pauses), deadline - loop.time())
+            if pause <= 0 or await request.is_disconnected():
+                return response
+            await asyncio.sleep(pause)
+
+    async def send_upstream(self, path: str, headers: list[tuple[bytes, bytes]], content: Any) -> Response:
+        """The SuperLink's answer: read whole when small and plain (a HeldReply), else streamed."""
+        outgoing = self.client.build_request("POST", path, headers=headers, content=content)
+        try:
+            reply = await self.client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            logger.error("SuperLink unreachable for %s: %s", path, exc)
+            unreachable = PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
+            unreachable.why = "the SuperLink is not reachable"  # type: ignore[attr-defined]
+            return unreachable
+        raw_headers = _forwarded_headers(reply.headers.raw)
+        size = reply.headers.get("content-length", "")
+        if (
+            path in self.held
+            and reply.status_code == 200
+            and size.isdigit()
+            and int(size) <= HELD_REPLY_LIMIT
+            and "content-encoding" not in reply.headers
+        ):
+            try:
+                body = await reply.aread()  # not encoded (checked above): the bytes as sent
+            finally:
+                await reply.aclose()
+            return HeldReply(body, reply.status_code, raw_headers)
+        response = StreamingResponse(
+            reply.aiter_raw(), status_code=reply.status_code, background=BackgroundTask(reply.aclose)
+        )
+        response.raw_headers = raw_headers
+        response.why = "answered so by the SuperLink"  # type: ignore[attr-defined]
+        return response
+
+
 def create_app(
     upstream: str,
     upstream_ca: Path | None,
@@ -187,7 +273,6 @@ def create_app(
     """
     if body_limit < 1:
         raise ValueError(f"body_limit must be at least 1 byte, got {body_limit!r}")
-    held = HELD_CALLS if held_calls is None else held_calls
     verify: ssl.SSLContext | bool = False
     if upstream_ca is not None:
         verify = ssl.create_default_context(cafile=str(upstream_ca))
@@ -198,73 +283,7 @@ def create_app(
         transport=transport,
         limits=httpx.Limits(max_connections=UPSTREAM_CONNECTIONS),
     )
-    too_large = f"request body over {body_limit} bytes, more than any Fleet call carries"
-
-    async def forward(request: Request) -> Response:
-        path = request.url.path
-        if not allowed(request.method, path):
-            return refusal(404, REFUSED_TEXT, "not a Fleet API call")
-        length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
-            return refusal(400, "bad Content-Length\n", "bad Content-Length")
-        if length is not None and int(length) > body_limit:
-            return refusal(413, too_large + "\n", too_large)  # the body is never read
-        headers = request_headers(request.headers.raw, request.client.host if request.client else "unknown")
-        try:
-            if path not in held:
-                return await send_upstream(path, headers, capped(request.stream(), body_limit))
-            body = await read_capped(request.stream(), body_limit)  # a small request: a node id
-            return await hold(request, path, headers, body)
-        except BodyTooLargeError:
-            return refusal(413, too_large + "\n", too_large)
-        except ClientDisconnect:
-            return refusal(400, "request not received\n", "the client went away before its request was read")
-
-    async def hold(request: Request, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
-        """Ask the SuperLink again (for up to the call's hold) while its answer is "nothing yet"."""
-        longest, waiting = held[path]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + longest
-        pauses = schedule.intervals()
-        while True:
-            response = await send_upstream(path, headers, body)
-            if not isinstance(response, HeldReply) or not waiting(bytes(response.body)):
-                return response
-            pause = min(next(pauses), deadline - loop.time())
-            if pause <= 0 or await request.is_disconnected():
-                return response
-            await asyncio.sleep(pause)
-
-    async def send_upstream(path: str, headers: list[tuple[bytes, bytes]], content: Any) -> Response:
-        """The SuperLink's answer: read whole when small and plain (a HeldReply), else streamed."""
-        outgoing = client.build_request("POST", path, headers=headers, content=content)
-        try:
-            reply = await client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
-            logger.error("SuperLink unreachable for %s: %s", path, exc)
-            unreachable = PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
-            unreachable.why = "the SuperLink is not reachable"  # type: ignore[attr-defined]
-            return unreachable
-        raw_headers = _forwarded_headers(reply.headers.raw)
-        size = reply.headers.get("content-length", "")
-        if (
-            path in held
-            and reply.status_code == 200
-            and size.isdigit()
-            and int(size) <= HELD_REPLY_LIMIT
-            and "content-encoding" not in reply.headers
-        ):
-            try:
-                body = await reply.aread()  # not encoded (checked above): the bytes as sent
-            finally:
-                await reply.aclose()
-            return HeldReply(body, reply.status_code, raw_headers)
-        response = StreamingResponse(
-            reply.aiter_raw(), status_code=reply.status_code, background=BackgroundTask(reply.aclose)
-        )
-        response.raw_headers = raw_headers
-        response.why = "answered so by the SuperLink"  # type: ignore[attr-defined]
-        return response
+    forwarder = FleetForwarder(client, HELD_CALLS if held_calls is None else held_calls, schedule, body_limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -274,7 +293,7 @@ def create_app(
             await client.aclose()
 
     async def endpoint(request: Request) -> Response:
-        response = await forward(request)
+        response = await forwarder.forward(request)
         request.scope[FAILURE_NOTE]["why"] = getattr(response, "why", "")
         return response
 

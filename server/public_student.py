@@ -21,19 +21,22 @@ from common.jsonio import write_json
 from common.local import SiteData
 from common.public_distillation import PublicStudent, distill_on_public_images, public_images
 from common.run_settings import FederatedRunConfig
-from server.progress_lines import start_line
+from server.progress_events import Progress, announce
 from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_STUDENT_FILE = "public_student.pt"
+PUBLIC_STUDENT = "public_student"
+"""The students' start's checkpoint (RunFolder.checkpoint)."""
 
 
 def load_public_images(settings: FederatedRunConfig, run_dir: Path) -> SiteData | None:
     """The coordinator's public images for the students' start, or None when the run has none."""
     if not settings.distill.public_manifest:
         return None
-    cache_dir = Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache"
+    cache_dir = (
+        Path(settings.run.cache_dir) if settings.run.cache_dir else RunFolder(run_dir).default_cache_dir
+    )
     data = public_images(settings, cache_dir)
     logger.info(
         "Students' start: the teacher will be distilled on %d public images of %s",
@@ -48,17 +51,20 @@ def distil_public_student(
 ) -> tuple[ArrayRecord, dict[str, object]]:
     """Distil the teacher into the student on the public images; keep it in the run folder.
     Returns the student and its record (``public_student.json``, the summary's ``students_start``)."""
-    logger.info("%s", start_line(len(images.split.train), settings.distill.public_epochs))
+    start = Progress(
+        -1, -1, replied=len(images.split.train), phase="start", epochs=settings.distill.public_epochs
+    )
+    announce(folder, start, logger)
     student = distill_on_public_images(
         settings, teacher.to_torch_state_dict(), images, num_threads=coordinator_threads(settings)
     )
     save_model(
         student.state,
-        folder.checkpoints / PUBLIC_STUDENT_FILE,
+        folder.checkpoint(PUBLIC_STUDENT),
         metadata={"role": "students' start, distilled at the coordinator on public images"},
     )
     record = public_student_record(settings, student)
-    write_json(folder.root / "public_student.json", record)
+    write_json(folder.public_student_path, record)
     logger.info(
         "Students' start ready in %.0f s: its top class is the teacher's on %.1f%% of held-out public images",
         student.seconds,

@@ -64,7 +64,7 @@ def write_learning_curves(folder: RunFolder, selection_metric: str) -> None:
         ax.set_xticks(rounds)
     fig.suptitle("Global teacher learning curves")
     fig.tight_layout()
-    fig.savefig(folder.root / "learning_curves.png", dpi=110)
+    fig.savefig(folder.learning_curves_path, dpi=110)
     plt.close(fig)
 
 
@@ -152,7 +152,7 @@ def write_summary(
         "delivery_check": delivery_check(rows),
         "seconds": seconds,
     }
-    write_json(folder.root / "summary.json", summary)
+    write_json(folder.summary_path, summary)
 
     lines = [
         f"# Run summary: {settings.task.name}, teacher {settings.teacher.name}, {strategy}",
@@ -174,5 +174,5 @@ def write_summary(
     check = check_markdown(summary["delivery_check"])
     if check:
         lines += ["", *check]
-    (folder.root / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder.summary_markdown_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary

@@ -64,8 +64,9 @@ from common.protocol import (
 from common.run_settings import VALIDATION_MODES
 from flower_adapter.grid import wait_for_replies
 from server.aggregation import aggregate_evaluate, aggregate_train, reply_metrics, screen_train_replies
-from server.progress_lines import RESUME_ADVICE, resume_line, round_line, validation_line
-from server.run_folder import BN_STATISTICS_PHASE, ResumeState, RunFolder
+from server.progress_events import Progress, announce
+from server.progress_lines import RESUME_ADVICE
+from server.run_folder import BN_STATISTICS_PHASE, CoordinatorFolder, ResumeState, RunFolder
 from server.site_identity import SiteDirectory, identity_refusal, registered_name
 from server.strategies import load_strategy_state, strategy_state
 
@@ -300,7 +301,7 @@ class TeacherRounds:
         self.min_evaluate_sites = min_evaluate_sites
         self.central_evaluate = central_evaluate
         # Registered names (RUN_DIR/sites.json) are who a reply is from, not what it claims.
-        self.site_names: dict[int, str] = SiteDirectory(folder.root / "sites.json")
+        self.site_names: dict[int, str] = SiteDirectory(CoordinatorFolder(folder.root).sites_path)
         self.in_train = validation_mode == "in-train"
         self.batchnorm = batchnorm
         self.best_round = 0
@@ -356,20 +357,18 @@ class TeacherRounds:
             )
             # the val part only when this round's model is already validated (separate mode)
             metric = None if self.in_train else float(row.get(f"val_{self.selection_metric}", float("nan")))
-            logger.info(
-                "%s",
-                round_line(
-                    server_round,
-                    self.num_rounds,
-                    row["sites_trained"],
-                    row["sites_sampled"],
-                    float(train_metrics.get("loss", float("nan"))),
-                    self.selection_metric,
-                    metric,
-                    self.best_round,
-                    row["seconds"],
-                ),
+            step = Progress(
+                server_round,
+                self.num_rounds,
+                replied=row["sites_trained"],
+                sampled=row["sites_sampled"],
+                train_loss=float(train_metrics.get("loss", float("nan"))),
+                metric_name=self.selection_metric if metric is not None else "",
+                metric=metric,
+                best_round=self.best_round,
+                seconds=row["seconds"],
             )
+            announce(self.folder, step, logger)
         if pending is not None:
             self._final_validation(pending, arrays)
         return TeacherResult(arrays, self.num_rounds, self.best_round, self.best_metric)
@@ -380,17 +379,15 @@ class TeacherRounds:
         arrays = ArrayRecord(self.folder.load_model("last"))
         load_strategy_state(self.strategy, self.folder.load_strategy_state())
         self.best_round, self.best_metric = resume.best_round, resume.best_metric
-        logger.info(
-            "%s",
-            resume_line(
-                self.folder.root,
-                resume.completed_round,
-                self.num_rounds,
-                self.best_round,
-                self.selection_metric,
-                self.best_metric,
-            ),
+        step = Progress(
+            resume.completed_round,
+            self.num_rounds,
+            phase="resume",
+            metric_name=self.selection_metric,
+            best_round=self.best_round,
+            best_metric=self.best_metric,
         )
+        announce(self.folder, step, logger)
         return arrays, resume.completed_round + 1, resume.pending_row
 
     def _final_validation(self, pending: dict[str, Any], arrays: ArrayRecord) -> None:
@@ -430,12 +427,16 @@ class TeacherRounds:
             self.best_metric = metric if math.isfinite(metric) else self.best_metric
         row.update(is_best=is_best, **val_metrics)
         sites = sum(o.status == "ok" for o in eval_outcomes)
-        logger.info(
-            "%s",
-            validation_line(
-                server_round, self.num_rounds, sites, self.selection_metric, metric, self.best_round
-            ),
+        step = Progress(
+            server_round,
+            self.num_rounds,
+            replied=sites,
+            metric_name=self.selection_metric,
+            metric=metric,
+            phase="validation",
+            best_round=self.best_round,
         )
+        announce(self.folder, step, logger)
         return [o.row(server_round, "evaluate") for o in eval_outcomes] + [row], is_best
 
     def _better(self, metric: float, best: float) -> bool:

@@ -5,7 +5,8 @@ Layout::
     RUN_DIR/
       run_config.json        resolved settings (written at the first start, checked on resume)
       metrics.jsonl          one line per round, phase and site (+ one aggregate line per round)
-      server.log             the ServerApp's log
+      events.jsonl           the run's progress, one event per step (server/progress_events.py)
+      server.log             the ServerApp's log (for people: no code reads its wording)
       checkpoints/
         last.pt (+ .sha256)  global teacher after the last completed round
         best.pt (+ .sha256)  global teacher with the best federated-validation metric so far
@@ -16,11 +17,18 @@ Layout::
       learning_curves.png    aggregate loss and validation metric per round
       distillation.json      per-site teacher vs student metrics (distillation phase)
       federated_student.json per-site metrics of the federated student, when any
+      public_student.json    the students' start distilled at the coordinator, when any
       sites/<site>/          in simulations: each site's output folder
+
+The coordinator's own files beside them (server/deploy.py describes them) are named by
+:class:`CoordinatorFolder`; a folder that ``cxr-fl-server serve`` serves holds each submitted run
+as ``RUN_DIR/runs/NAME/``, a run folder of this layout. Every other module asks these two types
+for a path; none spells the file names (tests/server/test_run_folder_layout.py checks).
 
 Checkpoints, state.json and the JSON files are written atomically (temporary file, then rename),
 and state.json last, so a server killed at any moment leaves the previous consistent state
-behind, which is what resume relies on; metrics.jsonl is appended and trimmed on resume.
+behind, which is what resume relies on; metrics.jsonl and events.jsonl are appended and
+trimmed on resume.
 """
 
 from __future__ import annotations
@@ -33,14 +41,14 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from common.checkpoint import load_model_state, save_model
 from common.errors import ConfigError
 from common.jsonio import json_safe, write_json, write_text_atomic
+
+if TYPE_CHECKING:  # torch and numpy load only where checkpoints are read or written
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ class ResumeState:
 
 
 class RunFolder:
-    """Reads and writes one run folder."""
+    """Reads and writes one run folder; the one place that knows its layout."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -81,9 +89,100 @@ class RunFolder:
         """Call ``listener(rows)`` after each append to metrics.jsonl (an experiment tracker)."""
         self._listeners.append(listener)
 
+    # -- the layout ----------------------------------------------------------------------------
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def config_path(self) -> Path:
+        """The run's resolved settings (``run_config.json``)."""
+        return self.root / "run_config.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def state_path(self) -> Path:
+        return self.checkpoints / "state.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def summary_markdown_path(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def learning_curves_path(self) -> Path:
+        return self.root / "learning_curves.png"
+
+    @property
+    def distillation_path(self) -> Path:
+        return self.root / "distillation.json"
+
+    @property
+    def federated_student_path(self) -> Path:
+        return self.root / "federated_student.json"
+
+    @property
+    def public_student_path(self) -> Path:
+        return self.root / "public_student.json"
+
+    @property
+    def overrides_path(self) -> Path:
+        """The settings submitted with ``flwr run`` (``run_overrides.toml``, read by ``--resume``)."""
+        return self.root / "run_overrides.toml"
+
+    @property
+    def default_cache_dir(self) -> Path:
+        """The image cache when the run setting ``cache-dir`` names none."""
+        return self.root / "cache"
+
+    @property
+    def sites_dir(self) -> Path:
+        """Each simulated site's output folder: ``sites/<site>/``."""
+        return self.root / "sites"
+
+    def site_dir(self, site: str) -> Path:
+        return self.sites_dir / site
+
+    def checkpoint(self, which: str) -> Path:
+        """``checkpoints/<which>.pt``: last, best, student, or the students' start."""
+        return self.checkpoints / f"{which}.pt"
+
+    def holds_run(self) -> bool:
+        """Has a run already started (a checkpointed round) or finished here?"""
+        return self.state_path.is_file() or self.summary_path.is_file()
+
+    def summary_written_since(self, started: float) -> bool:
+        """Did a run that started at ``started`` (wall clock) write its summary?"""
+        return self.summary_path.is_file() and self.summary_path.stat().st_mtime >= started
+
+    # -- events (the run's progress, server/progress_events.py) --------------------------------
+    def append_event(self, event: Mapping[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.events_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(dict(event)), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """The events so far (a line being written is skipped until complete)."""
+        return _read_jsonl(self.events_path)
+
+    def drop_events_after(self, completed_round: int, validated_round: int) -> None:
+        """Before a resume: keep the events of what the resumed run does not do again."""
+        if not self.events_path.is_file():
+            return
+        kept = [e for e in self.read_events() if _event_kept_on_resume(e, completed_round, validated_round)]
+        write_text_atomic(self.events_path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
 
     def prepare(self, run_config: Mapping[str, Any]) -> ResumeState | None:
         """Create the folder, or check a previous start's settings and return its resume state.
@@ -92,7 +191,7 @@ class RunFolder:
         round timeout, which may grow) is refused: results of two different runs must not mix.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        config_path = self.root / "run_config.json"
+        config_path = self.config_path
         current = {k: json_safe(v) for k, v in sorted(run_config.items())}
         if config_path.is_file():
             previous = json.loads(config_path.read_text(encoding="utf-8"))
@@ -113,7 +212,7 @@ class RunFolder:
         return self.resume_state()
 
     def resume_state(self) -> ResumeState | None:
-        state_path = self.checkpoints / "state.json"
+        state_path = self.state_path
         if not state_path.is_file():
             return None
         state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -144,6 +243,11 @@ class RunFolder:
             if line.strip():
                 rows.append(json.loads(line))
         return rows
+
+    def read_metrics_while_written(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl for a reader beside the running server (the console): a
+        line being written is skipped until complete, a folder without the file has none."""
+        return _read_jsonl(self.metrics_path)
 
     def drop_metrics_after(self, completed_round: int, validated_round: int | None = None) -> None:
         """Before a resume: forget rows of a teacher round that never completed, and of every
@@ -178,11 +282,15 @@ class RunFolder:
 
         ``pending_row`` is the round's aggregate row when its model is validated later (in the
         next round's train messages, or the final evaluation): see server/rounds.py."""
+        import numpy as np
+
+        from common.checkpoint import save_model
+
         metadata = {"round": server_round, "seed": seed}
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_model(dict(state_dict), self.checkpoints / "last.pt", metadata=metadata)
+        save_model(dict(state_dict), self.checkpoint("last"), metadata=metadata)
         if is_best:
-            save_model(dict(state_dict), self.checkpoints / "best.pt", metadata=metadata)
+            save_model(dict(state_dict), self.checkpoint("best"), metadata=metadata)
         strategy_file = self.checkpoints / "strategy.npz"
         if strategy_state:
             fd, tmp = tempfile.mkstemp(dir=self.checkpoints, suffix=".npz")
@@ -190,7 +298,7 @@ class RunFolder:
             np.savez(tmp, **dict(strategy_state))
             os.replace(tmp, strategy_file)
         write_json(
-            self.checkpoints / "state.json",
+            self.state_path,
             {
                 "completed_round": server_round,
                 "best_round": best_round,
@@ -203,14 +311,14 @@ class RunFolder:
 
     def save_best(self, server_round: int, state_dict: Mapping[str, torch.Tensor], *, seed: int) -> None:
         """Keep the global teacher of ``server_round`` as best.pt (before state.json names it)."""
+        from common.checkpoint import save_model
+
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_model(
-            dict(state_dict), self.checkpoints / "best.pt", metadata={"round": server_round, "seed": seed}
-        )
+        save_model(dict(state_dict), self.checkpoint("best"), metadata={"round": server_round, "seed": seed})
 
     def record_validation(self, *, best_round: int, best_metric: float) -> None:
         """The last completed round is validated now: no pending row, best round/metric updated."""
-        path = self.checkpoints / "state.json"
+        path = self.state_path
         state = json.loads(path.read_text(encoding="utf-8"))
         state.update(
             best_round=best_round,
@@ -220,11 +328,88 @@ class RunFolder:
         write_json(path, state)
 
     def load_model(self, which: str = "last") -> dict[str, torch.Tensor]:
-        return load_model_state(self.checkpoints / f"{which}.pt")
+        from common.checkpoint import load_model_state
+
+        return load_model_state(self.checkpoint(which))
 
     def load_strategy_state(self) -> dict[str, np.ndarray]:
+        import numpy as np
+
         path = self.checkpoints / "strategy.npz"
         if not path.is_file():
             return {}
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
+
+
+class CoordinatorFolder:
+    """The coordinator's own files in its folder (server/deploy.py describes them), and the runs
+    of a folder that ``cxr-fl-server serve`` serves: ``RUN_DIR/runs/NAME/``, each a run folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+        self.deploy_state_path = self.root / "deploy.json"
+        self.sites_path = self.root / "sites.json"
+        self.revoked_path = self.root / "revoked.json"
+        self.superlink_log = self.root / "superlink.log"
+        self.superlink_database = self.root / "superlink.db"
+        self.gateway_log = self.root / "gateway.log"
+        self.flower_log = self.root / "flower.log"
+        self.flwr_home = self.root / "flwr-home"
+        self.loopback_tls = self.root / "loopback-tls"
+
+    def run(self, name: str) -> RunFolder:
+        return RunFolder(self.runs_dir / name)
+
+    def started_runs(self) -> list[RunFolder]:
+        """Every submitted run (one whose settings are written)."""
+        name = RunFolder(self.runs_dir).config_path.name
+        return [RunFolder(p.parent) for p in self.runs_dir.glob(f"*/{name}")]
+
+    def newest_run(self) -> RunFolder | None:
+        """The run submitted last, None before the first."""
+        runs = self.started_runs()
+        return max(runs, key=lambda r: r.config_path.stat().st_mtime) if runs else None
+
+    def evaluation_dir(self, flower_run_id: int) -> Path:
+        """Where the cross-site table of Flower run ``flower_run_id`` is written."""
+        return self.root / "evaluations" / f"run-{flower_run_id}"
+
+
+def finished_runs(root: Path) -> list[RunFolder]:
+    """Run folders beside ``root`` and inside it (its served runs included) with a summary."""
+    name = RunFolder(root).summary_path.name
+    found = [p.parent for p in root.parent.glob(f"*/{name}") if p.parent != root]
+    found += [p.parent for p in root.glob(f"*/{name}")]
+    found += [p.parent for p in CoordinatorFolder(root).runs_dir.glob(f"*/{name}")]
+    return [RunFolder(p) for p in found]
+
+
+def _event_kept_on_resume(event: Mapping[str, Any], completed_round: int, validated_round: int) -> bool:
+    """Does a resumed run keep this progress event of an earlier start? Like metrics.jsonl's rows:
+    the completed teacher rounds and their validations (and earlier resumes) stay, later phases go."""
+    server_round = event.get("round")
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        return False
+    phase = event.get("phase")
+    if phase in ("teacher", "resume"):
+        return server_round <= completed_round
+    return phase == "validation" and server_round <= validated_round
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file appended to line by line (a half-written line is skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

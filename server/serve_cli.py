@@ -22,7 +22,6 @@ from common.cli_support import fail, stderr, stdout
 from common.errors import CxrFlError
 from server.console.launch import ConsoleOption, ConsolePortOption, announce_console, open_console
 
-RUNS_DIR = "runs"
 POLL_SECONDS = 1.0
 
 
@@ -129,17 +128,18 @@ def submit_command(
     from common.pki import check_site_name
     from common.run_settings import check_run_config, load_schema, resolve_run_config
     from server.deploy import Coordinator
+    from server.run_folder import CoordinatorFolder, RunFolder
     from server.run_following import audit_run_start, check_central_dp_settings, follow_run, summary_written
     from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
-    folder = run_dir / RUNS_DIR / name
+    folder = CoordinatorFolder(run_dir).run(name).root
     try:
         check_site_name(name, "NAME")  # the same safe characters as a site's name
         if not coordinator.superlink_running():
             raise fail(f"no `cxr-fl-server serve --run-dir {run_dir}` runs: start it first (or use `start`)")
-        if (folder / "summary.json").is_file() or (folder / "checkpoints" / "state.json").is_file():
+        if RunFolder(folder).holds_run():
             raise fail(f"{folder} already holds a run: choose another NAME")
         schema = load_schema()
         overrides: dict[str, Any] = resolve_run_config(schema, config, set_)
@@ -153,8 +153,7 @@ def submit_command(
     audit_run_start(coordinator, {**overrides, "run-name": name}, False)
     try:
         rounds = int({**schema, **overrides}["num-rounds"])
-        config_name = f"{RUNS_DIR}/{name}/run_overrides.toml"
-        code = follow_run(coordinator, overrides, rounds, started, timeout, config_name)
+        code = follow_run(coordinator, overrides, rounds, started, timeout)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     finished = summary_written(folder, started)

@@ -33,8 +33,8 @@ def finish_tracking(tracker: RunTracker | None, folder: RunFolder) -> None:
     """Log the run's figures and texts, then close the tracker (nothing when it is None)."""
     if tracker is None:
         return
-    tracker.log_image_file("run/learning_curves", folder.root / "learning_curves.png")
-    tracker.log_text_file("run/summary", folder.root / "summary.md")
+    tracker.log_image_file("run/learning_curves", folder.learning_curves_path)
+    tracker.log_text_file("run/summary", folder.summary_markdown_path)
     for card in sorted(folder.root.glob("sites/*/*/model_card.md")):
         site, subdir = card.parent.parent.name, card.parent.name
         tracker.log_text_file(f"model_card/{safe_name(site)}/{safe_name(subdir)}", card)

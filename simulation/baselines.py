@@ -49,6 +49,7 @@ from common.local import (
 from common.metrics import compute_metrics
 from common.run_settings import FederatedRunConfig
 from common.training import EvalResult, evaluate
+from simulation.experiment_folder import experiment_run
 from simulation.site_decisions import balanced_accuracy, decide_at_site_point
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def load_sites(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[
             settings.task,
             "manifest",
             Path(run.simulation_manifest_dir) / f"{name}.csv",
-            Path(run.cache_dir) if run.cache_dir else out / "run" / "cache",
+            Path(run.cache_dir) if run.cache_dir else experiment_run(out).default_cache_dir,
         )
         sites[name] = load_site_data(request)
     return sites
@@ -228,7 +229,7 @@ def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> di
     sites = load_sites(out, settings, num_sites)
     seed = settings.train.seed
     federated, federated_scores = score_teacher(
-        load_model_state(out / "run" / "checkpoints" / "best.pt"), sites, settings
+        load_model_state(experiment_run(out).checkpoint("best")), sites, settings
     )
     results: dict[str, Any] = {
         "budget_epochs": settings.run.num_rounds * settings.train.local_epochs,

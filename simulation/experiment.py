@@ -34,9 +34,11 @@ from common.device import resolve_device
 from common.errors import ConfigError
 from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
 from common.tracking import TrackingSettings
-from server.progress_lines import Progress, parse_progress
+from server.progress_events import EventFollower, Progress
+from server.run_folder import RunFolder
 from server.strategies import StrategySettings
 from simulation.baselines import run_baselines
+from simulation.experiment_folder import experiment_run
 from simulation.partition import partition_catalog, write_partition
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
@@ -123,7 +125,7 @@ class Experiment:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.out = Path(config.out).expanduser().resolve()
-        self.run_dir = self.out / "run"
+        self.run_dir = experiment_run(self.out).root
         self.partition_dir = self.out / "partition"
         self.public_dir = self.out / "public"
 
@@ -144,7 +146,7 @@ class Experiment:
 
         run_config = self.resolve_run_config()
         check_local_device(run_settings_from_config(run_config), self.config)
-        if (self.run_dir / "run_config.json").exists():
+        if RunFolder(self.run_dir).config_path.exists():
             raise ConfigError(
                 "out",
                 str(self.out),
@@ -217,13 +219,14 @@ class Experiment:
         on_progress: ProgressCallback | None = None,
     ) -> ExperimentResult:
         """Run the experiment; ``on_stage`` hears each stage, ``on_round`` each teacher round,
-        ``on_progress`` every progress line of the federated run (teacher and student rounds)."""
+        ``on_progress`` every progress event of the federated run (teacher and student rounds),
+        read from the run folder's events as Flower streams the run's log."""
         stage = on_stage or (lambda _text: None)
         stage("checking settings and partitioning the data")
         run_config, num_sites = self.prepare()
         settings = run_settings_from_config(run_config)
 
-        follow = progress_follower(stage, on_round, on_progress)
+        events = EventFollower(RunFolder(self.run_dir), progress_follower(stage, on_round, on_progress))
         stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
         with FlowerSimulation(self.out / "flower", ray_address=self.config.ray_address) as simulation:
             simulation.run(
@@ -231,8 +234,9 @@ class Experiment:
                 num_sites=num_sites,
                 cpus_per_site=self.config.cpus_per_site,
                 gpus_per_site=self.config.gpus_per_site,
-                on_line=follow,
+                on_line=lambda _line: events.poll(),
             )
+        events.poll()
         if self.config.baselines:
             stage("baselines: pooled and local-only teachers")
             run_baselines(self.out, settings, num_sites)
@@ -250,15 +254,12 @@ class Experiment:
 
 def progress_follower(
     stage: Callable[[str], None], on_round: RoundCallback | None, on_progress: ProgressCallback | None
-) -> Callable[[str], None]:
-    """What the experiment does with each line of the federated run's log (server/progress_lines.py):
-    the distillation and the first federated-student round as stages, each teacher round to
-    ``on_round``, then every progress line to ``on_progress``."""
+) -> ProgressCallback:
+    """What the experiment does with each progress event of the federated run
+    (server/progress_events.py): the distillation and the first federated-student round as
+    stages, each teacher round to ``on_round``, then every event to ``on_progress``."""
 
-    def follow(line: str) -> None:
-        progress = parse_progress(line)
-        if progress is None:
-            return
+    def follow(progress: Progress) -> None:
         if progress.phase == "start":
             stage(f"distilling the students' start at the coordinator on {progress.replied} public images")
         elif progress.phase == "distill":

@@ -39,9 +39,9 @@ from common.metrics import nanmean
 from common.tasks import get_task
 from server.delivery_check import check_markdown, check_rows, delivery_check
 from server.reporting import global_rows
-from server.run_folder import RunFolder
 from simulation.baselines import SCORES_FILE
 from simulation.claims import kd_claim, students_claim, teacher_claim
+from simulation.experiment_folder import experiment_run
 from simulation.site_scores import SITE_SCORES_FILE, read_site_scores
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def collect_results(out: Path) -> dict[str, Any]:
     """Every number the report shows, gathered from the experiment folder."""
-    run = out / "run"
-    if not (run / "metrics.jsonl").is_file():
-        raise DataError(f"{out} is not an experiment folder: {run / 'metrics.jsonl'} is missing")
-    rows = RunFolder(run).read_metrics()
-    summary = _read_json(run / "summary.json") or {}
+    run = experiment_run(out)
+    if not run.metrics_path.is_file():
+        raise DataError(f"{out} is not an experiment folder: {run.metrics_path} is missing")
+    rows = run.read_metrics()
+    summary = _read_json(run.summary_path) or {}
     experiment = _read_json(out / "experiment.json") or {}
     rounds = [
         {
@@ -99,7 +99,7 @@ def collect_results(out: Path) -> dict[str, Any]:
     check = delivery_check(rows)
     compression = {}
     cards = {}
-    for site_dir in sorted((run / "sites").glob("*")):
+    for site_dir in sorted(run.sites_dir.glob("*")):
         table = _read_json(site_dir / "student" / "compression.json")
         if table is not None:
             compression[site_dir.name] = table
@@ -454,7 +454,7 @@ def _gradcam_overlays(out: Path, report_dir: Path) -> list[str]:
     from common.export import load_torch_model
     from common.gradcam import default_layer, grad_cam, save_overlay
 
-    students = sorted((out / "run" / "sites").glob("*/student/student.pt"))
+    students = sorted(experiment_run(out).sites_dir.glob("*/student/student.pt"))
     if not students:
         return []
     manifest = out / "partition" / f"{students[0].parent.parent.name}.csv"

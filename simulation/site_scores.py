@@ -27,6 +27,7 @@ from common.device import resolve_compute
 from common.local import build_loaded_model, student_config
 from common.run_settings import FederatedRunConfig
 from simulation.baselines import evaluate_split, load_sites
+from simulation.experiment_folder import experiment_run
 from simulation.site_decisions import decide_at_site_point
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def score_site_models(out: Path, settings: FederatedRunConfig, num_sites: int) -
     student = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     arrays: dict[str, np.ndarray] = {}
     for name, site in load_sites(out, settings, num_sites).items():
-        files = site_model_files(out / "run" / "sites" / name)
+        files = site_model_files(experiment_run(out).site_dir(name))
         for model_name, path in files.items():
             config = settings.teacher if model_name == "teacher" else student
             model = build_loaded_model(config, settings.task, load_model_state(path)).to(compute.device)

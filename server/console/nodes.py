@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flower_adapter.control import NodeStatus, list_nodes
+from server.run_folder import CoordinatorFolder
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def ask_superlink(state: dict[str, Any], run_dir: Path) -> dict[int, NodeStatus]
     try:
         nodes = list_nodes(
             f"{'https' if tls else 'http'}://{LOOPBACK}:{int(port)}",
-            run_dir / "loopback-tls" / "ca.crt" if tls else None,
+            CoordinatorFolder(run_dir).loopback_tls / "ca.crt" if tls else None,
             timeout=ASK_TIMEOUT,
         )
     except Exception as exc:  # a stopped SuperLink, a half-written deploy.json: just unknown

@@ -1,10 +1,11 @@
 """One snapshot of a run folder, as the console shows it: read from what the coordinator holds.
 
-Sources (server/run_folder.py and server/deploy.py describe the layout): ``metrics.jsonl`` (one
-row per round, phase and site, plus each round's aggregate row), ``checkpoints/state.json``
-(the last completed round, and its aggregate row while that round's model awaits validation),
-``run_config.json`` (the run's settings), ``server.log`` (the current phase, through
-server/progress_lines.py), ``summary.json``, ``sites.json`` (registered site keys),
+Sources (server/run_folder.py and server/deploy.py describe the layout and give the paths):
+``metrics.jsonl`` (one row per round, phase and site, plus each round's aggregate row),
+``checkpoints/state.json`` (the last completed round, and its aggregate row while that round's
+model awaits validation),
+``run_config.json`` (the run's settings), ``events.jsonl`` (the current phase, from the run's
+progress events: server/progress_events.py), ``summary.json``, ``sites.json`` (registered site keys),
 ``deploy.json`` (ports, PIDs), ``gateway.log`` (server/console/gateway_log.py), the run's
 SuperLink (server/console/nodes.py), other run folders beside this one, and an audit trail
 (``audit*.jsonl``) where one exists.
@@ -29,7 +30,8 @@ from common.processes import pid_alive
 from server.console.gateway_log import GatewayLog, Refusals
 from server.console.nodes import NodeStatus, NodeWatch
 from server.delivery_check import check_rows, delivery_check
-from server.progress_lines import Progress, parse_progress
+from server.progress_events import Progress, last_progress
+from server.run_folder import CoordinatorFolder, RunFolder, finished_runs
 
 GLOBAL = "_global"
 """The series of the global model (the aggregate rows' site name)."""
@@ -115,36 +117,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl (a line being written is skipped until complete)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def last_progress(server_log: Path) -> Progress | None:
-    """The last line of server.log that says how far the run is (server/progress_lines.py)."""
-    try:
-        lines = server_log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        progress = parse_progress(line)
-        if progress is not None:
-            return progress
-    return None
 
 
 def key_fingerprint(public_key: str) -> str:
@@ -285,10 +257,9 @@ def run_phase(
 
 def other_runs(run_dir: Path) -> list[dict[str, Any]]:
     """Run folders beside this one, and inside it, that hold a summary.json: newest first."""
-    candidates = [p for p in run_dir.parent.glob("*/summary.json") if p.parent != run_dir]
-    candidates += list(run_dir.glob("*/summary.json")) + list(run_dir.glob("runs/*/summary.json"))
     found = []
-    for path in candidates:
+    for folder in finished_runs(run_dir):
+        path = folder.summary_path
         summary = read_json(path)
         if not isinstance(summary, dict):
             continue
@@ -335,19 +306,20 @@ class RunReader:
 
     def __init__(self, run_dir: Path, watch: NodeWatch | None = None) -> None:
         self.run_dir = Path(run_dir).resolve()
-        self.gateway = GatewayLog(self.run_dir / "gateway.log")
+        self.coordinator = CoordinatorFolder(self.run_dir)
+        self.gateway = GatewayLog(self.coordinator.gateway_log)
         self.watch = watch or NodeWatch(self.run_dir)
 
     def current_run(self) -> Path:
         """The run the page follows: this folder's own, or, in a folder that `cxr-fl-server serve`
         serves, its newest run (``runs/NAME/``, the one submitted last)."""
-        served = [p.parent for p in (self.run_dir / "runs").glob("*/run_config.json")]
-        return max(served, key=lambda p: (p / "run_config.json").stat().st_mtime) if served else self.run_dir
+        newest = CoordinatorFolder(self.run_dir).newest_run()
+        return newest.root if newest is not None else self.run_dir
 
     def finished(self, state: dict[str, Any], run: Path | None = None) -> bool:
         """Is there a summary of this run (written after the coordinator's last start)?"""
         try:
-            written = ((run or self.run_dir) / "summary.json").stat().st_mtime
+            written = RunFolder(run or self.run_dir).summary_path.stat().st_mtime
         except OSError:
             return False
         started = number(state.get("started"))
@@ -355,14 +327,15 @@ class RunReader:
 
     def snapshot(self) -> Snapshot:
         root, run = self.run_dir, self.current_run()
-        state = as_dict(read_json(root / "deploy.json"))
-        rows = read_rows(run / "metrics.jsonl")
-        saved = as_dict(read_json(run / "checkpoints" / "state.json"))
-        config = as_dict(read_json(run / "run_config.json"))
-        registered = [s for s in read_json(root / "sites.json") or [] if isinstance(s, dict)]
+        state = as_dict(read_json(self.coordinator.deploy_state_path))
+        folder = RunFolder(run)
+        rows = folder.read_metrics_while_written()
+        saved = as_dict(read_json(folder.state_path))
+        config = as_dict(read_json(folder.config_path))
+        registered = [s for s in read_json(self.coordinator.sites_path) or [] if isinstance(s, dict)]
         finished = self.finished(state, run)
         aggregates = aggregate_rows(rows, saved.get("pending_row"))
-        phase, detail = run_phase(state, finished, last_progress(run / "server.log"), rows)
+        phase, detail = run_phase(state, finished, last_progress(folder), rows)
         spent, declines = privacy(rows)
         central = [number(r.get("train_central_dp_epsilon")) for r in aggregates]
         done = number(saved.get("completed_round"))

@@ -24,6 +24,8 @@ from server.console.run_state import GLOBAL, RunReader, phase_label
 from server.console.web import ConsoleServer, create_app, loopback_host
 from server.fleet_gateway import REFUSED_TEXT
 from server.fleet_gateway import create_app as create_gateway
+from server.progress_events import Progress
+from server.run_folder import RunFolder
 
 TOKEN = "test-token-0123456789"
 KEY_A = "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQ="
@@ -113,9 +115,7 @@ def write_run(root: Path, site_b: str = "site-b") -> Path:
     (root / "sites.json").write_text(json.dumps(sites))
     (root / "deploy.json").write_text(json.dumps({"superlink_port": 1, "tls": True}))
     (root / "gateway.log").write_text("\n".join(GATEWAY_LINES) + "\n")
-    (root / "server.log").write_text(
-        "INFO server.rounds: Round 3/4: 2/2 sites trained, train loss 0.7000, 9.0 s\n"
-    )
+    RunFolder(root).append_event(Progress(3, 4, 2, 2, train_loss=0.7, best_round=2, seconds=9.0).to_event())
     return root
 
 
@@ -309,8 +309,7 @@ def test_a_site_working_on_a_later_phase_says_so_until_its_rows_arrive(tmp_path:
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()[:-1])]
     teacher_rows = [r for r in rows if r["phase"] in ("train", "evaluate", "aggregate")]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in teacher_rows))
-    with (run / "server.log").open("a") as log:
-        log.write("INFO server.app: Distillation round: sending the best global teacher to every site\n")
+    RunFolder(run).append_event(Progress(-1, -1, phase="distill", teacher="best").to_event())
 
     snap = RunReader(run, NodeWatch(run, ask=online)).snapshot()
 
@@ -331,7 +330,7 @@ def test_a_served_federation_shows_its_newest_run_and_lists_the_earlier_ones(tmp
     first, second = coordinator / "runs" / "first", coordinator / "runs" / "second"
     for run in (first, second):
         run.mkdir(parents=True)
-        for name in ("metrics.jsonl", "run_config.json", "server.log"):
+        for name in ("metrics.jsonl", "run_config.json", "events.jsonl"):
             shutil.copy(coordinator / name, run / name)
         shutil.copytree(coordinator / "checkpoints", run / "checkpoints")
     (first / "summary.json").write_text(json.dumps({"task": "t", "rounds_completed": 4}))

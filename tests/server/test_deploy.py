@@ -1,4 +1,4 @@
-"""Run settings checked against pyproject's schema, and progress read from the run's log lines."""
+"""Run settings checked against pyproject's schema, and `flwr run`'s log followed line by line."""
 
 from __future__ import annotations
 

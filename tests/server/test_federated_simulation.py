@@ -19,6 +19,7 @@ from common.export import load_torch_model
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
 from server.app import initial_teacher
+from server.run_folder import RunFolder
 from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation, SimulationError
 from tests.conftest import flower_run_config
@@ -66,6 +67,10 @@ def _rows(run_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _steps(run_dir: Path) -> list[tuple[str, int]]:
+    return [(str(e["phase"]), int(e["round"])) for e in RunFolder(run_dir).read_events()]
+
+
 def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
     simulation: FlowerSimulation, manifests: Path, workspace: Path
 ) -> None:
@@ -96,6 +101,11 @@ def test_two_rounds_checkpoint_and_resume_gives_the_straight_run(
         assert all("val_auroc_macro" in r for r in rows if r["phase"] == "aggregate")
         assert all("central_auroc_macro" in r for r in rows if r["phase"] == "aggregate")
     assert "Resuming run" in (resumed / "server.log").read_text()
+    # the progress events continue like metrics.jsonl: the first start's later phases are gone
+    straight_steps, resumed_steps = (_steps(run_dir) for run_dir in (straight, resumed))
+    assert [step for step in resumed_steps if step[0] != "resume"] == straight_steps
+    assert ("resume", 1) in resumed_steps
+    assert ("distill", -1) in straight_steps
 
     initial = initial_teacher(run_settings_from_config(_config(straight, manifests))).to_torch_state_dict()
     final_straight = load_model_state(straight / "checkpoints" / "last.pt")

@@ -12,20 +12,20 @@ from typer.testing import CliRunner
 
 import simulation.cli as cli
 import simulation.experiment as experiment_module
-from server.progress_lines import distill_line, round_line, student_round_line, validation_line
+from server.progress_events import EventFollower, Progress
+from server.run_folder import RunFolder
 
-SERVER_LOG = [
-    "INFO server.rounds: " + round_line(1, 2, 3, 3, 1.02, "auroc_macro", 0.7512, 1, 18.44),
-    "INFO :      configure_train: Sampled 3 nodes (out of 3)",
-    "INFO server.rounds: " + round_line(2, 2, 2, 3, 0.91, "auroc_macro", None, 2, 17.0),
-    "INFO server.rounds: " + validation_line(2, 2, 3, "auroc_macro", 0.8123, 2),
-    "INFO server.app: " + distill_line("best"),
-    "INFO server.app: " + student_round_line(1, 1, 3, 9.06),
+SERVER_EVENTS = [
+    Progress(1, 2, 3, 3, "auroc_macro", 0.7512, train_loss=1.02, best_round=1, seconds=18.44),
+    Progress(2, 2, 2, 3, train_loss=0.91, best_round=2, seconds=17.0),
+    Progress(2, 2, 3, None, "auroc_macro", 0.8123, phase="validation", best_round=2),
+    Progress(-1, -1, phase="distill", teacher="best"),
+    Progress(1, 1, 3, phase="student", seconds=9.06),
 ]
 
 
 class FakeExperiment:
-    """Plays a federated run's log through the experiment's own line follower (no training)."""
+    """Plays a federated run's events through the experiment's own follower (no training)."""
 
     def __init__(self, config: Any) -> None:
         self.out = Path(config.out)
@@ -35,8 +35,11 @@ class FakeExperiment:
             if on_stage:
                 on_stage(text)
         follow = experiment_module.progress_follower(on_stage or (lambda _: None), on_round, on_progress)
-        for line in SERVER_LOG:
-            follow(line)
+        folder = RunFolder(self.out / "run")
+        events = EventFollower(folder, follow)
+        for progress in SERVER_EVENTS:
+            folder.append_event(progress.to_event())
+            events.poll()
         if on_stage:
             on_stage("writing the report")
         return experiment_module.ExperimentResult(self.out, self.out / "report.md", None)  # type: ignore[arg-type]
