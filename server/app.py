@@ -44,12 +44,12 @@ from common.protocol import (
     STUDENT_ROUND_MESSAGE_TYPE,
     STUDENT_START_KEY,
 )
-from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
+from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from flower_adapter.grid import quick_reply_grid
 from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
-from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
+from server.central_dp import CentralDP, with_central_dp
 from server.initial_teacher import initial_global_teacher
 from server.progress_lines import distill_line, student_round_line
 from server.public_student import distil_public_student, load_public_images
@@ -370,7 +370,7 @@ def evaluate_only(
 def main(grid: Grid, context: Context) -> None:
     grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
     settings = run_settings_from_config(context.run_config)
-    strategy_settings = from_mapping(StrategySettings, context.run_config)
+    strategy_settings = settings.strategy
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
     attach_run_logging(run_dir)
     if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
@@ -386,9 +386,7 @@ def main(grid: Grid, context: Context) -> None:
     public = load_public_images(settings, run_dir) if settings.kd_enabled else None
 
     strategy = build_strategy(strategy_settings)
-    central = from_mapping(CentralDPSettings, context.run_config, "central-dp-")
-    check_central_dp(central, strategy_settings.strategy, settings.teacher.norm)
-    strategy = with_central_dp(strategy, central, strategy_settings.min_train_sites)
+    strategy = with_central_dp(strategy, settings.central_dp, strategy_settings.min_train_sites)
     if isinstance(strategy, CentralDP) and resume is not None:  # epsilon counts every released round
         strategy.releases = resume.completed_round
     started = time.monotonic()

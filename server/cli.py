@@ -35,7 +35,6 @@ from server.console.launch import ConsoleOption, ConsolePortOption, announce_con
 from server.evaluate_cli import evaluate_command
 from server.run_following import (
     audit_run_start,
-    check_central_dp_settings,
     follow_run,
     progress_bar,
     summary_written,
@@ -286,7 +285,6 @@ def start(
 ) -> None:
     """Start the SuperLink, submit the run, follow it, print the summary when it ends."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
-    from common.tracking import check_tracker
     from server.deploy import (
         DEFAULT_PORT,
         PROJECT_ROOT,
@@ -294,7 +292,6 @@ def start(
         TlsFiles,
     )
     from server.initial_teacher import prepare_initial_teacher
-    from server.strategies import StrategySettings
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
@@ -311,9 +308,7 @@ def start(
         overrides["run-dir"] = str(run_dir)
         if track is not None:
             overrides["track"] = track
-        check_tracker(str(overrides.get("track", schema.get("track", ""))))
-        merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
-        check_central_dp_settings(merged)
+        check_run_config(overrides)  # every setting and rule, as server/app.py, before the SuperLink
         prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
         if run_dir.is_relative_to(PROJECT_ROOT) and not run_dir.is_relative_to(PROJECT_ROOT / "runs"):
             err_console.print(

@@ -1,0 +1,60 @@
+"""The rules between run settings are one function: every entry point refuses a run alike.
+
+``cxr-fl-server start`` and ``python -m simulation run`` refuse the same settings with the same
+one line (exit 2) before any work; the ServerApp and the ClientApp raise the same error from the
+run_config Flower hands them (both build their settings with ``run_settings_from_config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import simulation.cli as simulation_cli
+from common.errors import ConfigError
+from common.run_settings import load_schema, parse_set, run_settings_from_config
+from server.cli import app as server_app
+
+runner = CliRunner()
+
+VIOLATIONS = {
+    "central DP needs GroupNorm": ["central-dp-noise-multiplier=1.0"],
+    "central DP needs FedAvg": [
+        "central-dp-noise-multiplier=1.0",
+        'teacher-norm="group"',
+        'strategy="fedprox"',
+        "proximal-mu=0.1",
+    ],
+    "DP-SGD needs GroupNorm": ["dp-enabled=true"],
+    "a label-skew loss refuses DP": ["dp-enabled=true", 'teacher-norm="group"', 'local-loss="fedlc"'],
+}
+
+
+def _error_line(args: list[str], app: object) -> str:
+    result = runner.invoke(app, args)  # type: ignore[arg-type]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.parametrize("items", VIOLATIONS.values(), ids=VIOLATIONS.keys())
+def test_server_cli_and_simulation_refuse_a_rule_violation_alike(tmp_path: Path, items: list[str]) -> None:
+    server = _error_line(
+        ["start", "--run-dir", str(tmp_path / "run"), "--insecure", *_sets(items)], server_app
+    )
+    simulation = _error_line(["run", "--out", str(tmp_path / "out"), *_sets(items)], simulation_cli.app)
+    assert server == simulation
+    assert not (tmp_path / "run" / "deploy.json").exists()  # no SuperLink was started
+    assert not (tmp_path / "out").exists()  # nothing was partitioned or trained
+    # the ServerApp and the ClientApp build their settings from the run_config with the same rules
+    with pytest.raises(ConfigError) as refused:
+        run_settings_from_config({**load_schema(), **parse_set(items)})
+    assert server == f"error: {refused.value}"
