@@ -1,24 +1,30 @@
 """Run settings: the one place that owns their schema, reading, coercion and checking.
 
 ``[tool.flwr.app.config]`` in pyproject.toml is the one schema of run settings (kebab-case keys,
-each default's type is the setting's type); :func:`load_schema` reads it, so a key added there
-works everywhere. This module also owns
+each default's type is the setting's type) and the one place their defaults are decided (a
+dataclass field's default is the same value: tests/test_settings_defaults.py); :func:`load_schema`
+reads it, so a key added there works everywhere. This module also owns
 
 - reading TOML files (:func:`read_toml`: UTF-8, a clear error naming the file) and ``--set
   KEY=VALUE`` items (:func:`parse_set_option`);
 - the one coercer (:func:`coerce`) and the one boolean parser (:func:`parse_bool`): a value must
   already have the setting's type (TOML gives ``2`` and ``true``; ``"2"`` and ``"no"`` are
   errors, never an int or a boolean);
-- :func:`check_run_config` (schema defaults + overrides, checked before any work starts) and
-  :func:`run_settings_from_config`, which builds the typed, validated dataclasses and enforces the
-  rules between settings (:func:`check_rules`), e.g. DP-SGD needs GroupNorm, and a label-skew
-  ``local-loss`` needs a single-label task and no DP (common/label_skew.py).
+- the one loader: :func:`check_run_config` (schema defaults + overrides, checked before any work
+  starts; both command lines, the simulation, the benchmarks and the study) on top of
+  :func:`run_settings_from_config` (also what the ServerApp and the ClientApp call on the
+  run_config Flower hands them), which builds the typed, validated :class:`FederatedRunConfig`
+  and enforces the rules between settings (:func:`check_rules`, the one list of them), e.g.
+  DP-SGD and central DP need GroupNorm, central DP needs FedAvg, and a label-skew ``local-loss``
+  needs a single-label task and no DP (common/label_skew.py).
 
 Keys are grouped by prefix: ``teacher-*`` (ModelConfig of the teacher), ``dp-*`` (PrivacyConfig
-requested by the server), ``kd-*`` (DistillConfig), un-prefixed training keys (TrainConfig) and
-the run-level keys of :class:`RunSettings`. The server and every site read the same mapping, so
-they agree on architecture, normalisation, image size and task. Every command line, the
-ServerApp, the ClientApp, the simulation and the benchmarks go through this module.
+requested by the server), ``kd-*`` (DistillConfig), ``central-dp-*`` (CentralDPSettings),
+un-prefixed training keys (TrainConfig), aggregation keys (StrategySettings) and the run-level
+keys of :class:`RunSettings`. The server and every site read the same mapping, so they agree on
+architecture, normalisation, image size and task. A site's own policy (its privacy and resource
+limits, client/site_policy.py) is not a run setting: it comes from the site's node config, never
+from this mapping.
 """
 
 from __future__ import annotations

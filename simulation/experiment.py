@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common import run_settings as settings_module
+from common.config import TaskConfig
 from common.data.source_pairs import drop_duplicate_images, load_sources, parse_source_options
 from common.device import resolve_device
 from common.errors import ConfigError
@@ -79,7 +80,7 @@ class ExperimentConfig:
     sources: tuple[SourceSpec, ...] = (
         SourceSpec("synthetic", None, {"n-images": "360", "image-size": "64"}),
     )
-    task: str = "normal-pneumonia-covid"
+    task: str = TaskConfig().name  # the run setting's default (pyproject's task)
     partition: PartitionSpec = PartitionSpec()
     run_config: dict[str, Any] = field(default_factory=dict)
     baselines: bool = False
@@ -425,7 +426,7 @@ def experiment_config(
     return ExperimentConfig(
         out=Path(chosen_out).expanduser().resolve(),
         sources=specs,
-        task=task or str(file.get("task", "normal-pneumonia-covid")),
+        task=task or str(file.get("task", TaskConfig().name)),
         partition=PartitionSpec(**part),
         run_config=run_config,
         baselines=baselines if baselines is not None else file.get("baselines", False),

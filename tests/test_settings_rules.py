@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 import simulation.cli as simulation_cli
 from common.errors import ConfigError
-from common.run_settings import load_schema, parse_set, run_settings_from_config
+from common.run_settings import check_run_config, load_schema, parse_set, run_settings_from_config
+from common.site_limits import CACHE_MAX_AGE_KEY, SitePolicy
 from server.cli import app as server_app
 
 runner = CliRunner()
@@ -58,3 +59,19 @@ def test_server_cli_and_simulation_refuse_a_rule_violation_alike(tmp_path: Path,
     with pytest.raises(ConfigError) as refused:
         run_settings_from_config({**load_schema(), **parse_set(items)})
     assert server == f"error: {refused.value}"
+
+
+def test_the_strategy_setting_takes_the_registered_strategies() -> None:
+    """Every party checks ``strategy`` against common's names; the server builds them by those names."""
+    from common.config import STRATEGY_NAMES
+    from server.strategies import STRATEGIES
+
+    assert sorted(STRATEGY_NAMES) == STRATEGIES.names()
+
+
+@pytest.mark.parametrize("key", [*SitePolicy.keys(), CACHE_MAX_AGE_KEY])
+def test_a_sites_own_policy_is_no_run_setting(key: str) -> None:
+    """A site's limits come from its own options (node config), never from the coordinator's settings."""
+    assert key not in load_schema()
+    with pytest.raises(ConfigError, match="a run setting of pyproject"):
+        check_run_config({key: 1})
