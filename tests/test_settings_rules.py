@@ -61,6 +61,24 @@ def test_server_cli_and_simulation_refuse_a_rule_violation_alike(tmp_path: Path,
     assert server == f"error: {refused.value}"
 
 
+@pytest.mark.parametrize("item", ["num-round=3", 'num-rounds="3"', "kd-enabled=yes"])
+def test_server_cli_and_simulation_read_set_items_alike(tmp_path: Path, item: str) -> None:
+    server = _error_line(
+        ["start", "--run-dir", str(tmp_path / "run"), "--insecure", "--set", item], server_app
+    )
+    simulation = _error_line(["run", "--out", str(tmp_path / "out"), "--set", item], simulation_cli.app)
+    assert server == simulation
+    assert "--set" in server
+
+
+def test_the_simulations_run_table_is_read_as_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text("[run]\nnum-round = 3\n", encoding="utf-8")
+    output = _error_line(["run", "--config", str(config), "--out", str(tmp_path / "out")], simulation_cli.app)
+    assert str(config) in output
+    assert "num-rounds" in output  # the valid keys are listed
+
+
 def test_the_strategy_setting_takes_the_registered_strategies() -> None:
     """Every party checks ``strategy`` against common's names; the server builds them by those names."""
     from common.config import STRATEGY_NAMES
