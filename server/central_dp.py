@@ -17,6 +17,10 @@ coordinator adding the noise at all. DP-SGD at the sites (``dp-enabled``) is the
 holds against the coordinator, per training image, under each site's own budget; the two can
 be combined. Flower's own ``RdpAccountant`` is not used: it needs the ``dp-accounting`` package
 and equal FedAvg weights (our sites are weighted by their image counts).
+
+The settings (:class:`common.config.CentralDPSettings`) and their rules (FedAvg, a GroupNorm
+teacher: :func:`common.run_settings.check_central_dp`) are read and checked with every run
+setting, so every entry point refuses the same runs.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 ``fedavg`` (default), ``fedprox`` (proximal-mu), ``fedadam`` / ``fedyogi`` (server-lr),
 ``fedmedian`` and ``krum`` (robust aggregation). The names double as the ``strategy`` run
-setting. Metrics from sites are averaged per key, ignoring non-finite values (a site whose
-validation split lacks a class reports NaN for that class's AUROC; it must not poison the
-average), by server/aggregation.py, which also leaves out replies that cannot be aggregated.
+setting; its settings (:class:`common.config.StrategySettings`, names in ``STRATEGY_NAMES``) are
+read and checked with every other run setting (common/run_settings.py). Metrics from sites are
+averaged per key, ignoring non-finite values (a site whose validation split lacks a class
+reports NaN for that class's AUROC; it must not poison the average), by server/aggregation.py,
+which also leaves out replies that cannot be aggregated.
 
 Strategy state that must survive a server restart (FedAdam/FedYogi moments) is exported with
 :func:`strategy_state` and restored with :func:`load_strategy_state`.
