@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from common.config import ModelConfig  # noqa: E402
 from common.data.sources import load_catalog  # noqa: E402
 from common.models import build_model  # noqa: E402
+from common.run_settings import check_run_config  # noqa: E402
 from common.tasks import get_task  # noqa: E402
-from simulation.experiment import check_run_config  # noqa: E402
 from simulation.partition import partition_catalog, write_partition  # noqa: E402
 from simulation.runtime import FlowerSimulation  # noqa: E402
 

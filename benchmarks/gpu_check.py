@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.config import DistillConfig, ModelConfig, PrivacyConfig, TrainConfig  # noqa: E402
+from common.config import ModelConfig, PrivacyConfig  # noqa: E402
 from common.device import Compute, ComputeConfig, resolve_compute  # noqa: E402
 from common.local import (  # noqa: E402
     DataRequest,
@@ -43,9 +44,27 @@ from common.local import (  # noqa: E402
     load_site_data,
     train_round,
 )
+from common.run_settings import FederatedRunConfig, check_run_config, run_settings_from_config  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 TASK = get_task("normal-pneumonia-covid")
+
+
+def row_settings(teacher_name: str, batch: int, **overrides: Any) -> FederatedRunConfig:
+    """A row's run settings through the one loader (pyproject's defaults, every value and rule checked)."""
+    return run_settings_from_config(
+        check_run_config(
+            {
+                "teacher-name": teacher_name,
+                "teacher-norm": "batch",
+                "batch-size": batch,
+                "lr": 0.01,
+                "kd-epochs": 1,
+                "kd-batch-size": batch,
+                **overrides,
+            }
+        )
+    )
 
 
 def site_data(images: int, image_size: int, cache: Path) -> SiteData:
@@ -96,15 +115,15 @@ def warm_up(teacher: ModelConfig, compute: Compute, batch: int, image_size: int)
     torch.cuda.synchronize(compute.device)
 
 
-def train_row(
-    data: SiteData, teacher: ModelConfig, compute: Compute, batch: int, privacy: PrivacyConfig | None = None
-) -> dict[str, float]:
+def train_row(data: SiteData, settings: FederatedRunConfig, compute: Compute) -> dict[str, float]:
+    teacher = settings.teacher
+    privacy: PrivacyConfig | None = settings.privacy if settings.privacy.enabled else None
     outcome = train_round(
         data,
         TASK,
         teacher,
         None,
-        TrainConfig(batch_size=batch, lr=0.01, num_threads=max(1, torch.get_num_threads())),
+        replace(settings.train, num_threads=max(1, torch.get_num_threads())),
         seed=0,
         privacy=privacy,
         num_rounds=1,
@@ -123,21 +142,22 @@ def train_row(
 
 
 def distill_row(
-    data: SiteData, teacher: ModelConfig, compute: Compute, batch: int, image_size: int, out: Path
+    data: SiteData, settings: FederatedRunConfig, compute: Compute, image_size: int, out: Path
 ) -> dict[str, float]:
     import numpy as np
 
     from common.export import export_onnx, make_session, run_session
 
-    state = train_round(
-        data, TASK, teacher, None, TrainConfig(batch_size=batch), seed=0, compute=compute
-    ).state_dict
+    teacher = settings.teacher
+    # two threads: what this row has been measured with (TrainConfig's default before it became pyproject's 1)
+    train = replace(settings.train, num_threads=2)
+    state = train_round(data, TASK, teacher, None, train, seed=0, compute=compute).state_dict
     outcome = distill_student(
         data,
         TASK,
         teacher,
         state,
-        DistillConfig(epochs=1, batch_size=batch),
+        settings.distill,
         norm=teacher.norm,
         seed=0,
         num_threads=max(1, torch.get_num_threads()),
@@ -184,8 +204,10 @@ def main() -> int:
         cpu = resolve_compute(ComputeConfig("cpu"))
         teacher_name = "resnet18"
     batch = args.batch_size
-    teacher = ModelConfig(name=teacher_name, norm="batch")
-    dp_teacher = ModelConfig(name=teacher_name, norm="group")
+    plain = row_settings(teacher_name, batch)
+    dp_settings = {"teacher-norm": "group", "dp-enabled": True, "dp-target-epsilon": 8.0}
+    dp = row_settings(teacher_name, batch, **dp_settings, **{"dp-max-physical-batch-size": batch})
+    teacher = plain.teacher
     rows = []
     with tempfile.TemporaryDirectory(prefix="cxr-fl-gpu-check-") as tmp:
         work = Path(tmp)
@@ -193,27 +215,18 @@ def main() -> int:
         cpu_data = site_data(args.cpu_images, args.image_size, work / "cache")
         if not args.smoke:
             warm_up(teacher, cuda, batch, args.image_size)
-        rows.append(
-            timed_row("teacher round, CPU fp32", cpu, lambda: train_row(cpu_data, teacher, cpu, batch))
-        )
+        rows.append(timed_row("teacher round, CPU fp32", cpu, lambda: train_row(cpu_data, plain, cpu)))
         if not args.smoke:
             rows.append(
-                timed_row(
-                    "teacher round, CUDA fp32", cuda_fp32, lambda: train_row(data, teacher, cuda_fp32, batch)
-                )
+                timed_row("teacher round, CUDA fp32", cuda_fp32, lambda: train_row(data, plain, cuda_fp32))
             )
-        rows.append(timed_row("teacher round, CUDA amp", cuda, lambda: train_row(data, teacher, cuda, batch)))
-        privacy = PrivacyConfig(enabled=True, target_epsilon=8.0, max_physical_batch_size=batch)
-        rows.append(
-            timed_row(
-                "teacher round, CUDA DP-SGD", cuda, lambda: train_row(data, dp_teacher, cuda, batch, privacy)
-            )
-        )
+        rows.append(timed_row("teacher round, CUDA amp", cuda, lambda: train_row(data, plain, cuda)))
+        rows.append(timed_row("teacher round, CUDA DP-SGD", cuda, lambda: train_row(data, dp, cuda)))
         rows.append(
             timed_row(
                 "distil + ONNX export, CUDA amp",
                 cuda,
-                lambda: distill_row(data, teacher, cuda, batch, args.image_size, work),
+                lambda: distill_row(data, plain, cuda, args.image_size, work),
             )
         )
     where = "CPU rehearsal (--smoke), not a GPU measurement" if args.smoke else torch.cuda.get_device_name()

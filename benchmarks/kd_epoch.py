@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DistillConfig, ModelConfig
 from common.distillation import IndexedDataset, compute_teacher_logits, distill_one_epoch
+from common.local import student_config
 from common.models import build_model
+from common.run_settings import check_run_config, run_settings_from_config
 from common.tasks import get_task
 
 
@@ -47,8 +48,18 @@ def main() -> None:
     images = torch.rand((args.images, 1, args.image_size, args.image_size), generator=g)
     targets = F.one_hot(torch.arange(args.images) % 3, 3).float()
     dataset = TensorDataset(images, targets)
-    teacher = build_model(ModelConfig(name=args.teacher, norm="batch"), 3).eval()
-    cfg = DistillConfig(student=args.student, cache_teacher_logits=False)
+    settings = run_settings_from_config(  # the one loader: pyproject's defaults, every value checked
+        check_run_config(
+            {
+                "teacher-name": args.teacher,
+                "teacher-norm": "batch",
+                "kd-student": args.student,
+                "kd-cache-teacher-logits": False,
+            }
+        )
+    )
+    teacher = build_model(settings.teacher, 3).eval()
+    cfg = settings.distill
     cache = compute_teacher_logits(teacher, DataLoader(IndexedDataset(dataset), batch_size=128), len(dataset))
     rows = {
         "plain student (labels only)": (None, dataset, "none"),
@@ -60,7 +71,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, (source, data, mix) in rows.items():
             torch.manual_seed(0)
-            student = build_model(ModelConfig(name=args.student, norm="batch"), 3)
+            student = build_model(student_config(cfg, settings.teacher, "batch"), 3)
             optimizer = torch.optim.Adam(student.parameters(), lr=0.002)
             loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=g)
             start = time.perf_counter()

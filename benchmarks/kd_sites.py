@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DistillConfig, ModelConfig, TrainConfig
 from common.distillation import recalibrate_batchnorm
 from common.local import (
     EVAL_BATCH_SIZE,
@@ -39,7 +38,12 @@ from common.local import (
     load_site_data,
     train_round,
 )
-from common.run_settings import from_mapping
+from common.run_settings import (
+    FederatedRunConfig,
+    check_run_config,
+    parse_set_option,
+    run_settings_from_config,
+)
 from common.tasks import get_task
 from common.training import evaluate
 
@@ -66,8 +70,14 @@ def rates(values: np.ndarray, num_classes: int) -> str:
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     name, _, pairs = text.partition(":")
-    values = dict(p.split("=", 1) for p in pairs.split(",") if p)
+    values = dict(parse_set_option(p) for p in pairs.split(",") if p)  # TOML values: true, 0.5, "x"
     return name, {k.replace("_", "-"): v for k, v in values.items()}
+
+
+def load_settings(overrides: dict[str, Any]) -> FederatedRunConfig:
+    """The settings of a run with ``overrides``, through the one loader (pyproject's defaults, every
+    value and rule checked, as every entry point does)."""
+    return run_settings_from_config(check_run_config(overrides))
 
 
 def main() -> None:
@@ -107,8 +117,22 @@ def main() -> None:
     for manifest in sorted((work / "partition").glob("site_*.csv")):
         request = DataRequest("manifest", manifest, task, args.image_size, work / "cache", 0.15, 0.15, 0)
         sites.append((manifest.stem, load_site_data(request)))
-    teacher_cfg = ModelConfig(name=args.teacher, norm="batch", in_channels=1, dropout=0.2)
-    train = TrainConfig(local_epochs=args.local_epochs, optimizer="adam", lr=0.001, num_threads=args.threads)
+    run = {
+        "teacher-name": args.teacher,
+        "teacher-norm": "batch",
+        "teacher-in-channels": 1,
+        "teacher-dropout": 0.2,
+        "local-epochs": args.local_epochs,
+        "optimizer": "adam",
+        "lr": 0.001,
+        "num-threads": args.threads,
+        "kd-epochs": args.kd_epochs,
+        "kd-optimizer": "adam",
+        "kd-lr": 0.002,
+        "kd-alpha": 0.9,
+    }
+    settings = load_settings(run)
+    teacher_cfg, train = settings.teacher, settings.train
     torch.manual_seed(0)
     state = build_loaded_model(teacher_cfg, task, None).state_dict()
     started = time.perf_counter()
@@ -141,7 +165,6 @@ def main() -> None:
                 f"{m.auroc_macro:.3f} | {rates(r.scores.argmax(1), 3)} | {rates(r.targets.argmax(1), 3)} |"
             )
     print()
-    base = {"kd-epochs": args.kd_epochs, "kd-optimizer": "adam", "kd-lr": 0.002, "kd-alpha": 0.9}
     print(
         "| variant | site | student acc. | student bal. acc. | student AUROC | no-KD bal. acc. "
         "| no-KD AUROC | best epoch | seconds |"
@@ -149,7 +172,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for text in args.variant or DEFAULT_VARIANTS:
         vname, overrides = parse_variant(text)
-        distill = from_mapping(DistillConfig, {**base, **{f"kd-{k}": v for k, v in overrides.items()}}, "kd-")
+        distill = load_settings({**run, **{f"kd-{k}": v for k, v in overrides.items()}}).distill
         for name, data in sites:
             seed = derive_seed(0, "distill", name)
             out = distill_student(

@@ -33,7 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.run_settings import parse_set_option
+from common.run_settings import load_schema, resolve_run_config
 
 CLASSES = ("normal", "pneumonia", "covid-19")
 
@@ -42,7 +42,7 @@ def run_demo(out: Path, seed: int, sets: list[str]) -> None:
     from simulation import cli
     from simulation.experiment import ExperimentConfig, PartitionSpec, SourceSpec
 
-    run_config = {**cli.DEMO_RUN_CONFIG, "seed": seed, **dict(parse_set_option(s) for s in sets)}
+    run_config = {**cli.DEMO_RUN_CONFIG, "seed": seed, **resolve_run_config(load_schema(), None, sets)}
     config = ExperimentConfig(
         out=out,
         sources=(SourceSpec("synthetic", None, cli.DEMO_SYNTHETIC_OPTIONS),),

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.data.sources import load_catalog  # noqa: E402
+from common.run_settings import check_run_config  # noqa: E402
 from common.tasks import get_task  # noqa: E402
-from simulation.experiment import check_run_config  # noqa: E402
 from simulation.partition import partition_catalog, write_partition  # noqa: E402
 from simulation.runtime import FlowerSimulation  # noqa: E402
 

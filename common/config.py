@@ -1,4 +1,4 @@
-"""Typed, frozen configuration for models, data, training, distillation and privacy.
+"""Typed, frozen configuration for models, data, training, distillation, privacy and aggregation.
 
 Each dataclass validates itself on construction and raises :class:`~common.errors.ConfigError`
 naming the field, the bad value and what is allowed. The app layer (server/, client/,
@@ -7,6 +7,10 @@ simulation/) builds these from Flower's run_config / node_config with
 ``[tool.flwr.app.config]`` (``local-epochs`` -> ``local_epochs``), optionally under a prefix
 (``kd-temperature`` -> ``DistillConfig.temperature``). Code below the app layer only ever sees
 these dataclasses.
+
+Defaults: ``[tool.flwr.app.config]`` in pyproject.toml is the one place a run setting's default is
+decided; a field's default here is that same value (tests/test_settings_defaults.py), so a
+dataclass built without a key behaves like a run that never set it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from common.errors import ConfigError
+from common.errors import ConfigError, UnknownNameError
 from common.tasks import get_task
 
 Norm = Literal["batch", "group"]
@@ -31,6 +35,9 @@ ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 MIX_MODES: tuple[str, ...] = get_args(MixMode)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 LOCAL_LOSSES: tuple[str, ...] = get_args(LocalLoss)
+STRATEGY_NAMES: tuple[str, ...] = ("fedadam", "fedavg", "fedmedian", "fedprox", "fedyogi", "krum")
+"""The ``strategy`` run setting's values: the names of server/strategies.py's registry (a test
+checks that they agree), known here so that every party checks a run's settings alike."""
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
@@ -107,7 +114,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     proximal_mu: float = 0.0
     seed: int = 0
-    num_threads: int = 2
+    num_threads: int = 1
     # freeze the first N blocks of the teacher's backbone (common/freeze.py); -1: train the head only
     freeze_blocks: int = 0
     # the teacher's local loss under label skew (common/label_skew.py); single-label tasks, no DP
@@ -253,3 +260,73 @@ class PrivacyConfig:
             accountant=site.accountant,
             max_physical_batch_size=min(self.max_physical_batch_size, site.max_physical_batch_size),
         )
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """What the coordinator chooses about aggregation and site sampling (server/strategies.py)."""
+
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 2
+    min_evaluate_sites: int = 2
+    min_available_sites: int = 2
+    proximal_mu: float = 0.0
+    server_lr: float = 0.1
+    krum_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise UnknownNameError("strategy", self.strategy, STRATEGY_NAMES)
+        for option, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(option, value, "a number in (0, 1]")
+        for option, count in (
+            ("min-train-sites", self.min_train_sites),
+            ("min-evaluate-sites", self.min_evaluate_sites),
+            ("min-available-sites", self.min_available_sites),
+        ):
+            if count < 1:
+                raise ConfigError(option, count, "an integer >= 1")
+        if self.min_available_sites < max(self.min_train_sites, self.min_evaluate_sites):
+            raise ConfigError(
+                "min-available-sites",
+                self.min_available_sites,
+                f"at least min-train-sites ({self.min_train_sites}) and "
+                f"min-evaluate-sites ({self.min_evaluate_sites})",
+            )
+        if self.proximal_mu < 0:
+            raise ConfigError("proximal-mu", self.proximal_mu, "a number >= 0")
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ConfigError("proximal-mu", self.proximal_mu, "a number > 0 with strategy 'fedprox'")
+        if self.server_lr <= 0:
+            raise ConfigError("server-lr", self.server_lr, "a number > 0")
+        if self.krum_malicious < 0:
+            raise ConfigError("krum-malicious", self.krum_malicious, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class CentralDPSettings:
+    """Run settings ``central-dp-*`` (server/central_dp.py): off while the noise multiplier is 0."""
+
+    noise_multiplier: float = 0.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(
+                "central-dp-noise-multiplier", self.noise_multiplier, "a finite number >= 0 (0: off)"
+            )
+        if not (math.isfinite(self.clipping_norm) and self.clipping_norm > 0):
+            raise ConfigError("central-dp-clipping-norm", self.clipping_norm, "a finite number > 0")
+        if not 0 < self.delta < 1:
+            raise ConfigError("central-dp-delta", self.delta, "a number strictly between 0 and 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0

@@ -1,24 +1,30 @@
 """Run settings: the one place that owns their schema, reading, coercion and checking.
 
 ``[tool.flwr.app.config]`` in pyproject.toml is the one schema of run settings (kebab-case keys,
-each default's type is the setting's type); :func:`load_schema` reads it, so a key added there
-works everywhere. This module also owns
+each default's type is the setting's type) and the one place their defaults are decided (a
+dataclass field's default is the same value: tests/test_settings_defaults.py); :func:`load_schema`
+reads it, so a key added there works everywhere. This module also owns
 
 - reading TOML files (:func:`read_toml`: UTF-8, a clear error naming the file) and ``--set
   KEY=VALUE`` items (:func:`parse_set_option`);
 - the one coercer (:func:`coerce`) and the one boolean parser (:func:`parse_bool`): a value must
   already have the setting's type (TOML gives ``2`` and ``true``; ``"2"`` and ``"no"`` are
   errors, never an int or a boolean);
-- :func:`check_run_config` (schema defaults + overrides, checked before any work starts) and
-  :func:`run_settings_from_config`, which builds the typed, validated dataclasses and enforces the
-  rules between settings (:func:`check_rules`), e.g. DP-SGD needs GroupNorm, and a label-skew
-  ``local-loss`` needs a single-label task and no DP (common/label_skew.py).
+- the one loader: :func:`check_run_config` (schema defaults + overrides, checked before any work
+  starts; both command lines, the simulation, the benchmarks and the study) on top of
+  :func:`run_settings_from_config` (also what the ServerApp and the ClientApp call on the
+  run_config Flower hands them), which builds the typed, validated :class:`FederatedRunConfig`
+  and enforces the rules between settings (:func:`check_rules`, the one list of them), e.g.
+  DP-SGD and central DP need GroupNorm, central DP needs FedAvg, and a label-skew ``local-loss``
+  needs a single-label task and no DP (common/label_skew.py).
 
 Keys are grouped by prefix: ``teacher-*`` (ModelConfig of the teacher), ``dp-*`` (PrivacyConfig
-requested by the server), ``kd-*`` (DistillConfig), un-prefixed training keys (TrainConfig) and
-the run-level keys of :class:`RunSettings`. The server and every site read the same mapping, so
-they agree on architecture, normalisation, image size and task. Every command line, the
-ServerApp, the ClientApp, the simulation and the benchmarks go through this module.
+requested by the server), ``kd-*`` (DistillConfig), ``central-dp-*`` (CentralDPSettings),
+un-prefixed training keys (TrainConfig), aggregation keys (StrategySettings) and the run-level
+keys of :class:`RunSettings`. The server and every site read the same mapping, so they agree on
+architecture, normalisation, image size and task. A site's own policy (its privacy and resource
+limits, client/site_policy.py) is not a run setting: it comes from the site's node config, never
+from this mapping.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from common.config import DistillConfig, ModelConfig, PrivacyConfig, TaskConfig, TrainConfig
+from common.config import (
+    CentralDPSettings,
+    DistillConfig,
+    ModelConfig,
+    PrivacyConfig,
+    StrategySettings,
+    TaskConfig,
+    TrainConfig,
+)
 from common.device import ComputeConfig
 from common.errors import ConfigError
 from common.label_skew import check_local_loss
@@ -182,6 +196,9 @@ class FederatedRunConfig:
     kd_federated_student_rounds: int
     # device and mixed precision for simulated sites; a deployed site uses its own node config
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    # the coordinator's aggregation and site sampling, and central DP (read by every party alike)
+    strategy: StrategySettings = dataclasses.field(default_factory=StrategySettings)
+    central_dp: CentralDPSettings = dataclasses.field(default_factory=CentralDPSettings)
 
     @property
     def uses_dp(self) -> bool:
@@ -208,15 +225,39 @@ def run_settings_from_config(config: Mapping[str, Any]) -> FederatedRunConfig:
             config, "kd-federated-student-rounds", DEFAULT_FEDERATED_STUDENT_ROUNDS
         ),
         compute=from_mapping(ComputeConfig, config),
+        strategy=from_mapping(StrategySettings, config),
+        central_dp=from_mapping(CentralDPSettings, config, "central-dp-"),
     )
     check_rules(settings)
     return settings
 
 
 def check_rules(settings: FederatedRunConfig) -> None:
-    """Rules between settings, checked once where the settings are built (before any round)."""
+    """Rules between settings, checked once where the settings are built (before any round).
+
+    The one list of such rules: every entry point (both command lines, the ServerApp, the
+    ClientApp, the simulation, the benchmarks, the study) builds its settings with
+    :func:`run_settings_from_config`, so each of them refuses a run with the same message.
+    """
     check_dp_norm(settings.teacher.norm, settings.privacy.enabled, "dp-enabled = true")
     check_local_loss(settings.train.local_loss, settings.task, dp_enabled=settings.privacy.enabled)
+    check_central_dp(settings.central_dp, settings.strategy.strategy, settings.teacher.norm)
+
+
+def check_central_dp(settings: CentralDPSettings, strategy: str, norm: str) -> None:
+    """Central DP (server/central_dp.py) needs FedAvg and a GroupNorm teacher (no integer buffers)."""
+    if not settings.enabled:
+        return
+    if strategy != "fedavg":
+        raise ConfigError(
+            "strategy", strategy, '"fedavg" with central DP (the noise is calibrated to an average)'
+        )
+    if norm != "group":
+        raise ConfigError(
+            "teacher-norm",
+            norm,
+            '"group" with central DP: noise would be added to BatchNorm\'s running statistics and counters',
+        )
 
 
 def check_dp_norm(norm: str, dp_on: bool, why: str) -> None:
@@ -423,14 +464,17 @@ def resolve_run_config(
     return overrides
 
 
-def check_run_config(
-    overrides: Mapping[str, Any], *, also: Iterable[type] = (), origin: str = "run setting"
-) -> dict[str, Any]:
+def check_run_config(overrides: Mapping[str, Any], *, origin: str = "run setting") -> dict[str, Any]:
     """Schema defaults with ``overrides``, every value and rule checked; the merged run_config.
 
-    ``also``: more settings dataclasses read from the same keys (the server's StrategySettings),
-    built here so that their errors too come before any work.
+    The one loader of a run's settings before work starts (both command lines, the simulation,
+    the benchmarks, the study): the typed settings and their rules (:func:`run_settings_from_config`,
+    which the ServerApp and the ClientApp call on the run_config Flower hands them), plus what only
+    the coordinator's machine can tell beforehand: that the teacher has ``freeze-blocks`` blocks,
+    and that the ``track``-ed tracker is installed there.
     """
+    from common.tracking import TrackingSettings
+
     schema = load_schema()
     checked = {key: coerce_setting(key, value, schema, origin) for key, value in overrides.items()}
     merged = {**schema, **checked}
@@ -439,6 +483,5 @@ def check_run_config(
         from common.freeze import check_freeze_blocks
 
         check_freeze_blocks(settings.teacher, settings.task.num_classes, settings.train.freeze_blocks)
-    for cls in also:
-        from_mapping(cls, merged)
+    from_mapping(TrackingSettings, merged)
     return merged

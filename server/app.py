@@ -47,12 +47,12 @@ from common.protocol import (
     STUDENT_ROUND_MESSAGE_TYPE,
     STUDENT_START_KEY,
 )
-from common.run_settings import FederatedRunConfig, from_mapping, run_settings_from_config
+from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import evaluate, seed_everything
 from flower_adapter.grid import quick_reply_grid
 from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
-from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, with_central_dp
+from server.central_dp import CentralDP, with_central_dp
 from server.initial_teacher import initial_global_teacher
 from server.progress_events import Progress, announce
 from server.public_student import distil_public_student, load_public_images
@@ -380,17 +380,10 @@ def open_run_folder(run_dir: Path, run_config: Mapping[str, Any]) -> tuple[RunFo
     return folder, resume
 
 
-def coordinator_strategy(
-    run_config: Mapping[str, Any],
-    settings: FederatedRunConfig,
-    strategy_settings: StrategySettings,
-    resume: ResumeState | None,
-) -> FedAvg:
+def coordinator_strategy(settings: FederatedRunConfig, resume: ResumeState | None) -> FedAvg:
     """The run's strategy, wrapped in central DP when the run asks for it."""
-    strategy = build_strategy(strategy_settings)
-    central = from_mapping(CentralDPSettings, run_config, "central-dp-")
-    check_central_dp(central, strategy_settings.strategy, settings.teacher.norm)
-    strategy = with_central_dp(strategy, central, strategy_settings.min_train_sites)
+    strategy = build_strategy(settings.strategy)
+    strategy = with_central_dp(strategy, settings.central_dp, settings.strategy.min_train_sites)
     if isinstance(strategy, CentralDP) and resume is not None:  # epsilon counts every released round
         strategy.releases = resume.completed_round
     return strategy
@@ -476,7 +469,7 @@ def students_phase(
 def main(grid: Grid, context: Context) -> None:
     grid = quick_reply_grid(grid)  # Flower's deployed grid waits 3 s between reply pulls
     settings = run_settings_from_config(context.run_config)
-    strategy_settings = from_mapping(StrategySettings, context.run_config)
+    strategy_settings = settings.strategy
     run_dir = Path(settings.run.run_dir) if settings.run.run_dir else default_run_dir(context)
     attach_run_logging(run_dir)
     if settings.run.evaluate_model:  # an evaluation-only run (server/cross_site.py)
@@ -487,7 +480,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(settings.train.num_threads)
     public = load_public_images(settings, run_dir) if settings.kd_enabled else None
 
-    strategy = coordinator_strategy(context.run_config, settings, strategy_settings, resume)
+    strategy = coordinator_strategy(settings, resume)
     started = time.monotonic()
     rounds, best_round = teacher_phase(grid, folder, settings, strategy_settings, strategy, resume)
     students = StudentsOutcome()

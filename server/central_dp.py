@@ -17,61 +17,25 @@ coordinator adding the noise at all. DP-SGD at the sites (``dp-enabled``) is the
 holds against the coordinator, per training image, under each site's own budget; the two can
 be combined. Flower's own ``RdpAccountant`` is not used: it needs the ``dp-accounting`` package
 and equal FedAvg weights (our sites are weighted by their image counts).
+
+The settings (:class:`common.config.CentralDPSettings`) and their rules (FedAvg, a GroupNorm
+teacher: :func:`common.run_settings.check_central_dp`) are read and checked with every run
+setting, so every entry point refuses the same runs.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from common.errors import ConfigError
+from common.config import CentralDPSettings
+from common.run_settings import check_central_dp as check_central_dp  # re-exported: the rule lives there
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CentralDPSettings:
-    """Run settings ``central-dp-*``: off while the noise multiplier is 0."""
-
-    noise_multiplier: float = 0.0
-    clipping_norm: float = 1.0
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ConfigError(
-                "central-dp-noise-multiplier", self.noise_multiplier, "a finite number >= 0 (0: off)"
-            )
-        if not (math.isfinite(self.clipping_norm) and self.clipping_norm > 0):
-            raise ConfigError("central-dp-clipping-norm", self.clipping_norm, "a finite number > 0")
-        if not 0 < self.delta < 1:
-            raise ConfigError("central-dp-delta", self.delta, "a number strictly between 0 and 1")
-
-    @property
-    def enabled(self) -> bool:
-        return self.noise_multiplier > 0
-
-
-def check_central_dp(settings: CentralDPSettings, strategy: str, norm: str) -> None:
-    """Rules between settings: FedAvg only, and a GroupNorm teacher (no integer buffers to noise)."""
-    if not settings.enabled:
-        return
-    if strategy != "fedavg":
-        raise ConfigError(
-            "strategy", strategy, '"fedavg" with central DP (the noise is calibrated to an average)'
-        )
-    if norm != "group":
-        raise ConfigError(
-            "teacher-norm",
-            norm,
-            '"group" with central DP: noise would be added to BatchNorm\'s running statistics and counters',
-        )
 
 
 def site_level_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:

@@ -37,7 +37,6 @@ from server.evaluate_cli import evaluate_command
 from server.run_folder import RunFolder
 from server.run_following import (
     audit_run_start,
-    check_central_dp_settings,
     follow_run,
     progress_bar,
     summary_written,
@@ -304,9 +303,7 @@ def _run_request(
 ) -> RunRequest:
     """The run's settings (a resumed run's earlier ones first), every check of them passed."""
     from common.run_settings import check_run_config, load_schema, resolve_run_config
-    from common.tracking import check_tracker
     from server.initial_teacher import prepare_initial_teacher
-    from server.strategies import StrategySettings
 
     run_dir = coordinator.run_dir
     schema = load_schema()
@@ -321,9 +318,7 @@ def _run_request(
     overrides["run-dir"] = str(run_dir)
     if track is not None:
         overrides["track"] = track
-    check_tracker(str(overrides.get("track", schema.get("track", ""))))
-    merged = check_run_config(overrides, also=(StrategySettings,))  # every error before the SuperLink
-    check_central_dp_settings(merged)
+    check_run_config(overrides)  # every setting and rule, as server/app.py, before the SuperLink
     prepared = prepare_initial_teacher(overrides, schema, initial_teacher)
     return RunRequest(overrides, schema, port, prepared)
 

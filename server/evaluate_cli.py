@@ -46,7 +46,6 @@ def evaluation_overrides(
     from common.model_exchange import check_model_task, read_evaluation_model
     from common.run_settings import check_run_config
     from server.security import check_site_name
-    from server.strategies import StrategySettings
 
     model = read_evaluation_model(model_path)
     check_model_task(model, task or _federation_task(run_dir))
@@ -62,7 +61,7 @@ def evaluation_overrides(
     if sites:
         overrides["min-available-sites"] = max(len(sites), 1)
         overrides["min-train-sites"] = overrides["min-evaluate-sites"] = 1
-    check_run_config(overrides, also=(StrategySettings,))
+    check_run_config(overrides)
     return overrides, model
 
 

@@ -1,9 +1,8 @@
 """How the coordinator's commands follow a submitted training run (``start``, ``submit``).
 
-The run's audit entry (settings and app hash), the central-DP check of its settings, the
-progress bar that follows the run's progress events (server/progress_events.py) while ``flwr
-run`` streams its log, and whether the run wrote its summary. Shared by
-server/cli.py (``start``) and server/serve_cli.py (``submit``).
+The run's audit entry (settings and app hash), the progress bar that follows the run's progress
+events (server/progress_events.py) while ``flwr run`` streams its log, and whether the run wrote
+its summary. Shared by server/cli.py (``start``) and server/serve_cli.py (``submit``).
 """
 
 from __future__ import annotations
@@ -45,14 +44,6 @@ def summary_written(run_dir: Path, started: float) -> bool:
     from server.run_folder import RunFolder
 
     return RunFolder(run_dir).summary_written_since(started)
-
-
-def check_central_dp_settings(merged: dict[str, Any]) -> None:
-    from common.run_settings import from_mapping
-    from server.central_dp import CentralDPSettings, check_central_dp
-
-    central = from_mapping(CentralDPSettings, merged, "central-dp-")
-    check_central_dp(central, str(merged["strategy"]), str(merged["teacher-norm"]))
 
 
 def progress_bar() -> Progress:

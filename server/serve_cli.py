@@ -129,8 +129,7 @@ def submit_command(
     from common.run_settings import check_run_config, load_schema, resolve_run_config
     from server.deploy import Coordinator
     from server.run_folder import CoordinatorFolder, RunFolder
-    from server.run_following import audit_run_start, check_central_dp_settings, follow_run, summary_written
-    from server.strategies import StrategySettings
+    from server.run_following import audit_run_start, follow_run, summary_written
 
     run_dir = run_dir.resolve()
     coordinator = Coordinator(run_dir)
@@ -144,8 +143,7 @@ def submit_command(
         schema = load_schema()
         overrides: dict[str, Any] = resolve_run_config(schema, config, set_)
         overrides.update({"run-dir": str(folder), "coordinator-dir": str(run_dir)})
-        merged = check_run_config(overrides, also=(StrategySettings,))
-        check_central_dp_settings(merged)
+        check_run_config(overrides)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,11 @@
 
 ``fedavg`` (default), ``fedprox`` (proximal-mu), ``fedadam`` / ``fedyogi`` (server-lr),
 ``fedmedian`` and ``krum`` (robust aggregation). The names double as the ``strategy`` run
-setting. Metrics from sites are averaged per key, ignoring non-finite values (a site whose
-validation split lacks a class reports NaN for that class's AUROC; it must not poison the
-average), by server/aggregation.py, which also leaves out replies that cannot be aggregated.
+setting; its settings (:class:`common.config.StrategySettings`, names in ``STRATEGY_NAMES``) are
+read and checked with every other run setting (common/run_settings.py). Metrics from sites are
+averaged per key, ignoring non-finite values (a site whose validation split lacks a class
+reports NaN for that class's AUROC; it must not poison the average), by server/aggregation.py,
+which also leaves out replies that cannot be aggregated.
 
 Strategy state that must survive a server restart (FedAdam/FedYogi moments) is exported with
 :func:`strategy_state` and restored with :func:`load_strategy_state`.
@@ -13,62 +15,15 @@ Strategy state that must survive a server restart (FedAdam/FedYogi moments) is e
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedYogi, Krum
 
-from common.errors import ConfigError
+from common.config import StrategySettings
 from common.protocol import WEIGHT_KEY
 from common.registry import Registry
 from server.aggregation import reply_metrics, weighted_mean_per_key
-
-
-@dataclass(frozen=True)
-class StrategySettings:
-    """What the coordinator chooses about aggregation and site sampling."""
-
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_sites: int = 2
-    min_evaluate_sites: int = 2
-    min_available_sites: int = 2
-    proximal_mu: float = 0.0
-    server_lr: float = 0.1
-    krum_malicious: int = 0
-
-    def __post_init__(self) -> None:
-        STRATEGIES.get(self.strategy)
-        for option, value in (
-            ("fraction-train", self.fraction_train),
-            ("fraction-evaluate", self.fraction_evaluate),
-        ):
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(option, value, "a number in (0, 1]")
-        for option, count in (
-            ("min-train-sites", self.min_train_sites),
-            ("min-evaluate-sites", self.min_evaluate_sites),
-            ("min-available-sites", self.min_available_sites),
-        ):
-            if count < 1:
-                raise ConfigError(option, count, "an integer >= 1")
-        if self.min_available_sites < max(self.min_train_sites, self.min_evaluate_sites):
-            raise ConfigError(
-                "min-available-sites",
-                self.min_available_sites,
-                f"at least min-train-sites ({self.min_train_sites}) and "
-                f"min-evaluate-sites ({self.min_evaluate_sites})",
-            )
-        if self.proximal_mu < 0:
-            raise ConfigError("proximal-mu", self.proximal_mu, "a number >= 0")
-        if self.strategy == "fedprox" and self.proximal_mu == 0:
-            raise ConfigError("proximal-mu", self.proximal_mu, "a number > 0 with strategy 'fedprox'")
-        if self.server_lr <= 0:
-            raise ConfigError("server-lr", self.server_lr, "a number > 0")
-        if self.krum_malicious < 0:
-            raise ConfigError("krum-malicious", self.krum_malicious, "an integer >= 0")
 
 
 def finite_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -29,14 +29,21 @@ from pathlib import Path
 from typing import Any
 
 from common import run_settings as settings_module
+from common.config import TaskConfig
 from common.data.source_pairs import drop_duplicate_images, load_sources, parse_source_options
 from common.device import resolve_device
 from common.errors import ConfigError
-from common.run_settings import FederatedRunConfig, parse_set, read_toml, run_settings_from_config
-from common.tracking import TrackingSettings
+from common.run_settings import (
+    FederatedRunConfig,
+    check_run_config,
+    coerce_setting,
+    load_schema,
+    read_toml,
+    resolve_run_config,
+    run_settings_from_config,
+)
 from server.progress_events import EventFollower, Progress
 from server.run_folder import RunFolder
-from server.strategies import StrategySettings
 from simulation.baselines import run_baselines
 from simulation.experiment_folder import experiment_run
 from simulation.partition import partition_catalog, write_partition
@@ -45,12 +52,6 @@ from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_
 from simulation.site_scores import score_site_models
 
 logger = logging.getLogger(__name__)
-
-
-def check_run_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Schema defaults with ``overrides``, the coordinator's strategy settings included, checked
-    before any work (see :func:`common.run_settings.check_run_config`)."""
-    return settings_module.check_run_config(overrides, also=(StrategySettings, TrackingSettings))
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ExperimentConfig:
     sources: tuple[SourceSpec, ...] = (
         SourceSpec("synthetic", None, {"n-images": "360", "image-size": "64"}),
     )
-    task: str = "normal-pneumonia-covid"
+    task: str = TaskConfig().name  # the run setting's default (pyproject's task)
     partition: PartitionSpec = PartitionSpec()
     run_config: dict[str, Any] = field(default_factory=dict)
     baselines: bool = False
@@ -411,18 +412,22 @@ def experiment_config(
     part.update({k: v for k, v in partition.items() if v is not None})
     if part.get("name") == "natural" and "sites" not in part:
         part["sites"] = None  # one site per natural id
-    run_config = dict(file.get("run", {}))
+    schema = load_schema()
+    run_config = {
+        key: coerce_setting(key, value, schema, f"key in the [run] table of {config_file}")
+        for key, value in file.get("run", {}).items()
+    }
     run_config.update({k: v for k, v in run_settings.items() if v is not None})
     if dp_epsilon is not None:
         run_config.update(
             {"dp-enabled": True, "dp-target-epsilon": float(dp_epsilon), "teacher-norm": "group"}
         )
-    run_config.update(parse_set(set_items))
+    run_config.update(resolve_run_config(schema, None, set_items))
     chosen_out = out or (Path(file["out"]) if "out" in file else default_out)
     return ExperimentConfig(
         out=Path(chosen_out).expanduser().resolve(),
         sources=specs,
-        task=task or str(file.get("task", "normal-pneumonia-covid")),
+        task=task or str(file.get("task", TaskConfig().name)),
         partition=PartitionSpec(**part),
         run_config=run_config,
         baselines=baselines if baselines is not None else file.get("baselines", False),

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from common.config import TaskConfig
 from common.errors import DataError
 from common.jsonio import write_json
 from common.markdown import table_lines
@@ -141,7 +142,7 @@ def _claims(
     delivered: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The report's opening claims (simulation/claims.py), as results.json stores them."""
-    task = get_task(str(summary.get("task") or experiment.get("task") or "normal-pneumonia-covid"))
+    task = get_task(str(summary.get("task") or experiment.get("task") or TaskConfig().name))
     site_scores = read_site_scores(out / SITE_SCORES_FILE)
     claims = [
         teacher_claim(_read_json(out / "baselines.json"), _read_scores(out / SCORES_FILE), task),

@@ -60,7 +60,7 @@ from common.local import (
     site_data_request,
     student_config,
 )
-from common.run_settings import coerce, parse_bool, read_toml, run_settings_from_config
+from common.run_settings import check_run_config, coerce, parse_bool, read_toml, run_settings_from_config
 from common.tasks import get_task
 from common.training import evaluate
 from research.study.external import (
@@ -89,7 +89,6 @@ from simulation.experiment import (
     ExperimentConfig,
     PartitionSpec,
     SourceSpec,
-    check_run_config,
 )
 from simulation.sources import drop_duplicate_images, load_sources
 

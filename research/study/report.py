@@ -16,6 +16,7 @@ from typing import Any
 
 from common.checkpoint import metadata_path
 from common.jsonio import write_json
+from common.run_settings import load_schema
 from research.study.cells import SPLITS, TABLES, Cell, StudySettings, table_cells
 from research.study.markdown import Stat
 from research.study.markdown import markdown_table as _table
@@ -138,7 +139,7 @@ class StudyReport:
                 f"{info['pool']['images']} images ({pool}); {info['unused']} images unused. Both drawn by "
                 f"patient, stratified by label, seed {info['holdout_seed']}.",
             ]
-        run = s.run
+        run = {**load_schema(), **s.run}  # what the cells ran: pyproject's default where the study sets none
         lines += [
             f"- Teacher `{run.get('teacher-name')}` at {run.get('image-size')} px, "
             f"{run.get('num-rounds')} rounds x {run.get('local-epochs')} local epoch(s), "
@@ -146,13 +147,13 @@ class StudyReport:
             f"each site keeps {run.get('val-fraction')} of its images for validation "
             f"(picks the best round) and {run.get('test-fraction')} as its own test split (not used here).",
             f"- Pooled and local-only teachers get the same epoch budget "
-            f"({int(run.get('num-rounds', 1)) * int(run.get('local-epochs', 1))} epochs) "
+            f"({int(run['num-rounds']) * int(run['local-epochs'])} epochs) "
             "from the same initial "
             "weights. FedProx uses proximal-mu "
             f"{s.proximal_mu}.",
-            f"- Students: `{run.get('kd-student', 'mobilenetv2')}` at every site, "
+            f"- Students: `{run.get('kd-student')}` at every site, "
             f"{run.get('kd-epochs')} epochs, {run.get('kd-optimizer')} lr {run.get('kd-lr')}, "
-            f"KD temperature {run.get('kd-temperature', 4.0)}, "
+            f"KD temperature {run.get('kd-temperature')}, "
             f"alpha {run.get('kd-alpha')}; the no-KD student has the same network, epochs and optimiser.",
             f"- DP: Opacus DP-SGD at every site, delta {s.dp_delta}, GroupNorm teacher; "
             + ", ".join(f"{k} {v}" for k, v in s.dp_run.items())
@@ -428,7 +429,7 @@ class StudyReport:
             )
         if not per_seed:
             return []
-        r = s.run
+        r = {**load_schema(), **s.run}
         lines = [
             "## Students (Dirichlet 0.5, FedAvg teacher)",
             "",
@@ -436,7 +437,7 @@ class StudyReport:
             "site's images alone (KD site student) and the same student trained on the site's labels "
             f"alone (no KD, same recipe); then the federated student ({s.federated_student_rounds} extra "
             "rounds in which every site distils the round's global student from the teacher for "
-            f"{r.get('local-epochs', 1)} epoch(s) and the server averages them), which is what each site "
+            f"{r.get('local-epochs')} epoch(s) and the server averages them), which is what each site "
             "delivers by default (its `delivered.json`; a local fine-tune replaces it only where "
             "`kd-personalise-epochs` > 0 and it wins on the site's validation split). Site students: "
             "mean over sites (lowest–highest). Held-out macro-AUROC.",
