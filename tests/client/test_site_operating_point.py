@@ -39,7 +39,7 @@ from common.operating_point import Criterion, OperatingPoint, fit_operating_poin
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
 from common.training import EvalResult
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 SIZE = 32
 TASK = get_task("normal-pneumonia-covid")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_federation import SERVER, Federation
+from tests.e2e.harness import SERVER, Federation
 
 pytestmark = pytest.mark.slow
 

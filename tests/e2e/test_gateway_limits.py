@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_federation import Federation
+from tests.e2e.harness import Federation
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.e2e.test_federation import Federation
+from tests.e2e.harness import Federation
 
 pytestmark = pytest.mark.slow
 

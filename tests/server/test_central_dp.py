@@ -21,7 +21,7 @@ from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, si
 from server.strategies import StrategySettings, build_strategy
 from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 
 def _norm(state: dict[str, torch.Tensor]) -> float:

@@ -21,7 +21,7 @@ from common.tasks import get_task
 from server.app import initial_teacher
 from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation, SimulationError
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from common.models import build_model
 from common.tasks import get_task
 from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.slow
 
