@@ -158,7 +158,6 @@ def _one_dp_step(model: nn.Module) -> nn.Module:
     return private
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMETERS))
 def test_opacus_dp_step_with_group_norm(name: str) -> None:
     # (resnet18 uses OutOfPlaceBasicBlock: torchvision's `out += identity` and in-place ReLU

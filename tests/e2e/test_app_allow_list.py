@@ -22,8 +22,6 @@ from common.protocol import SITE_APP_REFUSED
 from tests.e2e.harness import wait_for
 from tests.helpers import copy_project
 
-pytestmark = pytest.mark.slow
-
 BIN = Path(sys.executable).parent
 
 PROBE_SERVER_APP = '''\

@@ -23,7 +23,7 @@ import pytest
 
 from tests.e2e.harness import SERVER, Federation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a three-round federation followed in a browser
 
 CONSOLE_URL = re.compile(r"console \([^)]*\): (http://127\.0\.0\.1:\d+/\?token=\S+)")
 ROUNDS = 3

@@ -26,9 +26,8 @@ from tests.e2e.harness import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Federation) -> None:
     federation.make_certs()
     site_dirs = {site: kit_and_init(federation, site) for site in SITES}
@@ -128,6 +127,7 @@ def _rows(run: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: Federation) -> None:
     federation.make_certs()
     site_dirs = {"site-a": kit_and_init(federation, "site-a")}

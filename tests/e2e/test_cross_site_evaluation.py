@@ -21,7 +21,7 @@ import pytest
 
 from tests.e2e.harness import SERVER, SITES, Federation, audit_events, kit_and_init, start_with_kits, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a training run, then an evaluation run
 
 
 def _train(federation: Federation, site_dirs: dict[str, Path]) -> None:

@@ -15,8 +15,6 @@ import pytest
 from common.processes import free_port, stop_process_tree
 from tests.e2e.harness import CLIENT, SERVER, Federation, completed_round, wait_for
 
-pytestmark = pytest.mark.slow
-
 
 def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
@@ -48,6 +46,7 @@ def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
     assert "run finished" in federation.output("server")
 
 
+@pytest.mark.slow
 def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config(
@@ -85,6 +84,7 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     assert rejoined & {2, 3, 4, 5}, rows
 
 
+@pytest.mark.slow
 def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config("num-rounds = 2\nkd-enabled = false\n")
@@ -103,6 +103,7 @@ def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     assert "after round 1 of 2" in (federation.run_dir / "server.log").read_text()
 
 
+@pytest.mark.slow
 def test_refused_sites_are_told_why(federation: Federation) -> None:
     federation.prepare("site-a", "rogue")
     server = federation.start_server("--config", str(federation.write_config()), sites=("site-a",))

@@ -23,8 +23,6 @@ import pytest
 
 from tests.e2e.harness import Federation
 
-pytestmark = pytest.mark.slow
-
 SLOW_CLIENTS = 300
 SLOW_TLS_CLIENTS = 20
 SENT_BYTES = 256 * 1024 * 1024

@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.harness import Federation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a federation through every phase
 
 MIXED_RUN = """\
 num-rounds = 2

@@ -18,8 +18,6 @@ import pytest
 from common.processes import console_script
 from tests.e2e.harness import Federation
 
-pytestmark = pytest.mark.slow
-
 FLWR = console_script("flwr")
 
 # A foreign Flower app: were any of its code to run, on the coordinator (ServerApp) or at a site

@@ -21,8 +21,6 @@ import pytest
 from common.processes import console_script
 from tests.e2e.harness import SERVER, TINY_RUN, Federation, wait_for
 
-pytestmark = pytest.mark.slow
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LONG_TRAINING = (
     TINY_RUN.replace("batch-size = 16\n", "batch-size = 1\n")

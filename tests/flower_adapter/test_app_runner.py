@@ -44,7 +44,6 @@ def original_hash() -> str:
     return installed_app_hash()
 
 
-@pytest.mark.slow
 def test_the_hash_is_the_one_flwr_build_gives(tmp_path: Path, original_hash: str) -> None:
     project = copy_project(tmp_path / "cxr-fl")
     built = subprocess.run(

@@ -88,7 +88,6 @@ def test_central_dp_rules_are_checked_before_a_run() -> None:
     assert site_level_epsilon(1.0, 0, 1e-5) == 0.0
 
 
-@pytest.mark.slow
 def test_a_federation_under_central_dp_releases_noised_rounds(tmp_path: Path) -> None:
     task = get_task("normal-pneumonia-covid")
     catalog = load_catalog("synthetic", None, task, options={"n_images": 96, "image_size": 32, "seed": 5})

@@ -23,7 +23,7 @@ from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation, SimulationError
 from tests.helpers import flower_run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: three Flower simulations of two and three rounds
 
 
 @pytest.fixture(scope="module")

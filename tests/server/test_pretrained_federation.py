@@ -19,7 +19,7 @@ from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation
 from tests.helpers import flower_run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a DP federation of a pretrained backbone
 
 
 def test_dp_sites_fine_tune_a_pretrained_nih_backbone_with_frozen_blocks(tmp_path: Path) -> None:

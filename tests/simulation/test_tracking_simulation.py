@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import simulation.cli as cli
 from common.tracking import TRACK_DIR
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a whole simulation with tracking
 
 
 def test_simulation_run_logs_rounds_distillation_and_report_to_tensorboard(tmp_path: Path) -> None:
