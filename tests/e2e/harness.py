@@ -79,11 +79,14 @@ class Federation:
         self.processes.append(process)
         return process
 
+    def coordinator_options(self) -> list[str]:
+        """The run folder, certificates and port of a `cxr-fl-server start`/`serve`/`evaluate`."""
+        return ["--run-dir", str(self.run_dir), "--certs", str(self.certs), "--port", str(self.port)]
+
     def start_server(
         self, *extra: str, sites: tuple[str, ...] = ("site-a", "site-b")
     ) -> subprocess.Popen[bytes]:
-        args = [SERVER, "start", "--run-dir", str(self.run_dir), "--certs", str(self.certs)]
-        args += ["--port", str(self.port), *extra]
+        args = [SERVER, "start", *self.coordinator_options(), *extra]
         for site in sites:
             args += ["--site-key", str(self.keys / f"{site}.pub")]
         return self.spawn("server", *args)
@@ -217,17 +220,8 @@ def start_with_kits(
     federation: Federation, site_dirs: dict[str, Path], extra_config: str
 ) -> subprocess.Popen[bytes]:
     """`cxr-fl-server start` of a tiny run (``extra_config`` added) with the keys of kit-made sites."""
+    keys = [arg for site in site_dirs for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))]
+    config = federation.write_config(extra_config)
     return federation.spawn(
-        "server",
-        SERVER,
-        "start",
-        "--run-dir",
-        str(federation.run_dir),
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
-        "--config",
-        str(federation.write_config(extra_config)),
-        *(arg for site in site_dirs for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))),
+        "server", SERVER, "start", *federation.coordinator_options(), "--config", str(config), *keys
     )

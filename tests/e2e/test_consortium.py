@@ -134,17 +134,7 @@ def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: F
     site_dirs["site-b"] = kit_and_init(federation, "site-b", "--max-kd-epochs", "1")
     keys = [arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))]
     run_dir = ["--run-dir", str(federation.run_dir)]
-    server = federation.spawn(
-        "serve",
-        SERVER,
-        "serve",
-        *run_dir,
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
-        *keys,
-    )
+    server = federation.spawn("serve", SERVER, "serve", *federation.coordinator_options(), *keys)
     wait_for(lambda: "SuperLink listening" in federation.output("serve"), 90, "the served SuperLink")
     sites = {
         site: federation.spawn(site, "sh", str(site_dirs[site] / "serve.sh"), "--threads", "1")
