@@ -1,7 +1,8 @@
 """Helpers that tests in several folders share (fixtures are in tests/conftest.py).
 
-`flower_run_config` is the run_config a ServerApp/ClientApp sees; `copy_project` copies the
-files an app bundle holds; `PROJECT_ROOT` and `PACKAGES` name the project and its packages.
+`flower_run_config` is the run_config a ServerApp/ClientApp sees; `two_site_partition` writes the
+manifests of a tiny two-site simulation; `copy_project` copies the files an app bundle holds;
+`PROJECT_ROOT` and `PACKAGES` name the project and its packages.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ def flower_run_config(**overrides: object) -> dict[str, object]:
             raise KeyError(f"'{key}' is not a run setting in pyproject.toml")
         config[key] = value
     return config
+
+
+def two_site_partition(folder: Path, n_images: int, seed: int) -> Path:
+    """The manifests of ``n_images`` synthetic 32 px chest X-rays split IID over two sites."""
+    from common.data.sources import load_catalog
+    from common.tasks import get_task
+    from simulation.partition import partition_catalog, write_partition
+
+    task = get_task("normal-pneumonia-covid")
+    catalog = load_catalog(
+        "synthetic", None, task, options={"n_images": n_images, "image_size": 32, "seed": seed}
+    )
+    partition = partition_catalog(catalog, "iid", 2, seed=1)
+    return write_partition(folder, catalog, partition, source_paths={"synthetic": None})
 
 
 def copy_project(target: Path) -> Path:
