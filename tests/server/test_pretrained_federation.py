@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from common.checkpoint import load_model_state, save_model
@@ -16,8 +15,6 @@ from common.models import build_model
 from common.tasks import get_task
 from simulation.runtime import FlowerSimulation
 from tests.helpers import flower_run_config, two_site_partition
-
-pytestmark = pytest.mark.slow  # make test-slow: a DP federation of a pretrained backbone
 
 
 def test_dp_sites_fine_tune_a_pretrained_nih_backbone_with_frozen_blocks(tmp_path: Path) -> None:
