@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` (install, then run a whole simulated federation)
-# and `make test` (install, then run the test suite). Both create .venv on first use.
+# and `make test` (install, then lint and run the test suite but the tests marked `slow`, which
+# `make test-slow` runs; CI, .ci/run, runs both). Both create .venv on first use.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs format bench clean
+.PHONY: demo test test-slow lint docs format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# the tests marked `slow` (more end-to-end federations and simulations); CI runs them after `make test`
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -45,20 +45,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def flower_run_config(**overrides: object) -> dict[str, object]:
-    """The run_config a ServerApp/ClientApp sees: pyproject's schema defaults plus overrides."""
-    import tomllib
-
-    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
-        config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
-    for key, value in overrides.items():
-        key = key.replace("_", "-")
-        if key not in config:
-            raise KeyError(f"'{key}' is not a run setting in pyproject.toml")
-        config[key] = value
-    return config

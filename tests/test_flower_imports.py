@@ -16,7 +16,7 @@ import re
 import tomllib
 
 from flower_adapter import FLWR_VERSION
-from tests.test_import_graph import PACKAGES, PROJECT_ROOT
+from tests.helpers import PACKAGES, PROJECT_ROOT
 
 ADAPTER = "flower_adapter"
 PUBLIC_MODULES = frozenset(

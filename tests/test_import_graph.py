@@ -17,8 +17,8 @@ import functools
 import tomllib
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "flower_adapter", "server", "client", "simulation", "benchmarks")
+from tests.helpers import PACKAGES, PROJECT_ROOT
+
 ALLOWED = {
     "common": {"common"},
     "flower_adapter": {"common", "flower_adapter"},

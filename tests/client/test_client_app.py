@@ -25,7 +25,7 @@ from common.protocol import (
 )
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -247,7 +247,6 @@ def test_error_replies_leave_image_paths_at_the_site(tmp_path: Path) -> None:
     assert str(tmp_path) not in reply.error.reason
 
 
-@pytest.mark.slow  # distils and exports a student (ONNX) at the site
 def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,7 +294,6 @@ def test_federated_student_rounds_reuse_the_teachers_logits_kept_at_the_site(
     assert torch.equal(torch.load(logits_path, weights_only=True), kept)
 
 
-@pytest.mark.slow  # distils and exports two students (ONNX) at the site
 def test_delivered_json_names_the_site_student_until_the_federated_one_arrives(tmp_path: Path) -> None:
     import json
 

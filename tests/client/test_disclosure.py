@@ -23,7 +23,7 @@ from common.local import load_site_data
 from common.protocol import SITE_BAD_INPUT, WEIGHT_KEY
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.client.helpers import site_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -33,24 +33,6 @@ HEAD_BIAS = (0.0, -1.0, -1000.0)
 
 def _site(root: Path, **extra: object) -> dict[str, object]:
     return {"site-name": "st-test", "data-format": "synthetic", "out-dir": str(root / "site"), **extra}
-
-
-def _context(root: Path, node_config: dict[str, object], **run: object) -> Context:
-    settings: dict[str, object] = {
-        "teacher_name": "tiny-cnn",
-        "teacher_norm": "group",
-        "image_size": 32,
-        "run_dir": str(root / "run"),
-        "cache_dir": str(root / "cache"),
-        **run,
-    }
-    return Context(
-        run_id=7,
-        node_id=1,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=flower_run_config(**settings),
-    )
 
 
 def _ask(
@@ -75,9 +57,9 @@ def _significant_digits(value: float) -> int:
 
 def test_every_figure_a_deployed_site_sends_has_at_most_two_significant_digits(tmp_path: Path) -> None:
     train = _metrics(
-        _ask(_context(tmp_path, _site(tmp_path)), "train", **{"server-round": 1, "num-rounds": 1})
+        _ask(site_context(tmp_path, _site(tmp_path)), "train", **{"server-round": 1, "num-rounds": 1})
     )
-    evaluate = _metrics(_ask(_context(tmp_path, _site(tmp_path)), "evaluate", **{"server-round": 1}))
+    evaluate = _metrics(_ask(site_context(tmp_path, _site(tmp_path)), "evaluate", **{"server-round": 1}))
     for metrics in (train, evaluate):
         assert metrics[WEIGHT_KEY] % 10 == 0
         assert all(_significant_digits(float(v)) <= 2 for v in metrics.values()), metrics
@@ -85,7 +67,7 @@ def test_every_figure_a_deployed_site_sends_has_at_most_two_significant_digits(t
 
 
 def test_exact_figures_leave_only_with_the_sites_own_opt_in(tmp_path: Path) -> None:
-    context = _context(tmp_path, _site(tmp_path, **{"share-exact-metrics": True}))
+    context = site_context(tmp_path, _site(tmp_path, **{"share-exact-metrics": True}))
     metrics = _metrics(_ask(context, "evaluate", **{"server-round": 1}))
     settings = run_settings_from_config(context.run_config)
     site = site_from_node_config(context.node_config, settings)
@@ -96,7 +78,7 @@ def test_exact_figures_leave_only_with_the_sites_own_opt_in(tmp_path: Path) -> N
 
 def test_under_dp_nothing_computed_on_the_training_split_leaves_but_the_weights(tmp_path: Path) -> None:
     node_config = _site(tmp_path, **{"dp-target-epsilon": 8.0})
-    context = _context(tmp_path, node_config, batch_size=32)
+    context = site_context(tmp_path, node_config, batch_size=32)
     reply = _ask(context, "train", **{"server-round": 1, "num-rounds": 2})
     metrics = _metrics(reply)
     assert set(metrics) == {WEIGHT_KEY, "dp_epsilon"}
@@ -134,7 +116,7 @@ def _rounding_half_width(value: float) -> float:
 def test_a_crafted_model_solves_for_class_counts_no_finer_than_the_rounding(tmp_path: Path) -> None:
     """The attack of the issue: a constant teacher makes the validation loss a known mix of the
     class shares. Exact, it gives the validation split's class counts; coarse, many counts fit."""
-    context = _context(tmp_path, _site(tmp_path))
+    context = site_context(tmp_path, _site(tmp_path))
     settings = run_settings_from_config(context.run_config)
     site = site_from_node_config(context.node_config, settings)
     data = load_site_data(data_request(settings, site))
@@ -145,7 +127,7 @@ def test_a_crafted_model_solves_for_class_counts_no_finer_than_the_rounding(tmp_
 
     exact = _metrics(
         _ask(
-            _context(tmp_path, _site(tmp_path, **{"share-exact-metrics": True})),
+            site_context(tmp_path, _site(tmp_path, **{"share-exact-metrics": True})),
             "evaluate",
             crafted,
             **{"server-round": 1},
@@ -172,7 +154,7 @@ def _image_folder(root: Path, counts: dict[str, int]) -> Path:
 def test_an_error_reply_names_no_folder_and_no_count(tmp_path: Path, folder: str) -> None:
     data = _image_folder(tmp_path / "scans" / folder, {"normal": 13, "covid-19": 7, "tuberculosis": 3})
     node_config = _site(tmp_path, **{"data-format": "image-folder", "data-path": str(data)})
-    reply = _ask(_context(tmp_path, node_config), "evaluate", **{"server-round": 1})
+    reply = _ask(site_context(tmp_path, node_config), "evaluate", **{"server-round": 1})
     assert reply.has_error()
     assert reply.error.code == SITE_BAD_INPUT
     reason = reply.error.reason

@@ -19,7 +19,7 @@ from client.site import site_from_node_config
 from common.local import derive_seed, load_site_data, train_round
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.client.helpers import site_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -37,22 +37,7 @@ def _node_config(root: Path) -> dict[str, object]:
 
 
 def _context(root: Path, **run: object) -> Context:
-    settings: dict[str, object] = {
-        "teacher_name": "tiny-cnn",
-        "teacher_norm": "group",
-        "image_size": 32,
-        "batch_size": 32,
-        "run_dir": str(root / "run"),
-        "cache_dir": str(root / "cache"),
-        **run,
-    }
-    return Context(
-        run_id=7,
-        node_id=1,
-        node_config=_node_config(root),
-        state=RecordDict(),
-        run_config=flower_run_config(**settings),
-    )
+    return site_context(root, _node_config(root), **{"batch_size": 32, **run})
 
 
 def _settings(context: Context) -> FederatedRunConfig:

@@ -26,7 +26,7 @@ from common.protocol import (
 )
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -200,7 +200,7 @@ def test_start_reads_the_policy_file_and_refuses_a_bad_one(tmp_path: Path) -> No
 def test_phases_a_site_takes_part_in_are_tightened_and_checked(tmp_path: Path) -> None:
     from client.site_policy import SitePolicyError, check_request
     from common.run_settings import run_settings_from_config
-    from tests.conftest import flower_run_config
+    from tests.helpers import flower_run_config
 
     path = tmp_path / "site-policy.toml"
     path.write_text('phases = ["teacher", "distill"]\n')

@@ -22,7 +22,7 @@ from common.errors import ConfigError
 from common.protocol import SITE_BAD_INPUT
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from common.operating_point import Criterion, OperatingPoint, fit_operating_poin
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
 from common.training import EvalResult
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 SIZE = 32
 TASK = get_task("normal-pneumonia-covid")
@@ -430,7 +430,6 @@ def _teacher_state(context: Any) -> dict[str, torch.Tensor]:
     return initial_teacher(run_settings_from_config(context.run_config)).to_torch_state_dict()
 
 
-@pytest.mark.slow  # a distillation round at the site (two tiny students, an ONNX export)
 @pytest.mark.usefixtures("flower_task_identity")
 def test_a_site_that_delivers_its_own_student_checks_it_and_keeps_every_rule_at_home(tmp_path: Path) -> None:
     context = _site_context(tmp_path, **{"operating-point": "sensitivity:covid-19=0.5"})
@@ -461,7 +460,6 @@ def test_a_site_that_delivers_its_own_student_checks_it_and_keeps_every_rule_at_
     assert OperatingPoint.from_dict(nokd["operating_point"]).criterion == "sensitivity:covid-19=0.5"
 
 
-@pytest.mark.slow  # a distillation round, a federated-student round and the final one at the site
 @pytest.mark.usefixtures("flower_task_identity")
 def test_the_delivered_federated_student_is_checked_and_carries_its_rule(tmp_path: Path) -> None:
     from common.local import student_config

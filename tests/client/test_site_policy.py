@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
 import client.app
-from client.app import app
 from client.cli import app as cli_app
 from client.deploy import SiteNodeSettings
 from client.site import site_from_node_config
@@ -18,35 +16,11 @@ from client.site_policy import SitePolicy, check_request
 from common.errors import ConfigError
 from common.protocol import DISTILL_MESSAGE_TYPE, SITE_BAD_INPUT, SITE_DECLINED
 from common.run_settings import run_settings_from_config
-from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.client.helpers import as_sent, policy_run_config, policy_site, send
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 runner = CliRunner()
-
-
-def _run_config(tmp_path: Path, **extra: object) -> dict[str, object]:
-    settings: dict[str, object] = {"teacher_name": "tiny-cnn", "image_size": 32, **extra}
-    return flower_run_config(run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), **settings)
-
-
-def _site(tmp_path: Path, **policy: object) -> dict[str, object]:
-    return {"site-name": "st-policy", "data-format": "synthetic", "out-dir": str(tmp_path / "site"), **policy}
-
-
-def _send(
-    tmp_path: Path,
-    node_config: dict[str, object],
-    run_config: dict[str, object],
-    message_type: str = "train",
-    server_round: int = 1,
-    num_rounds: int = 1,
-) -> Message:
-    context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
-    arrays = initial_teacher(run_settings_from_config(run_config))
-    config = ConfigRecord({"server-round": server_round, "num-rounds": num_rounds})
-    content = RecordDict({"arrays": arrays, "config": config})
-    return app(Message(content, dst_node_id=1, message_type=message_type), context)
 
 
 @pytest.fixture
@@ -57,13 +31,6 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the site loaded its data for a request beyond its policy")
 
     monkeypatch.setattr(client.app, "load_site_data", refuse)
-
-
-def _as_sent(text: str) -> str:
-    """``text`` as a deployed site's error reply carries it (no integers by default)."""
-    from client.disclosure import Disclosure
-
-    return Disclosure().text(text)
 
 
 @pytest.mark.parametrize(
@@ -93,47 +60,47 @@ def _as_sent(text: str) -> str:
 def test_a_request_beyond_the_policy_is_declined_before_any_work(
     tmp_path: Path, message_type: str, run: dict[str, object], setting: str, option: str
 ) -> None:
-    node_config = _site(tmp_path, **{"max-teacher-parameters": 20_000_000})
+    node_config = policy_site(tmp_path, **{"max-teacher-parameters": 20_000_000})
 
-    reply = _send(tmp_path, node_config, _run_config(tmp_path, **run), message_type)
+    reply = send(tmp_path, node_config, policy_run_config(tmp_path, **run), message_type)
 
     assert reply.has_error()
     assert reply.error.code == SITE_DECLINED
     assert "st-policy" in reply.error.reason
-    assert _as_sent(setting) in reply.error.reason  # integers masked (client/disclosure.py)
+    assert as_sent(setting) in reply.error.reason  # integers masked (client/disclosure.py)
     assert option in reply.error.reason
     assert not (tmp_path / "site" / "cache").exists()
 
 
 @pytest.mark.usefixtures("no_work")
 def test_round_numbers_the_message_carries_are_bounded_too(tmp_path: Path) -> None:
-    node_config = _site(tmp_path, **{"max-rounds": 5})
-    run_config = _run_config(tmp_path, num_rounds=2)
+    node_config = policy_site(tmp_path, **{"max-rounds": 5})
+    run_config = policy_run_config(tmp_path, num_rounds=2)
 
-    claims_more = _send(tmp_path, node_config, run_config, server_round=1, num_rounds=1000)
-    late_round = _send(tmp_path, node_config, run_config, server_round=6, num_rounds=2)
+    claims_more = send(tmp_path, node_config, run_config, server_round=1, num_rounds=1000)
+    late_round = send(tmp_path, node_config, run_config, server_round=6, num_rounds=2)
 
     assert claims_more.error.code == SITE_DECLINED
-    assert _as_sent("num-rounds = 1000") in claims_more.error.reason
+    assert as_sent("num-rounds = 1000") in claims_more.error.reason
     assert late_round.error.code == SITE_DECLINED
-    assert _as_sent("server-round = 6") in late_round.error.reason
+    assert as_sent("server-round = 6") in late_round.error.reason
 
 
 def test_a_run_gets_at_most_max_rounds_messages_of_a_kind_whatever_their_numbers(tmp_path: Path) -> None:
-    node_config = _site(tmp_path, **{"max-rounds": 2})
-    run_config = _run_config(tmp_path, num_rounds=2, kd_enabled=False)  # no federated-student rounds
+    node_config = policy_site(tmp_path, **{"max-rounds": 2})
+    run_config = policy_run_config(tmp_path, num_rounds=2, kd_enabled=False)  # no federated-student rounds
 
-    replies = [_send(tmp_path, node_config, run_config, server_round=1, num_rounds=2) for _ in range(3)]
+    replies = [send(tmp_path, node_config, run_config, server_round=1, num_rounds=2) for _ in range(3)]
 
     assert [r.has_error() for r in replies] == [False, False, True]
     assert replies[2].error.code == SITE_DECLINED
-    assert _as_sent("at most 2 rounds per run (--max-rounds)") in replies[2].error.reason
+    assert as_sent("at most 2 rounds per run (--max-rounds)") in replies[2].error.reason
 
 
 def test_a_site_can_raise_its_own_limits(tmp_path: Path) -> None:
-    node_config = _site(tmp_path, **{"max-local-epochs": 12})
+    node_config = policy_site(tmp_path, **{"max-local-epochs": 12})
 
-    reply = _send(tmp_path, node_config, _run_config(tmp_path, local_epochs=11))
+    reply = send(tmp_path, node_config, policy_run_config(tmp_path, local_epochs=11))
 
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
 
@@ -144,7 +111,7 @@ def test_a_site_can_raise_its_own_limits(tmp_path: Path) -> None:
 def test_a_bad_policy_in_the_node_config_is_a_site_error_naming_the_key(
     tmp_path: Path, key: str, value: object
 ) -> None:
-    reply = _send(tmp_path, _site(tmp_path, **{key: value}), _run_config(tmp_path))
+    reply = send(tmp_path, policy_site(tmp_path, **{key: value}), policy_run_config(tmp_path))
 
     assert reply.error.code == SITE_BAD_INPUT
     assert f"node_config '{key}'" in reply.error.reason
@@ -158,12 +125,12 @@ def test_the_defaults_cover_what_the_readme_and_benchmarks_run(tmp_path: Path) -
         {"teacher_name": "resnet50v2-vgg19", "kd_federated_student_rounds": 16},
         {"teacher_name": "densenet121", "kd_personalise_epochs": 10},
     ):
-        settings = run_settings_from_config(_run_config(tmp_path, **run))
+        settings = run_settings_from_config(policy_run_config(tmp_path, **run))
         check_request(policy, settings, DISTILL_MESSAGE_TYPE, {"server-round": 1, "num-rounds": 10})
 
 
 def test_simulated_sites_have_no_policy(tmp_path: Path) -> None:
-    settings = run_settings_from_config(_run_config(tmp_path, simulation_manifest_dir=str(tmp_path)))
+    settings = run_settings_from_config(policy_run_config(tmp_path, simulation_manifest_dir=str(tmp_path)))
 
     assert site_from_node_config({"partition-id": 0, "num-partitions": 2}, settings).policy is None
 
@@ -180,7 +147,7 @@ def test_start_options_reach_the_site_as_its_policy(tmp_path: Path) -> None:
         policy=policy,
     )
     node_config = parse_config_args([node.node_config()])
-    settings = run_settings_from_config(_run_config(tmp_path))
+    settings = run_settings_from_config(policy_run_config(tmp_path))
 
     site = site_from_node_config(node_config, settings)
 
@@ -252,8 +219,8 @@ def test_a_run_journal_that_cannot_be_read_is_never_taken_for_a_fresh_run(tmp_pa
     journal.parent.mkdir(parents=True)
     journal.write_text('{"messages": {"train": "many"}}', encoding="utf-8")
 
-    reply = _send(tmp_path, _site(tmp_path), _run_config(tmp_path))
+    reply = send(tmp_path, policy_site(tmp_path), policy_run_config(tmp_path))
 
     assert reply.error.code == SITE_BAD_INPUT
-    assert _as_sent("journal of run 7") in reply.error.reason
+    assert as_sent("journal of run 7") in reply.error.reason
     assert "cannot be read" in reply.error.reason

@@ -14,68 +14,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Message
 from typer.testing import CliRunner
 
-from client.app import app
 from client.cli import app as cli_app
 from common.protocol import SITE_DECLINED, SITE_RECORD, WEIGHT_KEY
 from common.run_settings import run_settings_from_config
-from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.client.helpers import SITE_EPSILON, ask, ask_train, dp_context, dp_site, replied
+from tests.helpers import flower_run_config
 
 if TYPE_CHECKING:
     from client.privacy_ledger import LedgerEntry
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-SITE_EPSILON = 2.0
-
-
-def _site(tmp_path: Path, **extra: object) -> dict[str, object]:
-    """A deployed site with its own budget (``cxr-fl-client start --epsilon 2``)."""
-    return {
-        "site-name": "st-test",
-        "data-format": "synthetic",
-        "out-dir": str(tmp_path / "site"),
-        "dp-target-epsilon": SITE_EPSILON,
-        **extra,
-    }
-
-
-def _context(tmp_path: Path, node_config: dict[str, object], *, run_id: int = 7, **run: object) -> Context:
-    settings: dict[str, object] = {
-        "teacher_name": "tiny-cnn",
-        "teacher_norm": "group",
-        "image_size": 32,
-        "batch_size": 32,
-        "run_dir": str(tmp_path / "run"),
-        "cache_dir": str(tmp_path / "cache"),
-    }
-    settings.update(run)
-    return Context(
-        run_id=run_id,
-        node_id=1,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=flower_run_config(**settings),
-    )
-
-
-def _ask(context: Context, message_type: str, **config: object) -> Message:
-    server_side = {**context.run_config, "teacher-weights": ""}  # names a file at the site (item 8)
-    arrays = initial_teacher(run_settings_from_config(server_side))
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})
-    return app(Message(content, dst_node_id=1, message_type=message_type), context)
-
-
-def _train(context: Context, server_round: int, num_rounds: int) -> Message:
-    return _ask(context, "train", **{"server-round": server_round, "num-rounds": num_rounds})
-
-
-def _ok(reply: Message) -> RecordDict:
-    assert not reply.has_error(), reply.error.reason
-    return reply.content
 
 
 def _declined(reply: Message, *words: str) -> str:
@@ -113,17 +64,17 @@ def _spent(tmp_path: Path) -> list[float]:
 
 def test_server_raising_local_epochs_after_round_one_is_declined_before_training(tmp_path: Path) -> None:
     """The attack: site --epsilon 2, server raises local-epochs to 10 in round 2."""
-    first = _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 2))
+    first = replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 2))
     assert 0 < first.metric_records["metrics"]["dp_epsilon"] <= SITE_EPSILON
 
-    attack = _context(tmp_path, _site(tmp_path), local_epochs=10)
-    reason = _declined(_train(attack, 2, 2), "differs from this site's DP plan")
+    attack = dp_context(tmp_path, dp_site(tmp_path), local_epochs=10)
+    reason = _declined(ask_train(attack, 2, 2), "differs from this site's DP plan")
     assert "local epochs" in reason
-    bigger_batches = _context(tmp_path, _site(tmp_path), batch_size=64)
-    _declined(_train(bigger_batches, 2, 2), "sampling rate")
+    bigger_batches = dp_context(tmp_path, dp_site(tmp_path), batch_size=64)
+    _declined(ask_train(bigger_batches, 2, 2), "sampling rate")
     assert len(_spent(tmp_path)) == 1  # nothing trained, nothing spent
 
-    second = _ok(_train(_context(tmp_path, _site(tmp_path)), 2, 2))
+    second = replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 2, 2))
     assert second.metric_records["metrics"]["dp_epsilon"] <= SITE_EPSILON
     assert max(_spent(tmp_path)) <= SITE_EPSILON
 
@@ -131,12 +82,12 @@ def test_server_raising_local_epochs_after_round_one_is_declined_before_training
 def test_a_resumed_run_with_another_run_folder_and_seed_cannot_restart_the_budget(tmp_path: Path) -> None:
     """``cxr-fl-server start --resume --set num-rounds=3 --set seed=1``: a new Flower run,
     new settings, the same site data: the budget planned for two rounds is spent after two."""
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 2))
-    resumed = _context(tmp_path, _site(tmp_path), run_id=8, run_dir=str(tmp_path / "run") + "/", seed=1)
-    _ok(_train(resumed, 2, 3))
-    _declined(_train(resumed, 3, 3), "privacy budget spent")
-    elsewhere = _context(tmp_path, _site(tmp_path), run_id=9, run_dir=str(tmp_path / "other"), seed=5)
-    _declined(_train(elsewhere, 1, 1), "privacy budget spent")
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 2))
+    resumed = dp_context(tmp_path, dp_site(tmp_path), run_id=8, run_dir=str(tmp_path / "run") + "/", seed=1)
+    replied(ask_train(resumed, 2, 3))
+    _declined(ask_train(resumed, 3, 3), "privacy budget spent")
+    elsewhere = dp_context(tmp_path, dp_site(tmp_path), run_id=9, run_dir=str(tmp_path / "other"), seed=5)
+    _declined(ask_train(elsewhere, 1, 1), "privacy budget spent")
     assert len(_spent(tmp_path)) == 2
     assert max(_spent(tmp_path)) <= SITE_EPSILON
 
@@ -168,16 +119,16 @@ def _tamper_drop_key(ledger: Path) -> None:
 def test_a_tampered_ledger_stops_dp_rounds_until_the_operator_resets_it(
     tmp_path: Path, tamper: object
 ) -> None:
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 2))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 2))
     ledger = _ledger(tmp_path)
     assert stat.S_IMODE(_key(ledger).stat().st_mode) == 0o600
 
     tamper(ledger)  # type: ignore[operator]
-    reason = _declined(_train(_context(tmp_path, _site(tmp_path)), 2, 2), "privacy ledger")
+    reason = _declined(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 2, 2), "privacy ledger")
     assert "privacy-ledger reset" in reason
     assert str(tmp_path) not in reason.replace(str(ledger), "")
     # evaluation spends no budget: the site keeps serving it
-    _ok(_ask(_context(tmp_path, _site(tmp_path)), "evaluate", **{"server-round": 2}))
+    replied(ask(dp_context(tmp_path, dp_site(tmp_path)), "evaluate", **{"server-round": 2}))
 
     runner = CliRunner()
     reset = ["privacy-ledger", "reset", "--reason"]
@@ -189,12 +140,12 @@ def test_a_tampered_ledger_stops_dp_rounds_until_the_operator_resets_it(
     assert logged["reason"] == "audit 42"
     assert logged["user"]
     assert logged["at"]
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 2))  # a new budget, on purpose
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 2))  # a new budget, on purpose
 
 
 def test_the_ledger_lives_where_the_site_says(tmp_path: Path) -> None:
     own = tmp_path / "vault" / "ledger.json"
-    _ok(_train(_context(tmp_path, _site(tmp_path, **{"privacy-ledger": str(own)})), 1, 1))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path, **{"privacy-ledger": str(own)})), 1, 1))
     assert _entry(own).spent
     assert not _ledger(tmp_path).exists()
     assert not (tmp_path / "site" / "privacy").exists()
@@ -202,14 +153,14 @@ def test_the_ledger_lives_where_the_site_says(tmp_path: Path) -> None:
 
 
 def test_a_site_under_dp_declines_federated_student_rounds(tmp_path: Path) -> None:
-    context = _context(tmp_path, _site(tmp_path))
-    _declined(_ask(context, "train.student", **{"server-round": 1}), "without DP")
+    context = dp_context(tmp_path, dp_site(tmp_path))
+    _declined(ask(context, "train.student", **{"server-round": 1}), "without DP")
 
 
 def test_a_site_under_dp_declines_to_send_batchnorm_statistics(tmp_path: Path) -> None:
     # (a site under DP refuses a BatchNorm run outright; a server that asks anyway is declined)
-    context = _context(tmp_path, _site(tmp_path))
-    reason = _declined(_ask(context, "query.bn_statistics", **{"server-round": 1, "model": "teacher"}), "DP")
+    context = dp_context(tmp_path, dp_site(tmp_path))
+    reason = _declined(ask(context, "query.bn_statistics", **{"server-round": 1, "model": "teacher"}), "DP")
     assert "BatchNorm statistics" in reason
 
 
@@ -217,8 +168,10 @@ def test_a_site_under_dp_declines_to_send_batchnorm_statistics(tmp_path: Path) -
 
 
 def test_a_site_that_sets_only_epsilon_keeps_a_safe_delta_and_its_own_accountant(tmp_path: Path) -> None:
-    greedy = _context(tmp_path, _site(tmp_path), dp_enabled=True, dp_target_delta=0.5, dp_accountant="prv")
-    reply = _ok(_train(greedy, 1, 1))
+    greedy = dp_context(
+        tmp_path, dp_site(tmp_path), dp_enabled=True, dp_target_delta=0.5, dp_accountant="prv"
+    )
+    reply = replied(ask_train(greedy, 1, 1))
     assert reply.metric_records["metrics"]["dp_epsilon"] <= SITE_EPSILON
     entry = _entry(_ledger(tmp_path))
     assert entry.plan is not None
@@ -232,7 +185,7 @@ def test_a_server_request_only_tightens_the_sites_policy(tmp_path: Path) -> None
     from common.config import PrivacyConfig
 
     settings = run_settings_from_config(flower_run_config(teacher_norm="group"))  # site DP needs GroupNorm
-    site = site_from_node_config(_site(tmp_path, **{"dp-target-delta": 1e-3}), settings)
+    site = site_from_node_config(dp_site(tmp_path, **{"dp-target-delta": 1e-3}), settings)
     looser = PrivacyConfig(enabled=True, target_epsilon=50.0, target_delta=0.5, accountant="gdp")
     tighter = PrivacyConfig(enabled=True, target_epsilon=1.0, target_delta=1e-7)
     assert site.effective_privacy(looser, 1000).target_epsilon == SITE_EPSILON
@@ -240,9 +193,9 @@ def test_a_server_request_only_tightens_the_sites_policy(tmp_path: Path) -> None
     assert site.effective_privacy(looser, 1000).accountant == "rdp"
     assert site.effective_privacy(tighter, 1000).target_epsilon == 1.0
     assert site.effective_privacy(tighter, 1000).target_delta == 1e-7
-    default = site_from_node_config(_site(tmp_path), settings)
+    default = site_from_node_config(dp_site(tmp_path), settings)
     assert default.effective_privacy(looser, 10**6).target_delta == 1e-6  # 1/N below 1e-5
-    no_policy = {k: v for k, v in _site(tmp_path).items() if k != "dp-target-epsilon"}
+    no_policy = {k: v for k, v in dp_site(tmp_path).items() if k != "dp-target-epsilon"}
     unset = site_from_node_config(no_policy, settings)
     assert unset.effective_privacy(looser, 1000).target_delta == 1e-5
 
@@ -330,10 +283,10 @@ def test_server_named_paths_are_ignored_alike_whether_or_not_they_exist(tmp_path
     replies = []
     for path in (existing, missing):
         paths = {key: str(path) for key in SERVER_PATHS}
-        context = _context(tmp_path, node, **paths)
+        context = dp_context(tmp_path, node, **paths)
         for kind in ("train", "evaluate"):
-            reply = _ask(context, kind, **{"server-round": 1, "num-rounds": 1})
-            content = _ok(reply)
+            reply = ask(context, kind, **{"server-round": 1, "num-rounds": 1})
+            content = replied(reply)
             keys = sorted(content.metric_records["metrics"].keys())
             replies.append((kind, keys, dict(content[SITE_RECORD])))
     assert replies[:2] == replies[2:]
@@ -347,8 +300,8 @@ def test_counts_are_bucketed_for_fedavg(tmp_path: Path) -> None:
     assert [bucket_count(n) for n in (0, 1, 7, 57, 123, 1234, 56789)] == [0, 10, 10, 60, 120, 1200, 57000]
     for n in range(100, 20000, 37):
         assert abs(bucket_count(n) - n) <= 0.05 * n
-    context = _context(tmp_path, {k: v for k, v in _site(tmp_path).items() if k != "dp-target-epsilon"})
-    metrics = _ok(_train(context, 1, 1)).metric_records["metrics"]
+    context = dp_context(tmp_path, {k: v for k, v in dp_site(tmp_path).items() if k != "dp-target-epsilon"})
+    metrics = replied(ask_train(context, 1, 1)).metric_records["metrics"]
     assert metrics[WEIGHT_KEY] % 10 == 0
 
 
@@ -378,21 +331,21 @@ def _reset(reason: str) -> None:
 
 def test_an_older_copy_of_the_ledger_is_refused_until_the_operator_resets_it(tmp_path: Path) -> None:
     """The attack: keep a valid copy of the ledger, spend more, put the copy back."""
-    context = _context(tmp_path, _site(tmp_path))
-    _ok(_train(context, 1, 3))
+    context = dp_context(tmp_path, dp_site(tmp_path))
+    replied(ask_train(context, 1, 3))
     ledger = _ledger(tmp_path)
     older = {file: file.read_bytes() for file in (ledger, _key(ledger))}
-    _ok(_train(context, 2, 3))
+    replied(ask_train(context, 2, 3))
     for file, content in older.items():
         file.write_bytes(content)
 
-    reason = _declined(_train(context, 3, 3), "older copy", "privacy-ledger reset")
+    reason = _declined(ask_train(context, 3, 3), "older copy", "privacy-ledger reset")
     assert "restore" not in reason.lower()
     assert "backup" not in reason.lower()
     shown = CliRunner().invoke(cli_app, ["privacy-ledger", "show"])
     assert shown.exit_code == 2
     assert "older copy" in shown.output
-    _declined(_train(context, 3, 3), "older copy")  # still refused: only the operator ends it
+    _declined(ask_train(context, 3, 3), "older copy")  # still refused: only the operator ends it
 
     _reset("restored an old backup by mistake")
     (logged,) = [json.loads(line) for line in (ledger.parent / "ledger-resets.log").read_text().splitlines()]
@@ -401,18 +354,18 @@ def test_an_older_copy_of_the_ledger_is_refused_until_the_operator_resets_it(tmp
     assert logged["at"]
     assert all(Path(kept).is_file() for kept in logged["kept"])
     assert len(logged["kept"]) == 2
-    _ok(_train(context, 1, 3))  # a new budget, on purpose and logged
+    replied(ask_train(context, 1, 3))  # a new budget, on purpose and logged
     for file, content in older.items():  # the copy from before the reset stays refused
         file.write_bytes(content)
-    _declined(_train(context, 2, 3), "older copy")
+    _declined(ask_train(context, 2, 3), "older copy")
 
 
 def test_a_fresh_out_folder_or_a_new_site_name_does_not_start_a_fresh_budget(tmp_path: Path) -> None:
     """The attack: the budget planned for one round is spent; the site starts again elsewhere."""
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 1))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 1))
     for other in ({"out-dir": str(tmp_path / "fresh")}, {"site-name": "st-renamed"}):
-        again = _context(tmp_path, _site(tmp_path, **other), run_id=9, run_dir=str(tmp_path / "run2"))
-        _declined(_train(again, 1, 1), "privacy budget spent")
+        again = dp_context(tmp_path, dp_site(tmp_path, **other), run_id=9, run_dir=str(tmp_path / "run2"))
+        _declined(ask_train(again, 1, 1), "privacy budget spent")
     assert len(_spent(tmp_path)) == 1
 
 
@@ -434,17 +387,17 @@ def test_the_same_images_at_another_path_size_or_split_spend_from_one_budget(tmp
     (moved / "normal" / "000.png").touch()  # another path, another mtime: the same images
 
     def site(path: Path) -> dict[str, object]:
-        return _site(tmp_path, **{"data-format": "image-folder", "data-path": str(path)})
+        return dp_site(tmp_path, **{"data-format": "image-folder", "data-path": str(path)})
 
     run: dict[str, object] = {"task": "normal-pneumonia", "batch_size": 16}
-    _ok(_train(_context(tmp_path, site(data), **run), 1, 1))
+    replied(ask_train(dp_context(tmp_path, site(data), **run), 1, 1))
     for path, settings in (
         (moved, {}),
         (data, {"image_size": 48}),
         (data, {"split_seed": 7}),
         (data, {"val_fraction": 0.3}),
     ):
-        reason = _declined(_train(_context(tmp_path, site(path), run_id=9, **run, **settings), 1, 1))
+        reason = _declined(ask_train(dp_context(tmp_path, site(path), run_id=9, **run, **settings), 1, 1))
         assert "privacy budget spent" in reason or "differs from this site's DP plan" in reason, reason
     assert len(_spent(tmp_path)) == 1  # one entry, one round
 
@@ -499,7 +452,7 @@ def test_a_ledger_of_the_earlier_version_is_migrated_once(tmp_path: Path) -> Non
 
     from client.privacy_ledger import legacy_dataset_key
 
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 1, 4))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 1, 4))
     spent = _entry(_ledger(tmp_path)).to_json()
     _reset("test: set up an earlier version's ledger")
     old = tmp_path / "site" / "privacy" / "ledger.json"
@@ -511,11 +464,11 @@ def test_a_ledger_of_the_earlier_version_is_migrated_once(tmp_path: Path) -> Non
     _key(old).write_text(secret.hex())
     _key(old).chmod(0o600)
 
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 2, 4))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 2, 4))
     assert len(_spent(tmp_path)) == 2  # the earlier round counts
     assert not old.exists()
     assert list(old.parent.glob("ledger.json.migrated-*"))
     (logged,) = (_ledger(tmp_path).parent / "ledger-migrations.log").read_text().splitlines()
     assert json.loads(logged)["from"] == str(old)
-    _ok(_train(_context(tmp_path, _site(tmp_path)), 3, 4))
+    replied(ask_train(dp_context(tmp_path, dp_site(tmp_path)), 3, 4))
     assert len(_spent(tmp_path)) == 3  # migrated once

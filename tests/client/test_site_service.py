@@ -11,7 +11,7 @@ import pytest
 from client.site import PER_RUN_OUTPUTS_KEY, for_run, site_from_node_config
 from common.kit import site_service_unit
 from common.run_settings import run_settings_from_config
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 
 def _sections(unit: str) -> dict[str, dict[str, str]]:

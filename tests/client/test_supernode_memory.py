@@ -48,7 +48,6 @@ def _max_data_size(pid: int) -> str:
     raise AssertionError(f"no data limit line in /proc/{pid}/limits")
 
 
-@pytest.mark.slow
 def test_the_supernode_is_started_under_the_sites_memory_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ from common.initial_teacher import weights_sha256
 from common.protocol import DISTILL_MESSAGE_TYPE, SITE_BAD_INPUT, STUDENT_ROUND_MESSAGE_TYPE
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

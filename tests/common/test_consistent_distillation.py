@@ -193,7 +193,6 @@ def test_batchnorm_statistics_are_re_estimated_on_the_site_images() -> None:
     assert recalibrate_batchnorm(nn.Sequential(nn.Linear(2, 2)), loader) == 0
 
 
-@pytest.mark.slow
 def test_site_distillation_keeps_its_best_validation_student(tmp_path) -> None:
     task = get_task("normal-pneumonia-covid")
     request = DataRequest(

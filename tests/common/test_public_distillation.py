@@ -14,7 +14,7 @@ from common.public_distillation import distill_on_public_images, public_images, 
 from common.run_settings import run_settings_from_config
 from common.tasks import get_task
 from tests.common.data.helpers import write_csv, write_image
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 CLASSES = ("normal", "pneumonia", "covid-19")
 

@@ -19,10 +19,8 @@ import pytest
 
 from common.processes import flower_env, free_port, stop_process_tree
 from common.protocol import SITE_APP_REFUSED
-from tests.e2e.test_federation import _wait_for
-from tests.flower_adapter.test_app_runner import copy_project
-
-pytestmark = pytest.mark.slow
+from tests.e2e.harness import wait_for
+from tests.helpers import copy_project
 
 BIN = Path(sys.executable).parent
 
@@ -112,7 +110,7 @@ def test_a_site_refuses_a_modified_app_before_importing_it(
                 stderr=subprocess.STDOUT,
             )
         )
-    _wait_for(lambda: _listening(port), 120, "the SuperLink to listen")
+    wait_for(lambda: _listening(port), 120, "the SuperLink to listen")
     site_out = tmp_path / "site-a"
     with (tmp_path / "site-a.out").open("wb") as out:
         site = subprocess.Popen(
@@ -138,7 +136,7 @@ def test_a_site_refuses_a_modified_app_before_importing_it(
         )
     processes.append(site)
     log = site_out / "supernode.log"
-    _wait_for(lambda: log.is_file() and "SuperNode ID" in log.read_text(), 240, "the site to join")
+    wait_for(lambda: log.is_file() and "SuperNode ID" in log.read_text(), 240, "the site to join")
 
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
@@ -155,7 +153,7 @@ def test_a_site_refuses_a_modified_app_before_importing_it(
         check=False,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    _wait_for(replies.is_file, 400, "the ServerApp to receive the site's reply")
+    wait_for(replies.is_file, 400, "the ServerApp to receive the site's reply")
 
     (reply,) = json.loads(replies.read_text())
     assert reply.get("code") == SITE_APP_REFUSED, reply

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_federation import SERVER, Federation
+from tests.e2e.harness import SERVER, Federation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a three-round federation followed in a browser
 
 CONSOLE_URL = re.compile(r"console \([^)]*\): (http://127\.0\.0\.1:\d+/\?token=\S+)")
 ROUNDS = 3

@@ -11,84 +11,27 @@ edit. Every process is stopped by its PID tree in the fixture's teardown.
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_federation import CLIENT, SERVER, Federation, _wait_for
-
-pytestmark = pytest.mark.slow
-
-SITES = ("site-a", "site-b")
-
-
-def _kit_and_init(federation: Federation, site: str, *own_limits: str) -> Path:
-    kit = federation.root / f"kit-{site}"
-    made = federation.command(
-        SERVER,
-        "kit",
-        site,
-        "--out",
-        str(kit),
-        "--server",
-        f"127.0.0.1:{federation.port}",
-        "--certs",
-        str(federation.certs),
-        "--max-rounds",
-        "10",
-        "--max-image-size",
-        "64",
-    )
-    assert made.returncode == 0, made.stderr
-    site_dir = federation.root / f"{site}-site"
-    init = federation.command(
-        CLIENT,
-        "init",
-        str(kit),
-        "--site-dir",
-        str(site_dir),
-        "--format",
-        "synthetic",
-        "--image-size",
-        "32",
-        *own_limits,
-        timeout=180,
-    )
-    assert init.returncode == 0, init.stdout + init.stderr
-    assert stat.S_IMODE((site_dir / f"{site}.key").stat().st_mode) == 0o600
-    assert "max-rounds = 10" in (site_dir / "site-policy.toml").read_text()
-    return site_dir
+from tests.e2e.harness import (
+    SERVER,
+    SITES,
+    Federation,
+    audit_events,
+    kit_and_init,
+    start_with_kits,
+    verify_site,
+    wait_for,
+)
 
 
-def _verify_site(federation: Federation, site_dir: Path, *extra: str) -> tuple[int, str]:
-    result = federation.command(CLIENT, "audit", "verify", "--state-dir", str(site_dir / "state"), *extra)
-    return result.returncode, result.stdout + result.stderr
-
-
-def _events(log: Path) -> list[str]:
-    return [json.loads(line)["event"] for line in log.read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Federation) -> None:
-    made = federation.command(SERVER, "certs", "--out", str(federation.certs), "--host", "127.0.0.1")
-    assert made.returncode == 0, made.stderr
-    site_dirs = {site: _kit_and_init(federation, site) for site in SITES}
-    config = federation.write_config("num-rounds = 1\n")
-    server = federation.spawn(
-        "server",
-        SERVER,
-        "start",
-        "--run-dir",
-        str(federation.run_dir),
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
-        "--config",
-        str(config),
-        *(arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))),
-    )
+    federation.make_certs()
+    site_dirs = {site: kit_and_init(federation, site) for site in SITES}
+    server = start_with_kits(federation, site_dirs, "num-rounds = 1\n")
     federation.wait_listening()
     clients = [
         federation.spawn(site, "sh", str(site_dirs[site] / "start.sh"), "--threads", "1") for site in SITES
@@ -101,7 +44,7 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
     assert [r["sites_trained"] for r in aggregates] == [2]
 
     run_dir = ["--run-dir", str(federation.run_dir)]
-    assert _events(federation.run_dir / "audit.jsonl") == [
+    assert audit_events(federation.run_dir / "audit.jsonl") == [
         "site-registered",
         "site-registered",
         "run-submitted",
@@ -115,9 +58,9 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
         if entry["event"] == "site-audit-head"
     }
     for site in SITES:
-        code, output = _verify_site(federation, site_dirs[site], "--anchor", heads[site])
+        code, output = verify_site(federation, site_dirs[site], "--anchor", heads[site])
         assert code == 0, output
-        events = _events(site_dirs[site] / "state" / "audit" / "audit.jsonl")
+        events = audit_events(site_dirs[site] / "state" / "audit" / "audit.jsonl")
         assert events[0] == "run-accepted"
         assert "model-exported" in events
     status = federation.command(SERVER, "status", *run_dir)
@@ -135,12 +78,12 @@ def test_sites_set_up_from_kits_join_a_tls_federation_and_train(federation: Fede
     site_log = site_dirs["site-a"] / "state" / "audit" / "audit.jsonl"
     lines = site_log.read_text().splitlines(keepends=True)
     site_log.write_text("".join(lines[1:]))  # first entry removed
-    code, output = _verify_site(federation, site_dirs["site-a"])
+    code, output = verify_site(federation, site_dirs["site-a"])
     assert code == 1
     assert "NOT intact" in output
     site_log.write_text("".join(lines[:-1]))  # the tail cut: a consistent chain, but not the anchor's
-    assert _verify_site(federation, site_dirs["site-a"])[0] == 0
-    code, output = _verify_site(federation, site_dirs["site-a"], "--anchor", heads["site-a"])
+    assert verify_site(federation, site_dirs["site-a"])[0] == 0
+    code, output = verify_site(federation, site_dirs["site-a"], "--anchor", heads["site-a"])
     assert code == 1
     assert "cut off or rewritten" in output
 
@@ -166,7 +109,7 @@ def test_a_revoked_site_key_is_refused_at_once(federation: Federation) -> None:
     assert again.returncode == 2
     assert "was, for site 'site-a'" in again.stderr
     # (the run's own "run-submitted" may land before or after it: `start` submits concurrently)
-    assert "site-unregistered" in _events(federation.run_dir / "audit.jsonl")
+    assert "site-unregistered" in audit_events(federation.run_dir / "audit.jsonl")
 
 
 def _submit(federation: Federation, name: str, *settings: str) -> None:
@@ -184,25 +127,15 @@ def _rows(run: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: Federation) -> None:
-    made = federation.command(SERVER, "certs", "--out", str(federation.certs), "--host", "127.0.0.1")
-    assert made.returncode == 0, made.stderr
-    site_dirs = {"site-a": _kit_and_init(federation, "site-a")}
-    site_dirs["site-b"] = _kit_and_init(federation, "site-b", "--max-kd-epochs", "1")
+    federation.make_certs()
+    site_dirs = {"site-a": kit_and_init(federation, "site-a")}
+    site_dirs["site-b"] = kit_and_init(federation, "site-b", "--max-kd-epochs", "1")
     keys = [arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))]
     run_dir = ["--run-dir", str(federation.run_dir)]
-    server = federation.spawn(
-        "serve",
-        SERVER,
-        "serve",
-        *run_dir,
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
-        *keys,
-    )
-    _wait_for(lambda: "SuperLink listening" in federation.output("serve"), 90, "the served SuperLink")
+    server = federation.spawn("serve", SERVER, "serve", *federation.coordinator_options(), *keys)
+    wait_for(lambda: "SuperLink listening" in federation.output("serve"), 90, "the served SuperLink")
     sites = {
         site: federation.spawn(site, "sh", str(site_dirs[site] / "serve.sh"), "--threads", "1")
         for site in SITES
@@ -228,7 +161,7 @@ def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: F
     assert federation.wait(server, "serve", 60) == 0, federation.output("serve")
     again = ["--certs", str(federation.certs), "--port", str(federation.port)]
     server = federation.spawn("serve-again", SERVER, "serve", *run_dir, *again)
-    _wait_for(lambda: "SuperLink listening" in federation.output("serve-again"), 90, "the SuperLink again")
+    wait_for(lambda: "SuperLink listening" in federation.output("serve-again"), 90, "the SuperLink again")
     evaluation = federation.spawn(
         "evaluate", SERVER, "evaluate", str(delivered[0]), *run_dir, "--bootstrap", "200"
     )
@@ -243,15 +176,15 @@ def test_a_served_federation_runs_two_runs_in_a_row_then_evaluates(federation: F
         assert federation.wait(process, site, 60) == 130, federation.output(site)
     server.terminate()
     assert federation.wait(server, "serve-again", 60) == 0, federation.output("serve-again")
-    events = _events(federation.run_dir / "audit.jsonl")
+    events = audit_events(federation.run_dir / "audit.jsonl")
     assert events[-1] == "federation-stopped"
     assert {"run-submitted", "evaluation-submitted", "evaluation-finished"} <= set(events)
     assert events.count("federation-served") == 2
-    assert "run-declined" in _events(site_dirs["site-b"] / "state" / "audit" / "audit.jsonl")
+    assert "run-declined" in audit_events(site_dirs["site-b"] / "state" / "audit" / "audit.jsonl")
     verified = federation.command(SERVER, "audit", "verify", *run_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     for site in SITES:
-        assert _verify_site(federation, site_dirs[site])[0] == 0
+        assert verify_site(federation, site_dirs[site])[0] == 0
     log = federation.run_dir / "audit.jsonl"
     log.write_text(log.read_text().replace("evaluation-finished", "evaluation-started"))
     assert federation.command(SERVER, "audit", "verify", *run_dir).returncode == 1

@@ -19,27 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_consortium import SITES, _events, _kit_and_init
-from tests.e2e.test_federation import SERVER, Federation, _wait_for
+from tests.e2e.harness import SERVER, SITES, Federation, audit_events, kit_and_init, start_with_kits, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a training run, then an evaluation run
 
 
 def _train(federation: Federation, site_dirs: dict[str, Path]) -> None:
-    server = federation.spawn(
-        "server",
-        SERVER,
-        "start",
-        "--run-dir",
-        str(federation.run_dir),
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
-        "--config",
-        str(federation.write_config("num-rounds = 1\ncross-site-matrix = true\n")),
-        *(arg for site in SITES for arg in ("--site-key", str(site_dirs[site] / f"{site}.pub"))),
-    )
+    server = start_with_kits(federation, site_dirs, "num-rounds = 1\ncross-site-matrix = true\n")
     federation.wait_listening()
     shares = {"site-a": ("--share-delivered-student",), "site-b": ()}  # site-a opts in to the matrix
     clients = [
@@ -52,9 +38,8 @@ def _train(federation: Federation, site_dirs: dict[str, Path]) -> None:
 
 
 def test_a_delivered_student_is_evaluated_at_both_sites(federation: Federation) -> None:
-    made = federation.command(SERVER, "certs", "--out", str(federation.certs), "--host", "127.0.0.1")
-    assert made.returncode == 0, made.stderr
-    site_dirs = {site: _kit_and_init(federation, site) for site in SITES}
+    federation.make_certs()
+    site_dirs = {site: kit_and_init(federation, site) for site in SITES}
     _train(federation, site_dirs)
     student = site_dirs["site-a"] / "out" / "global_student" / "student.onnx"
     assert student.is_file()
@@ -70,12 +55,7 @@ def test_a_delivered_student_is_evaluated_at_both_sites(federation: Federation) 
         SERVER,
         "evaluate",
         str(student),
-        "--run-dir",
-        str(federation.run_dir),
-        "--certs",
-        str(federation.certs),
-        "--port",
-        str(federation.port),
+        *federation.coordinator_options(),
         "--site",
         "site-a",
         "--site",
@@ -83,9 +63,7 @@ def test_a_delivered_student_is_evaluated_at_both_sites(federation: Federation) 
         "--bootstrap",
         "200",
     )
-    _wait_for(
-        lambda: "SuperLink listening" in federation.output("evaluate"), 90, "the evaluation's SuperLink"
-    )
+    wait_for(lambda: "SuperLink listening" in federation.output("evaluate"), 90, "the evaluation's SuperLink")
     clients = [
         federation.spawn(
             f"{site}-eval", "sh", str(site_dirs[site] / "start.sh"), "--threads", "1", "--skip-check"
@@ -113,7 +91,7 @@ def test_a_delivered_student_is_evaluated_at_both_sites(federation: Federation) 
     assert "| site-b | ok |" in markdown
     assert (folders[0] / "forest_plot.png").stat().st_size > 1000
     assert "cross-site table:" in federation.output("evaluate")
-    events = _events(federation.run_dir / "audit.jsonl")
+    events = audit_events(federation.run_dir / "audit.jsonl")
     assert events[-1] == "evaluation-finished"
     assert "evaluation-submitted" in events
     keep = os.environ.get("CXR_FL_KEEP_CROSS_SITE")

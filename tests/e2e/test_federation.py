@@ -9,154 +9,11 @@ PID tree in the fixture's teardown, even when a test fails.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from common.processes import OFFLINE_ENV, free_port, stop_process_tree
-
-pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-SERVER = str(BIN / "cxr-fl-server")
-CLIENT = str(BIN / "cxr-fl-client")
-TINY_RUN = """\
-image-size = 32
-teacher-name = "tiny-cnn"
-teacher-norm = "group"
-batch-size = 16
-kd-batch-size = 16
-kd-epochs = 1
-kd-width-mult = 0.35
-kd-federated-student-rounds = 1
-num-threads = 1
-"""
-
-
-class Federation:
-    """Certificates, keys and the processes of one test federation."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.run_dir = root / "run"
-        self.certs = root / "certs"
-        self.keys = root / "keys"
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, **OFFLINE_ENV}
-
-    def command(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(args), capture_output=True, text=True, timeout=timeout, env=self.env, check=False
-        )
-
-    def prepare(self, *sites: str) -> None:
-        made = self.command(
-            SERVER, "certs", "--out", str(self.certs), "--host", "127.0.0.1", "--host", "localhost"
-        )
-        assert made.returncode == 0, made.stderr
-        for site in sites:
-            made = self.command(SERVER, "site-key", "--out", str(self.keys), "--site", site)
-            assert made.returncode == 0, made.stderr
-
-    def write_config(self, extra: str = "") -> Path:
-        path = self.root / "fed.toml"
-        path.write_text(TINY_RUN + extra, encoding="utf-8")
-        return path
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.out").open("ab")
-        process = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def start_server(
-        self, *extra: str, sites: tuple[str, ...] = ("site-a", "site-b")
-    ) -> subprocess.Popen[bytes]:
-        args = [SERVER, "start", "--run-dir", str(self.run_dir), "--certs", str(self.certs)]
-        args += ["--port", str(self.port), *extra]
-        for site in sites:
-            args += ["--site-key", str(self.keys / f"{site}.pub")]
-        return self.spawn("server", *args)
-
-    def wait_listening(self) -> None:
-        """Sites join after their keys are registered, i.e. once the coordinator says it listens."""
-        _wait_for(lambda: "SuperLink listening" in self.output("server"), 90, "the SuperLink to listen")
-
-    def wait_run_submitted(self) -> None:
-        """The coordinator's ``flwr run`` has been accepted: deploy.json records Flower's run id."""
-
-        def submitted() -> bool:
-            try:
-                state = json.loads((self.run_dir / "deploy.json").read_text())
-            except (OSError, ValueError):  # not written yet, or caught mid-write
-                return False
-            return state.get("flower_run_id") is not None
-
-        _wait_for(submitted, 120, "the coordinator to submit its run")
-
-    def start_client(self, site: str, *extra: str, key: str | None = None) -> subprocess.Popen[bytes]:
-        return self.spawn(
-            site,
-            CLIENT,
-            "start",
-            "--server",
-            f"127.0.0.1:{self.port}",
-            "--site",
-            site,
-            "--format",
-            "synthetic",
-            "--out",
-            str(self.root / site),
-            "--ca",
-            str(self.certs / "ca.crt"),
-            "--key",
-            str(self.keys / f"{key or site}.key"),
-            "--threads",
-            "1",
-            "--image-size",
-            "32",
-            *extra,
-        )
-
-    def output(self, name: str) -> str:
-        path = self.root / f"{name}.out"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def wait(self, process: subprocess.Popen[bytes], name: str, timeout: float) -> int:
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not finish within {timeout:.0f} s:\n{self.output(name)[-3000:]}")
-
-    def metrics(self) -> list[dict[str, object]]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            stop_process_tree(process)
-
-
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _completed_round(run_dir: Path) -> int:
-    state = run_dir / "checkpoints" / "state.json"
-    if not state.is_file():
-        return 0
-    return int(json.loads(state.read_text())["completed_round"])
+from common.processes import free_port, stop_process_tree
+from tests.e2e.harness import CLIENT, SERVER, Federation, completed_round, wait_for
 
 
 def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
@@ -189,6 +46,7 @@ def test_two_sites_train_and_distil_over_tls(federation: Federation) -> None:
     assert "run finished" in federation.output("server")
 
 
+@pytest.mark.slow
 def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config(
@@ -200,7 +58,7 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     federation.start_client("site-a")
     victim = federation.start_client("site-b")
     log_b = federation.root / "site-b" / "supernode.log"
-    _wait_for(
+    wait_for(
         lambda: log_b.is_file() and "Receiving: train message" in log_b.read_text(errors="replace"),
         240,
         "site-b to receive its round-1 train message",
@@ -226,6 +84,7 @@ def test_a_site_killed_in_round_one_rejoins(federation: Federation) -> None:
     assert rejoined & {2, 3, 4, 5}, rows
 
 
+@pytest.mark.slow
 def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     federation.prepare("site-a", "site-b")
     config = federation.write_config("num-rounds = 2\nkd-enabled = false\n")
@@ -233,9 +92,9 @@ def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     federation.wait_listening()
     for site in ("site-a", "site-b"):
         federation.start_client(site)
-    _wait_for(lambda: _completed_round(federation.run_dir) >= 1, 300, "round 1 to be checkpointed")
+    wait_for(lambda: completed_round(federation.run_dir) >= 1, 300, "round 1 to be checkpointed")
     stop_process_tree(server)  # the coordinator, its SuperLink and its ServerApp
-    assert _completed_round(federation.run_dir) == 1
+    assert completed_round(federation.run_dir) == 1
 
     resumed = federation.start_server("--resume", sites=())
     assert federation.wait(resumed, "server", 300) == 0, federation.output("server")
@@ -244,6 +103,7 @@ def test_server_killed_after_round_one_resumes(federation: Federation) -> None:
     assert "after round 1 of 2" in (federation.run_dir / "server.log").read_text()
 
 
+@pytest.mark.slow
 def test_refused_sites_are_told_why(federation: Federation) -> None:
     federation.prepare("site-a", "rogue")
     server = federation.start_server("--config", str(federation.write_config()), sites=("site-a",))

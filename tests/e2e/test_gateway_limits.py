@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_federation import Federation
-
-pytestmark = pytest.mark.slow
+from tests.e2e.harness import Federation
 
 SLOW_CLIENTS = 300
 SLOW_TLS_CLIENTS = 20

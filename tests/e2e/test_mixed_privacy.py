@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from tests.e2e.test_federation import Federation
+from tests.e2e.harness import Federation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: a federation through every phase
 
 MIXED_RUN = """\
 num-rounds = 2

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.processes import console_script
-from tests.e2e.test_federation import Federation
-
-pytestmark = pytest.mark.slow
+from tests.e2e.harness import Federation
 
 FLWR = console_script("flwr")
 

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.processes import console_script
-from tests.e2e.test_federation import SERVER, TINY_RUN, Federation, _wait_for
-
-pytestmark = pytest.mark.slow
+from tests.e2e.harness import SERVER, TINY_RUN, Federation, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LONG_TRAINING = (
@@ -47,7 +45,7 @@ def test_a_run_stopped_by_the_coordinator_stops_training_at_the_site(
     trace = federation.root / "site-a.trace"
     site = _start_traced_site(federation, trace)
     federation.wait_run_submitted()
-    _wait_for(lambda: _trace(trace).count("step train") >= 2, 300, "site-a to train")
+    wait_for(lambda: _trace(trace).count("step train") >= 2, 300, "site-a to train")
 
     run_id = json.loads((federation.run_dir / "deploy.json").read_text())["flower_run_id"]
     if how == "flwr stop":  # Flower's own command, on the coordinator's machine
@@ -60,10 +58,10 @@ def test_a_run_stopped_by_the_coordinator_stops_training_at_the_site(
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
     log = federation.root / "site-a" / "supernode.log"
-    _wait_for(
+    wait_for(
         lambda: f"run {run_id} stopped by the coordinator" in _read(log), 120, "the stop to reach site-a"
     )
-    _wait_for(lambda: "the site stopped its work" in _read(log), 120, "site-a to end the stopped task")
+    wait_for(lambda: "the site stopped its work" in _read(log), 120, "site-a to end the stopped task")
 
     steps = _trace(trace)
     assert "stop" in steps, steps[-5:]

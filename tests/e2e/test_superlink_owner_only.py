@@ -27,8 +27,6 @@ from server.deploy import Coordinator, TlsFiles
 from server.security import make_certificates, make_site_key
 from tests.other_user import Attempt, attempt, attempts_as_other_user, needs_root, other_uid
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[Coordinator]:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import flwr
@@ -36,21 +34,9 @@ from flower_adapter.app_runner import (
     require_supported_flwr,
     write_secret_file,
 )
+from tests.helpers import copy_project
 
 runner = CliRunner()
-
-
-def copy_project(target: Path) -> Path:
-    """The files of this cxr-fl project that an app bundle can hold (code and pyproject.toml)."""
-    target.mkdir(parents=True)
-    shutil.copy2(PROJECT_ROOT / "pyproject.toml", target / "pyproject.toml")
-    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
-        packages = tomllib.load(handle)["tool"]["setuptools"]["packages"]
-    for package in sorted({name.split(".")[0] for name in packages}):
-        shutil.copytree(
-            PROJECT_ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,6 @@ def original_hash() -> str:
     return installed_app_hash()
 
 
-@pytest.mark.slow
 def test_the_hash_is_the_one_flwr_build_gives(tmp_path: Path, original_hash: str) -> None:
     project = copy_project(tmp_path / "cxr-fl")
     built = subprocess.run(

@@ -136,7 +136,6 @@ def recording_servers(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 @needs_root
-@pytest.mark.slow
 def test_other_users_are_cut_off_from_any_loopback_address_and_the_owner_is_served(
     recording_servers: dict[str, Any],
 ) -> None:

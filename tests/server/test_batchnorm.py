@@ -19,7 +19,7 @@ from common.protocol import BN_STATISTICS_MESSAGE_TYPE, BN_STATISTICS_RECORD, SI
 from common.run_settings import run_settings_from_config
 from server.batchnorm import FederatedBatchNorm, pool_delivered_teacher, statistics_problem
 from server.run_folder import RunFolder
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

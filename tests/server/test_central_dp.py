@@ -10,18 +10,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.checkpoint import load_model_state
-from common.data.sources import load_catalog
 from common.errors import ConfigError
 from common.protocol import WEIGHT_KEY
 from common.run_settings import run_settings_from_config
-from common.tasks import get_task
 from flower_adapter.central_dp import KEY_CLIPPING_NORM, clip_update
 from server.app import initial_teacher
 from server.central_dp import CentralDP, CentralDPSettings, check_central_dp, site_level_epsilon
 from server.strategies import StrategySettings, build_strategy
-from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config, two_site_partition
 
 
 def _norm(state: dict[str, torch.Tensor]) -> float:
@@ -88,16 +85,8 @@ def test_central_dp_rules_are_checked_before_a_run() -> None:
     assert site_level_epsilon(1.0, 0, 1e-5) == 0.0
 
 
-@pytest.mark.slow
 def test_a_federation_under_central_dp_releases_noised_rounds(tmp_path: Path) -> None:
-    task = get_task("normal-pneumonia-covid")
-    catalog = load_catalog("synthetic", None, task, options={"n_images": 96, "image_size": 32, "seed": 5})
-    manifests = write_partition(
-        tmp_path / "partition",
-        catalog,
-        partition_catalog(catalog, "iid", 2, seed=1),
-        source_paths={"synthetic": None},
-    )
+    manifests = two_site_partition(tmp_path / "partition", n_images=96, seed=5)
     run_dir = tmp_path / "run"
     config = flower_run_config(
         run_dir=str(run_dir),

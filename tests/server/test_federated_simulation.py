@@ -14,17 +14,14 @@ import pytest
 import torch
 
 from common.checkpoint import load_metadata, load_model_state
-from common.data.sources import load_catalog
 from common.export import load_torch_model
 from common.run_settings import run_settings_from_config
-from common.tasks import get_task
 from server.app import initial_teacher
 from server.run_folder import RunFolder
-from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation, SimulationError
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config, two_site_partition
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # make test-slow: three Flower simulations of two and three rounds
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +31,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifests(workspace: Path) -> Path:
-    task = get_task("normal-pneumonia-covid")
-    catalog = load_catalog("synthetic", None, task, options={"n_images": 160, "image_size": 32, "seed": 3})
-    partition = partition_catalog(catalog, "iid", 2, seed=1)
-    return write_partition(workspace / "partition", catalog, partition, source_paths={"synthetic": None})
+    return two_site_partition(workspace / "partition", n_images=160, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from server.app import initial_teacher
 from server.cli import app
 from server.initial_teacher import prepare_initial_teacher
 from tests.common.data.helpers import write_csv, write_image
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 runner = CliRunner()
 TINY = ["--set", 'teacher-name="tiny-cnn"', "--set", "image-size=32", "--set", "batch-size=16"]

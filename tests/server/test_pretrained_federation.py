@@ -6,31 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from common.checkpoint import load_model_state, save_model
 from common.config import ModelConfig
-from common.data.sources import load_catalog
 from common.initial_teacher import build_initial_teacher
 from common.models import build_model
 from common.tasks import get_task
-from simulation.partition import partition_catalog, write_partition
 from simulation.runtime import FlowerSimulation
-from tests.conftest import flower_run_config
-
-pytestmark = pytest.mark.slow
+from tests.helpers import flower_run_config, two_site_partition
 
 
 def test_dp_sites_fine_tune_a_pretrained_nih_backbone_with_frozen_blocks(tmp_path: Path) -> None:
     task = get_task("normal-pneumonia-covid")
-    catalog = load_catalog("synthetic", None, task, options={"n_images": 96, "image_size": 32, "seed": 5})
-    manifests = write_partition(
-        tmp_path / "partition",
-        catalog,
-        partition_catalog(catalog, "iid", 2, seed=1),
-        source_paths={"synthetic": None},
-    )
+    manifests = two_site_partition(tmp_path / "partition", n_images=96, seed=5)
     torch.manual_seed(11)
     pretrained = tmp_path / "nih.pt"  # a 14-finding teacher: its backbone, a new 3-class head
     save_model(build_model(ModelConfig(name="tiny-cnn", norm="group"), 14).state_dict(), pretrained)

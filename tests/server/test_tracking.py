@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -124,7 +125,12 @@ def test_tracking_off_writes_nothing(tmp_path: Path) -> None:
 def test_a_resume_may_switch_tracking_on(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path / "run")
     folder.prepare({"num-rounds": 2, "track": ""})
-    folder.prepare({"num-rounds": 2, "track": "tensorboard"})  # no ConfigError
+    folder.prepare({"num-rounds": 2, "track": "tensorboard"})
+
+    saved = json.loads((folder.root / "run_config.json").read_text())
+    assert saved["track"] == "tensorboard"  # the resumed run tracks from now on
+    with pytest.raises(ConfigError, match="'seed'"):  # while another change is still refused
+        folder.prepare({"num-rounds": 2, "track": "tensorboard", "seed": 3})
 
 
 def test_simulation_report_logs_aggregate_figures_but_never_gradcam_overlays(tmp_path: Path) -> None:

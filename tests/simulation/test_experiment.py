@@ -133,7 +133,6 @@ def test_cli_reports_a_user_error_without_traceback(tmp_path: Path) -> None:
     assert "dirichlet" in result.output
 
 
-@pytest.mark.slow
 def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

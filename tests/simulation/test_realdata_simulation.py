@@ -12,7 +12,7 @@ from common.run_settings import run_settings_from_config
 from simulation.baselines import load_sites, score_everywhere
 from simulation.experiment import Experiment, ExperimentConfig, PartitionSpec, SourceSpec
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]  # make test-slow: a simulation on real images
 
 
 def test_federated_teacher_beats_chance_on_the_pooled_test_set(shared_data: Path, tmp_path: Path) -> None:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 import simulation.cli as cli
 from common.tracking import TRACK_DIR
-
-pytestmark = pytest.mark.slow
 
 
 def test_simulation_run_logs_rounds_distillation_and_report_to_tensorboard(tmp_path: Path) -> None:

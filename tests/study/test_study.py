@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 import research.study.__main__ as study_cli
@@ -18,79 +15,9 @@ from common.errors import ConfigError, DataError
 from common.tasks import get_task
 from research.study.cells import Cell, load_settings, prepare, run_cell, table_cells, with_overrides
 from research.study.report import build_study_report
+from tests.study.helpers import fake_result, write_config, write_pool
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = ("normal", "pneumonia", "covid-19")
-
-
-def _write_pool(folder: Path, n_patients: int = 60, per_patient: int = 2) -> Path:
-    """A manifest of small images whose brightness follows the label, two images per patient."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for patient in range(n_patients):
-        label = CLASSES[patient % 3]
-        for k in range(per_patient):
-            mean = 60 + 60 * CLASSES.index(label)
-            pixels = np.clip(rng.normal(mean, 25, size=(24, 24)), 0, 255).astype(np.uint8)
-            path = folder / "images" / f"p{patient:03d}_{k}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels, mode="L").save(path)
-            rows.append([str(path), label, f"hospital-{patient % 2}", f"p{patient:03d}", ""])
-    manifest = folder / "all.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "site", "patient_id", "view"])
-        writer.writerows(rows)
-    return manifest
-
-
-def _write_config(tmp_path: Path, manifest: Path, extra: str = "", run: str = "") -> Path:
-    config = tmp_path / "study.toml"
-    config.write_text(
-        f"""
-out = "out"
-results = "results"
-sites = 2
-nih-sites = 2
-min-site-size = 10
-seeds = [0, 1]
-{extra or "federated-student-rounds = 1"}
-
-[data.cxr]
-task = "normal-pneumonia-covid"
-test-images = 30
-pool-images = 80
-
-[[data.cxr.sources]]
-format = "manifest"
-path = "{manifest}"
-
-[data.nih]
-task = "nih14"
-test-images = 10
-pool-images = 20
-
-[[data.nih.sources]]
-format = "nih14"
-path = "no-such-folder"
-
-[run]
-teacher-name = "tiny-cnn"
-image-size = 32
-num-rounds = 2
-batch-size = 16
-lr = 0.05
-kd-epochs = 1
-kd-width-mult = 0.35
-{run}
-
-[privacy]
-epsilons = [8.0, 3.0]
-headline-epsilon = 8.0
-""",
-        encoding="utf-8",
-    )
-    return config
 
 
 def test_the_checked_in_study_config_loads(shared_data: Path) -> None:
@@ -114,7 +41,7 @@ def test_the_checked_in_study_config_loads(shared_data: Path) -> None:
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(tmp_path: Path, extra: str, run: str, named: str) -> None:
-    config = _write_config(tmp_path, tmp_path / "pool.csv", extra=extra, run=run)
+    config = write_config(tmp_path, tmp_path / "pool.csv", extra=extra, run=run)
 
     with pytest.raises(ConfigError, match=named):
         load_settings(config)
@@ -152,7 +79,7 @@ run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
     ],
 )
 def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
-    config = _write_config(tmp_path, tmp_path / "pool.csv", extra=f"[[attempts]]\n{attempt}\n")
+    config = write_config(tmp_path, tmp_path / "pool.csv", extra=f"[[attempts]]\n{attempt}\n")
 
     with pytest.raises(ConfigError, match=named):
         load_settings(config)
@@ -161,13 +88,13 @@ def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, n
 def test_two_attempts_with_one_name_are_refused(tmp_path: Path) -> None:
     twice = ATTEMPTS.replace('name = "kd3"', 'name = "rounds4"')
     with pytest.raises(ConfigError, match="rounds4"):
-        load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=twice))
+        load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=twice))
 
 
 def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Path) -> None:
     from research.study.cells import cell_run_config
 
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
 
     rounds, rounds_seed_1, kd = table_cells("attempts", settings)
 
@@ -191,12 +118,12 @@ def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Pat
 
 
 def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=ATTEMPTS))
     cells = {
-        "cxr-dirichlet-0.5-fedavg-s0": _fake_result("a", 0.90, pooled=0.95),
-        "cxr-dirichlet-0.5-fedavg-rounds4-s0": _fake_result("b", 0.94, pooled=0.95),
-        "cxr-dirichlet-0.5-fedavg-s1": _fake_result("c", 0.80, pooled=1.0),
-        "cxr-dirichlet-0.5-fedavg-rounds4-s1": _fake_result("d", 0.90, pooled=1.0),
+        "cxr-dirichlet-0.5-fedavg-s0": fake_result("a", 0.90, pooled=0.95),
+        "cxr-dirichlet-0.5-fedavg-rounds4-s0": fake_result("b", 0.94, pooled=0.95),
+        "cxr-dirichlet-0.5-fedavg-s1": fake_result("c", 0.80, pooled=1.0),
+        "cxr-dirichlet-0.5-fedavg-rounds4-s1": fake_result("d", 0.90, pooled=1.0),
     }
     for name, record in cells.items():
         path = settings.out / "cells" / name / "result.json"
@@ -218,7 +145,7 @@ def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> No
 
 
 def test_a_headline_epsilon_outside_the_list_is_refused(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, tmp_path / "pool.csv")
+    config = write_config(tmp_path, tmp_path / "pool.csv")
     config.write_text(config.read_text().replace("headline-epsilon = 8.0", "headline-epsilon = 1.0"))
 
     with pytest.raises(ConfigError, match="headline-epsilon"):
@@ -226,7 +153,7 @@ def test_a_headline_epsilon_outside_the_list_is_refused(tmp_path: Path) -> None:
 
 
 def test_prepare_holds_out_a_patient_grouped_test_set_once(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data")))
+    settings = load_settings(write_config(tmp_path, write_pool(tmp_path / "data")))
 
     prepared = prepare(settings, "cxr")
 
@@ -246,7 +173,7 @@ def test_prepare_holds_out_a_patient_grouped_test_set_once(tmp_path: Path) -> No
 
 
 def test_prepare_names_a_missing_source_and_an_impossible_size(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data", n_patients=30)))
+    settings = load_settings(write_config(tmp_path, write_pool(tmp_path / "data", n_patients=30)))
 
     with pytest.raises(DataError, match="no-such-folder"):
         prepare(settings, "nih")
@@ -256,7 +183,7 @@ def test_prepare_names_a_missing_source_and_an_impossible_size(tmp_path: Path) -
 
 
 def test_tables_share_cells_and_run_dp_rows_as_configured(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
 
     splits = {c.name for c in table_cells("splits", settings)}
     headline = [c.name for c in table_cells("headline", settings)]
@@ -284,31 +211,8 @@ def test_tables_share_cells_and_run_dp_rows_as_configured(tmp_path: Path) -> Non
         table_cells("everything", settings)
 
 
-def _fake_result(cell: str, federated: float, **extra: object) -> dict[str, object]:
-    teachers: dict[str, object] = {"federated": {"auroc_macro": federated, "balanced_accuracy": 0.5}}
-    record: dict[str, object] = {
-        "cell": {"name": cell},
-        "partition": {"sizes": [10, 10], "label_counts": {}, "label_skew_tv": 0.3, "natural_ids": None},
-        "site_train_images": {"site_00": 8, "site_01": 8},
-        "dp_epsilon_spent": {},
-        "teachers": teachers,
-    }
-    if "pooled" in extra:
-        teachers["pooled"] = {"auroc_macro": extra.pop("pooled")}
-    if "local" in extra:
-        teachers["local"] = {f"site_0{i}": {"auroc_macro": v} for i, v in enumerate(extra.pop("local"))}  # type: ignore[arg-type]
-    if "students" in extra:
-        kd, no_kd = extra.pop("students")  # type: ignore[misc]
-        record["students"] = {
-            site: {"kd": {"auroc_macro": kd}, "no_kd": {"auroc_macro": no_kd}}
-            for site in ("site_00", "site_01")
-        }
-    record.update(extra)
-    return record
-
-
 def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
 
     def delivered(*scores: float) -> dict[str, object]:
         return {
@@ -317,20 +221,20 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
         }
 
     cells = {
-        "cxr-dirichlet-0.5-fedavg-s0": _fake_result("a", 0.90, pooled=0.92, local=[0.8, 0.7]),
-        "cxr-dirichlet-0.5-fedavg-s1": _fake_result("b", 0.94, pooled=0.94, local=[0.8, 0.7]),
-        "cxr-natural-fedavg-s0": _fake_result("c", 0.80, local=[0.85, 0.6]),
-        "cxr-dirichlet-0.5-fedavg-gn-s0": _fake_result("d", 0.90),
-        "cxr-dirichlet-0.5-fedavg-dp8-s0": _fake_result("e", 0.87, dp_epsilon_spent={"site_00": 7.9}),
+        "cxr-dirichlet-0.5-fedavg-s0": fake_result("a", 0.90, pooled=0.92, local=[0.8, 0.7]),
+        "cxr-dirichlet-0.5-fedavg-s1": fake_result("b", 0.94, pooled=0.94, local=[0.8, 0.7]),
+        "cxr-natural-fedavg-s0": fake_result("c", 0.80, local=[0.85, 0.6]),
+        "cxr-dirichlet-0.5-fedavg-gn-s0": fake_result("d", 0.90),
+        "cxr-dirichlet-0.5-fedavg-dp8-s0": fake_result("e", 0.87, dp_epsilon_spent={"site_00": 7.9}),
         # the students table: KD and no-KD site students, the federated and delivered students
-        "cxr-dirichlet-0.5-fedavg-fedstudent-s0": _fake_result(
+        "cxr-dirichlet-0.5-fedavg-fedstudent-s0": fake_result(
             "f",
             0.90,
             students=(0.89, 0.85),
             federated_student={"auroc_macro": 0.895},
             delivered=delivered(0.895, 0.905),
         ),
-        "cxr-dirichlet-0.5-fedavg-fedstudent-s1": _fake_result(
+        "cxr-dirichlet-0.5-fedavg-fedstudent-s1": fake_result(
             "g",
             0.94,
             students=(0.90, 0.91),
@@ -376,7 +280,7 @@ def test_report_judges_each_target_on_the_seed_means(tmp_path: Path) -> None:
 
 
 def test_study_command_refuses_an_unknown_table(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, tmp_path / "pool.csv")
+    config = write_config(tmp_path, tmp_path / "pool.csv")
 
     result = CliRunner().invoke(study_cli.app, ["everything", "--config", str(config)])
 
@@ -387,7 +291,7 @@ def test_study_command_refuses_an_unknown_table(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_one_cell_runs_end_to_end_and_is_reused(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, _write_pool(tmp_path / "data")))
+    settings = load_settings(write_config(tmp_path, write_pool(tmp_path / "data")))
     cell = Cell(
         "headline",
         "cxr",
@@ -459,7 +363,7 @@ def test_a_finished_cell_run_with_other_settings_is_refused_before_any_work(
 ) -> None:
     from research.study.cells import cell_run_config, check_finished_cells
 
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
     students = table_cells("students", settings)
     ran_with = {**cell_run_config(students[0], settings, 2), "kd-federated-student-rounds": 10}
     folder = _finish_cell(settings, students[0], ran_with, in_experiment=in_experiment)
@@ -474,9 +378,9 @@ def test_a_finished_cell_run_with_other_settings_is_refused_before_any_work(
 
 
 def test_how_a_finished_cell_ran_may_change_without_refusing_it(tmp_path: Path) -> None:
-    from research.study.cells import cell_run_config, check_finished_cells
+    from research.study.cells import cell_run_config, check_finished_cells, stale_settings
 
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
     cells = table_cells("students", settings)
     ran_with = {
         **cell_run_config(cells[0], settings, 2),
@@ -488,13 +392,19 @@ def test_how_a_finished_cell_ran_may_change_without_refusing_it(tmp_path: Path) 
     _finish_cell(settings, cells[0], ran_with)
     _finish_cell(settings, cells[1], None)  # no record of its settings: nothing to compare
 
-    check_finished_cells(cells, settings)  # no error
+    assert [stale_settings(cell, settings) for cell in cells[:2]] == [{}, {}]
+    check_finished_cells(cells, settings)
+    # the record is read: a setting of what the cell computes, changed with them, is refused
+    headline = table_cells("headline", settings)[0]
+    _finish_cell(settings, headline, {**cell_run_config(headline, settings, 2), "kd-epochs": 7})
+    with pytest.raises(DataError, match="kd-epochs = 7"):
+        check_finished_cells([*cells, headline], settings)
 
 
 def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Path) -> None:
     from research.study.cells import cell_run_config
 
-    config = _write_config(tmp_path, tmp_path / "pool.csv")
+    config = write_config(tmp_path, tmp_path / "pool.csv")
     settings = load_settings(config)
     cell = table_cells("headline", settings)[0]
     _finish_cell(settings, cell, {**cell_run_config(cell, settings, 2), "num-rounds": 7})
@@ -510,7 +420,7 @@ def test_the_study_command_refuses_stale_cells_without_a_traceback(tmp_path: Pat
 def test_a_corrupt_finished_cell_is_named_with_the_fix(tmp_path: Path) -> None:
     from research.study.cells import check_finished_cells
 
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv"))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
     cells = table_cells("students", settings)
     folder = _finish_cell(settings, cells[0], None)
     (folder / "result.json").write_text('{"cell": ', encoding="utf-8")  # cut off mid-write

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from common.bootstrap import percentile_interval, stratified_weights, weighted_auroc
 from common.errors import ConfigError, DataError
@@ -22,8 +20,8 @@ from research.study.cells import (
 )
 from research.study.external import Holdout, interval_scores, read_rows, split_external
 from research.study.report import build_study_report
+from tests.study.helpers import CLASSES, write_config, write_manifest
 
-CLASSES = ("normal", "pneumonia", "covid-19")
 # (site, label of its patients): two one-class COVID sources, a one-class normal source and a
 # two-class hospital holding the only pneumonia images, as in the study's real pool
 SOURCES = (
@@ -35,25 +33,13 @@ SOURCES = (
 
 
 def _write_sources(folder: Path, patients_per_source: int = 24) -> Path:
-    """A manifest of small images whose brightness follows the label, two images per patient."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for site, labels in SOURCES:
-        for patient in range(patients_per_source):
-            label = labels[patient % len(labels)]
-            for k in range(2):
-                mean = 60 + 60 * CLASSES.index(label)
-                pixels = np.clip(rng.normal(mean, 25, size=(24, 24)), 0, 255).astype(np.uint8)
-                path = folder / "images" / f"{site}-{patient:03d}_{k}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels, mode="L").save(path)
-                rows.append([str(path), label, site, f"{site}-{patient:03d}", ""])
-    manifest = folder / "all.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "site", "patient_id", "view"])
-        writer.writerows(rows)
-    return manifest
+    """A manifest of the SOURCES, two images per patient."""
+    patients = [
+        (site, f"{site}-{patient:03d}", labels[patient % len(labels)])
+        for site, labels in SOURCES
+        for patient in range(patients_per_source)
+    ]
+    return write_manifest(folder, patients)
 
 
 EXTERNAL = """
@@ -78,52 +64,7 @@ run = { preprocess-equalize = true }
 
 
 def _write_config(tmp_path: Path, manifest: Path, external: str = EXTERNAL) -> Path:
-    config = tmp_path / "study.toml"
-    config.write_text(
-        f"""
-out = "out"
-results = "results"
-sites = 2
-nih-sites = 2
-min-site-size = 10
-seeds = [0, 1]
-federated-student-rounds = 1
-
-[data.cxr]
-task = "normal-pneumonia-covid"
-test-images = 60
-pool-images = 132
-
-[[data.cxr.sources]]
-format = "manifest"
-path = "{manifest}"
-
-[data.nih]
-task = "nih14"
-test-images = 10
-pool-images = 20
-
-[[data.nih.sources]]
-format = "nih14"
-path = "no-such-folder"
-
-[run]
-teacher-name = "tiny-cnn"
-image-size = 32
-num-rounds = 2
-batch-size = 16
-lr = 0.05
-kd-epochs = 1
-kd-width-mult = 0.35
-
-[privacy]
-epsilons = [8.0]
-headline-epsilon = 8.0
-{external}
-""",
-        encoding="utf-8",
-    )
-    return config
+    return write_config(tmp_path, manifest, test_images=60, pool_images=132, epsilons="[8.0]", tail=external)
 
 
 def test_external_cells_are_named_by_the_cell_scheme(tmp_path: Path) -> None:

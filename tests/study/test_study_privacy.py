@@ -13,7 +13,7 @@ from common.errors import ConfigError
 from research.study.cells import load_settings, prepare, score_public_teacher, table_cells
 from research.study.privacy import ensure_public_teacher, public_weights
 from research.study.report import build_study_report
-from tests.study.test_study import _fake_result, _write_config, _write_pool
+from tests.study.helpers import fake_result, write_config, write_pool
 
 VARIANTS = """
 [privacy.pretrain]
@@ -36,7 +36,7 @@ FREEZE = "run = { freeze-blocks = 1 }"
 
 
 def _config(tmp_path: Path, manifest: Path, privacy: str = VARIANTS, headline: str = "public") -> Path:
-    config = _write_config(tmp_path, manifest)
+    config = write_config(tmp_path, manifest)
     text = config.read_text(encoding="utf-8").replace(
         "headline-epsilon = 8.0", f'headline-epsilon = 8.0\nheadline-variant = "{headline}"'
     )
@@ -99,7 +99,7 @@ def _rows(manifest: Path) -> list[dict[str, str]]:
 
 
 def test_the_public_teacher_shares_no_image_or_patient_with_pool_and_test(tmp_path: Path) -> None:
-    source = _write_pool(tmp_path / "data", n_patients=80)
+    source = write_pool(tmp_path / "data", n_patients=80)
     settings = load_settings(_config(tmp_path, source))
     data = prepare(settings, "cxr")
 
@@ -119,7 +119,7 @@ def test_the_public_teacher_shares_no_image_or_patient_with_pool_and_test(tmp_pa
 
 
 def test_the_public_set_catches_an_exact_copy_it_draws(tmp_path: Path) -> None:
-    source = _write_pool(tmp_path / "data", n_patients=80)
+    source = write_pool(tmp_path / "data", n_patients=80)
     config = _config(tmp_path, source, VARIANTS.replace("images = 40", "images = 1000"))
     settings = load_settings(config)
     data = prepare(settings, "cxr")
@@ -142,7 +142,7 @@ def test_the_public_set_catches_an_exact_copy_it_draws(tmp_path: Path) -> None:
     # the report says where the public teacher came from, what the check dropped, what it scores alone
     cell = settings.out / "cells" / "cxr-dirichlet-0.5-fedavg-gn-s0" / "result.json"
     cell.parent.mkdir(parents=True)
-    cell.write_text(json.dumps(_fake_result("a", 0.86)))
+    cell.write_text(json.dumps(fake_result("a", 0.86)))
     report = build_study_report(settings).read_text()
     assert "pool.csv: 1 of its" in report
     assert "1 image(s) dropped" in report
@@ -156,12 +156,12 @@ def test_the_headline_dp_cost_is_judged_on_the_headline_setting_against_itself_w
 ) -> None:
     settings = load_settings(_config(tmp_path, tmp_path / "pool.csv"))
     cells = {
-        "cxr-dirichlet-0.5-fedavg-gn-s0": _fake_result("a", 0.86),
-        "cxr-dirichlet-0.5-fedavg-dp8-s0": _fake_result("b", 0.79, dp_epsilon_spent={"site_00": 7.9}),
-        "cxr-dirichlet-0.5-fedavg-gn-public-s0": _fake_result("c", 0.93),
-        "cxr-dirichlet-0.5-fedavg-dp8-public-s0": _fake_result("d", 0.90, dp_epsilon_spent={"site_00": 7.99}),
-        "cxr-dirichlet-0.5-fedavg-gn-public-s1": _fake_result("e", 0.95),
-        "cxr-dirichlet-0.5-fedavg-dp8-public-s1": _fake_result("f", 0.91, dp_epsilon_spent={"site_00": 8.0}),
+        "cxr-dirichlet-0.5-fedavg-gn-s0": fake_result("a", 0.86),
+        "cxr-dirichlet-0.5-fedavg-dp8-s0": fake_result("b", 0.79, dp_epsilon_spent={"site_00": 7.9}),
+        "cxr-dirichlet-0.5-fedavg-gn-public-s0": fake_result("c", 0.93),
+        "cxr-dirichlet-0.5-fedavg-dp8-public-s0": fake_result("d", 0.90, dp_epsilon_spent={"site_00": 7.99}),
+        "cxr-dirichlet-0.5-fedavg-gn-public-s1": fake_result("e", 0.95),
+        "cxr-dirichlet-0.5-fedavg-dp8-public-s1": fake_result("f", 0.91, dp_epsilon_spent={"site_00": 8.0}),
     }
     for name, record in cells.items():
         path = settings.out / "cells" / name / "result.json"

@@ -22,7 +22,7 @@ from common.tasks import get_task
 from common.training import EvalResult
 from research.study.cells import load_settings, table_cells
 from research.study.report import build_study_report
-from tests.study.test_study import _fake_result, _write_config
+from tests.study.helpers import fake_result, write_config
 
 TASK = get_task("normal-pneumonia-covid")
 COVID = TASK.classes.index("covid-19")
@@ -59,7 +59,7 @@ seeds = [0, 1]
 def test_recipe_attempts_run_on_each_of_their_splits_and_differ_only_in_bn_statistics(tmp_path: Path) -> None:
     from research.study.cells import cell_run_config
 
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
 
     cells = table_cells("attempts", settings)
     assert [c.name for c in cells] == [
@@ -97,7 +97,7 @@ def test_bad_recipe_settings_are_refused_naming_the_key(
     assert extra != RECIPE
 
     with pytest.raises(ConfigError, match=named):
-        load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=extra))
+        load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=extra))
 
 
 # ----------------------------------------------------------------------------- scoring at the site's point
@@ -234,30 +234,30 @@ def _write_cells(settings: Any, cells: dict[str, dict[str, Any]]) -> None:
 
 
 def test_report_judges_the_natural_covid_targets_at_the_sites_points(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
     _write_cells(
         settings,
         {
             # seed 0: a site whose phase failed counts 0 (mean of 1.0, 0.5, 0 = 0.5)
-            "cxr-natural-fedavg-fedstudent-newrec-s0": _fake_result(
+            "cxr-natural-fedavg-fedstudent-newrec-s0": fake_result(
                 "a",
                 0.8,
                 delivered=_delivered([1.0, 0.5, None], [0.9, 0.8, 0.0], [0.7, 0.6, 0.0], [0.7, 0.7, 0.7]),
             ),
-            "cxr-natural-fedavg-fedstudent-newrec-s1": _fake_result(
+            "cxr-natural-fedavg-fedstudent-newrec-s1": fake_result(
                 "b", 0.8, delivered=_delivered([0.9, 0.7], [0.9, 0.9], [0.8, 0.8], [0.8, 0.7])
             ),
-            "cxr-natural-fedavg-fedstudent-oldrec-s0": _fake_result(
+            "cxr-natural-fedavg-fedstudent-oldrec-s0": fake_result(
                 "c", 0.8, delivered=_delivered([0.2, 0.2], [0.9, 0.9], [0.5, 0.5], [0.6, 0.6])
             ),
-            "cxr-dirichlet-0.1-fedavg-fedstudent-newrec-s0": _fake_result(
+            "cxr-dirichlet-0.1-fedavg-fedstudent-newrec-s0": fake_result(
                 "d", 0.8, delivered=_delivered([0.9, 0.9], [0.9, 0.9], [0.70, 0.80], [0.75, 0.80])
             ),
-            "cxr-dirichlet-0.1-fedavg-fedstudent-newrec-s1": _fake_result(
+            "cxr-dirichlet-0.1-fedavg-fedstudent-newrec-s1": fake_result(
                 "e", 0.8, delivered=_delivered([0.9, 0.9], [0.9, 0.9], [0.80, 0.80], [0.80, 0.80])
             ),
             # a students cell scored before operating points (no op figures): the target stays open
-            "cxr-dirichlet-0.5-fedavg-fedstudent-s0": _fake_result(
+            "cxr-dirichlet-0.5-fedavg-fedstudent-s0": fake_result(
                 "f",
                 0.9,
                 students=(0.8, 0.7),
@@ -294,11 +294,11 @@ def test_report_judges_the_natural_covid_targets_at_the_sites_points(tmp_path: P
 
 
 def test_a_target_over_fewer_seeds_than_the_study_is_not_judged(tmp_path: Path) -> None:
-    settings = load_settings(_write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=RECIPE))
     _write_cells(
         settings,
         {
-            "cxr-natural-fedavg-fedstudent-newrec-s0": _fake_result(
+            "cxr-natural-fedavg-fedstudent-newrec-s0": fake_result(
                 "a", 0.8, delivered=_delivered([0.9, 0.9], [0.9, 0.9], [0.8, 0.8], [0.8, 0.8])
             )
         },

@@ -117,7 +117,6 @@ def real_reference() -> np.ndarray:
     return decode_dicom_file(_real("RG1_UNCI.dcm"))
 
 
-@pytest.mark.slow
 def test_real_chest_radiograph_decodes_with_bone_bright(real_reference: np.ndarray) -> None:
     path = _real("RG1_UNCI.dcm")
     ds = pydicom.dcmread(path)
@@ -138,7 +137,6 @@ def test_real_chest_radiograph_decodes_with_bone_bright(real_reference: np.ndarr
     assert spine > max(lungs) + 30
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "RG1_J2KR.dcm"])
 def test_real_jpeg2000_copies_decode_close_to_the_uncompressed_image(
     name: str, real_reference: np.ndarray
@@ -184,7 +182,6 @@ def test_patients_are_pseudonymised_and_grouped(site: Path) -> None:
     assert column.left_out["no row in labels.csv"] == 5
 
 
-@pytest.mark.slow
 def test_no_header_value_reaches_logs_output_or_files(
     site: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
 ) -> None:

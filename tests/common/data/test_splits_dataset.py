@@ -110,7 +110,6 @@ def test_dataloader_with_workers_matches_single_process(synthetic_cache) -> None
     torch.testing.assert_close(single, multi)
 
 
-@pytest.mark.slow
 def test_synthetic_set_is_learnable_by_a_small_cnn(tmp_path: Path) -> None:
     cat = load_catalog("synthetic", None, NPC, options={"n-images": 360, "image-size": 32, "seed": 0})
     cached = build_cache(cat, 32, tmp_path / "cache")
