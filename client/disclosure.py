@@ -38,7 +38,9 @@ are the coordinator's own partitions and share everything, exactly, for the simu
 reports. Paths never leave any site.
 
 :class:`Disclosure` is the one place that shapes what leaves: the ClientApp passes every reply's
-records and every error text through it (client/app.py ``_outgoing``).
+records (through the site's privacy gate, client/privacy_gate.py) and every error text through it
+(client/app.py ``_outgoing``). The opt-ins are part of the site's privacy policy
+(client/site_privacy.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.site import is_simulated, node_flag
+from client.site_privacy import EXACT_KEY, PER_CLASS_KEY
 from common.errors import ConfigError
 from common.metrics import PER_CLASS_NAMES, SCALAR_NAMES
 from common.protocol import WEIGHT_KEY, scrub_paths
@@ -152,10 +155,6 @@ def _coarse_value(value: float | int) -> float | int:
     if isinstance(value, bool) or (isinstance(value, int) and abs(value) <= 1):
         return value
     return coarse(float(value))
-
-
-PER_CLASS_KEY = "share-per-class-metrics"
-EXACT_KEY = "share-exact-metrics"
 
 
 def site_disclosure(node_config: Mapping[str, Any]) -> Disclosure:
