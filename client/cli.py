@@ -5,7 +5,10 @@ source adapter, decode every image into the cache, print what the site has). Oth
 (``init`` from an onboarding kit, ``start``, ``serve`` (``start`` that stays up across runs),
 ``predict``, ``explain``; ``audit`` and ``cache`` in client/site_cli.py) are added to the same
 ``app``. Commands stay thin: they check options, call library code in ``common/``, and turn a
-:class:`~common.errors.CxrFlError` into a one-line message and exit code 2 (no traceback).
+:class:`~common.errors.CxrFlError` into a one-line message and exit code 2 (no traceback). Their
+options are declared once, in client/cli_options.py; ``start`` builds the site's privacy
+(client/site_privacy.py) and limits from its options and policy file in one step
+(``_site_node_settings``).
 """
 
 from __future__ import annotations
