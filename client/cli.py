@@ -98,7 +98,9 @@ from common.processes import exit_on_sigterm
 if TYPE_CHECKING:
     from client.deploy import SiteNodeSettings
     from client.site_policy import SitePolicy
-    from common.evaluation import EvaluationResult
+    from common.data.cache import CachedImages, SkippedImage
+    from common.data.catalog import Catalog
+    from common.evaluation import EvaluationResult, EvaluationSettings, ScoringModel
     from common.export import LoadedModel
     from common.operating_point import OperatingPoint
     from common.site_limits import PolicyFile
@@ -251,7 +253,7 @@ def check(
     _print_unreadable(cached.skipped)
 
 
-def _decode_images(catalog: Any, image_size: int, cache_dir: Path | None, strict: bool) -> Any:
+def _decode_images(catalog: Catalog, image_size: int, cache_dir: Path | None, strict: bool) -> CachedImages:
     """Every image of ``catalog`` decoded into the cache, with a progress bar."""
     from common.data.cache import build_cache
 
@@ -266,7 +268,7 @@ def _decode_images(catalog: Any, image_size: int, cache_dir: Path | None, strict
         )
 
 
-def _class_table(usable: Any, task: Task) -> Table:
+def _class_table(usable: Catalog, task: Task) -> Table:
     """Images and share per class (per finding, and those with none, for a multi-label task)."""
     table = Table()
     table.add_column("finding" if task.is_multilabel else "class")
@@ -280,7 +282,7 @@ def _class_table(usable: Any, task: Task) -> Table:
     return table
 
 
-def _site_facts(cached: Any, policy: SitePolicy, image_size: int) -> Table:
+def _site_facts(cached: CachedImages, policy: SitePolicy, image_size: int) -> Table:
     """Patients, views, sources, unreadable files, the site policy and the cache of a checked site."""
     usable = cached.catalog
     facts = Table(show_header=False, title="site facts", title_justify="left")
@@ -311,7 +313,7 @@ def _left_out_table(left_out: dict[str, int]) -> Table:
     return table
 
 
-def _print_unreadable(skipped: Any) -> None:
+def _print_unreadable(skipped: tuple[SkippedImage, ...]) -> None:
     """The first 20 unreadable images and why, on stderr."""
     for item in skipped[:20]:
         err_console.print(
@@ -460,7 +462,7 @@ def evaluate(
     console.print(f"report: {out / 'evaluation.md'} (+ evaluation.json, 3 PNG figures)", highlight=False)
 
 
-def _scoring_model(model: Path, task: str | None, threads: int) -> Any:
+def _scoring_model(model: Path, task: str | None, threads: int) -> ScoringModel:
     """The model ``evaluate`` scores with, on ``threads`` threads; its task must be ``--task``'s."""
     import torch
 
@@ -477,7 +479,9 @@ def _scoring_model(model: Path, task: str | None, threads: int) -> Any:
     return scorer
 
 
-def _score_and_evaluate(bar: Progress, scorer: Any, cached: Any, settings: Any) -> EvaluationResult:
+def _score_and_evaluate(
+    bar: Progress, scorer: ScoringModel, cached: CachedImages, settings: EvaluationSettings
+) -> EvaluationResult:
     """Score every image (progress on ``bar``), then the figures with their bootstrap intervals."""
     from common.evaluation import evaluate_scores, score_images
 
@@ -487,7 +491,7 @@ def _score_and_evaluate(bar: Progress, scorer: Any, cached: Any, settings: Any) 
     return evaluate_scores(scorer.task, cached.catalog.targets, scores, settings)
 
 
-def _evaluated_data(fmt: str, data: Path | None, cached: Any) -> dict[str, Any]:
+def _evaluated_data(fmt: str, data: Path | None, cached: CachedImages) -> dict[str, Any]:
     """What the evaluation report says of the data it was computed on."""
     return {
         "format": fmt,

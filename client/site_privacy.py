@@ -23,7 +23,6 @@ its node config says otherwise.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 
 SITE_MAX_DEFAULT_DELTA = 1e-5
 """A site's delta when it sets none: never above this, and never above 1/N (N training images)."""
+EPSILON_KEY = "dp-target-epsilon"
 LEDGER_KEY = "privacy-ledger"
 PER_CLASS_KEY = "share-per-class-metrics"
 EXACT_KEY = "share-exact-metrics"
@@ -90,19 +90,19 @@ class SitePrivacy:
             for key in SITE_DP_OPTIONS
             if _set(values, key)
         }
-        if dp and "dp-target-epsilon" not in dp:
+        if dp and EPSILON_KEY not in dp:
             others = ", ".join(name(key) for key in SITE_DP_OPTIONS[1:])
             raise ConfigError(
-                name("dp-target-epsilon"), None, f"a privacy budget: a site that sets {others} must set it"
+                name(EPSILON_KEY), None, f"a privacy budget: a site that sets {others} must set it"
             )
         flags = {
             key: parse_bool(name(key), values[key], text=True) for key in SHARE_KEYS if _set(values, key)
         }
         return cls(
-            epsilon=dp.get("dp-target-epsilon"),  # type: ignore[arg-type]
-            delta=dp.get("dp-target-delta"),  # type: ignore[arg-type]
-            max_grad_norm=dp.get("dp-max-grad-norm"),  # type: ignore[arg-type]
-            accountant=dp.get("dp-accountant"),  # type: ignore[arg-type]
+            epsilon=_number(dp.get(EPSILON_KEY)),
+            delta=_number(dp.get("dp-target-delta")),
+            max_grad_norm=_number(dp.get("dp-max-grad-norm")),
+            accountant=None if dp.get("dp-accountant") is None else str(dp["dp-accountant"]),
             ledger=_absolute(values, LEDGER_KEY, name),
             share_per_class_metrics=flags.get(PER_CLASS_KEY, False),
             share_exact_metrics=flags.get(EXACT_KEY, False),
@@ -117,11 +117,13 @@ class SitePrivacy:
         values = dict(options)
         if values.get(LEDGER_KEY) is not None:
             values[LEDGER_KEY] = str(Path(values[LEDGER_KEY]).resolve())
+        file_epsilon = None if policy_file is None else policy_file.dp_target_epsilon
+        if file_epsilon is not None and values.get(EPSILON_KEY) is None:
+            values[EPSILON_KEY] = file_epsilon  # the file's budget alone: the site is under DP
         own = cls.from_mapping(values, cli_option)
-        if policy_file is None or policy_file.dp_target_epsilon is None:
+        if file_epsilon is None or own.epsilon is None:
             return own
-        epsilon = min(own.epsilon or math.inf, policy_file.dp_target_epsilon)
-        return replace(own, epsilon=epsilon)
+        return replace(own, epsilon=min(own.epsilon, file_epsilon))
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], *, simulated: bool = False) -> SitePrivacy:
@@ -129,10 +131,15 @@ class SitePrivacy:
         of its own and shares everything unless its node config says otherwise."""
         if not simulated:
             return cls.from_mapping(node_config, node_config_key)
-        flags = {
-            key: parse_bool(node_config_key(key), node_config.get(key, True), text=True) for key in SHARE_KEYS
-        }
-        return cls(**{key.replace("-", "_"): value for key, value in flags.items()})
+
+        def shares(key: str) -> bool:
+            return parse_bool(node_config_key(key), node_config.get(key, True), text=True)
+
+        return cls(
+            share_per_class_metrics=shares(PER_CLASS_KEY),
+            share_exact_metrics=shares(EXACT_KEY),
+            share_delivered_student=shares(SHARE_STUDENT_KEY),
+        )
 
     def node_config(self) -> dict[str, float | str | bool]:
         """The policy as node config values (``--node-config`` of the site's SuperNode): the DP
@@ -190,6 +197,10 @@ class SitePrivacy:
         from client.disclosure import Disclosure
 
         return Disclosure(per_class=self.share_per_class_metrics, exact=self.share_exact_metrics)
+
+
+def _number(value: float | str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _set(values: Mapping[str, Any], key: str) -> bool:

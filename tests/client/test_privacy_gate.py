@@ -181,6 +181,9 @@ def test_a_policy_file_only_tightens_the_sites_budget() -> None:
     assert SitePrivacy.from_options({"dp-target-epsilon": 3.0}, looser).epsilon == 3.0
     assert SitePrivacy.from_options({"dp-target-epsilon": 3.0}, tighter).epsilon == 1.0
     assert SitePrivacy.from_options({}, tighter).epsilon == 1.0  # the file alone sets a budget
+    assert SitePrivacy.from_options({"dp-target-delta": 1e-6}, tighter) == SitePrivacy(
+        epsilon=1.0, delta=1e-6
+    )
     assert SitePrivacy.from_options({}, PolicyFile()).epsilon is None
 
 
