@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from client.admission import admit
-from client.disclosure import site_disclosure
+from client.disclosure import Disclosure
 from client.model_evaluation import delivered_student, evaluate_model
 from client.privacy_gate import (
     BN_STATISTICS,
@@ -50,7 +50,14 @@ from client.privacy_gate import (
     PrivacyGate,
 )
 from client.privacy_ledger import LedgerIntegrityError
-from client.site import SiteConfig, for_run, site_from_node_config, site_name_for_partition, site_run_config
+from client.site import (
+    SiteConfig,
+    for_run,
+    is_simulated,
+    site_from_node_config,
+    site_name_for_partition,
+    site_run_config,
+)
 from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
@@ -61,6 +68,7 @@ from client.site_operating_point import (
     score_at_site,
 )
 from client.site_policy import SitePolicyError
+from client.site_privacy import site_disclosure
 from common.batchnorm_stats import site_moments
 from common.checkpoint import load_model_state, save_model
 from common.config import ModelConfig
@@ -142,9 +150,9 @@ SITE_BN_TEACHER_FILE = "global_teacher_site_bn.pt"
 NO_KD_STUDENT_FILE = "nokd_student.pt"
 """The student trained without KD (``kd-no-kd-baseline``), kept beside the exported student."""
 
-Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context, PrivacyGate], RecordDict]
-"""A phase's handler: the message, the run's settings, the site, its data, Flower's context and
-the site's privacy gate for this message (whose :meth:`~PrivacyGate.enter` it calls first)."""
+Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, PrivacyGate], RecordDict]
+"""A phase's handler: the message, the run's settings, the site, its data and the site's privacy
+gate for this message (whose :meth:`~PrivacyGate.enter` it calls first)."""
 
 
 def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
@@ -176,6 +184,11 @@ def _site_label(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
+def _disclosure(context: Context) -> Disclosure:
+    """What this site's replies may carry, by its node_config alone (client/site_privacy.py)."""
+    return site_disclosure(context.node_config, simulated=is_simulated(context.node_config))
+
+
 def _outgoing(
     msg: Message, context: Context, reply: RecordDict | Error, gate: PrivacyGate | None = None
 ) -> Message:
@@ -184,7 +197,7 @@ def _outgoing(
     metrics unless the site opted in, nothing computed on the training split under DP, no
     paths or counts in error texts): a phase's reply through its privacy gate, anything else
     (errors, the finish reply) by the disclosure of the site's node_config."""
-    disclosure = site_disclosure(context.node_config)
+    disclosure = _disclosure(context)
     if isinstance(reply, Error):
         text = disclosure.text(reply.reason or "")
         return Message(Error(reply.code, error_reason(_site_label(context), text)), reply_to=msg)
@@ -204,8 +217,8 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         site.out_dir.mkdir(parents=True, exist_ok=True)
         journal = admit(msg, context, settings, site)  # the site's policy and pin, before any work
         data = load_site_data(data_request(settings, site))
-        gate = PrivacyGate(site, settings, data)
-        content = handler(msg, settings, site, data, context, gate)
+        gate = PrivacyGate(site, settings, data, context.run_id)
+        content = handler(msg, settings, site, data, gate)
         if journal is not None:
             journal.mark_completed(msg.metadata.message_type)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
@@ -226,17 +239,12 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
 def _audit_declined(site: SiteConfig | None, context: Context, reason: str) -> None:
     """The decline in the site's audit trail, with the reason exactly as its reply carries it."""
     if site is not None and not site.simulated:
-        text = site_disclosure(context.node_config).text(reason)
+        text = _disclosure(context).text(reason)
         record_site_event(site.state_dir, "run-declined", run_id=context.run_id, reason=text)
 
 
 def _train(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     gate.enter(TEACHER_ROUND)
     config = msg.content["config"]
@@ -265,7 +273,7 @@ def _train(
         compute=site.resolve_compute(dp=gate.under_dp),
     )
     if dp_round is not None:  # recorded; weights of a round over the budget never leave
-        dp_round.spend(outcome.plan, outcome.history, context.run_id, server_round)
+        dp_round.spend(outcome.plan, outcome.history, server_round)
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
     trained = outcome.state_dict
     if KEY_CLIPPING_NORM in config:  # central DP (server/central_dp.py): the update leaves clipped
@@ -303,12 +311,7 @@ def _validation_scores(
 
 
 def _evaluate(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     gate.enter(VALIDATION)
     state = msg.content["arrays"].to_torch_state_dict()
@@ -341,12 +344,7 @@ def _distill_at_site(
 
 
 def _distill(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """Distil this site's student(s) from the global teacher, fit each one's operating point on
     the site's validation split, and export the KD student; a run without federated-student
@@ -526,12 +524,7 @@ def _student_at_site(
 
 
 def _bn_statistics(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The moments of every BatchNorm layer's input over this site's un-augmented train split,
     under the model the server sent (run setting ``bn-statistics``, common/batchnorm_stats.py).
@@ -607,12 +600,7 @@ def _cached_teacher_logits(site: SiteConfig) -> torch.Tensor | None:
 
 
 def _student_round(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """One round of the federated student: distil from the global student's weights, send them
     back (a deployed site under DP declines: the gate)."""
@@ -650,12 +638,7 @@ def _student_round(
 
 
 def _student_final(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: Context,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """Decide the student this site delivers (the consortium's global student or its fine-tune
     here), fit its operating point, run the check before delivery and export it here."""

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.app import Context as FlowerContext
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -180,12 +179,7 @@ DELIVERED_STUDENT_FILES = ("global_student/student.onnx", "student/student.onnx"
 
 
 def delivered_student(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: FlowerContext,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The ClientApp's handler of ``query.delivered_student`` (the cross-site matrix): the delivered
     student's ONNX bytes, only from a site that opted in and does not train under DP (its
@@ -202,12 +196,7 @@ def delivered_student(
 
 
 def evaluate_model(
-    msg: Message,
-    settings: FederatedRunConfig,
-    site: SiteConfig,
-    data: SiteData,
-    context: FlowerContext,
-    gate: PrivacyGate,
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The ClientApp's handler of ``evaluate.model`` (client/app.py)."""
     gate.enter(EVALUATION)

@@ -73,6 +73,7 @@ class DPRound:
     privacy: PrivacyConfig
     ledger: PrivacyLedger
     entry: LedgerEntry
+    run_id: int
 
     @property
     def plan(self) -> DPPlan | None:
@@ -82,19 +83,19 @@ class DPRound:
     def history(self) -> AccountantHistory:
         return self.entry.history
 
-    def spend(self, plan: DPPlan | None, history: AccountantHistory, run_id: int, server_round: int) -> None:
+    def spend(self, plan: DPPlan | None, history: AccountantHistory, server_round: int) -> None:
         """Write what the round actually spent (from the accountant's history) to the site's
         ledger and audit trail; BudgetExhaustedError when it went over the target: its weights
         stay at the site and the site declines further training rounds."""
         entry = self.entry
         entry.plan, entry.history = plan, history
         entry.spent.append(
-            {"run_id": run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
+            {"run_id": self.run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
         )
         self.ledger.save()
         if not self.site.simulated:
             record_site_event(
-                self.site.state_dir, "dp-spent", run_id=run_id, round=server_round, epsilon=entry.epsilon
+                self.site.state_dir, "dp-spent", run_id=self.run_id, round=server_round, epsilon=entry.epsilon
             )
         if entry.epsilon > self.privacy.target_epsilon + 1e-9:  # never send what went over budget
             raise BudgetExhaustedError(
@@ -106,9 +107,10 @@ class DPRound:
 class PrivacyGate:
     """A site's privacy decisions for one message of a run (see the module docstring)."""
 
-    def __init__(self, site: SiteConfig, settings: FederatedRunConfig, data: SiteData) -> None:
+    def __init__(self, site: SiteConfig, settings: FederatedRunConfig, data: SiteData, run_id: int) -> None:
         self.site = site
         self.data = data
+        self.run_id = run_id
         self.privacy = site.effective_privacy(settings.privacy, len(data.split.train))
 
     @property
@@ -149,7 +151,7 @@ class PrivacyGate:
         if not self.under_dp:
             return None
         ledger, entry = open_site_ledger(self.site, self.data)
-        return DPRound(self.site, self.privacy, ledger, entry)
+        return DPRound(self.site, self.privacy, ledger, entry, self.run_id)
 
     def teacher_epsilon(self) -> float | None:
         """The epsilon the site's ledger records for its data, for a model card (None without DP

@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.disclosure import Disclosure
 from common.config import SITE_DP_OPTIONS, PrivacyConfig, check_site_dp_option
 from common.errors import ConfigError
 from common.run_settings import parse_bool
 
 if TYPE_CHECKING:
-    from client.disclosure import Disclosure
     from common.site_limits import PolicyFile
 
 SITE_MAX_DEFAULT_DELTA = 1e-5
@@ -194,9 +194,22 @@ class SitePrivacy:
     @property
     def disclosure(self) -> Disclosure:
         """What this site's replies may carry (client/disclosure.py)."""
-        from client.disclosure import Disclosure
-
         return Disclosure(per_class=self.share_per_class_metrics, exact=self.share_exact_metrics)
+
+
+def site_disclosure(node_config: Mapping[str, Any], *, simulated: bool) -> Disclosure:
+    """The site's disclosure, from its own node_config only (never from the run settings), also
+    when the rest of its node_config cannot be read (error replies).
+
+    A simulated site shares everything unless its node_config says otherwise; a deployed site
+    shares nothing more than the defaults unless it opted in. An option that cannot be read
+    leaves the strictest disclosure (the reply then says what to fix).
+    """
+    opt_ins = {key: node_config[key] for key in (PER_CLASS_KEY, EXACT_KEY) if key in node_config}
+    try:
+        return SitePrivacy.from_node_config(opt_ins, simulated=simulated).disclosure
+    except ConfigError:
+        return Disclosure()
 
 
 def _number(value: float | str | None) -> float | None:

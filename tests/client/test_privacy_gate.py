@@ -93,7 +93,7 @@ def _gate(tmp_path: Path, privacy: SitePrivacy, *, simulated: bool = False, **ru
     )
     settings = run_settings_from_config(flower_run_config(teacher_norm="group", **run))
     data: Any = SimpleNamespace(split=SimpleNamespace(train=range(1000)))
-    return PrivacyGate(site, settings, data)
+    return PrivacyGate(site, settings, data, run_id=7)
 
 
 def test_the_gate_declines_what_dp_forbids_in_each_phase(tmp_path: Path) -> None:
