@@ -629,7 +629,6 @@ def _decision(loaded: LoadedModel, rule: OperatingPoint, image: Any) -> tuple[st
 
 @app.command()
 def start(
-    ctx: typer.Context,
     server: ServerAddress,
     site: SiteName,
     fmt: DataFormat,
@@ -670,9 +669,9 @@ def start(
     policy_path: PolicyOption = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
+    options = dict(locals())  # the options by name, as typer converted them (Path, not str)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = out.resolve()
-    options = {**ctx.params, "out": out}  # every option by name, as the steps below read them
+    out = options["out"] = out.resolve()
     if insecure:
         _warning("--insecure: no TLS, no site authentication (tests only)")
     try:

@@ -223,3 +223,40 @@ def test_dp_options_without_a_budget_are_refused_naming_the_budget() -> None:
         SitePrivacy.from_options({"dp-target-delta": 1e-6})
     with pytest.raises(ConfigError, match="'dp-target-epsilon'"):
         SitePrivacy.from_node_config({"dp-accountant": "rdp"})
+
+
+def test_start_hands_its_options_to_the_site_node_as_typed_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cxr-fl-client start``'s options, through the SuperNode's node config, back to the site."""
+    from typer.testing import CliRunner
+
+    import client.cli
+
+    started: list[SiteNodeSettings] = []
+    monkeypatch.setattr(client.cli, "_run_site", started.append)
+    monkeypatch.chdir(tmp_path)
+    for name in ("ca.crt", "site.key", "teacher.pt"):
+        (tmp_path / name).write_text("x")
+    result = CliRunner().invoke(
+        client.cli.app,
+        [
+            *("start", "--server", "127.0.0.1:9092", "--site", "a", "--format", "image-folder"),
+            *("--data", "data", "--out", "out", "--ca", "ca.crt", "--key", "site.key", "--skip-check"),
+            *("--state-dir", "state", "--initial-teacher", "teacher.pt", "--epsilon", "3"),
+            *("--delta", "1e-6", "--privacy-ledger", "ledger.json", "--share-delivered-student"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert settings.data_path == Path("data")  # a Path, as typer converts it (not click's str)
+    assert settings.ca_cert == Path("ca.crt")
+    node_config = parse_config_args([settings.node_config()])
+    run = run_settings_from_config({"teacher-norm": "group"})
+    site = site_from_node_config(node_config, run)
+    assert site.privacy == settings.privacy
+    assert site.privacy == SitePrivacy(
+        epsilon=3.0, delta=1e-6, ledger=tmp_path / "ledger.json", share_delivered_student=True
+    )
+    assert site.data_path == tmp_path / "data"
+    assert site.state_dir == tmp_path / "state"
