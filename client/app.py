@@ -7,8 +7,10 @@ Wiring only: Context -> typed settings on the first lines, then common/local.py 
 Replies carry the model weights (teacher rounds only), the number of examples and scalar
 metrics, plus the site's self-chosen name; never images, labels or per-image outputs. By
 default a deployed site rounds its counts and keeps class-revealing metrics at home
-(client/disclosure.py). DP rounds are checked against the site's own ledger before they train
-(client/privacy_ledger.py); run settings that name files are ignored at a deployed site. Every
+(client/disclosure.py). Every handler passes the site's privacy gate first
+(client/privacy_gate.py): it declines what the site's privacy forbids in that phase, checks DP
+rounds against the site's own ledger before they train (client/privacy_ledger.py) and shapes
+what the reply carries; run settings that name files are ignored at a deployed site. Every
 message is first admitted by the site's policy and teacher pin (client/admission.py), before
 the site loads its data. Every model the site keeps or exports gets the site's own operating
 point, fitted on its validation split, and the student it delivers is first checked against the
@@ -36,10 +38,26 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
 from client.admission import admit
-from client.disclosure import site_disclosure
+from client.disclosure import Disclosure
 from client.model_evaluation import delivered_student, evaluate_model
-from client.privacy_ledger import LedgerEntry, LedgerIntegrityError, PrivacyLedger, open_site_ledger
-from client.site import SiteConfig, for_run, site_from_node_config, site_name_for_partition, site_run_config
+from client.privacy_gate import (
+    BN_STATISTICS,
+    DISTILLATION,
+    FEDERATED_STUDENT,
+    STUDENT_FINAL,
+    TEACHER_ROUND,
+    VALIDATION,
+    PrivacyGate,
+)
+from client.privacy_ledger import LedgerIntegrityError
+from client.site import (
+    SiteConfig,
+    for_run,
+    is_simulated,
+    site_from_node_config,
+    site_name_for_partition,
+    site_run_config,
+)
 from client.site_audit import record_site_event, site_audit_head
 from client.site_operating_point import (
     AtOperatingPoint,
@@ -50,9 +68,10 @@ from client.site_operating_point import (
     score_at_site,
 )
 from client.site_policy import SitePolicyError
+from client.site_privacy import site_disclosure
 from common.batchnorm_stats import site_moments
 from common.checkpoint import load_model_state, save_model
-from common.config import ModelConfig, PrivacyConfig
+from common.config import ModelConfig
 from common.errors import CxrFlError, DataError
 from common.export import model_metadata
 from common.jsonio import write_json
@@ -76,7 +95,7 @@ from common.local import (
 from common.models import build_model
 from common.operating_point import OperatingPoint
 from common.packing import PackedModelError
-from common.privacy import AccountantHistory, BudgetExhaustedError, DPPlan
+from common.privacy import BudgetExhaustedError
 from common.protocol import (
     AUDIT_RECORD,
     BN_MODEL_KEY,
@@ -131,7 +150,9 @@ SITE_BN_TEACHER_FILE = "global_teacher_site_bn.pt"
 NO_KD_STUDENT_FILE = "nokd_student.pt"
 """The student trained without KD (``kd-no-kd-baseline``), kept beside the exported student."""
 
-Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, Context], RecordDict]
+Handler = Callable[[Message, FederatedRunConfig, SiteConfig, SiteData, PrivacyGate], RecordDict]
+"""A phase's handler: the message, the run's settings, the site, its data and the site's privacy
+gate for this message (whose :meth:`~PrivacyGate.enter` it calls first)."""
 
 
 def data_request(settings: FederatedRunConfig, site: SiteConfig) -> DataRequest:
@@ -163,17 +184,25 @@ def _site_label(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def _outgoing(msg: Message, context: Context, reply: RecordDict | Error, *, dp: bool = False) -> Message:
+def _disclosure(context: Context) -> Disclosure:
+    """What this site's replies may carry, by its node_config alone (client/site_privacy.py)."""
+    return site_disclosure(context.node_config, simulated=is_simulated(context.node_config))
+
+
+def _outgoing(
+    msg: Message, context: Context, reply: RecordDict | Error, gate: PrivacyGate | None = None
+) -> Message:
     """The one way out of this ClientApp: every reply and every error text leaves through here,
     shaped by the site's disclosure (client/disclosure.py: coarse numbers, no class-revealing
     metrics unless the site opted in, nothing computed on the training split under DP, no
-    paths or counts in error texts). ``dp``: the site trains under DP in this run."""
-    disclosure = site_disclosure(context.node_config)
+    paths or counts in error texts): a phase's reply through its privacy gate, anything else
+    (errors, the finish reply) by the disclosure of the site's node_config."""
+    disclosure = _disclosure(context)
     if isinstance(reply, Error):
         text = disclosure.text(reply.reason or "")
         return Message(Error(reply.code, error_reason(_site_label(context), text)), reply_to=msg)
     for name, record in list(reply.metric_records.items()):
-        reply[name] = MetricRecord(disclosure.metrics(record, dp=dp))
+        reply[name] = MetricRecord(gate.reply_metrics(record) if gate else disclosure.metrics(record))
     return Message(reply, reply_to=msg)
 
 
@@ -188,11 +217,12 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
         site.out_dir.mkdir(parents=True, exist_ok=True)
         journal = admit(msg, context, settings, site)  # the site's policy and pin, before any work
         data = load_site_data(data_request(settings, site))
-        content = handler(msg, settings, site, data, context)
+        gate = PrivacyGate(site, settings, data, context.run_id)
+        content = handler(msg, settings, site, data, gate)
         if journal is not None:
             journal.mark_completed(msg.metadata.message_type)
         content[SITE_RECORD] = ConfigRecord({"name": site.name})
-        return _outgoing(msg, context, content, dp=_privacy(settings, site, data).enabled)
+        return _outgoing(msg, context, content, gate)
     except (BudgetExhaustedError, LedgerIntegrityError, SitePolicyError) as exc:
         logger.warning("Declining: %s", exc)
         _audit_declined(site, context, str(exc))
@@ -209,13 +239,14 @@ def _reply(msg: Message, context: Context, handler: Handler) -> Message:
 def _audit_declined(site: SiteConfig | None, context: Context, reason: str) -> None:
     """The decline in the site's audit trail, with the reason exactly as its reply carries it."""
     if site is not None and not site.simulated:
-        text = site_disclosure(context.node_config).text(reason)
+        text = _disclosure(context).text(reason)
         record_site_event(site.state_dir, "run-declined", run_id=context.run_id, reason=text)
 
 
 def _train(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
+    gate.enter(TEACHER_ROUND)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     num_rounds = int(config.get("num-rounds", settings.run.num_rounds))
@@ -226,10 +257,7 @@ def _train(
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
     validation = _validate_incoming(config, settings, site, data, global_state)
-    privacy = site.effective_privacy(settings.privacy, len(data.split.train))
-    ledger, entry = None, None
-    if privacy.enabled:  # fail closed: an unverifiable ledger raises before anything trains
-        ledger, entry = open_site_ledger(site, data)
+    dp_round = gate.teacher_round()  # fail closed: an unverifiable ledger raises before anything trains
     outcome = train_round(
         data,
         settings.task,
@@ -237,20 +265,15 @@ def _train(
         global_state,
         train,
         seed=_site_seed(site, settings.train.seed, server_round, site.name),
-        privacy=privacy,
-        dp_plan=entry.plan if entry else None,
-        dp_history=entry.history if entry else None,
+        privacy=gate.privacy,
+        dp_plan=dp_round.plan if dp_round else None,
+        dp_history=dp_round.history if dp_round else None,
         dp_seed=_dp_seed(site, settings.train.seed, server_round, site.name),
         num_rounds=num_rounds,
-        compute=site.resolve_compute(dp=privacy.enabled),
+        compute=site.resolve_compute(dp=gate.under_dp),
     )
-    if ledger is not None and entry is not None:
-        _record_spent(ledger, entry, outcome.plan, outcome.history, context, server_round, site)
-        if entry.epsilon > privacy.target_epsilon + 1e-9:  # never send what went over budget
-            raise BudgetExhaustedError(
-                f"this round spent epsilon {entry.epsilon:.3f} > target {privacy.target_epsilon}; "
-                "its weights stay at the site and the site declines further training rounds"
-            )
+    if dp_round is not None:  # recorded; weights of a round over the budget never leave
+        dp_round.spend(outcome.plan, outcome.history, server_round)
     metrics = MetricRecord({WEIGHT_KEY: len(data.split.train), **outcome.metrics})
     trained = outcome.state_dict
     if KEY_CLIPPING_NORM in config:  # central DP (server/central_dp.py): the update leaves clipped
@@ -287,30 +310,10 @@ def _validation_scores(
     return MetricRecord({WEIGHT_KEY: result.n, **scalar_metrics(result, "val_")})
 
 
-def _record_spent(
-    ledger: PrivacyLedger,
-    entry: LedgerEntry,
-    plan: DPPlan | None,
-    history: AccountantHistory,
-    context: Context,
-    server_round: int,
-    site: SiteConfig,
-) -> None:
-    """Write what the round actually spent (from the accountant's history) to the site's ledger."""
-    entry.plan, entry.history = plan, history
-    entry.spent.append(
-        {"run_id": context.run_id, "round": server_round, "epsilon": entry.epsilon, "at": time.time()}
-    )
-    ledger.save()
-    if not site.simulated:
-        record_site_event(
-            site.state_dir, "dp-spent", run_id=context.run_id, round=server_round, epsilon=entry.epsilon
-        )
-
-
 def _evaluate(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
+    gate.enter(VALIDATION)
     state = msg.content["arrays"].to_torch_state_dict()
     return RecordDict({"metrics": _validation_scores(settings, site, data, state)})
 
@@ -341,11 +344,12 @@ def _distill_at_site(
 
 
 def _distill(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """Distil this site's student(s) from the global teacher, fit each one's operating point on
     the site's validation split, and export the KD student; a run without federated-student
     rounds delivers it, after the check before delivery."""
+    gate.enter(DISTILLATION)
     teacher_state = msg.content["arrays"].to_torch_state_dict()
     seed = _site_seed(site, settings.distill.seed, "distill", site.name)
     compute = site.resolve_compute()
@@ -374,7 +378,7 @@ def _distill(
 
     if settings.kd_federated_student_rounds > 0:
         _keep_teacher(site, teacher_state, outcome)
-    ledger_eps = _teacher_epsilon(settings, site, context)
+    ledger_eps = gate.teacher_epsilon()
     options = EdgeExportOptions(compression=settings.edge_compression, num_threads=site.num_threads)
     metrics.update(
         export_site_student(
@@ -520,7 +524,7 @@ def _student_at_site(
 
 
 def _bn_statistics(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The moments of every BatchNorm layer's input over this site's un-augmented train split,
     under the model the server sent (run setting ``bn-statistics``, common/batchnorm_stats.py).
@@ -528,12 +532,8 @@ def _bn_statistics(
     The model is untrusted like any the server sends: it was admitted like a train message
     (policy, pin) and must load into the run's architecture exactly. A site under DP declines:
     these statistics are computed on its training images, and DP-SGD's guarantee covers only
-    the noised weights."""
-    if _privacy(settings, site, data).enabled:
-        raise SitePolicyError(
-            "a site under DP does not send BatchNorm statistics of its training images: DP-SGD's "
-            "guarantee covers only its noised weights"
-        )
+    the noised weights (the gate declines)."""
+    gate.enter(BN_STATISTICS)
     role = msg.content["config"].get(BN_MODEL_KEY, "teacher")
     if role not in BN_MODELS:
         raise DataError(
@@ -600,15 +600,11 @@ def _cached_teacher_logits(site: SiteConfig) -> torch.Tensor | None:
 
 
 def _student_round(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
-    """One round of the federated student: distil from the global student's weights, send them back."""
-    # (a simulated partition is the coordinator's own data: studies may still combine the two)
-    if not site.simulated and _privacy(settings, site, data).enabled:
-        raise BudgetExhaustedError(
-            "a federated-student round sends weights trained on this site's images without DP, which "
-            "no privacy budget covers: a site under DP declines it (its own student is still exported)"
-        )
+    """One round of the federated student: distil from the global student's weights, send them
+    back (a deployed site under DP declines: the gate)."""
+    gate.enter(FEDERATED_STUDENT)
     server_round = int(msg.content["config"]["server-round"])
     rounds = settings.kd_federated_student_rounds
     if not 1 <= server_round <= rounds:  # the round only places the epoch on the schedule, but check it
@@ -642,12 +638,13 @@ def _student_round(
 
 
 def _student_final(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: Context
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """Decide the student this site delivers (the consortium's global student or its fine-tune
     here), fit its operating point, run the check before delivery and export it here."""
     from client.export import EdgeExportOptions, export_site_student
 
+    gate.enter(STUDENT_FINAL)
     state = msg.content["arrays"].to_torch_state_dict()
     config = _student_config(settings)
     teacher_state = _global_teacher(site)
@@ -674,7 +671,7 @@ def _student_final(
         data,
         outcome,
         metrics,
-        teacher_epsilon=_teacher_epsilon(settings, site, context),
+        teacher_epsilon=gate.teacher_epsilon(),
         options=options,
         subdir="global_student",
         delivered=delivered,
@@ -758,26 +755,6 @@ def _val(
     return evaluate_state(
         data, "val", settings.task, _student_config(settings), state, compute=site.resolve_compute()
     )
-
-
-def _teacher_epsilon(settings: FederatedRunConfig, site: SiteConfig, context: Context) -> float | None:
-    """The epsilon the site's ledger records for its data (None without DP or when unverifiable)."""
-    data = _site_data(settings, site)
-    if not _privacy(settings, site, data).enabled:
-        return None
-    try:
-        return open_site_ledger(site, data)[1].epsilon
-    except LedgerIntegrityError as exc:  # reporting only: this phase spends no budget
-        logger.warning("teacher epsilon unknown: %s", exc)
-        return None
-
-
-def _site_data(settings: FederatedRunConfig, site: SiteConfig) -> SiteData:
-    return load_site_data(data_request(settings, site))
-
-
-def _privacy(settings: FederatedRunConfig, site: SiteConfig, data: SiteData) -> PrivacyConfig:
-    return site.effective_privacy(settings.privacy, len(data.split.train))
 
 
 @app.train()

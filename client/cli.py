@@ -5,7 +5,10 @@ source adapter, decode every image into the cache, print what the site has). Oth
 (``init`` from an onboarding kit, ``start``, ``serve`` (``start`` that stays up across runs),
 ``predict``, ``explain``; ``audit`` and ``cache`` in client/site_cli.py) are added to the same
 ``app``. Commands stay thin: they check options, call library code in ``common/``, and turn a
-:class:`~common.errors.CxrFlError` into a one-line message and exit code 2 (no traceback).
+:class:`~common.errors.CxrFlError` into a one-line message and exit code 2 (no traceback). Their
+options are declared once, in client/cli_options.py; ``start`` builds the site's privacy
+(client/site_privacy.py) and limits from its options and policy file in one step
+(``_site_node_settings``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,69 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from client.cli_options import (
+    Accountant,
+    ActivateTimeout,
+    AllowApp,
+    Bootstrap,
+    BootstrapSeed,
+    CaCert,
+    CacheDir,
+    CacheImageSize,
+    CacheMaxAgeDays,
+    CalibrationBins,
+    CheckFormat,
+    CheckImageSize,
+    CheckTask,
+    ClassThresholds,
+    ConnectTimeout,
+    DataFormat,
+    DataPath,
+    Delta,
+    Device,
+    Epsilon,
+    EvaluatedModel,
+    EvaluationOut,
+    EvaluationTask,
+    IgnoreOperatingPoint,
+    InferenceThreads,
+    InitialTeacher,
+    InitialTeacherSha256,
+    InitImageSize,
+    Insecure,
+    KitFolder,
+    LabelledData,
+    LabelledSourceOptions,
+    LabelTask,
+    MaxGradNorm,
+    MaxImageSize,
+    MaxKdEpochs,
+    MaxLocalEpochs,
+    MaxRounds,
+    MaxTeacherParameters,
+    OperatingPointCriterion,
+    Phases,
+    PolicyEpsilon,
+    PolicyOption,
+    PrivacyLedgerPath,
+    ReconnectTimeout,
+    Runtime,
+    ServerAddress,
+    ShareDeliveredStudent,
+    ShareExactMetrics,
+    SharePerClassMetrics,
+    SiteFolder,
+    SiteKey,
+    SiteName,
+    SiteOut,
+    SkipCheck,
+    SourceOptions,
+    StateDir,
+    Strict,
+    SupernodeMemory,
+    Threshold,
+    TrainThreads,
+)
 from client.ledger_cli import ledger_app
 from client.site_cli import audit_app, cache_app
 from common.cli_support import fail, stderr, stdout, typer_app
@@ -30,11 +96,15 @@ from common.errors import ConfigError, CxrFlError
 from common.processes import exit_on_sigterm
 
 if TYPE_CHECKING:
+    from client.deploy import SiteNodeSettings
     from client.site_policy import SitePolicy
-    from common.evaluation import EvaluationResult
+    from common.data.cache import CachedImages, SkippedImage
+    from common.data.catalog import Catalog
+    from common.evaluation import EvaluationResult, EvaluationSettings, ScoringModel
     from common.export import LoadedModel
     from common.operating_point import OperatingPoint
     from common.site_limits import PolicyFile
+    from common.tasks import Task
 
 app = typer_app(
     "cxr-fl-client",
@@ -47,90 +117,12 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(cache_app, name="cache")
 
 
-MaxImageSize = Annotated[
-    int | None,
-    typer.Option(
-        "--max-image-size", help="Site policy: the largest image side a run may ask for (default 256)."
-    ),
-]
-MaxLocalEpochs = Annotated[
-    int | None,
-    typer.Option("--max-local-epochs", help="Site policy: most local epochs per message (default 10)."),
-]
-MaxKdEpochs = Annotated[
-    int | None,
-    typer.Option("--max-kd-epochs", help="Site policy: most KD epochs per message (default 20)."),
-]
-MaxRounds = Annotated[
-    int | None,
-    typer.Option("--max-rounds", help="Site policy: most rounds (of each kind) per run (default 100)."),
-]
-MaxTeacherParameters = Annotated[
-    int | None,
-    typer.Option(
-        "--max-teacher-parameters",
-        help="Site policy: largest teacher or student, in parameters (default 60M).",
-    ),
-]
-Phases = Annotated[
-    str | None,
-    typer.Option(
-        "--phases",
-        help="Site policy: the run phases this site takes part in, of teacher, distill, federated-student "
-        "(default all; a run with another phase is declined).",
-    ),
-]
-SharePerClassMetrics = Annotated[
-    bool,
-    typer.Option(
-        "--share-per-class-metrics",
-        help="Also send accuracy, F1 and per-class metrics (rounded; they reveal class shares).",
-    ),
-]
-ShareExactMetrics = Annotated[
-    bool,
-    typer.Option(
-        "--share-exact-metrics",
-        help="Send every figure, count and error text at full precision instead of rounded to 2 "
-        "significant digits (research federations; a crafted model can then read class counts).",
-    ),
-]
-OperatingPointCriterion = Annotated[
-    str,
-    typer.Option(
-        "--operating-point",
-        help="How this site sets the decision rule of every model it keeps, on its own validation "
-        "split: balanced-accuracy (default), argmax (the model's own rule), or "
-        "sensitivity:CLASS=X[,CLASS=Y] (balanced accuracy, then at least sensitivity X for CLASS). "
-        "The site's choice; the rule stays at the site.",
-    ),
-]
-IgnoreOperatingPoint = Annotated[
-    bool,
-    typer.Option(
-        "--ignore-operating-point",
-        help="Decide by the plain argmax (0.5 per finding), not by the site's operating point that "
-        "the exported model carries.",
-    ),
-]
-
-
 def _criterion_option(text: str, task: str) -> str:
     """``--operating-point`` checked against the classes of ``--task`` (ConfigError otherwise)."""
     from common.operating_point import parse_criterion
     from common.tasks import get_task
 
     return str(parse_criterion(text, get_task(task), "--operating-point"))
-
-
-PolicyOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--policy",
-        help="The site's policy file (written by `init`): its limits tighten the --max-* options, and "
-        "its cache-max-age-days and dp-target-epsilon apply.",
-    ),
-]
 
 
 def _policy_file(path: Path | None) -> PolicyFile | None:
@@ -143,6 +135,27 @@ def _policy_text(policy: SitePolicy) -> str:
     return ", ".join(
         f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in policy.node_config().items()
     )
+
+
+LIMIT_OPTIONS = (
+    "max_image_size",
+    "max_local_epochs",
+    "max_kd_epochs",
+    "max_rounds",
+    "max_teacher_parameters",
+    "phases",
+)
+"""The site policy's limits among a command's options (``--max-*``, ``--phases``)."""
+
+
+def _limits(*values: int | str | None) -> dict[str, int | str | None]:
+    """A command's limit options by parameter name, from their values in ``LIMIT_OPTIONS``' order."""
+    return dict(zip(LIMIT_OPTIONS, values, strict=True))
+
+
+def _limits_of(options: dict[str, Any]) -> dict[str, int | str | None]:
+    """The limit options among a command's options (its parameters by name)."""
+    return {name: options[name] for name in LIMIT_OPTIONS}
 
 
 def _site_policy(
@@ -195,30 +208,13 @@ def _parse_options(values: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def check(
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="Source format: image-folder, covid19-radiography, ieee8023, nih14, chexpert, medmnist, "
-            "manifest, dicom, synthetic.",
-        ),
-    ],
-    data: Annotated[
-        Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
-    ] = None,
-    task: Annotated[str, typer.Option("--task", help="Task whose classes the labels map onto.")] = (
-        "normal-pneumonia-covid"
-    ),
-    image_size: Annotated[int, typer.Option("--image-size", help="Cache size in pixels (square).")] = 64,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-o", help="Source option KEY=VALUE (repeatable), e.g. drop-unmapped=true."),
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option("--cache-dir", help="Image cache folder (default $CXR_FL_CACHE_DIR or ~/.cache)."),
-    ] = None,
+    fmt: CheckFormat,
+    data: DataPath = None,
+    task: LabelTask = "normal-pneumonia-covid",
+    image_size: CacheImageSize = 64,
+    strict: Strict = False,
+    option: SourceOptions = None,
+    cache_dir: CacheDir = None,
     max_image_size: MaxImageSize = None,
     max_local_epochs: MaxLocalEpochs = None,
     max_kd_epochs: MaxKdEpochs = None,
@@ -228,56 +224,67 @@ def check(
     policy_path: PolicyOption = None,
 ) -> None:
     """Read every image of a site's data set and print counts per class, view and patient."""
-    from common.data.cache import build_cache
     from common.data.sources import load_catalog
     from common.run_settings import check_image_size
     from common.tasks import get_task
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    limits = _limits(
+        max_image_size, max_local_epochs, max_kd_epochs, max_rounds, max_teacher_parameters, phases
+    )
     try:
         check_image_size("--image-size", image_size)
-        policy = _site_policy(
-            image_size,
-            _policy_file(policy_path),
-            max_image_size=max_image_size,
-            max_local_epochs=max_local_epochs,
-            max_kd_epochs=max_kd_epochs,
-            max_rounds=max_rounds,
-            max_teacher_parameters=max_teacher_parameters,
-            phases=phases,
-        )
+        policy = _site_policy(image_size, _policy_file(policy_path), **limits)
         task_obj = get_task(task)
         catalog = load_catalog(fmt, data, task_obj, options=_parse_options(option), strict=strict)
-        with _progress_bar() as bar:
-            job = bar.add_task("decoding images", total=len(catalog))
-            cached = build_cache(
-                catalog,
-                image_size,
-                cache_dir,
-                strict=strict,
-                progress=lambda done, _t: bar.update(job, completed=done),
-            )
+        cached = _decode_images(catalog, image_size, cache_dir, strict)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-
-    usable = cached.catalog
     where = f" at {data}" if data is not None else ""
     console.print(
-        f"[bold]{fmt}{where}[/]: {len(usable)} readable images, task {task_obj.name}",
+        f"[bold]{fmt}{where}[/]: {len(cached.catalog)} readable images, task {task_obj.name}",
         highlight=False,
         soft_wrap=True,
     )
+    console.print(_class_table(cached.catalog, task_obj))
+    console.print(_site_facts(cached, policy, image_size))
+    if catalog.left_out:
+        console.print(_left_out_table(catalog.left_out))
+    _print_unreadable(cached.skipped)
+
+
+def _decode_images(catalog: Catalog, image_size: int, cache_dir: Path | None, strict: bool) -> CachedImages:
+    """Every image of ``catalog`` decoded into the cache, with a progress bar."""
+    from common.data.cache import build_cache
+
+    with _progress_bar() as bar:
+        job = bar.add_task("decoding images", total=len(catalog))
+        return build_cache(
+            catalog,
+            image_size,
+            cache_dir,
+            strict=strict,
+            progress=lambda done, _t: bar.update(job, completed=done),
+        )
+
+
+def _class_table(usable: Catalog, task: Task) -> Table:
+    """Images and share per class (per finding, and those with none, for a multi-label task)."""
     table = Table()
-    table.add_column("finding" if task_obj.is_multilabel else "class")
+    table.add_column("finding" if task.is_multilabel else "class")
     table.add_column("images", justify="right")
     table.add_column("share", justify="right")
     for name, count in usable.class_counts().items():
         table.add_row(name, str(count), f"{count / max(len(usable), 1):.1%}")
-    if task_obj.is_multilabel:
-        none = int((usable.primary_labels() == task_obj.num_classes).sum())
+    if task.is_multilabel:
+        none = int((usable.primary_labels() == task.num_classes).sum())
         table.add_row("(no finding)", str(none), f"{none / max(len(usable), 1):.1%}")
-    console.print(table)
+    return table
 
+
+def _site_facts(cached: CachedImages, policy: SitePolicy, image_size: int) -> Table:
+    """Patients, views, sources, unreadable files, the site policy and the cache of a checked site."""
+    usable = cached.catalog
     facts = Table(show_header=False, title="site facts", title_justify="left")
     patients = {r.patient_id for r in usable.records if r.patient_id is not None}
     unknown_patient = sum(r.patient_id is None for r in usable.records)
@@ -293,17 +300,24 @@ def check(
     facts.add_row("unreadable files", str(len(cached.skipped)))
     facts.add_row("site policy", _policy_text(policy))
     facts.add_row("cache", f"{cached.path} ({cached.nbytes_on_disk / 1e6:.1f} MB, {image_size} px)")
-    console.print(facts)
-    if catalog.left_out:
-        left_out = Table(title="left out by the source", title_justify="left")
-        left_out.add_column("reason")
-        left_out.add_column("files", justify="right")
-        for reason, count in sorted(catalog.left_out.items(), key=lambda item: (-item[1], item[0])):
-            left_out.add_row(reason, str(count))
-        console.print(left_out)
-    for skipped in cached.skipped[:20]:
+    return facts
+
+
+def _left_out_table(left_out: dict[str, int]) -> Table:
+    """The files a source left out, by reason (most first)."""
+    table = Table(title="left out by the source", title_justify="left")
+    table.add_column("reason")
+    table.add_column("files", justify="right")
+    for reason, count in sorted(left_out.items(), key=lambda item: (-item[1], item[0])):
+        table.add_row(reason, str(count))
+    return table
+
+
+def _print_unreadable(skipped: tuple[SkippedImage, ...]) -> None:
+    """The first 20 unreadable images and why, on stderr."""
+    for item in skipped[:20]:
         err_console.print(
-            f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True
+            f"[yellow]unreadable:[/] {item.key}: {item.reason}", highlight=False, soft_wrap=True
         )
 
 
@@ -394,83 +408,32 @@ def _parse_class_thresholds(values: list[str] | None) -> dict[str, float]:
 
 @app.command()
 def evaluate(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="Exported student (.onnx with its .preprocessing.json, or .pt with its .json), a site's "
-            "student folder, or a coordinator checkpoint (RUN_DIR/checkpoints/best.pt).",
-        ),
-    ],
-    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
-    data: Annotated[
-        Path | None, typer.Option("--data", help="The site's labelled data folder or file.")
-    ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder for evaluation.md/.json and the PNG figures.")
-    ] = Path("evaluation"),
-    task: Annotated[
-        str | None,
-        typer.Option("--task", help="Task the data is labelled for (default: the model's; must match it)."),
-    ] = None,
-    bootstrap: Annotated[
-        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
-    ] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling.")] = 0,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--threshold",
-            min=0.0,
-            max=1.0,
-            help="Site-chosen probability threshold for every class (replaces the operating point).",
-        ),
-    ] = None,
-    class_threshold: Annotated[
-        list[str] | None,
-        typer.Option("--class-threshold", help="Site-chosen threshold of one class, CLASS=P (repeatable)."),
-    ] = None,
-    bins: Annotated[
-        int, typer.Option("--bins", min=2, help="Calibration bins (ECE, reliability diagram).")
-    ] = 10,
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-o", help="Source option KEY=VALUE (repeatable), e.g. label-map=..."),
-    ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image.")] = False,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option("--cache-dir", help="Image cache folder (default $CXR_FL_CACHE_DIR or ~/.cache)."),
-    ] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="Inference threads.")] = 2,
+    model: EvaluatedModel,
+    fmt: DataFormat,
+    data: LabelledData = None,
+    out: EvaluationOut = Path("evaluation"),
+    task: EvaluationTask = None,
+    bootstrap: Bootstrap = 1000,
+    seed: BootstrapSeed = 0,
+    threshold: Threshold = None,
+    class_threshold: ClassThresholds = None,
+    bins: CalibrationBins = 10,
+    option: LabelledSourceOptions = None,
+    strict: Strict = False,
+    cache_dir: CacheDir = None,
+    threads: InferenceThreads = 2,
     ignore_operating_point: IgnoreOperatingPoint = False,
 ) -> None:
     """Validate a model on the site's labelled images: AUROC with 95% CIs, operating points, calibration.
 
     Sensitivity, specificity and balanced accuracy are given at the argmax and at the site's
     operating point the model carries (``--threshold``/``--class-threshold`` replace it)."""
-    from common.evaluation import (
-        EvaluationSettings,
-        evaluate_scores,
-        load_labelled_images,
-        load_scoring_model,
-        parse_thresholds,
-        score_images,
-        write_report,
-    )
-    from common.tasks import get_task
+    from common.evaluation import EvaluationSettings, load_labelled_images, parse_thresholds, write_report
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     per_class = _parse_class_thresholds(class_threshold)
     try:
-        import torch
-
-        torch.set_num_threads(threads)
-        scorer = load_scoring_model(model, num_threads=threads)
-        if task is not None and get_task(task).name != scorer.task.name:
-            raise fail(
-                f"model '{model}' was trained for task '{scorer.task.name}' "
-                f"({', '.join(scorer.task.classes)}), not '{task}'; evaluate it on data of its own task"
-            )
+        scorer = _scoring_model(model, task, threads)
         settings = EvaluationSettings(
             n_bootstrap=bootstrap,
             seed=seed,
@@ -490,32 +453,53 @@ def evaluate(
                 strict=strict,
                 progress=lambda done, total: bar.update(decode, completed=done, total=total),
             )
-            score = bar.add_task("scoring", total=len(cached))
-            scores = score_images(
-                scorer, cached.images, progress=lambda done, _t: bar.update(score, completed=done)
-            )
-            bar.add_task(f"bootstrap ({bootstrap} resamples)", total=None)
-            result = evaluate_scores(scorer.task, cached.catalog.targets, scores, settings)
-        write_report(
-            result,
-            out,
-            model=scorer.describe(),
-            data={
-                "format": fmt,
-                "path": str(data) if data is not None else None,
-                "images": len(cached),
-                "unreadable": len(cached.skipped),
-                "class_counts": cached.catalog.class_counts(),
-            },
-        )
+            result = _score_and_evaluate(bar, scorer, cached, settings)
+        write_report(result, out, model=scorer.describe(), data=_evaluated_data(fmt, data, cached))
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    for skipped in cached.skipped[:20]:
-        err_console.print(
-            f"[yellow]unreadable:[/] {skipped.key}: {skipped.reason}", highlight=False, soft_wrap=True
-        )
+    _print_unreadable(cached.skipped)
     _print_evaluation(result, f"{model.name} on {len(cached)} images", bootstrap)
     console.print(f"report: {out / 'evaluation.md'} (+ evaluation.json, 3 PNG figures)", highlight=False)
+
+
+def _scoring_model(model: Path, task: str | None, threads: int) -> ScoringModel:
+    """The model ``evaluate`` scores with, on ``threads`` threads; its task must be ``--task``'s."""
+    import torch
+
+    from common.evaluation import load_scoring_model
+    from common.tasks import get_task
+
+    torch.set_num_threads(threads)
+    scorer = load_scoring_model(model, num_threads=threads)
+    if task is not None and get_task(task).name != scorer.task.name:
+        raise fail(
+            f"model '{model}' was trained for task '{scorer.task.name}' "
+            f"({', '.join(scorer.task.classes)}), not '{task}'; evaluate it on data of its own task"
+        )
+    return scorer
+
+
+def _score_and_evaluate(
+    bar: Progress, scorer: ScoringModel, cached: CachedImages, settings: EvaluationSettings
+) -> EvaluationResult:
+    """Score every image (progress on ``bar``), then the figures with their bootstrap intervals."""
+    from common.evaluation import evaluate_scores, score_images
+
+    score = bar.add_task("scoring", total=len(cached))
+    scores = score_images(scorer, cached.images, progress=lambda done, _t: bar.update(score, completed=done))
+    bar.add_task(f"bootstrap ({settings.n_bootstrap} resamples)", total=None)
+    return evaluate_scores(scorer.task, cached.catalog.targets, scores, settings)
+
+
+def _evaluated_data(fmt: str, data: Path | None, cached: CachedImages) -> dict[str, Any]:
+    """What the evaluation report says of the data it was computed on."""
+    return {
+        "format": fmt,
+        "path": str(data) if data is not None else None,
+        "images": len(cached),
+        "unreadable": len(cached.skipped),
+        "class_counts": cached.catalog.class_counts(),
+    }
 
 
 def _print_evaluation(result: EvaluationResult, title: str, bootstrap: int) -> None:
@@ -645,142 +629,37 @@ def _decision(loaded: LoadedModel, rule: OperatingPoint, image: Any) -> tuple[st
 
 @app.command()
 def start(
-    server: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
-    site: Annotated[str, typer.Option("--site", help="This site's name (as registered).")],
-    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the student, model card and logs.")],
-    data: Annotated[
-        Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
-    ] = None,
-    ca: Annotated[
-        Path | None, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt) for TLS.")
-    ] = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="This site's private key (SITE.key)."),
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="No TLS, no site authentication (tests on a trusted machine).")
-    ] = False,
-    epsilon: Annotated[
-        float | None, typer.Option("--epsilon", help="This site's DP budget (may only tighten the server's).")
-    ] = None,
-    delta: Annotated[
-        float | None,
-        typer.Option("--delta", help="This site's DP delta (default: 1e-5, at most 1/training images)."),
-    ] = None,
-    max_grad_norm: Annotated[
-        float | None, typer.Option("--max-grad-norm", help="This site's DP clipping norm.")
-    ] = None,
-    accountant: Annotated[
-        str | None, typer.Option("--accountant", help="This site's DP accountant: rdp (default), prv, gdp.")
-    ] = None,
-    privacy_ledger: Annotated[
-        Path | None,
-        typer.Option(
-            "--privacy-ledger",
-            help="The site's privacy ledger file (default: STATE_DIR/privacy/ledger.json, site-wide, "
-            "whatever --out says).",
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--state-dir",
-            help="The site's state folder: privacy ledger and its counter (default: $CXR_FL_STATE_DIR, "
-            "else $XDG_STATE_HOME/cxr-fl, else ~/.local/state/cxr-fl).",
-        ),
-    ] = None,
+    server: ServerAddress,
+    site: SiteName,
+    fmt: DataFormat,
+    out: SiteOut,
+    data: DataPath = None,
+    ca: CaCert = None,
+    key: SiteKey = None,
+    insecure: Insecure = False,
+    epsilon: Epsilon = None,
+    delta: Delta = None,
+    max_grad_norm: MaxGradNorm = None,
+    accountant: Accountant = None,
+    privacy_ledger: PrivacyLedgerPath = None,
+    state_dir: StateDir = None,
     share_per_class_metrics: SharePerClassMetrics = False,
     share_exact_metrics: ShareExactMetrics = False,
-    share_delivered_student: Annotated[
-        bool,
-        typer.Option(
-            "--share-delivered-student",
-            help="Send this site's delivered student (ONNX) when a run asks for the cross-site matrix "
-            "(cross-site-matrix), to be scored at the other sites; never under DP.",
-        ),
-    ] = False,
+    share_delivered_student: ShareDeliveredStudent = False,
     operating_point: OperatingPointCriterion = "balanced-accuracy",
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 2,
-    device: Annotated[
-        str,
-        typer.Option(
-            "--device",
-            help="Where this site trains: auto (a CUDA GPU when present, else the CPU), cpu, cuda or "
-            "cuda:N. The site decides; the server cannot change it.",
-        ),
-    ] = "auto",
-    task: Annotated[str, typer.Option("--task", help="Task of the data check.")] = "normal-pneumonia-covid",
-    image_size: Annotated[
-        int,
-        typer.Option(
-            "--image-size",
-            help="Image size of the data check. Give the run's image-size (the coordinator announces it): "
-            "the images are then decoded once, here, and the run reuses that cache.",
-        ),
-    ] = 64,
-    skip_check: Annotated[bool, typer.Option("--skip-check", help="Do not check the data first.")] = False,
-    connect_timeout: Annotated[
-        float,
-        typer.Option("--connect-timeout", help="Give up if unreachable this long (s)."),
-    ] = 120.0,
-    reconnect_timeout: Annotated[
-        float,
-        typer.Option(
-            "--reconnect-timeout", help="Once joined, give up after the server is gone this long (s)."
-        ),
-    ] = 600.0,
-    activate_timeout: Annotated[
-        float,
-        typer.Option(
-            "--activate-timeout",
-            help="Keep asking the server to activate this site this long (s): after a crash, the "
-            "previous session counts as online for up to 60 s.",
-        ),
-    ] = 75.0,
-    allow_app: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-app",
-            help="Also run this app (its FAB SHA-256, repeatable). By default a site runs only the app "
-            "that its own installed cxr-fl builds (`cxr-fl-client app-hash` prints its hash).",
-        ),
-    ] = None,
-    runtime: Annotated[
-        str,
-        typer.Option(
-            "--runtime",
-            help="warm: this process runs the installed ClientApp (fast; app allow-list). flower: "
-            "Flower's own flwr-clientapp per message from the server's app bundle (fallback; no "
-            "allow-list).",
-        ),
-    ] = "warm",
-    supernode_memory: Annotated[
-        float,
-        typer.Option(
-            "--supernode-memory",
-            help="Bound of the SuperNode's memory in GiB (0: none). The SuperNode unpacks each run's "
-            "app bundle before the app allow-list sees it: a zip bomb then fails the SuperNode, which "
-            "is restarted, not the machine.",
-        ),
-    ] = 4.0,
-    initial_teacher_sha256: Annotated[
-        str | None,
-        typer.Option(
-            "--initial-teacher-sha256",
-            help="Train only in a federation that starts from this initial teacher (its weights hash, "
-            "as the coordinator's `start --initial-teacher` prints it): round 1 is refused otherwise.",
-        ),
-    ] = None,
-    initial_teacher: Annotated[
-        Path | None,
-        typer.Option(
-            "--initial-teacher",
-            help="A weights file this site was given and checked: the federation must start from the "
-            "teacher the run builds from it (round 1 is refused otherwise).",
-        ),
-    ] = None,
+    threads: TrainThreads = 2,
+    device: Device = "auto",
+    task: CheckTask = "normal-pneumonia-covid",
+    image_size: CheckImageSize = 64,
+    skip_check: SkipCheck = False,
+    connect_timeout: ConnectTimeout = 120.0,
+    reconnect_timeout: ReconnectTimeout = 600.0,
+    activate_timeout: ActivateTimeout = 75.0,
+    allow_app: AllowApp = None,
+    runtime: Runtime = "warm",
+    supernode_memory: SupernodeMemory = 4.0,
+    initial_teacher_sha256: InitialTeacherSha256 = None,
+    initial_teacher: InitialTeacher = None,
     max_image_size: MaxImageSize = None,
     max_local_epochs: MaxLocalEpochs = None,
     max_kd_epochs: MaxKdEpochs = None,
@@ -790,73 +669,19 @@ def start(
     policy_path: PolicyOption = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode) until the run ends."""
-    from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
-    from common.device import resolve_device
-
+    options = dict(locals())  # the options by name, as typer converted them (Path, not str)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = out.resolve()
+    out = options["out"] = out.resolve()
     if insecure:
-        err_console.print(
-            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication (tests only)",
-            highlight=False,
-        )
-    limits = {
-        "max_image_size": max_image_size,
-        "max_local_epochs": max_local_epochs,
-        "max_kd_epochs": max_kd_epochs,
-        "max_rounds": max_rounds,
-        "max_teacher_parameters": max_teacher_parameters,
-        "phases": phases,
-    }
+        _warning("--insecure: no TLS, no site authentication (tests only)")
     try:
         policy_file = _policy_file(policy_path)
-        if policy_file is not None and policy_file.dp_target_epsilon is not None:
-            epsilon = min(epsilon or math.inf, policy_file.dp_target_epsilon)
-        settings = SiteNodeSettings(
-            server=server,
-            site=site,
-            data_format=fmt,
-            data_path=data,
-            out_dir=out,
-            ca_cert=ca,
-            private_key=key,
-            insecure=insecure,
-            dp_target_epsilon=epsilon,
-            dp_target_delta=delta,
-            dp_max_grad_norm=max_grad_norm,
-            dp_accountant=accountant,
-            privacy_ledger=privacy_ledger,
-            state_dir=state_dir,
-            share_per_class_metrics=share_per_class_metrics,
-            share_exact_metrics=share_exact_metrics,
-            share_delivered_student=share_delivered_student,
-            num_threads=threads,
-            device=device,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
-            activate_timeout=activate_timeout,
-            runtime=runtime,
-            supernode_memory_gib=supernode_memory,
-            allowed_apps=tuple(allow_app or ()),
-            initial_teacher_sha256=initial_teacher_sha256,
-            initial_teacher=initial_teacher,
-            policy=_site_policy(image_size, policy_file, **limits),
-            operating_point=_criterion_option(operating_point, task),
-            stay=_SERVING.get(),
-        )
-        if runtime == "warm":
-            from flower_adapter.app_runner import require_supported_flwr
-
-            require_supported_flwr()
-        used = resolve_device(settings.device, option="--device")  # no CUDA for `cuda`: stop here
+        settings = _site_node_settings(options, policy_file)
+        used = _check_runtime(settings)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
     if runtime == "flower":
-        err_console.print(
-            "[bold yellow]warning:[/] --runtime flower: the site runs the server's app bundle as sent "
-            "(no app allow-list)",
-            highlight=False,
-        )
+        _warning("--runtime flower: the site runs the server's app bundle as sent (no app allow-list)")
     if policy_file is not None and policy_file.cache_max_age_days is not None:
         _expire_cache(out / "cache", policy_file.cache_max_age_days)
     if not skip_check:
@@ -867,12 +692,86 @@ def start(
             image_size=image_size,
             cache_dir=out / "cache",
             policy_path=policy_path,
-            **limits,
+            **_limits_of(options),
         )
     console.print(
         f"[bold]{site}[/]: joining {server}, training on {used}; logs in {out / 'supernode.log'}",
         highlight=False,
     )
+    _run_site(settings)
+
+
+def _warning(text: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+
+
+NODE_OPTIONS = {
+    "server": "server",
+    "site": "site",
+    "data_format": "fmt",
+    "data_path": "data",
+    "out_dir": "out",
+    "ca_cert": "ca",
+    "private_key": "key",
+    "insecure": "insecure",
+    "state_dir": "state_dir",
+    "num_threads": "threads",
+    "device": "device",
+    "connect_timeout": "connect_timeout",
+    "reconnect_timeout": "reconnect_timeout",
+    "activate_timeout": "activate_timeout",
+    "runtime": "runtime",
+    "supernode_memory_gib": "supernode_memory",
+    "initial_teacher_sha256": "initial_teacher_sha256",
+    "initial_teacher": "initial_teacher",
+}
+"""SiteNodeSettings fields that ``start`` takes from its options as they are (field: option)."""
+PRIVACY_OPTIONS = {
+    "dp-target-epsilon": "epsilon",
+    "dp-target-delta": "delta",
+    "dp-max-grad-norm": "max_grad_norm",
+    "dp-accountant": "accountant",
+    "privacy-ledger": "privacy_ledger",
+    "share-per-class-metrics": "share_per_class_metrics",
+    "share-exact-metrics": "share_exact_metrics",
+    "share-delivered-student": "share_delivered_student",
+}
+"""The site's privacy among ``start``'s options (node config key: option; client/site_privacy.py)."""
+
+
+def _site_node_settings(options: dict[str, Any], policy_file: PolicyFile | None) -> SiteNodeSettings:
+    """``start``'s options as the site's SuperNode settings: its privacy and its limits (each
+    tightened by ``policy_file``), its operating point and the rest, checked."""
+    from client.deploy import SiteNodeSettings
+    from client.site_privacy import SitePrivacy
+
+    own = {key: options[name] for key, name in PRIVACY_OPTIONS.items()}
+    return SiteNodeSettings(
+        **{field: options[name] for field, name in NODE_OPTIONS.items()},
+        privacy=SitePrivacy.from_options(own, policy_file),
+        allowed_apps=tuple(options["allow_app"] or ()),
+        policy=_site_policy(options["image_size"], policy_file, **_limits_of(options)),
+        operating_point=_criterion_option(options["operating_point"], options["task"]),
+        stay=_SERVING.get(),
+    )
+
+
+def _check_runtime(settings: SiteNodeSettings) -> str:
+    """The Flower the warm runtime needs, and the device the site trains on (no CUDA for
+    ``cuda``: stop here)."""
+    from common.device import resolve_device
+
+    if settings.runtime == "warm":
+        from flower_adapter.app_runner import require_supported_flwr
+
+        require_supported_flwr()
+    return str(resolve_device(settings.device, option="--device"))
+
+
+def _run_site(settings: SiteNodeSettings) -> None:
+    """Run the site's SuperNode until the run ends (exit 1 when refused, 130 when stopped)."""
+    from client.deploy import SiteNode, SiteRefusedError
+
     node = SiteNode(settings)
     exit_on_sigterm()
     try:
@@ -944,46 +843,31 @@ def _expire_cache(cache_dir: Path, days: int) -> None:
 
 @app.command()
 def init(
-    kit: Annotated[Path, typer.Argument(help="The kit folder from the coordinator (`cxr-fl-server kit`).")],
-    site_dir: Annotated[
-        Path, typer.Option("--site-dir", help="This site's folder: its key pair, policy, state and outputs.")
-    ],
-    fmt: Annotated[str, typer.Option("--format", help="Source format of --data (see `check --help`).")],
-    data: Annotated[
-        Path | None, typer.Option("--data", help="The site's data folder or file (not needed for synthetic).")
-    ] = None,
-    task: Annotated[str, typer.Option("--task", help="Task whose classes the labels map onto.")] = (
-        "normal-pneumonia-covid"
-    ),
-    image_size: Annotated[
-        int, typer.Option("--image-size", help="Image size of the data check (the runs' image-size).")
-    ] = 64,
+    kit: KitFolder,
+    site_dir: SiteFolder,
+    fmt: DataFormat,
+    data: DataPath = None,
+    task: LabelTask = "normal-pneumonia-covid",
+    image_size: InitImageSize = 64,
     max_image_size: MaxImageSize = None,
     max_local_epochs: MaxLocalEpochs = None,
     max_kd_epochs: MaxKdEpochs = None,
     max_rounds: MaxRounds = None,
     max_teacher_parameters: MaxTeacherParameters = None,
     phases: Phases = None,
-    cache_max_age_days: Annotated[
-        int | None, typer.Option("--cache-max-age-days", help="Keep decoded images at most this many days.")
-    ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option("--epsilon", help="This site's DP budget (the policy's dp-target-epsilon)."),
-    ] = None,
+    cache_max_age_days: CacheMaxAgeDays = None,
+    epsilon: PolicyEpsilon = None,
 ) -> None:
     """Set this site up from a kit: its own key pair (0600), its policy, a data check."""
     from client.onboarding import set_up_site
     from common.kit import read_kit
     from common.site_limits import PolicyFile
 
+    limits = _limits(
+        max_image_size, max_local_epochs, max_kd_epochs, max_rounds, max_teacher_parameters, phases
+    )
     own = {
-        "max-image-size": max_image_size,
-        "max-local-epochs": max_local_epochs,
-        "max-kd-epochs": max_kd_epochs,
-        "max-rounds": max_rounds,
-        "max-teacher-parameters": max_teacher_parameters,
-        "phases": phases,
+        **{name.replace("_", "-"): value for name, value in limits.items()},
         "cache-max-age-days": cache_max_age_days,
         "dp-target-epsilon": epsilon,
     }

@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from client.site import PER_RUN_OUTPUTS_KEY, SHARE_STUDENT_KEY
+from client.site import PER_RUN_OUTPUTS_KEY
 from client.site_audit import declined_run_recorder
 from client.site_policy import SitePolicy
+from client.site_privacy import SitePrivacy
 from common.device import check_device_setting
 from common.errors import ConfigError, CxrFlError
 from common.processes import flower_env, free_port, prepend_pythonpath, stop_process_tree, toml_value
@@ -122,17 +123,10 @@ class SiteNodeSettings:
     ca_cert: Path | None = None
     private_key: Path | None = None
     insecure: bool = False
-    dp_target_epsilon: float | None = None
-    dp_target_delta: float | None = None
-    dp_max_grad_norm: float | None = None
-    dp_accountant: str | None = None
-    privacy_ledger: Path | None = None
+    # the site's DP budget, ledger and opt-ins to share more (client/site_privacy.py)
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
     # site-wide state (the privacy ledger); None: $CXR_FL_STATE_DIR or ~/.local/state/cxr-fl, resolved here
     state_dir: Path | None = None
-    share_per_class_metrics: bool = False
-    share_exact_metrics: bool = False
-    # the site's opt-in to the cross-site matrix (client/model_evaluation.py)
-    share_delivered_student: bool = False
     num_threads: int = 2
     cache_dir: Path | None = None
     device: str = "auto"
@@ -166,31 +160,12 @@ class SiteNodeSettings:
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(option, str(path), "an existing file")
-        self._check_privacy_policy()
         self._check_teacher_pin()
         if self.num_threads < 1:
             raise ConfigError("--threads", self.num_threads, "an integer >= 1")
         memory = self.supernode_memory_gib
         if not (memory == 0 or (math.isfinite(memory) and memory * 1024**3 >= MIN_SUPERNODE_MEMORY)):
             raise ConfigError("--supernode-memory", memory, "0 (no bound) or at least 0.5 (GiB)")
-
-    def _check_privacy_policy(self) -> None:
-        """The site's DP options, checked before anything starts (the ClientApp re-checks them)."""
-        from common.config import ACCOUNTANTS
-
-        eps, delta, clip = self.dp_target_epsilon, self.dp_target_delta, self.dp_max_grad_norm
-        if eps is not None and not (math.isfinite(eps) and eps > 0):
-            raise ConfigError("--epsilon", eps, "a finite number > 0 (this site's privacy budget)")
-        if delta is not None and not 0 < delta < 1:
-            raise ConfigError("--delta", delta, "a number strictly between 0 and 1 (at most 1e-5 is usual)")
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            raise ConfigError("--max-grad-norm", clip, "a finite number > 0")
-        if self.dp_accountant is not None and self.dp_accountant not in ACCOUNTANTS:
-            raise ConfigError("--accountant", self.dp_accountant, "one of " + ", ".join(ACCOUNTANTS))
-        if eps is None and (delta, clip, self.dp_accountant) != (None, None, None):
-            raise ConfigError(
-                "--epsilon", None, "a privacy budget: --delta, --max-grad-norm and --accountant need it"
-            )
 
     def _check_teacher_pin(self) -> None:
         from common.initial_teacher import check_sha256_hex
@@ -226,24 +201,11 @@ class SiteNodeSettings:
             values["data-path"] = str(self.data_path.resolve())
         if self.cache_dir is not None:
             values["cache-dir"] = str(self.cache_dir.resolve())
-        if self.privacy_ledger is not None:
-            values["privacy-ledger"] = str(self.privacy_ledger.resolve())
         values["state-dir"] = str(self.resolved_state_dir)
-        values["share-per-class-metrics"] = self.share_per_class_metrics
-        values["share-exact-metrics"] = self.share_exact_metrics
-        values[SHARE_STUDENT_KEY] = self.share_delivered_student
+        values.update(self.privacy.node_config())
         values["operating-point"] = self.operating_point
         if self.stay:
             values[PER_RUN_OUTPUTS_KEY] = True
-        for key, value in (
-            ("dp-target-epsilon", self.dp_target_epsilon),
-            ("dp-target-delta", self.dp_target_delta),
-            ("dp-max-grad-norm", self.dp_max_grad_norm),
-        ):
-            if value is not None:
-                values[key] = float(value)
-        if self.dp_accountant is not None:
-            values["dp-accountant"] = self.dp_accountant
         if self.initial_teacher_sha256 is not None:
             values["initial-teacher-sha256"] = self.initial_teacher_sha256
         if self.initial_teacher is not None:

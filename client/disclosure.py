@@ -38,7 +38,9 @@ are the coordinator's own partitions and share everything, exactly, for the simu
 reports. Paths never leave any site.
 
 :class:`Disclosure` is the one place that shapes what leaves: the ClientApp passes every reply's
-records and every error text through it (client/app.py ``_outgoing``).
+records (through the site's privacy gate, client/privacy_gate.py) and every error text through it
+(client/app.py ``_outgoing``). The opt-ins are part of the site's privacy policy
+(client/site_privacy.py ``site_disclosure``).
 """
 
 from __future__ import annotations
@@ -47,10 +49,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from client.site import is_simulated, node_flag
-from common.errors import ConfigError
 from common.metrics import PER_CLASS_NAMES, SCALAR_NAMES
 from common.protocol import WEIGHT_KEY, scrub_paths
 
@@ -152,24 +151,3 @@ def _coarse_value(value: float | int) -> float | int:
     if isinstance(value, bool) or (isinstance(value, int) and abs(value) <= 1):
         return value
     return coarse(float(value))
-
-
-PER_CLASS_KEY = "share-per-class-metrics"
-EXACT_KEY = "share-exact-metrics"
-
-
-def site_disclosure(node_config: Mapping[str, Any]) -> Disclosure:
-    """The site's disclosure, from its own node_config only (never from the run settings).
-
-    A simulated site shares everything unless its node_config says otherwise; a deployed site
-    shares nothing more than the defaults unless it opted in. An option that cannot be read
-    leaves the strictest disclosure (the reply then says what to fix).
-    """
-    default = is_simulated(node_config)
-    try:
-        return Disclosure(
-            per_class=node_flag(node_config, PER_CLASS_KEY, default),
-            exact=node_flag(node_config, EXACT_KEY, default),
-        )
-    except ConfigError:
-        return Disclosure()

@@ -37,6 +37,7 @@ from common.config import ModelConfig
 from common.data.dataset import normalise
 from common.data.preprocess import equalize_images
 from common.export import (
+    Latency,
     Preprocessing,
     check_onnx_parity,
     export_onnx,
@@ -128,138 +129,230 @@ def export_site_student(
     Raises ModelError when ONNX Runtime disagrees with PyTorch by more than 1e-4.
     """
     opts = options or EdgeExportOptions()
-    task = settings.task
-    image_size = settings.run.image_size
-    in_channels = settings.teacher.in_channels
     out = Path(site.out_dir) / subdir
     out.mkdir(parents=True, exist_ok=True)
     student = outcome.student.eval()
     teacher = outcome.teacher.eval()
-    student_config = distilled_student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    written = _write_student(student, out, settings, operating_point)
+    if not site.simulated:
+        _audit_export(site, subdir, written.onnx)
+    if opts.save_teacher:
+        written.files.append(_write_teacher(teacher, out, settings))
+    figures = _edge_figures(student, teacher, written.onnx, data, settings, opts)
+    logger.info(
+        "site %s: student ONNX %.2f MB, %.2f ms (ORT, %d threads), parity %.2e",
+        site.name,
+        figures.size_mb,
+        figures.latency.median_ms,
+        opts.num_threads,
+        figures.max_diff,
+    )
+    if opts.compression:
+        _compression(teacher, student, data, settings, opts, written, site.name)
+    delivered = delivered or _site_only(settings)
+    facts = _CardFacts(metrics, teacher_epsilon, delivered, written, figures, opts.num_threads)
+    write_model_card(_model_card(site, settings, data, facts), out)
+    record_delivered(Path(site.out_dir), subdir, delivered)
+    return figures.scalars()
 
-    onnx_path = export_onnx(student, out / "student.onnx", image_size, in_channels)
+
+@dataclass
+class _Written:
+    """The student's files as written: its ONNX model, its preprocessing, every file to hash."""
+
+    onnx: Path
+    preprocessing: Preprocessing
+    files: list[Path]
+
+
+def _write_student(
+    student: torch.nn.Module, out: Path, settings: FederatedRunConfig, operating_point: OperatingPoint | None
+) -> _Written:
+    """ONNX (with its preprocessing JSON), TorchScript, and the weights with their metadata."""
+    task, image_size, in_channels = settings.task, settings.run.image_size, settings.teacher.in_channels
     equalize = settings.run.preprocess_equalize
+    onnx_path = export_onnx(student, out / "student.onnx", image_size, in_channels)
     prep = Preprocessing.for_task(
         task, image_size, in_channels, equalize=equalize, operating_point=operating_point
     )
     prep_path = write_preprocessing(prep, onnx_path)
     script_path = export_torchscript(student, out / "student.torchscript.pt", image_size, in_channels)
     weights_path = out / "student.pt"
-    save_model(
-        student,
-        weights_path,
-        metadata=model_metadata(
-            student_config, task, image_size, "student", equalize=equalize, operating_point=operating_point
-        ),
+    config = distilled_student_config(settings.distill, settings.teacher, settings.teacher.norm)
+    metadata = model_metadata(
+        config, task, image_size, "student", equalize=equalize, operating_point=operating_point
     )
-    files = [onnx_path, prep_path, script_path, weights_path]
-    if not site.simulated:
-        from client.site_audit import record_site_event
+    save_model(student, weights_path, metadata=metadata)
+    return _Written(onnx_path, prep, [onnx_path, prep_path, script_path, weights_path])
 
-        record_site_event(
-            site.state_dir,
-            "model-exported",
-            model=subdir,
-            formats="onnx, torchscript, weights",
-            onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-        )
-    if opts.save_teacher:
-        teacher_path = out / "teacher.pt"
-        teacher_meta = model_metadata(
-            replace_weights(settings.teacher), task, image_size, "teacher", equalize=equalize
-        )
-        save_model(teacher, teacher_path, metadata=teacher_meta)
-        files.append(teacher_path)
 
+def _audit_export(site: SiteConfig, subdir: str, onnx_path: Path) -> None:
+    """The export in a deployed site's audit trail, with the ONNX file's hash."""
+    from client.site_audit import record_site_event
+
+    record_site_event(
+        site.state_dir,
+        "model-exported",
+        model=subdir,
+        formats="onnx, torchscript, weights",
+        onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    )
+
+
+def _write_teacher(teacher: torch.nn.Module, out: Path, settings: FederatedRunConfig) -> Path:
+    """The teacher's weights beside the student (``EdgeExportOptions(save_teacher=True)``)."""
+    teacher_path = out / "teacher.pt"
+    metadata = model_metadata(
+        replace_weights(settings.teacher),
+        settings.task,
+        settings.run.image_size,
+        "teacher",
+        equalize=settings.run.preprocess_equalize,
+    )
+    save_model(teacher, teacher_path, metadata=metadata)
+    return teacher_path
+
+
+@dataclass(frozen=True)
+class _EdgeFigures:
+    """What the edge export measured: ONNX parity and latency, size, parameters, FLOPs."""
+
+    max_diff: float
+    latency: Latency
+    size_mb: float
+    parameters: int
+    flops: int
+    teacher_parameters: int
+    parity_images: int
+
+    def scalars(self) -> dict[str, float]:
+        """The figures that may travel to the server."""
+        return {
+            "onnx_max_abs_diff": self.max_diff,
+            "student_onnx_ms": self.latency.median_ms,
+            "student_size_mb": self.size_mb,
+            "student_parameters": float(self.parameters),
+            "student_mflops": self.flops / 1e6,
+        }
+
+
+def _edge_figures(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    onnx_path: Path,
+    data: SiteData,
+    settings: FederatedRunConfig,
+    opts: EdgeExportOptions,
+) -> _EdgeFigures:
+    """ONNX Runtime against PyTorch on a few test images (train images without a test split),
+    the ONNX latency and size, the student's parameters and FLOPs, the teacher's parameters."""
+    image_size, in_channels = settings.run.image_size, settings.teacher.in_channels
     part = "test" if len(data.split.test) else "train"
     parity_images = _images(data, part, opts.parity_images, in_channels)
     max_diff = check_onnx_parity(student, onnx_path, parity_images, num_threads=opts.num_threads)
     latency = onnx_latency(
         onnx_path, image_size, in_channels, num_threads=opts.num_threads, repeats=opts.latency_repeats
     )
-    size_mb = onnx_path.stat().st_size / 1e6
-    parameters = count_parameters(student)
-    flops = count_flops(student, image_size, in_channels)
-    teacher_parameters = count_parameters(teacher)
-    logger.info(
-        "site %s: student ONNX %.2f MB, %.2f ms (ORT, %d threads), parity %.2e",
-        site.name,
-        size_mb,
-        latency.median_ms,
-        opts.num_threads,
-        max_diff,
+    return _EdgeFigures(
+        max_diff=max_diff,
+        latency=latency,
+        size_mb=onnx_path.stat().st_size / 1e6,
+        parameters=count_parameters(student),
+        flops=count_flops(student, image_size, in_channels),
+        teacher_parameters=count_parameters(teacher),
+        parity_images=len(parity_images),
     )
 
-    if opts.compression:
-        test_images = _images(data, "test", opts.compression_test_images, in_channels)
-        test_targets = data.catalog.targets[np.asarray(data.split.test)[: opts.compression_test_images]]
-        calibration = _images(data, "train", opts.calibration_images, in_channels)
-        rows, compression_settings = compare_compression(
-            teacher,
-            student,
-            task,
-            test_images,
-            test_targets,
-            calibration,
-            out / "compression",
-            image_size=image_size,
-            in_channels=in_channels,
-            num_threads=opts.num_threads,
-            repeats=opts.compression_repeats,
-            student_onnx=onnx_path,
-        )
-        write_compression_report(
-            rows, compression_settings, out, title=f"Compression comparison: {site.name}"
-        )
-        for quantised in sorted((out / "compression").glob("*.onnx")):
-            write_preprocessing(prep, quantised)
 
-    card = ModelCard(
+def _compression(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    data: SiteData,
+    settings: FederatedRunConfig,
+    opts: EdgeExportOptions,
+    written: _Written,
+    site_name: str,
+) -> None:
+    """The compression table (``EdgeExportOptions(compression=True)``): the teacher, pruned and
+    quantised copies timed beside the student; each quantised model gets the preprocessing."""
+    image_size, in_channels = settings.run.image_size, settings.teacher.in_channels
+    out = written.onnx.parent
+    test_images = _images(data, "test", opts.compression_test_images, in_channels)
+    test_targets = data.catalog.targets[np.asarray(data.split.test)[: opts.compression_test_images]]
+    calibration = _images(data, "train", opts.calibration_images, in_channels)
+    rows, compression_settings = compare_compression(
+        teacher,
+        student,
+        settings.task,
+        test_images,
+        test_targets,
+        calibration,
+        out / "compression",
+        image_size=image_size,
+        in_channels=in_channels,
+        num_threads=opts.num_threads,
+        repeats=opts.compression_repeats,
+        student_onnx=written.onnx,
+    )
+    write_compression_report(rows, compression_settings, out, title=f"Compression comparison: {site_name}")
+    for quantised in sorted((out / "compression").glob("*.onnx")):
+        write_preprocessing(written.preprocessing, quantised)
+
+
+@dataclass(frozen=True)
+class _CardFacts:
+    """What the model card says beyond the run's settings and the site's data."""
+
+    metrics: dict[str, float]
+    teacher_epsilon: float | None
+    delivered: DeliveredStudent
+    written: _Written
+    figures: _EdgeFigures
+    num_threads: int
+
+
+def _model_card(
+    site: SiteConfig, settings: FederatedRunConfig, data: SiteData, facts: _CardFacts
+) -> ModelCard:
+    """The student's model card (common/model_card.py)."""
+    task, figures = settings.task, facts.figures
+    return ModelCard(
         model_name=f"{settings.distill.student} (width {settings.distill.width_mult:g})",
         site=site.name,
         task=task.name,
         task_kind=task.kind,
         classes=tuple(task.classes),
-        image_size=image_size,
+        image_size=settings.run.image_size,
         data_source=site.data_format,
         synthetic_data=is_synthetic(site, data),
         data_counts={k: int(v) for k, v in data.counts().items()},
         class_counts=_class_counts(data, task),
-        metrics=split_metrics(metrics),
+        metrics=split_metrics(facts.metrics),
         teacher={
             "name": settings.teacher.name,
             "norm": settings.teacher.norm,
-            "parameters": teacher_parameters,
+            "parameters": figures.teacher_parameters,
         },
-        teacher_dp_epsilon=teacher_epsilon,
-        distillation=_distillation_facts(settings, delivered or _site_only(settings)),
-        size_mb=size_mb,
-        parameters=parameters,
-        flops=flops,
+        teacher_dp_epsilon=facts.teacher_epsilon,
+        distillation=_distillation_facts(settings, facts.delivered),
+        size_mb=figures.size_mb,
+        parameters=figures.parameters,
+        flops=figures.flops,
         latency={
-            "median_ms": latency.median_ms,
-            "p90_ms": latency.p90_ms,
+            "median_ms": figures.latency.median_ms,
+            "p90_ms": figures.latency.p90_ms,
             "runtime": "ONNX Runtime CPU",
             "batch": 1,
-            "threads": opts.num_threads,
-            "repeats": latency.repeats,
-            "warmup": latency.warmup,
+            "threads": facts.num_threads,
+            "repeats": figures.latency.repeats,
+            "warmup": figures.latency.warmup,
             "torch_threads": torch.get_num_threads(),
-            "parity_images": len(parity_images),
+            "parity_images": figures.parity_images,
         },
-        onnx_max_abs_diff=max_diff,
-        files={path.name: sha256_file(path) for path in files},
-        operating_point=prep.decision_rule.describe(),
+        onnx_max_abs_diff=figures.max_diff,
+        files={path.name: sha256_file(path) for path in facts.written.files},
+        operating_point=facts.written.preprocessing.decision_rule.describe(),
     )
-    write_model_card(card, out)
-    record_delivered(Path(site.out_dir), subdir, delivered or _site_only(settings))
-    return {
-        "onnx_max_abs_diff": max_diff,
-        "student_onnx_ms": latency.median_ms,
-        "student_size_mb": size_mb,
-        "student_parameters": float(parameters),
-        "student_mflops": flops / 1e6,
-    }
 
 
 def _distillation_facts(settings: FederatedRunConfig, delivered: DeliveredStudent) -> dict[str, object]:

@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.app import Context as FlowerContext
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.site import SHARE_STUDENT_KEY, SiteConfig, node_flag
-from client.site_policy import SitePolicyError
+from client.privacy_gate import CROSS_SITE_STUDENT, EVALUATION, PrivacyGate
+from client.site import SiteConfig
 from common.errors import DataError
 from common.evaluation import EvaluationResult, EvaluationSettings, evaluate_scores
 from common.local import EVAL_BATCH_SIZE, SiteData, build_loaded_model, student_config
@@ -180,18 +179,12 @@ DELIVERED_STUDENT_FILES = ("global_student/student.onnx", "student/student.onnx"
 
 
 def delivered_student(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: FlowerContext
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The ClientApp's handler of ``query.delivered_student`` (the cross-site matrix): the delivered
     student's ONNX bytes, only from a site that opted in and does not train under DP (its
-    student was distilled from its images without DP: it never leaves)."""
-    if not node_flag(context.node_config, SHARE_STUDENT_KEY, site.simulated):
-        raise SitePolicyError(
-            "this site keeps its delivered student (no --share-delivered-student): not in the "
-            "cross-site matrix"
-        )
-    if site.effective_privacy(settings.privacy, len(data.split.train)).enabled:
-        raise SitePolicyError("a site under DP never sends its student (distilled without DP): declined")
+    student was distilled from its images without DP: it never leaves; the gate declines)."""
+    gate.enter(CROSS_SITE_STUDENT)
     for name in DELIVERED_STUDENT_FILES:
         path = site.out_dir / name
         if path.is_file():
@@ -203,9 +196,10 @@ def delivered_student(
 
 
 def evaluate_model(
-    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, context: FlowerContext
+    msg: Message, settings: FederatedRunConfig, site: SiteConfig, data: SiteData, gate: PrivacyGate
 ) -> RecordDict:
     """The ClientApp's handler of ``evaluate.model`` (client/app.py)."""
+    gate.enter(EVALUATION)
     model = model_from_message(msg, settings, site)
     result = score_model(model, data, settings, site)
     logger.info("evaluated the coordinator's model on %d test images", result.n_images)

@@ -20,9 +20,10 @@ A deployed site opens only paths named by its own options: the run settings that
 (:data:`SERVER_PATH_SETTINGS`) are the server's and are ignored at a deployed site, whether or
 not such a path exists there (see :func:`site_run_config`).
 
-A site's DP policy owns every privacy parameter: what the site leaves unset takes a safe
-site-side default (delta at most 1e-5 and at most 1/N of its N training images, the ``rdp``
-accountant, clipping 1.0), never the server's value, and a server request can only tighten it.
+A site's privacy (its DP budget, ledger and opt-ins to share more) is one object,
+:class:`~client.site_privacy.SitePrivacy`, read from node_config in client/site_privacy.py: what
+the site leaves unset takes a safe site-side default, never the server's value, and a server
+request can only tighten it. Every phase consults it through client/privacy_gate.py.
 The device is the site's own choice: node_config ``device`` (``auto`` when unset, see
 common/device.py) and optionally ``amp``. A ``device`` run setting from the server is ignored
 at a deployed site (a server cannot make a hospital's workstation use, or avoid, its GPU); the
@@ -41,31 +42,22 @@ of it; simulated sites have none.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from client.site_policy import SitePolicy
+from client.site_privacy import SitePrivacy
 from common.config import PrivacyConfig
 from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
 from common.operating_point import Criterion, parse_criterion
-from common.run_settings import (
-    FederatedRunConfig,
-    check_dp_norm,
-    coerce,
-    from_mapping,
-    parse_bool,
-)
+from common.run_settings import FederatedRunConfig, check_dp_norm, coerce, from_mapping, parse_bool
 from common.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-SITE_DP_KEYS = ("dp-target-epsilon", "dp-target-delta", "dp-max-grad-norm", "dp-accountant")
-SITE_MAX_DEFAULT_DELTA = 1e-5
-"""A site's delta when it sets none: never above this, and never above 1/N (N training images)."""
 SERVER_PATH_SETTINGS = (
     "run-dir",
     "cache-dir",
@@ -87,17 +79,12 @@ class SiteConfig:
     data_format: str
     out_dir: Path
     cache_dir: Path
-    privacy: PrivacyConfig | None
+    # the site's own privacy policy: DP budget, ledger, opt-ins to share more (client/site_privacy.py)
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
     num_threads: int = 2
     strict: bool = False
-    privacy_ledger: Path | None = None
     # site-wide state (the privacy ledger and its counter), outside any run's out_dir
     state_location: Path | None = None
-    # the site set its own delta (otherwise the site default, capped at 1/N, applies)
-    delta_from_site: bool = False
-    share_per_class_metrics: bool = False
-    # every figure and error text at full precision (client/disclosure.py)
-    share_exact_metrics: bool = False
     # a partition of Flower's simulation: the coordinator's own data, its run settings are the policy
     simulated: bool = False
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -111,8 +98,8 @@ class SiteConfig:
         """The site-wide ledger; a simulated site keeps its own in its run folder (no real budget)."""
         from client.privacy_ledger import default_ledger_path, legacy_ledger_path
 
-        if self.privacy_ledger is not None:
-            return self.privacy_ledger
+        if self.privacy.ledger is not None:
+            return self.privacy.ledger
         return legacy_ledger_path(self.out_dir) if self.simulated else default_ledger_path(self.state_dir)
 
     @property
@@ -125,23 +112,9 @@ class SiteConfig:
         return self.out_dir / "state" if self.simulated else default_state_dir()
 
     def effective_privacy(self, requested: PrivacyConfig, num_train: int) -> PrivacyConfig:
-        """The privacy a round runs under: the site's policy, which a request can only tighten.
-
-        Delta is at most the site's (explicit, or 1e-5 capped at 1/``num_train``); the
-        accountant is always the site's.
-        """
-        default_delta = min(SITE_MAX_DEFAULT_DELTA, 1.0 / max(num_train, 1))
-        own = self.privacy
-        if own is None:
-            if not requested.enabled:
-                return requested
-            accountant = requested.accountant if self.simulated else PrivacyConfig().accountant
-            return replace(
-                requested, target_delta=min(requested.target_delta, default_delta), accountant=accountant
-            )
-        if not self.delta_from_site:
-            own = replace(own, target_delta=min(own.target_delta, default_delta))
-        return requested.tightened_by(own)
+        """The privacy a round runs under: the site's policy, which a request can only tighten
+        (:meth:`SitePrivacy.effective`)."""
+        return self.privacy.effective(requested, num_train, simulated=self.simulated)
 
     def resolve_compute(self, *, dp: bool = False) -> Compute:
         """This site's device on this machine (DeviceUnavailableError when it lacks it)."""
@@ -194,22 +167,12 @@ def node_flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
     return parse_bool(f"node_config '{key}'", node_config.get(key, default), text=True)
 
 
-def _site_privacy(node_config: Mapping[str, Any], norm: str) -> PrivacyConfig | None:
-    """The site's own DP policy; what it leaves unset is a site default, never the server's."""
-    if not any(key in node_config for key in SITE_DP_KEYS):
-        return None
-    check_dp_norm(norm, True, "this site's own DP policy, cxr-fl-client start --epsilon")
-    if "dp-target-epsilon" not in node_config:
-        raise ConfigError(
-            "node_config 'dp-target-epsilon'",
-            None,
-            "a privacy budget: a site that sets any DP option must set its epsilon (--epsilon)",
-        )
-    own = {k: v for k, v in node_config.items() if k in SITE_DP_KEYS}
-    policy = from_mapping(PrivacyConfig, {**own, "dp-enabled": True}, "dp-")
-    if not math.isfinite(policy.target_epsilon):
-        raise ConfigError("node_config 'dp-target-epsilon'", policy.target_epsilon, "a finite number > 0")
-    return policy
+def _site_privacy(node_config: Mapping[str, Any], norm: str) -> SitePrivacy:
+    """The site's own privacy policy; its DP budget needs a GroupNorm teacher."""
+    privacy = SitePrivacy.from_node_config(node_config)
+    if privacy.epsilon is not None:
+        check_dp_norm(norm, True, "this site's own DP policy, cxr-fl-client start --epsilon")
+    return privacy
 
 
 def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRunConfig) -> SiteConfig:
@@ -231,11 +194,9 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             data_format="manifest",
             out_dir=run_dir / "sites" / name,
             cache_dir=cache,
-            privacy=None,
-            num_threads=1,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
-            share_per_class_metrics=node_flag(node_config, "share-per-class-metrics", True),
-            share_exact_metrics=node_flag(node_config, "share-exact-metrics", True),
+            privacy=SitePrivacy.from_node_config(node_config, simulated=True),
+            num_threads=1,
             simulated=True,
             compute=settings.compute,
             operating_point=site_criterion(node_config, settings.task),
@@ -256,11 +217,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
         privacy=_site_privacy(node_config, settings.teacher.norm),
         num_threads=coerce("node_config 'num-threads'", node_config.get("num-threads", 2), int),
         strict=parse_bool("node_config 'strict'", node_config.get("strict", False), text=True),
-        privacy_ledger=_absolute_option(node_config, "privacy-ledger"),
         state_location=_absolute_option(node_config, "state-dir"),
-        delta_from_site="dp-target-delta" in node_config,
-        share_per_class_metrics=node_flag(node_config, "share-per-class-metrics", False),
-        share_exact_metrics=node_flag(node_config, "share-exact-metrics", False),
         compute=_site_compute(node_config, settings),
         policy=SitePolicy.from_mapping(node_config, lambda key: f"node_config '{key}'"),
         operating_point=site_criterion(node_config, settings.task),
@@ -268,8 +225,6 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
 
 
 OPERATING_POINT_KEY = "operating-point"
-SHARE_STUDENT_KEY = "share-delivered-student"
-"""node_config opt-in: the site sends its delivered student for the cross-site matrix (not under DP)."""
 PER_RUN_OUTPUTS_KEY = "per-run-outputs"
 """node_config flag of a long-running site (``cxr-fl-client serve``): each run's outputs apart."""
 RUN_OUTPUTS_DIR = "runs"

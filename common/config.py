@@ -40,6 +40,40 @@ STRATEGY_NAMES: tuple[str, ...] = ("fedadam", "fedavg", "fedmedian", "fedprox", 
 checks that they agree), known here so that every party checks a run's settings alike."""
 
 
+SITE_DP_OPTIONS: tuple[str, ...] = (
+    "dp-target-epsilon",
+    "dp-target-delta",
+    "dp-max-grad-norm",
+    "dp-accountant",
+)
+"""A site's own DP options: its node config keys (``cxr-fl-client start --epsilon``, ``--delta``,
+``--max-grad-norm``, ``--accountant``; ``dp-target-epsilon`` in its policy file)."""
+_SITE_DP_ALLOWED = {
+    "dp-target-epsilon": "a finite number > 0 (this site's privacy budget)",
+    "dp-target-delta": "a number strictly between 0 and 1 (at most 1e-5 is usual)",
+    "dp-max-grad-norm": "a finite number > 0",
+}
+
+
+def check_site_dp_option(key: str, value: object, option: str) -> float | str:
+    """One of a site's own DP options (:data:`SITE_DP_OPTIONS`), checked; ConfigError naming
+    ``option`` (``--epsilon``, ``node_config 'dp-target-epsilon'``, the policy file's key).
+
+    The one check of a site's DP options, wherever they come from: its command line, its node
+    config, its policy file. Stricter than a run's request (:class:`PrivacyConfig`): a site's
+    budget and clipping norm are finite.
+    """
+    if key == "dp-accountant":
+        if value not in ACCOUNTANTS:
+            raise ConfigError(option, value, "one of " + ", ".join(ACCOUNTANTS))
+        return str(value)
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    ok = 0 < number < 1 if key == "dp-target-delta" else math.isfinite(number) and number > 0
+    if not ok:
+        raise ConfigError(option, value, _SITE_DP_ALLOWED[key])
+    return number
+
+
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(option, value, "one of " + ", ".join(choices))

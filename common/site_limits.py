@@ -24,13 +24,13 @@ refused with the file and key named. ``phases`` lists the run phases the site ta
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from common.config import check_site_dp_option
 from common.errors import ConfigError
 from common.run_settings import check_image_size
 
@@ -140,10 +140,8 @@ class PolicyFile:
         epsilon = values.get(DP_EPSILON_KEY)
         if age is not None:
             age = _positive_int(f"{where}: '{CACHE_MAX_AGE_KEY}'", age)
-        if epsilon is not None and (
-            isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < math.inf
-        ):
-            raise ConfigError(f"{where}: '{DP_EPSILON_KEY}'", epsilon, "a finite number > 0")
+        if epsilon is not None:
+            epsilon = check_site_dp_option(DP_EPSILON_KEY, epsilon, f"{where}: '{DP_EPSILON_KEY}'")
         return cls(limits, age, None if epsilon is None else float(epsilon))
 
     def tightened_by(self, other: PolicyFile) -> PolicyFile:

@@ -75,8 +75,9 @@ def test_a_site_turning_dp_on_in_a_batchnorm_run_is_told_what_to_change(tmp_path
         site_from_node_config(node_config, settings)
     group = run_settings_from_config(check_run_config({"teacher-norm": "group"}))
     site = site_from_node_config(node_config, group)
-    assert site.privacy is not None
-    assert site.privacy.target_epsilon == 3.0
+    own = site.privacy.own_dp()
+    assert own is not None
+    assert own.target_epsilon == 3.0
 
 
 def test_node_config_strict_is_true_or_false(tmp_path: Path) -> None:

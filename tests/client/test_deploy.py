@@ -10,6 +10,7 @@ from flwr.common.config import parse_config_args
 
 from client.deploy import SiteNodeSettings, refusal_reason, unreachable_reason
 from client.site import site_from_node_config
+from client.site_privacy import SitePrivacy
 from common.errors import ConfigError
 from common.run_settings import run_settings_from_config
 
@@ -24,7 +25,7 @@ def _settings(tmp_path: Path, **changes: object) -> SiteNodeSettings:
         "data_path": tmp_path / "data",
         "out_dir": tmp_path / "out",
         "ca_cert": ca,
-        "dp_target_epsilon": 3.0,
+        "privacy": SitePrivacy(epsilon=3.0),
     }
     values.update(changes)
     return SiteNodeSettings(**values)  # type: ignore[arg-type]
@@ -40,8 +41,7 @@ def test_node_config_is_what_the_client_app_reads(tmp_path: Path) -> None:
     assert site.name == "site-a"
     assert site.data_path == (tmp_path / "data").resolve()
     assert site.out_dir == (tmp_path / "out").resolve()
-    assert site.privacy is not None
-    assert site.privacy.target_epsilon == 3.0
+    assert site.privacy.epsilon == 3.0
 
 
 def test_command_has_tls_and_authentication(tmp_path: Path) -> None:

@@ -225,6 +225,7 @@ def test_a_bad_privacy_option_is_refused_at_start(tmp_path: Path, options: list[
 
 def test_the_sites_options_reach_its_node_config(tmp_path: Path) -> None:
     from client.deploy import SiteNodeSettings
+    from client.site_privacy import SitePrivacy
 
     settings = SiteNodeSettings(
         server="127.0.0.1:9092",
@@ -233,10 +234,9 @@ def test_the_sites_options_reach_its_node_config(tmp_path: Path) -> None:
         data_path=None,
         out_dir=tmp_path,
         insecure=True,
-        dp_target_epsilon=2.0,
-        dp_accountant="prv",
-        privacy_ledger=tmp_path / "ledger.json",
-        share_per_class_metrics=True,
+        privacy=SitePrivacy(
+            epsilon=2.0, accountant="prv", ledger=tmp_path / "ledger.json", share_per_class_metrics=True
+        ),
     )
     node_config = settings.node_config()
     for part in (
