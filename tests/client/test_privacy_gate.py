@@ -35,7 +35,7 @@ from common.protocol import SITE_DECLINED
 from common.run_settings import run_settings_from_config
 from common.site_limits import PolicyFile
 from server.app import initial_teacher
-from tests.conftest import flower_run_config
+from tests.helpers import flower_run_config
 
 PHASE_OF_MESSAGE = {
     "train": TEACHER_ROUND,
