@@ -53,6 +53,7 @@ from common.config import PrivacyConfig
 from common.device import Compute, ComputeConfig, resolve_compute
 from common.errors import ConfigError
 from common.operating_point import Criterion, parse_criterion
+from common.run_layout import RunLayout
 from common.run_settings import FederatedRunConfig, check_dp_norm, coerce, from_mapping, parse_bool
 from common.tasks import Task
 
@@ -187,12 +188,14 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             )
         name = site_name_for_partition(int(node_config["partition-id"]))
         run_dir = Path(settings.run.run_dir or manifest_dir)
-        cache = Path(settings.run.cache_dir) if settings.run.cache_dir else run_dir / "cache"
+        cache = (
+            Path(settings.run.cache_dir) if settings.run.cache_dir else RunLayout(run_dir).default_cache_dir
+        )
         return SiteConfig(
             name=name,
             data_path=Path(manifest_dir) / f"{name}.csv",
             data_format="manifest",
-            out_dir=run_dir / "sites" / name,
+            out_dir=RunLayout(run_dir).site_dir(name),
             cache_dir=cache,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
             privacy=SitePrivacy.from_node_config(node_config, simulated=True),

@@ -60,6 +60,7 @@ from common.jsonio import json_safe, write_json, write_text_atomic
 from common.markdown import table_lines
 from common.metrics import Metrics, binary_counts, compute_metrics, nanmean, ratio
 from common.operating_point import OperatingPoint
+from common.run_layout import checkpoint_run_config
 from common.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ def _torch_scorer(model: Any, task: Task, image_size: int, in_channels: int) -> 
 
 def _coordinator_checkpoint(weights: Path, meta: Mapping[str, Any] | None) -> ScoringModel | None:
     """A checkpoint of a coordinator's run folder, rebuilt from the folder's run_config.json."""
-    run_config_path = weights.parent.parent / "run_config.json"
-    if weights.parent.name != "checkpoints" or not run_config_path.is_file():
+    run_config_path = checkpoint_run_config(weights)
+    if run_config_path is None:
         return None
     from common.checkpoint import load_model_state
     from common.local import build_loaded_model, student_config

@@ -31,6 +31,7 @@ import numpy as np
 
 from common.config import ModelConfig
 from common.errors import ModelError
+from common.run_layout import checkpoint_run_config
 from common.tasks import Task, get_task
 
 STATE_DICT = "state-dict"
@@ -244,8 +245,8 @@ def _state_dict_model(path: Path) -> EvaluationModel:
         return _with_architecture(
             path, role, loaded.config, loaded.task, loaded.image_size, loaded.equalize, state
         )
-    run_config_path = path.parent.parent / "run_config.json"
-    if path.parent.name != "checkpoints" or not run_config_path.is_file():
+    run_config_path = checkpoint_run_config(path)
+    if run_config_path is None:
         raise ModelError(
             f"'{path}' has no model metadata ('{path.name}.json') and is not in a run folder's checkpoints/ "
             "beside run_config.json, so its architecture is unknown; give a coordinator checkpoint "

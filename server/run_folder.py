@@ -1,24 +1,7 @@
 """The run folder: everything a coordinator keeps about one federated run.
 
-Layout::
-
-    RUN_DIR/
-      run_config.json        resolved settings (written at the first start, checked on resume)
-      metrics.jsonl          one line per round, phase and site (+ one aggregate line per round)
-      events.jsonl           the run's progress, one event per step (server/progress_events.py)
-      server.log             the ServerApp's log (for people: no code reads its wording)
-      checkpoints/
-        last.pt (+ .sha256)  global teacher after the last completed round
-        best.pt (+ .sha256)  global teacher with the best federated-validation metric so far
-        state.json           last completed round, best round/metric, seeds
-        strategy.npz         server-side optimiser state (FedAdam / FedYogi), when any
-        student.pt           the federated student (kd-federated-student-rounds > 0)
-      summary.json / .md     written when the run ends
-      learning_curves.png    aggregate loss and validation metric per round
-      distillation.json      per-site teacher vs student metrics (distillation phase)
-      federated_student.json per-site metrics of the federated student, when any
-      public_student.json    the students' start distilled at the coordinator, when any
-      sites/<site>/          in simulations: each site's output folder
+Its layout (every path, drawn there) is :class:`common.run_layout.RunLayout`'s, which
+:class:`RunFolder` extends with reading and writing.
 
 The coordinator's own files beside them (server/deploy.py describes them) are named by
 :class:`CoordinatorFolder`; a folder that ``cxr-fl-server serve`` serves holds each submitted run
@@ -45,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from common.jsonio import json_safe, write_json, write_text_atomic
+from common.run_layout import RunLayout
 
 if TYPE_CHECKING:  # torch and numpy load only where checkpoints are read or written
     import numpy as np
@@ -77,93 +61,16 @@ class ResumeState:
         return self.completed_round - 1 if self.pending_row is not None else self.completed_round
 
 
-class RunFolder:
-    """Reads and writes one run folder; the one place that knows its layout."""
+class RunFolder(RunLayout):
+    """Reads and writes one run folder; its layout (every path) is :class:`RunLayout`'s."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.checkpoints = self.root / "checkpoints"
+        super().__init__(root)
         self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
 
     def on_metrics(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
         """Call ``listener(rows)`` after each append to metrics.jsonl (an experiment tracker)."""
         self._listeners.append(listener)
-
-    # -- the layout ----------------------------------------------------------------------------
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def events_path(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def config_path(self) -> Path:
-        """The run's resolved settings (``run_config.json``)."""
-        return self.root / "run_config.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "server.log"
-
-    @property
-    def state_path(self) -> Path:
-        return self.checkpoints / "state.json"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def summary_markdown_path(self) -> Path:
-        return self.root / "summary.md"
-
-    @property
-    def learning_curves_path(self) -> Path:
-        return self.root / "learning_curves.png"
-
-    @property
-    def distillation_path(self) -> Path:
-        return self.root / "distillation.json"
-
-    @property
-    def federated_student_path(self) -> Path:
-        return self.root / "federated_student.json"
-
-    @property
-    def public_student_path(self) -> Path:
-        return self.root / "public_student.json"
-
-    @property
-    def overrides_path(self) -> Path:
-        """The settings submitted with ``flwr run`` (``run_overrides.toml``, read by ``--resume``)."""
-        return self.root / "run_overrides.toml"
-
-    @property
-    def default_cache_dir(self) -> Path:
-        """The image cache when the run setting ``cache-dir`` names none."""
-        return self.root / "cache"
-
-    @property
-    def sites_dir(self) -> Path:
-        """Each simulated site's output folder: ``sites/<site>/``."""
-        return self.root / "sites"
-
-    def site_dir(self, site: str) -> Path:
-        return self.sites_dir / site
-
-    def checkpoint(self, which: str) -> Path:
-        """``checkpoints/<which>.pt``: last, best, student, or the students' start."""
-        return self.checkpoints / f"{which}.pt"
-
-    def holds_run(self) -> bool:
-        """Has a run already started (a checkpointed round) or finished here?"""
-        return self.state_path.is_file() or self.summary_path.is_file()
-
-    def summary_written_since(self, started: float) -> bool:
-        """Did a run that started at ``started`` (wall clock) write its summary?"""
-        return self.summary_path.is_file() and self.summary_path.stat().st_mtime >= started
 
     # -- events (the run's progress, server/progress_events.py) --------------------------------
     def append_event(self, event: Mapping[str, Any]) -> None:

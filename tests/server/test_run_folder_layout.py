@@ -1,4 +1,5 @@
-"""The run folder's layout is spelled once: server/run_folder.py (RunFolder, CoordinatorFolder).
+"""The run folder's layout is spelled once: common/run_layout.py (RunLayout, which server/run_folder.py's
+RunFolder extends) and server/run_folder.py (CoordinatorFolder, the coordinator's own files).
 
 Every string literal of the installed packages (docstrings aside; read with ``ast``) that looks
 like a path and names one of the run folder's or the coordinator's files is reported, unless it
@@ -14,7 +15,7 @@ from pathlib import Path
 from server.run_folder import CoordinatorFolder, RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-OWNER = "server/run_folder.py"
+OWNERS = ("common/run_layout.py", "server/run_folder.py")
 LAYOUT_NAMES = frozenset(
     {
         "metrics.jsonl",
@@ -42,13 +43,6 @@ LAYOUT_NAMES = frozenset(
     }
 )
 ALLOWED = {
-    (
-        "common/evaluation.py",
-        "checkpoints",
-    ): "common may not import server: it recognises a coordinator's checkpoint by its folder",
-    ("common/evaluation.py", "run_config.json"): "the same: the checkpoint's architecture beside it",
-    ("common/model_exchange.py", "checkpoints"): "common may not import server (as common/evaluation.py)",
-    ("common/model_exchange.py", "run_config.json"): "the same",
     (
         "simulation/runtime.py",
         "run_overrides.toml",
@@ -91,12 +85,12 @@ def test_no_module_but_the_run_folder_spells_its_layout() -> None:
     found = []
     for path in package_files():
         module = path.relative_to(PROJECT_ROOT).as_posix()
-        if module == OWNER:
+        if module in OWNERS:
             continue
         for name in layout_names_spelled(path.read_text(encoding="utf-8")):
             if (module, name) not in ALLOWED:
                 found.append(f"{module}: {name!r}")
-    assert found == [], "ask server/run_folder.py (RunFolder, CoordinatorFolder) for these paths"
+    assert found == [], "ask common/run_layout.py (RunLayout) or server/run_folder.py (CoordinatorFolder)"
 
 
 def test_the_check_sees_a_rebuilt_path_and_not_a_sentence() -> None:
@@ -106,7 +100,9 @@ def test_the_check_sees_a_rebuilt_path_and_not_a_sentence() -> None:
 
 
 def test_the_owner_spells_every_name_the_check_looks_for() -> None:
-    owner = layout_names_spelled((PROJECT_ROOT / OWNER).read_text(encoding="utf-8"))
+    owner = set().union(
+        *(layout_names_spelled((PROJECT_ROOT / o).read_text(encoding="utf-8")) for o in OWNERS)
+    )
     assert owner | {"best.pt", "last.pt"} == LAYOUT_NAMES  # checkpoint(which): checkpoints/<which>.pt
     folder, coordinator = RunFolder(Path("/r")), CoordinatorFolder(Path("/r"))
     assert [folder.checkpoint(w).name for w in ("best", "last")] == ["best.pt", "last.pt"]
