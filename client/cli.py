@@ -72,7 +72,6 @@ from client.cli_options import (
     PolicyOption,
     PrivacyLedgerPath,
     ReconnectTimeout,
-    Runtime,
     ServerAddress,
     ShareDeliveredStudent,
     ShareExactMetrics,
@@ -656,7 +655,6 @@ def start(
     reconnect_timeout: ReconnectTimeout = 600.0,
     activate_timeout: ActivateTimeout = 75.0,
     allow_app: AllowApp = None,
-    runtime: Runtime = "warm",
     supernode_memory: SupernodeMemory = 4.0,
     initial_teacher_sha256: InitialTeacherSha256 = None,
     initial_teacher: InitialTeacher = None,
@@ -680,8 +678,6 @@ def start(
         used = _check_runtime(settings)
     except CxrFlError as exc:
         raise fail(str(exc)) from None
-    if runtime == "flower":
-        _warning("--runtime flower: the site runs the server's app bundle as sent (no app allow-list)")
     if policy_file is not None and policy_file.cache_max_age_days is not None:
         _expire_cache(out / "cache", policy_file.cache_max_age_days)
     if not skip_check:
@@ -720,7 +716,6 @@ NODE_OPTIONS = {
     "connect_timeout": "connect_timeout",
     "reconnect_timeout": "reconnect_timeout",
     "activate_timeout": "activate_timeout",
-    "runtime": "runtime",
     "supernode_memory_gib": "supernode_memory",
     "initial_teacher_sha256": "initial_teacher_sha256",
     "initial_teacher": "initial_teacher",
@@ -757,14 +752,12 @@ def _site_node_settings(options: dict[str, Any], policy_file: PolicyFile | None)
 
 
 def _check_runtime(settings: SiteNodeSettings) -> str:
-    """The Flower the warm runtime needs, and the device the site trains on (no CUDA for
+    """The Flower the warm runner needs, and the device the site trains on (no CUDA for
     ``cuda``: stop here)."""
     from common.device import resolve_device
+    from flower_adapter.app_runner import require_supported_flwr
 
-    if settings.runtime == "warm":
-        from flower_adapter.app_runner import require_supported_flwr
-
-        require_supported_flwr()
+    require_supported_flwr()
     return str(resolve_device(settings.device, option="--device"))
 
 

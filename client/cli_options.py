@@ -217,15 +217,6 @@ AllowApp = Annotated[
         "that its own installed cxr-fl builds (`cxr-fl-client app-hash` prints its hash).",
     ),
 ]
-Runtime = Annotated[
-    str,
-    typer.Option(
-        "--runtime",
-        help="warm: this process runs the installed ClientApp (fast; app allow-list). flower: "
-        "Flower's own flwr-clientapp per message from the server's app bundle (fallback; no "
-        "allow-list).",
-    ),
-]
 SupernodeMemory = Annotated[
     float,
     typer.Option(

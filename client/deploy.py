@@ -11,7 +11,8 @@ The SuperNode runs with ``--isolation process``: this process is its ClientApp r
 flower_adapter/app_runner.py), so torch, the data cache and the installed handlers stay warm across
 rounds, and a run of any app other than this installation's own (or one listed with
 ``--allow-app``) is refused with a one-line reason in ``supernode.log`` and an error reply.
-``--runtime flower`` falls back to Flower's per-message ``flwr-clientapp`` (no allow-list).
+Every site runs this way: the SuperNode never starts Flower's own ``flwr-clientapp`` from the
+coordinator's app bundle, so the allow-list always applies.
 
 The SuperNode runs through flower_adapter/supernode_main.py: its data memory is bounded
 (``--supernode-memory``, 4 GiB by default; a FAB whose ``pyproject.toml`` is a zip bomb makes it
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -66,14 +66,6 @@ from flower_adapter.app_runner import (
 from flower_adapter.supernode_main import DEFAULT_MEMORY_LIMIT, FLEET_LOOP_ENDED_EXIT
 
 STUDENT_CARD = Path("student") / "model_card.json"
-# SuperExec (which starts each ClientApp process) polls for work every second by default.
-# An interval already set in the environment wins (benchmarks/fl_round_deploy.py measures both).
-FAST_POLL_ENV = {
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-}
-RUNTIMES = ("warm", "flower")
-"""``warm``: this process runs the installed ClientApp for its SuperNode (flower_adapter/app_runner.py);
-``flower``: Flower's own ``flwr-clientapp`` process per message, from the FAB (the fallback)."""
 
 
 class SiteRefusedError(CxrFlError):
@@ -135,10 +127,9 @@ class SiteNodeSettings:
     activate_timeout: float = ACTIVATE_GRACE_SECONDS
     # `cxr-fl-client serve`: stay connected across runs, each run's outputs apart
     stay: bool = False
-    runtime: str = "warm"
     allowed_apps: tuple[str, ...] = ()
     supernode_memory_gib: float = DEFAULT_MEMORY_LIMIT / 1024**3
-    """Bound of the SuperNode's data memory in GiB (warm runtime); 0: none."""
+    """Bound of the SuperNode's data memory in GiB; 0: none."""
     # the most a run may ask of this site (client/site_policy.py)
     policy: SitePolicy = field(default_factory=SitePolicy)
     # the site's own pin of the initial global teacher (client/teacher_pin.py)
@@ -151,10 +142,6 @@ class SiteNodeSettings:
         host, sep, port = self.server.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("--server", self.server, "HOST:PORT, e.g. coordinator.example.org:9092")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError("--runtime", self.runtime, " or ".join(RUNTIMES))
-        if self.allowed_apps and self.runtime != "warm":
-            raise ConfigError("--allow-app", self.allowed_apps[0], "only with --runtime warm (the default)")
         object.__setattr__(self, "allowed_apps", tuple(normalise_app_hash(h) for h in self.allowed_apps))
         object.__setattr__(self, "device", check_device_setting(self.device, "--device"))
         for option, path in (("--ca", self.ca_cert), ("--key", self.private_key)):
@@ -213,15 +200,15 @@ class SiteNodeSettings:
         values.update(self.policy.node_config())
         return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
-    def command(self, runtime_port: int, secret_file: Path | None = None) -> list[str]:
-        """The ``flower-supernode`` command. ``secret_file`` (warm runtime; SiteNode always passes
-        one) holds the per-start secret that signs the warm runner's task claims, so that no other
-        local process can claim this site's tasks.
+    def command(self, runtime_port: int, secret_file: Path) -> list[str]:
+        """The ``flower-supernode`` command, always ``--isolation process``: the site's warm runner
+        (flower_adapter/app_runner.py) is its only ClientApp runner. ``secret_file`` holds the
+        per-start secret that signs the runner's task claims, so that no other local process can
+        claim this site's tasks.
 
         The SuperNode runs through flower_adapter/supernode_main.py, which bounds its data memory
-        (``supernode_memory_gib``, warm runtime only: with ``--runtime flower`` the SuperNode's own
-        training processes would inherit the bound) and ends it once its Fleet loop ends."""
-        memory = int(self.supernode_memory_gib * 1024**3) if self.runtime == "warm" else 0
+        (``supernode_memory_gib``) and ends it once its Fleet loop ends."""
+        memory = int(self.supernode_memory_gib * 1024**3)
         command = [sys.executable, "-m", "flower_adapter.supernode_main", "--memory-limit", str(memory), "--"]
         command += ["--superlink", self.server]
         if self.insecure:
@@ -234,14 +221,14 @@ class SiteNodeSettings:
             "--node-config",
             self.node_config(),
             "--isolation",
-            "process" if self.runtime == "warm" else "subprocess",
+            "process",
             "--host",
             "127.0.0.1",
             "--port",
             str(runtime_port),
+            "--superexec-auth-secret-file",
+            str(secret_file),
         ]
-        if self.runtime == "warm" and secret_file is not None:
-            command += ["--superexec-auth-secret-file", str(secret_file)]
         return command
 
 
@@ -337,8 +324,7 @@ class SiteNode:
         logging.getLogger().addHandler(log_handler)
         worker: threading.Thread | None = None
         try:
-            if self.settings.runtime == "warm":
-                worker = self._start_runner(notify)
+            worker = self._start_runner(notify)
             return self._run_until_done(notify)
         finally:
             if self.runner is not None:
@@ -411,13 +397,10 @@ class SiteNode:
 
     def _run_once(self, started: float, notify: Callable[[str], None]) -> str:
         port = free_port()
-        warm = self.settings.runtime == "warm"
-        command = self.settings.command(port, self.secret_path if warm else None)
+        command = self.settings.command(port, self.secret_path)
         self.node_id = None
         self.write_log(f"# {time.strftime('%Y-%m-%d')} {' '.join(command)}")
-        env = flower_env(
-            self.flwr_home, FAST_POLL_ENV
-        )  # flower_adapter.supernode_main from this installation:
+        env = flower_env(self.flwr_home)  # flower_adapter.supernode_main from this installation:
         prepend_pythonpath(env, PROJECT_ROOT)
         self.process = subprocess.Popen(
             command,

@@ -59,14 +59,13 @@ site installed from a wheel (no project folder) builds it from its installed pac
 ``pyproject.toml`` the wheel ships (setup.py): the same bundle, the same hash.
 ``cxr-fl-client app-hash`` prints the hash a site accepts by default.
 
-Version guard and fallback
---------------------------
+Version guard
+-------------
 The Runtime API calls, the FAB builder and the task-input helpers used here are Flower 1.42
 internals (unchanged since 1.41): :func:`require_supported_flwr` refuses any other version
-with a one-line message.
-The documented fallback is ``cxr-fl-client start --runtime flower``: Flower's own per-message
-``flwr-clientapp`` (``--isolation subprocess``), slower, and without the app allow-list (it runs
-the FAB's code), for a Flower version this module does not support yet.
+with a one-line message that names the version to install. There is no fallback runtime: every
+site runs this runner (``--isolation process``), so the allow-list applies whatever the site's
+options; a Flower upgrade is handled in flower_adapter/ (one version pin, ``FLWR_VERSION``).
 """
 
 from __future__ import annotations
@@ -115,14 +114,15 @@ class RuntimeUnsupportedError(CxrFlError):
 
 
 def require_supported_flwr() -> None:
-    """Fail with a one-line message unless flwr is the version this module was checked against."""
+    """Fail with a one-line message unless flwr is the version this module was checked against
+    (the one cxr-fl pins); the message names the install command."""
     import flwr
 
     if flwr.__version__ != SUPPORTED_FLWR_VERSION:
         raise RuntimeUnsupportedError(
             f"the warm site runtime supports flwr {SUPPORTED_FLWR_VERSION} only, found flwr "
-            f"{flwr.__version__}: install flwr=={SUPPORTED_FLWR_VERSION}, or start the site with "
-            "--runtime flower (Flower's per-message flwr-clientapp: slower, and no app allow-list)"
+            f"{flwr.__version__}: install the version this cxr-fl pins "
+            f"(pip install flwr[simulation]=={SUPPORTED_FLWR_VERSION})"
         )
 
 

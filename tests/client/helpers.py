@@ -5,11 +5,13 @@ The server controls the run_config and the message; the site controls only its n
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
+from client.deploy import SiteNode
 from common.run_settings import run_settings_from_config
 from server.app import initial_teacher
 from tests.helpers import flower_run_config
@@ -102,3 +104,14 @@ def as_sent(text: str) -> str:
     from client.disclosure import Disclosure
 
     return Disclosure().text(text)
+
+
+def no_warm_runner(node: SiteNode, _notify: object) -> threading.Thread:
+    """Stands in for ``SiteNode._start_runner``: no warm runner (no app import), only the secret
+    file the SuperNode is started with."""
+    from flower_adapter.app_runner import write_secret_file
+
+    write_secret_file(node.secret_path)
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    return thread

@@ -13,6 +13,7 @@ from client.site import site_from_node_config
 from client.site_privacy import SitePrivacy
 from common.errors import ConfigError
 from common.run_settings import run_settings_from_config
+from tests.client.helpers import no_warm_runner
 
 
 def _settings(tmp_path: Path, **changes: object) -> SiteNodeSettings:
@@ -47,7 +48,7 @@ def test_node_config_is_what_the_client_app_reads(tmp_path: Path) -> None:
 def test_command_has_tls_and_authentication(tmp_path: Path) -> None:
     key = tmp_path / "site-a.key"
     key.write_text("k")
-    command = _settings(tmp_path, private_key=key).command(1234)
+    command = _settings(tmp_path, private_key=key).command(1234, tmp_path / "superexec.secret")
     assert command[command.index("--root-certificates") + 1] == str((tmp_path / "ca.crt").resolve())
     assert command[command.index("--auth-supernode-private-key") + 1] == str(key.resolve())
     assert "--insecure" not in command
@@ -129,9 +130,10 @@ def test_a_supernode_that_stops_itself_after_joining_is_started_again(
     script.write_text(FAKE_SUPERNODE)
     starts = tmp_path / "starts"
     fake_command = [sys.executable, str(script), str(starts)]
-    monkeypatch.setattr(SiteNodeSettings, "command", lambda _self, _port, _secret=None: fake_command)
+    monkeypatch.setattr(SiteNodeSettings, "command", lambda _self, _port, _secret: fake_command)
+    monkeypatch.setattr(SiteNode, "_start_runner", no_warm_runner)
     events: list[str] = []
-    node = SiteNode(_settings(tmp_path, runtime="flower"))
+    node = SiteNode(_settings(tmp_path))
 
     with pytest.raises(SiteRefusedError, match="exited with code 7"):
         node.run(events.append)

@@ -23,6 +23,7 @@ from client.deploy import SiteNode, SiteNodeSettings, SiteRefusedError
 from common.errors import ConfigError
 from common.processes import free_port
 from flower_adapter.supernode_main import FLEET_LOOP_ENDED_EXIT
+from tests.client.helpers import no_warm_runner
 
 GiB = 1024**3
 
@@ -51,7 +52,7 @@ def _max_data_size(pid: int) -> str:
 def test_the_supernode_is_started_under_the_sites_memory_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(SiteNode, "_start_runner", _no_runner)
+    monkeypatch.setattr(SiteNode, "_start_runner", no_warm_runner)
     monkeypatch.setattr("client.deploy.MAX_RESTARTS", 0)  # the SuperNode the test stops stays stopped
     node = SiteNode(_settings(tmp_path, supernode_memory_gib=1.5))
     outcome: list[BaseException] = []
@@ -78,13 +79,11 @@ def test_the_memory_bound_is_checked_and_can_be_lifted(tmp_path: Path) -> None:
         _settings(tmp_path, supernode_memory_gib=0.1)
     with pytest.raises(ConfigError, match="--supernode-memory"):
         _settings(tmp_path, supernode_memory_gib=float("nan"))
-    unbounded = _settings(tmp_path, supernode_memory_gib=0).command(1234)
+    secret = tmp_path / "superexec.secret"
+    unbounded = _settings(tmp_path, supernode_memory_gib=0).command(1234, secret)
     assert unbounded[unbounded.index("--memory-limit") + 1] == "0"
-    default = _settings(tmp_path).command(1234)
+    default = _settings(tmp_path).command(1234, secret)
     assert default[default.index("--memory-limit") + 1] == str(4 * GiB)
-    # Flower's own runtime starts its training processes from the SuperNode: they would inherit it
-    fallback = _settings(tmp_path, runtime="flower").command(1234)
-    assert fallback[fallback.index("--memory-limit") + 1] == "0"
 
 
 DYING_SUPERNODE = """\
@@ -126,8 +125,9 @@ def test_a_supernode_that_dies_is_started_again_and_its_task_stopped(
     script.write_text(DYING_SUPERNODE.replace("LOOP_ENDED", str(FLEET_LOOP_ENDED_EXIT)))
     starts = tmp_path / "starts"
     fake_command = [sys.executable, str(script), str(starts)]
-    monkeypatch.setattr(SiteNodeSettings, "command", lambda _self, _port, _secret=None: fake_command)
-    node = SiteNode(_settings(tmp_path, runtime="flower"))
+    monkeypatch.setattr(SiteNodeSettings, "command", lambda _self, _port, _secret: fake_command)
+    monkeypatch.setattr(SiteNode, "_start_runner", no_warm_runner)  # the test's runner stands in
+    node = SiteNode(_settings(tmp_path))
     runner = _RecordingRunner()
     node.runner = runner  # type: ignore[assignment]
     events: list[str] = []
@@ -240,16 +240,6 @@ def _supernode_started(node: SiteNode) -> bool:
     return node.log_path.is_file() and "Starting Flower SuperNode" in node.log_path.read_text(
         errors="replace"
     )
-
-
-def _no_runner(node: SiteNode, _notify: object) -> threading.Thread:
-    """No warm runner (no torch import): only the secret file the SuperNode is started with."""
-    from flower_adapter.app_runner import write_secret_file
-
-    write_secret_file(node.secret_path)
-    thread = threading.Thread(target=lambda: None)
-    thread.start()
-    return thread
 
 
 def _run_catching(node: SiteNode, outcome: list[BaseException]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -112,10 +113,12 @@ def test_allow_app_hashes_are_checked() -> None:
         normalise_app_hash("abc123")
 
 
-def test_other_flower_versions_are_refused_with_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_flower_versions_are_refused_with_the_pinned_one_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     require_supported_flwr()  # the pinned version passes
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
-    expected = f"flwr {SUPPORTED_FLWR_VERSION} only.*--runtime flower"
+    expected = re.escape(f"pip install flwr[simulation]=={SUPPORTED_FLWR_VERSION}")
     with pytest.raises(RuntimeUnsupportedError, match=expected):
         require_supported_flwr()
     with pytest.raises(RuntimeUnsupportedError):
@@ -151,16 +154,10 @@ def test_the_warm_runtime_takes_the_supernodes_tasks_itself(tmp_path: Path) -> N
     assert command[command.index("--superexec-auth-secret-file") + 1] == str(secret)
     assert command[command.index("--host") + 1] == "127.0.0.1"
 
-    fallback = _settings(tmp_path, runtime="flower").command(1234, secret)
-    assert fallback[fallback.index("--isolation") + 1] == "subprocess"
-    assert "--superexec-auth-secret-file" not in fallback
-
 
 def test_start_options_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--runtime"):
-        _settings(tmp_path, runtime="fast")
     with pytest.raises(ConfigError, match="--allow-app"):
-        _settings(tmp_path, runtime="flower", allowed_apps=("ab" * 32,))
+        _settings(tmp_path, allowed_apps=("ab12",))
     assert _settings(tmp_path, allowed_apps=("AB" * 32,)).allowed_apps == ("ab" * 32,)
 
     base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic"]
@@ -183,7 +180,8 @@ def test_start_refuses_an_unsupported_flower_before_anything_else(
     base = ["start", "--server", "127.0.0.1:9", "--site", "a", "--format", "synthetic", "--insecure"]
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "--runtime flower" in result.output
+    assert f"pip install flwr[simulation]=={SUPPORTED_FLWR_VERSION}" in result.output
+    assert "--runtime" not in result.output
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
 
 
