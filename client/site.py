@@ -199,7 +199,7 @@ def site_from_node_config(node_config: Mapping[str, Any], settings: FederatedRun
             cache_dir=cache,
             # simulated sites are the coordinator's own partitions: the report uses per-class metrics
             privacy=SitePrivacy.from_node_config(node_config, simulated=True),
-            num_threads=1,
+            num_threads=settings.train.num_threads,  # the run setting `num-threads` (pyproject: 1)
             simulated=True,
             compute=settings.compute,
             operating_point=site_criterion(node_config, settings.task),

@@ -58,6 +58,14 @@ def test_a_simulated_site_uses_the_run_setting(tmp_path: Path) -> None:
     assert not site.compute.amp
 
 
+def test_a_simulated_sites_threads_are_the_run_setting(tmp_path: Path) -> None:
+    settings = run_settings_from_config({"num-threads": 3, "simulation-manifest-dir": str(tmp_path)})
+
+    site = site_from_node_config({"partition-id": 1, "num-partitions": 2}, settings)
+
+    assert site.num_threads == 3
+
+
 def test_start_passes_the_device_in_the_node_config(tmp_path: Path) -> None:
     settings = SiteNodeSettings(
         server="127.0.0.1:9092", site="st-a", data_format="synthetic", data_path=None,
