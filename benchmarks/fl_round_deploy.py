@@ -267,11 +267,10 @@ def federation(work: Path, teacher: str, setting: str, args: argparse.Namespace)
 
 def round_ends(run_dir: Path) -> dict[int, float]:
     """When each teacher round ended (its progress event, written after its checkpoint), in seconds."""
-    from server.progress_events import Progress
+    from server.progress_events import run_steps
     from server.run_folder import RunFolder
 
-    steps = [Progress.from_event(e) for e in RunFolder(run_dir).read_events()]
-    return {p.completed_round: p.time for p in steps if p is not None and p.phase == "teacher"}
+    return {p.completed_round: p.time for p in run_steps(RunFolder(run_dir)) if p.phase == "teacher"}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,7 +151,7 @@ class Progress:
 def announce(folder: RunFolder, progress: Progress, log: logging.Logger) -> None:
     """Write ``progress`` as an event of the run folder, then log its line (event first: a
     follower that hears the line finds the event)."""
-    stamped = Progress(**{**progress.__dict__, "time": time.time()})
+    stamped = replace(progress, time=time.time())
     folder.append_event(stamped.to_event())
     log.info("%s", stamped.line(folder.root))
 
@@ -172,16 +172,20 @@ class EventFollower:
         self.heard = 0
 
     def poll(self) -> None:
-        steps = [p for p in map(Progress.from_event, self.folder.read_events()) if p is not None]
-        recent = [p for p in steps if p.time >= self.since]
+        recent = [p for p in run_steps(self.folder) if p.time >= self.since]
         for progress in recent[self.heard :]:
             self.on_progress(progress)
         self.heard = max(self.heard, len(recent))
 
 
+def run_steps(folder: RunFolder) -> list[Progress]:
+    """The run's steps so far, in order (lines that are not well-formed events left out)."""
+    return [p for p in map(Progress.from_event, folder.read_events()) if p is not None]
+
+
 def last_progress(folder: RunFolder) -> Progress | None:
     """The run's latest step (None before the first)."""
-    steps = [p for p in map(Progress.from_event, folder.read_events()) if p is not None]
+    steps = run_steps(folder)
     return steps[-1] if steps else None
 
 
