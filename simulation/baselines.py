@@ -217,6 +217,16 @@ def train_baseline(data: TrainingData, settings: FederatedRunConfig, *, seed: in
     return outcome.state_dict
 
 
+def _local_teachers(sites: dict[str, SiteData], settings: FederatedRunConfig, seed: int) -> dict[str, Any]:
+    """Each site's local-only teacher, scored everywhere."""
+    scores = {}
+    for name, site in sites.items():
+        logger.info("Baseline: local-only teacher of %s", name)
+        state = train_baseline(site, settings, seed=derive_seed(seed, "local", name))
+        scores[name] = score_everywhere(state, sites, settings)
+    return scores
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -224,8 +234,11 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> dict[str, Any]:
-    """Score the federated teacher and train + score the pooled and local-only teachers."""
+def run_baselines(
+    out: Path, settings: FederatedRunConfig, num_sites: int, *, local: bool = True
+) -> dict[str, Any]:
+    """Score the federated teacher (and its start, when pretrained) and train + score the pooled
+    teacher and, with ``local``, a local-only teacher per site."""
     sites = load_sites(out, settings, num_sites)
     seed = settings.train.seed
     federated, federated_scores = score_teacher(
@@ -235,17 +248,16 @@ def run_baselines(out: Path, settings: FederatedRunConfig, num_sites: int) -> di
         "budget_epochs": settings.run.num_rounds * settings.train.local_epochs,
         "federated": federated,
     }
+    if settings.teacher.weights is not None:  # every teacher's start (the coordinator's pretraining)
+        start = initial_teacher_state(settings.teacher, settings.task, seed)
+        results["start"] = score_everywhere(start, sites, settings)
+        results["start"]["weights"] = str(settings.teacher.weights)
     logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
     pooled_state = train_baseline(
         PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
     )
     results["pooled"], pooled_scores = score_teacher(pooled_state, sites, settings)
     save_test_scores(out / SCORES_FILE, {"federated": federated_scores, "pooled": pooled_scores}, list(sites))
-    results["local"] = {}
-    for name, site in sites.items():
-        logger.info("Baseline: local-only teacher of %s", name)
-        local_seed = derive_seed(seed, "local", name)
-        state = train_baseline(site, settings, seed=local_seed)
-        results["local"][name] = score_everywhere(state, sites, settings)
+    results["local"] = _local_teachers(sites, settings, seed) if local else {}
     write_json(out / "baselines.json", results)
     return results

@@ -127,6 +127,18 @@ def _baseline_ratio(baselines: Mapping[str, Any], key: str) -> Ratio:
     )
 
 
+def _start_note(baselines: Mapping[str, Any]) -> str:
+    """What the teachers' common start scored alone, when the coordinator pretrained it."""
+    start = baselines.get("start")
+    if not start:
+        return ""
+    test = start["pooled_test"]
+    return (
+        "; both from the coordinator's publicly pretrained start, which alone scores macro-AUROC "
+        f"{_number(test.get('auroc_macro'))} and {OP_NAME} {_number(test.get('op_balanced_accuracy'))}"
+    )
+
+
 def teacher_claim(
     baselines: Mapping[str, Any] | None, scores: Mapping[str, np.ndarray] | None, task: Task
 ) -> Claim:
@@ -157,6 +169,7 @@ def teacher_claim(
     sentence = (
         f"Federated teacher vs pooled teacher on the pooled test set ({images}): {_verdict(held)}: "
         + "; ".join(parts)
+        + _start_note(baselines)
         + "."
     )
     return Claim(name, held, sentence, {k: v.to_dict() for k, v in ratios.items()})

@@ -47,6 +47,7 @@ from server.run_folder import RunFolder
 from simulation.baselines import run_baselines
 from simulation.experiment_folder import experiment_run
 from simulation.partition import partition_catalog, write_partition
+from simulation.public_teacher import PublicPretraining, pretrain_public_teacher
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
 from simulation.site_scores import score_site_models
@@ -86,6 +87,8 @@ class ExperimentConfig:
     partition: PartitionSpec = PartitionSpec()
     run_config: dict[str, Any] = field(default_factory=dict)
     baselines: bool = False
+    local_baselines: bool = True
+    """With ``baselines``, also a local-only teacher per site (the demo leaves them out for time)."""
     cpus_per_site: int = 1
     gpus_per_site: float = 0.0
     """Ray's GPU share per simulated site (Flower's client-resources-num-gpus)."""
@@ -98,10 +101,17 @@ class ExperimentConfig:
     public_sources: tuple[SourceSpec, ...] = ()
     """The coordinator's public images for the students' start (run setting ``kd-public-manifest``,
     written to ``public/site_00.csv``); none: each site's student starts from random weights."""
+    pretrain: PublicPretraining | None = None
+    """The coordinator pretrains every teacher's start on the first public images (labelled) before
+    round 1 (simulation/public_teacher.py); None: every teacher starts from random weights."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpus_per_site", check_gpus_per_site(self.gpus_per_site))
         object.__setattr__(self, "ray_address", check_ray_address(self.ray_address))
+        if self.pretrain is not None and not self.public_sources:
+            raise ConfigError(
+                "pretrain", str(self.pretrain), "None, or public_sources to pretrain the teacher on"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -142,8 +152,9 @@ class Experiment:
             overrides["kd-no-kd-baseline"] = True
         return check_run_config(overrides)
 
-    def prepare(self) -> tuple[dict[str, Any], int]:
-        """Check settings, write the partition; returns the run config and the number of sites."""
+    def prepare(self, stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], int]:
+        """Check settings, write the partition (and pretrain the teacher's start when asked);
+        returns the run config and the number of sites."""
 
         run_config = self.resolve_run_config()
         check_local_device(run_settings_from_config(run_config), self.config)
@@ -186,6 +197,9 @@ class Experiment:
         )
         if self.config.public_sources:
             self.write_public_images()
+        if self.config.pretrain is not None:
+            announce = stage or (lambda _text: None)
+            run_config = self.pretrain_teacher(run_config, self.config.pretrain, announce)
         (self.out / "experiment.json").write_text(
             json.dumps({**self.config.to_dict(), "resolved_run_config": run_config}, indent=2, default=str)
             + "\n",
@@ -213,6 +227,21 @@ class Experiment:
             overwrite=True,
         )
 
+    def pretrain_teacher(
+        self, run_config: dict[str, Any], spec: PublicPretraining, stage: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """Pretrain the teacher's start on the public images; the run config that starts from it."""
+        stage(f"coordinator: pretraining the teacher on {spec.images} public images ({spec.epochs} epochs)")
+        result = pretrain_public_teacher(
+            self.public_dir,
+            run_config,
+            spec,
+            site_manifests=sorted(self.partition_dir.glob("site_*.csv")),
+            cache_dir=Path(run_config["cache-dir"]),
+        )
+        start = {"teacher-weights": str(result.weights), "initial-teacher-sha256": result.weights_sha256}
+        return check_run_config({**run_config, **start})
+
     def run(
         self,
         on_round: RoundCallback | None = None,
@@ -224,7 +253,7 @@ class Experiment:
         read from the run folder's events as Flower streams the run's log."""
         stage = on_stage or (lambda _text: None)
         stage("checking settings and partitioning the data")
-        run_config, num_sites = self.prepare()
+        run_config, num_sites = self.prepare(stage)
         settings = run_settings_from_config(run_config)
 
         events = EventFollower(RunFolder(self.run_dir), progress_follower(stage, on_round, on_progress))
@@ -239,8 +268,9 @@ class Experiment:
             )
         events.poll()
         if self.config.baselines:
-            stage("baselines: pooled and local-only teachers")
-            run_baselines(self.out, settings, num_sites)
+            local = self.config.local_baselines
+            stage("baselines: pooled" + (" and local-only teachers" if local else " teacher"))
+            run_baselines(self.out, settings, num_sites, local=local)
             if settings.kd_enabled:
                 stage("scoring each site's teacher and students for the report's intervals")
                 score_site_models(self.out, settings, num_sites)

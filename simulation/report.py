@@ -178,7 +178,9 @@ def _teacher_rows(baselines: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
         ("federated (best round)", baselines["federated"]),
         ("pooled (centralised)", baselines["pooled"]),
     ]
-    entries += [(f"local-only {name}", scores) for name, scores in sorted(baselines["local"].items())]
+    entries += [(f"local-only {name}", scores) for name, scores in sorted(baselines.get("local", {}).items())]
+    if "start" in baselines:
+        entries.append(("start alone (coordinator's public pretraining)", baselines["start"]))
     return entries
 
 
@@ -246,8 +248,9 @@ def _baseline_lines(baselines: dict[str, Any] | None, metric: str) -> list[str]:
         "",
         "## Final teacher vs baselines",
         "",
-        f"Same training budget for every teacher ({baselines['budget_epochs']} epochs over its data). "
-        "Pooled test set = union of the sites' test splits; 'op' = each test image decided at its "
+        f"Same training budget for every teacher ({baselines['budget_epochs']} epochs over its data"
+        + (", each from the coordinator's publicly pretrained start). " if "start" in baselines else "). ")
+        + "Pooled test set = union of the sites' test splits; 'op' = each test image decided at its "
         "own site's operating point (fitted for that teacher on the site's validation split); "
         "'site mean' = mean over sites of the metric on each site's own test split.",
         "",
@@ -398,13 +401,19 @@ def _plot_per_site(results: dict[str, Any], path: Path) -> bool:
     metric = results["summary"].get("selection_metric", "auroc_macro")
     sites = sorted(baselines["federated"]["sites"])
     series = {"federated": baselines["federated"], "pooled": baselines["pooled"]}
-    local = [_num(baselines["local"][s]["sites"][s].get(metric)) for s in sites]
+    if baselines.get("local"):
+        third = [_num(baselines["local"][s]["sites"][s].get(metric)) for s in sites]
+        label = "local-only (own site)"
+    else:
+        start = baselines.get("start") or {"sites": {}}
+        third = [_num(start["sites"].get(s, {}).get(metric)) for s in sites]
+        label = "start alone (public pretraining)"
     fig, ax = plt.subplots(figsize=(max(6, len(sites) * 0.9), 4))
     width = 0.27
     x = np.arange(len(sites))
     for i, (name, scores) in enumerate(series.items()):
         ax.bar(x + (i - 1) * width, [_num(scores["sites"][s].get(metric)) for s in sites], width, label=name)
-    ax.bar(x + width, local, width, label="local-only (own site)")
+    ax.bar(x + width, third, width, label=label)
     ax.set_xticks(x, sites, rotation=45 if len(sites) > 8 else 0)
     ax.set_ylabel(f"test {metric}")
     ax.set_title("Teachers on each site's test split")

@@ -70,3 +70,32 @@ def test_available_cores_counts_the_cores_this_process_may_run_on() -> None:
     from simulation.baselines import available_cores
 
     assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
+def test_a_baseline_starts_from_the_runs_pretrained_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulation.baselines as baselines
+    from common.local import initial_teacher_state
+
+    settings = run_settings_from_config(check_run_config(TINY))
+    site = _site(tmp_path, settings, seed=1)
+    pretrained = train_baseline(site, settings, seed=9)  # stands in for the coordinator's pretraining
+    weights = tmp_path / "teacher.pt"
+    torch.save(pretrained, weights)
+    started: list[dict[str, torch.Tensor]] = []
+    real_train_round = baselines.train_round
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        started.append({k: v.clone() for k, v in args[3].items()})  # the initial state
+        return real_train_round(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "train_round", spy)
+    from_file = run_settings_from_config(check_run_config({**TINY, "teacher-weights": str(weights)}))
+    train_baseline(site, from_file, seed=5)
+    train_baseline(site, settings, seed=5)
+
+    assert all(torch.equal(started[0][k], pretrained[k]) for k in pretrained)
+    random_start = initial_teacher_state(settings.teacher, settings.task, settings.train.seed)
+    assert all(torch.equal(started[1][k], random_start[k]) for k in random_start)
+    assert any(not torch.equal(started[0][k], started[1][k]) for k in pretrained)

@@ -179,7 +179,13 @@ def test_default_command_runs_a_whole_federation_and_leaves_no_process(
     # the report's rescoring of the sites' models reproduces their own figures: paired intervals
     students = results["claims"][1]["figures"]["auroc_macro"]
     assert students["interval_over"] == "over the sites' test images", results["claims"][1]
-    assert len(results["baselines"]["local"]) == 3
+    assert results["baselines"]["local"] == {}  # the demo leaves the local-only teachers out (time)
+    # every teacher started from the coordinator's public pretraining, scored alone beside them
+    resolved = json.loads((out / "experiment.json").read_text())["resolved_run_config"]
+    assert resolved["teacher-weights"] == str(out.resolve() / "public" / "teacher.pt")
+    assert 0.0 <= results["baselines"]["start"]["pooled_test"]["auroc_macro"] <= 1.0
+    assert "start alone (coordinator's public pretraining)" in text
+    assert "publicly pretrained start, which alone scores macro-AUROC" in results["claims"][0]["sentence"]
     assert {r["site"] for r in results["distillation"]} == {"site_00", "site_01", "site_02"}
     for name in ("label_distribution.png", "learning_curves.png", "per_site.png", "student_vs_teacher.png"):
         assert (report / name).stat().st_size > 1000, name

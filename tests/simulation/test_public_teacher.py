@@ -1,0 +1,71 @@
+"""The coordinator's public pretraining of a simulated run's teacher (simulation/public_teacher.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.errors import ConfigError, DataError
+from common.initial_teacher import weights_sha256
+from simulation.experiment import Experiment, ExperimentConfig, PartitionSpec, SourceSpec
+from simulation.public_teacher import PublicPretraining
+
+TINY_RUN = {"teacher-name": "tiny-cnn", "image-size": 32, "num-rounds": 1, "batch-size": 16, "lr": 0.05}
+SITES = (SourceSpec("synthetic", None, {"n-images": "90", "image-size": "32"}),)
+PUBLIC = (SourceSpec("synthetic", None, {"n-images": "60", "image-size": "32", "seed": "1"}),)
+
+
+def _config(tmp_path: Path, **change: object) -> ExperimentConfig:
+    settings: dict[str, object] = {
+        "out": tmp_path / "exp",
+        "sources": SITES,
+        "partition": PartitionSpec(name="iid", sites=2),
+        "run_config": dict(TINY_RUN),
+        "public_sources": PUBLIC,
+        "pretrain": PublicPretraining(images=40, epochs=2),
+    }
+    settings.update(change)
+    return ExperimentConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_the_run_starts_from_the_teacher_pretrained_on_the_first_public_images(tmp_path: Path) -> None:
+    stages: list[str] = []
+    run_config, _ = Experiment(_config(tmp_path)).prepare(stages.append)
+
+    weights = tmp_path / "exp" / "public" / "teacher.pt"
+    assert run_config["teacher-weights"] == str(weights)
+    state = torch.load(weights, weights_only=True)
+    assert run_config["initial-teacher-sha256"] == weights_sha256(state)
+    sidecar = json.loads((weights.parent / "teacher.pt.json").read_text())
+    # the first 40 of the 60 public images, no more
+    assert sidecar["images"]["train"] + sidecar["images"]["val"] == 40
+    assert sidecar["training"]["epochs"] == 2
+    assert any("pretraining the teacher on 40 public images (2 epochs)" in s for s in stages)
+    written = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert written["resolved_run_config"]["teacher-weights"] == str(weights)
+    assert written["pretrain"] == {"images": 40, "epochs": 2}
+
+
+def test_a_public_image_that_is_also_a_sites_image_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="site_0"):
+        Experiment(_config(tmp_path, public_sources=SITES)).prepare()  # the same images as the sites'
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"pretrain": PublicPretraining(images=40, epochs=1), "public_sources": ()}, "public_sources"),
+    ],
+)
+def test_pretraining_needs_public_images(tmp_path: Path, change: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _config(tmp_path, **change)
+
+
+@pytest.mark.parametrize(("images", "epochs"), [(0, 1), (10, 0)])
+def test_pretraining_needs_images_and_epochs(images: int, epochs: int) -> None:
+    with pytest.raises(ConfigError):
+        PublicPretraining(images=images, epochs=epochs)
