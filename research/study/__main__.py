@@ -31,7 +31,9 @@ def study(
     tables: Annotated[
         list[str],
         typer.Argument(
-            help="splits, headline, privacy, students, nih, all, or report (only rebuild the report)."
+            help="splits, headline, privacy, students, nih, all, report (only rebuild the report), or "
+            "restore (first copy the committed study.json's cells into the work folder, so that a fresh "
+            "clone resumes the study)."
         ),
     ],
     config: Annotated[Path, typer.Option(help="The study's TOML file.")] = STUDY_CONFIG,
@@ -63,9 +65,9 @@ def study(
         with_overrides,
         with_resources,
     )
-    from research.study.report import build_study_report
+    from research.study.report import build_study_report, restore_cells
 
-    allowed = (*TABLES, "all", "report")
+    allowed = (*TABLES, "all", "report", "restore")
     for table in tables:
         if table not in allowed:
             raise ConfigError("table", table, "one of " + ", ".join(allowed))
@@ -74,6 +76,10 @@ def study(
         with_overrides(base, None, None, seed), gpus_per_site, ray_address, cpus_per_site
     )
     chosen = list(TABLES) if "all" in tables else [t for t in tables if t in TABLES]
+    if "restore" in tables:
+        written = restore_cells(base.out, base.results)
+        source = base.results / "study.json"
+        stdout.print(f"restored {written} finished cell(s) from {source} into {base.out}")
     for table in TABLES:  # every table's cells resolve, and none of the finished ones is stale,
         check_finished_cells(table_cells(table, base), base)  # before any work starts
     for table in chosen:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoint import metadata_path
+from common.errors import DataError
 from common.jsonio import write_json
 from common.run_settings import load_schema
 from research.study.cells import SPLITS, TABLES, Cell, StudySettings, table_cells
@@ -33,6 +34,29 @@ def load_cells(out: Path) -> dict[str, dict[str, Any]]:
     for path in sorted((out / "cells").glob("*/result.json")):
         cells[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
     return cells
+
+
+def restore_cells(out: Path, results: Path) -> int:
+    """Write each cell of the committed ``results/study.json`` that ``out`` lacks as
+    ``out/cells/NAME/result.json``, so that a fresh clone resumes the study (finished cells are
+    skipped, and checked against the current settings like any other) instead of running every
+    cell again, and its report keeps them. Cells already in ``out`` are left as they are.
+    Returns how many were written."""
+    committed = results / "study.json"
+    if not committed.is_file():
+        raise DataError(f"{committed}: no study results to restore (run the study's tables instead)")
+    cells = json.loads(committed.read_text(encoding="utf-8")).get("cells", {})
+    written = 0
+    for name, record in sorted(cells.items()):
+        if Path(name).name != name or name.startswith("."):
+            raise DataError(f"{committed}: cell name {name!r} is not a plain folder name")
+        folder = out / "cells" / name
+        if folder.exists():
+            continue
+        folder.mkdir(parents=True)
+        write_json(folder / "result.json", record)
+        written += 1
+    return written
 
 
 def _teacher(result: dict[str, Any] | None, which: str, metric: str = METRIC) -> float | None:

@@ -427,3 +427,42 @@ def test_a_corrupt_finished_cell_is_named_with_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"result\.json: not a readable result.*delete the folder"):
         check_finished_cells(cells, settings)
+
+
+def test_restore_resumes_a_fresh_clone_from_the_committed_cells(tmp_path: Path) -> None:
+    from research.study.cells import cell_run_config
+    from research.study.report import restore_cells
+
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv"))
+    done, stale = table_cells("headline", settings)[:2]
+    committed = {
+        done.name: {"cell": done.name, "run_config": cell_run_config(done, settings, 2)},
+        stale.name: {
+            "cell": stale.name,
+            "run_config": {**cell_run_config(stale, settings, 2), "num-rounds": 7},
+        },
+    }
+    settings.results.mkdir(parents=True)
+    (settings.results / "study.json").write_text(json.dumps({"cells": committed}), encoding="utf-8")
+    kept = _finish_cell(settings, stale, cell_run_config(stale, settings, 2))  # already in the work folder
+
+    assert restore_cells(settings.out, settings.results) == 1
+    restored = json.loads((settings.out / "cells" / done.name / "result.json").read_text())
+    assert restored == committed[done.name]
+    assert json.loads((kept / "result.json").read_text())["run_config"]["num-rounds"] != 7  # left as it was
+    assert restore_cells(settings.out, settings.results) == 0
+
+    (settings.results / "study.json").write_text(json.dumps({"cells": {"../escape": {}}}), encoding="utf-8")
+    with pytest.raises(DataError, match="not a plain folder name"):
+        restore_cells(settings.out, settings.results)
+    assert not (settings.out / "escape").exists()
+
+
+def test_restore_without_committed_results_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path, tmp_path / "pool.csv")
+
+    result = CliRunner().invoke(study_cli.app, ["restore", "--config", str(config)])
+
+    assert result.exit_code == 2
+    assert "study.json: no study results to restore" in result.output
+    assert "Traceback" not in result.output
