@@ -246,7 +246,7 @@ DEMO_PRETRAIN_EPOCHS = 3
 used; half as many images as the sites hold together) for 3 epochs, as ``cxr-fl-server pretrain``
 does in a deployment; the federated, pooled and local-only teachers all start from it. From random
 weights the federated teacher reached only 0.86x the pooled teacher's macro-AUROC (seeds 0-2),
-from this start 0.99-1.01x, and the federation still adds to the start alone (report's table;
+from this start 0.99-1.02x, and the federation still adds to the start alone (report's table;
 benchmarks/results/demo.md). A set as large as the sites' (2,400 images) would leave the
 federation little to add."""
 

@@ -7,7 +7,10 @@ The experiment folder::
       partition/          per-site manifests, partition.json, label distribution (table + PNG)
       run/                the coordinator's run folder (metrics.jsonl, checkpoints, summary,
                           sites/site_XX/ with each site's student, model card, compression table)
-      baselines.json      pooled and local-only teachers (when --baselines), and
+      public/             the coordinator's public images (site_00.csv; the demo's), and with
+                          ``pretrain`` the teacher's pretrained start (teacher.pt + its sidecar)
+      baselines.json      pooled and local-only teachers (when --baselines; the start alone when
+                          pretrained), and
       baselines_scores.npz  the federated and pooled teachers' per-image pooled test scores
       site_scores.npz     per-image test scores of each site's teacher and students (when
                           --baselines: the report's paired intervals, simulation/site_scores.py)

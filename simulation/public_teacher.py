@@ -1,4 +1,4 @@
-"""The coordinator's public pretraining of a simulated run's teacher (``--pretrain-images``).
+"""The coordinator's public pretraining of a simulated run's teacher (``ExperimentConfig.pretrain``).
 
 Before round 1 the coordinator trains the run's teacher on the first ``images`` of its public
 images (``public/site_00.csv``, with their labels) for ``epochs``, with ``cxr-fl-server
