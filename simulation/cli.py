@@ -355,6 +355,22 @@ RunConfigFile = Annotated[
 RunSources = Annotated[list[str] | None, typer.Option(help="Data source format (repeatable).")]
 RunData = Annotated[list[Path] | None, typer.Option(help="Data path of each --source.")]
 RunSourceOptions = Annotated[list[str] | None, typer.Option(help="KEY=VALUE or FORMAT.KEY=VALUE.")]
+RunPublicSources = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="The coordinator's public data: source format (repeatable); the students' start is "
+        "distilled on them, and the teacher pretrained with --pretrain-images."
+    ),
+]
+RunPublicData = Annotated[list[Path] | None, typer.Option(help="Data path of each --public-source.")]
+RunPublicOptions = Annotated[
+    list[str] | None, typer.Option(help="KEY=VALUE or FORMAT.KEY=VALUE of the public sources.")
+]
+RunPretrainImages = Annotated[
+    int | None,
+    typer.Option(help="Pretrain every teacher's start on the first N public images (labels used); 0: off."),
+]
+RunPretrainEpochs = Annotated[int | None, typer.Option(help="Epochs of that pretraining (default 3).")]
 RunTask = Annotated[str | None, typer.Option(help="Task (default normal-pneumonia-covid).")]
 RunPartitioner = Annotated[str | None, typer.Option("--partition", help="Partitioner name.")]
 RunAlpha = Annotated[float | None, typer.Option(help="Dirichlet alpha.")]
@@ -398,6 +414,11 @@ def run(
     source: RunSources = None,
     data: RunData = None,
     source_option: RunSourceOptions = None,
+    public_source: RunPublicSources = None,
+    public_data: RunPublicData = None,
+    public_option: RunPublicOptions = None,
+    pretrain_images: RunPretrainImages = None,
+    pretrain_epochs: RunPretrainEpochs = None,
     task: RunTask = None,
     partitioner: RunPartitioner = None,
     alpha: RunAlpha = None,
@@ -420,8 +441,11 @@ def run(
     track: RunTrack = None,
 ) -> None:
     """Run a whole simulated federation: partition, teacher rounds, distillation, baselines, report."""
-    from simulation.experiment import experiment_config
+    from simulation.experiment import SourceArgs, experiment_config
 
+    public = SourceArgs(
+        list(public_source or []), list(public_data or []), list(public_option or []), "public-source"
+    )
     resolved = experiment_config(
         config_file=config,
         out=out,
@@ -454,6 +478,9 @@ def run(
         default_out=_default_out(),
         gpus_per_site=gpus_per_site,
         ray_address=ray_address,
+        public=public,
+        pretrain_images=pretrain_images,
+        pretrain_epochs=pretrain_epochs,
     )
     report = run_experiment_with_progress(resolved)
     stdout.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)

@@ -113,7 +113,9 @@ class ExperimentConfig:
         object.__setattr__(self, "ray_address", check_ray_address(self.ray_address))
         if self.pretrain is not None and not self.public_sources:
             raise ConfigError(
-                "pretrain", str(self.pretrain), "None, or public_sources to pretrain the teacher on"
+                "pretrain-images",
+                self.pretrain.images,
+                "0, or public images to pretrain on (--public-source, or [[public-sources]] in --config)",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,6 +351,8 @@ EXPERIMENT_KEYS: dict[str, Any] = {
     "strict": bool,
     "drop-duplicates": bool,
     "sources": list,
+    "public-sources": list,
+    "pretrain": dict,
     "partition": dict,
     "run": dict,
 }
@@ -362,6 +366,7 @@ PARTITION_KEYS: dict[str, Any] = {
     "seed": int,
 }
 SOURCE_KEYS: dict[str, Any] = {"format": str, "path": str, "options": dict}
+PRETRAIN_KEYS: dict[str, Any] = {"images": int, "epochs": int}
 _KIND_WORDS = {list: "an array of tables, e.g. [[sources]]", dict: "a table, e.g. [partition]"}
 
 
@@ -383,18 +388,66 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     data = read_toml(path)
     _check_table(data, EXPERIMENT_KEYS, "", path)
     _check_table(data.get("partition", {}), PARTITION_KEYS, "partition.", path)
-    for i, source in enumerate(data.get("sources", [])):
-        where = f"sources[{i}]."
-        if not isinstance(source, dict):
-            raise ConfigError(f"key 'sources' in {path}", source, _KIND_WORDS[list])
-        _check_table(source, SOURCE_KEYS, where, path)
-        if "format" not in source:
-            raise ConfigError(
-                f"key '{where}format' in {path}", "missing", 'a source format, e.g. format = "manifest"'
-            )
+    _check_table(data.get("pretrain", {}), PRETRAIN_KEYS, "pretrain.", path)
+    for table in ("sources", "public-sources"):
+        for i, source in enumerate(data.get(table, [])):
+            where = f"{table}[{i}]."
+            if not isinstance(source, dict):
+                raise ConfigError(f"key '{table}' in {path}", source, _KIND_WORDS[list])
+            _check_table(source, SOURCE_KEYS, where, path)
+            if "format" not in source:
+                raise ConfigError(
+                    f"key '{where}format' in {path}", "missing", 'a source format, e.g. format = "manifest"'
+                )
     if data.get("cpus-per-site", 1) < 1:
         raise ConfigError(f"key 'cpus-per-site' in {path}", data["cpus-per-site"], "an integer >= 1")
     return data
+
+
+@dataclass(frozen=True)
+class SourceArgs:
+    """``--source``/``--data``/``--source-option`` (or their ``--public-*`` twins) as given."""
+
+    formats: list[str] = field(default_factory=list)
+    data: list[Path] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+    flag: str = "source"
+
+
+def _source_specs(
+    given: SourceArgs, table: list[dict[str, Any]] | None, config_file: Path | None
+) -> tuple[SourceSpec, ...] | None:
+    """Sources from the command line, else from the config file's table; None if neither has any."""
+    data_flag = given.flag.replace("source", "data")
+    if given.data and (not given.formats or len(given.data) != len(given.formats)):
+        raise ConfigError(
+            data_flag,
+            [str(d) for d in given.data],
+            f"one --{data_flag} per --{given.flag} FORMAT ({len(given.formats)} given)",
+        )
+    if given.formats:
+        options = parse_source_options(given.options, given.formats)
+        paths = [str(Path(d).expanduser().resolve()) for d in given.data] or [None] * len(given.formats)
+        return tuple(SourceSpec(fmt, paths[i], options[i]) for i, fmt in enumerate(given.formats))
+    if table is None:
+        return None
+    base = config_file.parent if config_file is not None else Path.cwd()
+    return tuple(
+        SourceSpec(
+            str(s["format"]),
+            str((base / s["path"]).resolve()) if s.get("path") else None,
+            {str(k): _option_text(v) for k, v in s.get("options", {}).items()},
+        )
+        for s in table
+    )
+
+
+def _pretraining(images: int | None, epochs: int | None, table: dict[str, Any]) -> PublicPretraining | None:
+    """``--pretrain-images``/``--pretrain-epochs`` over the config file's ``[pretrain]`` (None: none)."""
+    chosen = images if images is not None else table.get("images")
+    if not chosen:
+        return None
+    return PublicPretraining(int(chosen), int(epochs if epochs is not None else table.get("epochs", 3)))
 
 
 def experiment_config(
@@ -414,33 +467,18 @@ def experiment_config(
     default_out: Path,
     gpus_per_site: float | None = None,
     ray_address: str | None = None,
+    public: SourceArgs | None = None,
+    pretrain_images: int | None = None,
+    pretrain_epochs: int | None = None,
 ) -> ExperimentConfig:
     """Merge a TOML config file and command-line options (the command line wins)."""
     file = _read_config_file(config_file) if config_file is not None else {}
-    if sources:
-        if data and len(data) != len(sources):
-            raise ConfigError("data", [str(d) for d in data], f"one --data per --source ({len(sources)})")
-        options = parse_source_options(source_options, sources)
-        specs = tuple(
-            SourceSpec(fmt, str(Path(data[i]).expanduser().resolve()) if data else None, options[i])
-            for i, fmt in enumerate(sources)
-        )
-    elif data:
-        raise ConfigError(
-            "data", [str(d) for d in data], "--data with --source FORMAT naming each data set's format"
-        )
-    elif "sources" in file:
-        base = config_file.parent if config_file is not None else Path.cwd()
-        specs = tuple(
-            SourceSpec(
-                str(s["format"]),
-                str((base / s["path"]).resolve()) if s.get("path") else None,
-                {str(k): _option_text(v) for k, v in s.get("options", {}).items()},
-            )
-            for s in file["sources"]
-        )
-    else:
-        specs = ExperimentConfig.__dataclass_fields__["sources"].default  # type: ignore[assignment]
+    specs = _source_specs(SourceArgs(sources, data, source_options), file.get("sources"), config_file)
+    if specs is None:
+        specs = ExperimentConfig.__dataclass_fields__["sources"].default
+    public_specs = _source_specs(
+        public or SourceArgs(flag="public-source"), file.get("public-sources"), config_file
+    )
     part = {k.replace("-", "_"): v for k, v in file.get("partition", {}).items()}
     part.update({k: v for k, v in partition.items() if v is not None})
     if part.get("name") == "natural" and "sites" not in part:
@@ -471,6 +509,8 @@ def experiment_config(
         drop_duplicates=drop_duplicates
         if drop_duplicates is not None
         else file.get("drop-duplicates", False),
+        public_sources=public_specs or (),
+        pretrain=_pretraining(pretrain_images, pretrain_epochs, file.get("pretrain", {})),
     )
 
 

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import simulation.cli as cli
 from common.errors import ConfigError, DataError
 from common.initial_teacher import weights_sha256
-from simulation.experiment import Experiment, ExperimentConfig, PartitionSpec, SourceSpec
+from simulation.experiment import (
+    Experiment,
+    ExperimentConfig,
+    PartitionSpec,
+    SourceArgs,
+    SourceSpec,
+    experiment_config,
+)
 from simulation.public_teacher import PublicPretraining
 
 TINY_RUN = {"teacher-name": "tiny-cnn", "image-size": 32, "num-rounds": 1, "batch-size": 16, "lr": 0.05}
@@ -57,7 +67,7 @@ def test_a_public_image_that_is_also_a_sites_image_is_refused(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"pretrain": PublicPretraining(images=40, epochs=1), "public_sources": ()}, "public_sources"),
+        ({"pretrain": PublicPretraining(images=40, epochs=1), "public_sources": ()}, "--public-source"),
     ],
 )
 def test_pretraining_needs_public_images(tmp_path: Path, change: dict[str, object], match: str) -> None:
@@ -69,3 +79,79 @@ def test_pretraining_needs_public_images(tmp_path: Path, change: dict[str, objec
 def test_pretraining_needs_images_and_epochs(images: int, epochs: int) -> None:
     with pytest.raises(ConfigError):
         PublicPretraining(images=images, epochs=epochs)
+
+
+def _resolve(tmp_path: Path, config_file: Path | None = None, **given: Any) -> ExperimentConfig:
+    return experiment_config(
+        config_file=config_file,
+        out=None,
+        sources=[],
+        data=[],
+        source_options=[],
+        task=None,
+        partition={},
+        run_settings={},
+        dp_epsilon=None,
+        baselines=None,
+        set_items=[],
+        default_out=tmp_path / "default",
+        **given,
+    )
+
+
+def test_run_takes_public_sources_and_pretraining_from_the_command_line(tmp_path: Path) -> None:
+    public = SourceArgs(["synthetic"], [], ["n-images=50", "seed=1"], "public-source")
+    resolved = _resolve(tmp_path, public=public, pretrain_images=30)
+
+    assert resolved.public_sources == (SourceSpec("synthetic", None, {"n-images": "50", "seed": "1"}),)
+    assert resolved.pretrain == PublicPretraining(images=30, epochs=3)
+    assert _resolve(tmp_path, public=public).pretrain is None  # public images alone: students' start only
+
+
+def test_run_takes_public_sources_and_pretraining_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text(
+        '[[public-sources]]\nformat = "manifest"\npath = "public.csv"\n\n'
+        "[pretrain]\nimages = 800\nepochs = 2\n"
+    )
+    resolved = _resolve(tmp_path, config)
+
+    assert resolved.public_sources == (SourceSpec("manifest", str(tmp_path / "public.csv"), {}),)
+    assert resolved.pretrain == PublicPretraining(images=800, epochs=2)
+    assert _resolve(tmp_path, config, pretrain_images=0).pretrain is None  # the command line wins
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--pretrain-images", "100"], "--public-source"),
+        (["--public-data", "x.csv"], "public-data"),
+        (
+            ["--public-source", "synthetic", "--pretrain-images", "10", "--pretrain-epochs", "0"],
+            "pretrain epochs",
+        ),
+    ],
+)
+def test_bad_public_options_are_one_line_exit_2(tmp_path: Path, args: list[str], named: str) -> None:
+    result = CliRunner().invoke(cli.app, ["run", "--out", str(tmp_path / "x"), *args])
+
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[[public-sources]]\npath = "public.csv"\n', "public-sources[0].format"),
+        ("[pretrain]\nimagez = 3\n", "pretrain.imagez"),
+    ],
+)
+def test_a_bad_public_table_is_named(tmp_path: Path, text: str, named: str) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        _resolve(tmp_path, config)
+    assert named in str(caught.value)
