@@ -401,19 +401,20 @@ def _plot_per_site(results: dict[str, Any], path: Path) -> bool:
     metric = results["summary"].get("selection_metric", "auroc_macro")
     sites = sorted(baselines["federated"]["sites"])
     series = {"federated": baselines["federated"], "pooled": baselines["pooled"]}
+    third: list[float] | None = None
     if baselines.get("local"):
         third = [_num(baselines["local"][s]["sites"][s].get(metric)) for s in sites]
         label = "local-only (own site)"
-    else:
-        start = baselines.get("start") or {"sites": {}}
-        third = [_num(start["sites"].get(s, {}).get(metric)) for s in sites]
+    elif baselines.get("start"):
+        third = [_num(baselines["start"]["sites"][s].get(metric)) for s in sites]
         label = "start alone (public pretraining)"
     fig, ax = plt.subplots(figsize=(max(6, len(sites) * 0.9), 4))
     width = 0.27
     x = np.arange(len(sites))
     for i, (name, scores) in enumerate(series.items()):
         ax.bar(x + (i - 1) * width, [_num(scores["sites"][s].get(metric)) for s in sites], width, label=name)
-    ax.bar(x + width, third, width, label=label)
+    if third is not None:  # neither local-only teachers nor a pretrained start: two bars
+        ax.bar(x + width, third, width, label=label)
     ax.set_xticks(x, sites, rotation=45 if len(sites) > 8 else 0)
     ax.set_ylabel(f"test {metric}")
     ax.set_title("Teachers on each site's test split")
