@@ -195,16 +195,20 @@ class _Pooled(ConcatDataset[Any]):
             dataset.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
-def train_baseline(data: TrainingData, settings: FederatedRunConfig, *, seed: int) -> dict[str, torch.Tensor]:
+def train_baseline(
+    data: TrainingData, settings: FederatedRunConfig, *, seed: int, threads: int | None = None
+) -> dict[str, torch.Tensor]:
     """A teacher trained on ``data`` with the site's own loop (:func:`common.local.train_round`):
     from the run's initial weights, for the epochs a site trains in the whole run, without DP,
     on the run's ``device`` as resolved on this machine (the weights come back on the CPU).
 
-    It trains alone, after the federation, so it uses every core this process may run on (a
-    site's ``num-threads`` is its share of the machine while all sites train at once)."""
+    ``threads`` None: it trains alone, after the federation, so it uses every core this process
+    may run on (a site's ``num-threads`` is its share of the machine while all sites train at
+    once); the pooled teacher beside the federation uses one (simulation/pooled_background.py)."""
     epochs = settings.run.num_rounds * settings.train.local_epochs
     initial = initial_teacher_state(settings.teacher, settings.task, settings.train.seed)
-    threads = max(settings.train.num_threads, available_cores())
+    if threads is None:
+        threads = max(settings.train.num_threads, available_cores())
     outcome = train_round(
         data,
         settings.task,
@@ -235,10 +239,16 @@ def available_cores() -> int:
 
 
 def run_baselines(
-    out: Path, settings: FederatedRunConfig, num_sites: int, *, local: bool = True
+    out: Path,
+    settings: FederatedRunConfig,
+    num_sites: int,
+    *,
+    local: bool = True,
+    pooled_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Score the federated teacher (and its start, when pretrained) and train + score the pooled
-    teacher and, with ``local``, a local-only teacher per site."""
+    """Score the federated teacher (and its start, when pretrained) and the pooled teacher
+    (``pooled_state``: trained already, e.g. beside the federation; None: trained here) and,
+    with ``local``, train and score a local-only teacher per site."""
     sites = load_sites(out, settings, num_sites)
     seed = settings.train.seed
     federated, federated_scores = score_teacher(
@@ -252,10 +262,11 @@ def run_baselines(
         start = initial_teacher_state(settings.teacher, settings.task, seed)
         results["start"] = score_everywhere(start, sites, settings)
         results["start"]["weights"] = str(settings.teacher.weights)
-    logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
-    pooled_state = train_baseline(
-        PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
-    )
+    if pooled_state is None:
+        logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
+        pooled_state = train_baseline(
+            PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
+        )
     results["pooled"], pooled_scores = score_teacher(pooled_state, sites, settings)
     save_test_scores(out / SCORES_FILE, {"federated": federated_scores, "pooled": pooled_scores}, list(sites))
     results["local"] = _local_teachers(sites, settings, seed) if local else {}

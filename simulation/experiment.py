@@ -24,6 +24,7 @@ the run are stopped by PID on exit, error or Ctrl-C (see simulation/runtime.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -50,6 +51,7 @@ from server.run_folder import RunFolder
 from simulation.baselines import run_baselines
 from simulation.experiment_folder import experiment_run
 from simulation.partition import partition_catalog, write_partition
+from simulation.pooled_background import PooledTeacherJob
 from simulation.public_teacher import PublicPretraining, pretrain_public_teacher
 from simulation.report import build_report
 from simulation.runtime import FlowerSimulation, check_gpus_per_site, check_ray_address
@@ -262,20 +264,31 @@ class Experiment:
         settings = run_settings_from_config(run_config)
 
         events = EventFollower(RunFolder(self.run_dir), progress_follower(stage, on_round, on_progress))
-        stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
-        with FlowerSimulation(self.out / "flower", ray_address=self.config.ray_address) as simulation:
-            simulation.run(
-                run_config,
-                num_sites=num_sites,
-                cpus_per_site=self.config.cpus_per_site,
-                gpus_per_site=self.config.gpus_per_site,
-                on_line=lambda _line: events.poll(),
-            )
-        events.poll()
+        pooled_state = None
+        with contextlib.ExitStack() as background:
+            pooled = None
+            if self.config.baselines:
+                stage("baselines: the pooled teacher trains in the background on CPU the federation leaves")
+                pooled = background.enter_context(PooledTeacherJob(self.out, run_config, num_sites))
+            stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
+            with FlowerSimulation(self.out / "flower", ray_address=self.config.ray_address) as simulation:
+                simulation.run(
+                    run_config,
+                    num_sites=num_sites,
+                    cpus_per_site=self.config.cpus_per_site,
+                    gpus_per_site=self.config.gpus_per_site,
+                    on_line=lambda _line: events.poll(),
+                )
+            events.poll()
+            if pooled is not None:
+                if pooled.running():
+                    stage("baselines: waiting for the pooled teacher")
+                pooled_state = pooled.result()
         if self.config.baselines:
             local = self.config.local_baselines
-            stage("baselines: pooled" + (" and local-only teachers" if local else " teacher"))
-            run_baselines(self.out, settings, num_sites, local=local)
+            extra = " and training local-only teachers" if local else ""
+            stage(f"baselines: scoring the federated and pooled teachers{extra}")
+            run_baselines(self.out, settings, num_sites, local=local, pooled_state=pooled_state)
             if settings.kd_enabled:
                 stage("scoring each site's teacher and students for the report's intervals")
                 score_site_models(self.out, settings, num_sites)
