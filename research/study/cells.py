@@ -129,6 +129,8 @@ class Attempt:
     federated_student: bool = False
     run: tuple[tuple[str, Any], ...] = ()
     seeds: tuple[int, ...] | None = None  # None: the study's first seed
+    pretrained: bool = False
+    """Start from the coordinator's public (GroupNorm) teacher of ``[privacy.pretrain]``."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,18 @@ TOP_KEYS = {
     "external",
     "recipe",
 }
-ATTEMPT_KEYS = {"name", "about", "split", "splits", "kd", "pooled", "federated-student", "run", "seeds"}
+ATTEMPT_KEYS = {
+    "name",
+    "about",
+    "split",
+    "splits",
+    "kd",
+    "pooled",
+    "federated-student",
+    "pretrained",
+    "run",
+    "seeds",
+}
 PRIVACY_KEYS = {"epsilons", "headline-epsilon", "delta", "run", "pretrain", "variants", "headline-variant"}
 DATASET_KEYS = {"task", "sources", "test-images", "pool-images", "drop-duplicates"}
 
@@ -307,6 +320,13 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
         if not changed:
             raise ConfigError(f"{where}run in {path}", "{}", "the run settings the attempt changes")
         check_run_config({**run, **changed})
+        pretrained = parse_bool(f"key '{where}pretrained' in {path}", table.get("pretrained", False))
+        if pretrained and changed.get("teacher-norm") != "group":
+            raise ConfigError(
+                f"{where}run.teacher-norm in {path}",
+                changed.get("teacher-norm", run.get("teacher-norm", "batch")),
+                '"group": pretrained = true starts from the coordinator\'s public GroupNorm teacher',
+            )
         seeds = parse_seeds(table.get("seeds"), f"{where}seeds in {path}")
         attempts.append(
             Attempt(
@@ -320,6 +340,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 ),
                 run=tuple(sorted(changed.items())),
                 seeds=seeds,
+                pretrained=pretrained,
             )
         )
     return tuple(attempts)
@@ -554,7 +575,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 pooled=a.pooled,
                 federated_student=a.federated_student,
                 variant=a.name,
-                overrides=a.run,
+                overrides=attempt_overrides(a, settings),
             )
             for a in settings.attempts
             for split in a.splits
@@ -594,6 +615,14 @@ def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
     if cell.split == "natural":
         return PartitionSpec(name="natural", sites=None, natural_by="site", **common)
     raise ConfigError("split", cell.split, "one of " + ", ".join(SPLITS))
+
+
+def attempt_overrides(attempt: Attempt, settings: StudySettings) -> tuple[tuple[str, Any], ...]:
+    """The run settings an attempt's cells change (the public teacher's file when pretrained)."""
+    if not attempt.pretrained:
+        return attempt.run
+    weights = public_weights(settings.out, str(settings.run.get("teacher-name", "")))
+    return tuple(sorted({**dict(attempt.run), "teacher-weights": str(weights)}.items()))
 
 
 def cell_run_config(cell: Cell, settings: StudySettings, num_sites: int) -> dict[str, Any]:

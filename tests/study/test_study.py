@@ -76,6 +76,8 @@ run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = []', "attempts\\[0\\].seeds"),
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = 2', "attempts\\[0\\].seeds"),
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = [7]', "seeds of the attempt 'x'"),
+        ('name = "x"\npretrained = true\nrun = { num-rounds = 4 }', "attempts\\[0\\].run.teacher-norm"),
+        ('name = "x"\npretrained = "yes"\nrun = { teacher-norm = "group" }', "pretrained"),
     ],
 )
 def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
@@ -115,6 +117,22 @@ def test_an_attempt_is_its_base_cell_with_the_run_settings_changed(tmp_path: Pat
     assert cell_run_config(rounds.base, settings, 2)["num-rounds"] == 2
     kd_config = cell_run_config(kd, settings, 2)
     assert (kd_config["kd-epochs"], kd_config["kd-federated-student-rounds"]) == (3, 2)
+
+
+def test_a_pretrained_attempt_starts_from_the_coordinators_public_teacher(tmp_path: Path) -> None:
+    from research.study.cells import cell_run_config
+    from research.study.privacy import public_weights
+
+    attempt = '[[attempts]]\nname = "public-bsm"\nsplit = "natural"\npretrained = true\n'
+    attempt += 'run = { teacher-norm = "group", local-loss = "balanced-softmax" }\n'
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=attempt))
+
+    (cell,) = table_cells("attempts", settings)
+
+    config = cell_run_config(cell, settings, 4)
+    assert config["teacher-weights"] == str(public_weights(settings.out, str(settings.run["teacher-name"])))
+    assert (config["teacher-norm"], config["local-loss"]) == ("group", "balanced-softmax")
+    assert cell.name == "cxr-natural-fedavg-public-bsm-s0"
 
 
 def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> None:
