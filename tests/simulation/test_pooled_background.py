@@ -59,7 +59,8 @@ def test_leaving_the_block_stops_a_running_job_and_its_result_is_an_error(tmp_pa
         assert job.running()
     assert not job.running()
     assert job.process.exitcode == -signal.SIGTERM
-    assert pid is not None and not Path(f"/proc/{pid}").exists()
+    assert pid is not None
+    assert not Path(f"/proc/{pid}").exists()
     with pytest.raises(PooledTeacherError, match="exit code -15"):
         job.result()
     assert not (out / "baselines" / "pooled_teacher.pt").exists()
