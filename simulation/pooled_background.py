@@ -5,9 +5,11 @@ the coordinator's MobileNetV2 distillation keeps two threads only about three-qu
 the demo's 2-core machine a quarter of the CPU time of the federated run went unused. The pooled
 teacher needs nothing from the federation (the partition and the teacher's start exist before
 round 1), so :class:`PooledTeacherJob` trains it in a child process that only gets CPU time the
-federation leaves: Linux's ``SCHED_IDLE`` class (nice 19 elsewhere), one thread. It runs in the
-same code as before (:func:`simulation.baselines.train_baseline`) with one thread always, so the
-pooled teacher of a seed is the same whether it finished during the federation or after it.
+federation leaves: a session of its own whose autogroup is at nice 19 (Linux shares the CPU
+between sessions before it looks at a process's priority) and Linux's ``SCHED_IDLE`` class (nice
+19 elsewhere), on one thread. It runs the same code as before
+(:func:`simulation.baselines.train_baseline`) with one thread always, so the pooled teacher of a
+seed is the same whether it finished during the federation or after it.
 
 The child is a ``spawn``ed ``multiprocessing`` process: it ignores Ctrl-C (the parent stops it
 when the run stops, by its PID: SIGTERM, then SIGKILL) and writes its weights atomically
@@ -16,6 +18,7 @@ when the run stops, by its PID: SIGTERM, then SIGKILL) and writes its weights at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -41,7 +44,15 @@ class PooledTeacherError(CxrFlError):
 
 
 def lowest_cpu_priority() -> str:
-    """Put this process in the idle scheduling class (Linux) or at nice 19; returns which."""
+    """Put this process in the idle scheduling class (Linux) or at nice 19; returns which.
+
+    Linux's autogroups share the CPU between sessions first and only then between the processes
+    of a session, so a low priority alone would still compete with the Ray workers (another
+    session) as an equal: the process first starts a session of its own and sets that session's
+    autogroup to nice 19 (where the kernel has autogroups)."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+        Path("/proc/self/autogroup").write_text("19", encoding="ascii")
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -67,12 +67,18 @@ def test_leaving_the_block_stops_a_running_job_and_its_result_is_an_error(tmp_pa
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
-def test_the_child_runs_in_the_idle_scheduling_class() -> None:
+def test_the_child_runs_in_the_idle_class_in_a_session_of_its_own_at_autogroup_nice_19() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        priority, policy = pool.apply(_priority_in_child)
+        priority, policy, own_session, autogroup = pool.apply(_priority_in_child)
     assert priority == "SCHED_IDLE"
     assert policy == os.SCHED_IDLE
+    assert own_session  # so the kernel's autogroups do not share the CPU with it as with an equal
+    if Path("/proc/self/autogroup").exists():
+        assert autogroup.endswith("nice 19")
 
 
-def _priority_in_child() -> tuple[str, int]:
-    return lowest_cpu_priority(), os.sched_getscheduler(0)
+def _priority_in_child() -> tuple[str, int, bool, str]:
+    priority = lowest_cpu_priority()
+    autogroup = Path("/proc/self/autogroup")
+    text = autogroup.read_text().strip() if autogroup.exists() else ""
+    return priority, os.sched_getscheduler(0), os.getsid(0) == os.getpid(), text
