@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from common import run_settings as settings_module
 from common.config import TaskConfig
 from common.data.source_pairs import drop_duplicate_images, load_sources, parse_source_options
 from common.device import resolve_device
-from common.errors import ConfigError
+from common.errors import ConfigError, CxrFlError
 from common.run_settings import (
     FederatedRunConfig,
     check_run_config,
@@ -193,6 +194,7 @@ class Experiment:
             natural_by=spec.natural_by,  # type: ignore[arg-type]
             require_all_classes=self.config.require_all_classes,
         )
+        out_existed = self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         write_partition(
             self.partition_dir,
@@ -206,13 +208,26 @@ class Experiment:
             self.write_public_images()
         if self.config.pretrain is not None:
             announce = stage or (lambda _text: None)
-            run_config = self.pretrain_teacher(run_config, self.config.pretrain, announce)
+            try:
+                run_config = self.pretrain_teacher(run_config, self.config.pretrain, announce)
+            except CxrFlError:  # e.g. a public image that is also a site's: nothing half-written stays
+                self.remove_prepared(out_existed)
+                raise
         (self.out / "experiment.json").write_text(
             json.dumps({**self.config.to_dict(), "resolved_run_config": run_config}, indent=2, default=str)
             + "\n",
             encoding="utf-8",
         )
         return run_config, partition.num_sites
+
+    def remove_prepared(self, out_existed: bool) -> None:
+        """Undo :meth:`prepare`'s writing: the whole OUT folder when it made it, else the partition
+        and public folders (an earlier attempt's image cache stays: its files are complete)."""
+        if not out_existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for folder in (self.partition_dir, self.public_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def write_public_images(self) -> None:
         """The coordinator's public images as one manifest (``public/site_00.csv``)."""

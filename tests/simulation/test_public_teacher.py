@@ -62,6 +62,15 @@ def test_the_run_starts_from_the_teacher_pretrained_on_the_first_public_images(t
 def test_a_public_image_that_is_also_a_sites_image_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="site_0"):
         Experiment(_config(tmp_path, public_sources=SITES)).prepare()  # the same images as the sites'
+    assert not (tmp_path / "exp").exists()  # nothing half-written left behind
+
+
+def test_a_refused_public_set_leaves_an_existing_out_folder_without_partition(tmp_path: Path) -> None:
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "notes.txt").write_text("the user's", encoding="utf-8")
+    with pytest.raises(DataError):
+        Experiment(_config(tmp_path, public_sources=SITES)).prepare()
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir() if p.name != "cache") == ["notes.txt"]
 
 
 @pytest.mark.parametrize(
