@@ -213,8 +213,9 @@ class StudyReport:
                 ],
             )
             lines += [
-                "The wall time adds up every invocation of a table (resumed runs included; cells "
-                "shared with a table run earlier are skipped). The last column is what the table "
+                "The wall time adds up the invocations of a table recorded in this work folder "
+                "(`tables/`, resumed runs included; cells shared with a table run earlier, or "
+                "restored from study.json, are skipped). The last column is what the table "
                 "costs from scratch: the sum of the recorded run times of all its cells. Timings of "
                 "cells that ran while other jobs used the same 2 cores are longer than on a quiet "
                 "machine.",
