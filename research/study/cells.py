@@ -564,6 +564,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
     if table == "nih":
         return [Cell(table, "nih", "iid", "fedavg", first, kd=True, pooled=True)]
     if table == "attempts":  # each attempt on those of its seeds that run (--seed), else the first
+        teacher = str(settings.run.get("teacher-name", ""))
         return [
             Cell(
                 table,
@@ -575,7 +576,7 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 pooled=a.pooled,
                 federated_student=a.federated_student,
                 variant=a.name,
-                overrides=attempt_overrides(a, settings),
+                overrides=variant_overrides(a, settings.out, teacher),
             )
             for a in settings.attempts
             for split in a.splits
@@ -615,14 +616,6 @@ def _partition_spec(cell: Cell, settings: StudySettings) -> Any:
     if cell.split == "natural":
         return PartitionSpec(name="natural", sites=None, natural_by="site", **common)
     raise ConfigError("split", cell.split, "one of " + ", ".join(SPLITS))
-
-
-def attempt_overrides(attempt: Attempt, settings: StudySettings) -> tuple[tuple[str, Any], ...]:
-    """The run settings an attempt's cells change (the public teacher's file when pretrained)."""
-    if not attempt.pretrained:
-        return attempt.run
-    weights = public_weights(settings.out, str(settings.run.get("teacher-name", "")))
-    return tuple(sorted({**dict(attempt.run), "teacher-weights": str(weights)}.items()))
 
 
 def cell_run_config(cell: Cell, settings: StudySettings, num_sites: int) -> dict[str, Any]:

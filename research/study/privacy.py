@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from common.errors import ConfigError, DataError
 from common.run_settings import parse_bool
@@ -117,8 +117,22 @@ def public_weights(out: Path, teacher: str) -> Path:
     return out / "pretrain" / f"public-group-{teacher}.pt"
 
 
-def variant_overrides(variant: PrivacyVariant, out: Path, teacher: str) -> tuple[tuple[str, Any], ...]:
-    """The run settings a variant's cells change (the public teacher's file when pretrained)."""
+class StartsFromPublicTeacher(Protocol):
+    """A privacy variant or an attempt: run settings it changes, and whether it starts from the
+    coordinator's public teacher."""
+
+    @property
+    def run(self) -> tuple[tuple[str, Any], ...]: ...
+
+    @property
+    def pretrained(self) -> bool: ...
+
+
+def variant_overrides(
+    variant: StartsFromPublicTeacher, out: Path, teacher: str
+) -> tuple[tuple[str, Any], ...]:
+    """The run settings a variant's (or an attempt's) cells change (the public teacher's file when
+    pretrained)."""
     changed = dict(variant.run)
     if variant.pretrained:
         changed["teacher-weights"] = str(public_weights(out, teacher))
