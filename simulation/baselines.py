@@ -242,13 +242,13 @@ def run_baselines(
     out: Path,
     settings: FederatedRunConfig,
     num_sites: int,
+    pooled_state: dict[str, torch.Tensor],
     *,
     local: bool = True,
-    pooled_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Score the federated teacher (and its start, when pretrained) and the pooled teacher
-    (``pooled_state``: trained already, e.g. beside the federation; None: trained here) and,
-    with ``local``, train and score a local-only teacher per site."""
+    (``pooled_state``, trained beside the federation: simulation/pooled_background.py) and, with
+    ``local``, train and score a local-only teacher per site."""
     sites = load_sites(out, settings, num_sites)
     seed = settings.train.seed
     federated, federated_scores = score_teacher(
@@ -262,11 +262,6 @@ def run_baselines(
         start = initial_teacher_state(settings.teacher, settings.task, seed)
         results["start"] = score_everywhere(start, sites, settings)
         results["start"]["weights"] = str(settings.teacher.weights)
-    if pooled_state is None:
-        logger.info("Baseline: pooled teacher on %d sites' training splits", len(sites))
-        pooled_state = train_baseline(
-            PooledData(list(sites.values())), settings, seed=derive_seed(seed, "pooled")
-        )
     results["pooled"], pooled_scores = score_teacher(pooled_state, sites, settings)
     save_test_scores(out / SCORES_FILE, {"federated": federated_scores, "pooled": pooled_scores}, list(sites))
     results["local"] = _local_teachers(sites, settings, seed) if local else {}

@@ -282,7 +282,7 @@ class Experiment:
         pooled_state = None
         with contextlib.ExitStack() as background:
             pooled = None
-            if self.config.baselines:
+            if self.config.baselines:  # then pooled_state holds the pooled teacher after the federation
                 stage("baselines: the pooled teacher trains in the background on CPU the federation leaves")
                 pooled = background.enter_context(PooledTeacherJob(self.out, run_config, num_sites))
             stage(f"federated run: {num_sites} sites in Flower's simulation runtime")
@@ -299,11 +299,11 @@ class Experiment:
                 if pooled.running():
                     stage("baselines: waiting for the pooled teacher")
                 pooled_state = pooled.result()
-        if self.config.baselines:
+        if pooled_state is not None:
             local = self.config.local_baselines
             extra = " and training local-only teachers" if local else ""
             stage(f"baselines: scoring the federated and pooled teachers{extra}")
-            run_baselines(self.out, settings, num_sites, local=local, pooled_state=pooled_state)
+            run_baselines(self.out, settings, num_sites, pooled_state, local=local)
             if settings.kd_enabled:
                 stage("scoring each site's teacher and students for the report's intervals")
                 score_site_models(self.out, settings, num_sites)

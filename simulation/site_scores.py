@@ -61,17 +61,18 @@ def score_site_models(out: Path, settings: FederatedRunConfig, num_sites: int) -
         files = site_model_files(experiment_run(out).site_dir(name))
         scored: dict[Path, tuple[np.ndarray, np.ndarray]] = {}  # the delivered student is often the KD one
         for model_name, path in files.items():
-            if path.resolve() not in scored:
+            weights = path.resolve()
+            if weights not in scored:
                 config = settings.teacher if model_name == "teacher" else student
                 model = build_loaded_model(config, settings.task, load_model_state(path)).to(compute.device)
                 val, test = (
                     evaluate_split(model, site.dataset(part), settings, compute) for part in ("val", "test")
                 )
                 decisions = decide_at_site_point(val.scores, val.targets, test.scores, settings.task)
-                scored[path.resolve()] = (test.scores, decisions)
+                scored[weights] = (test.scores, decisions)
                 arrays[f"{name}{SEPARATOR}labels"] = test.targets
             key = f"{name}{SEPARATOR}{model_name}"
-            arrays[f"{key}_probabilities"], arrays[f"{key}_decisions"] = scored[path.resolve()]
+            arrays[f"{key}_probabilities"], arrays[f"{key}_decisions"] = scored[weights]
     if not arrays:
         return None
     path = out / SITE_SCORES_FILE
