@@ -13,16 +13,14 @@ import torch
 from common.local import derive_seed
 from common.run_settings import run_settings_from_config
 from simulation.baselines import PooledData, load_sites, train_baseline
-from simulation.experiment import Experiment, ExperimentConfig, PartitionSpec, SourceSpec
+from simulation.experiment import Experiment, ExperimentConfig, PartitionSpec
 from simulation.pooled_background import (
     POOLED_TEACHER_THREADS,
     PooledTeacherError,
     PooledTeacherJob,
     lowest_cpu_priority,
 )
-
-TINY_RUN = {"teacher-name": "tiny-cnn", "image-size": 32, "num-rounds": 1, "batch-size": 16, "lr": 0.05}
-SITES = (SourceSpec("synthetic", None, {"n-images": "90", "image-size": "32"}),)
+from tests.simulation.helpers import SITES, TINY_RUN
 
 
 def _prepared(tmp_path: Path) -> tuple[Path, dict[str, object], int]:

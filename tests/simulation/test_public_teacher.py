@@ -22,9 +22,8 @@ from simulation.experiment import (
     experiment_config,
 )
 from simulation.public_teacher import PublicPretraining
+from tests.simulation.helpers import SITES, TINY_RUN
 
-TINY_RUN = {"teacher-name": "tiny-cnn", "image-size": 32, "num-rounds": 1, "batch-size": 16, "lr": 0.05}
-SITES = (SourceSpec("synthetic", None, {"n-images": "90", "image-size": "32"}),)
 PUBLIC = (SourceSpec("synthetic", None, {"n-images": "60", "image-size": "32", "seed": "1"}),)
 
 
