@@ -160,6 +160,8 @@ def site_run_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any
         )
     for key in SERVER_PATH_SETTINGS:
         config[key] = ""
+    if "select-on" in config:  # how the coordinator picks its models; its hold-out is not the site's
+        config["select-on"] = "sites"
     return config
 
 

@@ -37,6 +37,7 @@ from common.checkpoint import metadata_path, save_model, sha256_file
 from common.data.cache import CachedImages, build_cache
 from common.data.catalog import Catalog
 from common.data.sources import load_catalog
+from common.data.sources.manifest import write_manifest
 from common.data.splits import Split, split_by_patient
 from common.device import Compute, resolve_compute
 from common.errors import ConfigError, DataError
@@ -111,6 +112,59 @@ def find_overlap(
         results.append(Overlap(str(manifest), len(other), tuple(rows), tuple(examples)))
         logger.info("overlap with %s: %d image(s)", manifest, len(rows))
     return results
+
+
+@dataclass(frozen=True)
+class PretrainingImages:
+    """The decoded pretraining images, their train / held-out split and the overlap found."""
+
+    cached: CachedImages
+    split: Split
+    overlaps: list[Overlap]
+    overlapping: list[int]
+
+
+def pretraining_images(
+    catalog: Catalog,
+    settings: FederatedRunConfig,
+    *,
+    cache_dir: Path,
+    exclude: Sequence[Path] = (),
+    drop_overlap: bool = False,
+    strict: bool = False,
+    on_decoded: Callable[[int, int], None] | None = None,
+) -> PretrainingImages:
+    """Decode ``catalog``, check it against ``exclude`` and split it as :func:`pretrain_teacher` does
+    (the run's ``val-fraction`` and ``split-seed``, by patient): the same call gives the same split."""
+    run = settings.run
+    cached = build_cache(catalog, run.image_size, cache_dir, strict=strict, progress=on_decoded)
+    if cached.skipped:
+        logger.warning(
+            "%d unreadable image(s) skipped (first: %s)", len(cached.skipped), cached.skipped[0].key
+        )
+    overlaps = find_overlap(cached, exclude, cache_dir, strict=strict)
+    overlapping = sorted({r for o in overlaps for r in o.rows})
+    split = _pretraining_split(cached, overlaps, overlapping, run, drop_overlap=drop_overlap)
+    return PretrainingImages(cached, split, overlaps, overlapping)
+
+
+def split_manifest_paths(weights: Path) -> tuple[Path, Path]:
+    """``FILE.train.csv`` and ``FILE.holdout.csv``: the images a weights file was trained on and
+    those it held out (e.g. the coordinator's ``central-eval-manifest``)."""
+    return weights.with_name(f"{weights.name}.train.csv"), weights.with_name(f"{weights.name}.holdout.csv")
+
+
+def write_split_manifests(weights: Path, images: PretrainingImages) -> dict[str, str]:
+    """Write the train and held-out manifests beside ``weights``; their names for the sidecar, or
+    nothing when the images have no files (a synthetic source)."""
+    train, holdout = split_manifest_paths(weights)
+    try:
+        write_manifest(train, images.cached.catalog, images.split.train)
+        write_manifest(holdout, images.cached.catalog, images.split.val)
+    except DataError as exc:
+        logger.info("no train / held-out manifests beside %s: %s", weights.name, exc)
+        return {}
+    return {"train_manifest": train.name, "holdout_manifest": holdout.name}
 
 
 def _pretraining_split(
@@ -233,15 +287,17 @@ def pretrain_teacher(
     """
     if epochs < 1:
         raise ConfigError("--epochs", epochs, "an integer >= 1")
-    task, run = settings.task, settings.run
-    cached = build_cache(catalog, run.image_size, cache_dir, strict=strict, progress=on_decoded)
-    if cached.skipped:
-        logger.warning(
-            "%d unreadable image(s) skipped (first: %s)", len(cached.skipped), cached.skipped[0].key
-        )
-    overlaps = find_overlap(cached, exclude, cache_dir, strict=strict)
-    overlapping = sorted({r for o in overlaps for r in o.rows})
-    split = _pretraining_split(cached, overlaps, overlapping, run, drop_overlap=drop_overlap)
+    task = settings.task
+    images = pretraining_images(
+        catalog,
+        settings,
+        cache_dir=cache_dir,
+        exclude=exclude,
+        drop_overlap=drop_overlap,
+        strict=strict,
+        on_decoded=on_decoded,
+    )
+    cached, split, overlaps, overlapping = images.cached, images.split, images.overlaps, images.overlapping
     if on_cached is not None:
         on_cached(len(split.train), len(split.val))
     data = SiteData(cached, split, settings.run.preprocess_equalize, settings.run.augment)
@@ -279,6 +335,7 @@ def pretrain_teacher(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(outcome.state_dict, out)
+    metadata["split"].update(write_split_manifests(out, images))
     metadata["file_sha256"] = sha256_file(out)
     sidecar = metadata_path(out)
     write_json(sidecar, metadata)

@@ -66,6 +66,10 @@ student (``federated``), also after every teacher round (``every-round``), or Fe
 the buffers (``averaged``)."""
 MAX_BOOTSTRAP = 10_000
 """Most bootstrap resamples a run may ask of a site (``evaluate-bootstrap``)."""
+SELECT_ON = ("sites", "coordinator")
+"""Which validation picks the delivered teacher and federated student: the sites' federated
+validation, or the coordinator's own labelled hold-out (``central-eval-manifest``), where the
+initial teacher and the students' start are candidates too (server/rounds.py, server/app.py)."""
 VALIDATION_MODES = ("in-train", "separate")
 """When sites validate the global teacher: inside the next round's train message, or in a second message."""
 
@@ -89,6 +93,8 @@ class RunSettings:
     cache_dir: str = ""
     simulation_manifest_dir: str = ""
     central_eval_manifest: str = ""
+    select_on: str = "sites"
+    """``sites`` or ``coordinator`` (see :data:`SELECT_ON`)."""
     validation_mode: str = "in-train"
     """``in-train``: one message per site per round (server/rounds.py); ``separate``: two."""
     initial_teacher_sha256: str = ""
@@ -133,6 +139,15 @@ class RunSettings:
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(
                 "selection-metric", self.selection_metric, "one of " + ", ".join(SELECTION_METRICS)
+            )
+        if self.select_on not in SELECT_ON:
+            raise ConfigError("select-on", self.select_on, "one of " + ", ".join(SELECT_ON))
+        if self.select_on == "coordinator" and not self.central_eval_manifest:
+            raise ConfigError(
+                "select-on",
+                self.select_on,
+                '"sites", or "coordinator" with central-eval-manifest naming the coordinator\'s '
+                "labelled hold-out",
             )
         if self.validation_mode not in VALIDATION_MODES:
             raise ConfigError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,7 @@ from common.checkpoint import save_model
 from common.errors import CxrFlError
 from common.jsonio import write_json
 from common.local import (
-    EVAL_BATCH_SIZE,
     SiteData,
-    build_loaded_model,
-    load_eval_dataset,
-    scalar_metrics,
-    site_data_request,
     student_config,
 )
 from common.models import build_model
@@ -48,11 +43,12 @@ from common.protocol import (
     STUDENT_START_KEY,
 )
 from common.run_settings import FederatedRunConfig, run_settings_from_config
-from common.training import evaluate, seed_everything
+from common.training import seed_everything
 from flower_adapter.grid import quick_reply_grid
 from server.aggregation import aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, with_central_dp
+from server.central_evaluation import BestOnHoldout, central_loader, central_scorer
 from server.initial_teacher import initial_global_teacher
 from server.progress_events import Progress, announce
 from server.public_student import distil_public_student, load_public_images
@@ -176,9 +172,13 @@ def federated_student(
     strategy_settings: StrategySettings,
     names: dict[int, str],
     start: ArrayRecord | None = None,
+    central: DataLoader | None = None,
 ) -> list[dict[str, object]]:
     """Aggregate the sites' distilled students into one global student over a few extra rounds,
     from the coordinator's public-image student when there is one (``start``).
+
+    With ``select-on = "coordinator"`` the student delivered is the one of these rounds, the start
+    included (round 0), that scores best on the coordinator's hold-out (``central``), not the last.
 
     The rounds go through the run's configured strategy, a fresh instance of it (the teacher's
     server-side optimiser state is not the student's): FedAvg/FedProx average the students,
@@ -191,6 +191,9 @@ def federated_student(
     config = student_config(settings.distill, settings.teacher, settings.teacher.norm)
     student = start or ArrayRecord(build_model(config, settings.task.num_classes).state_dict())
     rows: list[dict[str, object]] = []
+    selection = student_selection(settings, central)
+    if selection is not None:
+        rows.append(central_row(0, selection.offer(0, student)))
     for student_round in range(1, settings.kd_federated_student_rounds + 1):
         round_started = time.monotonic()
         replies, outcomes = broadcast(
@@ -222,6 +225,8 @@ def federated_student(
         if aggregated is None:
             raise RoundFailedError(f"federated student round {student_round}: no student could be aggregated")
         student = aggregated
+        if selection is not None:
+            rows.append(central_row(student_round, selection.offer(student_round, student)))
         step = Progress(
             student_round,
             settings.kd_federated_student_rounds,
@@ -230,6 +235,15 @@ def federated_student(
             seconds=time.monotonic() - round_started,
         )
         announce(folder, step, logger)
+    if selection is not None and selection.best is not None:
+        student = selection.best
+        logger.info(
+            "Federated student: round %d of %d delivered (best %s on the coordinator's hold-out, %.4f)",
+            selection.best_round,
+            settings.kd_federated_student_rounds,
+            selection.metric,
+            selection.best_metric,
+        )
     student, bn_rows = student_statistics(
         grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
     )
@@ -244,6 +258,18 @@ def federated_student(
     return rows
 
 
+def student_selection(settings: FederatedRunConfig, central: DataLoader | None) -> BestOnHoldout | None:
+    """The coordinator's choice among the federated students (``select-on = "coordinator"``)."""
+    if settings.run.select_on != "coordinator" or central is None:
+        return None
+    return BestOnHoldout(central_scorer(settings, central, student=True), settings.run.selection_metric)
+
+
+def central_row(student_round: int, metrics: dict[str, float]) -> dict[str, object]:
+    """metrics.jsonl's row of a global student on the coordinator's hold-out."""
+    return {"round": student_round, "phase": "student-central", "site": "_global", **metrics}
+
+
 def federated_student_phase(
     grid: Grid,
     folder: RunFolder,
@@ -253,6 +279,7 @@ def federated_student_phase(
     *,
     central_dp: bool = False,
     start: ArrayRecord | None = None,
+    central: DataLoader | None = None,
 ) -> str:
     """Run the federated student when the run asks for it; say what became of it (summary.json).
 
@@ -272,7 +299,7 @@ def federated_student_phase(
         )
         return "skipped under DP: each site delivers its own student"
     try:
-        student_rows = federated_student(grid, folder, settings, strategy_settings, names, start)
+        student_rows = federated_student(grid, folder, settings, strategy_settings, names, start, central)
     except RoundFailedError as exc:
         logger.warning("Federated student not completed (%s): each site keeps its own student.", exc)
         return f"not completed ({exc}): each site delivers its own student"
@@ -325,30 +352,6 @@ def record_site_audit_heads(run_dir: Path, replies: list[Message], names: dict[i
             logger.error("could not record site %s's audit head in %s: %s", site, log.path, exc)
 
 
-def central_evaluator(settings: FederatedRunConfig) -> Callable[[dict[str, Any]], dict[str, float]] | None:
-    """Scores of the global teacher on a server-held test set (a manifest CSV), if one is given."""
-    if not settings.run.central_eval_manifest:
-        return None
-    run_dir = Path(settings.run.run_dir) if settings.run.run_dir else Path.cwd()
-    request = site_data_request(
-        settings.run,
-        settings.task,
-        "manifest",
-        Path(settings.run.central_eval_manifest),
-        Path(settings.run.cache_dir) if settings.run.cache_dir else RunFolder(run_dir).default_cache_dir,
-        whole=True,
-    )
-    dataset = load_eval_dataset(request)
-    loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)
-    logger.info("Central evaluation on %d images of %s", len(dataset), settings.run.central_eval_manifest)
-
-    def evaluate_state(state: dict[str, Any]) -> dict[str, float]:
-        model = build_loaded_model(settings.teacher, settings.task, state)
-        return scalar_metrics(evaluate(model, loader, settings.task), "")
-
-    return evaluate_state
-
-
 def evaluate_only(
     grid: Grid,
     context: Context,
@@ -396,6 +399,7 @@ def teacher_phase(
     strategy_settings: StrategySettings,
     strategy: FedAvg,
     resume: ResumeState | None,
+    central: DataLoader | None = None,
 ) -> tuple[TeacherRounds, int]:
     """The teacher rounds (those a resumed run has not completed), the learning curves and the
     delivered teacher's pooled BatchNorm statistics; returns the rounds and the best round."""
@@ -410,8 +414,9 @@ def teacher_phase(
         seed=settings.train.seed,
         min_train_sites=strategy_settings.min_train_sites,
         min_evaluate_sites=strategy_settings.min_evaluate_sites,
-        central_evaluate=central_evaluator(settings),
+        central_evaluate=central_scorer(settings, central) if central is not None else None,
         validation_mode=settings.run.validation_mode,
+        select_on_coordinator=settings.run.select_on == "coordinator",
     )
     if settings.run.coordinator_dir:  # a run submitted to `serve`: the sites it registered
         rounds.site_names = SiteDirectory(CoordinatorFolder(coordinator_root(settings)).sites_path)
@@ -446,6 +451,7 @@ def students_phase(
     public: SiteData | None,
     *,
     central_dp: bool,
+    central: DataLoader | None = None,
 ) -> StudentsOutcome:
     """The students' start at the coordinator (with public images), the sites' distillation and
     the federated student."""
@@ -460,7 +466,14 @@ def students_phase(
     folder.append_metrics(distill_rows)
     write_json(folder.distillation_path, distill_rows)
     note = federated_student_phase(
-        grid, folder, settings, strategy_settings, names, central_dp=central_dp, start=student_start
+        grid,
+        folder,
+        settings,
+        strategy_settings,
+        names,
+        central_dp=central_dp,
+        start=student_start,
+        central=central,
     )
     return StudentsOutcome(distill_rows, start_record, note)
 
@@ -479,15 +492,23 @@ def main(grid: Grid, context: Context) -> None:
     tracker = start_tracking(folder, context.run_config)
     torch.set_num_threads(settings.train.num_threads)
     public = load_public_images(settings, run_dir) if settings.kd_enabled else None
+    central = central_loader(settings)
 
     strategy = coordinator_strategy(settings, resume)
     started = time.monotonic()
-    rounds, best_round = teacher_phase(grid, folder, settings, strategy_settings, strategy, resume)
+    rounds, best_round = teacher_phase(grid, folder, settings, strategy_settings, strategy, resume, central)
     students = StudentsOutcome()
     if settings.kd_enabled:
         central_dp = isinstance(strategy, CentralDP)
         students = students_phase(
-            grid, folder, settings, strategy_settings, rounds.site_names, public, central_dp=central_dp
+            grid,
+            folder,
+            settings,
+            strategy_settings,
+            rounds.site_names,
+            public,
+            central_dp=central_dp,
+            central=central,
         )
 
     if settings.run.cross_site_matrix and settings.kd_enabled and not settings.uses_dp:

@@ -117,6 +117,11 @@ def _summary_tables(
     return lines
 
 
+def selected_by(settings: FederatedRunConfig) -> str:
+    """What picked the delivered teacher, in words."""
+    return "the coordinator's hold-out" if settings.run.select_on == "coordinator" else "federated validation"
+
+
 def write_summary(
     folder: RunFolder,
     *,
@@ -131,7 +136,9 @@ def write_summary(
     rows = folder.read_metrics()
     aggregates = global_rows(rows)
     last = aggregates[-1] if aggregates else {}
-    best = next((r for r in aggregates if int(r["round"]) == best_round), {})
+    # round 0: the initial teacher, a candidate when the coordinator selects on its hold-out
+    candidates = [r for r in rows if r.get("phase") == "start" and r.get("site") == "_global"] + aggregates
+    best = next((r for r in candidates if int(r["round"]) == best_round), {})
     epsilon: dict[str, float] = {}
     for row in rows:
         if row.get("phase") == "train" and _finite(row.get("dp_epsilon")):
@@ -143,7 +150,9 @@ def write_summary(
         "rounds_completed": int(last.get("round", 0)),
         "best_round": best_round,
         "selection_metric": settings.run.selection_metric,
+        "selected_on": settings.run.select_on,
         "best_validation": {k: v for k, v in best.items() if k.startswith("val_")},
+        "best_central": {k: v for k, v in best.items() if k.startswith("central_")},
         "last_validation": {k: v for k, v in last.items() if k.startswith("val_")},
         "dp_epsilon_spent": epsilon,
         "distillation": distill_rows,
@@ -157,8 +166,8 @@ def write_summary(
     lines = [
         f"# Run summary: {settings.task.name}, teacher {settings.teacher.name}, {strategy}",
         "",
-        f"Rounds completed: {summary['rounds_completed']}; best round by federated validation "
-        f"{settings.run.selection_metric}: {best_round}.",
+        f"Rounds completed: {summary['rounds_completed']}; best round by {selected_by(settings)} "
+        f"{settings.run.selection_metric}: {best_round}{' (the initial teacher)' * (best_round == 0)}.",
         "",
     ]
     lines += _summary_tables(aggregates, epsilon, distill_rows, settings.run.selection_metric)

@@ -286,9 +286,12 @@ class TeacherRounds:
         central_evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None,
         validation_mode: str = "in-train",
         batchnorm: BatchNormHook | None = None,
+        select_on_coordinator: bool = False,
     ) -> None:
         if validation_mode not in VALIDATION_MODES:
             raise ValueError(f"validation_mode={validation_mode!r}: expected one of {VALIDATION_MODES}")
+        if select_on_coordinator and central_evaluate is None:
+            raise ValueError("select_on_coordinator needs central_evaluate (the coordinator's hold-out)")
         self.grid = grid
         self.strategy = strategy
         self.folder = folder
@@ -304,12 +307,16 @@ class TeacherRounds:
         self.site_names: dict[int, str] = SiteDirectory(CoordinatorFolder(folder.root).sites_path)
         self.in_train = validation_mode == "in-train"
         self.batchnorm = batchnorm
+        # select-on = "coordinator": the best model by the coordinator's hold-out, the initial one included
+        self.select_on_coordinator = select_on_coordinator
         self.best_round = 0
         self.best_metric = float("nan")
 
     def run(self, initial: ArrayRecord, resume: ResumeState | None) -> TeacherResult:
         # pending: the aggregate row of the last trained round while its model waits for validation
         arrays, start_round, pending = (initial, 1, None) if resume is None else self._resume(resume)
+        if resume is None and self.select_on_coordinator:
+            self._score_initial(initial)
         for server_round in range(start_round, self.num_rounds + 1):
             started = time.monotonic()
             received = arrays
@@ -356,14 +363,14 @@ class TeacherRounds:
                 pending_row=pending,
             )
             # the val part only when this round's model is already validated (separate mode)
-            metric = None if self.in_train else float(row.get(f"val_{self.selection_metric}", float("nan")))
+            metric = None if self.in_train else float(row.get(self.metric_name, float("nan")))
             step = Progress(
                 server_round,
                 self.num_rounds,
                 replied=row["sites_trained"],
                 sampled=row["sites_sampled"],
                 train_loss=float(train_metrics.get("loss", float("nan"))),
-                metric_name=self.selection_metric if metric is not None else "",
+                metric_name=self.shown_metric if metric is not None else "",
                 metric=metric,
                 best_round=self.best_round,
                 seconds=row["seconds"],
@@ -389,6 +396,32 @@ class TeacherRounds:
         )
         announce(self.folder, step, logger)
         return arrays, resume.completed_round + 1, resume.pending_row
+
+    @property
+    def metric_name(self) -> str:
+        """The figure that picks the best model: the sites' ``val_`` or the coordinator's ``central_``."""
+        return ("central_" if self.select_on_coordinator else "val_") + self.selection_metric
+
+    @property
+    def shown_metric(self) -> str:
+        """The selection figure's name on progress lines."""
+        coordinator = self.select_on_coordinator
+        return f"{self.selection_metric} (coordinator)" if coordinator else self.selection_metric
+
+    def _score_initial(self, initial: ArrayRecord) -> None:
+        """The initial teacher on the coordinator's hold-out: round 0, the first candidate for best."""
+        assert self.central_evaluate is not None
+        central = self.central_evaluate(initial.to_torch_state_dict())
+        row = {"round": 0, "phase": "start", "site": "_global"}
+        row.update({f"central_{k}": v for k, v in central.items()})
+        self.best_metric = float(row.get(self.metric_name, float("nan")))
+        self.folder.append_metrics([row])
+        self.folder.save_best(0, initial.to_torch_state_dict(), seed=self.seed)
+        logger.info(
+            "Initial teacher on the coordinator's hold-out: %s %.4f (a round must beat it to be delivered)",
+            self.selection_metric,
+            self.best_metric,
+        )
 
     def _final_validation(self, pending: dict[str, Any], arrays: ArrayRecord) -> None:
         """Validate the last model with one evaluate message (in-train mode) and close its row."""
@@ -419,9 +452,12 @@ class TeacherRounds:
     ) -> tuple[list[dict[str, Any]], bool]:
         """The evaluate rows and the completed aggregate row of a validated round; is it the best?"""
         server_round = int(row["round"])
-        metric = float(val_metrics.get(f"val_{self.selection_metric}", float("nan")))
-        # The first round is the best so far even when its metric is undefined (NaN).
-        is_best = self.best_round == 0 or self._better(metric, self.best_metric)
+        figures = row if self.select_on_coordinator else val_metrics
+        metric = float(figures.get(self.metric_name, float("nan")))
+        # The first round is the best so far even when its metric is undefined (NaN), unless the
+        # initial teacher is a candidate (round 0, scored by the coordinator before round 1).
+        first = self.best_round == 0 and not self.select_on_coordinator
+        is_best = first or self._better(metric, self.best_metric)
         if is_best:
             self.best_round = server_round
             self.best_metric = metric if math.isfinite(metric) else self.best_metric
@@ -431,7 +467,7 @@ class TeacherRounds:
             server_round,
             self.num_rounds,
             replied=sites,
-            metric_name=self.selection_metric,
+            metric_name=self.shown_metric,
             metric=metric,
             phase="validation",
             best_round=self.best_round,

@@ -131,6 +131,9 @@ class Attempt:
     seeds: tuple[int, ...] | None = None  # None: the study's first seed
     pretrained: bool = False
     """Start from the coordinator's public (GroupNorm) teacher of ``[privacy.pretrain]``."""
+    coordinator_holdout: bool = False
+    """The coordinator picks the delivered teacher and federated student on the public images its
+    teacher held out (``select-on = "coordinator"``) and distils the students' start on the rest."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ ATTEMPT_KEYS = {
     "pooled",
     "federated-student",
     "pretrained",
+    "coordinator-holdout",
     "run",
     "seeds",
 }
@@ -327,6 +331,15 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 changed.get("teacher-norm", run.get("teacher-norm", "batch")),
                 '"group": pretrained = true starts from the coordinator\'s public GroupNorm teacher',
             )
+        key = f"key '{where}coordinator-holdout' in {path}"
+        holdout = parse_bool(key, table.get("coordinator-holdout", False))
+        if holdout and not pretrained:
+            raise ConfigError(
+                f"{where}coordinator-holdout in {path}",
+                holdout,
+                "false, or pretrained = true (the hold-out is the part of the public images the "
+                "coordinator's teacher was not trained on)",
+            )
         seeds = parse_seeds(table.get("seeds"), f"{where}seeds in {path}")
         attempts.append(
             Attempt(
@@ -341,6 +354,7 @@ def _attempts(raw: Any, run: Mapping[str, Any], path: Path) -> tuple[Attempt, ..
                 run=tuple(sorted(changed.items())),
                 seeds=seeds,
                 pretrained=pretrained,
+                coordinator_holdout=holdout,
             )
         )
     return tuple(attempts)

@@ -51,6 +51,7 @@ class PrivacyVariant:
     pretrained: bool = False
     run: tuple[tuple[str, Any], ...] = ()
     seeds: tuple[int, ...] | None = None  # None: all the study's seeds
+    coordinator_holdout: bool = False  # not a privacy setting: the attempts' (cells.Attempt)
 
 
 def parse_pretrain(raw: Any, path: Path) -> PretrainSettings:
@@ -127,6 +128,9 @@ class StartsFromPublicTeacher(Protocol):
     @property
     def pretrained(self) -> bool: ...
 
+    @property
+    def coordinator_holdout(self) -> bool: ...
+
 
 def variant_overrides(
     variant: StartsFromPublicTeacher, out: Path, teacher: str
@@ -136,6 +140,12 @@ def variant_overrides(
     changed = dict(variant.run)
     if variant.pretrained:
         changed["teacher-weights"] = str(public_weights(out, teacher))
+    if variant.coordinator_holdout:
+        from common.pretrain import split_manifest_paths
+
+        train, holdout = split_manifest_paths(public_weights(out, teacher))
+        changed |= {"kd-public-manifest": str(train), "central-eval-manifest": str(holdout)}
+        changed["select-on"] = "coordinator"
     return tuple(sorted(changed.items()))
 
 
@@ -186,7 +196,11 @@ def ensure_public_teacher(settings: Any, pool: Path, test: Path) -> Path:
 
     dataset = settings.datasets["cxr"]
     weights = public_weights(settings.out, str(settings.run["teacher-name"]))
+    run_settings = run_settings_from_config(
+        check_run_config({**settings.run, "task": dataset.task, "teacher-norm": "group"})
+    )
     if weights.is_file() and metadata_path(weights).is_file():
+        ensure_split_manifests(weights, run_settings, settings.out / "cache", [pool, test])
         return weights
     folder = weights.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,9 +218,6 @@ def ensure_public_teacher(settings: Any, pool: Path, test: Path) -> Path:
         )
     manifest = write_manifest(folder / PUBLIC_MANIFEST, catalog, chosen)
     public, paths, options = load_sources(["manifest"], [manifest], dataset.task)
-    run_settings = run_settings_from_config(
-        check_run_config({**settings.run, "task": dataset.task, "teacher-norm": "group"})
-    )
     sources = {sid: {"format": "manifest", "path": paths[sid], "options": options[sid]} for sid in paths}
     # the weights are written atomically, the sidecar last: a file without its sidecar is made again
     pretrain_teacher(
@@ -220,3 +231,16 @@ def ensure_public_teacher(settings: Any, pool: Path, test: Path) -> Path:
         drop_overlap=True,
     )
     return weights
+
+
+def ensure_split_manifests(weights: Path, run_settings: Any, cache_dir: Path, exclude: list[Path]) -> None:
+    """The public teacher's train and held-out manifests (``cxr-fl-server pretrain`` writes them;
+    a teacher pretrained before it did gets them from the same split, without training again)."""
+    from common.pretrain import pretraining_images, split_manifest_paths, write_split_manifests
+    from simulation.sources import load_sources
+
+    if all(path.is_file() for path in split_manifest_paths(weights)):
+        return
+    public, _, _ = load_sources(["manifest"], [weights.parent / PUBLIC_MANIFEST], run_settings.task.name)
+    images = pretraining_images(public, run_settings, cache_dir=cache_dir, exclude=exclude, drop_overlap=True)
+    write_split_manifests(weights, images)

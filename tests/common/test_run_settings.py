@@ -200,3 +200,12 @@ def test_a_timeout_that_is_not_positive_is_refused_naming_it(key: str) -> None:
 
     with pytest.raises(ConfigError, match=key):
         run_settings_from_config({key: 0})
+
+
+def test_selecting_on_the_coordinator_needs_its_hold_out() -> None:
+    with pytest.raises(ConfigError, match=r"select-on.*central-eval-manifest"):
+        run_settings_from_config({**load_schema(), "select-on": "coordinator"})
+    with pytest.raises(ConfigError, match="select-on"):
+        run_settings_from_config({**load_schema(), "select-on": "server"})
+    chosen = {**load_schema(), "select-on": "coordinator", "central-eval-manifest": "/data/holdout.csv"}
+    assert run_settings_from_config(chosen).run.select_on == "coordinator"

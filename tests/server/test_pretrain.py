@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -66,6 +67,8 @@ def test_pretrain_writes_weights_and_a_sidecar_that_describes_them(synthetic_tea
     assert meta["training"]["epochs"] == 1
     assert meta["training"]["differential_privacy"] is False
     assert "val_loss" in meta["val_metrics"]
+    assert "holdout_manifest" not in meta["split"]  # synthetic images have no files to list
+    assert not synthetic_teacher.with_name("teacher.pt.holdout.csv").exists()
 
 
 @pytest.mark.parametrize(
@@ -136,6 +139,17 @@ def test_pretrain_refuses_images_that_a_given_manifest_also_holds(tmp_path: Path
     assert meta["images"]["train"] + meta["images"]["val"] == 10
     assert meta["overlap_checks"][0]["overlapping_images"] == 2
     assert meta["overlap_checks"][0]["manifest_images"] == 6
+    # the images it trained on and those it held out, for the coordinator's central-eval-manifest
+    train, holdout = (out.with_name(meta["split"][key]) for key in ("train_manifest", "holdout_manifest"))
+    train_paths, holdout_paths = (set(_manifest_paths(m)) for m in (train, holdout))
+    assert (len(train_paths), len(holdout_paths)) == (meta["images"]["train"], meta["images"]["val"])
+    assert not train_paths & holdout_paths
+    assert {Path(p).name for p in train_paths | holdout_paths}.isdisjoint({"img0.png", "img3.png"})
+
+
+def _manifest_paths(manifest: Path) -> list[str]:
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return [row["path"] for row in csv.DictReader(handle)]
 
 
 def _run_overrides(**extra: object) -> dict[str, object]:

@@ -313,3 +313,60 @@ def test_every_round_statistics_reach_validation_the_next_round_and_the_checkpoi
     assert folder.load_model("best")["w"].item() == 2.25
     aggregates = [r for r in folder.read_metrics() if r["phase"] == "aggregate"]
     assert [r["bn_statistics_sites"] for r in aggregates] == [2.0, 2.0, 2.0]
+
+
+def _central_rounds(
+    grid: ScoredSites, folder: RunFolder, mode: str, central: dict[int, float]
+) -> TeacherRounds:
+    """As :func:`_rounds`, selecting on a coordinator's hold-out that scores the model w as ``central[w]``."""
+    rounds = _rounds(grid, folder, mode)
+    rounds.central_evaluate = lambda state: {"auroc_macro": central[int(state["w"].item())]}
+    rounds.select_on_coordinator = True
+    return rounds
+
+
+@pytest.mark.parametrize("mode", ["in-train", "separate"])
+def test_the_coordinator_keeps_the_initial_teacher_unless_a_round_beats_it_on_its_hold_out(
+    tmp_path: Path, mode: str
+) -> None:
+    kept = RunFolder(tmp_path / "kept")
+    result = _central_rounds(ScoredSites(SCORES), kept, mode, {0: 0.9, 1: 0.6, 2: 0.8, 3: 0.7}).run(
+        _initial(), None
+    )
+
+    assert result.best_round == 0
+    assert kept.load_model("best")["w"].item() == 0.0
+    start = [r for r in kept.read_metrics() if r["phase"] == "start"]
+    assert start == [{"round": 0, "phase": "start", "site": "_global", "central_auroc_macro": 0.9}]
+    assert _state(kept)["best_round"] == 0
+
+    # the sites' validation would pick round 2 (SCORES); the coordinator's hold-out picks round 1
+    beaten = RunFolder(tmp_path / "beaten")
+    result = _central_rounds(ScoredSites(SCORES), beaten, mode, {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.7}).run(
+        _initial(), None
+    )
+    assert result.best_round == 1
+    assert beaten.load_model("best")["w"].item() == 1.0
+    aggregates = [r for r in beaten.read_metrics() if r["phase"] == "aggregate"]
+    assert [(r["round"], r["central_auroc_macro"], r["is_best"]) for r in aggregates] == [
+        (1, 0.9, True),
+        (2, 0.6, False),
+        (3, 0.7, False),
+    ]
+
+
+def test_selecting_on_the_coordinator_needs_its_hold_out(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="central_evaluate"):
+        TeacherRounds(
+            ScoredSites(SCORES),  # type: ignore[arg-type]
+            build_strategy(StrategySettings()),
+            RunFolder(tmp_path),
+            num_rounds=1,
+            round_timeout=5.0,
+            site_wait_timeout=5.0,
+            selection_metric="auroc_macro",
+            seed=1,
+            min_train_sites=2,
+            min_evaluate_sites=2,
+            select_on_coordinator=True,
+        )

@@ -117,3 +117,45 @@ def test_the_federated_student_is_skipped_under_dp_and_a_failed_one_ends_only_it
     assert calls == [1]
     assert failed.startswith("not completed (federated student round 1: 1 site(s) replied")
     assert not (tmp_path / "federated_student.json").exists()
+
+
+@pytest.mark.parametrize(("scores", "delivered_round"), [((0.9, 0.5, 0.7), 0), ((0.5, 0.9, 0.7), 1)])
+def test_the_coordinator_delivers_the_student_that_scores_best_on_its_hold_out_start_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scores: tuple[float, ...], delivered_round: int
+) -> None:
+    config = {
+        **load_schema(),
+        "kd-federated-student-rounds": 2,
+        "kd-width-mult": 0.35,
+        "select-on": "coordinator",
+        "central-eval-manifest": str(tmp_path / "holdout.csv"),
+    }
+    settings = run_settings_from_config(config)
+    folder = RunFolder(tmp_path / "run")
+    folder.checkpoints.mkdir(parents=True)
+    _students_of_the_sites(monkeypatch)
+    offered = iter(scores)  # the start, then each round's global student
+    monkeypatch.setattr(
+        server_app, "central_scorer", lambda *a, **k: lambda state: {"auroc_macro": next(offered)}
+    )
+    start = ArrayRecord(
+        server_app.build_model(
+            server_app.student_config(settings.distill, settings.teacher, settings.teacher.norm), 3
+        ).state_dict()
+    )
+
+    rows = server_app.federated_student(
+        None, folder, settings, from_mapping(StrategySettings, config), {}, start, central=object()
+    )
+
+    shift = delivered_round * 11.0 / 3  # each round moves every float by the sites' mean offset
+    delivered = load_model_state(folder.checkpoints / "student.pt")
+    for key, value in start.to_torch_state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(delivered[key], value + shift, rtol=1e-5, atol=1e-4)
+    central = [r for r in rows if r["phase"] == "student-central"]
+    assert [(r["round"], r["central_auroc_macro"], r["central_best"]) for r in central] == [
+        (0, scores[0], 1.0),
+        (1, scores[1], float(scores[1] > scores[0])),
+        (2, scores[2], 0.0),
+    ]

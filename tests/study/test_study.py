@@ -78,6 +78,10 @@ run = { kd-epochs = 3, kd-federated-student-rounds = 2 }
         ('name = "x"\nrun = { num-rounds = 4 }\nseeds = [7]', "seeds of the attempt 'x'"),
         ('name = "x"\npretrained = true\nrun = { num-rounds = 4 }', "attempts\\[0\\].run.teacher-norm"),
         ('name = "x"\npretrained = "yes"\nrun = { teacher-norm = "group" }', "pretrained"),
+        (
+            'name = "x"\ncoordinator-holdout = true\nrun = { num-rounds = 4 }',
+            "attempts\\[0\\].coordinator-holdout",
+        ),
     ],
 )
 def test_bad_attempts_are_refused_naming_the_key(tmp_path: Path, attempt: str, named: str) -> None:
@@ -133,6 +137,26 @@ def test_a_pretrained_attempt_starts_from_the_coordinators_public_teacher(tmp_pa
     assert config["teacher-weights"] == str(public_weights(settings.out, str(settings.run["teacher-name"])))
     assert (config["teacher-norm"], config["local-loss"]) == ("group", "balanced-softmax")
     assert cell.name == "cxr-natural-fedavg-public-bsm-s0"
+    assert "select-on" not in config  # the sites select, as by default
+
+
+def test_a_coordinator_holdout_attempt_selects_on_the_public_images_its_teacher_held_out(
+    tmp_path: Path,
+) -> None:
+    from common.pretrain import split_manifest_paths
+    from research.study.cells import cell_run_config
+    from research.study.privacy import public_weights
+
+    attempt = '[[attempts]]\nname = "public-holdout"\nsplit = "natural"\npretrained = true\n'
+    attempt += 'coordinator-holdout = true\nrun = { teacher-norm = "group" }\n'
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=attempt))
+
+    (cell,) = table_cells("attempts", settings)
+
+    config = cell_run_config(cell, settings, 4)
+    train, holdout = split_manifest_paths(public_weights(settings.out, str(settings.run["teacher-name"])))
+    assert config["select-on"] == "coordinator"
+    assert (config["kd-public-manifest"], config["central-eval-manifest"]) == (str(train), str(holdout))
 
 
 def test_the_report_sets_each_attempt_beside_its_base_cell(tmp_path: Path) -> None:
