@@ -143,6 +143,13 @@ class Recipe:
 
     new: str = ""
     old: str = ""
+    natural: str = ""
+    """The attempt whose natural-split cells the natural_covid_* targets read ("" = ``new``): a
+    recipe for the split where each site holds one class, when it differs from the label-skew one."""
+
+    @property
+    def natural_attempt(self) -> str:
+        return self.natural or self.new
 
 
 @dataclass(frozen=True)
@@ -378,10 +385,10 @@ def _recipe(raw: Any, attempts: Any, path: Path) -> Recipe:
         return Recipe()
     if not isinstance(raw, dict):
         raise ConfigError(f"'recipe' in {path}", raw, "a table with keys new and old")
-    check_keys(raw, {"new", "old"}, "recipe.", path)
+    check_keys(raw, {"new", "old", "natural"}, "recipe.", path)
     names = [str(a.get("name")) for a in attempts if isinstance(a, dict)]
-    recipe = Recipe(new=str(raw.get("new", "")), old=str(raw.get("old", "")))
-    for key, name in (("new", recipe.new), ("old", recipe.old)):
+    recipe = Recipe(**{key: str(raw.get(key, "")) for key in ("new", "old", "natural")})
+    for key, name in (("new", recipe.new), ("old", recipe.old), ("natural", recipe.natural_attempt)):
         if name not in names:
             raise ConfigError(f"recipe.{key} in {path}", name, "the name of one of the [[attempts]]")
     return recipe

@@ -84,6 +84,7 @@ def test_recipe_attempts_run_on_each_of_their_splits_and_differ_only_in_bn_stati
     [
         (('new = "newrec"', 'new = "nosuch"'), "recipe.new"),
         (('old = "oldrec"', 'old = "nosuch"\ncolour = 1'), "recipe.colour"),
+        (('old = "oldrec"', 'old = "oldrec"\nnatural = "nosuch"'), "recipe.natural"),
         (('splits = ["natural", "dirichlet-0.1"]\nkd', 'splits = ["natural", "random"]\nkd'), "splits"),
         (('splits = ["natural", "dirichlet-0.1"]\nkd', "splits = []\nkd"), "splits"),
         (('splits = ["natural", "dirichlet-0.1"]\nkd', 'splits = ["iid", "iid"]\nkd'), "splits"),
@@ -348,3 +349,46 @@ def test_real_weights_are_scored_at_the_site_point_as_the_site_decides(tmp_path:
     assert record["teacher_at_site"]["op_balanced_accuracy"] == pytest.approx(
         teacher_expected["balanced_accuracy"]
     )
+
+
+def test_a_natural_split_recipe_is_what_the_natural_covid_targets_read(tmp_path: Path) -> None:
+    natural = (
+        RECIPE.replace('old = "oldrec"', 'old = "oldrec"\nnatural = "natrec"', 1)
+        + """
+[[attempts]]
+name = "natrec"
+about = "the natural split's recipe"
+split = "natural"
+kd = true
+federated-student = true
+run = { local-loss = "balanced-softmax" }
+seeds = [0, 1]
+"""
+    )
+    settings = load_settings(write_config(tmp_path, tmp_path / "pool.csv", extra=natural))
+    good = _delivered([0.9, 0.7], [0.9, 0.9], [0.8, 0.8], [0.8, 0.7])
+    bad = _delivered([0.1, 0.0], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5])
+    _write_cells(
+        settings,
+        {
+            **{
+                f"cxr-natural-fedavg-fedstudent-natrec-s{s}": fake_result("n", 0.8, delivered=good)
+                for s in (0, 1)
+            },
+            **{
+                f"cxr-natural-fedavg-fedstudent-newrec-s{s}": fake_result("o", 0.8, delivered=bad)
+                for s in (0, 1)
+            },
+        },
+    )
+
+    text = build_study_report(settings).read_text()
+
+    sens = json.loads((settings.results / "study.json").read_text())["targets"]["natural_covid_sensitivity"]
+    assert sens["derived"] == pytest.approx([0.8, 0.8])
+    assert sens["met"] is True
+    section = text[text.index("## The recipe under label skew") : text.index("## Cells not run yet")]
+    assert "- **natrec** (natural split): the natural split's recipe" in section
+    assert "| natural | natural-split recipe `natrec` | 0, 1 |" in section
+    assert "| natural | new recipe `newrec` | 0, 1 |" in section
+    assert "| dirichlet-0.1 | natural-split recipe" not in section
