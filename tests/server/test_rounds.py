@@ -121,7 +121,9 @@ class ScoredSites:
 SCORES = {0: 0.99, 1: 0.6, 2: 0.8, 3: 0.7}  # the initial model (w=0) must never be a candidate
 
 
-def _rounds(grid: ScoredSites, folder: RunFolder, mode: str, num_rounds: int = 3) -> TeacherRounds:
+def _rounds(
+    grid: ScoredSites, folder: RunFolder, mode: str, num_rounds: int = 3, **extra: Any
+) -> TeacherRounds:
     return TeacherRounds(
         grid,  # type: ignore[arg-type]
         build_strategy(StrategySettings()),
@@ -134,6 +136,7 @@ def _rounds(grid: ScoredSites, folder: RunFolder, mode: str, num_rounds: int = 3
         min_train_sites=2,
         min_evaluate_sites=2,
         validation_mode=mode,
+        **extra,
     )
 
 
@@ -315,37 +318,28 @@ def test_every_round_statistics_reach_validation_the_next_round_and_the_checkpoi
     assert [r["bn_statistics_sites"] for r in aggregates] == [2.0, 2.0, 2.0]
 
 
-def _central_rounds(
-    grid: ScoredSites, folder: RunFolder, mode: str, central: dict[int, float]
-) -> TeacherRounds:
-    """As :func:`_rounds`, selecting on a coordinator's hold-out that scores the model w as ``central[w]``."""
-    rounds = _rounds(grid, folder, mode)
-    rounds.central_evaluate = lambda state: {"auroc_macro": central[int(state["w"].item())]}
-    rounds.select_on_coordinator = True
-    return rounds
+def _run_central(folder: RunFolder, mode: str, central: dict[int, float]) -> int:
+    """Three rounds selected on a coordinator's hold-out that scores the model w as ``central[w]``;
+    the best round."""
+    score = lambda state: {"auroc_macro": central[int(state["w"].item())]}  # noqa: E731
+    rounds = _rounds(ScoredSites(SCORES), folder, mode, central_evaluate=score, select_on_coordinator=True)
+    return rounds.run(_initial(), None).best_round
 
 
 @pytest.mark.parametrize("mode", ["in-train", "separate"])
 def test_the_coordinator_keeps_the_initial_teacher_unless_a_round_beats_it_on_its_hold_out(
     tmp_path: Path, mode: str
 ) -> None:
-    kept = RunFolder(tmp_path / "kept")
-    result = _central_rounds(ScoredSites(SCORES), kept, mode, {0: 0.9, 1: 0.6, 2: 0.8, 3: 0.7}).run(
-        _initial(), None
-    )
+    kept, beaten = RunFolder(tmp_path / "kept"), RunFolder(tmp_path / "beaten")
 
-    assert result.best_round == 0
+    assert _run_central(kept, mode, {0: 0.9, 1: 0.6, 2: 0.8, 3: 0.7}) == 0
+    # the sites' validation would pick round 2 (SCORES); the coordinator's hold-out picks round 1
+    assert _run_central(beaten, mode, {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.7}) == 1
+
     assert kept.load_model("best")["w"].item() == 0.0
     start = [r for r in kept.read_metrics() if r["phase"] == "start"]
     assert start == [{"round": 0, "phase": "start", "site": "_global", "central_auroc_macro": 0.9}]
     assert _state(kept)["best_round"] == 0
-
-    # the sites' validation would pick round 2 (SCORES); the coordinator's hold-out picks round 1
-    beaten = RunFolder(tmp_path / "beaten")
-    result = _central_rounds(ScoredSites(SCORES), beaten, mode, {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.7}).run(
-        _initial(), None
-    )
-    assert result.best_round == 1
     assert beaten.load_model("best")["w"].item() == 1.0
     aggregates = [r for r in beaten.read_metrics() if r["phase"] == "aggregate"]
     assert [(r["round"], r["central_auroc_macro"], r["is_best"]) for r in aggregates] == [
@@ -357,16 +351,4 @@ def test_the_coordinator_keeps_the_initial_teacher_unless_a_round_beats_it_on_it
 
 def test_selecting_on_the_coordinator_needs_its_hold_out(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="central_evaluate"):
-        TeacherRounds(
-            ScoredSites(SCORES),  # type: ignore[arg-type]
-            build_strategy(StrategySettings()),
-            RunFolder(tmp_path),
-            num_rounds=1,
-            round_timeout=5.0,
-            site_wait_timeout=5.0,
-            selection_metric="auroc_macro",
-            seed=1,
-            min_train_sites=2,
-            min_evaluate_sites=2,
-            select_on_coordinator=True,
-        )
+        _rounds(ScoredSites(SCORES), RunFolder(tmp_path), "in-train", select_on_coordinator=True)
