@@ -333,8 +333,15 @@ def pretrain_teacher(
         compute,
         seconds,
     )
+    return _write_outputs(out, outcome.state_dict, metadata, images)
+
+
+def _write_outputs(
+    out: Path, state: Mapping[str, Any], metadata: dict[str, Any], images: PretrainingImages
+) -> PretrainResult:
+    """The weights, the train / held-out manifests beside them, and the sidecar last."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(outcome.state_dict, out)
+    save_model(dict(state), out)
     metadata["split"].update(write_split_manifests(out, images))
     metadata["file_sha256"] = sha256_file(out)
     sidecar = metadata_path(out)

@@ -45,7 +45,7 @@ from common.protocol import (
 from common.run_settings import FederatedRunConfig, run_settings_from_config
 from common.training import seed_everything
 from flower_adapter.grid import quick_reply_grid
-from server.aggregation import aggregate_train, screen_train_replies
+from server.aggregation import Screened, aggregate_train, screen_train_replies
 from server.batchnorm import federated_batchnorm, pool_delivered_teacher
 from server.central_dp import CentralDP, with_central_dp
 from server.central_evaluation import BestOnHoldout, central_loader, central_scorer
@@ -205,20 +205,8 @@ def federated_student(
             min_sites,
             names,
         )
-        screened = screen_train_replies(replies, student)
-        mark_dropped(outcomes, screened.dropped)
-        for outcome in outcomes:
-            if outcome.node_id in screened.dropped:
-                logger.warning(
-                    "Federated student round %d: site %s: %s", student_round, outcome.site, outcome.reason
-                )
+        screened = screened_students(student_round, student, replies, outcomes, min_sites)
         rows += [o.row(student_round, "student") for o in outcomes]
-        if len(screened.replies) < min_sites:
-            reasons = "".join(f"; {o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
-            raise RoundFailedError(
-                f"federated student round {student_round}: {len(screened.replies)} site(s) sent a student "
-                f"that can be aggregated, the minimum is {min_sites}{reasons}"
-            )
         if hasattr(strategy, "current_arrays"):  # FedAdam/FedYogi: the step starts from this round's student
             strategy.current_arrays = {k: array.numpy() for k, array in student.items()}
         aggregated, _ = aggregate_train(strategy, student_round, screened)
@@ -235,15 +223,7 @@ def federated_student(
             seconds=time.monotonic() - round_started,
         )
         announce(folder, step, logger)
-    if selection is not None and selection.best is not None:
-        student = selection.best
-        logger.info(
-            "Federated student: round %d of %d delivered (best %s on the coordinator's hold-out, %.4f)",
-            selection.best_round,
-            settings.kd_federated_student_rounds,
-            selection.metric,
-            selection.best_metric,
-        )
+    student = selected_student(selection, student, settings.kd_federated_student_rounds)
     student, bn_rows = student_statistics(
         grid, settings, names, student, (settings.kd_federated_student_rounds, outcomes)
     )
@@ -256,6 +236,44 @@ def federated_student(
     )
     rows += [o.row(settings.kd_federated_student_rounds, "student-final") for o in outcomes]
     return rows
+
+
+def screened_students(
+    student_round: int,
+    student: ArrayRecord,
+    replies: list[Message],
+    outcomes: list[SiteOutcome],
+    min_sites: int,
+) -> Screened:
+    """The round's replies that can be aggregated (the others marked dropped in ``outcomes``);
+    RoundFailedError when fewer than ``min_sites`` are left."""
+    screened = screen_train_replies(replies, student)
+    mark_dropped(outcomes, screened.dropped)
+    for outcome in outcomes:
+        if outcome.node_id in screened.dropped:
+            reason = outcome.reason
+            logger.warning("Federated student round %d: site %s: %s", student_round, outcome.site, reason)
+    if len(screened.replies) < min_sites:
+        reasons = "".join(f"; {o.site}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
+        raise RoundFailedError(
+            f"federated student round {student_round}: {len(screened.replies)} site(s) sent a student "
+            f"that can be aggregated, the minimum is {min_sites}{reasons}"
+        )
+    return screened
+
+
+def selected_student(selection: BestOnHoldout | None, last: ArrayRecord, rounds: int) -> ArrayRecord:
+    """The student to deliver: the last round's, or the coordinator's choice on its hold-out."""
+    if selection is None or selection.best is None:
+        return last
+    logger.info(
+        "Federated student: round %d of %d delivered (best %s on the coordinator's hold-out, %.4f)",
+        selection.best_round,
+        rounds,
+        selection.metric,
+        selection.best_metric,
+    )
+    return selection.best
 
 
 def student_selection(settings: FederatedRunConfig, central: DataLoader | None) -> BestOnHoldout | None:
