@@ -37,6 +37,7 @@ from common.local import (
 )
 from common.run_settings import FederatedRunConfig
 from common.training import evaluate
+from server.rounds import improves
 from server.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -90,16 +91,10 @@ class BestOnHoldout:
         ``central_`` metrics with ``central_best`` (1.0 if they are now the best)."""
         metrics = self.score(arrays.to_torch_state_dict())
         value = float(metrics.get(self.metric, math.nan))
-        better = self.best is None or (
-            math.isfinite(value)
-            and (not math.isfinite(self.best_metric) or self._improves(value, self.best_metric))
-        )
+        better = self.best is None or improves(value, self.best_metric, self.metric)
         if better:
             self.best_round, self.best_metric, self.best = server_round, value, arrays
         return {f"central_{k}": v for k, v in metrics.items()} | {"central_best": float(better)}
-
-    def _improves(self, value: float, best: float) -> bool:
-        return value < best if self.metric == "loss" else value > best
 
     def record(self) -> dict[str, Any]:
         """What summary.json keeps about the choice."""

@@ -259,6 +259,16 @@ def mark_dropped(outcomes: list[SiteOutcome], dropped: dict[int, str]) -> None:
             outcome.metrics = {}
 
 
+def improves(metric: float, best: float, metric_name: str) -> bool:
+    """Is ``metric`` better than ``best``? Lower is better for ``loss``, higher otherwise; an
+    undefined (NaN) figure never improves, and anything defined improves on an undefined best."""
+    if not math.isfinite(metric):
+        return False
+    if not math.isfinite(best):
+        return True
+    return metric < best if metric_name == "loss" else metric > best
+
+
 @dataclass
 class TeacherResult:
     arrays: ArrayRecord
@@ -457,7 +467,7 @@ class TeacherRounds:
         # The first round is the best so far even when its metric is undefined (NaN), unless the
         # initial teacher is a candidate (round 0, scored by the coordinator before round 1).
         first = self.best_round == 0 and not self.select_on_coordinator
-        is_best = first or self._better(metric, self.best_metric)
+        is_best = first or improves(metric, self.best_metric, self.selection_metric)
         if is_best:
             self.best_round = server_round
             self.best_metric = metric if math.isfinite(metric) else self.best_metric
@@ -474,14 +484,6 @@ class TeacherRounds:
         )
         announce(self.folder, step, logger)
         return [o.row(server_round, "evaluate") for o in eval_outcomes] + [row], is_best
-
-    def _better(self, metric: float, best: float) -> bool:
-        """Is ``metric`` better than ``best``? Lower is better for ``loss``, higher otherwise."""
-        if not math.isfinite(metric):
-            return False
-        if not math.isfinite(best):
-            return True
-        return metric < best if self.selection_metric == "loss" else metric > best
 
     def _train_round(
         self, server_round: int, arrays: ArrayRecord, *, validate: bool

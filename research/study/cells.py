@@ -597,7 +597,9 @@ def table_cells(table: str, settings: StudySettings) -> list[Cell]:
                 pooled=a.pooled,
                 federated_student=a.federated_student,
                 variant=a.name,
-                overrides=variant_overrides(a, settings.out, teacher),
+                overrides=variant_overrides(
+                    a, settings.out, teacher, coordinator_holdout=a.coordinator_holdout
+                ),
             )
             for a in settings.attempts
             for split in a.splits

@@ -51,7 +51,6 @@ class PrivacyVariant:
     pretrained: bool = False
     run: tuple[tuple[str, Any], ...] = ()
     seeds: tuple[int, ...] | None = None  # None: all the study's seeds
-    coordinator_holdout: bool = False  # not a privacy setting: the attempts' (cells.Attempt)
 
 
 def parse_pretrain(raw: Any, path: Path) -> PretrainSettings:
@@ -128,19 +127,17 @@ class StartsFromPublicTeacher(Protocol):
     @property
     def pretrained(self) -> bool: ...
 
-    @property
-    def coordinator_holdout(self) -> bool: ...
-
 
 def variant_overrides(
-    variant: StartsFromPublicTeacher, out: Path, teacher: str
+    variant: StartsFromPublicTeacher, out: Path, teacher: str, *, coordinator_holdout: bool = False
 ) -> tuple[tuple[str, Any], ...]:
     """The run settings a variant's (or an attempt's) cells change (the public teacher's file when
-    pretrained)."""
+    pretrained; with ``coordinator_holdout``, an attempt's, the coordinator selects on the images
+    that teacher held out and distils the students' start on those it trained on)."""
     changed = dict(variant.run)
     if variant.pretrained:
         changed["teacher-weights"] = str(public_weights(out, teacher))
-    if variant.coordinator_holdout:
+    if coordinator_holdout:
         from common.pretrain import split_manifest_paths
 
         train, holdout = split_manifest_paths(public_weights(out, teacher))
