@@ -28,12 +28,14 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Accountant = Literal["rdp", "prv", "gdp"]
 MixMode = Literal["none", "mixup", "cutmix"]
 Schedule = Literal["cosine", "constant"]
+SelectMetric = Literal["auroc", "fidelity"]
 LocalLoss = Literal["ce", "balanced-softmax", "fedlc", "fedrs"]
 
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 MIX_MODES: tuple[str, ...] = get_args(MixMode)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+SELECT_METRICS: tuple[str, ...] = get_args(SelectMetric)
 LOCAL_LOSSES: tuple[str, ...] = get_args(LocalLoss)
 STRATEGY_NAMES: tuple[str, ...] = ("fedadam", "fedavg", "fedmedian", "fedprox", "fedyogi", "krum")
 """The ``strategy`` run setting's values: the names of server/strategies.py's registry (a test
@@ -203,6 +205,10 @@ class DistillConfig:
     # keep the student of the epoch with the best validation score (macro-AUROC, else loss);
     # stop after this many epochs without improvement (0: run every epoch)
     select_best: bool = True
+    # what "best" means: "auroc" (validation macro-AUROC, else minus the loss) or "fidelity"
+    # (closest to the teacher's outputs on the validation images: no labels needed, and every
+    # image counts, not only the few of a rare class); a student without a teacher uses "auroc"
+    select_metric: SelectMetric = "auroc"
     patience: int = 0
     # after a federated student: fine-tune it locally by KD for this many epochs and deliver the
     # fine-tuned student only if it beats the global one on the site's validation split (0: never)
@@ -212,6 +218,10 @@ class DistillConfig:
     # epochs (common/public_distillation.py)
     public_manifest: str = ""
     public_epochs: int = 4
+    # its batch size and learning rate (0: kd-batch-size, kd-lr): thousands of public images over
+    # many epochs allow larger batches than a site's few hundred, and larger batches train faster
+    public_batch_size: int = 0
+    public_lr: float = 0.0
 
     def __post_init__(self) -> None:
         from common.models import MODELS  # lazy for the same reason as in ModelConfig
@@ -240,12 +250,19 @@ class DistillConfig:
         if self.warmup_epochs < 0:
             raise ConfigError("kd-warmup-epochs", self.warmup_epochs, "an integer >= 0")
         _check_choice("kd-schedule", self.schedule, SCHEDULES)
+        _check_choice("kd-select-metric", self.select_metric, SELECT_METRICS)
         if self.patience < 0:
             raise ConfigError("kd-patience", self.patience, "an integer >= 0 (0: no early stopping)")
         if self.personalise_epochs < 0:
             raise ConfigError("kd-personalise-epochs", self.personalise_epochs, "an integer >= 0 (0: off)")
         if self.public_epochs < 1:
             raise ConfigError("kd-public-epochs", self.public_epochs, "an integer >= 1")
+        if self.public_batch_size < 0:
+            raise ConfigError(
+                "kd-public-batch-size", self.public_batch_size, "an integer >= 1, or 0 for kd-batch-size"
+            )
+        if not (self.public_lr >= 0 and math.isfinite(self.public_lr)):
+            raise ConfigError("kd-public-lr", self.public_lr, "a finite number > 0, or 0 for kd-lr")
         if self.public_manifest and not Path(self.public_manifest).is_absolute():
             raise ConfigError(
                 "kd-public-manifest",

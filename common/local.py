@@ -53,7 +53,7 @@ from common.label_skew import (
     describe,
     logit_adjustment,
 )
-from common.models import build_model
+from common.models import build_model, to_standard_layout, to_training_layout
 from common.privacy import (
     AccountantHistory,
     DPPlan,
@@ -494,7 +494,7 @@ def distill_student(
         teacher, data, task, test_loader, recalibrate, evaluate_teacher, compute
     )
     student_arch = student_config(distill, teacher_config, norm)
-    student = build_loaded_model(student_arch, task, student_state).to(device)
+    student = to_training_layout(build_loaded_model(student_arch, task, student_state).to(device), device)
     fit = _plan_epochs(
         student,
         teacher if use_kd else None,
@@ -509,7 +509,9 @@ def distill_student(
         progress=progress,
     )
     competes = start_competes and student_state is not None
-    selection, val_loader = _best_epoch_selection(student, data, task, distill, competes, compute)
+    selection, val_loader = _best_epoch_selection(
+        student, teacher if use_kd else None, data, task, distill, competes, compute
+    )
     started = time.perf_counter()
     epochs_run = _fit_epochs(student, fit, task, distill, selection, val_loader, device, progress)
     if selection is not None:
@@ -519,11 +521,13 @@ def distill_student(
     metrics["distill_seconds"] = time.perf_counter() - started
     metrics.update(scalar_metrics(evaluate(student, test_loader, task, device=device), "student_"))
     logits = fit.teacher_source if isinstance(fit.teacher_source, torch.Tensor) else None
-    return DistillOutcome(student.cpu(), teacher.cpu(), metrics, logits, teacher_adapted=adapted)
+    student = to_standard_layout(student.cpu())
+    return DistillOutcome(student, teacher.cpu(), metrics, logits, teacher_adapted=adapted)
 
 
 def _best_epoch_selection(
     student: nn.Module,
+    teacher: nn.Module | None,
     data: SiteData,
     task: Task,
     distill: DistillConfig,
@@ -531,16 +535,22 @@ def _best_epoch_selection(
     compute: Compute,
 ) -> tuple[BestStudent | None, DataLoader | None]:
     """The validation loader (None without validation images) and, with ``select_best``, the
-    keeper of the best epoch; with ``start_competes`` the starting student is scored first and
-    kept (best epoch 0) unless an epoch beats it."""
+    keeper of the best epoch (by ``distill.select_metric``; ``"fidelity"`` needs the ``teacher``,
+    else macro-AUROC); with ``start_competes`` the starting student is scored first and kept
+    (best epoch 0) unless an epoch beats it."""
     val_set = data.dataset("val")
     val_loader = (
         DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, pin_memory=compute.pin_memory)
         if len(val_set)
         else None
     )
-    selection = BestStudent(patience=distill.patience) if distill.select_best and val_loader else None
-    if selection is not None and val_loader is not None and start_competes:
+    if not distill.select_best or val_loader is None:
+        return None, val_loader
+    teacher_scores = None
+    if distill.select_metric == "fidelity" and teacher is not None:
+        teacher_scores = evaluate(teacher, val_loader, task, device=compute.device).scores
+    selection = BestStudent(distill.patience, teacher_scores, task.is_multilabel)
+    if start_competes:
         selection.update(-1, student, evaluate(student, val_loader, task, device=compute.device))
     return selection, val_loader
 
@@ -736,11 +746,17 @@ class BestStudent:
     """Keeps the student of the best validation epoch; says when ``patience`` epochs brought nothing.
 
     The score is the validation macro-AUROC, or minus the validation loss where AUROC is
-    undefined (a class missing from the split); ties keep the earlier epoch.
+    undefined (a class missing from the split); with ``teacher_scores`` (the teacher's
+    probabilities on the same validation images) it is the student's :func:`fidelity` to them
+    instead. Ties keep the earlier epoch.
     """
 
-    def __init__(self, patience: int = 0) -> None:
+    def __init__(
+        self, patience: int = 0, teacher_scores: np.ndarray | None = None, multilabel: bool = False
+    ) -> None:
         self.patience = patience
+        self.teacher_scores = teacher_scores
+        self.multilabel = multilabel
         self.best_epoch = -1
         self.best_score = -math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -752,7 +768,10 @@ class BestStudent:
 
     def update(self, epoch: int, student: nn.Module, result: EvalResult) -> bool:
         """Record one epoch's validation result; True when training should stop."""
-        score = self.score(result)
+        if self.teacher_scores is None:
+            score = self.score(result)
+        else:
+            score = fidelity(self.teacher_scores, result.scores, multilabel=self.multilabel)
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
@@ -761,6 +780,18 @@ class BestStudent:
     def restore(self, student: nn.Module) -> None:
         if self.best_state is not None:
             student.load_state_dict(self.best_state)
+
+
+def fidelity(teacher_scores: np.ndarray, student_scores: np.ndarray, *, multilabel: bool) -> float:
+    """How close the student's probabilities are to the teacher's on the same images: minus the
+    mean cross-entropy of the student's against the teacher's (softmax: over the classes; sigmoid:
+    summed over the findings). Higher is closer; the teacher's own entropy is the upper bound."""
+    student = np.clip(student_scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    teacher = teacher_scores.astype(np.float64)
+    cross = teacher * np.log(student)
+    if multilabel:
+        cross += (1 - teacher) * np.log(1 - student)
+    return float(cross.sum(axis=1).mean()) if len(cross) else -math.inf
 
 
 def class_balance(data: SiteData) -> np.ndarray:

@@ -111,6 +111,8 @@ def distill_on_public_images(
         settings.distill,
         alpha=1.0,
         epochs=settings.distill.public_epochs,
+        batch_size=settings.distill.public_batch_size or settings.distill.batch_size,
+        lr=settings.distill.public_lr or settings.distill.lr,
         cache_teacher_logits=settings.distill.mix == "none",
         select_best=False,
         patience=0,

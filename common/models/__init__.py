@@ -210,6 +210,31 @@ def build_model(config: ModelRecipe, num_outputs: int) -> nn.Module:
     return model
 
 
+def has_depthwise_convolutions(model: nn.Module) -> bool:
+    """Whether any convolution is depthwise (one group per input channel, e.g. MobileNetV2)."""
+    return any(
+        isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+        for layer in model.modules()
+    )
+
+
+def to_training_layout(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """The channels-last memory layout on the CPU for a network with depthwise convolutions, in
+    place: oneDNN trains the demo's MobileNetV2 student (width 0.5, 64 px, 2 threads) 1.3x faster
+    at batch 16 and 1.4x at batch 32 (benchmarks/student_layout.py); ResNet18 gains nothing, so
+    other networks and devices are left as they are. The arithmetic is the same; the order of
+    summation differs, so results differ in the last bits. Undo with :func:`to_standard_layout`
+    before weights leave the training loop."""
+    if torch.device(device).type == "cpu" and has_depthwise_convolutions(model):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_standard_layout(model: nn.Module) -> nn.Module:
+    """Contiguous (NCHW) parameters again, in place, as every saved or sent state dict has them."""
+    return model.to(memory_format=torch.contiguous_format)
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

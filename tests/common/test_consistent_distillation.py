@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from common.distillation import (
     warmup_cosine,
 )
 from common.errors import ConfigError
-from common.local import BestStudent, DataRequest, distill_student, load_site_data
+from common.local import BestStudent, DataRequest, distill_student, fidelity, load_site_data
 from common.metrics import compute_metrics
 from common.tasks import Task, get_task
 from common.training import EvalResult
@@ -176,6 +177,32 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> None:
     best.restore(model)
     assert best.best_epoch == 1
     assert model.weight.item() == 1.0
+
+
+def test_fidelity_is_highest_for_the_teacher_s_own_probabilities() -> None:
+    teacher = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    close = np.array([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
+    far = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]])
+    entropy = float(-(teacher * np.log(teacher)).sum(axis=1).mean())
+
+    assert fidelity(teacher, teacher, multilabel=False) == pytest.approx(-entropy)
+    assert fidelity(teacher, close, multilabel=False) > fidelity(teacher, far, multilabel=False)
+    findings = np.array([[0.9, 0.1]])
+    flipped = findings[:, ::-1]
+    assert fidelity(findings, findings, multilabel=True) > fidelity(findings, flipped, multilabel=True)
+    assert fidelity(teacher[:0], close[:0], multilabel=False) == -math.inf
+
+
+def test_selection_by_fidelity_keeps_the_epoch_closest_to_the_teacher_not_the_best_auroc() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    near_teacher = _result(0.75)
+    by_auroc, by_fidelity = BestStudent(), BestStudent(teacher_scores=near_teacher.scores)
+    for epoch, result in enumerate([near_teacher, _result(1.0)]):
+        by_auroc.update(epoch, model, result)
+        by_fidelity.update(epoch, model, result)
+
+    assert by_auroc.best_epoch == 1
+    assert by_fidelity.best_epoch == 0
 
 
 def test_batchnorm_statistics_are_re_estimated_on_the_site_images() -> None:

@@ -14,7 +14,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import ModelConfig
 from common.errors import ModelError, PrivacyError, UnknownNameError
-from common.models import MODELS, build_model, count_flops, count_parameters, get_spec, list_models
+from common.models import (
+    MODELS,
+    build_model,
+    count_flops,
+    count_parameters,
+    get_spec,
+    has_depthwise_convolutions,
+    list_models,
+    to_standard_layout,
+    to_training_layout,
+)
 from common.models.norms import group_count, make_norm
 from common.privacy import check_model_is_private_compatible
 
@@ -110,6 +120,32 @@ def test_width_multiplier() -> None:
     assert slim.features[0][0].out_channels == 16
     with pytest.raises(ModelError, match="no width multiplier"):
         _build("resnet18", width_mult=0.5)
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Every kernel whose two layouts differ has channels-last strides (is_contiguous() cannot
+    tell: a kernel with a dimension of size 1 counts as contiguous in both)."""
+    kernels = [p for p in model.parameters() if p.dim() == 4]
+    channels_last = [
+        p.stride() == torch.empty_like(p, memory_format=torch.channels_last).stride() for p in kernels
+    ]
+    standard = [p.stride() == torch.empty(p.shape).stride() for p in kernels]
+    return all(cl or std for cl, std in zip(channels_last, standard, strict=True)) and not all(standard)
+
+
+def test_only_a_depthwise_network_on_the_cpu_trains_channels_last() -> None:
+    student, teacher = _build("mobilenetv2", width_mult=0.5), _build("resnet18")
+    assert has_depthwise_convolutions(student)
+    assert not has_depthwise_convolutions(teacher)
+    x = torch.randn(2, 1, SMALL, SMALL)
+    before = student.eval()(x)
+
+    assert _channels_last(to_training_layout(student, "cpu"))
+    assert not _channels_last(to_training_layout(teacher, "cpu"))
+    assert not _channels_last(to_training_layout(_build("mobilenetv2"), "meta"))
+    assert torch.allclose(student(x), before, atol=1e-5)  # the same function, another layout
+    restored = to_standard_layout(student)
+    assert all(p.stride() == torch.empty(p.shape).stride() for p in restored.parameters())
 
 
 def test_dropout_only_in_training() -> None:

@@ -57,6 +57,8 @@ def test_the_public_images_labels_are_never_used(tmp_path: Path) -> None:
     assert 0.0 <= agreement <= 1.0
     assert agreement == same_agreement
     assert all(torch.equal(state[name], relabelled[name]) for name in state)
+    # trained channels-last, sent in the standard layout (is_contiguous() would accept both)
+    assert all(tensor.stride() == torch.empty(tensor.shape).stride() for tensor in state.values())
 
 
 def test_the_manifest_must_be_an_absolute_path(tmp_path: Path) -> None:
@@ -64,6 +66,33 @@ def test_the_manifest_must_be_an_absolute_path(tmp_path: Path) -> None:
         run_settings_from_config(flower_run_config(kd_public_manifest="public.csv"))
     with pytest.raises(ConfigError, match="kd-public-epochs"):
         run_settings_from_config(flower_run_config(kd_public_manifest="", kd_public_epochs=0))
+    with pytest.raises(ConfigError, match="kd-public-batch-size"):
+        run_settings_from_config(flower_run_config(kd_public_batch_size=-1))
+    with pytest.raises(ConfigError, match="kd-public-lr"):
+        run_settings_from_config(flower_run_config(kd_public_lr=-0.001))
+    with pytest.raises(ConfigError, match="kd-select-metric"):
+        run_settings_from_config(flower_run_config(kd_select_metric="accuracy"))
+
+
+@pytest.mark.parametrize(("own", "used"), [((0, 0.0), (8, 0.01)), ((24, 0.003), (24, 0.003))])
+def test_the_coordinator_distils_at_its_own_batch_size_and_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own: tuple[int, float], used: tuple[int, float]
+) -> None:
+    from common import public_distillation
+
+    seen: list[tuple[int, float]] = []
+
+    def capture(*args: object, **kwargs: object) -> None:
+        seen.append((args[4].batch_size, args[4].lr))  # type: ignore[attr-defined]
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(public_distillation, "distill_student", capture)
+    settings = run_settings_from_config(
+        flower_run_config(kd_batch_size=8, kd_lr=0.01, kd_public_batch_size=own[0], kd_public_lr=own[1])
+    )
+    with pytest.raises(RuntimeError, match="captured"):
+        distill_on_public_images(settings, {}, None, num_threads=1)  # type: ignore[arg-type]
+    assert seen == [used]
 
 
 def test_agreement_counts_images_whose_top_class_is_the_same() -> None:
@@ -73,9 +102,10 @@ def test_agreement_counts_images_whose_top_class_is_the_same() -> None:
     assert np.isnan(top_class_agreement(teacher[:0], student[:0]))
 
 
+@pytest.mark.parametrize("metric", ["auroc", "fidelity"])
 @pytest.mark.parametrize("competes", [True, False])
 def test_a_start_that_fine_tuning_makes_worse_is_kept_when_it_competes(
-    tmp_path: Path, competes: bool
+    tmp_path: Path, competes: bool, metric: str
 ) -> None:
     from common.config import DistillConfig, ModelConfig
     from common.local import DataRequest, distill_student, load_site_data, student_config
@@ -86,7 +116,9 @@ def test_a_start_that_fine_tuning_makes_worse_is_kept_when_it_competes(
         DataRequest("synthetic", None, task, 32, tmp_path / "cache", 0.3, 0.2, 0, options=(("n-images", 60),))
     )
     teacher = ModelConfig(name="tiny-cnn", norm="batch")
-    ruinous = DistillConfig(epochs=1, width_mult=0.35, lr=1e6, optimizer="sgd", warmup_epochs=0)
+    ruinous = DistillConfig(
+        epochs=1, width_mult=0.35, lr=1e6, optimizer="sgd", warmup_epochs=0, select_metric=metric
+    )
     start = build_model(student_config(ruinous, teacher, "batch"), task.num_classes).state_dict()
 
     outcome = distill_student(
