@@ -785,7 +785,7 @@ class BestStudent:
 def fidelity(teacher_scores: np.ndarray, student_scores: np.ndarray, *, multilabel: bool) -> float:
     """How close the student's probabilities are to the teacher's on the same images: minus the
     mean cross-entropy of the student's against the teacher's (softmax: over the classes; sigmoid:
-    summed over the findings). Higher is closer; the teacher's own entropy is the upper bound."""
+    summed over the findings). Higher is closer; minus the teacher's own entropy is the most."""
     student = np.clip(student_scores.astype(np.float64), 1e-7, 1 - 1e-7)
     teacher = teacher_scores.astype(np.float64)
     cross = teacher * np.log(student)

@@ -220,8 +220,8 @@ def has_depthwise_convolutions(model: nn.Module) -> bool:
 
 def to_training_layout(model: nn.Module, device: torch.device | str) -> nn.Module:
     """The channels-last memory layout on the CPU for a network with depthwise convolutions, in
-    place: oneDNN trains the demo's MobileNetV2 student (width 0.5, 64 px, 2 threads) 1.3x faster
-    at batch 16 and 1.4x at batch 32 (benchmarks/student_layout.py); ResNet18 gains nothing, so
+    place: oneDNN trains the demo's MobileNetV2 student (width 0.5, 64 px, 2 threads) 1.44x faster
+    at batch 16 and 1.64x at batch 32 (benchmarks/student_layout.py); ResNet18 gains nothing, so
     other networks and devices are left as they are. The arithmetic is the same; the order of
     summation differs, so results differ in the last bits. Undo with :func:`to_standard_layout`
     before weights leave the training loop."""
