@@ -228,7 +228,7 @@ images give MobileNetV2 only a few dozen optimiser steps per epoch). The student
 coordinator's distillation on public images: a MobileNetV2 of width 0.5 (2.35x the training
 throughput of width 1.0 on 2 cores) for 12 epochs in batches of 32 at twice the sites' rate (the
 linear scaling rule; with the channels-last layout 2x the images per second of batches of 16,
-benchmarks/results/demo.md): its top class agrees with the teacher's on 87-94% of held-out public
+benchmarks/results/demo.md): its top class agrees with the teacher's on 86-94% of held-out public
 images (width 1.0 x 6 epochs: 88-90%, and the students missed the check on seeds 3 and 5).
 Each site's 2 fine-tuning epochs compete with that start on its validation split by fidelity to
 the teacher, which keeps its pooled BatchNorm statistics (by macro-AUROC towards a teacher
