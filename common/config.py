@@ -205,11 +205,11 @@ class DistillConfig:
     # keep the student of the epoch with the best validation score (macro-AUROC, else loss);
     # stop after this many epochs without improvement (0: run every epoch)
     select_best: bool = True
+    patience: int = 0
     # what "best" means: "auroc" (validation macro-AUROC, else minus the loss) or "fidelity"
     # (closest to the teacher's outputs on the validation images: no labels needed, and every
     # image counts, not only the few of a rare class); a student without a teacher uses "auroc"
     select_metric: SelectMetric = "auroc"
-    patience: int = 0
     # after a federated student: fine-tune it locally by KD for this many epochs and deliver the
     # fine-tuned student only if it beats the global one on the site's validation split (0: never)
     personalise_epochs: int = 0
